@@ -1,0 +1,55 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# Host tools the pipeline and its tests run (see README, "What runs each step").
+APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdisk util-linux \
+	busybox-static cpio kmod rsync dpkg
+
+.PHONY: setup apt venv demo test test-fast lint bench clean
+
+setup: apt venv
+
+# Installs only what is missing, so a second `make test` does not touch apt.
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.done
+
+$(VENV)/.done: requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	# The kernel papermill starts for every stage notebook (kernelspec "imaging").
+	$(PY) -m ipykernel install --sys-prefix --name imaging --display-name "Python (imaging)" >/dev/null
+	touch $@
+
+demo: setup
+	$(PY) -m imaging export sample:kvm --name demo --format qcow2 --target kvm
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not integration"
+
+lint: setup
+	$(PY) -m ruff check imaging tests bench
+	$(PY) -m ruff format --check imaging tests bench
+	$(PY) -m mypy
+
+bench: setup
+	$(PY) bench/run.py
+
+clean:
+	rm -rf runs out .pytest_cache .mypy_cache .ruff_cache

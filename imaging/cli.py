@@ -1,0 +1,146 @@
+"""Command line: ``python -m imaging export|resume|verify|sample``.
+
+``export`` prints, as its last line on stdout, one JSON object describing the result (``path``,
+``sha256``, ``format``, ``target``, ``run``, ``verified``, ...); everything else goes to stderr.
+Errors are one line on stderr: exit 2 for bad parameters or input, 1 for a failed stage,
+130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import config
+from .errors import ImagingError, ParameterError, SourceError, SpaceError
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def _export(args: argparse.Namespace) -> int:
+    from . import acquire, pipeline
+
+    request = pipeline.Request.create(
+        source=args.source,
+        name=args.name,
+        format=args.format,
+        target=args.target,
+        out=str(Path(args.out).resolve()) if args.out else "",
+        layout=args.layout,
+        placement=args.placement,
+        disk_size=args.disk_size,
+        fs_type=args.fs_type,
+        grub_timeout=args.grub_timeout,
+        kernel_args=args.kernel_args,
+        boot_timeout=args.boot_timeout,
+        boot_marker=args.boot_marker,
+        keep_work=True if args.keep_work else None,
+        accel=args.accel,
+    )
+    if args.run is None or not (config.runs_dir() / args.run).exists():
+        # Everything that can be told before a run exists fails here, leaving nothing behind.
+        src = acquire.inspect(request.source)
+        acquire.check_space(config.runs_dir(), 2 * src.data_bytes + (64 << 20), "hold the run's work files")
+        if request.out:
+            acquire.check_space(Path(request.out), src.data_bytes + (64 << 20), "write the artifact")
+    ws, request = pipeline.open_run(args.run, request)
+    return _execute(ws, request)
+
+
+def _execute(ws: Any, request: Any) -> int:
+    from . import pipeline
+
+    try:
+        result = pipeline.execute(ws, request)
+    except pipeline.StageFailed as e:
+        print(f"imaging: error: {e} (run {ws.id}; resume with: python -m imaging resume {ws.id})", file=sys.stderr)
+        return 1
+    _print_json(result)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from . import pipeline
+
+    ws, request = pipeline.open_run(args.run, None)
+    return _execute(ws, request)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from . import verify
+
+    result = verify.boot(args.path, args.target, marker=args.boot_marker, timeout=args.boot_timeout,
+                         log_dir=Path(args.log_dir) if args.log_dir else None, prefer_accel=args.accel)  # fmt: skip
+    _print_json(result.to_dict())
+    verify.require_booted(result)
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from . import sample
+
+    print(sample.ensure_sample(args.kind))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m imaging", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="run every stage: source image -> bootable, verified artifact")
+    e.add_argument("source", help="instance image (raw, qcow2, vmdk, vdi, vhd, vhdx), or sample:kvm")
+    e.add_argument("--name", required=True, help="artifact name: letters, digits, '.', '_', '-'")
+    e.add_argument("--format", default="qcow2", help="raw or qcow2 (default qcow2)")
+    e.add_argument("--target", default="kvm", help=f"target machine ({', '.join(config.available('targets'))})")
+    e.add_argument("--out", help="directory for the artifact (default: the run's out/)")
+    e.add_argument("--run", help="run id (default: <name>-<UTC time>); an existing failed run resumes")
+    e.add_argument("--layout", choices=["aligned", "legacy"], help="partition 1 at 1 MiB, or at sector 63")
+    e.add_argument("--placement", choices=["copy", "mkfs"], help="block-copy the filesystem, or mkfs + copy files")
+    e.add_argument("--disk-size", help="auto, a size (10G) or extra room (+1G)")
+    e.add_argument("--fs-type", choices=["keep", "ext2", "ext3", "ext4"], help="filesystem for --placement mkfs")
+    e.add_argument("--grub-timeout", type=int, help="GRUB menu timeout in seconds")
+    e.add_argument("--kernel-args", help="extra kernel arguments for every menu entry")
+    e.add_argument("--boot-timeout", type=int, help="time limit of the boot check, seconds")
+    e.add_argument("--boot-marker", help="regular expression in the serial log that proves the boot")
+    e.add_argument("--keep-work", action="store_true", help="keep work/ after a completed run")
+    e.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="QEMU accelerator for the boot check")
+    e.set_defaults(func=_export)
+
+    r = sub.add_parser("resume", help="run a failed run again, from the stage that failed")
+    r.add_argument("run", help="run id (a directory under runs/)")
+    r.set_defaults(func=_resume)
+
+    v = sub.add_parser("verify", help="boot any artifact on a target's hardware")
+    v.add_argument("path")
+    v.add_argument("--target", default="kvm")
+    v.add_argument("--boot-marker", default="", help="regular expression proving the boot (besides a login prompt)")
+    v.add_argument("--boot-timeout", type=int, default=240)
+    v.add_argument("--log-dir", help="where to keep serial.log")
+    v.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
+    v.set_defaults(func=_verify)
+
+    s = sub.add_parser("sample", help="build (once) and print the path of a sample instance image")
+    s.add_argument("kind", nargs="?", default="kvm")
+    s.set_defaults(func=_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("imaging: interrupted; partial files removed", file=sys.stderr)
+        return 130
+    except (ParameterError, SourceError, SpaceError) as e:
+        print(f"imaging: error: {e}", file=sys.stderr)
+        return 2
+    except ImagingError as e:
+        print(f"imaging: error: {e}", file=sys.stderr)
+        return 1

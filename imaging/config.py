@@ -1,0 +1,198 @@
+"""Where things live, and the YAML parameter sets (defaults, targets), validated on load.
+
+Code holds mechanisms, ``parameters/*.yaml`` holds facts: a target's disk controller, a run's
+defaults, which stages a request kind runs. Unknown keys are errors, not warnings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from enum import StrEnum
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ParameterError
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def parameters_dir() -> Path:
+    return Path(os.environ.get("IMAGING_PARAMETERS", PROJECT / "parameters"))
+
+
+def notebooks_dir() -> Path:
+    return Path(os.environ.get("IMAGING_NOTEBOOKS", PROJECT / "notebooks"))
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("IMAGING_RUNS", PROJECT / "runs"))
+
+
+def cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imaging"
+    return Path(os.environ.get("IMAGING_CACHE", default))
+
+
+class ImageFormat(StrEnum):
+    raw = "raw"
+    qcow2 = "qcow2"
+
+    @property
+    def extension(self) -> str:
+        return self.value
+
+
+class Layout(StrEnum):
+    aligned = "aligned"  # partition 1 at 1 MiB, as every partitioner has done since 2009
+    legacy = "legacy"  # partition 1 at sector 63, ending on a cylinder, as in the original procedure
+
+
+class Placement(StrEnum):
+    copy = "copy"  # the instance's own filesystem, block-copied, checked and grown
+    mkfs = "mkfs"  # a new filesystem, files copied across (the original procedure)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Target(_Strict):
+    name: str
+    description: str
+    disk_controller: Literal["ahci", "ide", "virtio"]
+    nic: Literal["e1000", "virtio-net-pci", "rtl8139"]
+    memory_mib: int = Field(512, ge=64, le=65536)
+    cpus: int = Field(1, ge=1, le=64)
+
+
+class Defaults(_Strict):
+    pipelines: dict[str, list[str]]
+    layout: Layout = Layout.aligned
+    placement: Placement = Placement.copy
+    disk_size: str = "auto"
+    fs_type: Literal["keep", "ext2", "ext3", "ext4"] = "keep"
+    grub_timeout: int = Field(1, ge=0, le=300)
+    kernel_args: str = ""
+    boot_timeout: int = Field(240, ge=5, le=3600)
+    boot_marker: str = ""
+    keep_work: bool = False
+
+    @field_validator("kernel_args")
+    @classmethod
+    def _safe_kernel_args(cls, v: str) -> str:
+        check_kernel_args(v)
+        return v
+
+    @field_validator("disk_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_disk_size(v)
+        return v
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {where}: {first['msg']}{more}"
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParameterError(f"parameter file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ParameterError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ParameterError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+@cache
+def load_defaults() -> Defaults:
+    path = parameters_dir() / "defaults.yaml"
+    try:
+        return Defaults(**_load_yaml(path))
+    except ValidationError as e:
+        raise ParameterError(_one_line(e, str(path))) from None
+
+
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+
+
+def available(kind: str) -> list[str]:
+    return sorted(p.stem for p in (parameters_dir() / kind).glob("*.yaml"))
+
+
+@cache
+def load_target(name: str) -> Target:
+    if not _SLUG.match(name) or not (parameters_dir() / "targets" / f"{name}.yaml").is_file():
+        raise ParameterError(f"unknown target {name!r} (known: {', '.join(available('targets'))})")
+    path = parameters_dir() / "targets" / f"{name}.yaml"
+    try:
+        target = Target(**_load_yaml(path))
+    except ValidationError as e:
+        raise ParameterError(_one_line(e, str(path))) from None
+    if target.name != name:
+        raise ParameterError(f"{path}: name {target.name!r} does not match the file name")
+    return target
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+
+
+def check_name(name: str) -> str:
+    """A request's name becomes a file name: letters, digits, '.', '_', '-', no '..'."""
+    if not _NAME.match(name) or ".." in name:
+        raise ParameterError(
+            f"name {name!r} is not allowed: use 1-80 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no '/', '..', spaces or shell characters)"
+        )
+    return name
+
+
+def check_format(value: str) -> ImageFormat:
+    try:
+        return ImageFormat(value)
+    except ValueError:
+        known = ", ".join(f.value for f in ImageFormat)
+        raise ParameterError(f"unknown format {value!r} (known: {known})") from None
+
+
+_KERNEL_ARG = re.compile(r"^[A-Za-z0-9_.,:/=+@-]+$")
+
+
+def check_kernel_args(value: str) -> str:
+    """Kernel arguments end up in grub.cfg: plain words only, no quotes, braces or ';'."""
+    for word in value.split():
+        if not _KERNEL_ARG.match(word):
+            raise ParameterError(f"kernel argument {word!r} has characters GRUB would interpret")
+    return value
+
+
+_SIZE = re.compile(r"^(\+)?(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_disk_size(value: str) -> tuple[str, int]:
+    """'auto' -> ('auto', 0); '10G' -> ('absolute', bytes); '+1G' -> ('extra', bytes)."""
+    if value.strip().lower() == "auto":
+        return "auto", 0
+    m = _SIZE.match(value.strip())
+    if not m:
+        raise ParameterError(f"disk size {value!r} is not 'auto', a size like 10G, or extra room like +1G")
+    amount = int(float(m.group(2)) * _UNITS[m.group(3).upper()])
+    return ("extra" if m.group(1) else "absolute"), amount
+
+
+def pipeline_stages(kind: str) -> list[str]:
+    stages = load_defaults().pipelines.get(kind)
+    if not stages:
+        raise ParameterError(f"unknown pipeline {kind!r} (known: {', '.join(load_defaults().pipelines)})")
+    return stages

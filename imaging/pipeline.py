@@ -1,0 +1,387 @@
+"""Stages as data, each one notebook run by papermill; resume at the stage that failed.
+
+A run executes the notebooks its kind lists in ``parameters/defaults.yaml``, in order, each with
+the request's values for the parameters that notebook declares (papermill's ``inspect_notebook``
+tells which), into ``runs/<id>/notebooks/``. A stage is complete when its executed notebook sits
+at its final name; it is renamed there only on success. Running a failed run again skips the
+completed stages and starts at the failed one. After every stage, whatever a dead kernel could
+have left (partial files, mounts) is swept up, and the kernel itself is always shut down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from . import config, guest, sample
+from .config import Layout, Placement
+from .errors import ImagingError, ParameterError
+from .workspace import Workspace, write_json
+
+KERNEL_NAME = "imaging"
+# How long an interrupted stage gets to clean up before its kernel is shut down.
+_CLEANUP_GRACE = 30.0
+
+
+class StageFailed(ImagingError):
+    def __init__(self, stage: str, message: str, run: str) -> None:
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+        self.run = run
+
+
+class Request(BaseModel):
+    """Everything a run needs to know; the defaults come from parameters/defaults.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str = "export"
+    source: str
+    name: str
+    format: str = "qcow2"
+    target: str = "kvm"
+    out: str = ""
+    layout: Layout
+    placement: Placement
+    disk_size: str
+    fs_type: str
+    grub_timeout: int
+    kernel_args: str
+    boot_timeout: int
+    boot_marker: str
+    keep_work: bool
+    accel: str = "auto"
+
+    @classmethod
+    def create(cls, **fields: Any) -> Request:
+        """A request from explicit fields, the rest from the defaults; one-line errors."""
+        defaults = config.load_defaults().model_dump(exclude={"pipelines"})
+        given = {k: v for k, v in fields.items() if v is not None}
+        if "boot_marker" not in given and str(given.get("source", "")).startswith("sample:"):
+            given["boot_marker"] = sample.marker_for(str(given["source"]))
+        try:
+            return cls(**{**defaults, **given})
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ParameterError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return config.check_name(v)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        return config.check_format(v).value
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str) -> str:
+        return config.load_target(v).name
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        config.pipeline_stages(v)
+        return v
+
+    @field_validator("kernel_args")
+    @classmethod
+    def _kernel_args(cls, v: str) -> str:
+        return config.check_kernel_args(v)
+
+    @field_validator("disk_size")
+    @classmethod
+    def _disk_size(cls, v: str) -> str:
+        config.parse_disk_size(v)
+        return v
+
+    @field_validator("boot_marker")
+    @classmethod
+    def _marker(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ParameterError(f"boot marker is not a regular expression: {e}") from None
+        return v
+
+    @field_validator("accel")
+    @classmethod
+    def _accel(cls, v: str) -> str:
+        if v not in ("auto", "kvm", "tcg"):
+            raise ParameterError(f"accel must be auto, kvm or tcg, not {v!r}")
+        return v
+
+    def notebook_parameters(self) -> dict[str, Any]:
+        return {k.upper(): (v.value if hasattr(v, "value") else v) for k, v in self.model_dump().items()}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class State:
+    """``state.json``: where a run is, and every transition it went through."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        self.data: dict[str, Any] = (
+            json.loads(ws.state_file.read_text()) if ws.state_file.exists() else {"state": "new", "history": []}
+        )
+
+    def set(self, state: str, stage: str | None = None, error: str | None = None) -> None:
+        self.data.update(state=state, stage=stage, error=error, updated=_now())
+        self.data["history"].append({"time": _now(), "state": state, "stage": stage, "error": error})
+        write_json(self.ws.state_file, self.data)
+
+    @property
+    def state(self) -> str:
+        return str(self.data["state"])
+
+
+def notebook_path(stage: str) -> Path:
+    path = config.notebooks_dir() / f"{stage}.ipynb"
+    if not path.is_file():
+        raise ParameterError(f"stage {stage} has no notebook at {path}")
+    return path
+
+
+def declared_parameters(stage: str) -> dict[str, Any]:
+    import papermill as pm
+
+    return dict(pm.inspect_notebook(str(notebook_path(stage))))
+
+
+@contextlib.contextmanager
+def _run_lock(ws: Workspace) -> Iterator[None]:
+    with open(ws.root / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ImagingError(f"run {ws.id} is being worked on by another process") from None
+        yield
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler stopping us) takes the same path as Ctrl-C."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading_main():
+        old = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, old)
+    else:
+        yield
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _stop_kernel(km: Any) -> None:
+    """Interrupt the running cell so its cleanup runs, wait for it, then shut the kernel down."""
+    with contextlib.suppress(Exception):
+        km.interrupt_kernel()
+        kc = km.client()
+        kc.start_channels()
+        try:
+            # Runs only after the interrupted cell has finished unwinding.
+            kc.execute_interactive("pass", timeout=_CLEANUP_GRACE)
+        finally:
+            kc.stop_channels()
+    with contextlib.suppress(Exception):
+        km.shutdown_kernel(now=False)
+
+
+def sweep(ws: Workspace, out: Path | None) -> list[str]:
+    """Remove what a failed or killed stage may have left: partial files and mounts."""
+    removed = guest.release_leftovers(ws.root / "mounts.json")
+    for directory in (ws.work, ws.notebooks, out):
+        if directory and directory.is_dir():
+            for part in [*directory.glob(".*.part"), *directory.glob(".*.part.ipynb")]:
+                part.unlink(missing_ok=True)
+                removed.append(str(part))
+    return removed
+
+
+def _cells_seconds(nb_path: Path) -> tuple[float, float]:
+    """(seconds in all code cells, seconds in the first code cell: imports and stage.open)."""
+    nb = json.loads(nb_path.read_text())
+    durations = [
+        float(c.get("metadata", {}).get("papermill", {}).get("duration") or 0.0)
+        for c in nb["cells"]
+        if c["cell_type"] == "code" and "injected-parameters" not in c.get("metadata", {}).get("tags", [])
+        and "parameters" not in c.get("metadata", {}).get("tags", [])
+    ]  # fmt: skip
+    return sum(durations), (durations[0] if durations else 0.0)
+
+
+def run_stage(ws: Workspace, stage: str, request: Request, index: int, total: int, err: TextIO) -> dict[str, Any]:
+    import papermill as pm
+    import scrapbook as sb
+    from jupyter_client.manager import KernelManager
+
+    declared = declared_parameters(stage)
+    values = {**request.notebook_parameters(), "RUN_DIR": str(ws.root)}
+    params = {k: v for k, v in values.items() if k in declared}
+    final = ws.notebooks / f"{stage}.ipynb"
+    tmp = ws.notebooks / f".{stage}.part.ipynb"  # papermill and scrapbook want .ipynb
+    print(f"imaging: [{index}/{total}] {stage} ...", file=err, flush=True)
+    t0 = time.monotonic()
+    # IPC sockets in the run directory, not TCP on loopback: nothing for other local users to reach.
+    km = KernelManager(kernel_name=KERNEL_NAME, transport="ipc", ip=str(ws.root / ".kernel"))
+    km.start_kernel(cwd=str(config.PROJECT))
+    try:
+        pm.execute_notebook(
+            str(notebook_path(stage)),
+            str(tmp),
+            parameters=params,
+            km=km,
+            kernel_name=KERNEL_NAME,
+            progress_bar=False,
+            stderr_file=err,
+            coalesce_streams=True,
+            request_save_on_cell_execute=True,
+            cwd=str(config.PROJECT),
+        )
+    except KeyboardInterrupt:
+        _stop_kernel(km)
+        _keep_failed(ws, stage, tmp)
+        raise
+    except pm.PapermillExecutionError as e:
+        _keep_failed(ws, stage, tmp)
+        raise StageFailed(stage, _one_line(e.ename, e.evalue), ws.id) from None
+    finally:
+        if km.is_alive():
+            with contextlib.suppress(Exception):
+                km.shutdown_kernel(now=False)
+    wall = time.monotonic() - t0
+    scraps = sb.read_notebook(str(tmp)).scraps
+    if stage not in scraps:
+        _keep_failed(ws, stage, tmp)
+        raise StageFailed(stage, "the notebook did not record its result", ws.id)
+    os.replace(tmp, final)
+    cells, first = _cells_seconds(final)
+    timing = {"seconds": round(wall, 3), "overhead": round(wall - cells + first, 3)}
+    print(f"imaging: [{index}/{total}] {stage} done in {wall:.1f} s", file=err, flush=True)
+    return {"result": scraps[stage].data, "timing": timing}
+
+
+def _one_line(ename: str, evalue: str) -> str:
+    text = " ".join(str(evalue).split())
+    known = ("Error", "Failed", "Missing", "Interrupted")
+    return text if ename.endswith(known) or ename in ("ImagingError",) else f"{ename}: {text}"
+
+
+def _keep_failed(ws: Workspace, stage: str, tmp: Path) -> None:
+    """The executed notebook of a failed attempt stays, numbered, for the record."""
+    if not tmp.exists():
+        return
+    n = 1 + len(list(ws.notebooks.glob(f"{stage}.failed-*.ipynb")))
+    os.replace(tmp, ws.notebooks / f"{stage}.failed-{n}.ipynb")
+
+
+def _summary(ws: Workspace, request: Request, results: dict[str, Any], timings: dict[str, Any]) -> dict[str, Any]:
+    artifact = results.get("40-export", {})
+    boot = results.get("50-verify", {})
+    instance = results.get("00-acquire", {})
+    return {
+        "path": artifact.get("path"),
+        "sha256": artifact.get("sha256"),
+        "format": request.format,
+        "target": request.target,
+        "run": ws.id,
+        "verified": boot.get("verdict") == "booted",
+        "name": request.name,
+        "kind": request.kind,
+        "size_bytes": artifact.get("size_bytes"),
+        "boot": {k: boot.get(k) for k in ("verdict", "reason", "matched", "accel", "controller", "seconds")},
+        "source": request.source,
+        "source_sha256": instance.get("source_sha256"),
+        "run_dir": str(ws.root),
+        "timings": timings,
+    }
+
+
+def open_run(run_id: str | None, request: Request | None) -> tuple[Workspace, Request]:
+    """The run to work on: a new one for a request, or an existing one to resume."""
+    if run_id is None:
+        assert request is not None
+        run_id = f"{request.name}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+    config.check_name(run_id)
+    root = config.runs_dir() / run_id
+    if root.exists() and (root / "request.json").exists():
+        stored = Request(**json.loads((root / "request.json").read_text()))
+        if request is not None and request != stored:
+            raise ParameterError(f"run {run_id} exists with other parameters; choose another --run")
+        return Workspace.open(root), stored
+    if request is None:
+        raise ParameterError(f"no run {run_id} under {config.runs_dir()}")
+    ws = Workspace.open(root)
+    write_json(ws.request_file, request.model_dump(mode="json"))
+    return ws, request
+
+
+def out_dir(ws: Workspace, request: Request) -> Path:
+    return Path(request.out).resolve() if request.out else ws.root / "out"
+
+
+def execute(ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> dict[str, Any]:
+    """Run (or resume) the run's stages; return the run's result (also in result.json)."""
+    stages = config.pipeline_stages(request.kind)
+    state = State(ws)
+    if state.state == "completed" and ws.result_file.exists():
+        return dict(json.loads(ws.result_file.read_text()))
+    out = out_dir(ws, request)
+    os.environ["IMAGING_MOUNT_LEDGER"] = str(ws.root / "mounts.json")
+    os.environ["IMAGING_PIPELINE"] = "1"
+    results: dict[str, Any] = {}
+    timings: dict[str, Any] = dict(state.data.get("timings", {}))
+    with _run_lock(ws), _terminate_as_interrupt():
+        for index, stage in enumerate(stages, 1):
+            if (ws.notebooks / f"{stage}.ipynb").exists():
+                results[stage] = ws.result(stage)
+                print(f"imaging: [{index}/{len(stages)}] {stage} already done", file=err, flush=True)
+                continue
+            state.set("running", stage)
+            try:
+                done = run_stage(ws, stage, request, index, len(stages), err)
+            except KeyboardInterrupt:
+                sweep(ws, out)
+                state.set("error", stage, "interrupted")
+                raise
+            except ImagingError as e:
+                sweep(ws, out)
+                state.set("error", stage, str(e))
+                raise
+            results[stage] = done["result"]
+            timings[stage] = done["timing"]
+            state.data["timings"] = timings
+        summary = _summary(ws, request, results, timings)
+        write_json(ws.result_file, summary)
+        state.set("completed")
+        if not request.keep_work:
+            shutil.rmtree(ws.work, ignore_errors=True)
+    return summary

@@ -1,0 +1,180 @@
+"""Sparse-aware copying and hashing: cost follows the data in an image, not its virtual size.
+
+Holes are found with SEEK_DATA/SEEK_HOLE and skipped; data moves with copy_file_range, so the
+kernel copies (or reflinks, on filesystems that can) without the bytes passing through Python.
+Nothing here ever holds more than one chunk of an image in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .progress import bytes_bar
+
+CHUNK = 16 << 20
+_ZEROS = memoryview(bytes(CHUNK))
+
+
+def data_extents(fd: int, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+    """Yield (offset, length) of each data region of ``fd`` within [start, end)."""
+    if end is None:
+        end = os.fstat(fd).st_size
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after pos
+                return
+            raise
+        if data >= end:
+            return
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        stop = min(hole, end)
+        yield data, stop - data
+        pos = stop
+
+
+def data_bytes(path: Path, start: int = 0, end: int | None = None) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return sum(length for _, length in data_extents(fd, start, end))
+    finally:
+        os.close(fd)
+
+
+def allocated_bytes(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+@dataclass(frozen=True)
+class CopyStats:
+    bytes: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+def _copy_chunk(sfd: int, dfd: int, n: int, soff: int, doff: int) -> int:
+    try:
+        return os.copy_file_range(sfd, dfd, n, soff, doff)
+    except OSError as e:
+        # Cross-device copies on old kernels, and some special files, cannot use it.
+        if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    buf = os.pread(sfd, n, soff)
+    return os.pwrite(dfd, buf, doff)
+
+
+def copy_range(
+    src: Path,
+    dst: Path,
+    *,
+    src_offset: int = 0,
+    length: int | None = None,
+    dst_offset: int = 0,
+    desc: str = "copy",
+) -> CopyStats:
+    """Copy the data of ``src[src_offset:src_offset+length]`` into ``dst`` at ``dst_offset``.
+
+    ``dst`` must already exist with its final size (create it sparse with truncate); holes in the
+    source stay holes in the destination.
+    """
+    t0 = time.monotonic()
+    sfd = os.open(src, os.O_RDONLY)
+    try:
+        end = os.fstat(sfd).st_size if length is None else src_offset + length
+        extents = list(data_extents(sfd, src_offset, end))
+        total = sum(n for _, n in extents)
+        dfd = os.open(dst, os.O_WRONLY)
+        try:
+            with bytes_bar(total, desc) as bar:
+                for offset, n in extents:
+                    done = 0
+                    while done < n:
+                        step = _copy_chunk(
+                            sfd, dfd, min(CHUNK, n - done), offset + done, dst_offset + offset - src_offset + done
+                        )
+                        if step <= 0:
+                            raise OSError(errno.EIO, f"short copy from {src} at {offset + done}")
+                        done += step
+                        bar.update(step)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+    return CopyStats(total, time.monotonic() - t0)
+
+
+def create_sparse(path: Path, size: int) -> None:
+    """A new file of ``size`` bytes, all hole."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def sha256(path: Path, desc: str | None = "sha256") -> str:
+    """sha256 of the whole file; holes are hashed as the zeros they read as, without reading them.
+
+    ``desc=None`` hashes without a progress bar (for hashing beside other work)."""
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        with bytes_bar(size, desc) as bar:
+            for offset, n in [*data_extents(fd, 0, size), (size, 0)]:
+                while pos < offset:  # the hole before this extent
+                    step = min(CHUNK, offset - pos)
+                    h.update(_ZEROS[:step])
+                    pos += step
+                    bar.update(step)
+                end = offset + n
+                while pos < end:
+                    buf = os.pread(fd, min(CHUNK, end - pos), pos)
+                    if not buf:
+                        raise OSError(errno.EIO, f"{path} shrank while hashing")
+                    h.update(buf)
+                    pos += len(buf)
+                    bar.update(len(buf))
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def write_sha256_file(path: Path, digest: str) -> Path:
+    """``<file>.sha256`` beside the file, in the format ``sha256sum -c`` reads."""
+    side = path.with_name(path.name + ".sha256")
+    with atomic_path(side) as tmp:
+        tmp.write_text(f"{digest}  {path.name}\n", encoding="utf-8")
+    return side
+
+
+def part_path(path: Path) -> Path:
+    """The in-progress name of ``path``: hidden, same directory (so the rename is atomic)."""
+    return path.with_name(f".{path.name}.part")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Write to a temporary name and rename over ``path`` only if the block completes.
+
+    On any exception (including Ctrl-C) the temporary file is removed: nothing half-written is
+    ever left at a final path.
+    """
+    tmp = part_path(path)
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,222 @@
+"""Stage 50-verify: boot the artifact in QEMU on the target's disk controller and read the serial log.
+
+KVM is used where it works; on hosts where /dev/kvm opens but QEMU with KVM aborts or hangs (as
+on our CI machines), a short probe fails and the boot runs under TCG. ``-accel kvm:tcg`` is no
+help there: it only falls back when KVM cannot be opened. Either way the boot has a time limit.
+The artifact is attached with ``snapshot=on``: booting never changes the file whose sha256 was
+recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config, tools
+from .errors import BootFailed, CommandError, ParameterError
+from .images import image_info
+from .records import Record
+
+LOGIN = re.compile(r"^\S*\s*login:\s*$|\blogin:\s*$", re.MULTILINE)
+FAILURES = re.compile(r"Kernel panic - not syncing.*|initrd: .*not found.*|VFS: Unable to mount root fs.*|"
+                      r"No bootable device.*|error: no such device.*|error: file .* not found.*")  # fmt: skip
+
+# The probe guest of kvm_probe.S: long mode, 64 MiB of page touches, then exit via isa-debug-exit.
+_PROBE_CODE = bytes.fromhex(
+    "fa31c08ed88ed0bc007c660f0116007d0f20c06683c8010f22c066ea227c0000080066b810008ed88ec08ed0bf001000"
+    "0031c0b9000c0000f3abc7050010000003200000c7050020000003300000c70500300000830000000f20e083c8200f22"
+    "e0b8001000000f22d8b9800000c00f320d000100000f300f20c00d000000800f22c0ea897c0000180048c7c700300000"
+    "48c7c08300000048c7c1000200004889074805000020004883c708e2f148c7c20200000048c7c70000200048c7c10040"
+    "0000880f4881c700100000e2f548ffca75e2b000e6f4f4ebfd0f1f80000000000000000000000000ffff0000009acf00"
+    "ffff00000092cf00ffff0000009aaf001f00e07c0000"
+)
+PROBE_SECTOR = _PROBE_CODE.ljust(510, b"\0") + b"\x55\xaa"
+_PROBE_TIMEOUT = 5.0
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _probe(accel: str, sector: Path) -> float | None:
+    """Seconds the probe guest took under ``accel``, or None if it failed or hung."""
+    t0 = time.monotonic()
+    try:
+        result = tools.run(
+            ["qemu-system-x86_64", "-accel", accel, "-M", "pc", "-m", "128", "-display", "none", "-nodefaults",
+             "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+             "-drive", f"file={sector},format=raw,if=ide,snapshot=on"],
+            ok_codes=range(-64, 256),
+            timeout=_PROBE_TIMEOUT,
+            record=False,
+        )  # fmt: skip
+    except CommandError:  # timed out
+        return None
+    return time.monotonic() - t0 if result.exit_code == 1 else None  # 1 = (0 << 1) | 1: the guest got to the end
+
+
+def kvm_probe() -> dict[str, object]:
+    """Probe KVM against TCG once per host boot (cached): KVM is used only if it is the faster."""
+    cache = config.cache_dir() / "kvm-probe.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("boot_id") == _boot_id() and cached.get("version") == 2:
+            return dict(cached)
+    except (OSError, ValueError):
+        pass
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        found: dict[str, object] = {"kvm": False, "reason": "no usable /dev/kvm"}
+    else:
+        with tempfile.TemporaryDirectory(prefix="kvm-probe-") as tmp:
+            sector = Path(tmp) / "probe.img"
+            sector.write_bytes(PROBE_SECTOR)
+            kvm, tcg = _probe("kvm", sector), _probe("tcg", sector)
+        if kvm is None:
+            reason = "KVM probe failed or hung"
+        elif tcg is not None and kvm >= tcg:
+            reason = f"KVM probe took {kvm:.2f} s, TCG {tcg:.2f} s: KVM is broken here"
+        else:
+            reason = f"KVM probe took {kvm:.2f} s" + (f", TCG {tcg:.2f} s" if tcg is not None else "")
+        found = {"kvm": kvm is not None and (tcg is None or kvm < tcg), "reason": reason}
+    found.update(boot_id=_boot_id(), version=2)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(found))
+    return found
+
+
+def kvm_works() -> bool:
+    return bool(kvm_probe()["kvm"])
+
+
+@dataclass(frozen=True)
+class Accel(Record):
+    accel: str
+    reason: str
+
+
+def choose_accel(prefer: str = "auto") -> Accel:
+    """KVM where it works (and is faster than TCG), TCG otherwise; ``prefer`` can force either."""
+    if prefer == "tcg":
+        return Accel("tcg", "asked for TCG")
+    probe = kvm_probe()
+    if probe["kvm"]:
+        return Accel("kvm", str(probe["reason"]))
+    if prefer == "kvm":
+        raise ParameterError(f"KVM was asked for, but it cannot be used here: {probe['reason']}")
+    return Accel("tcg", str(probe["reason"]))
+
+
+def qemu_argv(image: Path, fmt: str, target: config.Target, accel: str, serial_log: Path) -> list[str]:
+    """The QEMU command line for booting ``image`` like the target would, headless."""
+    drive = f"file={image.resolve()},format={fmt},if=none,id=disk0,snapshot=on"
+    argv = [
+        "qemu-system-x86_64", "-accel", accel, "-M", "pc", "-m", str(target.memory_mib),
+        "-smp", str(target.cpus), "-display", "none", "-vga", "std", "-no-reboot",
+        "-serial", f"file:{serial_log}", "-monitor", "none", "-drive", drive,
+    ]  # fmt: skip
+    if target.disk_controller == "ahci":
+        argv += ["-device", "ahci,id=ahci0", "-device", "ide-hd,drive=disk0,bus=ahci0.0"]
+    elif target.disk_controller == "ide":
+        argv += ["-device", "ide-hd,drive=disk0,bus=ide.0"]
+    else:
+        argv += ["-device", "virtio-blk-pci,drive=disk0"]
+    # The guest sees the target's NIC, but user networking with restrict=on reaches nothing.
+    argv += ["-nic", f"user,model={target.nic},restrict=on"]
+    return argv
+
+
+@dataclass(frozen=True)
+class Boot(Record):
+    verdict: str  # "booted" or "failed"
+    reason: str
+    matched: str
+    target: str
+    controller: str
+    accel: str
+    seconds: float
+    serial_log: str
+    image: str
+    format: str
+
+
+def boot(
+    image: str | Path,
+    target: str,
+    *,
+    marker: str = "",
+    timeout: float = 240,
+    log_dir: Path | None = None,
+    prefer_accel: str = "auto",
+) -> Boot:
+    """Boot ``image`` on ``target``'s hardware until the marker or a login prompt shows on the
+    serial console (pass), or a panic, a power-off or the time limit comes first (fail)."""
+    tools.require_tools("qemu-system-x86_64", "qemu-img", reason="boot the artifact", hint="apt install qemu-system-x86 qemu-utils")
+    path = Path(image)
+    if not path.is_file():
+        raise ParameterError(f"no artifact at {path}")
+    fmt = image_info(path).format
+    tgt = config.load_target(target)
+    marker_re = re.compile(marker) if marker else None
+    accel = choose_accel(prefer_accel)
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="imaging-verify-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    serial = log_dir / "serial.log"
+    serial.unlink(missing_ok=True)
+    argv = qemu_argv(path, fmt, tgt, accel.accel, serial)
+    t0 = time.monotonic()
+    verdict, reason, matched = "failed", f"no marker or login prompt within {timeout:.0f} s", ""
+    with tools.spawn(argv) as qemu:
+        while time.monotonic() - t0 < timeout:
+            text = serial.read_text(errors="replace") if serial.exists() else ""
+            found = (marker_re.search(text) if marker_re else None) or LOGIN.search(text)
+            if found:
+                verdict, reason, matched = "booted", "marker" if marker_re and marker_re.search(text) else "login prompt", found.group(0).strip()
+                break
+            bad = FAILURES.search(text)
+            if bad:
+                reason, matched = "boot failed", bad.group(0).strip()
+                break
+            if not qemu.alive():
+                reason = "the machine powered off before the marker or a login prompt"
+                break
+            time.sleep(0.1)
+    result = Boot(
+        verdict=verdict,
+        reason=reason,
+        matched=matched[:200],
+        target=tgt.name,
+        controller=tgt.disk_controller,
+        accel=accel.accel,
+        seconds=round(time.monotonic() - t0, 2),
+        serial_log=str(serial),
+        image=str(path),
+        format=fmt,
+    )
+    return result
+
+
+def require_booted(result: Boot | dict[str, object]) -> None:
+    """Raise BootFailed unless the boot reached its marker or a login prompt."""
+    r = result.to_dict() if isinstance(result, Boot) else result
+    if r["verdict"] != "booted":
+        detail = f": {r['matched']}" if r.get("matched") else ""
+        raise BootFailed(
+            f"{Path(str(r['image'])).name} did not boot on {r['target']} ({r['controller']}, {r['accel']}): "
+            f"{r['reason']}{detail}"
+        )
+
+
+def serial_log(boot_result: Boot | dict[str, object], lines: int = 400) -> str:
+    """The serial console output of a boot (the tail, if long)."""
+    path = Path(str(boot_result.serial_log if isinstance(boot_result, Boot) else boot_result["serial_log"]))
+    text = path.read_text(errors="replace") if path.exists() else ""
+    all_lines = text.splitlines()
+    return "\n".join(all_lines[-lines:])
