@@ -7,17 +7,19 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Host tools the pipeline and its tests run (see README, "What runs each step").
 APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdisk util-linux \
-	busybox-static cpio kmod rsync dpkg
+	busybox-static cpio kmod rsync dpkg binutils procps
 
 .PHONY: setup apt venv demo test test-fast lint bench clean
 
 setup: apt venv
 
-# Installs only what is missing, so a second `make test` does not touch apt.
+# Installs only what is missing, so a second `make test` does not touch apt. The package lists
+# are also what the sample builder's `apt-get download` reads.
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
+	lists=$$(ls /var/lib/apt/lists/ 2>/dev/null | grep -c _Packages || true); \
+	if [ -n "$$missing" ] || [ "$$lists" = 0 ]; then \
 		echo "installing:" $$missing; \
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \

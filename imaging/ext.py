@@ -73,7 +73,7 @@ class ExtInfo:
 
 
 def info(dev: str) -> ExtInfo:
-    result = tools.run(["dumpe2fs", "-h", dev], ok_codes=(0, 1), timeout=120)
+    result = tools.run(["dumpe2fs", "-h", dev], ok_codes=range(256), timeout=120)
     if result.exit_code != 0:
         raise SourceError(f"dumpe2fs cannot read the superblock: {result.stderr_tail(1)}")
     return ExtInfo.parse(result.stdout)
@@ -112,16 +112,18 @@ class FsckVerdict:
 
 
 def _summary(result: tools.CommandResult) -> str:
-    lines = [line.strip() for line in (result.stdout + "\n" + result.stderr).splitlines()]
+    lines = [line.strip().removeprefix("e2fsck: ") for line in (result.stdout + "\n" + result.stderr).splitlines()]
     lines = [x for x in lines if x and not x.startswith(("e2fsck 1.", "Pass ", "*****"))]
-    return lines[-1] if lines else ""
+    # A clean or repaired check ends with its one-line summary; a failure needs the line before too.
+    return "; ".join(lines[-2:] if result.exit_code >= 4 else lines[-1:])
 
 
-def fsck(dev: str, *, repair: bool) -> FsckVerdict:
-    """Full check; with ``repair`` answer yes to every fix (the copy is ours, never the source)."""
+def fsck(dev: str, *, repair: bool, check: bool = True) -> FsckVerdict:
+    """Full check; with ``repair`` answer yes to every fix (the copy is ours, never the source).
+    Without ``repair`` the filesystem is opened read-only. ``check`` raises on a bad verdict."""
     result = tools.run(["e2fsck", "-f", "-y" if repair else "-n", dev], ok_codes=range(256), timeout=3600)
     verdict = FsckVerdict(result.exit_code, _summary(result))
-    if not verdict.ok:
+    if check and not verdict.ok:
         raise SourceError(f"e2fsck: the filesystem is corrupt beyond repair: {verdict}")
     return verdict
 

@@ -17,7 +17,9 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -26,7 +28,7 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from . import config, guest, sample
+from . import config, guest, sample, scraps, sparse
 from .config import Layout, Placement
 from .errors import ImagingError, ParameterError
 from .workspace import Workspace, write_json
@@ -184,7 +186,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    if threading_main():
+    if threading.current_thread() is threading.main_thread():
         old = signal.signal(signal.SIGTERM, handler)
         try:
             yield
@@ -194,23 +196,31 @@ def _terminate_as_interrupt() -> Iterator[None]:
         yield
 
 
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def _stop_kernel(km: Any) -> None:
-    """Interrupt the running cell so its cleanup runs, wait for it, then shut the kernel down."""
+    """SIGTERM the kernel: its running cell raises, cleans up (stops tools, unmounts, removes
+    partial files) and the kernel exits (see stage.py). Wait for that, then make sure.
+
+    Plain signals and Popen.wait, not the kernel client: after a KeyboardInterrupt inside
+    papermill's event loop, jupyter_client's sync wrappers are no longer usable.
+    """
+    process = getattr(km.provisioner, "process", None)
+    if process is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=_CLEANUP_GRACE + 5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    # Only the synchronous cleanups: anything async would run the interrupted event loop again.
     with contextlib.suppress(Exception):
-        km.interrupt_kernel()
-        kc = km.client()
-        kc.start_channels()
-        try:
-            # Runs only after the interrupted cell has finished unwinding.
-            kc.execute_interactive("pass", timeout=_CLEANUP_GRACE)
-        finally:
-            kc.stop_channels()
+        km.cleanup_connection_file()
+        km.cleanup_ipc_files()
+
+
+def _shutdown(km: Any) -> None:
     with contextlib.suppress(Exception):
         km.shutdown_kernel(now=False)
 
@@ -240,19 +250,22 @@ def _cells_seconds(nb_path: Path) -> tuple[float, float]:
 
 def run_stage(ws: Workspace, stage: str, request: Request, index: int, total: int, err: TextIO) -> dict[str, Any]:
     import papermill as pm
-    import scrapbook as sb
     from jupyter_client.manager import KernelManager
 
     declared = declared_parameters(stage)
-    values = {**request.notebook_parameters(), "RUN_DIR": str(ws.root)}
+    # The pipeline hashes the source itself, beside all the stages (see SourceHash).
+    values = {**request.notebook_parameters(), "RUN_DIR": str(ws.root), "HASH_SOURCE": False}
     params = {k: v for k, v in values.items() if k in declared}
     final = ws.notebooks / f"{stage}.ipynb"
-    tmp = ws.notebooks / f".{stage}.part.ipynb"  # papermill and scrapbook want .ipynb
+    tmp = ws.notebooks / f".{stage}.part.ipynb"  # papermill wants .ipynb
     print(f"imaging: [{index}/{total}] {stage} ...", file=err, flush=True)
     t0 = time.monotonic()
     # IPC sockets in the run directory, not TCP on loopback: nothing for other local users to reach.
     km = KernelManager(kernel_name=KERNEL_NAME, transport="ipc", ip=str(ws.root / ".kernel"))
-    km.start_kernel(cwd=str(config.PROJECT))
+    # independent: no ipykernel parent poller, which would os._exit() the kernel without cleanup
+    # when we die; the stage's own watchdog (stage.py) cleans up first, then exits.
+    env = {k: v for k, v in os.environ.items() if k != "JPY_PARENT_PID"}
+    km.start_kernel(cwd=str(config.PROJECT), env=env, independent=True)
     try:
         pm.execute_notebook(
             str(notebook_path(stage)),
@@ -271,22 +284,23 @@ def run_stage(ws: Workspace, stage: str, request: Request, index: int, total: in
         _keep_failed(ws, stage, tmp)
         raise
     except pm.PapermillExecutionError as e:
+        _shutdown(km)
         _keep_failed(ws, stage, tmp)
         raise StageFailed(stage, _one_line(e.ename, e.evalue), ws.id) from None
-    finally:
-        if km.is_alive():
-            with contextlib.suppress(Exception):
-                km.shutdown_kernel(now=False)
+    except BaseException:
+        _shutdown(km)
+        raise
+    _shutdown(km)
     wall = time.monotonic() - t0
-    scraps = sb.read_notebook(str(tmp)).scraps
-    if stage not in scraps:
+    recorded = scraps.read(tmp)
+    if stage not in recorded:
         _keep_failed(ws, stage, tmp)
         raise StageFailed(stage, "the notebook did not record its result", ws.id)
     os.replace(tmp, final)
     cells, first = _cells_seconds(final)
     timing = {"seconds": round(wall, 3), "overhead": round(wall - cells + first, 3)}
     print(f"imaging: [{index}/{total}] {stage} done in {wall:.1f} s", file=err, flush=True)
-    return {"result": scraps[stage].data, "timing": timing}
+    return {"result": recorded[stage], "timing": timing}
 
 
 def _one_line(ename: str, evalue: str) -> str:
@@ -303,10 +317,45 @@ def _keep_failed(ws: Workspace, stage: str, tmp: Path) -> None:
     os.replace(tmp, ws.notebooks / f"{stage}.failed-{n}.ipynb")
 
 
-def _summary(ws: Workspace, request: Request, results: dict[str, Any], timings: dict[str, Any]) -> dict[str, Any]:
+class SourceHash:
+    """The source's sha256, computed in a thread for the whole length of the run.
+
+    Hashing costs the source's virtual size (holes hash as zeros): on its own core it finishes
+    while the stages do the work that follows the data. Kept in ``source.sha256`` beside the run,
+    so a resumed run does not hash again.
+    """
+
+    def __init__(self, ws: Workspace, source: str) -> None:
+        self.file = ws.root / "source.sha256"
+        self.digest: str | None = None
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+        if self.file.exists():
+            self.digest = self.file.read_text().split()[0]
+        else:
+            self._thread = threading.Thread(target=self._hash, args=(sample.resolve(source),), daemon=True)
+            self._thread.start()
+
+    def _hash(self, path: Path) -> None:
+        try:
+            digest = sparse.sha256(path, desc=None)
+        except OSError as e:
+            self.error = f"cannot hash the source: {e.strerror}"
+            return
+        sparse.write_sha256_file(path, digest, beside=self.file)
+        self.digest = digest
+
+    def result(self) -> str | None:
+        if self._thread is not None:
+            self._thread.join()
+        return self.digest
+
+
+def _summary(
+    ws: Workspace, request: Request, results: dict[str, Any], timings: dict[str, Any], source_sha256: str | None
+) -> dict[str, Any]:
     artifact = results.get("40-export", {})
     boot = results.get("50-verify", {})
-    instance = results.get("00-acquire", {})
     return {
         "path": artifact.get("path"),
         "sha256": artifact.get("sha256"),
@@ -319,7 +368,7 @@ def _summary(ws: Workspace, request: Request, results: dict[str, Any], timings: 
         "size_bytes": artifact.get("size_bytes"),
         "boot": {k: boot.get(k) for k in ("verdict", "reason", "matched", "accel", "controller", "seconds")},
         "source": request.source,
-        "source_sha256": instance.get("source_sha256"),
+        "source_sha256": source_sha256,
         "run_dir": str(ws.root),
         "timings": timings,
     }
@@ -360,6 +409,7 @@ def execute(ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> dic
     results: dict[str, Any] = {}
     timings: dict[str, Any] = dict(state.data.get("timings", {}))
     with _run_lock(ws), _terminate_as_interrupt():
+        source_hash = SourceHash(ws, request.source)
         for index, stage in enumerate(stages, 1):
             if (ws.notebooks / f"{stage}.ipynb").exists():
                 results[stage] = ws.result(stage)
@@ -379,7 +429,7 @@ def execute(ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> dic
             results[stage] = done["result"]
             timings[stage] = done["timing"]
             state.data["timings"] = timings
-        summary = _summary(ws, request, results, timings)
+        summary = _summary(ws, request, results, timings, source_hash.result())
         write_json(ws.result_file, summary)
         state.set("completed")
         if not request.keep_work:

@@ -6,9 +6,10 @@ import dataclasses
 import enum
 import html
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def plain(value: Any) -> Any:
@@ -44,6 +45,8 @@ class Record:
         return data
 
     def table(self) -> pd.DataFrame:
+        import pandas as pd  # only where tables are shown: the pipeline process never needs it
+
         rows = [
             (k, _cell(k, v))
             for k, v in self.to_dict().items()

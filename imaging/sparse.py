@@ -150,9 +150,9 @@ def sha256(path: Path, desc: str | None = "sha256") -> str:
     return h.hexdigest()
 
 
-def write_sha256_file(path: Path, digest: str) -> Path:
-    """``<file>.sha256`` beside the file, in the format ``sha256sum -c`` reads."""
-    side = path.with_name(path.name + ".sha256")
+def write_sha256_file(path: Path, digest: str, beside: Path | None = None) -> Path:
+    """``<file>.sha256`` beside the file (or at ``beside``), in the format ``sha256sum -c`` reads."""
+    side = beside or path.with_name(path.name + ".sha256")
     with atomic_path(side) as tmp:
         tmp.write_text(f"{digest}  {path.name}\n", encoding="utf-8")
     return side

@@ -20,17 +20,33 @@ from typing import Any
 
 import pandas as pd
 
-from . import tools
+from . import scraps, tools
 from .errors import Interrupted
 from .records import Record, plain
 from .workspace import Workspace
 
-# Time a stage gets to clean up after SIGTERM before the kernel exits on its own.
+# Time a stage gets to clean up after SIGTERM before the kernel exits regardless.
 _CLEANUP_GRACE = 30.0
+_stopping = False
+
+
+def _exit_after_cell(*_: Any) -> None:
+    os._exit(143)
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # The first SIGTERM interrupts the running cell: its with-blocks stop tools, unmount and
+    # remove partial files; when the cell has ended the kernel exits. Later signals must not
+    # interrupt that cleanup.
+    global _stopping
+    if _stopping:
+        return
+    _stopping = True
     threading.Timer(_CLEANUP_GRACE, os._exit, (128 + signum,)).start()
+    if _in_kernel():
+        from IPython import get_ipython
+
+        get_ipython().events.register("post_run_cell", _exit_after_cell)
     raise Interrupted(f"stage stopped by signal {signum}")
 
 
@@ -38,7 +54,7 @@ def _watch_parent(parent: int) -> None:
     # The kernel's parent is the pipeline. If it dies (even by SIGKILL) the kernel must not go on
     # working unobserved: turn that into the same SIGTERM path.
     while True:
-        time.sleep(1.0)
+        time.sleep(0.2)
         if os.getppid() != parent:
             os.kill(os.getpid(), signal.SIGTERM)
             return
@@ -100,9 +116,7 @@ def record(ws: Workspace, stage: str, result: Any) -> dict[str, Any]:
     data = result.to_dict() if isinstance(result, Record) else plain(result)
     ws.save_result(stage, data)
     if _in_kernel():
-        import scrapbook as sb
-
-        sb.glue(stage, data)
+        scraps.glue(stage, data)
     return data
 
 

@@ -1,0 +1,164 @@
+"""Shared pieces of the benchmarks: test images, timing, a process-tree memory sampler."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from imaging import sample
+
+WORK = Path(os.environ.get("IMAGING_BENCH_DIR", "/var/tmp/imaging-bench"))
+
+
+def run(*argv: object, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+
+
+def timed(fn: Callable[[], object], repeat: int = 3, setup: Callable[[], object] | None = None) -> float:
+    """Median wall time of ``fn`` over ``repeat`` runs (``setup`` runs untimed before each)."""
+    times = []
+    for _ in range(repeat):
+        if setup:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def files_tree(root: Path, total_bytes: int, seed: int = 1) -> None:
+    """A tree shaped like an OS root: mostly small files (mean ~60 KiB), a few big ones,
+    symlinks and hard links."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    written = 0
+    n = 0
+    while written < total_bytes:
+        d = root / f"d{n % 97:02d}" / f"s{n % 13}"
+        d.mkdir(parents=True, exist_ok=True)
+        bucket = rng.random()
+        if bucket < 0.75:
+            size = rng.randint(512, 8 << 10)
+        elif bucket < 0.98:
+            size = rng.randint(8 << 10, 128 << 10)
+        else:
+            size = rng.randint(128 << 10, 4 << 20)
+        path = d / f"f{n}"
+        path.write_bytes(rng.randbytes(size))
+        if n % 50 == 0:
+            (d / f"l{n}").symlink_to(path.name)
+        if n % 70 == 0:
+            os.link(path, d / f"h{n}")
+        written += size
+        n += 1
+
+
+def ext3_with_files(path: Path, size: str, data_bytes: int) -> Path:
+    """An ext3 instance image of ``size`` holding about ``data_bytes`` of files (cached)."""
+    if path.exists():
+        return path
+    tree = path.with_suffix(".tree")
+    shutil.rmtree(tree, ignore_errors=True)
+    files_tree(tree, data_bytes)
+    tmp = path.with_suffix(".tmp")
+    run("mke2fs", "-q", "-F", "-t", "ext3", "-b", "4096", "-d", tree, tmp, size)
+    shutil.rmtree(tree)
+    tmp.rename(path)
+    return path
+
+
+def sample_with_data(path: Path, size: str, data_bytes: int) -> Path:
+    """The bootable sample grown to ``size`` (sparse) with a ``data_bytes`` file added (cached)."""
+    if path.exists():
+        return path
+    tmp = path.with_suffix(".tmp")
+    shutil.copyfile(sample.ensure_sample("kvm"), tmp)
+    tmp.chmod(0o644)
+    run("resize2fs", tmp, size)
+    blob = path.with_suffix(".blob")
+    rng = random.Random(2)
+    with open(blob, "wb") as f:
+        for _ in range(0, data_bytes, 1 << 20):
+            f.write(rng.randbytes(1 << 20))
+    run("debugfs", "-w", "-R", f"write {blob} /data.bin", tmp)
+    blob.unlink()
+    run("e2fsck", "-fy", tmp)
+    tmp.rename(path)
+    return path
+
+
+def _pss(pid: int) -> int:
+    # Proportional set size: a page shared by n processes counts 1/n in each, so the sum over the
+    # tree is real memory (RSS would count a forked child's shared pages twice).
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError("no Pss")
+
+
+class TreeMemory:
+    """Samples the memory (PSS) of a process and all its descendants every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_total = 0
+        self.peak_without_vm = 0
+        self.peak_single = 0
+        self.peak_single_name = ""
+        self.peak_parts: list[tuple[str, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _tree(self) -> list[int]:
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+        found, todo = [], [self.pid]
+        while todo:
+            p = todo.pop()
+            found.append(p)
+            todo.extend(children.get(p, []))
+        return found
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            total = without_vm = 0
+            parts = []
+            for pid in self._tree():
+                try:
+                    rss = _pss(pid)
+                    name = Path(f"/proc/{pid}/comm").read_text().strip()
+                except (OSError, ValueError):
+                    continue
+                total += rss
+                parts.append((name, rss))
+                if not name.startswith("qemu-system"):
+                    without_vm += rss
+                if rss > self.peak_single:
+                    self.peak_single, self.peak_single_name = rss, name
+            self.peak_total = max(self.peak_total, total)
+            if without_vm > self.peak_without_vm:
+                self.peak_without_vm = without_vm
+                self.peak_parts = parts
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def mib(n: float) -> str:
+    return f"{n / (1 << 20):.0f} MiB"

@@ -1,0 +1,21 @@
+"""Run every benchmark and print one markdown table (the README's Performance section)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import place, scale  # noqa: E402
+
+
+def main() -> None:
+    print("| measurement | result | |\n|---|---|---|")
+    for module in (place, scale):
+        for row in module.main():
+            print("| " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Integration fixtures: real images from Debian packages, the real CLI, real boots.
+
+A missing tool or a missing privilege fails these tests: a green run that skipped the boots would
+prove nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imaging import sample
+
+REQUIRED = ["qemu-img", "qemu-system-x86_64", "grub-mkimage", "mke2fs", "e2fsck", "resize2fs", "debugfs", "sfdisk",
+            "blkid", "rsync", "mount", "cpio", "depmod"]  # fmt: skip
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _can_run() -> None:
+    missing = [t for t in REQUIRED if shutil.which(t, path=os.environ["PATH"] + ":/usr/sbin:/sbin") is None]
+    assert not missing, f"integration tests need {', '.join(missing)}: run 'make setup'"
+    assert os.geteuid() == 0, "integration tests need root (loop mounts for placement mkfs, boot tests)"
+
+
+@pytest.fixture(scope="session")
+def kvm_sample() -> Path:
+    return sample.ensure_sample("kvm")
+
+
+class Cli:
+    def __init__(self, runs: Path) -> None:
+        self.runs = runs
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {**os.environ, "IMAGING_RUNS": str(self.runs), "IMAGING_PROGRESS": "0", **extra}
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 600, **env: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "imaging", *args], capture_output=True, text=True, timeout=timeout, env=self.env(**env)
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"imaging {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        return proc
+
+    def popen(self, *args: str, **env: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "imaging", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=self.env(**env),
+        )  # fmt: skip
+
+
+def last_json(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    line = proc.stdout.strip().splitlines()[-1]
+    data = json.loads(line)
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    return Cli(runs)
+
+
+def leftovers(under: Path) -> list[str]:
+    """Loop devices, mounts and QEMU processes that refer to anything under ``under``."""
+    found = []
+    loops = subprocess.run(["losetup", "--list", "--noheadings", "-O", "NAME,BACK-FILE"], capture_output=True, text=True)
+    found += [f"loop: {line}" for line in loops.stdout.splitlines() if str(under) in line]
+    found += [f"mount: {line}" for line in Path("/proc/self/mountinfo").read_text().splitlines() if "imaging-mnt" in line]
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True)
+    found += [f"process: {line}" for line in ps.stdout.splitlines() if "qemu-system" in line and str(under) in line]
+    found += [f"partial: {p}" for p in under.rglob(".*.part*")]
+    return found
+
+
+@pytest.fixture
+def make_ext(tmp_path: Path) -> Callable[..., Path]:
+    """An ext filesystem image made with mke2fs -d from a dict of {path: text}."""
+
+    def make(name: str, files: dict[str, str], fs_type: str = "ext3", size: str = "64M") -> Path:
+        root = tmp_path / f"{name}-root"
+        for rel, text in files.items():
+            p = root / rel.lstrip("/")
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(text)
+        root.mkdir(exist_ok=True)
+        image = tmp_path / f"{name}.img"
+        subprocess.run(["mke2fs", "-q", "-F", "-t", fs_type, "-d", root, image, size], check=True)
+        return image
+
+    return make

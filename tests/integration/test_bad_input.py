@@ -1,0 +1,186 @@
+"""Bad input gets a clear one-line error and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from imaging import acquire, debian
+from imaging.workspace import Workspace
+
+from .conftest import Cli, leftovers
+
+
+def refused(cli: Cli, source: str, *extra: str) -> str:
+    """Run an export that must fail before a run exists; return its one-line error."""
+    proc = cli("export", source, "--name", "bad", *extra, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imaging: error: "), proc.stderr
+    assert list(cli.runs.iterdir()) == []  # no run directory, nothing half-written
+    assert proc.stdout == ""
+    return lines[0].removeprefix("imaging: error: ")
+
+
+def test_missing_source(cli: Cli, tmp_path: Path) -> None:
+    assert refused(cli, str(tmp_path / "nope.img")) == f"source not found: {tmp_path / 'nope.img'}"
+
+
+def test_not_a_file(cli: Cli, tmp_path: Path) -> None:
+    assert "not a file or block device" in refused(cli, str(tmp_path))
+
+
+def test_empty_file(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "empty.img").touch()
+    assert "source is empty" in refused(cli, str(tmp_path / "empty.img"))
+
+
+def test_unreadable_source(cli: Cli) -> None:
+    # Root reads anything: the check runs as an unprivileged user, on a file it may not read.
+    with tempfile.TemporaryDirectory(prefix="imaging-unreadable-") as tmp:
+        os.chmod(tmp, 0o755)
+        source = Path(tmp) / "secret.img"
+        source.write_bytes(b"x" * 4096)
+        source.chmod(0o000)
+        proc = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "imaging", "export",
+             str(source), "--name", "bad"],
+            capture_output=True, text=True, env={**cli.env(), "HOME": tmp}, timeout=120,
+        )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"imaging: error: source not readable: {source}: Permission denied"
+
+
+def test_random_bytes_are_not_an_image(cli: Cli, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(os.urandom(1 << 20))
+    assert refused(cli, str(junk)) == f"{junk} is neither a filesystem nor a partitioned disk image (blkid finds neither)"
+
+
+def test_filesystem_we_cannot_place(cli: Cli, tmp_path: Path) -> None:
+    fat = tmp_path / "fat.img"
+    with open(fat, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run([debian.busybox(), "mkdosfs", fat], check=True, capture_output=True)
+    assert refused(cli, str(fat)) == f"{fat} holds a vfat filesystem, which cannot be placed (supported: ext2, ext3, ext4)"
+
+
+def test_partitioned_disk_without_a_linux_filesystem(cli: Cli, tmp_path: Path) -> None:
+    fat = tmp_path / "fat.img"
+    with open(fat, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run([debian.busybox(), "mkdosfs", fat], check=True, capture_output=True)
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(40 << 20)
+    subprocess.run(["sfdisk", "--quiet", disk], input="label: dos\nstart=2048, size=65536, type=c\n", text=True, check=True)
+    subprocess.run(["dd", f"if={fat}", f"of={disk}", "bs=1M", "seek=1", "conv=notrunc", "status=none"], check=True)
+    assert refused(cli, str(disk)) == f"{disk}: no ext2/3/4 partition to use as the root filesystem (found vfat on partition 1)"
+
+
+def test_truncated_image(cli: Cli, kvm_sample: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.img"
+    with open(kvm_sample, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(100 << 20))
+    message = refused(cli, str(cut))
+    assert message == f"{cut} is truncated: its ext3 filesystem needs 536,870,912 bytes, the image has 104,857,600"
+
+
+def test_corrupt_beyond_repair_surfaces_e2fscks_verdict(cli: Cli, kvm_sample: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.img"
+    shutil.copyfile(kvm_sample, bad)
+    with open(bad, "r+b") as f:  # an incompatible feature no e2fsck knows
+        f.seek(1024 + 0x60)
+        value = struct.unpack("<I", f.read(4))[0]
+        f.seek(1024 + 0x60)
+        f.write(struct.pack("<I", value | 0x40000000))
+    message = refused(cli, str(bad))
+    assert message.startswith(f"{bad}: the ext4 filesystem cannot be opened: e2fsck: ")
+    assert "unsupported feature(s)" in message
+
+
+def test_repairable_corruption_is_repaired_on_the_copy_and_recorded(kvm_sample: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "dirty.img"
+    shutil.copyfile(kvm_sample, bad)
+    with open(bad, "r+b") as f:  # a wrong free-blocks count in the superblock
+        f.seek(1024 + 12)
+        f.write(struct.pack("<I", 12345))
+    before = bad.read_bytes()
+    ws = Workspace.open(tmp_path / "run")
+    instance = acquire.acquire(acquire.inspect(str(bad)), ws)
+    assert instance.fsck_exit == 1 and instance.fsck.startswith("errors corrected (exit 1)")
+    assert bad.read_bytes() == before  # repaired on the copy only
+    fixed = subprocess.run(["e2fsck", "-fn", ws.instance], capture_output=True)
+    assert fixed.returncode == 0
+
+
+def test_backing_file_is_refused(cli: Cli, kvm_sample: Path, tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", kvm_sample, "-F", "raw", overlay], check=True)
+    assert "has a backing file" in refused(cli, str(overlay))
+
+
+def test_raw_image_dressed_as_qcow2_cannot_read_host_files(cli: Cli, tmp_path: Path) -> None:
+    # A guest can write anything into its own disk, including a qcow2 header naming a host file
+    # as its backing file. The probe sees qcow2; the backing file must still be refused.
+    evil = tmp_path / "evil.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/shadow", "-F", "raw", evil, "64M"], check=True)
+    assert "has a backing file (/etc/shadow)" in refused(cli, str(evil))
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "../../etc", "x;reboot", "$(id)", "a b", "-rf", ""])
+def test_bad_names(cli: Cli, kvm_sample: Path, name: str) -> None:
+    proc = cli("export", "sample:kvm", f"--name={name}", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"imaging: error: name {name!r} is not allowed: use 1-80 letters, digits, '.', '_' or '-', starting with a letter or digit (no '/', '..', spaces or shell characters)"
+    assert list(cli.runs.iterdir()) == []
+
+
+@pytest.fixture
+def small_tmpfs() -> Iterator[Path]:
+    mnt = Path(tempfile.mkdtemp(prefix="imaging-small-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", mnt], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+        mnt.rmdir()
+
+
+def test_not_enough_space_is_told_before_the_work(cli: Cli, kvm_sample: Path, small_tmpfs: Path) -> None:
+    runs = small_tmpfs / "runs"
+    proc = cli("export", "sample:kvm", "--name", "big", check=False, IMAGING_RUNS=str(runs))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"imaging: error: not enough free space in {runs} to hold the run's work files: need about")
+    assert not runs.exists() or list(runs.iterdir()) == []
+
+
+def test_not_enough_space_for_the_artifact(cli: Cli, kvm_sample: Path, small_tmpfs: Path) -> None:
+    out = small_tmpfs / "out"
+    out.mkdir()
+    (small_tmpfs / "filler").write_bytes(b"\0" * (40 << 20))
+    proc = cli("export", "sample:kvm", "--name", "big", "--out", str(out), check=False)
+    assert proc.returncode == 2 and f"not enough free space in {out} to write the artifact" in proc.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_no_kernel_in_boot(cli: Cli, make_ext: Callable[..., Path], tmp_path: Path) -> None:
+    image = make_ext("nokernel", {"etc/fstab": "/dev/sda1 / ext3 defaults 0 1\n", "boot/config-6.1": "x"})
+    proc = cli("export", str(image), "--name", "nokernel", check=False)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()[-1:]
+    assert line.startswith("imaging: error: 30-bootable: no kernel in the guest's /boot (looked for vmlinuz-<version>)")
+    (run,) = cli.runs.iterdir()
+    state = json.loads((run / "state.json").read_text())
+    assert (state["state"], state["stage"]) == ("error", "30-bootable")
+    assert (run / "notebooks" / "30-bootable.failed-1.ipynb").exists()
+    assert leftovers(tmp_path) == []

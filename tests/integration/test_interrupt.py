@@ -1,0 +1,123 @@
+"""Ctrl-C, SIGTERM or SIGKILL mid-stage: tools stopped, mounts released, partial files removed,
+and running the run again resumes at the stage that was interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .conftest import Cli, last_json, leftovers
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def qemu_running(under: Path) -> bool:
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+    return any("qemu-system" in line and str(under) in line for line in ps.splitlines())
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes (its parent is gone or has not reaped it yet).
+    return "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def stage_of(run: Path) -> str | None:
+    try:
+        return json.loads((run / "state.json").read_text()).get("stage")
+    except (OSError, ValueError):
+        return None
+
+
+def started_stages(run: Path) -> list[str]:
+    history = json.loads((run / "state.json").read_text())["history"]
+    return [h["stage"] for h in history if h["state"] == "running"]
+
+
+def test_sigterm_during_the_boot_then_resume(cli: Cli, tmp_path: Path) -> None:
+    proc = cli.popen("export", "sample:kvm", "--name", "term", "--run", "term")
+    run = cli.runs / "term"
+    wait_for("the boot check", lambda: qemu_running(run))
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "imaging: interrupted; partial files removed"
+    wait_for("QEMU to stop", lambda: not qemu_running(run), timeout=10)
+    assert leftovers(tmp_path) == []
+    state = json.loads((run / "state.json").read_text())
+    assert (state["state"], state["stage"], state["error"]) == ("error", "50-verify", "interrupted")
+
+    result = last_json(cli("resume", "term"))
+    assert result["verified"] and result["run"] == "term"
+    assert started_stages(run) == ["00-acquire", "30-bootable", "40-export", "50-verify", "50-verify"]
+    assert leftovers(tmp_path) == []
+
+
+def test_ctrl_c_while_files_are_copied_releases_mounts(cli: Cli, make_ext: Callable[..., Path], tmp_path: Path) -> None:
+    image = make_ext("big", {"boot/vmlinuz-6.1.0-1-amd64": "kernel", "etc/fstab": "x\n"}, size="700M")
+    filler = tmp_path / "big-root" / "data"
+    # mke2fs -d already ran: add the bulk with debugfs so rsync has something to chew on.
+    filler.write_bytes(os.urandom(400 << 20))
+    subprocess.run(["debugfs", "-w", "-R", f"write {filler} /data", image], check=True, capture_output=True)
+    proc = cli.popen("export", str(image), "--name", "ctrlc", "--run", "ctrlc", "--placement", "mkfs")
+    wait_for("the guest to be mounted", lambda: "imaging-mnt" in Path("/proc/self/mountinfo").read_text())
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    assert leftovers(tmp_path) == []
+    assert stage_of(cli.runs / "ctrlc") == "30-bootable"
+    assert not list((cli.runs / "ctrlc" / "work").glob(".*"))
+
+
+def test_sigkill_of_the_pipeline_stops_its_kernel_and_qemu(cli: Cli, tmp_path: Path) -> None:
+    proc = cli.popen("export", "sample:kvm", "--name", "killed", "--run", "killed")
+    run = cli.runs / "killed"
+    wait_for("the boot check", lambda: qemu_running(run))
+    kernels = children(proc.pid)
+    assert kernels
+    proc.kill()
+    proc.communicate(timeout=30)
+    # The kernel notices its parent is gone, interrupts its cell (QEMU is stopped) and exits.
+    wait_for("QEMU to stop", lambda: not qemu_running(run), timeout=15)
+    wait_for("the kernel to exit", lambda: not any(alive(k) for k in kernels), timeout=45)
+    result = last_json(cli("resume", "killed"))
+    assert result["verified"]
+    assert leftovers(tmp_path) == []
+
+
+def test_a_failed_stage_resumes_where_it_failed(cli: Cli, tmp_path: Path) -> None:
+    # A broken QEMU on PATH: the boot check fails; fixed, the run resumes at 50-verify only.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "qemu-system-x86_64").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "qemu-system-x86_64").chmod(0o755)
+    broken = cli("export", "sample:kvm", "--name", "again", "--run", "again", check=False,
+                 PATH=f"{fake}:{os.environ['PATH']}", IMAGING_CACHE=str(tmp_path / "cache"))  # fmt: skip
+    assert broken.returncode == 1
+    assert "imaging: error: 50-verify: again.qcow2 did not boot on kvm" in broken.stderr
+    assert "resume with: python -m imaging resume again" in broken.stderr
+    run = cli.runs / "again"
+    assert (run / "notebooks" / "50-verify.failed-1.ipynb").exists()
+    result = last_json(cli("resume", "again"))
+    assert result["verified"]
+    assert started_stages(run) == ["00-acquire", "30-bootable", "40-export", "50-verify", "50-verify"]
+    # Resuming a completed run prints its result again and does nothing else.
+    assert last_json(cli("resume", "again")) == result

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import pytest
+
+from imaging import bootloader
+from imaging.debugfs import Entry
+from imaging.errors import GuestError
+
+UUID = "31ef4e9d-d0cd-50d7-b697-b34b26b83c9c"
+
+
+class FakeGuest:
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def listdir(self, path: str) -> list[Entry]:
+        assert path == "/boot"
+        return [Entry(n, i + 12, 0o100644, 0, 0, 1) for i, n in enumerate(self.names)]
+
+
+def kernels(names: list[str]) -> list[bootloader.Kernel]:
+    return bootloader.find_kernels(FakeGuest(names))  # type: ignore[arg-type]
+
+
+def test_kernels_newest_first_with_their_initrds() -> None:
+    found = kernels(
+        ["vmlinuz-2.6.18-92.el5", "initrd-2.6.18-92.el5.img", "vmlinuz-2.6.18-348.3.1.el5",
+         "initrd-2.6.18-348.3.1.el5.img", "config-2.6.18-92.el5", "vmlinuz-2.6.18-400.el5"]
+    )  # fmt: skip
+    assert [k.version for k in found] == ["2.6.18-400.el5", "2.6.18-348.3.1.el5", "2.6.18-92.el5"]
+    assert found[0].initrd is None
+    assert found[1].initrd == "/boot/initrd-2.6.18-348.3.1.el5.img"
+
+
+def test_xen_kernels_come_last() -> None:
+    found = kernels(["vmlinuz-2.6.18-400.el5xen", "vmlinuz-2.6.18-92.el5", "initramfs-2.6.18-92.el5.img"])
+    assert [k.xen for k in found] == [False, True]
+    assert found[0].initrd == "/boot/initramfs-2.6.18-92.el5.img"
+
+
+def test_unsafe_names_are_never_offered_to_grub() -> None:
+    found = kernels(["vmlinuz-1;reboot", "vmlinuz-6.1 x", "vmlinuz-6.1.0-1-amd64", "initrd.img-6.1.0-1-amd64"])
+    assert [k.version for k in found] == ["6.1.0-1-amd64"]
+
+
+def test_no_kernel_is_a_clear_error() -> None:
+    with pytest.raises(GuestError, match="no kernel in the guest's /boot"):
+        kernels(["config-6.1", "grub"])
+
+
+def test_grub_config() -> None:
+    found = kernels(["vmlinuz-6.1.0-2-amd64", "initrd.img-6.1.0-2-amd64", "vmlinuz-6.1.0-1-amd64"])
+    cfg = bootloader.grub_config(found, UUID, title="Debian GNU/Linux 12", timeout=3, kernel_args="quiet")
+    assert "set timeout=3" in cfg
+    assert "serial --unit=0 --speed=115200" in cfg and "terminal_output serial console" in cfg
+    assert cfg.index("6.1.0-2-amd64") < cfg.index("6.1.0-1-amd64")
+    assert (f"\tlinux /boot/vmlinuz-6.1.0-2-amd64 root=UUID={UUID} ro console=tty0 console=ttyS0,115200n8 quiet"
+            in cfg)  # fmt: skip
+    assert "\tinitrd /boot/initrd.img-6.1.0-2-amd64" in cfg
+    assert cfg.count("menuentry ") == 2 and cfg.count("initrd ") == 1
+    assert f"search --no-floppy --fs-uuid --set=root {UUID}" in cfg
+
+
+def test_grub_config_refuses_injection() -> None:
+    from imaging.errors import ParameterError
+
+    found = kernels(["vmlinuz-6.1"])
+    with pytest.raises(GuestError, match="not a UUID"):
+        bootloader.grub_config(found, "x' ; reboot")
+    with pytest.raises(ParameterError):
+        bootloader.grub_config(found, UUID, kernel_args="}; menuentry x {")

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imaging import config, pipeline
+from imaging.errors import ParameterError
+
+
+@pytest.mark.parametrize("name", ["demo", "centos-5.11_x86", "A1", "x" * 80])
+def test_good_names(name: str) -> None:
+    assert config.check_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "a/b", "../x", "a..b", ".hidden", "-rf", "a b", "a;rm -rf", "$(id)", "`id`", "a|b", "x" * 81, "é"]
+)
+def test_bad_names(name: str) -> None:
+    with pytest.raises(ParameterError, match="not allowed"):
+        config.check_name(name)
+
+
+def test_targets_load_and_validate() -> None:
+    vb = config.load_target("virtualbox")
+    assert (vb.disk_controller, vb.nic, vb.memory_mib) == ("ahci", "e1000", 512)
+    assert config.load_target("openstack").disk_controller == "virtio"
+    with pytest.raises(ParameterError, match="unknown target 'vmware'"):
+        config.load_target("vmware")
+    with pytest.raises(ParameterError, match="unknown target"):
+        config.load_target("../defaults")
+
+
+def _params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target_yaml: str) -> None:
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "targets" / "odd.yaml").write_text(target_yaml)
+    monkeypatch.setenv("IMAGING_PARAMETERS", str(tmp_path))
+    config.load_target.cache_clear()
+
+
+def test_unknown_key_in_yaml_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _params(tmp_path, monkeypatch, "name: odd\ndescription: x\ndisk_controller: ahci\nnic: e1000\nsound: yes\n")
+    with pytest.raises(ParameterError, match=r"odd.yaml: sound: Extra inputs are not permitted"):
+        config.load_target("odd")
+    config.load_target.cache_clear()
+
+
+def test_bad_value_in_yaml_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _params(tmp_path, monkeypatch, "name: odd\ndescription: x\ndisk_controller: floppy\nnic: e1000\n")
+    with pytest.raises(ParameterError, match="disk_controller: Input should be 'ahci', 'ide' or 'virtio'"):
+        config.load_target("odd")
+    config.load_target.cache_clear()
+
+
+def test_broken_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _params(tmp_path, monkeypatch, "name: [odd\n")
+    with pytest.raises(ParameterError, match="not valid YAML"):
+        config.load_target("odd")
+    config.load_target.cache_clear()
+
+
+@pytest.mark.parametrize("args", ["quiet splash", "console=ttyS1,9600n8", "init=/bin/sh", "rd.break=pre-mount"])
+def test_kernel_args_allowed(args: str) -> None:
+    assert config.check_kernel_args(args) == args
+
+
+@pytest.mark.parametrize("args", ["a;reboot", "x='y'", "$(id)", "a}", 'x"y'])
+def test_kernel_args_refused(args: str) -> None:
+    with pytest.raises(ParameterError, match="GRUB would interpret"):
+        config.check_kernel_args(args)
+
+
+def test_disk_size_parsing() -> None:
+    assert config.parse_disk_size("auto") == ("auto", 0)
+    assert config.parse_disk_size("10G") == ("absolute", 10 << 30)
+    assert config.parse_disk_size("+512MiB") == ("extra", 512 << 20)
+    assert config.parse_disk_size("1.5G") == ("absolute", 3 << 29)
+
+
+def test_request_takes_defaults_and_rejects_unknowns() -> None:
+    r = pipeline.Request.create(source="/x.img", name="demo")
+    assert (r.format, r.target, r.layout.value, r.placement.value) == ("qcow2", "kvm", "aligned", "copy")
+    assert pipeline.Request.create(source="sample:kvm", name="d").boot_marker == "IMAGING-SAMPLE-OK"
+    with pytest.raises(ParameterError, match="unknown format 'iso'"):
+        pipeline.Request.create(source="/x.img", name="demo", format="iso")
+    with pytest.raises(ParameterError, match="Extra inputs"):
+        pipeline.Request.create(source="/x.img", name="demo", colour="blue")
+    with pytest.raises(ParameterError, match="name 'a/b' is not allowed"):
+        pipeline.Request.create(source="/x.img", name="a/b")
+
+
+def test_every_pipeline_stage_has_a_notebook() -> None:
+    for kind, stages in config.load_defaults().pipelines.items():
+        for stage in stages:
+            assert pipeline.notebook_path(stage).is_file(), (kind, stage)

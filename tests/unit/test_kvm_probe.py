@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from imaging import verify
+
+
+def test_probe_bytes_are_the_assembled_source(tmp_path: Path) -> None:
+    source = Path(verify.__file__).with_name("kvm_probe.S")
+    subprocess.run(["as", "--64", "-o", tmp_path / "p.o", source], check=True)
+    subprocess.run(
+        ["ld", "-m", "elf_x86_64", "-Ttext", "0x7c00", "--oformat", "binary", "-o", tmp_path / "p.bin", tmp_path / "p.o"],
+        check=True,
+    )
+    assert (tmp_path / "p.bin").read_bytes() == verify._PROBE_CODE
+    assert len(verify.PROBE_SECTOR) == 512 and verify.PROBE_SECTOR.endswith(b"\x55\xaa")
+
+
+def test_qemu_argv_follows_the_target(tmp_path: Path) -> None:
+    from imaging import config
+
+    log = tmp_path / "serial.log"
+    vb = verify.qemu_argv(Path("/a.vmdk"), "vmdk", config.load_target("virtualbox"), "tcg", log)
+    assert "ahci,id=ahci0" in vb and "ide-hd,drive=disk0,bus=ahci0.0" in vb
+    assert "user,model=e1000,restrict=on" in vb
+    assert "file=/a.vmdk,format=vmdk,if=none,id=disk0,snapshot=on" in vb
+    os_ = verify.qemu_argv(Path("/a.qcow2"), "qcow2", config.load_target("openstack"), "kvm", log)
+    assert "virtio-blk-pci,drive=disk0" in os_ and os_[os_.index("-accel") + 1] == "kvm"

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from imaging import sparse
+
+
+def _sparse_file(path: Path, size: int, chunks: dict[int, bytes]) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in chunks.items():
+            f.seek(offset)
+            f.write(data)
+
+
+def test_copy_keeps_holes_and_data(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    chunks = {0: b"A" * 4096, 10 << 20: os.urandom(1 << 20), (64 << 20) - 4096: b"Z" * 4096}
+    _sparse_file(src, 64 << 20, chunks)
+    sparse.create_sparse(dst, (64 << 20) + (1 << 20))
+    stats = sparse.copy_range(src, dst, dst_offset=1 << 20)
+    assert stats.bytes == sparse.data_bytes(src) < (4 << 20)
+    with open(src, "rb") as s, open(dst, "rb") as d:
+        d.seek(1 << 20)
+        assert hashlib.sha256(s.read()).digest() == hashlib.sha256(d.read()).digest()
+    assert sparse.allocated_bytes(dst) < (8 << 20)  # holes stayed holes
+
+
+def test_copy_a_range(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _sparse_file(src, 8 << 20, {1 << 20: b"x" * (2 << 20)})
+    sparse.create_sparse(dst, 2 << 20)
+    sparse.copy_range(src, dst, src_offset=1 << 20, length=2 << 20)
+    assert dst.read_bytes() == b"x" * (2 << 20)
+
+
+def test_sha256_equals_a_plain_read(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    _sparse_file(path, (40 << 20) + 123, {5: b"hello", 20 << 20: os.urandom(100_000), (40 << 20) + 100: b"end"})
+    assert sparse.sha256(path, desc=None) == hashlib.sha256(path.read_bytes()).hexdigest()
+    empty = tmp_path / "e"
+    empty.touch()
+    assert sparse.sha256(empty) == hashlib.sha256(b"").hexdigest()
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    final = tmp_path / "artifact.qcow2"
+    with pytest.raises(KeyboardInterrupt):
+        with sparse.atomic_path(final) as part:
+            part.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with sparse.atomic_path(final) as part:
+        part.write_bytes(b"whole")
+    assert final.read_bytes() == b"whole"
+    assert [p.name for p in tmp_path.iterdir()] == ["artifact.qcow2"]
+
+
+def test_sha256_file_is_what_sha256sum_reads(tmp_path: Path) -> None:
+    import subprocess
+
+    path = tmp_path / "a.raw"
+    path.write_bytes(b"data")
+    sparse.write_sha256_file(path, sparse.sha256(path))
+    subprocess.run(["sha256sum", "-c", "a.raw.sha256"], cwd=tmp_path, check=True, capture_output=True)

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from imaging import tools
+from imaging.errors import CommandError, ToolMissing
+
+
+def test_run_records_each_command(tmp_path: Path) -> None:
+    log = tmp_path / "commands.jsonl"
+    with tools.command_log(log) as results:
+        out = tools.run(["sh", "-c", "echo out; echo err >&2; exit 3"], ok_codes=(3,))
+    assert out.stdout == "out\n" and out.exit_code == 3 and out.stderr_tail() == "err"
+    assert results == [out]
+    entry = json.loads(log.read_text())
+    assert entry["argv"] == ["sh", "-c", "echo out; echo err >&2; exit 3"] and entry["exit_code"] == 3
+
+
+def test_failure_is_one_line_with_stderr() -> None:
+    with pytest.raises(CommandError) as e:
+        tools.run(["sh", "-c", "echo first >&2; echo 'the reason' >&2; exit 4"])
+    assert str(e.value) == "sh failed with exit code 4: the reason"
+    assert e.value.result.exit_code == 4  # type: ignore[attr-defined]
+
+
+def test_locale_is_pinned() -> None:
+    assert tools.run(["sh", "-c", "echo $LANG"]).stdout.strip() == "C.UTF-8"
+
+
+def test_missing_tool() -> None:
+    with pytest.raises(ToolMissing, match="no-such-tool"):
+        tools.run(["no-such-tool"])
+    with pytest.raises(ToolMissing, match=r"could not find no-such-tool, needed to do X \(apt install y\)"):
+        tools.require_tools("sh", "no-such-tool", reason="do X", hint="apt install y")
+
+
+def test_timeout_kills_the_whole_group() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(CommandError, match="timed out after 1 s"):
+        tools.run(["sh", "-c", "sleep 30 & sleep 30"], timeout=1)
+    assert time.monotonic() - t0 < 5
+
+
+def test_interrupt_kills_the_tool(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    main = threading.get_ident()
+
+    def interrupt() -> None:
+        while not pidfile.exists() or not pidfile.read_text().strip():
+            time.sleep(0.05)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        tools.run(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"])
+    pid = int(pidfile.read_text())
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_commands_are_fast() -> None:
+    # Every stage runs dozens of tools: the wrapper must not add polling delays.
+    t0 = time.monotonic()
+    for _ in range(10):
+        tools.run(["true"])
+    assert time.monotonic() - t0 < 0.5
