@@ -50,7 +50,19 @@ def main() -> list[tuple[str, str, str]]:
         fsync(target)
 
     def original() -> None:
-        run("mke2fs", "-q", "-F", "-t", "ext3", "-b", "4096", "-E", f"offset={offset}", target, layout.block_count)
+        run(
+            "mke2fs",
+            "-q",
+            "-F",
+            "-t",
+            "ext3",
+            "-b",
+            "4096",
+            "-E",
+            f"offset={offset}",
+            target,
+            layout.block_count,
+        )
         with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
             run("mount", "-o", "loop,ro", instance, a)
             run("mount", "-o", f"loop,offset={offset}", target, b)
@@ -82,8 +94,16 @@ def main() -> list[tuple[str, str, str]]:
     data = sparse.data_bytes(instance)
     rows = [
         ("place: copy + e2fsck + resize2fs (ours)", f"{t_ours:.2f} s", ""),
-        ("place: mkfs + mount + rsync (original)", f"{t_orig:.2f} s", f"ours is {t_orig / t_ours:.1f}x faster"),
-        (f"copy {data / GIB:.2f} GiB of data (ours)", f"{t_copy:.2f} s", f"{data / t_copy / (1 << 20):.0f} MiB/s"),
+        (
+            "place: mkfs + mount + rsync (original)",
+            f"{t_orig:.2f} s",
+            f"ours is {t_orig / t_ours:.1f}x faster",
+        ),
+        (
+            f"copy {data / GIB:.2f} GiB of data (ours)",
+            f"{t_copy:.2f} s",
+            f"{data / t_copy / (1 << 20):.0f} MiB/s",
+        ),
         ("cp --sparse=always", f"{t_cp:.2f} s", f"ours runs at {t_cp / t_copy:.2f}x cp's speed"),
     ]
     return rows

@@ -49,7 +49,7 @@ def main() -> list[tuple[str, str, str]]:
         export(small, Path(runs) / "warm")  # page cache and KVM probe, untimed
         t_small, r_small, m_small = export(small, Path(runs))
         t_big, r_big, m_big = export(big, Path(runs))
-    for label, t, r, m in (("2 GiB", t_small, r_small, m_small), ("20 GiB", t_big, r_big, m_big)):
+    for label, t, r in (("2 GiB", t_small, r_small), ("20 GiB", t_big, r_big)):
         stages = ", ".join(f"{k[:2]} {v['seconds']:.1f}" for k, v in r["timings"].items())  # type: ignore[attr-defined]
         rows.append((f"export {label} instance (~300 MiB data)", f"{t:.1f} s", stages))
     rows.append(("20 GiB / 2 GiB", f"{t_big / t_small:.2f}x", "same data, 10x the virtual size"))

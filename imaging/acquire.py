@@ -8,6 +8,7 @@ qemu-img first.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import stat
@@ -85,9 +86,13 @@ def _open_source(source: str) -> Path:
 def _check_fs(path: Path, offset: int, length: int, where: str) -> images.Probe:
     found = images.probe(path, offset, length)
     if found.type is None:
-        raise SourceError(f"{where} is neither a filesystem nor a partitioned disk image (blkid finds neither)")
+        raise SourceError(
+            f"{where} is neither a filesystem nor a partitioned disk image (blkid finds neither)"
+        )
     if found.type not in ext.EXT_TYPES:
-        raise SourceError(f"{where} holds a {found.type} filesystem, which cannot be placed (supported: ext2, ext3, ext4)")
+        raise SourceError(
+            f"{where} holds a {found.type} filesystem, which cannot be placed (supported: ext2, ext3, ext4)"
+        )
     return found
 
 
@@ -98,7 +103,9 @@ def _find_root_partition(path: Path, table: images.PartitionTable) -> tuple[imag
     others: list[str] = []
     for part in table.partitions:
         if (part.start + part.size) * ss > size:
-            raise SourceError(f"{path}: partition {part.number} ends beyond the end of the image: truncated?")
+            raise SourceError(
+                f"{path}: partition {part.number} ends beyond the end of the image: truncated?"
+            )
         p = images.probe(path, part.start * ss, part.size * ss)
         if p.type in ext.EXT_TYPES:
             found.append((part, p))
@@ -110,12 +117,12 @@ def _find_root_partition(path: Path, table: images.PartitionTable) -> tuple[imag
     if len(found) > 1:
         # Several Linux filesystems: the root is the one with /etc/fstab and an init.
         roots = [
-            (part, p)
-            for part, p in found
-            if debugfs.ExtGuest(path, part.start * ss).exists("/etc/fstab")
+            (part, p) for part, p in found if debugfs.ExtGuest(path, part.start * ss).exists("/etc/fstab")
         ]
         if len(roots) != 1:
-            raise SourceError(f"{path}: {len(found)} ext partitions and cannot tell which is the root filesystem")
+            raise SourceError(
+                f"{path}: {len(found)} ext partitions and cannot tell which is the root filesystem"
+            )
         return roots[0]
     return found[0]
 
@@ -138,7 +145,9 @@ def _locate_root(path: Path) -> _Root:
         if table is None or not table.partitions:
             raise SourceError(f"{path}: has a {first.pttype} partition table with no partitions")
         part, probe = _find_root_partition(path, table)
-        root = _Root("partitioned", part.start * table.sector_size, part.size * table.sector_size, part.number, probe)
+        root = _Root(
+            "partitioned", part.start * table.sector_size, part.size * table.sector_size, part.number, probe
+        )
     else:
         probe = _check_fs(path, 0, size, str(path))
         root = _Root("filesystem", 0, size, None, probe)
@@ -147,7 +156,9 @@ def _locate_root(path: Path) -> _Root:
     except SourceError:
         # Let e2fsck (read-only) say what is wrong: its words are what a person can act on.
         verdict = ext.fsck(ext.device(path, root.offset), repair=False, check=False)
-        raise SourceError(f"{path}: the {root.probe.type} filesystem cannot be opened: e2fsck: {verdict.summary}") from None
+        raise SourceError(
+            f"{path}: the {root.probe.type} filesystem cannot be opened: e2fsck: {verdict.summary}"
+        ) from None
     if fs.size_bytes > root.length:
         where = f"partition {root.partition}" if root.partition else "image"
         raise SourceError(
@@ -178,7 +189,9 @@ def inspect(source: str) -> Source:
         layout, fs_type, uuid = root.layout, root.probe.type or "", root.probe.uuid or ""
     else:
         data = images.data_bytes_of(info)
-    return Source(source, str(path), info.format, info.virtual_size, path.stat().st_size, data, layout, fs_type, uuid)
+    return Source(
+        source, str(path), info.format, info.virtual_size, path.stat().st_size, data, layout, fs_type, uuid
+    )
 
 
 def check_space(directory: Path, need: int, what: str) -> None:
@@ -198,7 +211,9 @@ def acquire(src: Source, ws: Workspace, *, hash_source: bool = True) -> Instance
     costs the source's *virtual* size (1.8 GB/s here, 11 s for 20 GiB of mostly holes), the only
     cost of a run that does, so it must not sit on any stage's path.
     """
-    tools.require_tools("e2fsck", "dumpe2fs", reason="check the instance's filesystem", hint="apt install e2fsprogs")
+    tools.require_tools(
+        "e2fsck", "dumpe2fs", reason="check the instance's filesystem", hint="apt install e2fsprogs"
+    )
     # The copy, then the bootable disk: about twice the data, on the work filesystem.
     check_space(ws.work, 2 * src.data_bytes + _MARGIN, "hold the instance and the bootable disk")
     digest: dict[str, str | None] = {"sha256": None}
@@ -210,10 +225,10 @@ def acquire(src: Source, ws: Workspace, *, hash_source: bool = True) -> Instance
     finally:
         if hash_source:
             hasher.join()
-    return Instance(source_sha256=digest["sha256"], **instance)
+    return dataclasses.replace(instance, source_sha256=digest["sha256"])
 
 
-def _acquire(src: Source, ws: Workspace) -> dict[str, object]:
+def _acquire(src: Source, ws: Workspace) -> Instance:
     converted = ws.work / ".source.raw.part"
     with sparse.atomic_path(ws.instance) as part:
         try:
@@ -223,7 +238,9 @@ def _acquire(src: Source, ws: Workspace) -> dict[str, object]:
                 from .export import qemu_convert  # the progress-reporting wrapper export uses too
 
                 converted.unlink(missing_ok=True)
-                seconds = qemu_convert(Path(src.path), src.format, converted, "raw", desc=f"convert {src.format}")
+                seconds = qemu_convert(
+                    Path(src.path), src.format, converted, "raw", desc=f"convert {src.format}"
+                )
                 whole = converted
             root = _locate_root(whole)
             if whole == converted and root.layout == "filesystem":
@@ -232,7 +249,9 @@ def _acquire(src: Source, ws: Workspace) -> dict[str, object]:
             else:
                 sparse.create_sparse(part, root.length)
                 what = "copy root partition" if root.partition else "copy instance"
-                seconds += sparse.copy_range(whole, part, src_offset=root.offset, length=root.length, desc=what).seconds
+                seconds += sparse.copy_range(
+                    whole, part, src_offset=root.offset, length=root.length, desc=what
+                ).seconds
         finally:
             converted.unlink(missing_ok=True)
         fs = ext.info(ext.device(part))
@@ -241,7 +260,7 @@ def _acquire(src: Source, ws: Workspace) -> dict[str, object]:
         verdict = ext.fsck(ext.device(part), repair=True)
         fs = ext.info(ext.device(part))
         data = sparse.data_bytes(part)
-    return dict(
+    return Instance(
         path=str(ws.instance),
         source=src.source,
         source_format=src.format,
@@ -258,4 +277,5 @@ def _acquire(src: Source, ws: Workspace) -> dict[str, object]:
         fsck=str(verdict),
         fsck_exit=verdict.exit_code,
         copy_seconds=round(seconds, 3),
+        source_sha256=None,
     )

@@ -74,7 +74,10 @@ def find_kernels(guest: ExtGuest) -> list[Kernel]:
 
 def kernel_table(kernels: list[Kernel]) -> pd.DataFrame:
     return pd.DataFrame(
-        [{"version": k.version, "kernel": k.vmlinuz, "initrd": k.initrd or "(none)", "xen": k.xen} for k in kernels]
+        [
+            {"version": k.version, "kernel": k.vmlinuz, "initrd": k.initrd or "(none)", "xen": k.xen}
+            for k in kernels
+        ]
     )
 
 
@@ -85,7 +88,9 @@ def _title(guest: ExtGuest) -> str:
     return name or "Linux"
 
 
-def grub_config(kernels: list[Kernel], uuid: str, *, title: str = "Linux", timeout: int = 1, kernel_args: str = "") -> str:
+def grub_config(
+    kernels: list[Kernel], uuid: str, *, title: str = "Linux", timeout: int = 1, kernel_args: str = ""
+) -> str:
     """grub.cfg for the kernels, root by UUID, menu and kernel consoles on both screen and serial."""
     if not re.fullmatch(r"[0-9a-fA-F-]{36}", uuid):
         raise GuestError(f"filesystem UUID {uuid!r} is not a UUID")
@@ -139,7 +144,12 @@ def install_grub(
     kernel_args: str = "",
 ) -> GrubInstall:
     """Install GRUB 2 on the disk being built (``work/.disk.raw.part``), partition 1 at ``start_sector``."""
-    tools.require_tools("grub-mkimage", "debugfs", reason="install GRUB", hint="apt install grub-pc-bin grub-common e2fsprogs")
+    tools.require_tools(
+        "grub-mkimage",
+        "debugfs",
+        reason="install GRUB",
+        hint="apt install grub-pc-bin grub-common e2fsprogs",
+    )
     if not (GRUB_PC / "boot.img").exists():
         raise GuestError(f"{GRUB_PC}/boot.img is missing (apt install grub-pc-bin)")
     disk = part_path(ws.disk)
@@ -158,7 +168,9 @@ def install_grub(
         core_bytes = core.read_bytes()
     room = (start_sector - 1) * 512
     if len(core_bytes) > room:
-        raise GuestError(f"GRUB's core image ({len(core_bytes)} bytes) does not fit in the {room} bytes before partition 1")
+        raise GuestError(
+            f"GRUB's core image ({len(core_bytes)} bytes) does not fit in the {room} bytes before partition 1"
+        )
     modules = {
         f"/boot/grub/i386-pc/{p.name}": p.read_bytes()
         for p in sorted(GRUB_PC.iterdir())

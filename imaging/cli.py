@@ -59,7 +59,10 @@ def _execute(ws: Any, request: Any) -> int:
     try:
         result = pipeline.execute(ws, request)
     except pipeline.StageFailed as e:
-        print(f"imaging: error: {e} (run {ws.id}; resume with: python -m imaging resume {ws.id})", file=sys.stderr)
+        print(
+            f"imaging: error: {e} (run {ws.id}; resume with: python -m imaging resume {ws.id})",
+            file=sys.stderr,
+        )
         return 1
     _print_json(result)
     return 0
@@ -97,13 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("source", help="instance image (raw, qcow2, vmdk, vdi, vhd, vhdx), or sample:kvm")
     e.add_argument("--name", required=True, help="artifact name: letters, digits, '.', '_', '-'")
     e.add_argument("--format", default="qcow2", help="raw or qcow2 (default qcow2)")
-    e.add_argument("--target", default="kvm", help=f"target machine ({', '.join(config.available('targets'))})")
+    e.add_argument(
+        "--target", default="kvm", help=f"target machine ({', '.join(config.available('targets'))})"
+    )
     e.add_argument("--out", help="directory for the artifact (default: the run's out/)")
     e.add_argument("--run", help="run id (default: <name>-<UTC time>); an existing failed run resumes")
     e.add_argument("--layout", choices=["aligned", "legacy"], help="partition 1 at 1 MiB, or at sector 63")
-    e.add_argument("--placement", choices=["copy", "mkfs"], help="block-copy the filesystem, or mkfs + copy files")
+    e.add_argument(
+        "--placement", choices=["copy", "mkfs"], help="block-copy the filesystem, or mkfs + copy files"
+    )
     e.add_argument("--disk-size", help="auto, a size (10G) or extra room (+1G)")
-    e.add_argument("--fs-type", choices=["keep", "ext2", "ext3", "ext4"], help="filesystem for --placement mkfs")
+    e.add_argument(
+        "--fs-type", choices=["keep", "ext2", "ext3", "ext4"], help="filesystem for --placement mkfs"
+    )
     e.add_argument("--grub-timeout", type=int, help="GRUB menu timeout in seconds")
     e.add_argument("--kernel-args", help="extra kernel arguments for every menu entry")
     e.add_argument("--boot-timeout", type=int, help="time limit of the boot check, seconds")
@@ -119,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="boot any artifact on a target's hardware")
     v.add_argument("path")
     v.add_argument("--target", default="kvm")
-    v.add_argument("--boot-marker", default="", help="regular expression proving the boot (besides a login prompt)")
+    v.add_argument(
+        "--boot-marker", default="", help="regular expression proving the boot (besides a login prompt)"
+    )
     v.add_argument("--boot-timeout", type=int, default=240)
     v.add_argument("--log-dir", help="where to keep serial.log")
     v.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")

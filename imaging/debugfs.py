@@ -134,7 +134,9 @@ class ExtGuest:
             cmds.write_text("\n".join(script) + "\n")
             result = tools.run(["debugfs", "-w", "-f", cmds, self.device], timeout=600)
         # debugfs reports failed requests on stderr but exits 0.
-        errors = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("debugfs ")]
+        errors = [
+            line for line in result.stderr.splitlines() if line.strip() and not line.startswith("debugfs ")
+        ]
         if errors:
             raise GuestError(f"debugfs could not write into the guest: {errors[0]}")
         for path, data in files.items():

@@ -30,7 +30,13 @@ HEADS = 255
 SECTORS_PER_TRACK = 63
 CYLINDER = HEADS * SECTORS_PER_TRACK  # 16065 sectors, the unit legacy partitions ended on
 
-_TYPE_NAMES = {"83": "Linux", "82": "Linux swap / Solaris", "8e": "Linux LVM", "5": "Extended", "7": "HPFS/NTFS/exFAT"}
+_TYPE_NAMES = {
+    "83": "Linux",
+    "82": "Linux swap / Solaris",
+    "8e": "Linux LVM",
+    "5": "Extended",
+    "7": "HPFS/NTFS/exFAT",
+}
 
 
 @dataclass(frozen=True)
@@ -82,16 +88,24 @@ def _round_up(n: int, unit: int) -> int:
     return -(-n // unit) * unit
 
 
-def plan_layout(fs_bytes: int, block_size: int, *, layout: Layout | str = Layout.aligned, disk_size: str = "auto") -> DiskLayout:
+def plan_layout(
+    fs_bytes: int, block_size: int, *, layout: Layout | str = Layout.aligned, disk_size: str = "auto"
+) -> DiskLayout:
     """Where partition 1 goes and how big everything is, for a filesystem of ``fs_bytes``."""
     layout = Layout(layout)
     kind, amount = parse_disk_size(disk_size)
     if layout is Layout.aligned:
         start = MIB // SECTOR
         needed = start * SECTOR + _round_up(fs_bytes, MIB)
-        want = {"auto": needed, "extra": needed + _round_up(amount, MIB), "absolute": _round_up(amount, MIB)}[kind]
+        want = {
+            "auto": needed,
+            "extra": needed + _round_up(amount, MIB),
+            "absolute": _round_up(amount, MIB),
+        }[kind]
         if want < needed:
-            raise ParameterError(f"disk size {disk_size} is smaller than the {human_bytes(needed)} the filesystem needs")
+            raise ParameterError(
+                f"disk size {disk_size} is smaller than the {human_bytes(needed)} the filesystem needs"
+            )
         disk_sectors = want // SECTOR
         end = disk_sectors - 1
     else:
@@ -182,10 +196,14 @@ def place_filesystem(
     dev = ext.device(part, layout.offset_bytes)
     if placement is Placement.copy:
         if fs_type not in ("keep", instance["fs_type"]):
-            raise ParameterError(f"fs_type {fs_type} needs placement mkfs (copy keeps the instance's {instance['fs_type']})")
+            raise ParameterError(
+                f"fs_type {fs_type} needs placement mkfs (copy keeps the instance's {instance['fs_type']})"
+            )
         stats = sparse.copy_range(ws.instance, part, dst_offset=layout.offset_bytes, desc="place filesystem")
         verdict = ext.fsck(dev, repair=True)
-        grown = ext.resize_in_disk(part, layout.offset_bytes, layout.block_count, layout.block_size, layout.fs_block_count)
+        grown = ext.resize_in_disk(
+            part, layout.offset_bytes, layout.block_count, layout.block_size, layout.fs_block_count
+        )
         copied, copy_seconds, kind = stats.bytes, stats.seconds, str(instance["fs_type"])
     else:
         kind = str(instance["fs_type"]) if fs_type == "keep" else fs_type

@@ -108,7 +108,9 @@ def export(ws: Workspace, name: str, fmt: str, out: str | Path) -> Artifact:
         digest = sparse.sha256(part, desc=f"sha256 {path.name}")
     seconds = time.monotonic() - t0
     sparse.write_sha256_file(path, digest)
-    info = json.loads(tools.check_output(["qemu-img", "info", "--output=json", "-f", image_format.value, path]))
+    info = json.loads(
+        tools.check_output(["qemu-img", "info", "--output=json", "-f", image_format.value, path])
+    )
     return Artifact(
         sha256=digest,
         path=str(path),

@@ -44,7 +44,16 @@ class ExtInfo:
 
     @property
     def fs_type(self) -> str:
-        ext4_only = {"extent", "extents", "flex_bg", "huge_file", "64bit", "metadata_csum", "dir_nlink", "extra_isize"}
+        ext4_only = {
+            "extent",
+            "extents",
+            "flex_bg",
+            "huge_file",
+            "64bit",
+            "metadata_csum",
+            "dir_nlink",
+            "extra_isize",
+        }
         if ext4_only & set(self.features):
             return "ext4"
         return "ext3" if "has_journal" in self.features else "ext2"
@@ -59,7 +68,9 @@ class ExtInfo:
         try:
             return cls(
                 uuid=fields["Filesystem UUID"],
-                label="" if fields.get("Filesystem volume name") == "<none>" else fields.get("Filesystem volume name", ""),
+                label=""
+                if fields.get("Filesystem volume name") == "<none>"
+                else fields.get("Filesystem volume name", ""),
                 block_size=int(fields["Block size"]),
                 block_count=int(fields["Block count"]),
                 free_blocks=int(fields["Free blocks"]),
@@ -112,7 +123,9 @@ class FsckVerdict:
 
 
 def _summary(result: tools.CommandResult) -> str:
-    lines = [line.strip().removeprefix("e2fsck: ") for line in (result.stdout + "\n" + result.stderr).splitlines()]
+    lines = [
+        line.strip().removeprefix("e2fsck: ") for line in (result.stdout + "\n" + result.stderr).splitlines()
+    ]
     lines = [x for x in lines if x and not x.startswith(("e2fsck 1.", "Pass ", "*****"))]
     # A clean or repaired check ends with its one-line summary; a failure needs the line before too.
     return "; ".join(lines[-2:] if result.exit_code >= 4 else lines[-1:])

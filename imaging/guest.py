@@ -90,7 +90,9 @@ def release_leftovers(ledger: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def mounted(image: Path, *, offset: int = 0, size: int | None = None, readonly: bool, fstype: str) -> Iterator[Path]:
+def mounted(
+    image: Path, *, offset: int = 0, size: int | None = None, readonly: bool, fstype: str
+) -> Iterator[Path]:
     """Mount the filesystem at ``offset`` in ``image`` on a fresh directory; always unmount."""
     if os.geteuid() != 0:
         raise ImagingError("mounting a guest filesystem needs root (placement copy does not)")

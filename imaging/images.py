@@ -63,7 +63,9 @@ def image_info(path: Path, fmt: str | None = None) -> ImageInfo:
 def check_self_contained(info: ImageInfo) -> None:
     """Refuse images that would make qemu read other files than the one given."""
     if info.format not in SOURCE_FORMATS:
-        raise SourceError(f"{info.path}: image format {info.format} is not supported ({', '.join(SOURCE_FORMATS)})")
+        raise SourceError(
+            f"{info.path}: image format {info.format} is not supported ({', '.join(SOURCE_FORMATS)})"
+        )
     if info.backing_file:
         raise SourceError(
             f"{info.path}: {info.format} image has a backing file ({info.backing_file}); "
@@ -71,7 +73,9 @@ def check_self_contained(info: ImageInfo) -> None:
         )
     specific = info.details.get("format-specific", {}).get("data", {})
     if specific.get("data-file"):
-        raise SourceError(f"{info.path}: qcow2 image stores its data in another file ({specific['data-file']}); refusing")
+        raise SourceError(
+            f"{info.path}: qcow2 image stores its data in another file ({specific['data-file']}); refusing"
+        )
     if info.format == "vmdk":
         create_type = specific.get("create-type", "")
         extents = [e.get("filename") for e in specific.get("extents", [])]
@@ -112,7 +116,7 @@ class PartitionTable:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PartitionTable:
         table = data["partitiontable"]
-        parts = []
+        parts: list[Partition] = []
         for p in table.get("partitions", []):
             node = str(p["node"])
             digits = node[len(node.rstrip("0123456789")) :]

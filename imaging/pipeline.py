@@ -143,7 +143,9 @@ class State:
     def __init__(self, ws: Workspace) -> None:
         self.ws = ws
         self.data: dict[str, Any] = (
-            json.loads(ws.state_file.read_text()) if ws.state_file.exists() else {"state": "new", "history": []}
+            json.loads(ws.state_file.read_text())
+            if ws.state_file.exists()
+            else {"state": "new", "history": []}
         )
 
     def set(self, state: str, stage: str | None = None, error: str | None = None) -> None:
@@ -248,7 +250,9 @@ def _cells_seconds(nb_path: Path) -> tuple[float, float]:
     return sum(durations), (durations[0] if durations else 0.0)
 
 
-def run_stage(ws: Workspace, stage: str, request: Request, index: int, total: int, err: TextIO) -> dict[str, Any]:
+def run_stage(
+    ws: Workspace, stage: str, request: Request, index: int, total: int, err: TextIO
+) -> dict[str, Any]:
     import papermill as pm
     from jupyter_client.manager import KernelManager
 
@@ -352,7 +356,11 @@ class SourceHash:
 
 
 def _summary(
-    ws: Workspace, request: Request, results: dict[str, Any], timings: dict[str, Any], source_sha256: str | None
+    ws: Workspace,
+    request: Request,
+    results: dict[str, Any],
+    timings: dict[str, Any],
+    source_sha256: str | None,
 ) -> dict[str, Any]:
     artifact = results.get("40-export", {})
     boot = results.get("50-verify", {})

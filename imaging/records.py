@@ -62,7 +62,11 @@ class Record:
 
 
 def _cell(key: str, value: Any) -> Any:
-    if isinstance(value, int) and not isinstance(value, bool) and (key.endswith("bytes") or key.endswith("size")):
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and (key.endswith("bytes") or key.endswith("size"))
+    ):
         return f"{value:,} ({human_bytes(value)})"
     return value
 

@@ -30,7 +30,16 @@ _EPOCH = 1_700_000_000  # fixed mtimes: the same packages give the same sample
 
 # Storage drivers the initrd loads (IDE/SATA for VirtualBox, virtio for KVM/OpenStack), and the
 # ext4 driver that mounts ext2/3/4 (a module in the generic kernel; it needs crc32c at mount).
-INITRD_MODULES = ["ata_piix", "ahci", "sd_mod", "virtio_pci", "virtio_blk", "virtio_scsi", "crc32c_generic", "ext4"]
+INITRD_MODULES = [
+    "ata_piix",
+    "ahci",
+    "sd_mod",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "crc32c_generic",
+    "ext4",
+]
 # Also in the root filesystem: the NIC drivers of the targets.
 ROOT_MODULES = [*INITRD_MODULES, "e1000", "virtio_net"]
 _APPLETS = (
@@ -158,19 +167,31 @@ def stage_kvm_root(root: Path, name: str) -> None:
     (root / "tmp").chmod(0o1777)
     _install_modules(root, kernel, ROOT_MODULES)
     shutil.copy2(kernel.vmlinuz, root / "boot" / f"vmlinuz-{kernel.version}")
-    shutil.copy2(kernel.root / "boot" / f"config-{kernel.version}", root / "boot" / f"config-{kernel.version}")
+    shutil.copy2(
+        kernel.root / "boot" / f"config-{kernel.version}", root / "boot" / f"config-{kernel.version}"
+    )
     make_initrd(root / "boot" / f"initrd.img-{kernel.version}", kernel, bb, INITRD_MODULES)
     _write(root / "sbin" / "init", ROOT_INIT.replace("__MARKER__", MARKER), 0o755)
     _write(root / "etc" / "hostname", f"imaging-sample-{name}\n")
     _write(root / "etc" / "fstab", f"UUID={sample_uuid(name)}\t/\text3\tdefaults,errors=remount-ro\t0 1\n")
-    _write(root / "etc" / "os-release", 'NAME="imaging sample"\nID=imaging-sample\nPRETTY_NAME="imaging sample (busybox)"\n')
+    _write(
+        root / "etc" / "os-release",
+        'NAME="imaging sample"\nID=imaging-sample\nPRETTY_NAME="imaging sample (busybox)"\n',
+    )
     _write(root / "etc" / "passwd", "root:x:0:0:root:/root:/bin/sh\n")
     _write(root / "etc" / "group", "root:x:0:\n")
     _write(root / "var" / "log" / "messages", "sample log line\n")
 
 
 def _key(name: str) -> str:
-    parts = [_BUILDER_VERSION, name, debian.generic_kernel_package(), INITRD_INIT, ROOT_INIT, " ".join(ROOT_MODULES)]
+    parts = [
+        _BUILDER_VERSION,
+        name,
+        debian.generic_kernel_package(),
+        INITRD_INIT,
+        ROOT_INIT,
+        " ".join(ROOT_MODULES),
+    ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
@@ -183,8 +204,14 @@ def ensure_sample(name: str = "kvm", size_mib: int = 512) -> Path:
     dest = out_dir / f"{name}-{_key(name)}.img"
     if dest.exists():
         return dest
-    tools.require_tools("mke2fs", "cpio", "depmod", "dpkg-deb", reason="build the sample instance",
-                        hint="apt install e2fsprogs cpio kmod dpkg")
+    tools.require_tools(
+        "mke2fs",
+        "cpio",
+        "depmod",
+        "dpkg-deb",
+        reason="build the sample instance",
+        hint="apt install e2fsprogs cpio kmod dpkg",
+    )
     with tempfile.TemporaryDirectory(prefix=f"sample-{name}-") as tmp:
         root = Path(tmp) / "root"
         root.mkdir()

@@ -22,7 +22,9 @@ def glue(name: str, data: Any) -> None:
     from IPython.display import display
 
     payload = {"name": name, "data": data, "encoder": "json", "version": 1}
-    display({MIME: payload}, metadata={"scrapbook": {"name": name, "data": True, "display": False}}, raw=True)
+    display(
+        {MIME: payload}, metadata={"scrapbook": {"name": name, "data": True, "display": False}}, raw=True
+    )
 
 
 def read(notebook: Path) -> dict[str, Any]:

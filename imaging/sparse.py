@@ -102,7 +102,11 @@ def copy_range(
                     done = 0
                     while done < n:
                         step = _copy_chunk(
-                            sfd, dfd, min(CHUNK, n - done), offset + done, dst_offset + offset - src_offset + done
+                            sfd,
+                            dfd,
+                            min(CHUNK, n - done),
+                            offset + done,
+                            dst_offset + offset - src_offset + done,
                         )
                         if step <= 0:
                             raise OSError(errno.EIO, f"short copy from {src} at {offset + done}")

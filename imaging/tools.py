@@ -191,7 +191,12 @@ def run(
     timed_out = threading.Event()
     timer = None
     if timeout is not None:
-        timer = threading.Timer(timeout, lambda: (timed_out.set(), _signal_group(proc, signal.SIGKILL)))
+
+        def expire() -> None:
+            timed_out.set()
+            _signal_group(proc, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, expire)
         timer.daemon = True
         timer.start()
     try:
@@ -204,12 +209,16 @@ def run(
         if timer is not None:
             timer.cancel()
     if timed_out.is_set():
-        result = CommandResult(args, -9, "", f"timed out after {timeout:.0f} s", started, time.monotonic() - t0)
+        result = CommandResult(
+            args, -9, "", f"timed out after {timeout:.0f} s", started, time.monotonic() - t0
+        )
         if record:
             _record(result)
         raise CommandError(f"{Path(args[0]).name} timed out after {timeout:.0f} s", result)
     stdout = "".join(chunks) if on_output is not None else _decode(proc.stdout)
-    result = CommandResult(args, proc.exit_code, stdout, _decode(proc.stderr), started, time.monotonic() - t0)
+    result = CommandResult(
+        args, proc.exit_code, stdout, _decode(proc.stderr), started, time.monotonic() - t0
+    )
     if record:
         _record(result)
     if result.exit_code not in ok_codes:

@@ -60,7 +60,9 @@ def _probe(accel: str, sector: Path) -> float | None:
         )  # fmt: skip
     except CommandError:  # timed out
         return None
-    return time.monotonic() - t0 if result.exit_code == 1 else None  # 1 = (0 << 1) | 1: the guest got to the end
+    return (
+        time.monotonic() - t0 if result.exit_code == 1 else None
+    )  # 1 = (0 << 1) | 1: the guest got to the end
 
 
 def kvm_probe() -> dict[str, object]:
@@ -158,7 +160,12 @@ def boot(
 ) -> Boot:
     """Boot ``image`` on ``target``'s hardware until the marker or a login prompt shows on the
     serial console (pass), or a panic, a power-off or the time limit comes first (fail)."""
-    tools.require_tools("qemu-system-x86_64", "qemu-img", reason="boot the artifact", hint="apt install qemu-system-x86 qemu-utils")
+    tools.require_tools(
+        "qemu-system-x86_64",
+        "qemu-img",
+        reason="boot the artifact",
+        hint="apt install qemu-system-x86 qemu-utils",
+    )
     path = Path(image)
     if not path.is_file():
         raise ParameterError(f"no artifact at {path}")
@@ -178,7 +185,11 @@ def boot(
             text = serial.read_text(errors="replace") if serial.exists() else ""
             found = (marker_re.search(text) if marker_re else None) or LOGIN.search(text)
             if found:
-                verdict, reason, matched = "booted", "marker" if marker_re and marker_re.search(text) else "login prompt", found.group(0).strip()
+                verdict, reason, matched = (
+                    "booted",
+                    "marker" if marker_re and marker_re.search(text) else "login prompt",
+                    found.group(0).strip(),
+                )
                 break
             bad = FAILURES.search(text)
             if bad:

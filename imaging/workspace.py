@@ -101,7 +101,9 @@ class Workspace:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ImagingError(f"stage {stage} has not completed in run {self.id} yet: run it first") from None
+            raise ImagingError(
+                f"stage {stage} has not completed in run {self.id} yet: run it first"
+            ) from None
         assert isinstance(data, dict)
         return data
 

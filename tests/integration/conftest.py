@@ -41,12 +41,20 @@ class Cli:
     def env(self, **extra: str) -> dict[str, str]:
         return {**os.environ, "IMAGING_RUNS": str(self.runs), "IMAGING_PROGRESS": "0", **extra}
 
-    def __call__(self, *args: str, check: bool = True, timeout: float = 600, **env: str) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, *args: str, check: bool = True, timeout: float = 600, **env: str
+    ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            [sys.executable, "-m", "imaging", *args], capture_output=True, text=True, timeout=timeout, env=self.env(**env)
+            [sys.executable, "-m", "imaging", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env(**env),
         )
         if check and proc.returncode != 0:
-            raise AssertionError(f"imaging {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            raise AssertionError(
+                f"imaging {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+            )
         return proc
 
     def popen(self, *args: str, **env: str) -> subprocess.Popen[str]:
@@ -73,11 +81,19 @@ def cli(tmp_path: Path) -> Cli:
 def leftovers(under: Path) -> list[str]:
     """Loop devices, mounts and QEMU processes that refer to anything under ``under``."""
     found = []
-    loops = subprocess.run(["losetup", "--list", "--noheadings", "-O", "NAME,BACK-FILE"], capture_output=True, text=True)
+    loops = subprocess.run(
+        ["losetup", "--list", "--noheadings", "-O", "NAME,BACK-FILE"], capture_output=True, text=True
+    )
     found += [f"loop: {line}" for line in loops.stdout.splitlines() if str(under) in line]
-    found += [f"mount: {line}" for line in Path("/proc/self/mountinfo").read_text().splitlines() if "imaging-mnt" in line]
+    found += [
+        f"mount: {line}"
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if "imaging-mnt" in line
+    ]
     ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True)
-    found += [f"process: {line}" for line in ps.stdout.splitlines() if "qemu-system" in line and str(under) in line]
+    found += [
+        f"process: {line}" for line in ps.stdout.splitlines() if "qemu-system" in line and str(under) in line
+    ]
     found += [f"partial: {p}" for p in under.rglob(".*.part*")]
     return found
 

@@ -63,7 +63,10 @@ def test_unreadable_source(cli: Cli) -> None:
 def test_random_bytes_are_not_an_image(cli: Cli, tmp_path: Path) -> None:
     junk = tmp_path / "junk.img"
     junk.write_bytes(os.urandom(1 << 20))
-    assert refused(cli, str(junk)) == f"{junk} is neither a filesystem nor a partitioned disk image (blkid finds neither)"
+    assert (
+        refused(cli, str(junk))
+        == f"{junk} is neither a filesystem nor a partitioned disk image (blkid finds neither)"
+    )
 
 
 def test_filesystem_we_cannot_place(cli: Cli, tmp_path: Path) -> None:
@@ -71,7 +74,10 @@ def test_filesystem_we_cannot_place(cli: Cli, tmp_path: Path) -> None:
     with open(fat, "wb") as f:
         f.truncate(32 << 20)
     subprocess.run([debian.busybox(), "mkdosfs", fat], check=True, capture_output=True)
-    assert refused(cli, str(fat)) == f"{fat} holds a vfat filesystem, which cannot be placed (supported: ext2, ext3, ext4)"
+    assert (
+        refused(cli, str(fat))
+        == f"{fat} holds a vfat filesystem, which cannot be placed (supported: ext2, ext3, ext4)"
+    )
 
 
 def test_partitioned_disk_without_a_linux_filesystem(cli: Cli, tmp_path: Path) -> None:
@@ -82,9 +88,19 @@ def test_partitioned_disk_without_a_linux_filesystem(cli: Cli, tmp_path: Path) -
     disk = tmp_path / "disk.img"
     with open(disk, "wb") as f:
         f.truncate(40 << 20)
-    subprocess.run(["sfdisk", "--quiet", disk], input="label: dos\nstart=2048, size=65536, type=c\n", text=True, check=True)
-    subprocess.run(["dd", f"if={fat}", f"of={disk}", "bs=1M", "seek=1", "conv=notrunc", "status=none"], check=True)
-    assert refused(cli, str(disk)) == f"{disk}: no ext2/3/4 partition to use as the root filesystem (found vfat on partition 1)"
+    subprocess.run(
+        ["sfdisk", "--quiet", disk],
+        input="label: dos\nstart=2048, size=65536, type=c\n",
+        text=True,
+        check=True,
+    )
+    subprocess.run(
+        ["dd", f"if={fat}", f"of={disk}", "bs=1M", "seek=1", "conv=notrunc", "status=none"], check=True
+    )
+    assert (
+        refused(cli, str(disk))
+        == f"{disk}: no ext2/3/4 partition to use as the root filesystem (found vfat on partition 1)"
+    )
 
 
 def test_truncated_image(cli: Cli, kvm_sample: Path, tmp_path: Path) -> None:
@@ -92,7 +108,10 @@ def test_truncated_image(cli: Cli, kvm_sample: Path, tmp_path: Path) -> None:
     with open(kvm_sample, "rb") as src, open(cut, "wb") as dst:
         dst.write(src.read(100 << 20))
     message = refused(cli, str(cut))
-    assert message == f"{cut} is truncated: its ext3 filesystem needs 536,870,912 bytes, the image has 104,857,600"
+    assert (
+        message
+        == f"{cut} is truncated: its ext3 filesystem needs 536,870,912 bytes, the image has 104,857,600"
+    )
 
 
 def test_corrupt_beyond_repair_surfaces_e2fscks_verdict(cli: Cli, kvm_sample: Path, tmp_path: Path) -> None:
@@ -108,7 +127,9 @@ def test_corrupt_beyond_repair_surfaces_e2fscks_verdict(cli: Cli, kvm_sample: Pa
     assert "unsupported feature(s)" in message
 
 
-def test_repairable_corruption_is_repaired_on_the_copy_and_recorded(kvm_sample: Path, tmp_path: Path) -> None:
+def test_repairable_corruption_is_repaired_on_the_copy_and_recorded(
+    kvm_sample: Path, tmp_path: Path
+) -> None:
     bad = tmp_path / "dirty.img"
     shutil.copyfile(kvm_sample, bad)
     with open(bad, "r+b") as f:  # a wrong free-blocks count in the superblock
@@ -125,7 +146,9 @@ def test_repairable_corruption_is_repaired_on_the_copy_and_recorded(kvm_sample: 
 
 def test_backing_file_is_refused(cli: Cli, kvm_sample: Path, tmp_path: Path) -> None:
     overlay = tmp_path / "overlay.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", kvm_sample, "-F", "raw", overlay], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", kvm_sample, "-F", "raw", overlay], check=True
+    )
     assert "has a backing file" in refused(cli, str(overlay))
 
 
@@ -133,7 +156,10 @@ def test_raw_image_dressed_as_qcow2_cannot_read_host_files(cli: Cli, tmp_path: P
     # A guest can write anything into its own disk, including a qcow2 header naming a host file
     # as its backing file. The probe sees qcow2; the backing file must still be refused.
     evil = tmp_path / "evil.img"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/shadow", "-F", "raw", evil, "64M"], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/shadow", "-F", "raw", evil, "64M"],
+        check=True,
+    )
     assert "has a backing file (/etc/shadow)" in refused(cli, str(evil))
 
 
@@ -141,7 +167,10 @@ def test_raw_image_dressed_as_qcow2_cannot_read_host_files(cli: Cli, tmp_path: P
 def test_bad_names(cli: Cli, kvm_sample: Path, name: str) -> None:
     proc = cli("export", "sample:kvm", f"--name={name}", check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"imaging: error: name {name!r} is not allowed: use 1-80 letters, digits, '.', '_' or '-', starting with a letter or digit (no '/', '..', spaces or shell characters)"
+    assert (
+        proc.stderr.strip()
+        == f"imaging: error: name {name!r} is not allowed: use 1-80 letters, digits, '.', '_' or '-', starting with a letter or digit (no '/', '..', spaces or shell characters)"
+    )
     assert list(cli.runs.iterdir()) == []
 
 
@@ -160,7 +189,9 @@ def test_not_enough_space_is_told_before_the_work(cli: Cli, kvm_sample: Path, sm
     runs = small_tmpfs / "runs"
     proc = cli("export", "sample:kvm", "--name", "big", check=False, IMAGING_RUNS=str(runs))
     assert proc.returncode == 2
-    assert proc.stderr.startswith(f"imaging: error: not enough free space in {runs} to hold the run's work files: need about")
+    assert proc.stderr.startswith(
+        f"imaging: error: not enough free space in {runs} to hold the run's work files: need about"
+    )
     assert not runs.exists() or list(runs.iterdir()) == []
 
 
@@ -178,7 +209,9 @@ def test_no_kernel_in_boot(cli: Cli, make_ext: Callable[..., Path], tmp_path: Pa
     proc = cli("export", str(image), "--name", "nokernel", check=False)
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()[-1:]
-    assert line.startswith("imaging: error: 30-bootable: no kernel in the guest's /boot (looked for vmlinuz-<version>)")
+    assert line.startswith(
+        "imaging: error: 30-bootable: no kernel in the guest's /boot (looked for vmlinuz-<version>)"
+    )
     (run,) = cli.runs.iterdir()
     state = json.loads((run / "state.json").read_text())
     assert (state["state"], state["stage"]) == ("error", "30-bootable")

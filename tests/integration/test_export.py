@@ -25,7 +25,9 @@ def sha256(path: Path) -> str:
 def test_qcow2_for_kvm_boots_and_leaves_a_record(cli: Cli, kvm_sample: Path, tmp_path: Path) -> None:
     before = (sha256(kvm_sample), kvm_sample.stat().st_mtime_ns)
     out = tmp_path / "out"
-    proc = cli("export", "sample:kvm", "--name", "demo", "--format", "qcow2", "--target", "kvm", "--out", str(out))
+    proc = cli(
+        "export", "sample:kvm", "--name", "demo", "--format", "qcow2", "--target", "kvm", "--out", str(out)
+    )
     result = last_json(proc)
     assert {"path", "sha256", "format", "target", "run", "verified"} <= set(result)
     assert result["verified"] is True and result["format"] == "qcow2" and result["target"] == "kvm"
@@ -44,7 +46,9 @@ def test_qcow2_for_kvm_boots_and_leaves_a_record(cli: Cli, kvm_sample: Path, tmp
     stages = ["00-acquire", "30-bootable", "40-export", "50-verify"]
     assert sorted(p.name for p in (run / "notebooks").glob("*.ipynb")) == [f"{s}.ipynb" for s in stages]
     scraps = {s: read_scraps(run / "notebooks" / f"{s}.ipynb")[s] for s in stages}
-    assert scraps["00-acquire"]["fs_type"] == "ext3" and scraps["00-acquire"]["source_layout"] == "filesystem"
+    assert (
+        scraps["00-acquire"]["fs_type"] == "ext3" and scraps["00-acquire"]["source_layout"] == "filesystem"
+    )
     layout = scraps["30-bootable"]["layout"]
     assert layout["offset_bytes"] == 512 * layout["start_sector"] == 1 << 20
     assert scraps["30-bootable"]["placement"]["grown"] is True
@@ -52,7 +56,14 @@ def test_qcow2_for_kvm_boots_and_leaves_a_record(cli: Cli, kvm_sample: Path, tmp
     assert "IMAGING-SAMPLE-OK" in (run / "verify" / "serial.log").read_text()
     # The executed notebooks read as the audit record: fdisk table, arithmetic, commands with exit codes.
     bootable = (run / "notebooks" / "30-bootable.ipynb").read_text()
-    for text in ("block_total", "disk.raw1", "Linux", "resize2fs", "grub-mkimage", "+++ b/boot/grub/grub.cfg"):
+    for text in (
+        "block_total",
+        "disk.raw1",
+        "Linux",
+        "resize2fs",
+        "grub-mkimage",
+        "+++ b/boot/grub/grub.cfg",
+    ):
         assert text in bootable, text
     assert json.loads((run / "state.json").read_text())["state"] == "completed"
     assert not (run / "work").exists()  # work files go once the run completes
@@ -63,7 +74,9 @@ def test_qcow2_for_kvm_boots_and_leaves_a_record(cli: Cli, kvm_sample: Path, tmp
 
 
 def test_raw_for_virtualbox_boots_on_ahci(cli: Cli, tmp_path: Path) -> None:
-    result = last_json(cli("export", "sample:kvm", "--name", "vbox", "--format", "raw", "--target", "virtualbox"))
+    result = last_json(
+        cli("export", "sample:kvm", "--name", "vbox", "--format", "raw", "--target", "virtualbox")
+    )
     assert result["verified"] and result["boot"]["controller"] == "ahci"
     artifact = Path(result["path"])
     assert artifact.parent == (cli.runs / result["run"] / "out")
@@ -93,7 +106,9 @@ def test_legacy_layout_and_mkfs_placement_boot(cli: Cli, tmp_path: Path) -> None
 def test_container_sources_are_converted(cli: Cli, kvm_sample: Path, tmp_path: Path, fmt: str) -> None:
     source = tmp_path / f"instance.{fmt}"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt, kvm_sample, source], check=True)
-    result = last_json(cli("export", str(source), "--name", f"from-{fmt}", "--boot-marker", "IMAGING-SAMPLE-OK"))
+    result = last_json(
+        cli("export", str(source), "--name", f"from-{fmt}", "--boot-marker", "IMAGING-SAMPLE-OK")
+    )
     assert result["verified"]
     acquired = json.loads((cli.runs / result["run"] / "results" / "00-acquire.json").read_text())
     assert acquired["source_format"] == fmt and acquired["uuid"] == "31ef4e9d-d0cd-50d7-b697-b34b26b83c9c"
@@ -122,5 +137,7 @@ def test_partitioned_source_uses_its_root_partition(cli: Cli, kvm_sample: Path, 
 
 def test_verify_command_boots_any_artifact(cli: Cli, tmp_path: Path) -> None:
     result = last_json(cli("export", "sample:kvm", "--name", "v", "--format", "qcow2"))
-    boot = last_json(cli("verify", result["path"], "--target", "virtualbox", "--boot-marker", "IMAGING-SAMPLE-OK"))
+    boot = last_json(
+        cli("verify", result["path"], "--target", "virtualbox", "--boot-marker", "IMAGING-SAMPLE-OK")
+    )
     assert boot["verdict"] == "booted" and boot["controller"] == "ahci"

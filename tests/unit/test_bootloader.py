@@ -39,7 +39,9 @@ def test_xen_kernels_come_last() -> None:
 
 
 def test_unsafe_names_are_never_offered_to_grub() -> None:
-    found = kernels(["vmlinuz-1;reboot", "vmlinuz-6.1 x", "vmlinuz-6.1.0-1-amd64", "initrd.img-6.1.0-1-amd64"])
+    found = kernels(
+        ["vmlinuz-1;reboot", "vmlinuz-6.1 x", "vmlinuz-6.1.0-1-amd64", "initrd.img-6.1.0-1-amd64"]
+    )
     assert [k.version for k in found] == ["6.1.0-1-amd64"]
 
 

@@ -14,7 +14,8 @@ def test_good_names(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["", "a/b", "../x", "a..b", ".hidden", "-rf", "a b", "a;rm -rf", "$(id)", "`id`", "a|b", "x" * 81, "é"]
+    "name",
+    ["", "a/b", "../x", "a..b", ".hidden", "-rf", "a b", "a;rm -rf", "$(id)", "`id`", "a|b", "x" * 81, "é"],
 )
 def test_bad_names(name: str) -> None:
     with pytest.raises(ParameterError, match="not allowed"):
@@ -39,7 +40,9 @@ def _params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target_yaml: str) -
 
 
 def test_unknown_key_in_yaml_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _params(tmp_path, monkeypatch, "name: odd\ndescription: x\ndisk_controller: ahci\nnic: e1000\nsound: yes\n")
+    _params(
+        tmp_path, monkeypatch, "name: odd\ndescription: x\ndisk_controller: ahci\nnic: e1000\nsound: yes\n"
+    )
     with pytest.raises(ParameterError, match=r"odd.yaml: sound: Extra inputs are not permitted"):
         config.load_target("odd")
     config.load_target.cache_clear()
@@ -59,7 +62,9 @@ def test_broken_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config.load_target.cache_clear()
 
 
-@pytest.mark.parametrize("args", ["quiet splash", "console=ttyS1,9600n8", "init=/bin/sh", "rd.break=pre-mount"])
+@pytest.mark.parametrize(
+    "args", ["quiet splash", "console=ttyS1,9600n8", "init=/bin/sh", "rd.break=pre-mount"]
+)
 def test_kernel_args_allowed(args: str) -> None:
     assert config.check_kernel_args(args) == args
 

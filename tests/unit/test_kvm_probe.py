@@ -10,7 +10,18 @@ def test_probe_bytes_are_the_assembled_source(tmp_path: Path) -> None:
     source = Path(verify.__file__).with_name("kvm_probe.S")
     subprocess.run(["as", "--64", "-o", tmp_path / "p.o", source], check=True)
     subprocess.run(
-        ["ld", "-m", "elf_x86_64", "-Ttext", "0x7c00", "--oformat", "binary", "-o", tmp_path / "p.bin", tmp_path / "p.o"],
+        [
+            "ld",
+            "-m",
+            "elf_x86_64",
+            "-Ttext",
+            "0x7c00",
+            "--oformat",
+            "binary",
+            "-o",
+            tmp_path / "p.bin",
+            tmp_path / "p.o",
+        ],
         check=True,
     )
     assert (tmp_path / "p.bin").read_bytes() == verify._PROBE_CODE

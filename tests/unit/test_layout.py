@@ -72,9 +72,13 @@ def test_bad_disk_size(bad: str) -> None:
     block=st.sampled_from([1024, 2048, 4096]),
     legacy=st.booleans(),
 )
-def test_partition_always_holds_the_filesystem(fs_mib: int, extra_mib: int, block: int, legacy: bool) -> None:
+def test_partition_always_holds_the_filesystem(
+    fs_mib: int, extra_mib: int, block: int, legacy: bool
+) -> None:
     fs_bytes = fs_mib << 20
-    layout = disk.plan_layout(fs_bytes, block, layout="legacy" if legacy else "aligned", disk_size=f"+{extra_mib}M")
+    layout = disk.plan_layout(
+        fs_bytes, block, layout="legacy" if legacy else "aligned", disk_size=f"+{extra_mib}M"
+    )
     assert layout.start_sector * 512 == layout.offset_bytes
     assert layout.partition_sectors == layout.end_sector - layout.start_sector + 1
     assert layout.end_sector < layout.disk_sectors

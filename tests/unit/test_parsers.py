@@ -60,7 +60,9 @@ def test_sfdisk_json(data: Path) -> None:
 
 
 def test_qemu_img_info_backing_file(data: Path) -> None:
-    info = images.ImageInfo.from_json(Path("x.qcow2"), json.loads((data / "qemu-img-info-backing.json").read_text()))
+    info = images.ImageInfo.from_json(
+        Path("x.qcow2"), json.loads((data / "qemu-img-info-backing.json").read_text())
+    )
     assert info.format == "qcow2"
     assert info.backing_file == "/tmp/proto/inst.img"
     with pytest.raises(SourceError, match="backing file"):
@@ -80,7 +82,11 @@ def test_vmdk_with_extents_elsewhere_is_refused() -> None:
 
 
 def test_qcow2_external_data_file_is_refused() -> None:
-    details = {"format": "qcow2", "virtual-size": 1, "format-specific": {"data": {"data-file": "/etc/shadow"}}}
+    details = {
+        "format": "qcow2",
+        "virtual-size": 1,
+        "format-specific": {"data": {"data-file": "/etc/shadow"}},
+    }
     with pytest.raises(SourceError, match="another file"):
         images.check_self_contained(images.ImageInfo.from_json(Path("x"), details))
 
@@ -93,7 +99,11 @@ def test_blkid_export() -> None:
 
 def test_debugfs_ls(data: Path) -> None:
     entries = debugfs.parse_ls((data / "debugfs-ls-boot.txt").read_text())
-    assert [e.name for e in entries] == ["config-6.1.0-56-amd64", "initrd.img-6.1.0-56-amd64", "vmlinuz-6.1.0-56-amd64"]
+    assert [e.name for e in entries] == [
+        "config-6.1.0-56-amd64",
+        "initrd.img-6.1.0-56-amd64",
+        "vmlinuz-6.1.0-56-amd64",
+    ]
     assert all(e.is_file for e in entries)
 
 

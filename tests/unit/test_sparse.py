@@ -40,7 +40,9 @@ def test_copy_a_range(tmp_path: Path) -> None:
 
 def test_sha256_equals_a_plain_read(tmp_path: Path) -> None:
     path = tmp_path / "f"
-    _sparse_file(path, (40 << 20) + 123, {5: b"hello", 20 << 20: os.urandom(100_000), (40 << 20) + 100: b"end"})
+    _sparse_file(
+        path, (40 << 20) + 123, {5: b"hello", 20 << 20: os.urandom(100_000), (40 << 20) + 100: b"end"}
+    )
     assert sparse.sha256(path, desc=None) == hashlib.sha256(path.read_bytes()).hexdigest()
     empty = tmp_path / "e"
     empty.touch()
