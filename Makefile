@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Host tools the pipeline and its tests run (see README, "What runs each step").
 APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdisk util-linux \
-	busybox-static cpio kmod rsync dpkg binutils procps
+	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap
 
 .PHONY: setup apt venv demo test test-fast lint bench clean
 

@@ -68,8 +68,8 @@ def find_kernels(guest: ExtGuest) -> list[Kernel]:
     if not kernels:
         raise GuestError("no kernel in the guest's /boot (looked for vmlinuz-<version>)")
     kernels.sort(key=lambda k: _version_key(k.version), reverse=True)
-    kernels.sort(key=lambda k: k.xen)  # stable: newest non-Xen kernel first
-    return kernels
+    # A Xen-only kernel does not boot as a KVM or VirtualBox guest: offered only if nothing else is.
+    return [k for k in kernels if not k.xen] or kernels
 
 
 def kernel_table(kernels: list[Kernel]) -> pd.DataFrame:
@@ -89,7 +89,13 @@ def _title(guest: ExtGuest) -> str:
 
 
 def grub_config(
-    kernels: list[Kernel], uuid: str, *, title: str = "Linux", timeout: int = 1, kernel_args: str = ""
+    kernels: list[Kernel],
+    uuid: str,
+    *,
+    title: str = "Linux",
+    timeout: int = 1,
+    kernel_args: str = "",
+    legacy_menu: str | None = None,
 ) -> str:
     """grub.cfg for the kernels, root by UUID, menu and kernel consoles on both screen and serial."""
     if not re.fullmatch(r"[0-9a-fA-F-]{36}", uuid):
@@ -116,6 +122,14 @@ def grub_config(
         if k.initrd:
             lines.append(f"\tinitrd {k.initrd}")
         lines += ["}", ""]
+    if legacy_menu:
+        # The menu the guest's own tools keep (GRUB legacy syntax, which GRUB 2 can read).
+        lines += [
+            f"menuentry 'Boot menu of the guest ({legacy_menu})' {{",
+            f"\tlegacy_configfile {legacy_menu}",
+            "}",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -155,14 +169,22 @@ def install_grub(
     disk = part_path(ws.disk)
     guest = ExtGuest(disk, start_sector * 512)
     kernels = find_kernels(guest)
-    config = grub_config(kernels, uuid, title=_title(guest), timeout=timeout, kernel_args=kernel_args)
-    old = guest.read_text("/boot/grub/grub.cfg")
+    # 20-migrate (when it ran) says where the guest wants GRUB 2 and which arguments it needs.
+    migration = ws.result("20-migrate") if ws.has_result("20-migrate") else {}
+    grub_dir = str(migration.get("grub_dir") or "/boot/grub")
+    legacy = migration.get("grub_legacy_conf") or None
+    args = " ".join(a for a in (str(migration.get("kernel_args") or ""), kernel_args) if a)
+    config = grub_config(
+        kernels, uuid, title=_title(guest), timeout=timeout, kernel_args=args, legacy_menu=legacy
+    )
+    cfg_path = f"{grub_dir}/grub.cfg"
+    old = guest.read_text(cfg_path)
     with tempfile.TemporaryDirectory(prefix="grub-") as tmp:
         early = Path(tmp) / "early.cfg"
-        early.write_text(f"search.fs_uuid {uuid} root\nset prefix=($root)/boot/grub\n")
+        early.write_text(f"search.fs_uuid {uuid} root\nset prefix=($root){grub_dir}\n")
         core = Path(tmp) / "core.img"
         tools.run(
-            ["grub-mkimage", "-O", "i386-pc", "-o", core, "-c", early, "-p", "/boot/grub", *CORE_MODULES],
+            ["grub-mkimage", "-O", "i386-pc", "-o", core, "-c", early, "-p", grub_dir, *CORE_MODULES],
             timeout=120,
         )
         core_bytes = core.read_bytes()
@@ -172,13 +194,13 @@ def install_grub(
             f"GRUB's core image ({len(core_bytes)} bytes) does not fit in the {room} bytes before partition 1"
         )
     modules = {
-        f"/boot/grub/i386-pc/{p.name}": p.read_bytes()
+        f"{grub_dir}/i386-pc/{p.name}": p.read_bytes()
         for p in sorted(GRUB_PC.iterdir())
         if p.suffix in (".mod", ".lst") and safe_name(p.name)
     }
     guest.install_files(
-        {**modules, "/boot/grub/grub.cfg": config.encode()},
-        directories=["/boot/grub", "/boot/grub/i386-pc"],
+        {**modules, cfg_path: config.encode()},
+        directories=[grub_dir, f"{grub_dir}/i386-pc"],
     )
     boot = (GRUB_PC / "boot.img").read_bytes()
     with open(disk, "r+b") as f:
@@ -189,8 +211,8 @@ def install_grub(
         difflib.unified_diff(
             (old or "").splitlines(keepends=True),
             config.splitlines(keepends=True),
-            "a/boot/grub/grub.cfg" if old is not None else "/dev/null",
-            "b/boot/grub/grub.cfg",
+            f"a{cfg_path}" if old is not None else "/dev/null",
+            f"b{cfg_path}",
         )
     )
     return GrubInstall(
@@ -198,7 +220,7 @@ def install_grub(
         core_image_bytes=len(core_bytes),
         core_image_room=room,
         modules=len(modules),
-        config_path="/boot/grub/grub.cfg",
+        config_path=cfg_path,
         entries=len(kernels),
         default_kernel=kernels[0].vmlinuz,
         config_diff=diff,

@@ -42,6 +42,18 @@ def _export(args: argparse.Namespace) -> int:
         boot_marker=args.boot_marker,
         keep_work=True if args.keep_work else None,
         accel=args.accel,
+        profile=args.profile,
+        platforms=_words(args.platforms),
+        clean=_words(args.clean),
+        remove_users=_words(args.remove_users),
+        xen_console=args.xen_console,
+        runlevel=args.runlevel,
+        selinux=args.selinux,
+        enforcing_arg=True if args.enforcing_arg else None,
+        root_password_hash_file=args.root_password_hash_file,
+        packages_install=_words(args.install),
+        packages_remove=_words(args.remove),
+        kernel=args.kernel,
     )
     if args.run is None or not (config.runs_dir() / args.run).exists():
         # Everything that can be told before a run exists fails here, leaving nothing behind.
@@ -51,6 +63,11 @@ def _export(args: argparse.Namespace) -> int:
             acquire.check_space(Path(request.out), src.data_bytes + (64 << 20), "write the artifact")
     ws, request = pipeline.open_run(args.run, request)
     return _execute(ws, request)
+
+
+def _words(value: str | None) -> list[str] | None:
+    """``a,b,-c`` -> ``["a", "b", "-c"]``; None when the option was not given."""
+    return None if value is None else [w for w in value.replace(",", " ").split() if w]
 
 
 def _execute(ws: Any, request: Any) -> int:
@@ -97,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("export", help="run every stage: source image -> bootable, verified artifact")
-    e.add_argument("source", help="instance image (raw, qcow2, vmdk, vdi, vhd, vhdx), or sample:kvm")
+    e.add_argument(
+        "source", help="instance image (raw, qcow2, vmdk, vdi, vhd, vhdx), or sample:kvm / sample:xen"
+    )
     e.add_argument("--name", required=True, help="artifact name: letters, digits, '.', '_', '-'")
     e.add_argument("--format", default="qcow2", help="raw or qcow2 (default qcow2)")
     e.add_argument(
@@ -119,6 +138,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--boot-marker", help="regular expression in the serial log that proves the boot")
     e.add_argument("--keep-work", action="store_true", help="keep work/ after a completed run")
     e.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="QEMU accelerator for the boot check")
+    g = e.add_argument_group("clean and migrate (10-clean, 20-migrate)")
+    g.add_argument("--profile", help=f"distro profile: auto or {', '.join(config.available('profiles'))}")
+    g.add_argument(
+        "--platforms",
+        help="cloud platforms whose traces go, comma-separated (default atmosphere,eucalyptus)",
+    )
+    g.add_argument(
+        "--clean", metavar="OPS", help="clean operations to add (name) or drop (-name), or all/none"
+    )
+    g.add_argument("--remove-users", metavar="USERS", help="accounts the user-account operation removes")
+    g.add_argument(
+        "--xen-console",
+        choices=["serial", "remove"],
+        help="move the Xen console's getty to ttyS0, or remove it",
+    )
+    g.add_argument("--runlevel", type=int, help="default runlevel to set in inittab (default: keep)")
+    g.add_argument(
+        "--selinux", choices=["disabled", "permissive", "keep"], help="SELinux mode (default disabled)"
+    )
+    g.add_argument("--enforcing-arg", action="store_true", help="add enforcing=0 to the kernel line")
+    g.add_argument(
+        "--root-password-hash-file",
+        metavar="FILE",
+        help="file holding root's new password as a crypt(3) hash",
+    )
+    g.add_argument(
+        "--install", metavar="PACKAGES", help="packages to install in the guest (its own package manager)"
+    )
+    g.add_argument(
+        "--remove", metavar="PACKAGES", help="packages to remove from the guest (before installing)"
+    )
+    g.add_argument("--kernel", help="kernel version to boot (default: the newest that is not Xen-only)")
     e.set_defaults(func=_export)
 
     r = sub.add_parser("resume", help="run a failed run again, from the stage that failed")

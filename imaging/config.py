@@ -11,7 +11,7 @@ import re
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -61,6 +61,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_MODULE = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
 class Target(_Strict):
     name: str
     description: str
@@ -68,6 +71,11 @@ class Target(_Strict):
     nic: Literal["e1000", "virtio-net-pci", "rtl8139"]
     memory_mib: int = Field(512, ge=64, le=65536)
     cpus: int = Field(1, ge=1, le=64)
+    # What the guest needs to boot on this machine (used by 20-migrate):
+    storage_modules: list[Annotated[str, Field(pattern=_MODULE)]]  # aliased as scsi_hostadapter, in order
+    initrd_modules: list[Annotated[str, Field(pattern=_MODULE)]]  # everything the initrd must load
+    nic_module: Annotated[str, Field(pattern=_MODULE)]
+    modprobe_extra: list[str] = []  # further modprobe.conf lines (the original's VirtualBox sound setup)
 
 
 class Defaults(_Strict):
@@ -81,6 +89,19 @@ class Defaults(_Strict):
     boot_timeout: int = Field(240, ge=5, le=3600)
     boot_marker: str = ""
     keep_work: bool = False
+    # 10-clean and 20-migrate (see parameters/profiles, parameters/platforms):
+    profile: str = "auto"
+    platforms: list[str] = ["atmosphere", "eucalyptus"]
+    clean: list[str] = []
+    remove_users: list[str] = []
+    xen_console: Literal["serial", "remove"] = "serial"
+    runlevel: int | None = Field(default=None, ge=1, le=5)
+    selinux: Literal["disabled", "permissive", "keep"] = "disabled"
+    enforcing_arg: bool = False
+    root_password_hash_file: str = ""
+    packages_install: list[str] = []
+    packages_remove: list[str] = []
+    kernel: str = ""
 
     @field_validator("kernel_args")
     @classmethod

@@ -139,3 +139,8 @@ def busybox() -> Path:
     (tmp / "bin" / "busybox").rename(dest)
     shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def busybox_applets() -> list[str]:
+    """Every applet the cached busybox provides (for a root filesystem that is all busybox)."""
+    return tools.check_output([busybox(), "--list"], timeout=60).split()

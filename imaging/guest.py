@@ -19,8 +19,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import ext, tools
+from . import ext, sparse, tools
 from .errors import ImagingError
+from .guestfiles import Guest
+from .workspace import Workspace
 
 _LEDGER_ENV = "IMAGING_MOUNT_LEDGER"
 
@@ -91,7 +93,13 @@ def release_leftovers(ledger: Path) -> list[str]:
 
 @contextlib.contextmanager
 def mounted(
-    image: Path, *, offset: int = 0, size: int | None = None, readonly: bool, fstype: str
+    image: Path,
+    *,
+    offset: int = 0,
+    size: int | None = None,
+    readonly: bool,
+    fstype: str,
+    extra: list[str] | None = None,
 ) -> Iterator[Path]:
     """Mount the filesystem at ``offset`` in ``image`` on a fresh directory; always unmount."""
     if os.geteuid() != 0:
@@ -101,6 +109,7 @@ def mounted(
     if size is not None:
         opts.append(f"sizelimit={size}")
     opts.append("ro" if readonly else "rw")
+    opts += extra or []
     _note(mountpoint, f"{image}@{offset}")
     try:
         tools.run(["mount", "-t", fstype, "-o", ",".join(opts), image, mountpoint], timeout=120)
@@ -110,6 +119,30 @@ def mounted(
         with contextlib.suppress(OSError):
             mountpoint.rmdir()
         _strike(mountpoint)
+
+
+@contextlib.contextmanager
+def reading(ws: Workspace) -> Iterator[Guest]:
+    """The acquired instance, mounted read-only (no journal replay), for planning."""
+    fs = ext.info(ext.device(ws.instance))
+    with mounted(ws.instance, readonly=True, fstype=fs.fs_type, extra=["noload", "noexec"]) as root:
+        with Guest(root) as g:
+            yield g
+
+
+@contextlib.contextmanager
+def editing(ws: Workspace) -> Iterator[Guest]:
+    """A copy of the instance, mounted read-write; renamed over ``work/instance.raw`` only when
+    the block completes, so a failed or interrupted stage leaves the instance as it was."""
+    fs = ext.info(ext.device(ws.instance))
+    with sparse.atomic_path(ws.instance) as part:
+        sparse.create_sparse(part, ws.instance.stat().st_size)
+        sparse.copy_range(ws.instance, part, desc="copy instance")
+        with mounted(part, readonly=False, fstype=fs.fs_type) as root:
+            with Guest(root) as g:
+                yield g
+        # Unmounted cleanly; a check proves it before the copy replaces the instance.
+        ext.fsck(ext.device(part), repair=True)
 
 
 def copy_files_to_new_fs(

@@ -66,6 +66,18 @@ class Request(BaseModel):
     boot_marker: str
     keep_work: bool
     accel: str = "auto"
+    profile: str
+    platforms: list[str]
+    clean: list[str]
+    remove_users: list[str]
+    xen_console: str
+    runlevel: int | None
+    selinux: str
+    enforcing_arg: bool
+    root_password_hash_file: str
+    packages_install: list[str]
+    packages_remove: list[str]
+    kernel: str
 
     @classmethod
     def create(cls, **fields: Any) -> Request:
@@ -120,6 +132,64 @@ class Request(BaseModel):
             re.compile(v)
         except re.error as e:
             raise ParameterError(f"boot marker is not a regular expression: {e}") from None
+        return v
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, v: str) -> str:
+        from .profiles import load_profile
+
+        return v if v == "auto" else load_profile(v).name
+
+    @field_validator("platforms")
+    @classmethod
+    def _platforms(cls, v: list[str]) -> list[str]:
+        from .profiles import load_platform
+
+        return [load_platform(p).name for p in v]
+
+    @field_validator("clean")
+    @classmethod
+    def _clean(cls, v: list[str]) -> list[str]:
+        from .clean import select
+
+        select(["defaults", *v])  # unknown operations fail here, before any work
+        return v
+
+    @field_validator("remove_users")
+    @classmethod
+    def _users(cls, v: list[str]) -> list[str]:
+        for user in v:
+            if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user) or user == "root":
+                raise ParameterError(f"cannot remove user {user!r}: not a plain user name, or root")
+        return v
+
+    @field_validator("root_password_hash_file")
+    @classmethod
+    def _hash_file(cls, v: str) -> str:
+        if not v:
+            return v
+        from .edits import check_crypt_hash
+
+        try:
+            check_crypt_hash(Path(v).read_text())
+        except OSError as e:
+            raise ParameterError(f"cannot read the root password hash file {v}: {e.strerror}") from None
+        return str(Path(v).resolve())
+
+    @field_validator("packages_install", "packages_remove")
+    @classmethod
+    def _packages(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9+._:@-]{0,99}", name):
+                raise ParameterError(f"not a package name: {name!r}")
+        return v
+
+    @field_validator("kernel")
+    @classmethod
+    def _kernel(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[A-Za-z0-9._+-]{1,100}", v):
+            raise ParameterError(f"not a kernel version: {v!r}")
         return v
 
     @field_validator("accel")
@@ -269,7 +339,9 @@ def run_stage(
     # independent: no ipykernel parent poller, which would os._exit() the kernel without cleanup
     # when we die; the stage's own watchdog (stage.py) cleans up first, then exits.
     env = {k: v for k, v in os.environ.items() if k != "JPY_PARENT_PID"}
-    km.start_kernel(cwd=str(config.PROJECT), env=env, independent=True)
+    # A kernel without a parent handle prints how to connect to it on our stdout; CRITICAL quiets it.
+    km.start_kernel(cwd=str(config.PROJECT), env=env, independent=True,
+                    extra_arguments=["--IPKernelApp.log_level=CRITICAL"])  # fmt: skip
     try:
         pm.execute_notebook(
             str(notebook_path(stage)),

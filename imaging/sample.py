@@ -47,7 +47,7 @@ _APPLETS = (
     "findfs switch_root modprobe insmod sync head tail wc ip hostname"
 ).split()
 
-SAMPLES = ("kvm",)
+SAMPLES = ("kvm", "xen")
 
 INITRD_INIT = r"""#!/bin/sh
 # initrd of the imaging sample: load the storage drivers, find root=, switch to it.
@@ -184,6 +184,9 @@ def stage_kvm_root(root: Path, name: str) -> None:
 
 
 def _key(name: str) -> str:
+    """What a sample is made of: any change to its builder or its packages makes a new one."""
+    from . import sample_xen
+
     parts = [
         _BUILDER_VERSION,
         name,
@@ -192,6 +195,9 @@ def _key(name: str) -> str:
         ROOT_INIT,
         " ".join(ROOT_MODULES),
     ]
+    if name == "xen":
+        parts += [sample_xen.MKINITRD, sample_xen.CHECKS, sample_xen.YUM, sample_xen.RC_LOCAL, sample_xen.INITTAB,
+                  sample_xen.SUDOERS, sample_xen.SSHD_CONFIG, " ".join(sample_xen.MODULES)]  # fmt: skip
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
@@ -215,7 +221,12 @@ def ensure_sample(name: str = "kvm", size_mib: int = 512) -> Path:
     with tempfile.TemporaryDirectory(prefix=f"sample-{name}-") as tmp:
         root = Path(tmp) / "root"
         root.mkdir()
-        stage_kvm_root(root, name)
+        if name == "xen":
+            from .sample_xen import stage_xen_root
+
+            stage_xen_root(root, name)
+        else:
+            stage_kvm_root(root, name)
         _fix_times(root)
         with atomic_path(dest) as part:
             tools.run(

@@ -23,7 +23,7 @@ from .images import image_info
 from .records import Record
 
 LOGIN = re.compile(r"^\S*\s*login:\s*$|\blogin:\s*$", re.MULTILINE)
-FAILURES = re.compile(r"Kernel panic - not syncing.*|initrd: .*not found.*|VFS: Unable to mount root fs.*|"
+FAILURES = re.compile(r"Kernel panic - not syncing.*|initrd: .*not found.*|VFS: Unable to mount root fs.*|IMAGING-SAMPLE-FAILED.*|"
                       r"No bootable device.*|error: no such device.*|error: file .* not found.*")  # fmt: skip
 
 # The probe guest of kvm_probe.S: long mode, 64 MiB of page touches, then exit via isa-debug-exit.

@@ -210,10 +210,10 @@ def test_no_kernel_in_boot(cli: Cli, make_ext: Callable[..., Path], tmp_path: Pa
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()[-1:]
     assert line.startswith(
-        "imaging: error: 30-bootable: no kernel in the guest's /boot (looked for vmlinuz-<version>)"
+        "imaging: error: 20-migrate: no kernel in the guest's /boot (looked for vmlinuz-<version>)"
     )
     (run,) = cli.runs.iterdir()
     state = json.loads((run / "state.json").read_text())
-    assert (state["state"], state["stage"]) == ("error", "30-bootable")
-    assert (run / "notebooks" / "30-bootable.failed-1.ipynb").exists()
+    assert (state["state"], state["stage"]) == ("error", "20-migrate")
+    assert (run / "notebooks" / "20-migrate.failed-1.ipynb").exists()
     assert leftovers(tmp_path) == []

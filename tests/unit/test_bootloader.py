@@ -32,10 +32,16 @@ def test_kernels_newest_first_with_their_initrds() -> None:
     assert found[1].initrd == "/boot/initrd-2.6.18-348.3.1.el5.img"
 
 
-def test_xen_kernels_come_last() -> None:
+def test_xen_only_kernels_are_left_out_when_another_exists() -> None:
     found = kernels(["vmlinuz-2.6.18-400.el5xen", "vmlinuz-2.6.18-92.el5", "initramfs-2.6.18-92.el5.img"])
-    assert [k.xen for k in found] == [False, True]
+    assert [(k.version, k.xen) for k in found] == [("2.6.18-92.el5", False)]
     assert found[0].initrd == "/boot/initramfs-2.6.18-92.el5.img"
+    assert [k.xen for k in kernels(["vmlinuz-2.6.18-400.el5xen"])] == [True]
+
+
+def test_grub_config_offers_the_guests_legacy_menu() -> None:
+    cfg = bootloader.grub_config(kernels(["vmlinuz-6.1"]), UUID, legacy_menu="/boot/grub/grub.conf")
+    assert "legacy_configfile /boot/grub/grub.conf" in cfg
 
 
 def test_unsafe_names_are_never_offered_to_grub() -> None:

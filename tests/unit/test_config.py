@@ -32,9 +32,12 @@ def test_targets_load_and_validate() -> None:
         config.load_target("../defaults")
 
 
+DRIVERS = "storage_modules: [virtio_blk]\ninitrd_modules: [virtio_blk]\nnic_module: virtio_net\n"
+
+
 def _params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target_yaml: str) -> None:
     (tmp_path / "targets").mkdir()
-    (tmp_path / "targets" / "odd.yaml").write_text(target_yaml)
+    (tmp_path / "targets" / "odd.yaml").write_text(target_yaml + (DRIVERS if "name:" in target_yaml else ""))
     monkeypatch.setenv("IMAGING_PARAMETERS", str(tmp_path))
     config.load_target.cache_clear()
 
@@ -56,7 +59,10 @@ def test_bad_value_in_yaml_is_an_error(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_broken_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _params(tmp_path, monkeypatch, "name: [odd\n")
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "targets" / "odd.yaml").write_text("name: [odd\n")
+    monkeypatch.setenv("IMAGING_PARAMETERS", str(tmp_path))
+    config.load_target.cache_clear()
     with pytest.raises(ParameterError, match="not valid YAML"):
         config.load_target("odd")
     config.load_target.cache_clear()

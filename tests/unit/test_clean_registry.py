@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import pytest
+
+from imaging import clean
+from imaging.errors import ParameterError
+
+
+def test_registry_is_well_formed() -> None:
+    table = clean.operations_table()
+    assert len(table) >= 15
+    assert {"logfiles", "ssh-hostkeys", "machine-id", "net-hwaddr", "cloud-init", "platform-files"} <= set(
+        table.operation
+    )
+    for heading in table.heading:
+        assert heading and not heading.endswith(".")
+
+
+def test_selection_words() -> None:
+    defaults = clean.select(["defaults"])
+    assert "package-cache" not in defaults and "user-account" not in defaults
+    assert "ssh-hostkeys" not in clean.select(["defaults", "-ssh-hostkeys"])
+    assert "package-cache" in clean.select(["defaults", "package-cache"])
+    assert clean.select(["defaults", "none", "logfiles"]) == ["logfiles"]
+    assert set(clean.select(["all"])) == set(clean.REGISTRY)
+    assert clean.select(["all"])[0] == "platform-files"  # ordered by (order, name)
+    with pytest.raises(ParameterError, match="unknown clean operation 'bogus'"):
+        clean.select(["defaults", "bogus"])
+
+
+def test_bad_registrations_are_refused() -> None:
+    with pytest.raises(ValueError):
+        clean.operation("logfiles", "Duplicate")(lambda ctx: [])
+    with pytest.raises(ValueError):
+        clean.operation("Bad_Name", "Heading")(lambda ctx: [])
+    with pytest.raises(ValueError):
+        clean.operation("fine-name", "Ends with a period.")(lambda ctx: [])
