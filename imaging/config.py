@@ -91,12 +91,18 @@ class _Strict(BaseModel):
 class OvfFacts(_Strict):
     """How an OVA names the target's guest OS and hardware family (see imaging/ova.py)."""
 
-    os_id: int = Field(100, ge=0, le=65535)  # CIM_OperatingSystem OsType: 100 = Linux 2.6.x 64-Bit
+    os_id: int = Field(default=100, ge=0, le=65535)  # CIM_OperatingSystem OsType: 100 = Linux 2.6.x 64-Bit
     os_description: str = "Linux 2.6.x 64-Bit"
-    vbox_os_type: str = Field("Linux26_64", pattern=r"^[A-Za-z0-9_]+$")  # VirtualBox's guest OS type id
-    vmware_os_type: str = Field("other26xLinux64Guest", pattern=r"^[A-Za-z0-9_]+$")  # VMware's guestId
+    vbox_os_type: str = Field(
+        default="Linux26_64", pattern=r"^[A-Za-z0-9_]+$"
+    )  # VirtualBox's guest OS type id
+    vmware_os_type: str = Field(
+        default="other26xLinux64Guest", pattern=r"^[A-Za-z0-9_]+$"
+    )  # VMware's guestId
     # Space-separated hardware families; an importer takes the first it knows.
-    system_type: str = Field("virtualbox-2.2 vmx-10", pattern=r"^[A-Za-z0-9._-]+( [A-Za-z0-9._-]+)*$")
+    system_type: str = Field(
+        default="virtualbox-2.2 vmx-10", pattern=r"^[A-Za-z0-9._-]+( [A-Za-z0-9._-]+)*$"
+    )
 
 
 class Target(_Strict):
@@ -106,7 +112,7 @@ class Target(_Strict):
     nic: Literal["e1000", "virtio-net-pci", "rtl8139"]
     memory_mib: int = Field(512, ge=64, le=65536)
     cpus: int = Field(1, ge=1, le=64)
-    ovf: OvfFacts = OvfFacts()
+    ovf: OvfFacts = Field(default_factory=OvfFacts)
 
 
 class Defaults(_Strict):

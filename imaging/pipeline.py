@@ -26,10 +26,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from . import config, guest, sample, scraps, sparse
-from .config import Layout, Placement
+from .config import Layout, OvfVersion, Placement, VmdkSubformat
 from .errors import ImagingError, ParameterError
 from .workspace import Workspace, write_json
 
@@ -65,6 +65,9 @@ class Request(BaseModel):
     boot_timeout: int
     boot_marker: str
     keep_work: bool
+    vmdk_subformat: VmdkSubformat
+    compress: bool
+    ovf_version: OvfVersion
     accel: str = "auto"
 
     @classmethod
@@ -121,6 +124,14 @@ class Request(BaseModel):
         except re.error as e:
             raise ParameterError(f"boot marker is not a regular expression: {e}") from None
         return v
+
+    @model_validator(mode="after")
+    def _format_options(self) -> Request:
+        if self.compress and self.format != "qcow2":
+            raise ParameterError(f"compress applies to qcow2 only, not {self.format}")
+        if self.format == "ova" and self.vmdk_subformat is not VmdkSubformat.stream_optimized:
+            raise ParameterError("an OVA holds a streamOptimized VMDK: vmdk_subformat cannot change that")
+        return self
 
     @field_validator("accel")
     @classmethod
@@ -364,13 +375,15 @@ def _summary(
 ) -> dict[str, Any]:
     artifact = results.get("40-export", {})
     boot = results.get("50-verify", {})
+    checked = "50-verify" in config.pipeline_stages(request.kind)
     return {
         "path": artifact.get("path"),
         "sha256": artifact.get("sha256"),
         "format": request.format,
         "target": request.target,
         "run": ws.id,
-        "verified": boot.get("verdict") == "booted",
+        # null: this kind of run does not boot its artifact (convert without --verify)
+        "verified": boot.get("verdict") == "booted" if checked else None,
         "name": request.name,
         "kind": request.kind,
         "size_bytes": artifact.get("size_bytes"),

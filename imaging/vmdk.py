@@ -237,7 +237,7 @@ def write_stream_optimized(
                 pending.append(pool.submit(_compress_chunk, src, size, first, count))
                 drain(2 * workers)
             drain(0)
-        gd_offset = _write_tables(dst, position, capacity, tables)
+        _write_tables(dst, position, capacity, tables)
         cid = cid if cid != 0xFFFFFFFF else 0xFFFFFFFE  # ffffffff means "no CID"
         text = descriptor(capacity, cid, name).encode("ascii")
         if len(text) > DESCRIPTOR_SECTORS * SECTOR:
