@@ -21,6 +21,7 @@ import os
 import tarfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,10 +268,17 @@ def write_ova(out: Path, name: str, target: Target, disk: Path, populated: int, 
 
         put(_tar_header(ovf_name, len(ovf)) + ovf + _pad(len(ovf)))
         put(_tar_header(disk_name, size))
-        with open(disk, "rb") as src:
+        # The manifest's digest on a second thread: hashlib releases the GIL, so both digests
+        # and the copy proceed together.
+        with open(disk, "rb") as src, ThreadPoolExecutor(1, thread_name_prefix="manifest") as side:
+            hashing: Future[None] | None = None
             while block := src.read(_COPY):
-                member.update(block)
+                if hashing is not None:
+                    hashing.result()
+                hashing = side.submit(member.update, block)
                 put(block)
+            if hashing is not None:
+                hashing.result()
         put(_pad(size))
         mf = manifest(version, {ovf_name: hashlib.new(DIGEST[version].lower(), ovf).hexdigest(), disk_name: member.hexdigest()})  # fmt: skip
         put(_tar_header(mf_name, len(mf)) + mf + _pad(len(mf)))

@@ -352,6 +352,10 @@ class SourceHash:
             self._thread.start()
 
     def _hash(self, path: Path) -> None:
+        # Lowest priority for this thread alone (Linux schedules threads by their own nice
+        # value): the hash takes only the CPU the stages leave idle, never theirs.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         try:
             digest = sparse.sha256(path, desc=None)
         except OSError as e:

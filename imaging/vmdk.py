@@ -146,7 +146,7 @@ def _split(start: int, end: int) -> Iterator[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class _Chunk:
-    blob: bytes  # marker + data of each stored grain, sector-padded, back to back
+    blob: bytearray  # marker + data of each stored grain, sector-padded, back to back
     grains: list[tuple[int, int, int]]  # (grain index, sector within blob, adler32 of the data)
     read_bytes: int
 
@@ -157,21 +157,20 @@ def _compress_chunk(fd: int, size: int, first: int, count: int) -> _Chunk:
     if len(data) < count * GRAIN:  # the disk's last grain: the format stores whole grains
         data = data.ljust(count * GRAIN, b"\0")
     view = memoryview(data)
-    parts: list[bytes] = []
+    blob = bytearray()
     grains: list[tuple[int, int, int]] = []
-    pos = 0
     for i in range(count):
         grain = view[i * GRAIN : (i + 1) * GRAIN]
         if grain == _ZERO_GRAIN:
             continue
         packed = _compress(grain)
-        record = _GRAIN_MARKER.pack((first + i) * GRAIN_SECTORS, len(packed)) + packed
-        padding = _padded(len(record)) - len(record)
-        parts.append(record + bytes(padding) if padding else record)
+        start = len(blob)
+        blob += _GRAIN_MARKER.pack((first + i) * GRAIN_SECTORS, len(packed))
+        blob += packed
+        blob += bytes(-len(blob) % SECTOR)
         # A zlib stream ends with the Adler-32 of its uncompressed data (big-endian).
-        grains.append((first + i, pos // SECTOR, int.from_bytes(packed[-4:], "big")))
-        pos += len(record) + padding
-    return _Chunk(b"".join(parts), grains, len(data))
+        grains.append((first + i, start // SECTOR, int.from_bytes(packed[-4:], "big")))
+    return _Chunk(blob, grains, len(data))
 
 
 @dataclass(frozen=True)

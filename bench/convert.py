@@ -1,0 +1,100 @@
+"""Each output format from one disk: ``imaging convert`` against the bare ``qemu-img convert``.
+
+The disk is 3 GiB raw with ~1.3 GB of data (bench.common.mixed_disk). For every format, in the
+same process and page cache, alternately: the bare tool as everyone runs it (``-O vmdk -o
+subformat=streamOptimized`` for vmdk and ova, ``-c`` for compressed qcow2), the whole
+``python -m imaging convert`` command (notebook kernel, checks, sha256 and all), and the
+conversion step alone as the stage recorded it. Times are medians of ``REPEAT`` runs (the
+machine's two cores are shared); sizes are the artifacts'.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import WORK, mixed_disk, run  # noqa: E402
+from imaging import sparse  # noqa: E402
+
+REPEAT = int(os.environ.get("IMAGING_BENCH_REPEAT", "3"))
+# format (our --format and options) -> the bare qemu-img arguments it is measured against
+CASES: list[tuple[str, list[str], list[str]]] = [
+    ("vmdk", [], ["-O", "vmdk", "-o", "subformat=streamOptimized"]),
+    ("ova", [], ["-O", "vmdk", "-o", "subformat=streamOptimized"]),
+    ("qcow2", [], ["-O", "qcow2"]),
+    ("qcow2", ["--compress"], ["-O", "qcow2", "-c"]),
+    ("vmdk", ["--vmdk-subformat", "monolithicSparse"], ["-O", "vmdk", "-o", "subformat=monolithicSparse"]),
+    ("vdi", [], ["-O", "vdi"]),
+    ("vhd", [], ["-O", "vpc"]),
+    ("vhdx", [], ["-O", "vhdx"]),
+    ("raw", [], ["-O", "raw"]),
+]
+
+
+def bare(disk: Path, args: list[str], out: Path) -> tuple[float, int]:
+    out.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    run("qemu-img", "convert", "-f", "raw", *args, disk, out)
+    return time.perf_counter() - t0, out.stat().st_size
+
+
+def ours(disk: Path, fmt: str, options: list[str], out_dir: Path, runs: Path) -> tuple[float, float, int]:
+    """(wall time of the command, the stage's conversion step, artifact size)."""
+    env = {**os.environ, "IMAGING_RUNS": str(runs), "IMAGING_PROGRESS": "0"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "imaging", "convert", str(disk), "--format", fmt, *options, "--name", "bench",
+         "--out", str(out_dir)],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"imaging convert --format {fmt} failed:\n{proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    stage = json.loads((Path(result["run_dir"]) / "results" / "40-export.json").read_text())
+    return wall, float(stage["convert_seconds"]), int(result["size_bytes"])
+
+
+def main() -> list[tuple[str, str, str]]:
+    WORK.mkdir(parents=True, exist_ok=True)
+    disk = mixed_disk(WORK / "mixed-3g.img")
+    data = sparse.data_bytes(disk)
+    rows = [("convert: the disk", f"{data / 1e9:.2f} GB of data", "3 GiB raw; medians of "
+             f"{REPEAT} runs, alternating with the bare qemu-img convert in the same process")]  # fmt: skip
+    sparse.sha256(disk, desc=None)  # page cache
+    with tempfile.TemporaryDirectory(dir=WORK) as tmp:
+        base = Path(tmp)
+        for fmt, options, tool in CASES:
+            label = " ".join([fmt, *options])
+            t_bare, t_wall, t_step = [], [], []
+            size_bare = size_ours = 0
+            for i in range(REPEAT):
+                t, size_bare = bare(disk, tool, base / "bare.img")
+                t_bare.append(t)
+                (base / "bare.img").unlink()
+                w, s, size_ours = ours(disk, fmt, options, base / f"out{i}", base / "runs")
+                t_wall.append(w)
+                t_step.append(s)
+                for p in (base / f"out{i}").iterdir():
+                    p.unlink()
+            mb, mw, ms = (statistics.median(x) for x in (t_bare, t_wall, t_step))
+            rows.append((
+                f"convert --format {label}",
+                f"{mw:.2f} s ({mw / mb:.2f}x)",
+                f"qemu-img {' '.join(tool)}: {mb:.2f} s; conversion step alone {ms:.2f} s ({ms / mb:.2f}x); "
+                f"size {size_ours / 1e6:.0f} MB, {size_ours / size_bare:.3f}x qemu-img's {size_bare / 1e6:.0f} MB",
+            ))  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    for row in main():
+        print(" | ".join(row), flush=True)
