@@ -337,29 +337,37 @@ class SourceHash:
 
     Hashing costs the source's virtual size (holes hash as zeros): on its own core it finishes
     while the stages do the work that follows the data. Kept in ``source.sha256`` beside the run,
-    so a resumed run does not hash again.
+    so a resumed run does not hash again. For ``convert`` runs the source is the disk being
+    converted and its sha256 seeds the artifact's identities (40-export waits for the file), so
+    there the hash runs at normal priority; elsewhere it only takes CPU the stages leave idle.
     """
 
-    def __init__(self, ws: Workspace, source: str) -> None:
+    def __init__(self, ws: Workspace, source: str, *, urgent: bool = False) -> None:
         self.file = ws.root / "source.sha256"
+        self.failed = ws.root / "source.sha256.failed"
         self.digest: str | None = None
         self.error: str | None = None
         self._thread: threading.Thread | None = None
+        self.failed.unlink(missing_ok=True)
         if self.file.exists():
             self.digest = self.file.read_text().split()[0]
         else:
-            self._thread = threading.Thread(target=self._hash, args=(sample.resolve(source),), daemon=True)
+            self._thread = threading.Thread(
+                target=self._hash, args=(sample.resolve(source), urgent), daemon=True
+            )
             self._thread.start()
 
-    def _hash(self, path: Path) -> None:
-        # Lowest priority for this thread alone (Linux schedules threads by their own nice
-        # value): the hash takes only the CPU the stages leave idle, never theirs.
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    def _hash(self, path: Path, urgent: bool) -> None:
+        if not urgent:
+            # Lowest priority for this thread alone (Linux schedules threads by their own nice
+            # value): the hash takes only the CPU the stages leave idle, never theirs.
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         try:
             digest = sparse.sha256(path, desc=None)
         except OSError as e:
             self.error = f"cannot hash the source: {e.strerror}"
+            self.failed.write_text(self.error + "\n")
             return
         sparse.write_sha256_file(path, digest, beside=self.file)
         self.digest = digest
@@ -434,7 +442,7 @@ def execute(ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> dic
     results: dict[str, Any] = {}
     timings: dict[str, Any] = dict(state.data.get("timings", {}))
     with _run_lock(ws), _terminate_as_interrupt():
-        source_hash = SourceHash(ws, request.source)
+        source_hash = SourceHash(ws, request.source, urgent=request.kind.startswith("convert"))
         for index, stage in enumerate(stages, 1):
             if (ws.notebooks / f"{stage}.ipynb").exists():
                 results[stage] = ws.result(stage)

@@ -23,7 +23,7 @@ def test_qemu_options_per_format() -> None:
                                    vmdk_subformat=VmdkSubformat(kw.get("sub", "monolithicSparse")))  # fmt: skip
 
     assert opts("qcow2") == []
-    assert opts("qcow2", compress=True)[:3] == ["-c", "-W", "-m"]
+    assert opts("qcow2", compress=True) == ["-c"]  # not -W: it makes the output nondeterministic
     assert opts("vmdk") == ["-o", "subformat=monolithicSparse"]
     assert opts("vhd") == ["-o", "subformat=dynamic,force_size=on"]
     assert opts("vhdx") == ["-o", "subformat=dynamic"] and opts("vdi") == []
