@@ -5,7 +5,7 @@ the user already has, in any format qemu-img reads):
 
 ==========  ==========================================================================
 raw         the disk itself (hard link, or sparse copy); qemu-img from other formats
-qcow2       ``qemu-img convert``; with ``compress``, ``-c`` on parallel coroutines (``-W -m``)
+qcow2       ``qemu-img convert``; compressed: :mod:`imaging.qcow2` (clusters deflated on every core)
 vmdk        streamOptimized: :mod:`imaging.vmdk` (grains deflated on every core);
             monolithicSparse: ``qemu-img convert``
 vdi         ``qemu-img convert`` (dynamic, qemu-img's default)
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import identity, images, ova, sparse, tools, vmdk
+from . import identity, images, ova, qcow2, sparse, tools, vmdk
 from .config import ImageFormat, OvfVersion, VmdkSubformat, check_format, check_name, load_target
 from .errors import ParameterError, SourceError
 from .progress import percent_bar
@@ -72,13 +72,12 @@ def qemu_convert(src: Path, src_format: str, dst: Path, dst_format: str, *, opti
     return time.monotonic() - t0
 
 
-def qemu_options(fmt: ImageFormat, *, compress: bool, vmdk_subformat: VmdkSubformat) -> list[str]:
-    """What qemu-img is told for each format it writes (the argv after ``-O FORMAT``)."""
-    if fmt is ImageFormat.qcow2:
-        # -c: compressed clusters. Not -W: out-of-order writes let qemu compress on two cores
-        # (25 s -> 16 s here) but place the clusters in whatever order they finish, so two
-        # conversions of one disk differ; without -W, -m changes nothing.
-        return ["-c"] if compress else []
+def qemu_options(fmt: ImageFormat, *, vmdk_subformat: VmdkSubformat) -> list[str]:
+    """What qemu-img is told for each format it writes (the argv after ``-O FORMAT``).
+
+    Compressed qcow2 is not among them: :mod:`imaging.qcow2` writes it, because qemu-img
+    compresses on one core, and its ``-W -m`` (two cores: 25 s -> 16 s here) places clusters in
+    whatever order they finish, so two conversions of one disk would differ."""
     if fmt is ImageFormat.vmdk:
         return ["-o", f"subformat={vmdk_subformat.value}"]
     if fmt is ImageFormat.vhdx:
@@ -234,12 +233,13 @@ def export(ws: Workspace, name: str, fmt: str, out: str | Path, *, disk: InputDi
         if image_format is ImageFormat.raw and disk.format == "raw":
             tool = "hard link or sparse copy"
             _link_or_copy(src, part)
-        elif image_format.is_archive or (image_format is ImageFormat.vmdk and subformat is VmdkSubformat.stream_optimized):  # fmt: skip
-            tool = f"imaging.vmdk ({vmdk.DEFLATE}, {os.cpu_count()} threads)"
-            details = _write_stream(ws, src, disk.format, part, path, name, image_format, target, version)
+        elif ours_to_write(image_format, subformat, compress):
+            module = "imaging.qcow2" if image_format is ImageFormat.qcow2 else "imaging.vmdk"
+            tool = f"{module} ({vmdk.DEFLATE}, {os.cpu_count()} threads)"
+            details = _write_ours(ws, src, disk.format, part, path, name, image_format, target, version)
         else:
             tool = f"qemu-img convert -O {image_format.qemu_format}"
-            options = qemu_options(image_format, compress=compress, vmdk_subformat=subformat)
+            options = qemu_options(image_format, vmdk_subformat=subformat)
             seed = _Seed(ws, disk) if image_format.qemu_format in ("vdi", "vpc", "vhdx", "vmdk") else None
             qemu_convert(src, disk.format, part, image_format.qemu_format, options=options,
                          desc=f"convert to {image_format.value}")  # fmt: skip
@@ -264,9 +264,16 @@ def export(ws: Workspace, name: str, fmt: str, out: str | Path, *, disk: InputDi
     )  # fmt: skip
 
 
-def _write_stream(ws: Workspace, src: Path, src_format: str, part: Path, final: Path, name: str,
-                  fmt: ImageFormat, target: str, version: OvfVersion) -> dict[str, Any]:  # fmt: skip
-    """A streamOptimized VMDK (alone, or packed into an OVA) from any input disk."""
+def ours_to_write(fmt: ImageFormat, subformat: VmdkSubformat, compress: bool) -> bool:
+    """The formats whose compression we do on every core instead of qemu-img on one."""
+    if fmt is ImageFormat.vmdk:
+        return subformat is VmdkSubformat.stream_optimized
+    return fmt.is_archive or (fmt is ImageFormat.qcow2 and compress)
+
+
+def _write_ours(ws: Workspace, src: Path, src_format: str, part: Path, final: Path, name: str,
+                fmt: ImageFormat, target: str, version: OvfVersion) -> dict[str, Any]:  # fmt: skip
+    """A compressed qcow2, a streamOptimized VMDK, or one packed into an OVA, from any disk."""
     raw = src
     converted = ws.work / ".input.raw.part"
     ova_disk = final.with_name(f".{ova.member_names(name)[1]}.part")
@@ -275,6 +282,10 @@ def _write_stream(ws: Workspace, src: Path, src_format: str, part: Path, final: 
             ws.work.mkdir(parents=True, exist_ok=True)
             qemu_convert(src, src_format, converted, "raw", desc=f"unpack {src_format}")
             raw = converted
+        if fmt is ImageFormat.qcow2:
+            packed_qcow2 = qcow2.write_compressed(raw, part, desc=f"qcow2 {final.name}")
+            return {"clusters": packed_qcow2.clusters, "uncompressed_clusters": packed_qcow2.uncompressed,
+                    "qcow2_seconds": packed_qcow2.seconds}  # fmt: skip
         if not fmt.is_archive:
             written = vmdk.write_stream_optimized(
                 raw, part, extent_name=final.name, desc=f"vmdk {final.name}"
