@@ -17,7 +17,6 @@ The tar is ustar with fixed mtimes, owners and modes: the same disk gives the sa
 from __future__ import annotations
 
 import hashlib
-import os
 import tarfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from .config import OvfVersion, Target
 from .errors import ImagingError
 from .identity import FIXED_TIME
 from .records import Record
+from .sparse import atomic_path
 
 ENVELOPE = {OvfVersion.v1: "http://schemas.dmtf.org/ovf/envelope/1", OvfVersion.v2: "http://schemas.dmtf.org/ovf/envelope/2"}  # fmt: skip
 CIM = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2"
@@ -359,9 +359,7 @@ def extract_disk(path: Path, dest_dir: Path) -> Path:
         raise OvaError(f"{path.name} holds no usable .vmdk member")
     dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / disk.name
-    part = dest_dir / f".{disk.name}.part"
-    with open(part, "wb") as f:
+    with atomic_path(target) as part, open(part, "wb") as f:
         for block in iter_member(path, disk):
             f.write(block)
-    os.replace(part, target)
     return target

@@ -378,6 +378,17 @@ class SourceHash:
         return self.digest
 
 
+def _seeds_identities(request: Request) -> bool:
+    """Whether 40-export waits for the source's hash: a convert run to a format qemu-img writes
+    with random identities (what the artifacts' own writers compress carries none)."""
+    from .export import ours_to_write
+
+    fmt = config.check_format(request.format)
+    if not request.kind.startswith("convert") or fmt in (config.ImageFormat.raw, config.ImageFormat.qcow2):
+        return False
+    return not ours_to_write(fmt, request.vmdk_subformat, request.compress)
+
+
 def _summary(
     ws: Workspace,
     request: Request,
@@ -442,7 +453,7 @@ def execute(ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> dic
     results: dict[str, Any] = {}
     timings: dict[str, Any] = dict(state.data.get("timings", {}))
     with _run_lock(ws), _terminate_as_interrupt():
-        source_hash = SourceHash(ws, request.source, urgent=request.kind.startswith("convert"))
+        source_hash = SourceHash(ws, request.source, urgent=_seeds_identities(request))
         for index, stage in enumerate(stages, 1):
             if (ws.notebooks / f"{stage}.ipynb").exists():
                 results[stage] = ws.result(stage)

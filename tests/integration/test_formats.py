@@ -142,7 +142,9 @@ def test_convert_twice_gives_the_same_bytes(cli: Cli, bootable: Path, tmp_path: 
         assert header.gd_offset == vmdk.GD_AT_END and f'SPARSE "{first.name}"' in text
     if fmt == "vmdk" and extra:
         assert qemu_info(first, "vmdk")["format-specific"]["data"]["create-type"] == "monolithicSparse"
-    assert leftovers(tmp_path) == []
+    # convert mounts nothing and boots nothing: only partial files could be left (the mount
+    # and process checks of leftovers() also see other suites running on the machine).
+    assert list(tmp_path.rglob(".*.part*")) == []
 
 
 @pytest.mark.parametrize("version", ["1.0", "2.0"])
