@@ -5,7 +5,7 @@ same process and page cache, alternately: the bare tool as everyone runs it (``-
 subformat=streamOptimized`` for vmdk and ova, ``-c`` for compressed qcow2), the whole
 ``python -m imaging convert`` command (notebook kernel, checks, sha256 and all), and the
 conversion step alone as the stage recorded it. Times are medians of ``REPEAT`` runs (the
-machine's two cores are shared); sizes are the artifacts'.
+machine's two cores are shared), each after a ``sync``; sizes are the artifacts'.
 """
 
 from __future__ import annotations
@@ -39,8 +39,15 @@ CASES: list[tuple[str, list[str], list[str]]] = [
 ]
 
 
+def settle() -> None:
+    """Flush earlier runs' dirty pages first: otherwise the kernel's writeback throttles
+    whichever command happens to run next (seen here: 0.7 s or 3.5 s for the same vdi)."""
+    os.sync()
+
+
 def bare(disk: Path, args: list[str], out: Path) -> tuple[float, int]:
     out.unlink(missing_ok=True)
+    settle()
     t0 = time.perf_counter()
     run("qemu-img", "convert", "-f", "raw", *args, disk, out)
     return time.perf_counter() - t0, out.stat().st_size
@@ -49,6 +56,7 @@ def bare(disk: Path, args: list[str], out: Path) -> tuple[float, int]:
 def ours(disk: Path, fmt: str, options: list[str], out_dir: Path, runs: Path) -> tuple[float, float, int]:
     """(wall time of the command, the stage's conversion step, artifact size)."""
     env = {**os.environ, "IMAGING_RUNS": str(runs), "IMAGING_PROGRESS": "0"}
+    settle()
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "imaging", "convert", str(disk), "--format", fmt, *options, "--name", "bench",

@@ -15,8 +15,7 @@ ova         :mod:`imaging.vmdk` then :mod:`imaging.ova` (descriptor, disk, manif
 ==========  ==========================================================================
 
 qemu-img's random identities (UUIDs, CIDs, timestamps) are replaced by ones derived from the
-disk's content (:mod:`imaging.identity`; see ``_Seed``): the same disk always gives
-byte-identical artifacts.
+disk's content (:mod:`imaging.identity`): the same disk always gives byte-identical artifacts.
 The artifact is written under a hidden ``.part`` name inside ``--out`` and renamed when
 complete and checked, with ``<file>.sha256`` beside it (``sha256sum -c`` reads it).
 """
@@ -28,7 +27,6 @@ import errno
 import json
 import os
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -165,48 +163,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     sparse.copy_range(src, dst, desc="copy raw")
 
 
-class _Seed(threading.Thread):
-    """What the artifact's identities derive from, found beside the conversion (on the other
-    core while qemu-img works): for ``convert``, the input disk's sha256, which the pipeline
-    computes for the run's record anyway (``source.sha256``; computed here when the notebook
-    runs by hand); for ``export``, the data fingerprint of the run's disk."""
-
-    def __init__(self, ws: Workspace, disk: InputDisk) -> None:
-        super().__init__(daemon=True)
-        self.ws, self.disk, self.value, self.error = ws, disk, "", ""
-        self.start()
-
-    def run(self) -> None:
-        path = Path(self.disk.path)
-        try:
-            if self.disk.origin != "convert":
-                self.value = identity.fingerprint(path)
-            elif os.environ.get("IMAGING_PIPELINE"):
-                self.value = _wait_for_source_hash(self.ws)
-            else:
-                self.value = sparse.sha256(path, desc=None)
-        except (OSError, SourceError) as e:
-            self.error = f"cannot read {path}: {e}"
-
-    def result(self) -> str:
-        self.join()
-        if self.error:
-            raise SourceError(self.error)
-        return self.value
-
-
-def _wait_for_source_hash(ws: Workspace, timeout: float = 24 * 3600) -> str:
-    done, failed = ws.root / "source.sha256", ws.root / "source.sha256.failed"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if done.exists():
-            return done.read_text().split()[0]
-        if failed.exists():
-            raise SourceError(failed.read_text().strip())
-        time.sleep(0.02)
-    raise SourceError("the run's source hash did not arrive")
-
-
 def export(ws: Workspace, name: str, fmt: str, out: str | Path, *, disk: InputDisk | None = None,
            target: str = "kvm", vmdk_subformat: str = "streamOptimized", compress: bool = False,
            ovf_version: str = "1.0") -> Artifact:  # fmt: skip
@@ -240,13 +196,11 @@ def export(ws: Workspace, name: str, fmt: str, out: str | Path, *, disk: InputDi
         else:
             tool = f"qemu-img convert -O {image_format.qemu_format}"
             options = qemu_options(image_format, vmdk_subformat=subformat)
-            seed = _Seed(ws, disk) if image_format.qemu_format in ("vdi", "vpc", "vhdx", "vmdk") else None
             qemu_convert(src, disk.format, part, image_format.qemu_format, options=options,
                          desc=f"convert to {image_format.value}")  # fmt: skip
-            if seed is not None:
-                details["identities"] = identity.stamp(
-                    part, image_format.qemu_format, seed.result(), path.name
-                )
+            if image_format.qemu_format in ("vdi", "vpc", "vhdx", "vmdk"):
+                seed = identity.fingerprint(src, disk.format)
+                details["identities"] = identity.stamp(part, image_format.qemu_format, seed, path.name)
         convert_seconds = time.monotonic() - t0
         # qemu-img check beside the sha256 (a tool on one core, hashing on the other); the
         # check's command still lands in this stage's command log (copied context).

@@ -337,37 +337,29 @@ class SourceHash:
 
     Hashing costs the source's virtual size (holes hash as zeros): on its own core it finishes
     while the stages do the work that follows the data. Kept in ``source.sha256`` beside the run,
-    so a resumed run does not hash again. For ``convert`` runs the source is the disk being
-    converted and its sha256 seeds the artifact's identities (40-export waits for the file), so
-    there the hash runs at normal priority; elsewhere it only takes CPU the stages leave idle.
+    so a resumed run does not hash again.
     """
 
-    def __init__(self, ws: Workspace, source: str, *, urgent: bool = False) -> None:
+    def __init__(self, ws: Workspace, source: str) -> None:
         self.file = ws.root / "source.sha256"
-        self.failed = ws.root / "source.sha256.failed"
         self.digest: str | None = None
         self.error: str | None = None
         self._thread: threading.Thread | None = None
-        self.failed.unlink(missing_ok=True)
         if self.file.exists():
             self.digest = self.file.read_text().split()[0]
         else:
-            self._thread = threading.Thread(
-                target=self._hash, args=(sample.resolve(source), urgent), daemon=True
-            )
+            self._thread = threading.Thread(target=self._hash, args=(sample.resolve(source),), daemon=True)
             self._thread.start()
 
-    def _hash(self, path: Path, urgent: bool) -> None:
-        if not urgent:
-            # Lowest priority for this thread alone (Linux schedules threads by their own nice
-            # value): the hash takes only the CPU the stages leave idle, never theirs.
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    def _hash(self, path: Path) -> None:
+        # Lowest priority for this thread alone (Linux schedules threads by their own nice
+        # value): the hash takes the CPU the stages leave idle, not the compressors' cores.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         try:
             digest = sparse.sha256(path, desc=None)
         except OSError as e:
             self.error = f"cannot hash the source: {e.strerror}"
-            self.failed.write_text(self.error + "\n")
             return
         sparse.write_sha256_file(path, digest, beside=self.file)
         self.digest = digest
@@ -376,17 +368,6 @@ class SourceHash:
         if self._thread is not None:
             self._thread.join()
         return self.digest
-
-
-def _seeds_identities(request: Request) -> bool:
-    """Whether 40-export waits for the source's hash: a convert run to a format qemu-img writes
-    with random identities (what the artifacts' own writers compress carries none)."""
-    from .export import ours_to_write
-
-    fmt = config.check_format(request.format)
-    if not request.kind.startswith("convert") or fmt in (config.ImageFormat.raw, config.ImageFormat.qcow2):
-        return False
-    return not ours_to_write(fmt, request.vmdk_subformat, request.compress)
 
 
 def _summary(
@@ -453,7 +434,7 @@ def execute(ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> dic
     results: dict[str, Any] = {}
     timings: dict[str, Any] = dict(state.data.get("timings", {}))
     with _run_lock(ws), _terminate_as_interrupt():
-        source_hash = SourceHash(ws, request.source, urgent=_seeds_identities(request))
+        source_hash = SourceHash(ws, request.source)
         for index, stage in enumerate(stages, 1):
             if (ws.notebooks / f"{stage}.ipynb").exists():
                 results[stage] = ws.result(stage)
