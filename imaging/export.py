@@ -233,7 +233,10 @@ def _write_ours(ws: Workspace, src: Path, src_format: str, part: Path, final: Pa
     ova_disk = final.with_name(f".{ova.member_names(name)[1]}.part")
     try:
         if src_format != "raw":  # our writer reads raw; qemu-img unpacks the rest (fast)
-            ws.work.mkdir(parents=True, exist_ok=True)
+            from .acquire import check_space
+
+            check_space(ws.work, images.data_bytes_of(images.image_info(src, src_format)) + _MARGIN,
+                        f"unpack the {src_format} disk")  # fmt: skip
             qemu_convert(src, src_format, converted, "raw", desc=f"unpack {src_format}")
             raw = converted
         if fmt is ImageFormat.qcow2:
