@@ -247,12 +247,14 @@ def _write_ours(ws: Workspace, src: Path, src_format: str, part: Path, final: Pa
             written = vmdk.write_stream_optimized(
                 raw, part, extent_name=final.name, desc=f"vmdk {final.name}"
             )
-            return {"cid": written.cid, "grains": written.grains, "vmdk_seconds": written.seconds}
+            return {"cid": written.cid, "grains": written.grains, "vmdk_seconds": written.seconds,
+                    "sha256": written.digests["sha256"]}  # fmt: skip
+        algorithm = ova.DIGEST[version].lower()
         written = vmdk.write_stream_optimized(raw, ova_disk, extent_name=ova.member_names(name)[1],
-                                              desc=f"vmdk {final.name}")  # fmt: skip
+                                              digests=(algorithm,), desc=f"vmdk {final.name}")  # fmt: skip
         _qemu_check(ova_disk, "vmdk")
         packed = ova.write_ova(part, name, load_target(target), ova_disk, written.grains * vmdk.GRAIN,
-                               written.capacity_bytes, version)  # fmt: skip
+                               written.capacity_bytes, version, disk_digest=written.digests[algorithm])  # fmt: skip
         return {"cid": written.cid, "grains": written.grains, "vmdk_seconds": written.seconds,
                 "capacity": written.capacity_bytes, "members": list(packed.members),
                 "ovf_version": packed.ovf_version, "disk_digest": packed.disk_digest, "sha256": packed.sha256}  # fmt: skip

@@ -17,10 +17,11 @@ The tar is ustar with fixed mtimes, owners and modes: the same disk gives the sa
 from __future__ import annotations
 
 import hashlib
+import os
 import tarfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,17 +250,19 @@ class Ova(Record):
 
 
 def write_ova(out: Path, name: str, target: Target, disk: Path, populated: int, capacity: int,
-              version: OvfVersion = OvfVersion.v1) -> Ova:  # fmt: skip
+              version: OvfVersion = OvfVersion.v1, disk_digest: str | None = None) -> Ova:  # fmt: skip
     """Pack ``disk`` (a streamOptimized VMDK) into the OVA ``out``; returns its sha256.
 
-    One pass over the disk: it is copied into the tar while hashed for the manifest and for the
-    OVA's own sha256, so the artifact is never read again to hash it."""
+    ``disk_digest``: the disk's manifest digest (SHA1 for OVF 1.0, SHA256 for 2.0) when its
+    writer computed it already. The kernel copies the disk into the tar (copy_file_range) while
+    this thread reads it once to hash it (for the OVA's sha256, and the manifest's if needed):
+    the artifact is never read again to hash it."""
     ovf_name, disk_name, mf_name = member_names(name)
     size = disk.stat().st_size
     ovf = build_ovf(name, target, OvfDisk(disk_name, size, capacity, populated), version)
     check_ovf(ovf, {disk_name: size}, name)
     whole = hashlib.sha256()
-    member = hashlib.new(DIGEST[version].lower())
+    member = None if disk_digest else hashlib.new(DIGEST[version].lower())
     with open(out, "wb") as f:
 
         def put(data: bytes) -> None:
@@ -268,25 +271,34 @@ def write_ova(out: Path, name: str, target: Target, disk: Path, populated: int, 
 
         put(_tar_header(ovf_name, len(ovf)) + ovf + _pad(len(ovf)))
         put(_tar_header(disk_name, size))
-        # The manifest's digest on a second thread: hashlib releases the GIL, so both digests
-        # and the copy proceed together.
-        with open(disk, "rb") as src, ThreadPoolExecutor(1, thread_name_prefix="manifest") as side:
-            hashing: Future[None] | None = None
+        f.flush()
+        start = f.tell()
+        with open(disk, "rb") as src, ThreadPoolExecutor(1, thread_name_prefix="copy") as side:
+            copying = side.submit(_copy_range, src.fileno(), f.fileno(), size, start)
             while block := src.read(_COPY):
-                if hashing is not None:
-                    hashing.result()
-                hashing = side.submit(member.update, block)
-                put(block)
-            if hashing is not None:
-                hashing.result()
+                whole.update(block)
+                if member is not None:
+                    member.update(block)
+            copying.result()
+        f.seek(start + size)
         put(_pad(size))
-        mf = manifest(version, {ovf_name: hashlib.new(DIGEST[version].lower(), ovf).hexdigest(), disk_name: member.hexdigest()})  # fmt: skip
+        disk_digest = disk_digest or (member.hexdigest() if member else "")
+        mf = manifest(version, {ovf_name: hashlib.new(DIGEST[version].lower(), ovf).hexdigest(), disk_name: disk_digest})  # fmt: skip
         put(_tar_header(mf_name, len(mf)) + mf + _pad(len(mf)))
         # End of archive: two zero blocks, then zeros to a whole record, as tar writes it.
         end = f.tell() + 2 * tarfile.BLOCKSIZE
         put(bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
-    return Ova(whole.hexdigest(), (ovf_name, disk_name, mf_name), hashlib.sha256(mf).hexdigest(),
-               member.hexdigest(), version.value)  # fmt: skip
+    return Ova(whole.hexdigest(), (ovf_name, disk_name, mf_name), hashlib.sha256(mf).hexdigest(), disk_digest,
+               version.value)  # fmt: skip
+
+
+def _copy_range(src: int, dst: int, size: int, at: int) -> None:
+    done = 0
+    while done < size:
+        n = os.copy_file_range(src, dst, min(1 << 30, size - done), done, at + done)
+        if n <= 0:
+            raise OvaError(f"short copy into the OVA at {at + done}")
+        done += n
 
 
 @dataclass(frozen=True)

@@ -18,23 +18,26 @@ ISA-L's deflate at level 1 is 8x zlib's speed for 2% more output; its output is 
 the format requires. At most ``2 x workers`` chunks are in flight: memory stays bounded whatever
 the disk's size. All-zero grains are not stored (a grain table entry of 0 reads as zeros).
 
-The CID is derived from the content (each stored grain's LBA and the Adler-32 of its data, which
-every zlib stream ends with), so the same disk always gives the same bytes.
+The CID is derived from the disk's content sample (:func:`imaging.identity.fingerprint`, as
+every identity in our artifacts), so it is known before the first byte: the file is written
+strictly in order and hashed as it is written, and the same disk always gives the same bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import time
 import zlib
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import identity
 from .progress import bytes_bar
 from .records import Record
 from .sparse import data_extents
@@ -147,7 +150,7 @@ def _split(start: int, end: int) -> Iterator[tuple[int, int]]:
 @dataclass(frozen=True)
 class _Chunk:
     blob: bytearray  # marker + data of each stored grain, sector-padded, back to back
-    grains: list[tuple[int, int, int]]  # (grain index, sector within blob, adler32 of the data)
+    grains: list[tuple[int, int]]  # (grain index, sector within blob)
     read_bytes: int
 
 
@@ -158,7 +161,7 @@ def _compress_chunk(fd: int, size: int, first: int, count: int) -> _Chunk:
         data = data.ljust(count * GRAIN, b"\0")
     view = memoryview(data)
     blob = bytearray()
-    grains: list[tuple[int, int, int]] = []
+    grains: list[tuple[int, int]] = []
     for i in range(count):
         grain = view[i * GRAIN : (i + 1) * GRAIN]
         if grain == _ZERO_GRAIN:
@@ -168,8 +171,7 @@ def _compress_chunk(fd: int, size: int, first: int, count: int) -> _Chunk:
         blob += _GRAIN_MARKER.pack((first + i) * GRAIN_SECTORS, len(packed))
         blob += packed
         blob += bytes(-len(blob) % SECTOR)
-        # A zlib stream ends with the Adler-32 of its uncompressed data (big-endian).
-        grains.append((first + i, start // SECTOR, int.from_bytes(packed[-4:], "big")))
+        grains.append((first + i, start // SECTOR))
     return _Chunk(blob, grains, len(data))
 
 
@@ -181,6 +183,7 @@ class StreamVmdk(Record):
     grains: int  # grains stored (not all-zero)
     data_bytes: int  # bytes read from the disk (its data extents)
     cid: str
+    digests: dict[str, str]  # of the file, computed as it was written
     deflate: str
     workers: int
     seconds: float
@@ -191,70 +194,77 @@ def write_stream_optimized(
     out: Path,
     *,
     extent_name: str | None = None,
+    cid: int | None = None,
+    digests: tuple[str, ...] = ("sha256",),
     workers: int | None = None,
     desc: str | None = "vmdk",
-    on_progress: Callable[[int], object] | None = None,
 ) -> StreamVmdk:
-    """Write raw ``disk`` as a streamOptimized VMDK at ``out`` (created or truncated)."""
+    """Write raw ``disk`` as a streamOptimized VMDK at ``out`` (created or truncated).
+
+    Strictly in order, header first: ``digests`` (hashlib names) of the file come from the
+    bytes as they are written, so nobody reads the file again to hash it. The CID defaults to
+    one derived from the disk's content sample (:func:`imaging.identity.fingerprint`)."""
     t0 = time.monotonic()
     workers = workers or os.cpu_count() or 1
     name = extent_name or out.name
     if not name or any(c in name for c in '"\n\r/'):
         raise ValueError(f"extent name {name!r} cannot go in a VMDK descriptor")
+    cid = identity.derived_cid(identity.fingerprint(disk)) if cid is None else cid
+    hashes = [hashlib.new(d) for d in digests]
     src = os.open(disk, os.O_RDONLY)
     dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def emit(data: bytes | bytearray) -> None:
+        # The workers keep compressing while this thread writes and hashes (both release the GIL).
+        os.write(dst, data)
+        for h in hashes:
+            h.update(data)
+
     try:
         size = os.fstat(src).st_size
         capacity = -(-size // SECTOR)
+        text = descriptor(capacity, cid, name).encode("ascii")
+        if len(text) > DESCRIPTOR_SECTORS * SECTOR:
+            raise ValueError("VMDK descriptor too long")
+        emit((header_bytes(capacity, GD_AT_END) + text).ljust(OVERHEAD * SECTOR, b"\0"))
         tables: dict[int, array[int]] = {}
-        cid = 0
         stored = read = 0
-        # The header and descriptor are rewritten at the end, once the CID is known.
-        os.write(dst, bytes(OVERHEAD * SECTOR))
         position = OVERHEAD  # in sectors
         with ThreadPoolExecutor(workers, thread_name_prefix="vmdk") as pool, bytes_bar(size, desc) as bar:
             pending: deque[Future[_Chunk]] = deque()
-            runs = grain_runs(src, size)
 
             def drain(keep: int) -> None:
-                nonlocal position, cid, stored, read
+                nonlocal position, stored, read
                 while len(pending) > keep:
                     chunk = pending.popleft().result()
-                    os.write(dst, chunk.blob)  # blocking write: the workers keep compressing
-                    for grain, sector, adler in chunk.grains:
+                    emit(chunk.blob)
+                    for grain, sector in chunk.grains:
                         table = tables.setdefault(grain // GTES_PER_GT, array("I", bytes(4 * GTES_PER_GT)))
                         table[grain % GTES_PER_GT] = position + sector
-                        cid = zlib.crc32(struct.pack("<QI", grain, adler), cid)
                     position += len(chunk.blob) // SECTOR
                     stored += len(chunk.grains)
                     read += chunk.read_bytes
                     bar.update(chunk.read_bytes)
-                    if on_progress:
-                        on_progress(chunk.read_bytes)
 
-            for first, count in runs:
+            for first, count in grain_runs(src, size):
                 pending.append(pool.submit(_compress_chunk, src, size, first, count))
                 drain(2 * workers)
             drain(0)
-        _write_tables(dst, position, capacity, tables)
-        cid = cid if cid != 0xFFFFFFFF else 0xFFFFFFFE  # ffffffff means "no CID"
-        text = descriptor(capacity, cid, name).encode("ascii")
-        if len(text) > DESCRIPTOR_SECTORS * SECTOR:
-            raise ValueError("VMDK descriptor too long")
-        os.pwrite(dst, header_bytes(capacity, GD_AT_END) + text, 0)
+        emit(_tables(position, capacity, tables))
         out_size = os.fstat(dst).st_size
     finally:
         os.close(src)
         os.close(dst)
     return StreamVmdk(
         path=str(out), capacity_bytes=size, size_bytes=out_size, grains=stored, data_bytes=read,
-        cid=f"{cid:08x}", deflate=DEFLATE, workers=workers, seconds=round(time.monotonic() - t0, 3),
+        cid=f"{cid:08x}", digests={h.name: h.hexdigest() for h in hashes}, deflate=DEFLATE, workers=workers,
+        seconds=round(time.monotonic() - t0, 3),
     )  # fmt: skip
 
 
-def _write_tables(dst: int, position: int, capacity: int, tables: dict[int, array[int]]) -> int:
-    """Grain tables, grain directory, footer and end-of-stream after the grains; returns the GD's
-    sector. Writes append at ``position`` (the end of the file)."""
+def _tables(position: int, capacity: int, tables: dict[int, array[int]]) -> bytearray:
+    """Grain tables, grain directory, footer and end-of-stream, to follow the grains that end
+    at sector ``position``."""
     gt_count = -(-capacity // (GRAIN_SECTORS * GTES_PER_GT))
     gt_sectors = GTES_PER_GT * 4 // SECTOR
     directory = array("I", bytes(4 * gt_count))
@@ -270,8 +280,7 @@ def _write_tables(dst: int, position: int, capacity: int, tables: dict[int, arra
     out += meta_marker(MARKER_FOOTER, 1)
     out += header_bytes(capacity, gd_offset)
     out += meta_marker(MARKER_EOS, 0)
-    os.write(dst, out)
-    return gd_offset
+    return out
 
 
 @dataclass(frozen=True)
