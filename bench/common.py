@@ -162,3 +162,26 @@ class TreeMemory:
 
 def mib(n: float) -> str:
     return f"{n / (1 << 20):.0f} MiB"
+
+
+def mixed_disk(path: Path, random_bytes: int = 600 << 20) -> Path:
+    """A 3 GiB raw disk holding ~1.3 GB of data shaped like an OS image (cached): the host's
+    /usr/share (text, compresses ~3:1) and random files (already-compressed packages, media)."""
+    if path.exists():
+        return path
+    tree = path.with_suffix(".tree")
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
+    run("cp", "-a", "/usr/share", tree / "share")
+    rng = random.Random(3)
+    written, n = 0, 0
+    (tree / "blobs").mkdir()
+    while written < random_bytes:
+        size = rng.randint(64 << 10, 16 << 20)
+        (tree / "blobs" / f"b{n}").write_bytes(rng.randbytes(size))
+        written, n = written + size, n + 1
+    tmp = path.with_suffix(".tmp")
+    run("mke2fs", "-q", "-F", "-t", "ext3", "-b", "4096", "-d", tree, tmp, "3G")
+    shutil.rmtree(tree)
+    tmp.rename(path)
+    return path

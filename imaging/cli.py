@@ -1,7 +1,8 @@
-"""Command line: ``python -m imaging export|resume|verify|sample``.
+"""Command line: ``python -m imaging export|convert|resume|verify|sample``.
 
-``export`` prints, as its last line on stdout, one JSON object describing the result (``path``,
-``sha256``, ``format``, ``target``, ``run``, ``verified``, ...); everything else goes to stderr.
+``export`` and ``convert`` print, as their last line on stdout, one JSON object describing the
+result (``path``, ``sha256``, ``format``, ``target``, ``run``, ``verified``, ...); everything
+else goes to stderr.
 Errors are one line on stderr: exit 2 for bad parameters or input, 1 for a failed stage,
 130 when interrupted.
 """
@@ -54,6 +55,7 @@ def _export(args: argparse.Namespace) -> int:
         packages_install=_words(args.install),
         packages_remove=_words(args.remove),
         kernel=args.kernel,
+        **_format_options(args),
     )
     if args.run is None or not (config.runs_dir() / args.run).exists():
         # Everything that can be told before a run exists fails here, leaving nothing behind.
@@ -68,6 +70,46 @@ def _export(args: argparse.Namespace) -> int:
 def _words(value: str | None) -> list[str] | None:
     """``a,b,-c`` -> ``["a", "b", "-c"]``; None when the option was not given."""
     return None if value is None else [w for w in value.replace(",", " ").split() if w]
+
+
+def _format_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "vmdk_subformat": args.vmdk_subformat,
+        "compress": True if args.compress else None,
+        "ovf_version": args.ovf_version,
+    }
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from . import export, pipeline
+
+    disk = Path(args.disk)
+    name = args.name or disk.name.split(".", 1)[0]
+    request = pipeline.Request.create(
+        kind="convert-verify" if args.verify else "convert",
+        source=str(disk.resolve()) if disk.exists() else str(disk),
+        name=name,
+        format=args.format,
+        target=args.target,
+        out=str(Path(args.out).resolve()),
+        boot_timeout=args.boot_timeout,
+        boot_marker=args.boot_marker,
+        accel=args.accel,
+        **_format_options(args),
+    )
+    # Everything that can be told before a run exists fails here, leaving nothing behind: a
+    # missing or unreadable disk, one qemu-img cannot read, one that refers to other files.
+    from .acquire import check_space
+
+    found = export.input_disk(None, request.kind, request.source)
+    fmt = config.check_format(request.format)
+    artifact = export.artifact_path(Path(request.out), request.name, fmt)
+    if artifact == Path(found.path).resolve():
+        raise ParameterError(f"{artifact} is the input disk itself: choose another --out or --name")
+    copies = 2 if fmt.is_archive else 1
+    check_space(Path(request.out), copies * found.data_bytes + (64 << 20), "write the artifact")
+    ws, request = pipeline.open_run(args.run, request)
+    return _execute(ws, request)
 
 
 def _execute(ws: Any, request: Any) -> int:
@@ -109,6 +151,16 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+FORMATS = "raw, qcow2, vmdk, vdi, vhd, vhdx or ova"
+
+
+def _add_format_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vmdk-subformat", choices=["streamOptimized", "monolithicSparse"],
+                   help="for --format vmdk (default streamOptimized; an OVA always holds streamOptimized)")  # fmt: skip
+    p.add_argument("--compress", action="store_true", help="compressed qcow2 (qemu-img -c, parallel)")
+    p.add_argument("--ovf-version", choices=["1.0", "2.0"], help="for --format ova: 1.0 (SHA1, default) or 2.0 (SHA256)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m imaging", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -118,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         "source", help="instance image (raw, qcow2, vmdk, vdi, vhd, vhdx), or sample:kvm / sample:xen"
     )
     e.add_argument("--name", required=True, help="artifact name: letters, digits, '.', '_', '-'")
-    e.add_argument("--format", default="qcow2", help="raw or qcow2 (default qcow2)")
+    e.add_argument("--format", default="qcow2", help=f"{FORMATS} (default qcow2)")
     e.add_argument(
         "--target", default="kvm", help=f"target machine ({', '.join(config.available('targets'))})"
     )
@@ -170,7 +222,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--remove", metavar="PACKAGES", help="packages to remove from the guest (before installing)"
     )
     g.add_argument("--kernel", help="kernel version to boot (default: the newest that is not Xen-only)")
+    _add_format_options(e)
     e.set_defaults(func=_export)
+
+    c = sub.add_parser("convert", help="the export stage alone: a bootable disk -> the artifact")
+    c.add_argument(
+        "disk", help="a bootable disk in any format qemu-img reads (raw, qcow2, vmdk, vdi, vhd, vhdx)"
+    )
+    c.add_argument("--format", required=True, help=FORMATS)
+    c.add_argument("--out", required=True, help="directory for the artifact")
+    c.add_argument("--name", help="artifact name (default: the disk's file name up to the first '.')")
+    c.add_argument(
+        "--target", default="kvm", help=f"target machine ({', '.join(config.available('targets'))})"
+    )
+    c.add_argument("--verify", action="store_true", help="boot the artifact afterwards (stage 50-verify)")
+    c.add_argument("--run", help="run id (default: <name>-<UTC time>); an existing failed run resumes")
+    c.add_argument("--boot-timeout", type=int, help="time limit of the boot check, seconds")
+    c.add_argument("--boot-marker", help="regular expression in the serial log that proves the boot")
+    c.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="QEMU accelerator for the boot check")
+    _add_format_options(c)
+    c.set_defaults(func=_convert)
 
     r = sub.add_parser("resume", help="run a failed run again, from the stage that failed")
     r.add_argument("run", help="run id (a directory under runs/)")

@@ -39,12 +39,39 @@ def cache_dir() -> Path:
 
 
 class ImageFormat(StrEnum):
+    """What ``--format`` takes; each knows its file extension and what qemu calls its disk."""
+
     raw = "raw"
     qcow2 = "qcow2"
+    vmdk = "vmdk"
+    vdi = "vdi"
+    vhd = "vhd"
+    vhdx = "vhdx"
+    ova = "ova"
 
     @property
     def extension(self) -> str:
         return self.value
+
+    @property
+    def qemu_format(self) -> str:
+        """qemu's name for the disk format (of the disk inside, for an OVA)."""
+        return {"vhd": "vpc", "ova": "vmdk"}.get(self.value, self.value)
+
+    @property
+    def is_archive(self) -> bool:
+        """An OVA is a tar holding a descriptor, a disk and a manifest, not a disk image."""
+        return self is ImageFormat.ova
+
+
+class VmdkSubformat(StrEnum):
+    stream_optimized = "streamOptimized"  # compressed grains, the OVA's disk; written by imaging.vmdk
+    monolithic_sparse = "monolithicSparse"  # uncompressed, growable; written by qemu-img
+
+
+class OvfVersion(StrEnum):
+    v1 = "1.0"  # SHA1 manifest: what VirtualBox and VMware both import
+    v2 = "2.0"  # SHA256 manifest
 
 
 class Layout(StrEnum):
@@ -64,6 +91,23 @@ class _Strict(BaseModel):
 _MODULE = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 
+class OvfFacts(_Strict):
+    """How an OVA names the target's guest OS and hardware family (see imaging/ova.py)."""
+
+    os_id: int = Field(default=100, ge=0, le=65535)  # CIM_OperatingSystem OsType: 100 = Linux 2.6.x 64-Bit
+    os_description: str = "Linux 2.6.x 64-Bit"
+    vbox_os_type: str = Field(
+        default="Linux26_64", pattern=r"^[A-Za-z0-9_]+$"
+    )  # VirtualBox's guest OS type id
+    vmware_os_type: str = Field(
+        default="other26xLinux64Guest", pattern=r"^[A-Za-z0-9_]+$"
+    )  # VMware's guestId
+    # Space-separated hardware families; an importer takes the first it knows.
+    system_type: str = Field(
+        default="virtualbox-2.2 vmx-10", pattern=r"^[A-Za-z0-9._-]+( [A-Za-z0-9._-]+)*$"
+    )
+
+
 class Target(_Strict):
     name: str
     description: str
@@ -76,6 +120,7 @@ class Target(_Strict):
     initrd_modules: list[Annotated[str, Field(pattern=_MODULE)]]  # everything the initrd must load
     nic_module: Annotated[str, Field(pattern=_MODULE)]
     modprobe_extra: list[str] = []  # further modprobe.conf lines (the original's VirtualBox sound setup)
+    ovf: OvfFacts = Field(default_factory=OvfFacts)
 
 
 class Defaults(_Strict):
@@ -102,6 +147,9 @@ class Defaults(_Strict):
     packages_install: list[str] = []
     packages_remove: list[str] = []
     kernel: str = ""
+    vmdk_subformat: VmdkSubformat = VmdkSubformat.stream_optimized
+    compress: bool = False
+    ovf_version: OvfVersion = OvfVersion.v1
 
     @field_validator("kernel_args")
     @classmethod

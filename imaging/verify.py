@@ -4,11 +4,13 @@ KVM is used where it works; on hosts where /dev/kvm opens but QEMU with KVM abor
 on our CI machines), a short probe fails and the boot runs under TCG. ``-accel kvm:tcg`` is no
 help there: it only falls back when KVM cannot be opened. Either way the boot has a time limit.
 The artifact is attached with ``snapshot=on``: booting never changes the file whose sha256 was
-recorded.
+recorded. An OVA is not a disk: its disk is taken out of the tar (into the log directory, removed
+after the boot) and booted on the SATA AHCI controller and e1000 NIC its descriptor declares.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import config, tools
+from . import config, ova, tools
 from .errors import BootFailed, CommandError, ParameterError
 from .images import image_info
 from .records import Record
@@ -169,12 +171,25 @@ def boot(
     path = Path(image)
     if not path.is_file():
         raise ParameterError(f"no artifact at {path}")
-    fmt = image_info(path).format
     tgt = config.load_target(target)
     marker_re = re.compile(marker) if marker else None
     accel = choose_accel(prefer_accel)
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="imaging-verify-"))
     log_dir.mkdir(parents=True, exist_ok=True)
+    if ova.is_ova(path):
+        extracted = ova.extract_disk(path, log_dir)
+        try:
+            appliance = tgt.model_copy(update={"disk_controller": "ahci", "nic": "e1000"})
+            result = _boot(extracted, appliance, marker_re, timeout, log_dir, accel)
+        finally:
+            extracted.unlink(missing_ok=True)
+        return dataclasses.replace(result, image=str(path), format=f"ova ({result.format} inside)")
+    return _boot(path, tgt, marker_re, timeout, log_dir, accel)
+
+
+def _boot(path: Path, tgt: config.Target, marker_re: re.Pattern[str] | None, timeout: float, log_dir: Path,
+          accel: Accel) -> Boot:  # fmt: skip
+    fmt = image_info(path).format
     serial = log_dir / "serial.log"
     serial.unlink(missing_ok=True)
     argv = qemu_argv(path, fmt, tgt, accel.accel, serial)

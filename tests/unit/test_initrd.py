@@ -36,7 +36,9 @@ def _kvm_guest(tmp_path: Path, builtin: str = "") -> Path:
     (mods / "modules.builtin").write_text(builtin)
     (root / "boot").mkdir()
     (root / "boot" / "vmlinuz-6.1").write_bytes(b"k")
-    names = "lib\nlib/modules\nlib/modules/6.1\nlib/modules/6.1/kernel\nlib/modules/6.1/kernel/virtio_blk.ko\n"
+    names = (
+        "lib\nlib/modules\nlib/modules/6.1\nlib/modules/6.1/kernel\nlib/modules/6.1/kernel/virtio_blk.ko\n"
+    )
     archive = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], input=names.encode(), cwd=root,
                              capture_output=True, check=True).stdout  # fmt: skip
     (root / "boot" / "initrd.img-6.1").write_bytes(gzip.compress(archive))
@@ -56,5 +58,7 @@ def test_kept_initrd_needs_only_a_storage_driver(tmp_path: Path) -> None:
 
 def test_kept_initrd_may_rely_on_a_built_in_driver(tmp_path: Path) -> None:
     with Guest(_kvm_guest(tmp_path, builtin="kernel/drivers/ata/ahci.ko\n")) as g:
-        kept = initrd.rebuild(g, load_profile("generic"), initrd.choose_kernel(g), ["ahci"], ["ata_piix", "ahci"])
+        kept = initrd.rebuild(
+            g, load_profile("generic"), initrd.choose_kernel(g), ["ahci"], ["ata_piix", "ahci"]
+        )
         assert not kept.rebuilt

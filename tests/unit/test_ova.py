@@ -1,0 +1,177 @@
+"""The OVF descriptor and the OVA's tar: structure, escaping, determinism, manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from imaging import config, ova
+from imaging.config import OvfVersion
+
+OVF1 = "{http://schemas.dmtf.org/ovf/envelope/1}"
+RASD = "{http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData}"
+DISK = ova.OvfDisk("demo-disk1.vmdk", 123_456, 1 << 30, 64 << 20)
+
+
+def descriptor(version: OvfVersion = OvfVersion.v1, target: str = "virtualbox") -> bytes:
+    return ova.build_ovf("demo", config.load_target(target), DISK, version)
+
+
+def test_descriptor_carries_the_appliance() -> None:
+    xml = descriptor()
+    root = ova.check_ovf(xml, {"demo-disk1.vmdk": 123_456}, "demo")
+    assert xml.startswith(b"<?xml") and b'ovf:version="1.0"' in xml
+    (file,) = root.iter(f"{OVF1}File")
+    assert file.get(f"{OVF1}href") == "demo-disk1.vmdk" and file.get(f"{OVF1}size") == "123456"
+    (disk,) = root.iter(f"{OVF1}Disk")
+    assert disk.get(f"{OVF1}capacity") == str(1 << 30) and disk.get(f"{OVF1}populatedSize") == str(64 << 20)
+    assert disk.get(f"{OVF1}format").endswith("vmdk.html#streamOptimized")
+    (system,) = root.iter(f"{OVF1}VirtualSystem")
+    assert system.get(f"{OVF1}id") == "demo" and system.find(f"{OVF1}Name").text == "demo"
+    (os_section,) = root.iter(f"{OVF1}OperatingSystemSection")
+    assert os_section.get(f"{OVF1}id") == "100"
+    assert os_section.find("{http://www.virtualbox.org/ovf/machine}OSType").text == "Linux26_64"
+    items = {
+        i.find(f"{RASD}InstanceID").text: {c.tag.removeprefix(RASD): c.text for c in i}
+        for i in root.iter(f"{OVF1}Item")
+    }
+    by_type = {v["ResourceType"]: v for v in items.values()}
+    assert by_type["3"]["VirtualQuantity"] == "1"
+    assert (by_type["4"]["VirtualQuantity"], by_type["4"]["AllocationUnits"]) == ("512", "MegaBytes")
+    sata = by_type["20"]
+    assert (sata["ResourceSubType"], sata["Caption"]) == ("AHCI", "sataController0")
+    nic = by_type["10"]
+    assert (nic["ResourceSubType"], nic["Connection"]) == ("E1000", "NAT")
+    hdd = by_type["17"]
+    assert hdd["Parent"] == sata["InstanceID"] and hdd["AddressOnParent"] == "0"
+    assert hdd["HostResource"] == "ovf:/disk/vmdisk1"
+
+
+def test_ovf_2_uses_its_namespace() -> None:
+    xml = descriptor(OvfVersion.v2)
+    root = ova.check_ovf(xml, {"demo-disk1.vmdk": 123_456}, "demo")
+    assert root.tag == "{http://schemas.dmtf.org/ovf/envelope/2}Envelope"
+
+
+def test_target_facts_reach_the_descriptor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "targets" / "big.yaml").write_text(
+        "name: big\ndescription: 'x & <y>'\ndisk_controller: ahci\nnic: e1000\nmemory_mib: 2048\ncpus: 4\n"
+        "ovf: {os_id: 96, os_description: 'Debian <64> & co', vbox_os_type: Debian_64}\n"
+    )
+    monkeypatch.setenv("IMAGING_PARAMETERS", str(tmp_path))
+    config.load_target.cache_clear()
+    try:
+        xml = ova.build_ovf("demo", config.load_target("big"), DISK)
+    finally:
+        config.load_target.cache_clear()
+    root = ova.check_ovf(xml, {"demo-disk1.vmdk": 123_456})
+    assert b"Debian &lt;64&gt; &amp; co" in xml  # escaped by ElementTree, never pasted
+    assert root.find(f".//{OVF1}OperatingSystemSection").get(f"{OVF1}id") == "96"
+    assert b"<rasd:VirtualQuantity>2048</rasd:VirtualQuantity>" in xml and b"4 virtual CPUs" in xml
+
+
+def test_bad_ovf_facts_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "targets" / "odd.yaml").write_text(
+        "name: odd\ndescription: x\ndisk_controller: ahci\nnic: e1000\novf: {vbox_os_type: 'a b'}\n"
+    )
+    monkeypatch.setenv("IMAGING_PARAMETERS", str(tmp_path))
+    config.load_target.cache_clear()
+    try:
+        with pytest.raises(config.ParameterError, match="ovf.vbox_os_type"):
+            config.load_target("odd")
+    finally:
+        config.load_target.cache_clear()
+
+
+def _edit(xml: bytes, old: bytes, new: bytes) -> bytes:
+    assert old in xml
+    return xml.replace(old, new, 1)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (b'ovf:size="123456"', b'ovf:size="9"', "is 123456 bytes, the descriptor says 9"),
+        (b'ovf:href="demo-disk1.vmdk"', b'ovf:href="other.vmdk"', "not in the package"),
+        (b"<rasd:HostResource>ovf:/disk/vmdisk1", b"<rasd:HostResource>ovf:/disk/nope", "unknown disk"),
+        (b"<rasd:Parent>3</rasd:Parent>", b"<rasd:Parent>9</rasd:Parent>", "unknown parent"),
+        (
+            b"<rasd:Connection>NAT</rasd:Connection>",
+            b"<rasd:Connection>LAN</rasd:Connection>",
+            "unknown network",
+        ),
+        (b"<rasd:Caption>disk1</rasd:Caption>", b"<rasd:Zzz>disk1</rasd:Zzz>", "out of schema order"),
+        (b"<Envelope ", b"<Envelopes ", "not well-formed"),
+    ],
+)
+def test_structure_check_catches(old: bytes, new: bytes, message: str) -> None:
+    with pytest.raises(ova.OvaError, match=message):
+        ova.check_ovf(_edit(descriptor(), old, new), {"demo-disk1.vmdk": 123_456})
+
+
+def test_manifest_lines() -> None:
+    assert (
+        ova.manifest(OvfVersion.v1, {"a.ovf": "ab", "a.vmdk": "cd"})
+        == b"SHA1(a.ovf)= ab\nSHA1(a.vmdk)= cd\n"
+    )
+    assert ova.manifest(OvfVersion.v2, {"a.ovf": "ab"}) == b"SHA256(a.ovf)= ab\n"
+
+
+@pytest.fixture
+def fake_vmdk(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.vmdk"
+    path.write_bytes(b"KDMV" + bytes(5000))
+    return path
+
+
+@pytest.mark.parametrize("version", [OvfVersion.v1, OvfVersion.v2])
+def test_tar_order_determinism_and_manifest(tmp_path: Path, fake_vmdk: Path, version: OvfVersion) -> None:
+    target = config.load_target("kvm")
+    a, b = tmp_path / "a.ova", tmp_path / "b.ova"
+    ra = ova.write_ova(a, "demo", target, fake_vmdk, 4096, 1 << 20, version)
+    ova.write_ova(b, "demo", target, fake_vmdk, 4096, 1 << 20, version)
+    assert a.read_bytes() == b.read_bytes()
+    assert ra.sha256 == hashlib.sha256(a.read_bytes()).hexdigest()
+    assert a.stat().st_size % tarfile.RECORDSIZE == 0
+    with tarfile.open(a) as tar:
+        infos = tar.getmembers()
+        assert [i.name for i in infos] == ["demo.ovf", "demo-disk1.vmdk", "demo.mf"]
+        for info in infos:
+            assert (info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode) == (
+                1_700_000_000, 0, 0, "root", "root", 0o644)  # fmt: skip
+            assert info.isreg()
+        assert tar.extractfile("demo-disk1.vmdk").read() == fake_vmdk.read_bytes()  # type: ignore[union-attr]
+    digests = ova.check_ova(a, "demo")
+    algorithm = "sha1" if version is OvfVersion.v1 else "sha256"
+    assert digests["demo-disk1.vmdk"] == hashlib.new(algorithm, fake_vmdk.read_bytes()).hexdigest()
+    assert ova.is_ova(a) and not ova.is_ova(fake_vmdk)
+    out = ova.extract_disk(a, tmp_path / "x")
+    assert out.name == "demo-disk1.vmdk" and out.read_bytes() == fake_vmdk.read_bytes()
+
+
+def test_tampered_disk_fails_the_manifest(tmp_path: Path, fake_vmdk: Path) -> None:
+    path = tmp_path / "a.ova"
+    ova.write_ova(path, "demo", config.load_target("kvm"), fake_vmdk, 4096, 1 << 20)
+    (disk,) = [m for m in ova.members(path) if m.name.endswith(".vmdk")]
+    with open(path, "r+b") as f:
+        f.seek(disk.offset + 100)
+        f.write(b"!")
+    with pytest.raises(ova.OvaError, match="does not match its manifest digest"):
+        ova.check_ova(path)
+
+
+def test_descriptor_parses_as_plain_xml() -> None:
+    # What an importer without namespace support sees: the conventional element names.
+    root = ET.fromstring(descriptor())
+    assert [c.tag.split("}")[1] for c in root] == [
+        "References",
+        "DiskSection",
+        "NetworkSection",
+        "VirtualSystem",
+    ]
