@@ -1,4 +1,4 @@
-"""Command line: ``python -m imaging export|resume|verify|sample``.
+"""Command line: ``python -m imaging export|resume|verify|sample|audit|serve|worker|users``.
 
 ``export`` prints, as its last line on stdout, one JSON object describing the result (``path``,
 ``sha256``, ``format``, ``target``, ``run``, ``verified``, ...); everything else goes to stderr.
@@ -16,6 +16,7 @@ from typing import Any
 
 from . import config
 from .errors import ImagingError, ParameterError, SourceError, SpaceError
+from .store import StoreError
 
 
 def _print_json(data: dict[str, Any]) -> None:
@@ -42,6 +43,9 @@ def _export(args: argparse.Namespace) -> int:
         boot_marker=args.boot_marker,
         keep_work=True if args.keep_work else None,
         accel=args.accel,
+        kind=args.kind,
+        vis=args.vis,
+        shared_with=args.shared_with,
     )
     if args.run is None or not (config.runs_dir() / args.run).exists():
         # Everything that can be told before a run exists fails here, leaving nothing behind.
@@ -92,6 +96,69 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from . import audit
+    from .workspace import Workspace
+
+    report = audit.verify(Workspace.open(args.run, create=False).root, args.head)
+    _print_json(report.to_dict())
+    print(f"imaging: {report.message}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _service_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from . import api, settings
+
+    loaded = settings.load(args.config)
+    changes = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if args.workers is not None:
+        changes["worker"] = loaded.worker.model_copy(update={"concurrency": args.workers})
+    loaded = loaded.model_copy(update=changes)
+    _service_logging()
+    app = api.create_app(loaded)
+    print(f"imaging: serving on http://{loaded.host}:{loaded.port} (workers: {loaded.worker.concurrency})",
+          file=sys.stderr, flush=True)  # fmt: skip
+    # Our own access log (api.py): uvicorn's would write approval tokens from query strings.
+    uvicorn.run(app, host=loaded.host, port=loaded.port, access_log=False, log_config=None)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from . import settings, store, worker
+
+    loaded = settings.load(args.config)
+    _service_logging()
+    return worker.serve_forever(loaded, store.Store(loaded.sqlalchemy_url), args.concurrency)
+
+
+def _users(args: argparse.Namespace) -> int:
+    from . import settings, store
+
+    db = store.Store(settings.load(args.config).sqlalchemy_url)
+    if args.action == "list":
+        for u in db.users():
+            print(f"{u.name}\t{u.role}\t{u.email or '-'}")
+        return 0
+    config.check_name(args.name)
+    if args.action == "add":
+        if args.email:
+            settings.check_email(args.email)
+        token = db.add_user(args.name, admin=args.admin, email=args.email)
+    else:
+        token = db.new_token(args.name)
+    # The only time the token is shown: the store keeps its hash.
+    print(token)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m imaging", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -119,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--boot-marker", help="regular expression in the serial log that proves the boot")
     e.add_argument("--keep-work", action="store_true", help="keep work/ after a completed run")
     e.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="QEMU accelerator for the boot check")
+    e.add_argument("--kind", help="pipeline: export (default), or image (export, then publish)")
+    e.add_argument("--vis", choices=["public", "private", "selected"], help="image requests: visibility")
+    e.add_argument("--shared-with", action="append", metavar="USER", help="with --vis selected (repeat)")
     e.set_defaults(func=_export)
 
     r = sub.add_parser("resume", help="run a failed run again, from the stage that failed")
@@ -139,6 +209,31 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="build (once) and print the path of a sample instance image")
     s.add_argument("kind", nargs="?", default="kvm")
     s.set_defaults(func=_sample)
+
+    a = sub.add_parser("audit", help="verify a run's audit chain; names the file that changed, if one did")
+    a.add_argument("run", help="run id (a directory under runs/) or path")
+    a.add_argument("--head", help="the head hash the run is expected to have (from its completion mail)")
+    a.set_defaults(func=_audit)
+
+    sv = sub.add_parser("serve", help="the request service: HTTP API, mails, and an embedded worker")
+    sv.add_argument("--config", help="settings file (default: $IMAGING_CONFIG or <state dir>/service.yaml)")
+    sv.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="port (default 8080)")
+    sv.add_argument("--workers", type=int, help="requests the embedded worker runs at once (0: none)")
+    sv.set_defaults(func=_serve)
+
+    w = sub.add_parser("worker", help="claim approved requests and run them (until SIGTERM)")
+    w.add_argument("--config", help="settings file")
+    w.add_argument("--concurrency", type=int, help="requests run at once (default: the settings')")
+    w.set_defaults(func=_worker)
+
+    u = sub.add_parser("users", help="the service's users: add (prints the token once), token, list")
+    u.add_argument("action", choices=["add", "token", "list"])
+    u.add_argument("name", nargs="?", default="", help="user name")
+    u.add_argument("--admin", action="store_true", help="add: an admin (approves requests)")
+    u.add_argument("--email", help="add: address for the admins' mails")
+    u.add_argument("--config", help="settings file")
+    u.set_defaults(func=_users)
     return p
 
 
@@ -150,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         print("imaging: interrupted; partial files removed", file=sys.stderr)
         return 130
     except (ParameterError, SourceError, SpaceError) as e:
+        print(f"imaging: error: {e}", file=sys.stderr)
+        return 2
+    except StoreError as e:
         print(f"imaging: error: {e}", file=sys.stderr)
         return 2
     except ImagingError as e:
