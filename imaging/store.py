@@ -284,10 +284,10 @@ class Store:
                 raise StoreError(f"no image request {request_id}", 404)
             if not _may(actor, req, who):
                 raise StoreError(f"only {' or '.join(sorted(who))}s may {action} a request", 403)
+            if approval is not None:  # a used or stale link says so, whatever the state
+                _use_approval(s, req, approval)
             if req.state not in sources:
                 raise StoreError(f"cannot {action} a request that is {req.state}", 409)
-            if approval is not None:
-                _use_approval(s, req, approval)
             values: dict[str, Any] = {"state": target, "version": ImageRequest.version + 1, "updated": now()}
             if action in ("claim", "stage"):
                 values["stage"] = stage
