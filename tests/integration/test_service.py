@@ -17,8 +17,19 @@ import httpx
 import pytest
 
 from .conftest import leftovers
-from .servicekit import S3_KEY_ID, S3_SECRET, SMTP_PASSWORD, SMTP_USER, Mailbox, Service, approve_link
-from .servicekit import s3_client, s3_server, smtp_server, started_stages
+from .servicekit import (
+    S3_KEY_ID,
+    S3_SECRET,
+    SMTP_PASSWORD,
+    SMTP_USER,
+    Mailbox,
+    Service,
+    approve_link,
+    s3_client,
+    s3_server,
+    smtp_server,
+    started_stages,
+)
 
 URL = "/api/v1/request_image/"
 
