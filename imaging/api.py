@@ -76,10 +76,9 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # With workers 0 the embedded worker only expires the leases of lost workers.
-        worker = Worker(
-            settings, store, mailer, concurrency=settings.worker.concurrency if embedded_worker else 0
-        )
+        # Without an embedded worker, the service still expires the leases of lost workers.
+        embedded = embedded_worker and settings.worker.embedded
+        worker = Worker(settings, store, mailer, concurrency=settings.worker.concurrency if embedded else 0)
         worker.start()
         try:
             yield

@@ -119,13 +119,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     loaded = settings.load(args.config)
     changes = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    if args.workers is not None:
-        changes["worker"] = loaded.worker.model_copy(update={"concurrency": args.workers})
+    if args.no_worker:
+        changes["worker"] = loaded.worker.model_copy(update={"embedded": False})
     loaded = loaded.model_copy(update=changes)
     _service_logging()
     app = api.create_app(loaded)
-    print(f"imaging: serving on http://{loaded.host}:{loaded.port} (workers: {loaded.worker.concurrency})",
-          file=sys.stderr, flush=True)  # fmt: skip
+    workers = loaded.worker.concurrency if loaded.worker.embedded else 0
+    print(f"imaging: serving on http://{loaded.host}:{loaded.port} ({workers} embedded workers)", file=sys.stderr,
+          flush=True)  # fmt: skip
     # Our own access log (api.py): uvicorn's would write approval tokens from query strings.
     uvicorn.run(app, host=loaded.host, port=loaded.port, access_log=False, log_config=None)
     return 0
@@ -219,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--config", help="settings file (default: $IMAGING_CONFIG or <state dir>/service.yaml)")
     sv.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     sv.add_argument("--port", type=int, help="port (default 8080)")
-    sv.add_argument("--workers", type=int, help="requests the embedded worker runs at once (0: none)")
+    sv.add_argument(
+        "--no-worker", action="store_true", help="no embedded worker: run `imaging worker` beside it"
+    )
     sv.set_defaults(func=_serve)
 
     w = sub.add_parser("worker", help="claim approved requests and run them (until SIGTERM)")

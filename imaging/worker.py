@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config
+from .errors import ParameterError
 from .notify import Mailer
 from .settings import Settings, secret_env_names
 from .store import Actor, ImageRequest, Store, StoreError
@@ -107,6 +108,7 @@ class Worker:
         self.settings = settings
         self.store = store
         self.mailer = mailer or Mailer(settings, store)
+        # 0: no claiming, only the housekeeping of leases (a `serve` without its own worker).
         self.concurrency = settings.worker.concurrency if concurrency is None else concurrency
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
@@ -129,7 +131,8 @@ class Worker:
             t.join()
 
     def loop(self, name: str, claim: bool = True) -> None:
-        log.info("worker %s started", name) if claim else None
+        if claim:
+            log.info("worker %s started", name)
         while not self.stop.is_set():
             try:
                 self.housekeeping()
@@ -146,7 +149,8 @@ class Worker:
                 log.exception("worker %s: request %s", name, req.id)
                 with contextlib.suppress(StoreError):
                     self.finish(req.id, name, "fail", "the worker failed: see the service log")
-        log.info("worker %s stopped", name) if claim else None
+        if claim:
+            log.info("worker %s stopped", name)
 
     def housekeeping(self) -> None:
         """Requests whose worker was lost go to error, and the admins hear of it."""
@@ -225,9 +229,9 @@ class Worker:
 
 def serve_forever(settings: Settings, store: Store, concurrency: int | None = None) -> int:
     """``python -m imaging worker``: run until SIGTERM or Ctrl-C, then stop cleanly."""
+    if concurrency is not None and not 1 <= concurrency <= 16:
+        raise ParameterError(f"--concurrency must be 1 to 16, not {concurrency}")
     worker = Worker(settings, store, concurrency=concurrency)
-    if worker.concurrency < 1:
-        raise StoreError("a worker needs a concurrency of at least 1", 400)
 
     def stop(signum: int, frame: Any) -> None:
         log.info("signal %d: stopping (running requests are interrupted and go to error)", signum)

@@ -161,10 +161,12 @@ class Service:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=120)
 
+    def worker_argv(self, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "imaging", "worker", "--config", str(self.config_file), *extra]
+
     def worker(self, *extra: str) -> subprocess.Popen[bytes]:
         with open(self.root / "worker.log", "ab") as log:
-            return subprocess.Popen([sys.executable, "-m", "imaging", "worker", "--config", str(self.config_file),
-                                     *extra], stdout=log, stderr=log, env=self.env)  # fmt: skip
+            return subprocess.Popen(self.worker_argv(*extra), stdout=log, stderr=log, env=self.env)
 
     def client(self, user: str) -> httpx.Client:
         return httpx.Client(
