@@ -92,6 +92,7 @@ def publish(
     ws: Workspace, name: str, vis: str, shared_with: list[str], dest: Destination | None = None
 ) -> Published:
     """Upload the run's verified artifact with its visibility, and a manifest beside it."""
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     check_visibility(vis, shared_with)
@@ -117,7 +118,7 @@ def publish(
         head = s3.head_object(Bucket=dest.bucket, Key=key)
         s3.put_object(Bucket=dest.bucket, Key=manifest_key, Body=json.dumps(manifest, indent=2).encode(), ACL=acl,
                       ContentType="application/json")  # fmt: skip
-    except (BotoCoreError, ClientError) as e:
+    except (Boto3Error, BotoCoreError, ClientError) as e:
         raise ImagingError(
             f"cannot publish to s3://{dest.bucket}/{key}: {' '.join(str(e).split())}"
         ) from None
