@@ -22,7 +22,9 @@ from typing import Annotated, Any
 from fastapi import BackgroundTasks, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
@@ -50,10 +52,11 @@ log = logging.getLogger("imaging.api")
 API = "/api/v1"
 # Formats the original service knew; those config.ImageFormat lacks are refused as "not yet".
 KNOWN_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vhd", "vhdx", "ova")
+NOT_JSON = "the body is not valid JSON"
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    text = {401: "no bearer token, or an unknown one", 403: "not allowed for this user (or link)",
+    text = {400: "the body is not JSON", 401: "no bearer token, or an unknown one", 403: "not allowed for this user (or link)",
             404: "no such request (or not yours)", 409: "not possible in the request's state",
             410: "the link has expired", 422: "the request's fields are not valid"}  # fmt: skip
     return {c: {"model": Error, "description": text[c]} for c in codes}
@@ -90,6 +93,16 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
                   description="Image and export requests of cloud instances: ask, approve, run, audit.")  # fmt: skip
     app.state.store, app.state.settings, app.state.mailer = store, settings, mailer
     _handlers(app)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            app.openapi_schema = _document(spec, settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     base = f"{settings.public_url}{API}/request_image"
 
     def user(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Actor:
@@ -103,28 +116,48 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
     Auth = Annotated[Actor, Depends(user)]
     RequestId = Annotated[str, PathParam(pattern=REQUEST_ID, description="the request's id")]
 
-    @app.post(f"{API}/request_image/", status_code=201, response_model=RequestDetail, responses=_errors(401, 422),
-              summary="Ask for an image (vis) or an export (disk_format) of an instance")  # fmt: skip
+    @app.post(
+        f"{API}/request_image/",
+        status_code=201,
+        response_model=RequestDetail,
+        responses=_errors(400, 401, 422),
+        operation_id="create_request",
+        summary="Ask for an image (vis) or an export (disk_format) of an instance",
+    )
     def create(body: CreateRequest, actor: Auth, tasks: BackgroundTasks) -> RequestDetail:
         req = store.create(actor, **_validated(body, settings, store))
         log.info("request %s created by %s", req.id, actor.name)
         tasks.add_task(mailer.request_created, req)
         return RequestDetail.of(req, base)
 
-    @app.get(f"{API}/request_image/", response_model=list[RequestOut], responses=_errors(401, 422),
-             summary="Requests: a user's own, or all for an admin")  # fmt: skip
+    @app.get(
+        f"{API}/request_image/",
+        response_model=list[RequestOut],
+        responses=_errors(401, 422),
+        operation_id="list_requests",
+        summary="Requests: a user's own, or all for an admin",
+    )
     def list_requests(actor: Auth, state: StateName | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                       offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> list[RequestOut]:  # fmt: skip
         return [RequestOut.of(r, base) for r in store.list_requests(actor, state, limit, offset)]
 
-    @app.get(f"{API}/request_image/{{request_id}}", response_model=RequestDetail, responses=_errors(401, 404, 422),
-             summary="One request with its state history, stage and result")  # fmt: skip
+    @app.get(
+        f"{API}/request_image/{{request_id}}",
+        response_model=RequestDetail,
+        responses=_errors(401, 404, 422),
+        operation_id="show_request",
+        summary="One request with its state history, stage and result",
+    )
     def show(request_id: RequestId, actor: Auth) -> RequestDetail:
         return RequestDetail.of(store.get(request_id, actor), base)
 
-    @app.patch(f"{API}/request_image/{{request_id}}", response_model=RequestDetail,
-               responses=_errors(401, 403, 404, 409, 422),
-               summary="approve (admins; restarts a failed request at its failed stage), deny, cancel")  # fmt: skip
+    @app.patch(
+        f"{API}/request_image/{{request_id}}",
+        response_model=RequestDetail,
+        responses=_errors(400, 401, 403, 404, 409, 422),
+        operation_id="patch_request",
+        summary="approve (admins; restarts a failed request at its failed stage), deny, cancel",
+    )
     def patch(request_id: RequestId, body: Patch, actor: Auth) -> RequestDetail:
         store.get(request_id, actor)
         store.expire_leases()  # a lost worker's request can be approved again at once
@@ -132,10 +165,16 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
         log.info("request %s: %s by %s", request_id, body.status, actor.name)
         return RequestDetail.of(req, base)
 
-    @app.get(f"{API}/request_image/{{request_id}}/artifact", response_class=FileResponse,
-             responses={200: {"content": {"application/octet-stream": {}}, "description": "the artifact"},
-                        **_errors(401, 404, 409, 422)},
-             summary="Download the artifact (its owner and admins)")  # fmt: skip
+    @app.get(
+        f"{API}/request_image/{{request_id}}/artifact",
+        response_class=FileResponse,
+        responses={
+            200: {"content": {"application/octet-stream": {}}, "description": "the artifact"},
+            **_errors(401, 404, 409, 422),
+        },
+        operation_id="download_artifact",
+        summary="Download the artifact (its owner and admins)",
+    )
     def artifact(request_id: RequestId, actor: Auth) -> FileResponse:
         req = store.get(request_id, actor)
         path = Path((req.result or {}).get("path") or "")
@@ -147,8 +186,13 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
         return FileResponse(path, media_type="application/octet-stream", filename=path.name,
                             headers={"X-Checksum-Sha256": sha})  # fmt: skip
 
-    @app.get(f"{API}/request_image/{{request_id}}/notebooks", response_model=list[NotebookOut],
-             responses=_errors(401, 404, 422), summary="The executed notebooks of the request's run")  # fmt: skip
+    @app.get(
+        f"{API}/request_image/{{request_id}}/notebooks",
+        response_model=list[NotebookOut],
+        responses=_errors(401, 404, 422),
+        operation_id="list_notebooks",
+        summary="The executed notebooks of the request's run",
+    )
     def notebooks(request_id: RequestId, actor: Auth) -> list[NotebookOut]:
         req = store.get(request_id, actor)
         found = sorted((config.runs_dir() / req.id / "notebooks").glob("[0-9][0-9]-*.ipynb"))
@@ -156,9 +200,16 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
                             html=f"{base}/{req.id}/notebooks/{p.stem}" if p.with_suffix(".html").exists() else None)
                 for p in found]  # fmt: skip
 
-    @app.get(f"{API}/request_image/{{request_id}}/notebooks/{{notebook}}", response_class=HTMLResponse,
-             responses={200: {"content": {"text/html": {}}, "description": "the notebook as HTML"},
-                        **_errors(401, 404, 422)}, summary="An executed notebook, as HTML")  # fmt: skip
+    @app.get(
+        f"{API}/request_image/{{request_id}}/notebooks/{{notebook}}",
+        response_class=HTMLResponse,
+        responses={
+            200: {"content": {"text/html": {}}, "description": "the notebook as HTML"},
+            **_errors(401, 404, 422),
+        },
+        operation_id="read_notebook",
+        summary="An executed notebook, as HTML",
+    )
     def notebook(request_id: RequestId, notebook: Annotated[str, PathParam(pattern=NOTEBOOK)],
                  actor: Auth) -> HTMLResponse:  # fmt: skip
         req = store.get(request_id, actor)
@@ -169,8 +220,13 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
         csp = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
         return HTMLResponse(path.read_text(encoding="utf-8"), headers={"Content-Security-Policy": csp})
 
-    @app.get(f"{API}/request_image/{{request_id}}/audit", response_model=AuditOut, responses=_errors(401, 404, 422),
-             summary="The run's audit chain, verified now")  # fmt: skip
+    @app.get(
+        f"{API}/request_image/{{request_id}}/audit",
+        response_model=AuditOut,
+        responses=_errors(401, 404, 422),
+        operation_id="audit_record",
+        summary="The run's audit chain, verified now",
+    )
     def audit_record(request_id: RequestId, actor: Auth) -> AuditOut:
         req = store.get(request_id, actor)
         root = config.runs_dir() / req.id
@@ -184,10 +240,16 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
         str, Query(min_length=1, max_length=1000, description="the signed token from the mail")
     ]
 
-    @app.get(f"{API}/approve", response_class=HTMLResponse,
-             responses={200: {"content": {"text/html": {}}, "description": "a confirmation page"},
-                        **_errors(403, 404, 409, 410, 422)},
-             summary="The confirmation page of an approve link (changes nothing)")  # fmt: skip
+    @app.get(
+        f"{API}/approve",
+        response_class=HTMLResponse,
+        responses={
+            200: {"content": {"text/html": {}}, "description": "a confirmation page"},
+            **_errors(403, 404, 409, 410, 422),
+        },
+        operation_id="approve_page",
+        summary="The confirmation page of an approve link (changes nothing)",
+    )
     def approve_page(token: Token) -> HTMLResponse:
         req, admin = _approval(store, settings, token, consume=False)
         rows = "".join(
@@ -197,10 +259,16 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
                      f"<table>{rows}</table><form method='post'><button type='submit'>Approve as "
                      f"{html.escape(admin.name)}</button></form>")  # fmt: skip
 
-    @app.post(f"{API}/approve", response_class=HTMLResponse,
-              responses={200: {"content": {"text/html": {}}, "description": "approved"},
-                         **_errors(403, 404, 409, 410, 422)},
-              summary="Approve by the link from the mail (its confirmation page's button)")  # fmt: skip
+    @app.post(
+        f"{API}/approve",
+        response_class=HTMLResponse,
+        responses={
+            200: {"content": {"text/html": {}}, "description": "approved"},
+            **_errors(403, 404, 409, 410, 422),
+        },
+        operation_id="approve_by_link",
+        summary="Approve by the link from the mail (its confirmation page's button)",
+    )
     def approve(token: Token) -> HTMLResponse:
         req, admin = _approval(store, settings, token, consume=True)
         log.info("request %s: approve by %s (mail link)", req.id, admin.name)
@@ -208,7 +276,13 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
             f"Request {req.id} approved", f"<p>{html.escape(req.name)} is {html.escape(req.state)}.</p>"
         )
 
-    @app.get(f"{API}/me", response_model=UserOut, responses=_errors(401), summary="Who the token belongs to")
+    @app.get(
+        f"{API}/me",
+        response_model=UserOut,
+        responses=_errors(401),
+        operation_id="whoami",
+        summary="Who the token belongs to",
+    )
     def me(actor: Auth) -> UserOut:
         (found,) = store.users([actor.name])
         return UserOut(name=found.name, role=found.role, email=found.email)  # type: ignore[arg-type]
@@ -297,6 +371,32 @@ def _page(title: str, body: str) -> HTMLResponse:
     return HTMLResponse(text, headers={"Content-Security-Policy": "default-src 'none'; form-action 'self'"})
 
 
+def _document(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """What FastAPI cannot tell from the code: every error is a JSON Error whatever the route's own
+    content type; which instances, formats and targets this service takes; and the links from a
+    created request to the operations on it (schemathesis follows them)."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for path in spec["paths"].values():
+        for op in path.values():
+            for code, response in op["responses"].items():
+                if code.startswith("4"):
+                    response["content"] = error
+                elif "text/html" in response.get("content", {}):
+                    response["content"] = {"text/html": {"schema": {"type": "string"}}}
+    fields = spec["components"]["schemas"]["CreateRequest"]["properties"]
+    if settings.instances:
+        fields["instance"]["enum"] = sorted(settings.instances)
+    fields["disk_format"]["anyOf"][0]["enum"] = [f.value for f in config.ImageFormat]
+    fields["target"]["anyOf"][0]["enum"] = config.available("targets")
+    follow = {"request_id": "$response.body#/id"}
+    created = spec["paths"][f"{API}/request_image/"]["post"]["responses"]["201"]
+    created["links"] = {
+        op: {"operationId": op, "parameters": follow}
+        for op in ("show_request", "patch_request", "download_artifact", "list_notebooks", "audit_record")
+    }
+    return spec
+
+
 def _one_line(err: RequestValidationError) -> str:
     first = err.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -304,7 +404,7 @@ def _one_line(err: RequestValidationError) -> str:
     if first.get("type") == "extra_forbidden":
         return f"unknown field {where!r}"
     if first.get("type") == "json_invalid":
-        return "the body is not valid JSON"
+        return NOT_JSON
     msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
     return f"{where}: {msg}" if where else msg
 
@@ -315,11 +415,17 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 400 and "parsing the body" in str(
+            exc.detail
+        ):  # FastAPI's, for bytes not UTF-8
+            return body(400, NOT_JSON)
         return body(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        return body(422, _one_line(exc))
+        message = _one_line(exc)
+        # A body that is not JSON at all is a bad request; JSON with wrong fields, unprocessable.
+        return body(400 if message == NOT_JSON else 422, message)
 
     @app.exception_handler(StoreError)
     async def refused(request: Request, exc: StoreError) -> Response:
@@ -333,6 +439,11 @@ def _handlers(app: FastAPI) -> None:
     async def access_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         t0 = time.monotonic()
         response = await call_next(request)
+        if response.status_code == 405:
+            # Starlette names only the first route's methods where routes share a path.
+            allowed = {m for r in app.routes if isinstance(r, APIRoute) and r.path_regex.match(request.url.path)
+                       for m in r.methods or ()}  # fmt: skip
+            response.headers["Allow"] = ", ".join(sorted(allowed))
         # Path only: approval tokens travel in the query string, bearer tokens in a header.
         log.info("%s %s %d %.0f ms", request.method, request.url.path, response.status_code,
                  1000 * (time.monotonic() - t0))  # fmt: skip

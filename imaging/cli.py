@@ -250,9 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ParameterError, SourceError, SpaceError) as e:
         print(f"imaging: error: {e}", file=sys.stderr)
         return 2
-    except StoreError as e:
+    except StoreError as e:  # a user that exists already (bad input), or no database (a failure)
         print(f"imaging: error: {e}", file=sys.stderr)
-        return 2
+        return 2 if e.status < 500 else 1
     except ImagingError as e:
         print(f"imaging: error: {e}", file=sys.stderr)
         return 1

@@ -22,11 +22,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, ForeignKey, String, Text, create_engine, event, select, update
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 from sqlalchemy.types import DateTime, TypeDecorator
 
@@ -179,11 +180,19 @@ def _request_id() -> str:
 
 class Store:
     def __init__(self, url: str) -> None:
-        if url.startswith("sqlite"):
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             self.engine = _sqlite_engine(url)
         else:
             self.engine = create_engine(url, pool_pre_ping=True)
-        Base.metadata.create_all(self.engine)
+        try:
+            Base.metadata.create_all(self.engine)
+        except SQLAlchemyError as e:
+            where = parsed.render_as_string(hide_password=True)
+            reason = " ".join(str(getattr(e, "orig", None) or e).split())
+            raise StoreError(f"cannot use the database {where}: {reason}", 503) from None
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -114,7 +114,9 @@ def test_names_with_path_or_shell_characters(svc: Service, name: str) -> None:
 
 def test_body_that_is_not_json(svc: Service) -> None:
     r = svc.call("POST", URL, content=b"{nope", headers={"Content-Type": "application/json"})
-    assert error(r, 422) == "the body is not valid JSON"
+    assert error(r, 400) == "the body is not valid JSON"
+    r = svc.call("POST", URL, content=b"\xff\xfe{", headers={"Content-Type": "application/json"})
+    assert error(r, 400) == "the body is not valid JSON"
 
 
 def test_no_image_requests_where_nothing_is_published(tmp_path: Path) -> None:
