@@ -32,6 +32,7 @@ from . import __version__, approvals, audit, config
 from .errors import ParameterError
 from .notify import Mailer
 from .schemas import (
+    API_PREFIX,
     NOTEBOOK,
     REQUEST_ID,
     AuditOut,
@@ -43,15 +44,15 @@ from .schemas import (
     RequestOut,
     StateName,
     UserOut,
+    document,
+    validated,
 )
 from .settings import Settings
 from .store import Actor, ImageRequest, Store, StoreError
 from .worker import Worker
 
 log = logging.getLogger("imaging.api")
-API = "/api/v1"
-# Formats the original service knew; those config.ImageFormat lacks are refused as "not yet".
-KNOWN_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vhd", "vhdx", "ova")
+API = API_PREFIX
 NOT_JSON = "the body is not valid JSON"
 
 
@@ -99,7 +100,7 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
             spec = get_openapi(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
-            app.openapi_schema = _document(spec, settings)
+            app.openapi_schema = document(spec, settings)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -125,7 +126,7 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
         summary="Ask for an image (vis) or an export (disk_format) of an instance",
     )
     def create(body: CreateRequest, actor: Auth, tasks: BackgroundTasks) -> RequestDetail:
-        req = store.create(actor, **_validated(body, settings, store))
+        req = store.create(actor, **validated(body, settings, store))
         log.info("request %s created by %s", req.id, actor.name)
         tasks.add_task(mailer.request_created, req)
         return RequestDetail.of(req, base)
@@ -290,51 +291,6 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
     return app
 
 
-def _validated(body: CreateRequest, settings: Settings, store: Store) -> dict[str, Any]:
-    """The request's fields, checked against the service's instances, formats, targets and users."""
-    try:
-        config.check_name(body.name)
-        target = config.load_target(body.target or "kvm").name
-    except ParameterError as e:
-        raise fail(422, str(e)) from None
-    if body.instance not in settings.instances:
-        raise fail(422, f"unknown instance {body.instance!r}")
-    if body.disk_format is not None:
-        if body.vis is not None or body.shared_with is not None:
-            raise fail(422, "vis and shared_with belong to image requests (those without disk_format)")
-        return dict(instance=body.instance, name=body.name, kind="export", vis=None, shared_with=[],
-                    disk_format=_disk_format(body.disk_format), target=target)  # fmt: skip
-    if not settings.publishing():
-        raise fail(422, "this service does not publish images: ask for an export (with disk_format)")
-    if body.vis is None:
-        raise fail(422, "vis: required for an image request (public, private or selected)")
-    shared = list(dict.fromkeys(body.shared_with or []))
-    if body.vis != "selected" and shared:
-        raise fail(422, "shared_with: only when vis is selected")
-    if body.vis == "selected":
-        if not shared:
-            raise fail(422, "shared_with: required when vis is selected")
-        try:
-            [config.check_name(n) for n in shared]
-        except ParameterError as e:
-            raise fail(422, f"shared_with: {e}") from None
-        unknown = sorted(set(shared) - {u.name for u in store.users(shared)})
-        if unknown:
-            raise fail(422, f"shared_with: unknown users {', '.join(map(repr, unknown))}")
-    return dict(instance=body.instance, name=body.name, kind="image", vis=body.vis, shared_with=shared,
-                disk_format="qcow2", target=target)  # fmt: skip
-
-
-def _disk_format(value: str) -> str:
-    supported = ", ".join(f.value for f in config.ImageFormat)
-    try:
-        return config.ImageFormat(value).value
-    except ValueError:
-        if value in KNOWN_FORMATS:
-            raise fail(422, f"disk_format {value!r} is not supported yet (supported: {supported})") from None
-        raise fail(422, f"unknown disk_format {value!r} (supported: {supported})") from None
-
-
 def _approval(store: Store, settings: Settings, token: str, *, consume: bool) -> tuple[ImageRequest, Any]:
     approval = approvals.check_approval(settings.signing_key(), token, settings.approval_ttl_seconds)
     admins = [u for u in store.users(role="admin") if u.id == approval.admin_id]
@@ -371,32 +327,6 @@ def _page(title: str, body: str) -> HTMLResponse:
     return HTMLResponse(text, headers={"Content-Security-Policy": "default-src 'none'; form-action 'self'"})
 
 
-def _document(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """What FastAPI cannot tell from the code: every error is a JSON Error whatever the route's own
-    content type; which instances, formats and targets this service takes; and the links from a
-    created request to the operations on it (schemathesis follows them)."""
-    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-    for path in spec["paths"].values():
-        for op in path.values():
-            for code, response in op["responses"].items():
-                if code.startswith("4"):
-                    response["content"] = error
-                elif "text/html" in response.get("content", {}):
-                    response["content"] = {"text/html": {"schema": {"type": "string"}}}
-    fields = spec["components"]["schemas"]["CreateRequest"]["properties"]
-    if settings.instances:
-        fields["instance"]["enum"] = sorted(settings.instances)
-    fields["disk_format"]["anyOf"][0]["enum"] = [f.value for f in config.ImageFormat]
-    fields["target"]["anyOf"][0]["enum"] = config.available("targets")
-    follow = {"request_id": "$response.body#/id"}
-    created = spec["paths"][f"{API}/request_image/"]["post"]["responses"]["201"]
-    created["links"] = {
-        op: {"operationId": op, "parameters": follow}
-        for op in ("show_request", "patch_request", "download_artifact", "list_notebooks", "audit_record")
-    }
-    return spec
-
-
 def _one_line(err: RequestValidationError) -> str:
     first = err.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -426,6 +356,10 @@ def _handlers(app: FastAPI) -> None:
         message = _one_line(exc)
         # A body that is not JSON at all is a bad request; JSON with wrong fields, unprocessable.
         return body(400 if message == NOT_JSON else 422, message)
+
+    @app.exception_handler(ParameterError)
+    async def unprocessable(request: Request, exc: ParameterError) -> Response:
+        return body(422, str(exc))
 
     @app.exception_handler(StoreError)
     async def refused(request: Request, exc: StoreError) -> Response:

@@ -1,5 +1,7 @@
-"""What the HTTP API takes and gives (pydantic models; FastAPI's OpenAPI description is made from
-these, so they are the contract schemathesis checks the service against)."""
+"""What the HTTP API takes and gives: pydantic models (FastAPI's OpenAPI description is made from
+them, so they are the contract schemathesis checks the service against), the checks a new request
+passes against this service's instances, formats, targets and users, and what the description
+needs besides what FastAPI reads from the code."""
 
 from __future__ import annotations
 
@@ -8,8 +10,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .store import ImageRequest, Transition
+from . import config
+from .errors import ParameterError
+from .settings import Settings
+from .store import ImageRequest, Store, Transition
 
+API_PREFIX = "/api/v1"
+# Formats the original service knew; those config.ImageFormat lacks are refused as "not yet".
+KNOWN_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vhd", "vhdx", "ova")
 REQUEST_ID = r"^ir-[0-9a-f]{12}$"
 NOTEBOOK = r"^[0-9]{2}-[a-z0-9-]{1,40}(\.failed-[0-9]{1,4})?$"
 Vis = Literal["public", "private", "selected"]
@@ -142,3 +150,73 @@ class UserOut(BaseModel):
     name: str
     role: Literal["user", "admin"]
     email: str | None
+
+
+def validated(body: CreateRequest, settings: Settings, store: Store) -> dict[str, Any]:
+    """The request's fields, checked against the service's instances, formats, targets and users."""
+    config.check_name(body.name)
+    target = config.load_target(body.target or "kvm").name
+    if body.instance not in settings.instances:
+        raise ParameterError(f"unknown instance {body.instance!r}")
+    if body.disk_format is not None:
+        if body.vis is not None or body.shared_with is not None:
+            raise ParameterError("vis and shared_with belong to image requests (those without disk_format)")
+        return dict(instance=body.instance, name=body.name, kind="export", vis=None, shared_with=[],
+                    disk_format=check_disk_format(body.disk_format), target=target)  # fmt: skip
+    if not settings.publishing():
+        raise ParameterError("this service does not publish images: ask for an export (with disk_format)")
+    if body.vis is None:
+        raise ParameterError("vis: required for an image request (public, private or selected)")
+    shared = list(dict.fromkeys(body.shared_with or []))
+    if body.vis != "selected" and shared:
+        raise ParameterError("shared_with: only when vis is selected")
+    if body.vis == "selected":
+        if not shared:
+            raise ParameterError("shared_with: required when vis is selected")
+        try:
+            [config.check_name(n) for n in shared]
+        except ParameterError as e:
+            raise ParameterError(f"shared_with: {e}") from None
+        unknown = sorted(set(shared) - {u.name for u in store.users(shared)})
+        if unknown:
+            raise ParameterError(f"shared_with: unknown users {', '.join(map(repr, unknown))}")
+    return dict(instance=body.instance, name=body.name, kind="image", vis=body.vis, shared_with=shared,
+                disk_format="qcow2", target=target)  # fmt: skip
+
+
+def check_disk_format(value: str) -> str:
+    supported = ", ".join(f.value for f in config.ImageFormat)
+    try:
+        return config.ImageFormat(value).value
+    except ValueError:
+        if value in KNOWN_FORMATS:
+            raise ParameterError(
+                f"disk_format {value!r} is not supported yet (supported: {supported})"
+            ) from None
+        raise ParameterError(f"unknown disk_format {value!r} (supported: {supported})") from None
+
+
+def document(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """What FastAPI cannot tell from the code: every error is a JSON Error whatever the route's own
+    content type; which instances, formats and targets this service takes; and the links from a
+    created request to the operations on it (schemathesis follows them)."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for path in spec["paths"].values():
+        for op in path.values():
+            for code, response in op["responses"].items():
+                if code.startswith("4"):
+                    response["content"] = error
+                elif "text/html" in response.get("content", {}):
+                    response["content"] = {"text/html": {"schema": {"type": "string"}}}
+    fields = spec["components"]["schemas"]["CreateRequest"]["properties"]
+    if settings.instances:
+        fields["instance"]["enum"] = sorted(settings.instances)
+    fields["disk_format"]["anyOf"][0]["enum"] = [f.value for f in config.ImageFormat]
+    fields["target"]["anyOf"][0]["enum"] = config.available("targets")
+    follow = {"request_id": "$response.body#/id"}
+    created = spec["paths"][f"{API_PREFIX}/request_image/"]["post"]["responses"]["201"]
+    created["links"] = {
+        op: {"operationId": op, "parameters": follow}
+        for op in ("show_request", "patch_request", "download_artifact", "list_notebooks", "audit_record")
+    }
+    return spec

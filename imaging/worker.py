@@ -172,17 +172,17 @@ class Worker:
             while proc.poll() is None:
                 if self.stop.wait(0.5) or lost:
                     break
-                now_stage = _read_json(run_dir / "state.json").get("stage")
-                if now_stage and now_stage != stage:
-                    stage = now_stage
-                    with contextlib.suppress(StoreError):
-                        self.store.transition(req.id, "stage", Actor(name, "worker"), f"stage {stage}",
-                                              worker=name, stage=stage)  # fmt: skip
+                # Only a running run's stage: a resumed run's state.json names the old failure first.
+                now = _read_json(run_dir / "state.json")
+                if now.get("state") == "running" and now.get("stage") not in (None, stage):
+                    stage = self._moved(req.id, name, str(now["stage"]))
                 if time.monotonic() - beat > lease / 3:
                     beat = time.monotonic()
                     lost = not self.store.heartbeat(req.id, name, lease)
             code = self._wait_or_stop(proc)
         state = _read_json(run_dir / "state.json")
+        if state.get("stage") not in (None, stage) and not lost:  # a stage too short to be seen
+            self._moved(req.id, name, str(state["stage"]))
         if lost:
             log.info("request %s was cancelled or lost: run stopped", req.id)
         elif code == 0 and (run_dir / "result.json").exists():
@@ -191,12 +191,10 @@ class Worker:
             self.finish(req.id, name, "complete", f"completed ({(result.get('boot') or {}).get('verdict')})",
                         result=result)  # fmt: skip
         elif self.stop.is_set():
-            self.finish(req.id, name, "fail", "interrupted: the worker was stopped; approve again to resume",
-                        stage=state.get("stage"))  # fmt: skip
+            self.finish(req.id, name, "fail", "interrupted: the worker was stopped; approve again to resume")
         else:
             error = state.get("error") if code == 1 else _last_error(log_path)
-            self.finish(req.id, name, "fail", error or f"the run exited with code {code} (see {log_path})",
-                        stage=state.get("stage"))  # fmt: skip
+            self.finish(req.id, name, "fail", error or f"the run exited with code {code} (see {log_path})")
 
     def _wait_or_stop(self, proc: subprocess.Popen[bytes]) -> int:
         if proc.poll() is None:
@@ -210,14 +208,16 @@ class Worker:
                 proc.wait()
         return int(proc.returncode)
 
-    def finish(self, request_id: str, name: str, action: str, message: str, *, stage: str | None = None,
+    def _moved(self, request_id: str, name: str, stage: str) -> str:
+        with contextlib.suppress(StoreError):
+            self.store.transition(request_id, "stage", Actor(name, "worker"), f"stage {stage}", worker=name,
+                                  stage=stage)  # fmt: skip
+        return stage
+
+    def finish(self, request_id: str, name: str, action: str, message: str, *,
                result: dict[str, Any] | None = None) -> None:  # fmt: skip
         error = None if action == "complete" else message
         try:
-            if stage:
-                with contextlib.suppress(StoreError):
-                    self.store.transition(request_id, "stage", Actor(name, "worker"), f"stage {stage}",
-                                          worker=name, stage=stage)  # fmt: skip
             req = self.store.transition(request_id, action, Actor(name, "worker"), message, worker=name,
                                         error=error, result=result)  # fmt: skip
         except StoreError as e:
