@@ -176,7 +176,9 @@ class Worker:
                 now = _read_json(run_dir / "state.json")
                 if now.get("state") == "running" and now.get("stage") not in (None, stage):
                     stage = self._moved(req.id, name, str(now["stage"]))
-                if time.monotonic() - beat > lease / 3:
+                # The lease is renewed well before it runs out, and often enough that a request
+                # cancelled while it runs stops within seconds (the renewal is refused then).
+                if time.monotonic() - beat > min(lease / 3, 5.0):
                     beat = time.monotonic()
                     lost = not self.store.heartbeat(req.id, name, lease)
             code = self._wait_or_stop(proc)

@@ -70,13 +70,28 @@ def test_stopped_and_killed_workers_leave_requests_that_resume(tmp_path: Path) -
         third = service.worker("--concurrency", "2")
         try:
             done = service.wait_state("root", rid, {"completed", "error"})
+            assert done["state"] == "completed", done["error"]
+            assert started_stages(run) == ["00-acquire", "30-bootable", "30-bootable", "40-export", "50-verify",
+                                           "50-verify"]  # fmt: skip
+            assert len({h["actor"] for h in done["history"] if h["reason"] == "claimed"}) == 3
+
+            # Its owner cancels a running request: the worker stops the run and goes on.
+            alice = service.client("alice")
+            other = alice.post(URL, json={"instance": "i-sample", "name": "c", "disk_format": "raw"}).json()[
+                "id"
+            ]
+            root.patch(URL + other, json={"status": "approve"})
+            wait_for("stage 30-bootable", lambda: stage_is(root, other, "30-bootable"), 180)
+            assert alice.patch(URL + other, json={"status": "cancel"}).json()["state"] == "cancelled"
+            wait_for(
+                "the run to stop",
+                lambda: "interrupted" in str(service.runs.joinpath(other, "state.json").read_text()),
+                60,
+            )
+            assert third.poll() is None and leftovers(tmp_path) == []
         finally:
             third.send_signal(signal.SIGTERM)
             third.wait(timeout=120)
-        assert done["state"] == "completed", done["error"]
-        assert started_stages(run) == ["00-acquire", "30-bootable", "30-bootable", "40-export", "50-verify",
-                                       "50-verify"]  # fmt: skip
-        assert len({h["actor"] for h in done["history"] if h["reason"] == "claimed"}) == 3
     finally:
         service.stop()
     assert leftovers(tmp_path) == []
