@@ -52,26 +52,23 @@ from .store import Actor, ImageRequest, Store, StoreError
 from .worker import Worker
 
 log = logging.getLogger("imaging.api")
-API = API_PREFIX
+API = API_PREFIX  # short, for the routes below
 NOT_JSON = "the body is not valid JSON"
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    text = {400: "the body is not JSON", 401: "no bearer token, or an unknown one", 403: "not allowed for this user (or link)",
-            404: "no such request (or not yours)", 409: "not possible in the request's state",
-            410: "the link has expired", 422: "the request's fields are not valid"}  # fmt: skip
+    text = {400: "the body is not JSON", 401: "no bearer token, or an unknown one",
+            403: "not allowed for this user (or link)", 404: "no such request (or not yours)",
+            409: "not possible in the request's state", 410: "the link has expired",
+            422: "the request's fields are not valid"}  # fmt: skip
     return {c: {"model": Error, "description": text[c]} for c in codes}
 
 
 bearer = HTTPBearer(auto_error=False, description="a user's token (python -m imaging users add NAME)")
 
 
-class ApiError(HTTPException):
-    pass
-
-
-def fail(status: int, message: str) -> ApiError:
-    return ApiError(status, message)
+def fail(status: int, message: str) -> HTTPException:
+    return HTTPException(status, message)
 
 
 def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
@@ -90,8 +87,12 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
             worker.shutdown()
             store.close()
 
-    app = FastAPI(title="imaging", version=__version__, lifespan=lifespan,
-                  description="Image and export requests of cloud instances: ask, approve, run, audit.")  # fmt: skip
+    app = FastAPI(
+        title="imaging",
+        version=__version__,
+        lifespan=lifespan,
+        description="Image and export requests of cloud instances: ask, approve, run, audit.",
+    )
     app.state.store, app.state.settings, app.state.mailer = store, settings, mailer
     _handlers(app)
 
@@ -138,8 +139,12 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
         operation_id="list_requests",
         summary="Requests: a user's own, or all for an admin",
     )
-    def list_requests(actor: Auth, state: StateName | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                      offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> list[RequestOut]:  # fmt: skip
+    def list_requests(
+        actor: Auth,
+        state: StateName | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    ) -> list[RequestOut]:
         return [RequestOut.of(r, base) for r in store.list_requests(actor, state, limit, offset)]
 
     @app.get(
@@ -197,9 +202,15 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
     def notebooks(request_id: RequestId, actor: Auth) -> list[NotebookOut]:
         req = store.get(request_id, actor)
         found = sorted((config.runs_dir() / req.id / "notebooks").glob("[0-9][0-9]-*.ipynb"))
-        return [NotebookOut(name=p.stem, stage=p.stem.split(".")[0], failed=".failed-" in p.stem,
-                            html=f"{base}/{req.id}/notebooks/{p.stem}" if p.with_suffix(".html").exists() else None)
-                for p in found]  # fmt: skip
+        return [
+            NotebookOut(
+                name=p.stem,
+                stage=p.stem.split(".")[0],
+                failed=".failed-" in p.stem,
+                html=f"{base}/{req.id}/notebooks/{p.stem}" if p.with_suffix(".html").exists() else None,
+            )
+            for p in found
+        ]
 
     @app.get(
         f"{API}/request_image/{{request_id}}/notebooks/{{notebook}}",
@@ -312,8 +323,16 @@ def _approval(store: Store, settings: Settings, token: str, *, consume: bool) ->
 
 
 def _summary(req: ImageRequest) -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = [("request", req.id), ("owner", req.owner.name), ("name", req.name), ("instance", req.instance),
-            ("kind", req.kind), ("format", req.disk_format), ("target", req.target), ("state", req.state)]  # fmt: skip
+    rows: list[tuple[str, Any]] = [
+        ("request", req.id),
+        ("owner", req.owner.name),
+        ("name", req.name),
+        ("instance", req.instance),
+        ("kind", req.kind),
+        ("format", req.disk_format),
+        ("target", req.target),
+        ("state", req.state),
+    ]
     if req.kind == "image":
         rows += [("visibility", req.vis), ("shared with", ", ".join(req.shared_with) or "-")]
     if req.error:
@@ -375,10 +394,19 @@ def _handlers(app: FastAPI) -> None:
         response = await call_next(request)
         if response.status_code == 405:
             # Starlette names only the first route's methods where routes share a path.
-            allowed = {m for r in app.routes if isinstance(r, APIRoute) and r.path_regex.match(request.url.path)
-                       for m in r.methods or ()}  # fmt: skip
+            allowed = {
+                m
+                for r in app.routes
+                if isinstance(r, APIRoute) and r.path_regex.match(request.url.path)
+                for m in r.methods or ()
+            }
             response.headers["Allow"] = ", ".join(sorted(allowed))
         # Path only: approval tokens travel in the query string, bearer tokens in a header.
-        log.info("%s %s %d %.0f ms", request.method, request.url.path, response.status_code,
-                 1000 * (time.monotonic() - t0))  # fmt: skip
+        log.info(
+            "%s %s %d %.0f ms",
+            request.method,
+            request.url.path,
+            response.status_code,
+            1000 * (time.monotonic() - t0),
+        )
         return response

@@ -82,8 +82,14 @@ def _resume(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from . import verify
 
-    result = verify.boot(args.path, args.target, marker=args.boot_marker, timeout=args.boot_timeout,
-                         log_dir=Path(args.log_dir) if args.log_dir else None, prefer_accel=args.accel)  # fmt: skip
+    result = verify.boot(
+        args.path,
+        args.target,
+        marker=args.boot_marker,
+        timeout=args.boot_timeout,
+        log_dir=Path(args.log_dir) if args.log_dir else None,
+        prefer_accel=args.accel,
+    )
     _print_json(result.to_dict())
     verify.require_booted(result)
     return 0
@@ -125,8 +131,11 @@ def _serve(args: argparse.Namespace) -> int:
     _service_logging()
     app = api.create_app(loaded)
     workers = loaded.worker.concurrency if loaded.worker.embedded else 0
-    print(f"imaging: serving on http://{loaded.host}:{loaded.port} ({workers} embedded workers)", file=sys.stderr,
-          flush=True)  # fmt: skip
+    print(
+        f"imaging: serving on http://{loaded.host}:{loaded.port} ({workers} embedded workers)",
+        file=sys.stderr,
+        flush=True,
+    )
     # Our own access log (api.py): uvicorn's would write approval tokens from query strings.
     uvicorn.run(app, host=loaded.host, port=loaded.port, access_log=False, log_config=None)
     return 0

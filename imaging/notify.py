@@ -98,8 +98,11 @@ class Mailer:
                 lines += [f"  error       {req.error}"]
             lines += ["", f"Audit record: {url}/audit", f"Notebooks:    {url}/notebooks"]
             if req.state == "completed":
-                lines += [f"Download:     {url}/artifact", "",
-                          "Check that the image works before you forward this mail to its owner."]  # fmt: skip
+                lines += [
+                    f"Download:     {url}/artifact",
+                    "",
+                    "Check that the image works before you forward this mail to its owner.",
+                ]
             else:
                 lines += ["", f"Fix the cause, then approve again to resume at {req.stage or 'the start'}:",
                           f"  {self.approve_link(req, admin)}"]  # fmt: skip

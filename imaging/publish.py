@@ -46,8 +46,12 @@ class Destination(Record):
                 "no object store to publish to: set IMAGING_S3_BUCKET (the service's publish: bucket)"
             )
         prefix = os.environ.get("IMAGING_S3_PREFIX", "images/")
-        return cls(bucket, os.environ.get("IMAGING_S3_ENDPOINT", ""), os.environ.get("IMAGING_S3_REGION", "us-east-1"),
-                   prefix if not prefix or prefix.endswith("/") else prefix + "/")  # fmt: skip
+        return cls(
+            bucket,
+            os.environ.get("IMAGING_S3_ENDPOINT", ""),
+            os.environ.get("IMAGING_S3_REGION", "us-east-1"),
+            prefix if not prefix or prefix.endswith("/") else prefix + "/",
+        )
 
 
 @dataclass(frozen=True)
@@ -107,17 +111,35 @@ def publish(
     acl = "public-read" if vis == "public" else "private"
     metadata = {"sha256": artifact["sha256"], "vis": vis, "shared-with": ",".join(shared_with), "run": ws.id,
                 "image-name": name}  # fmt: skip
-    manifest = {"name": name, "key": key, "format": artifact["format"], "sha256": artifact["sha256"],
-                "size_bytes": path.stat().st_size, "vis": vis, "shared_with": shared_with, "run": ws.id,
-                "boot": boot.get("verdict"), "published": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+    manifest = {
+        "name": name,
+        "key": key,
+        "format": artifact["format"],
+        "sha256": artifact["sha256"],
+        "size_bytes": path.stat().st_size,
+        "vis": vis,
+        "shared_with": shared_with,
+        "run": ws.id,
+        "boot": boot.get("verdict"),
+        "published": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     s3 = client(dest)
     t0 = time.monotonic()
     try:
-        s3.upload_file(str(path), dest.bucket, key,
-                       ExtraArgs={"ACL": acl, "Metadata": metadata, "ContentType": "application/octet-stream"})  # fmt: skip
+        s3.upload_file(
+            str(path),
+            dest.bucket,
+            key,
+            ExtraArgs={"ACL": acl, "Metadata": metadata, "ContentType": "application/octet-stream"},
+        )
         head = s3.head_object(Bucket=dest.bucket, Key=key)
-        s3.put_object(Bucket=dest.bucket, Key=manifest_key, Body=json.dumps(manifest, indent=2).encode(), ACL=acl,
-                      ContentType="application/json")  # fmt: skip
+        s3.put_object(
+            Bucket=dest.bucket,
+            Key=manifest_key,
+            Body=json.dumps(manifest, indent=2).encode(),
+            ACL=acl,
+            ContentType="application/json",
+        )
     except (Boto3Error, BotoCoreError, ClientError) as e:
         raise ImagingError(
             f"cannot publish to s3://{dest.bucket}/{key}: {' '.join(str(e).split())}"
@@ -126,6 +148,16 @@ def publish(
         raise ImagingError(
             f"s3://{dest.bucket}/{key} holds {head['ContentLength']} bytes, not {path.stat().st_size}"
         )
-    return Published(bucket=dest.bucket, key=key, manifest_key=manifest_key, endpoint=dest.endpoint, vis=vis, acl=acl,
-                     shared_with=list(shared_with), sha256=artifact["sha256"], size_bytes=path.stat().st_size,
-                     etag=str(head.get("ETag", "")).strip('"'), seconds=round(time.monotonic() - t0, 3))  # fmt: skip
+    return Published(
+        bucket=dest.bucket,
+        key=key,
+        manifest_key=manifest_key,
+        endpoint=dest.endpoint,
+        vis=vis,
+        acl=acl,
+        shared_with=list(shared_with),
+        sha256=artifact["sha256"],
+        size_bytes=path.stat().st_size,
+        etag=str(head.get("ETag", "")).strip('"'),
+        seconds=round(time.monotonic() - t0, 3),
+    )

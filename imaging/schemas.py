@@ -116,10 +116,24 @@ def _fields(req: ImageRequest, base: str) -> dict[str, Any]:
     links = {"self": url, "notebooks": f"{url}/notebooks", "audit": f"{url}/audit"}
     if req.state == "completed":
         links["artifact"] = f"{url}/artifact"
-    return dict(id=req.id, owner=req.owner.name, instance=req.instance, name=req.name, kind=req.kind, vis=req.vis,
-                shared_with=list(req.shared_with or []), disk_format=req.disk_format, target=req.target,
-                state=req.state, stage=req.stage, error=req.error, created=req.created, updated=req.updated,
-                result=req.result, links=links)  # fmt: skip
+    return dict(
+        id=req.id,
+        owner=req.owner.name,
+        instance=req.instance,
+        name=req.name,
+        kind=req.kind,
+        vis=req.vis,
+        shared_with=list(req.shared_with or []),
+        disk_format=req.disk_format,
+        target=req.target,
+        state=req.state,
+        stage=req.stage,
+        error=req.error,
+        created=req.created,
+        updated=req.updated,
+        result=req.result,
+        links=links,
+    )
 
 
 class NotebookOut(BaseModel):

@@ -360,8 +360,13 @@ class Store:
         expired = []
         for request_id in stale:
             try:
-                self.transition(request_id, "fail", SYSTEM, "worker lost (its lease expired); approve again to resume",
-                                error="the worker running this request stopped")  # fmt: skip
+                self.transition(
+                    request_id,
+                    "fail",
+                    SYSTEM,
+                    "worker lost (its lease expired); approve again to resume",
+                    error="the worker running this request stopped",
+                )
             except StoreError:
                 continue
             expired.append(request_id)

@@ -78,8 +78,12 @@ def child_env(settings: Settings, req: ImageRequest) -> dict[str, str]:
     env.pop("AWS_SECRET_ACCESS_KEY", None)
     if req.kind == "image":
         p = settings.publish
-        env.update(IMAGING_S3_BUCKET=p.bucket, IMAGING_S3_ENDPOINT=p.endpoint_url, IMAGING_S3_REGION=p.region,
-                   IMAGING_S3_PREFIX=p.prefix)  # fmt: skip
+        env.update(
+            IMAGING_S3_BUCKET=p.bucket,
+            IMAGING_S3_ENDPOINT=p.endpoint_url,
+            IMAGING_S3_REGION=p.region,
+            IMAGING_S3_PREFIX=p.prefix,
+        )
         if p.access_key_id.get_secret_value():
             env["AWS_ACCESS_KEY_ID"] = p.access_key_id.get_secret_value()
             env["AWS_SECRET_ACCESS_KEY"] = p.secret_access_key.get_secret_value()
@@ -165,9 +169,16 @@ class Worker:
         argv = command(self.settings, req)
         log.info("request %s: %s (worker %s)", req.id, " ".join(argv[3:5]), name)
         with open(log_path, "a", encoding="utf-8") as log_file:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
-                                    env=child_env(self.settings, req), cwd=config.PROJECT,
-                                    start_new_session=True, preexec_fn=_term_with_parent)  # fmt: skip
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                env=child_env(self.settings, req),
+                cwd=config.PROJECT,
+                start_new_session=True,
+                preexec_fn=_term_with_parent,
+            )
             stage, beat, lost = req.stage, time.monotonic(), False
             while proc.poll() is None:
                 if self.stop.wait(0.5) or lost:

@@ -151,9 +151,18 @@ class Service:
 
     def start(self, *extra: str) -> None:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "imaging", "serve", "--config", str(self.config_file),
-                                          *extra], stdout=log, stderr=log, env=self.env)  # fmt: skip
-        wait_for("the service", lambda: self.proc is not None and (self.proc.poll() is not None or _up(self.url + "/openapi.json")))  # fmt: skip
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "imaging", "serve", "--config", str(self.config_file), *extra],
+                stdout=log,
+                stderr=log,
+                env=self.env,
+            )
+        wait_for(
+            "the service",
+            lambda: (
+                self.proc is not None and (self.proc.poll() is not None or _up(self.url + "/openapi.json"))
+            ),
+        )
         assert self.proc.poll() is None, self.log.read_text()
 
     def stop(self) -> None:

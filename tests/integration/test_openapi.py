@@ -19,8 +19,11 @@ from .servicekit import Service
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     root = tmp_path_factory.mktemp("openapi")
-    config = {"instances": {"i-sample": "sample:kvm", "i-other": "/srv/i-other.img"}, "publish": {"bucket": "images"},
-              "worker": {"embedded": False}}  # fmt: skip
+    config = {
+        "instances": {"i-sample": "sample:kvm", "i-other": "/srv/i-other.img"},
+        "publish": {"bucket": "images"},
+        "worker": {"embedded": False},
+    }
     svc = Service(root, root / "runs", config)
     svc.add_user("alice")
     svc.add_user("bob")

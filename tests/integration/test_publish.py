@@ -57,8 +57,13 @@ def test_visibility(ws: Workspace, s3: tuple[str, Any], vis: str, shared: list[s
     assert (done.key, done.manifest_key) == ("images/img/run-7.qcow2", "images/img/run-7.json")
     body = client.get_object(Bucket="images", Key=done.key)
     assert hashlib.sha256(body["Body"].read()).hexdigest() == done.sha256
-    assert body["Metadata"] == {"sha256": done.sha256, "vis": vis, "shared-with": ",".join(shared), "run": "run-7",
-                                "image-name": "img"}  # fmt: skip
+    assert body["Metadata"] == {
+        "sha256": done.sha256,
+        "vis": vis,
+        "shared-with": ",".join(shared),
+        "run": "run-7",
+        "image-name": "img",
+    }
     manifest = json.loads(client.get_object(Bucket="images", Key=done.manifest_key)["Body"].read())
     assert (manifest["vis"], manifest["shared_with"], manifest["sha256"]) == (vis, shared, done.sha256)
     assert public_read(client, done.key) is (vis == "public")

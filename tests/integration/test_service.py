@@ -43,11 +43,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, M
         s3_client(s3_url).create_bucket(Bucket="images")
         config = {
             "instances": {"i-sample": "sample:kvm"},
-            "smtp": {"host": "127.0.0.1", "port": smtp_port, "username": SMTP_USER, "password": SMTP_PASSWORD},
-            "publish": {"endpoint_url": s3_url, "bucket": "images", "access_key_id": S3_KEY_ID,
-                        "secret_access_key": S3_SECRET},
+            "smtp": {
+                "host": "127.0.0.1",
+                "port": smtp_port,
+                "username": SMTP_USER,
+                "password": SMTP_PASSWORD,
+            },
+            "publish": {
+                "endpoint_url": s3_url,
+                "bucket": "images",
+                "access_key_id": S3_KEY_ID,
+                "secret_access_key": S3_SECRET,
+            },
             "worker": {"concurrency": 1, "poll_seconds": 0.5},
-        }  # fmt: skip
+        }
         service = Service(root, root / "runs", config, env={"PATH": f"{fake_bin}:{os.environ['PATH']}"})
         service.add_user("alice", email="alice@example.org")
         service.add_user("bob")

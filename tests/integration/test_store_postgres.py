@@ -47,16 +47,41 @@ def postgres() -> Iterator[str]:
     port = free_port()
     as_postgres = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
     env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
-    subprocess.run([*as_postgres, _bin("initdb"), "-D", root / "data", "-U", "imaging", "-A", "trust", "--no-sync"],
-                   check=True, capture_output=True, env=env, cwd=root)  # fmt: skip
+    subprocess.run(
+        [*as_postgres, _bin("initdb"), "-D", root / "data", "-U", "imaging", "-A", "trust", "--no-sync"],
+        check=True,
+        capture_output=True,
+        env=env,
+        cwd=root,
+    )
     options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
-    subprocess.run([*as_postgres, _bin("pg_ctl"), "-D", root / "data", "-o", options, "-l", root / "log", "-w", "start"],
-                   check=True, capture_output=True, env=env, cwd=root)  # fmt: skip
+    subprocess.run(
+        [
+            *as_postgres,
+            _bin("pg_ctl"),
+            "-D",
+            root / "data",
+            "-o",
+            options,
+            "-l",
+            root / "log",
+            "-w",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+        cwd=root,
+    )
     try:
         yield f"postgresql+psycopg://imaging@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_postgres, _bin("pg_ctl"), "-D", root / "data", "-m", "immediate", "stop"],
-                       capture_output=True, env=env, cwd=root)  # fmt: skip
+        subprocess.run(
+            [*as_postgres, _bin("pg_ctl"), "-D", root / "data", "-m", "immediate", "stop"],
+            capture_output=True,
+            env=env,
+            cwd=root,
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -84,8 +109,12 @@ def test_claim_raced_by_processes(store: Store, postgres: str) -> None:
     from imaging.store import State
 
     ids = {in_state(store, alice, root, State.approved) for _ in range(20)}
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, postgres, f"p{i}"], stdout=subprocess.PIPE, text=True)
-             for i in range(4)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIMER, postgres, f"p{i}"], stdout=subprocess.PIPE, text=True
+        )
+        for i in range(4)
+    ]
     claimed = [line for p in procs for line in p.communicate(timeout=120)[0].split()]
     assert sorted(claimed) == sorted(ids)  # every request once, none twice
     assert len({h.actor for i in ids for h in store.get(i).transitions if h.reason == "claimed"}) >= 1

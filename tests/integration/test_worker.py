@@ -71,8 +71,14 @@ def test_stopped_and_killed_workers_leave_requests_that_resume(tmp_path: Path) -
         try:
             done = service.wait_state("root", rid, {"completed", "error"})
             assert done["state"] == "completed", done["error"]
-            assert started_stages(run) == ["00-acquire", "30-bootable", "30-bootable", "40-export", "50-verify",
-                                           "50-verify"]  # fmt: skip
+            assert started_stages(run) == [
+                "00-acquire",
+                "30-bootable",
+                "30-bootable",
+                "40-export",
+                "50-verify",
+                "50-verify",
+            ]
             assert len({h["actor"] for h in done["history"] if h["reason"] == "claimed"}) == 3
 
             # Its owner cancels a running request: the worker stops the run and goes on.

@@ -105,8 +105,23 @@ def test_bad_fields(svc: Service, body: dict[str, Any], message: str) -> None:
     assert svc.call("GET", URL, "root").json() == []  # nothing was created
 
 
-@pytest.mark.parametrize("name", ["../../etc/passwd", "a/b", "a;rm -rf ~", "$(id)", "`id`", "a b", "-rf", ".x",
-                                  "a|b", "x" * 81, "naïve", "a..b"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../etc/passwd",
+        "a/b",
+        "a;rm -rf ~",
+        "$(id)",
+        "`id`",
+        "a b",
+        "-rf",
+        ".x",
+        "a|b",
+        "x" * 81,
+        "naïve",
+        "a..b",
+    ],
+)
 def test_names_with_path_or_shell_characters(svc: Service, name: str) -> None:
     detail = error(svc.create(disk_format="qcow2", name=name), 422)
     assert "not allowed" in detail or "at most 80 characters" in detail
@@ -142,9 +157,14 @@ def test_authentication(svc: Service) -> None:
 
 def test_another_users_request(svc: Service) -> None:
     rid = svc.create(disk_format="qcow2").json()["id"]
-    for method, path, body in [("GET", "", None), ("PATCH", "", {"status": "cancel"}), ("GET", "/artifact", None),
-                               ("GET", "/notebooks", None), ("GET", "/audit", None),
-                               ("GET", "/notebooks/00-acquire", None)]:  # fmt: skip
+    for method, path, body in [
+        ("GET", "", None),
+        ("PATCH", "", {"status": "cancel"}),
+        ("GET", "/artifact", None),
+        ("GET", "/notebooks", None),
+        ("GET", "/audit", None),
+        ("GET", "/notebooks/00-acquire", None),
+    ]:
         assert error(svc.call(method, URL + rid + path, "bob", json=body), 404) == f"no image request {rid}"
     assert svc.call("GET", URL, "bob").json() == []
     assert [r["id"] for r in svc.call("GET", URL, "root").json()] == [rid]
@@ -161,10 +181,17 @@ def test_only_admins_approve(svc: Service) -> None:
     )
     r = svc.call("PATCH", URL + rid, "root", json={"status": "approve", "reason": "ok"})
     assert r.status_code == 200 and r.json()["state"] == "approved"
-    assert r.json()["history"][-1] | {"time": 0} == {"time": 0, "actor": "root", "from": "pending", "to": "approved",
-                                                     "stage": None, "reason": "ok"}  # fmt: skip
+    assert r.json()["history"][-1] | {"time": 0} == {
+        "time": 0,
+        "actor": "root",
+        "from": "pending",
+        "to": "approved",
+        "stage": None,
+        "reason": "ok",
+    }
     assert "cannot approve a request that is approved" in error(
-        svc.call("PATCH", URL + rid, "root", json={"status": "approve"}), 409)  # fmt: skip
+        svc.call("PATCH", URL + rid, "root", json={"status": "approve"}), 409
+    )
     assert svc.call("PATCH", URL + rid, json={"status": "cancel"}).json()["state"] == "cancelled"
 
 
@@ -176,8 +203,16 @@ def test_bad_patch(svc: Service, body: dict[str, Any]) -> None:
     error(svc.call("PATCH", URL + rid, "root", json=body), 422)
 
 
-@pytest.mark.parametrize("path", ["ir-nothere", "ir-000000000000", "..%2F..%2Fetc", "ir-000000000000/notebooks/..%2Fx",
-                                  "ir-000000000000/notebooks/00-a;b"])  # fmt: skip
+@pytest.mark.parametrize(
+    "path",
+    [
+        "ir-nothere",
+        "ir-000000000000",
+        "..%2F..%2Fetc",
+        "ir-000000000000/notebooks/..%2Fx",
+        "ir-000000000000/notebooks/00-a;b",
+    ],
+)
 def test_bad_ids_and_names(svc: Service, path: str) -> None:
     r = svc.call("GET", URL + path, "root")
     assert r.status_code in (404, 422), r.text

@@ -46,8 +46,10 @@ def test_a_changed_file_is_named(tmp_path: Path) -> None:
     nb.write_text(nb.read_text().replace("hi", "ho"))
     report = audit.verify(ws.root)
     assert not report.ok
-    assert report.problems == [f"notebooks/30-bootable.ipynb changed since it was recorded (sha256 "
-                               f"{audit.sparse.sha256(nb, desc=None)}, recorded {report_digest(ws, 2)})"]  # fmt: skip
+    assert report.problems == [
+        f"notebooks/30-bootable.ipynb changed since it was recorded (sha256 "
+        f"{audit.sparse.sha256(nb, desc=None)}, recorded {report_digest(ws, 2)})"
+    ]
 
 
 def report_digest(ws: Workspace, n: int) -> str:

@@ -28,8 +28,13 @@ def test_defaults(tmp_path: Path) -> None:
 def test_file_then_environment(tmp_path: Path) -> None:
     path = write(tmp_path, "port: 9000\nsmtp: {host: mail.example.org, port: 2525}\n"
                            "instances: {i-1: sample:kvm, i-2: /srv/images/i-2.img}\n")  # fmt: skip
-    env = {"IMAGING_STATE": str(tmp_path), "IMAGING_SMTP__PORT": "587", "IMAGING_WORKER__CONCURRENCY": "3",
-           "IMAGING_DATABASE_URL": "postgresql+psycopg://u:pw@127.0.0.1/db", "IMAGING_RUNS": "/elsewhere"}  # fmt: skip
+    env = {
+        "IMAGING_STATE": str(tmp_path),
+        "IMAGING_SMTP__PORT": "587",
+        "IMAGING_WORKER__CONCURRENCY": "3",
+        "IMAGING_DATABASE_URL": "postgresql+psycopg://u:pw@127.0.0.1/db",
+        "IMAGING_RUNS": "/elsewhere",
+    }
     s = settings.load(path, env)
     assert (s.port, s.smtp.host, s.smtp.port, s.worker.concurrency) == (9000, "mail.example.org", 587, 3)
     assert s.instances == {"i-1": "sample:kvm", "i-2": "/srv/images/i-2.img"}
