@@ -44,7 +44,7 @@ def test_schemathesis_finds_nothing(service: Service, user: str, examples: int) 
          # the service does not know are rightly refused (422).
          "--checks", "all", "--exclude-checks", "positive_data_acceptance",
          "--max-examples", str(examples), "--workers", "1", "--request-timeout", "30"],
-        capture_output=True, text=True, timeout=600, env=service.env,
+        capture_output=True, text=True, timeout=600, env=service.env, cwd=service.root,  # its cache goes there
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert re.search(r"\d+ generated, \d+ passed", proc.stdout), proc.stdout[-2000:]
