@@ -5,9 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Host tools the pipeline and its tests run (see README, "What runs each step").
+# Host tools the pipeline and its tests run (see README, "What runs each step"); PostgreSQL for
+# the store's tests against a real server (each test starts its own cluster on loopback).
 APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdisk util-linux \
-	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap
+	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap \
+	postgresql
 
 .PHONY: setup apt venv demo test test-fast lint bench clean
 

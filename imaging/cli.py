@@ -1,4 +1,4 @@
-"""Command line: ``python -m imaging export|convert|resume|verify|sample``.
+"""Command line: ``python -m imaging export|convert|resume|verify|sample|audit|serve|worker|users``.
 
 ``export`` and ``convert`` print, as their last line on stdout, one JSON object describing the
 result (``path``, ``sha256``, ``format``, ``target``, ``run``, ``verified``, ...); everything
@@ -17,6 +17,7 @@ from typing import Any
 
 from . import config
 from .errors import ImagingError, ParameterError, SourceError, SpaceError
+from .store import StoreError
 
 
 def _print_json(data: dict[str, Any]) -> None:
@@ -56,6 +57,9 @@ def _export(args: argparse.Namespace) -> int:
         packages_remove=_words(args.remove),
         kernel=args.kernel,
         **_format_options(args),
+        kind=args.kind,
+        vis=args.vis,
+        shared_with=args.shared_with,
     )
     if args.run is None or not (config.runs_dir() / args.run).exists():
         # Everything that can be told before a run exists fails here, leaving nothing behind.
@@ -137,8 +141,14 @@ def _resume(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from . import verify
 
-    result = verify.boot(args.path, args.target, marker=args.boot_marker, timeout=args.boot_timeout,
-                         log_dir=Path(args.log_dir) if args.log_dir else None, prefer_accel=args.accel)  # fmt: skip
+    result = verify.boot(
+        args.path,
+        args.target,
+        marker=args.boot_marker,
+        timeout=args.boot_timeout,
+        log_dir=Path(args.log_dir) if args.log_dir else None,
+        prefer_accel=args.accel,
+    )
     _print_json(result.to_dict())
     verify.require_booted(result)
     return 0
@@ -159,6 +169,73 @@ def _add_format_options(p: argparse.ArgumentParser) -> None:
                    help="for --format vmdk (default streamOptimized; an OVA always holds streamOptimized)")  # fmt: skip
     p.add_argument("--compress", action="store_true", help="compressed qcow2 (qemu-img -c, parallel)")
     p.add_argument("--ovf-version", choices=["1.0", "2.0"], help="for --format ova: 1.0 (SHA1, default) or 2.0 (SHA256)")  # fmt: skip
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from . import audit
+    from .workspace import Workspace
+
+    report = audit.verify(Workspace.open(args.run, create=False).root, args.head)
+    _print_json(report.to_dict())
+    print(f"imaging: {report.message}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _service_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from . import api, settings
+
+    loaded = settings.load(args.config)
+    changes = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if args.no_worker:
+        changes["worker"] = loaded.worker.model_copy(update={"embedded": False})
+    loaded = loaded.model_copy(update=changes)
+    _service_logging()
+    app = api.create_app(loaded)
+    workers = loaded.worker.concurrency if loaded.worker.embedded else 0
+    print(
+        f"imaging: serving on http://{loaded.host}:{loaded.port} ({workers} embedded workers)",
+        file=sys.stderr,
+        flush=True,
+    )
+    # Our own access log (api.py): uvicorn's would write approval tokens from query strings.
+    uvicorn.run(app, host=loaded.host, port=loaded.port, access_log=False, log_config=None)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from . import settings, store, worker
+
+    loaded = settings.load(args.config)
+    _service_logging()
+    return worker.serve_forever(loaded, store.Store(loaded.sqlalchemy_url), args.concurrency)
+
+
+def _users(args: argparse.Namespace) -> int:
+    from . import settings, store
+
+    db = store.Store(settings.load(args.config).sqlalchemy_url)
+    if args.action == "list":
+        for u in db.users():
+            print(f"{u.name}\t{u.role}\t{u.email or '-'}")
+        return 0
+    config.check_name(args.name)
+    if args.action == "add":
+        if args.email:
+            settings.check_email(args.email)
+        token = db.add_user(args.name, admin=args.admin, email=args.email)
+    else:
+        token = db.new_token(args.name)
+    # The only time the token is shown: the store keeps its hash.
+    print(token)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--kernel", help="kernel version to boot (default: the newest that is not Xen-only)")
     _add_format_options(e)
+    e.add_argument("--kind", help="pipeline: export (default), or image (export, then publish)")
+    e.add_argument("--vis", choices=["public", "private", "selected"], help="image requests: visibility")
+    e.add_argument("--shared-with", action="append", metavar="USER", help="with --vis selected (repeat)")
     e.set_defaults(func=_export)
 
     c = sub.add_parser("convert", help="the export stage alone: a bootable disk -> the artifact")
@@ -261,6 +341,33 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="build (once) and print the path of a sample instance image")
     s.add_argument("kind", nargs="?", default="kvm")
     s.set_defaults(func=_sample)
+
+    a = sub.add_parser("audit", help="verify a run's audit chain; names the file that changed, if one did")
+    a.add_argument("run", help="run id (a directory under runs/) or path")
+    a.add_argument("--head", help="the head hash the run is expected to have (from its completion mail)")
+    a.set_defaults(func=_audit)
+
+    sv = sub.add_parser("serve", help="the request service: HTTP API, mails, and an embedded worker")
+    sv.add_argument("--config", help="settings file (default: $IMAGING_CONFIG or <state dir>/service.yaml)")
+    sv.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="port (default 8080)")
+    sv.add_argument(
+        "--no-worker", action="store_true", help="no embedded worker: run `imaging worker` beside it"
+    )
+    sv.set_defaults(func=_serve)
+
+    w = sub.add_parser("worker", help="claim approved requests and run them (until SIGTERM)")
+    w.add_argument("--config", help="settings file")
+    w.add_argument("--concurrency", type=int, help="requests run at once (default: the settings')")
+    w.set_defaults(func=_worker)
+
+    u = sub.add_parser("users", help="the service's users: add (prints the token once), token, list")
+    u.add_argument("action", choices=["add", "token", "list"])
+    u.add_argument("name", nargs="?", default="", help="user name")
+    u.add_argument("--admin", action="store_true", help="add: an admin (approves requests)")
+    u.add_argument("--email", help="add: address for the admins' mails")
+    u.add_argument("--config", help="settings file")
+    u.set_defaults(func=_users)
     return p
 
 
@@ -274,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ParameterError, SourceError, SpaceError) as e:
         print(f"imaging: error: {e}", file=sys.stderr)
         return 2
+    except StoreError as e:  # a user that exists already (bad input), or no database (a failure)
+        print(f"imaging: error: {e}", file=sys.stderr)
+        return 2 if e.status < 500 else 1
     except ImagingError as e:
         print(f"imaging: error: {e}", file=sys.stderr)
         return 1

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from . import config, guest, sample, scraps, sparse
+from . import audit, config, guest, sample, scraps, sparse
 from .config import Layout, OvfVersion, Placement, VmdkSubformat
 from .errors import ImagingError, ParameterError
 from .workspace import Workspace, write_json
@@ -84,6 +84,9 @@ class Request(BaseModel):
     packages_install: list[str]
     packages_remove: list[str]
     kernel: str
+    # Image requests (kind image): who may see the published image; names when "selected".
+    vis: str = "private"
+    shared_with: list[str] = []
 
     @classmethod
     def create(cls, **fields: Any) -> Request:
@@ -212,6 +215,26 @@ class Request(BaseModel):
         if v not in ("auto", "kvm", "tcg"):
             raise ParameterError(f"accel must be auto, kvm or tcg, not {v!r}")
         return v
+
+    @field_validator("vis")
+    @classmethod
+    def _vis(cls, v: str) -> str:
+        if v not in ("public", "private", "selected"):
+            raise ParameterError(f"vis must be public, private or selected, not {v!r}")
+        return v
+
+    @field_validator("shared_with")
+    @classmethod
+    def _shared_with(cls, v: list[str]) -> list[str]:
+        return [config.check_name(name) for name in v]
+
+    @model_validator(mode="after")
+    def _shares(self) -> Request:
+        if (self.vis == "selected") != bool(self.shared_with):
+            raise ParameterError(
+                "shared_with names the users an image is shared with when, and only when, vis is selected"
+            )
+        return self
 
     def notebook_parameters(self) -> dict[str, Any]:
         return {k.upper(): (v.value if hasattr(v, "value") else v) for k, v in self.model_dump().items()}
@@ -404,7 +427,20 @@ def _keep_failed(ws: Workspace, stage: str, tmp: Path) -> None:
     if not tmp.exists():
         return
     n = 1 + len(list(ws.notebooks.glob(f"{stage}.failed-*.ipynb")))
-    os.replace(tmp, ws.notebooks / f"{stage}.failed-{n}.ipynb")
+    failed = ws.notebooks / f"{stage}.failed-{n}.ipynb"
+    os.replace(tmp, failed)
+    _record(ws, failed)
+
+
+def _record(ws: Workspace, notebook: Path) -> None:
+    """The executed notebook's HTML render, and both onto the run's audit chain. A render that
+    fails must not hide the stage's own outcome: the chain then says so."""
+    try:
+        audit.record_notebook(ws, notebook)
+    except Exception as e:  # nbconvert raises many kinds; none may mask the stage's result
+        audit.append(ws, notebook, "notebook")
+        print(f"imaging: no HTML render of {notebook.name}: {_one_line(type(e).__name__, str(e))}",
+              file=sys.stderr, flush=True)  # fmt: skip
 
 
 class SourceHash:
@@ -482,6 +518,7 @@ def _summary(
         "boot": {k: boot.get(k) for k in ("verdict", "reason", "matched", "accel", "controller", "seconds")},
         "source": request.source,
         "source_sha256": source_sha256,
+        **({"published": results["60-publish"]} if "60-publish" in results else {}),
         "run_dir": str(ws.root),
         "timings": timings,
     }
@@ -541,11 +578,13 @@ def execute(ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> dic
                 sweep(ws, out)
                 state.set("error", stage, str(e))
                 raise
+            _record(ws, ws.notebooks / f"{stage}.ipynb")
             results[stage] = done["result"]
             timings[stage] = done["timing"]
             state.data["timings"] = timings
         summary = _summary(ws, request, results, timings, source_hash.result())
         write_json(ws.result_file, summary)
+        audit.seal(ws, summary)
         state.set("completed")
         if not request.keep_work:
             shutil.rmtree(ws.work, ignore_errors=True)

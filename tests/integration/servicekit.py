@@ -1,0 +1,215 @@
+"""Real servers on loopback for the service's tests: the imaging service itself (a process), an
+SMTP server whose mails the tests read (aiosmtpd), and an S3-compatible server (moto)."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+SMTP_USER, SMTP_PASSWORD = "mailer", "smtp-Pa55word-never-logged"
+S3_KEY_ID, S3_SECRET = "AKIAIMAGINGTEST", "s3-secret-key-never-in-a-notebook"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, step: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(step)
+
+
+class Mailbox:
+    """aiosmtpd handler: keeps every message; LOGIN/PLAIN with one user and password."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd's name
+        msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        with self.lock:
+            self.messages.append(msg)  # type: ignore[arg-type]
+        return "250 OK"
+
+    def wait(self, subject: str, to: str | None = None, timeout: float = 30) -> EmailMessage:
+        def find() -> EmailMessage | None:
+            with self.lock:
+                for m in self.messages:
+                    if subject in str(m["Subject"]) and (to is None or m["To"] == to):
+                        return m
+            return None
+
+        found: EmailMessage = wait_for(f"a mail about {subject!r}", find, timeout)
+        return found
+
+
+def _authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+    ok = isinstance(data, LoginPassword) and (data.login, data.password) == (
+        SMTP_USER.encode(),
+        SMTP_PASSWORD.encode(),
+    )
+    return AuthResult(success=ok)
+
+
+@contextmanager
+def smtp_server() -> Iterator[tuple[Mailbox, int]]:
+    box = Mailbox()
+    port = free_port()
+    controller = Controller(box, hostname="127.0.0.1", port=port, authenticator=_authenticate,
+                            auth_require_tls=False)  # fmt: skip
+    controller.start()
+    try:
+        yield box, port
+    finally:
+        controller.stop()
+
+
+@contextmanager
+def s3_server() -> Iterator[str]:
+    """moto in server mode: a real S3-compatible HTTP endpoint on loopback."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("the S3 server", lambda: _up(url + "/"), 60)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def s3_client(url: str) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=S3_KEY_ID,
+                        aws_secret_access_key=S3_SECRET)  # fmt: skip
+
+
+def _up(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=2)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+class Service:
+    """``python -m imaging serve`` as a process, with its own state directory and users."""
+
+    def __init__(
+        self, root: Path, runs: Path, config: dict[str, Any], env: dict[str, str] | None = None
+    ) -> None:
+        self.root, self.runs = root, runs
+        self.state = root / "state"
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_file = root / "service.yaml"
+        self.config_file.write_text(yaml.safe_dump({"port": self.port, **config}))
+        self.env = {**os.environ, "IMAGING_STATE": str(self.state), "IMAGING_RUNS": str(runs),
+                    "IMAGING_PROGRESS": "0", **(env or {})}  # fmt: skip
+        self.log = root / "server.log"
+        self.tokens: dict[str, str] = {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "imaging", *args], capture_output=True, text=True,
+                              env=self.env, timeout=timeout, check=True)  # fmt: skip
+
+    def add_user(self, name: str, *, admin: bool = False, email: str | None = None) -> str:
+        args = ["users", "add", name, "--config", str(self.config_file)]
+        args += (["--admin"] if admin else []) + (["--email", email] if email else [])
+        self.tokens[name] = self.cli(*args).stdout.strip()
+        return self.tokens[name]
+
+    def start(self, *extra: str) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "imaging", "serve", "--config", str(self.config_file), *extra],
+                stdout=log,
+                stderr=log,
+                env=self.env,
+            )
+        wait_for(
+            "the service",
+            lambda: (
+                self.proc is not None and (self.proc.poll() is not None or _up(self.url + "/openapi.json"))
+            ),
+        )
+        assert self.proc.poll() is None, self.log.read_text()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=120)
+
+    def worker_argv(self, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "imaging", "worker", "--config", str(self.config_file), *extra]
+
+    def worker(self, *extra: str) -> subprocess.Popen[bytes]:
+        with open(self.root / "worker.log", "ab") as log:
+            return subprocess.Popen(self.worker_argv(*extra), stdout=log, stderr=log, env=self.env)
+
+    def client(self, user: str) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.tokens[user]}"}, timeout=60
+        )
+
+    def wait_state(
+        self, user: str, request_id: str, states: set[str], timeout: float = 400
+    ) -> dict[str, Any]:
+        with self.client(user) as c:
+            last: dict[str, Any] = {}
+
+            def reached() -> dict[str, Any] | None:
+                last.update(c.get(f"/api/v1/request_image/{request_id}").json())
+                return dict(last) if last.get("state") in states else None
+
+            try:
+                found: dict[str, Any] = wait_for(
+                    f"{request_id} to be {'/'.join(sorted(states))}", reached, timeout, 0.5
+                )
+            except AssertionError:
+                raise AssertionError(f"{request_id} is {last.get('state')} ({last.get('error')})") from None
+            return found
+
+
+def approve_link(message: EmailMessage) -> str:
+    body = message.get_content()
+    m = re.search(r"(http://\S+/api/v1/approve\?token=\S+)", body)
+    assert m, body
+    return m.group(1)
+
+
+def started_stages(run: Path) -> list[str]:
+    import json
+
+    history = json.loads((run / "state.json").read_text())["history"]
+    return [h["stage"] for h in history if h["state"] == "running"]

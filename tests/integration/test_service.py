@@ -1,0 +1,216 @@
+"""The request service end to end: the real server on loopback, a real SMTP server whose mails are
+read, the pipeline running on sample:kvm (boots included), and a real S3-compatible server for
+published images. Then no token or password may be found in any record or log."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import leftovers
+from .servicekit import (
+    S3_KEY_ID,
+    S3_SECRET,
+    SMTP_PASSWORD,
+    SMTP_USER,
+    Mailbox,
+    Service,
+    approve_link,
+    s3_client,
+    s3_server,
+    smtp_server,
+    started_stages,
+)
+
+URL = "/api/v1/request_image/"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Mailbox, str, Path]]:
+    root = tmp_path_factory.mktemp("service")
+    fake_bin = root / "bin"  # empty; a test puts a broken tool here to break a stage
+    fake_bin.mkdir()
+    with smtp_server() as (mailbox, smtp_port), s3_server() as s3_url:
+        s3_client(s3_url).create_bucket(Bucket="images")
+        config = {
+            "instances": {"i-sample": "sample:kvm"},
+            "smtp": {
+                "host": "127.0.0.1",
+                "port": smtp_port,
+                "username": SMTP_USER,
+                "password": SMTP_PASSWORD,
+            },
+            "publish": {
+                "endpoint_url": s3_url,
+                "bucket": "images",
+                "access_key_id": S3_KEY_ID,
+                "secret_access_key": S3_SECRET,
+            },
+            "worker": {"concurrency": 1, "poll_seconds": 0.5},
+        }
+        service = Service(root, root / "runs", config, env={"PATH": f"{fake_bin}:{os.environ['PATH']}"})
+        service.add_user("alice", email="alice@example.org")
+        service.add_user("bob")
+        service.add_user("root", admin=True, email="root@example.org")
+        service.start()
+        try:
+            yield service, mailbox, s3_url, fake_bin
+        finally:
+            service.stop()
+    assert leftovers(root) == []
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_export_request_approved_by_mail_then_broken_fixed_and_resumed(world: Any) -> None:
+    service, mailbox, _, fake_bin = world
+    alice, root = service.client("alice"), service.client("root")
+
+    # alice asks; the admins get a mail with a link to a confirmation page.
+    r = alice.post(URL, json={"instance": "i-sample", "name": "demo", "disk_format": "qcow2"})
+    assert r.status_code == 201, r.text
+    rid = r.json()["id"]
+    mail = mailbox.wait(f"approve {rid}", to="root@example.org")
+    assert "alice asks for an export of i-sample as qcow2" in mail.get_content()
+    link = approve_link(mail)
+    page = httpx.get(link)
+    assert page.status_code == 200 and "Approve as root" in page.text
+    assert alice.get(URL + rid).json()["state"] == "pending"  # following the link changes nothing
+    assert httpx.post(link).status_code == 200
+    assert httpx.post(link).status_code == 409  # a link works once
+
+    done = service.wait_state("alice", rid, {"completed", "error"})
+    assert done["state"] == "completed", done["error"]
+    result = done["result"]
+    assert result["verified"] and result["boot"]["verdict"] == "booted" and result["run"] == rid
+    stages = [(h["to"], h["stage"]) for h in done["history"] if h["to"] == "running" and h["stage"]]
+    assert stages == [("running", s) for s in ("00-acquire", "30-bootable", "40-export", "50-verify")]
+    assert [h["actor"] for h in done["history"][:2]] == ["alice", "root"]
+
+    # The completion mail: sha256, the boot verdict, the audit record.
+    mail = mailbox.wait(f"{rid} completed", to="root@example.org")
+    text = mail.get_content()
+    for expected in (result["sha256"], "boot check  booted", result["audit_head"], f"{URL}{rid}/audit"):
+        assert expected in text, expected
+
+    # The owner downloads the artifact; its sha256 is the one reported.
+    download = alice.get(URL + rid + "/artifact")
+    assert download.status_code == 200
+    assert sha256(download.content) == result["sha256"] == download.headers["x-checksum-sha256"]
+    assert service.client("bob").get(URL + rid + "/artifact").status_code == 404
+
+    # The audit record: notebooks as HTML, and the chain verified by the API and the CLI.
+    notebooks = alice.get(URL + rid + "/notebooks").json()
+    assert [n["name"] for n in notebooks] == ["00-acquire", "30-bootable", "40-export", "50-verify"]
+    html = alice.get(notebooks[1]["html"])
+    assert html.status_code == 200 and "block_total" in html.text and "<html" in html.text
+    record = alice.get(URL + rid + "/audit").json()
+    assert record["ok"] and record["head"] == result["audit_head"] and len(record["entries"]) == 10
+    assert record["entries"][-1]["kind"] == "artifact"
+    check = service.cli("audit", rid, "--head", result["audit_head"])
+    assert json.loads(check.stdout)["ok"]
+    # A notebook changed after the fact is named.
+    nb = service.runs / rid / "notebooks" / "40-export.html"
+    original = nb.read_bytes()
+    nb.write_bytes(original.replace(b"qcow2", b"QCOW2"))
+    changed = subprocess.run([sys.executable, "-m", "imaging", "audit", rid], capture_output=True, text=True,
+                             env=service.env)  # fmt: skip
+    assert (
+        changed.returncode == 1
+        and "notebooks/40-export.html changed since it was recorded" in changed.stderr
+    )
+    assert "40-export.html changed" in alice.get(URL + rid + "/audit").json()["problems"][0]
+    nb.write_bytes(original)
+
+    # A broken QEMU: the boot check fails, the request goes to error, the admins are told.
+    (fake_bin / "qemu-system-x86_64").write_text("#!/bin/sh\nexit 1\n")
+    (fake_bin / "qemu-system-x86_64").chmod(0o755)
+    rid2 = alice.post(URL, json={"instance": "i-sample", "name": "again", "disk_format": "raw"}).json()["id"]
+    assert root.patch(URL + rid2, json={"status": "approve"}).json()["state"] == "approved"
+    failed = service.wait_state("alice", rid2, {"completed", "error"})
+    assert (failed["state"], failed["stage"]) == ("error", "50-verify")
+    assert "did not boot" in failed["error"]
+    mail = mailbox.wait(f"{rid2} failed at 50-verify", to="root@example.org")
+    assert (
+        "did not boot" in mail.get_content() and "approve again to resume at 50-verify" in mail.get_content()
+    )
+    assert [n["name"] for n in alice.get(URL + rid2 + "/notebooks").json()][-1] == "50-verify.failed-1"
+
+    # Fixed; approved again (by the link in the error mail): the run resumes at the failed stage.
+    (fake_bin / "qemu-system-x86_64").unlink()
+    assert httpx.post(approve_link(mail)).status_code == 200
+    resumed = service.wait_state("alice", rid2, {"completed", "error"})
+    assert resumed["state"] == "completed", resumed["error"]
+    assert started_stages(service.runs / rid2) == [
+        "00-acquire",
+        "30-bootable",
+        "40-export",
+        "50-verify",
+        "50-verify",
+    ]
+    after = resumed["history"][[h["to"] for h in resumed["history"]].index("error") + 1 :]
+    assert [h["stage"] for h in after if h["to"] == "running" and h["from"] == "running"] == ["50-verify"]
+    raw = alice.get(URL + rid2 + "/artifact")
+    assert sha256(raw.content) == resumed["result"]["sha256"]
+    assert alice.get(URL + rid2 + "/audit").json()["ok"]
+    assert_no_secrets(service, mailbox)
+
+
+def test_image_request_is_published_with_its_visibility(world: Any) -> None:
+    service, mailbox, s3_url, _ = world
+    alice = service.client("alice")
+    body = {"instance": "i-sample", "name": "shared", "vis": "selected", "shared_with": ["bob"]}
+    rid = alice.post(URL, json=body).json()["id"]
+    assert service.client("root").patch(URL + rid, json={"status": "approve"}).status_code == 200
+    done = service.wait_state("alice", rid, {"completed", "error"})
+    assert done["state"] == "completed", done["error"]
+    published = done["result"]["published"]
+    assert (published["bucket"], published["vis"], published["shared_with"]) == (
+        "images",
+        "selected",
+        ["bob"],
+    )
+    s3 = s3_client(s3_url)
+    head = s3.head_object(Bucket="images", Key=published["key"])
+    assert (
+        head["Metadata"]["shared-with"] == "bob" and head["Metadata"]["sha256"] == done["result"]["sha256"]
+    )
+    assert head["ContentLength"] == done["result"]["size_bytes"]
+    manifest = json.loads(s3.get_object(Bucket="images", Key=published["manifest_key"])["Body"].read())
+    assert manifest["shared_with"] == ["bob"] and manifest["boot"] == "booted"
+    grants = s3.get_object_acl(Bucket="images", Key=published["key"])["Grants"]
+    assert not [g for g in grants if "AllUsers" in str(g.get("Grantee", {}))]  # not public
+    assert [n["name"] for n in alice.get(URL + rid + "/notebooks").json()][-1] == "60-publish"
+    assert_no_secrets(service, mailbox)
+
+
+def assert_no_secrets(service: Service, mailbox: Mailbox) -> None:
+    """No bearer token, approval token or password in a notebook, its metadata, a run's command
+    log, the run's other files, or the service's logs."""
+    secrets = [*service.tokens.values(), SMTP_PASSWORD, S3_SECRET]
+    for m in mailbox.messages:
+        secrets += [approve_link(m).split("token=")[1]] if "token=" in m.get_content() else []
+    # Everything but the artifacts, the signing key and the settings file (which holds the passwords);
+    # the database too: it keeps tokens only as their hashes.
+    files = [
+        p
+        for p in service.root.rglob("*")
+        if p.is_file() and p.suffix not in (".raw", ".qcow2", ".key", ".yaml")
+    ]
+    assert any(p.name == "commands.jsonl" for p in files) and any(p.suffix == ".ipynb" for p in files)
+    assert any(p.name == "server.log" for p in files) and any(p.name == "imaging.db" for p in files)
+    for path in files:
+        text = path.read_text(errors="replace")
+        for secret in secrets:
+            assert secret not in text, f"a secret is in {path}"

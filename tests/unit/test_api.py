@@ -1,0 +1,293 @@
+"""The HTTP API in process (no worker, no mail): bad input of every kind gets a one-line JSON
+error with the right 4xx code, users see only their own requests, only admins approve, and an
+approval link is shown before it is used, used once, and refused when expired or forged."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from imaging import api, approvals, settings
+from imaging.store import Store
+
+URL = "/api/v1/request_image/"
+
+
+class Service:
+    def __init__(
+        self, client: TestClient, store: Store, conf: settings.Settings, tokens: dict[str, str]
+    ) -> None:
+        self.client, self.store, self.settings, self.tokens = client, store, conf, tokens
+
+    def call(self, method: str, path: str, user: str | None = "alice", **kw: Any) -> Any:
+        headers = {"Authorization": f"Bearer {self.tokens[user]}"} if user else {}
+        return self.client.request(method, path, headers=headers | kw.pop("headers", {}), **kw)
+
+    def create(self, user: str = "alice", **body: Any) -> Any:
+        return self.call("POST", URL, user, json={"instance": "i-1", "name": "demo", **body})
+
+    def link(self, request_id: str, admin: str = "root", **kw: Any) -> str:
+        (user,) = self.store.users([admin])
+        version = self.store.get(request_id).version
+        return approvals.sign_approval(self.settings.signing_key(), request_id, user.id, version, **kw)
+
+
+def make_settings(tmp_path: Path, **extra: Any) -> settings.Settings:
+    return settings.Settings(state_dir=tmp_path, instances={"i-1": "sample:kvm"}, **extra)
+
+
+@pytest.fixture
+def svc(tmp_path: Path) -> Iterator[Service]:
+    conf = make_settings(tmp_path, publish={"bucket": "images"})
+    store = Store(conf.sqlalchemy_url)
+    tokens = {"alice": store.add_user("alice"), "bob": store.add_user("bob"),
+              "root": store.add_user("root", admin=True, email="root@example.org")}  # fmt: skip
+    with TestClient(api.create_app(conf, embedded_worker=False)) as client:
+        yield Service(client, store, conf, tokens)
+    store.close()
+
+
+def error(response: Any, status: int) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"detail"} and isinstance(body["detail"], str) and "\n" not in body["detail"]
+    return str(body["detail"])
+
+
+def test_export_request_starts_pending(svc: Service) -> None:
+    r = svc.create(disk_format="qcow2")
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert (body["state"], body["kind"], body["owner"], body["disk_format"], body["target"]) == (
+        "pending", "export", "alice", "qcow2", "kvm")  # fmt: skip
+    assert body["history"] == [{"time": body["created"], "actor": "alice", "from": None, "to": "pending",
+                                "stage": None, "reason": "requested"}]  # fmt: skip
+    assert svc.call("GET", URL + body["id"]).json()["id"] == body["id"]
+
+
+def test_image_request(svc: Service) -> None:
+    r = svc.create(vis="selected", shared_with=["bob", "bob"])
+    assert r.status_code == 201, r.text
+    assert (r.json()["kind"], r.json()["vis"], r.json()["shared_with"], r.json()["disk_format"]) == (
+        "image", "selected", ["bob"], "qcow2")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"disk_format": "qcow2", "colour": "blue"}, "unknown field 'colour'"),
+        ({"vis": "friends"}, "vis: Input should be 'public', 'private' or 'selected'"),
+        ({}, "vis: required for an image request"),
+        ({"vis": "selected"}, "shared_with: required when vis is selected"),
+        ({"vis": "selected", "shared_with": []}, "shared_with: required when vis is selected"),
+        ({"vis": "public", "shared_with": ["bob"]}, "shared_with: only when vis is selected"),
+        ({"vis": "selected", "shared_with": ["bob", "mallory"]}, "shared_with: unknown users 'mallory'"),
+        ({"vis": "selected", "shared_with": ["../bob"]}, "shared_with: name '../bob' is not allowed"),
+        ({"vis": "selected", "shared_with": "bob"}, "shared_with: Input should be a valid list"),
+        ({"disk_format": "qcow2", "vis": "private"}, "vis and shared_with belong to image requests"),
+        ({"disk_format": "ova"}, "disk_format 'ova' is not supported yet (supported: raw, qcow2)"),
+        ({"disk_format": "vmdk"}, "disk_format 'vmdk' is not supported yet"),
+        ({"disk_format": "iso"}, "unknown disk_format 'iso' (supported: raw, qcow2)"),
+        ({"disk_format": "qcow2", "target": "vmware"}, "unknown target 'vmware'"),
+        ({"disk_format": "qcow2", "target": "../defaults"}, "unknown target '../defaults'"),
+        ({"disk_format": "qcow2", "instance": "i-2"}, "unknown instance 'i-2'"),
+        ({"disk_format": "qcow2", "instance": ""}, "instance: String should have at least 1 character"),
+        ({"disk_format": "qcow2", "name": None}, "name: Input should be a valid string"),
+    ],
+)
+def test_bad_fields(svc: Service, body: dict[str, Any], message: str) -> None:
+    assert message in error(svc.create(**body), 422)
+    assert svc.call("GET", URL, "root").json() == []  # nothing was created
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../etc/passwd",
+        "a/b",
+        "a;rm -rf ~",
+        "$(id)",
+        "`id`",
+        "a b",
+        "-rf",
+        ".x",
+        "a|b",
+        "x" * 81,
+        "naïve",
+        "a..b",
+    ],
+)
+def test_names_with_path_or_shell_characters(svc: Service, name: str) -> None:
+    detail = error(svc.create(disk_format="qcow2", name=name), 422)
+    assert "not allowed" in detail or "at most 80 characters" in detail
+
+
+def test_body_that_is_not_json(svc: Service) -> None:
+    r = svc.call("POST", URL, content=b"{nope", headers={"Content-Type": "application/json"})
+    assert error(r, 400) == "the body is not valid JSON"
+    r = svc.call("POST", URL, content=b"\xff\xfe{", headers={"Content-Type": "application/json"})
+    assert error(r, 400) == "the body is not valid JSON"
+
+
+def test_no_image_requests_where_nothing_is_published(tmp_path: Path) -> None:
+    conf = make_settings(tmp_path)
+    store = Store(conf.sqlalchemy_url)
+    token = store.add_user("alice")
+    with TestClient(api.create_app(conf, embedded_worker=False)) as client:
+        r = client.post(URL, json={"instance": "i-1", "name": "x", "vis": "public"},
+                        headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    assert "does not publish images" in error(r, 422)
+
+
+def test_authentication(svc: Service) -> None:
+    r = svc.call("GET", URL, None)
+    assert error(r, 401) == "a bearer token is required" and r.headers["www-authenticate"] == "Bearer"
+    r = svc.client.get(URL, headers={"Authorization": "Bearer imaging_forged"})
+    assert error(r, 401) == "unknown bearer token"
+    r = svc.client.get(URL, headers={"Authorization": f"Basic {svc.tokens['alice']}"})
+    assert r.status_code == 401
+    assert svc.call("GET", "/api/v1/me", "root").json() == {"name": "root", "role": "admin",
+                                                             "email": "root@example.org"}  # fmt: skip
+
+
+def test_another_users_request(svc: Service) -> None:
+    rid = svc.create(disk_format="qcow2").json()["id"]
+    for method, path, body in [
+        ("GET", "", None),
+        ("PATCH", "", {"status": "cancel"}),
+        ("GET", "/artifact", None),
+        ("GET", "/notebooks", None),
+        ("GET", "/audit", None),
+        ("GET", "/notebooks/00-acquire", None),
+    ]:
+        assert error(svc.call(method, URL + rid + path, "bob", json=body), 404) == f"no image request {rid}"
+    assert svc.call("GET", URL, "bob").json() == []
+    assert [r["id"] for r in svc.call("GET", URL, "root").json()] == [rid]
+
+
+def test_only_admins_approve(svc: Service) -> None:
+    rid = svc.create(disk_format="qcow2").json()["id"]
+    assert (
+        error(svc.call("PATCH", URL + rid, json={"status": "approve"}), 403)
+        == "only admins may approve a request"
+    )
+    assert (
+        error(svc.call("PATCH", URL + rid, json={"status": "deny"}), 403) == "only admins may deny a request"
+    )
+    r = svc.call("PATCH", URL + rid, "root", json={"status": "approve", "reason": "ok"})
+    assert r.status_code == 200 and r.json()["state"] == "approved"
+    assert r.json()["history"][-1] | {"time": 0} == {
+        "time": 0,
+        "actor": "root",
+        "from": "pending",
+        "to": "approved",
+        "stage": None,
+        "reason": "ok",
+    }
+    assert "cannot approve a request that is approved" in error(
+        svc.call("PATCH", URL + rid, "root", json={"status": "approve"}), 409
+    )
+    assert svc.call("PATCH", URL + rid, json={"status": "cancel"}).json()["state"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    "body", [{"status": "approved"}, {"status": "approve", "force": True}, {}, {"status": 1}]
+)
+def test_bad_patch(svc: Service, body: dict[str, Any]) -> None:
+    rid = svc.create(disk_format="qcow2").json()["id"]
+    error(svc.call("PATCH", URL + rid, "root", json=body), 422)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "ir-nothere",
+        "ir-000000000000",
+        "..%2F..%2Fetc",
+        "ir-000000000000/notebooks/..%2Fx",
+        "ir-000000000000/notebooks/00-a;b",
+    ],
+)
+def test_bad_ids_and_names(svc: Service, path: str) -> None:
+    r = svc.call("GET", URL + path, "root")
+    assert r.status_code in (404, 422), r.text
+    error(r, r.status_code)
+
+
+def test_no_artifact_before_completion(svc: Service) -> None:
+    rid = svc.create(disk_format="qcow2").json()["id"]
+    assert (
+        error(svc.call("GET", URL + rid + "/artifact"), 409)
+        == f"request {rid} is pending: no artifact to download"
+    )
+    assert svc.call("GET", URL + rid + "/notebooks").json() == []
+
+
+def test_list_filters(svc: Service) -> None:
+    a = svc.create(disk_format="qcow2").json()["id"]
+    svc.create(disk_format="raw")
+    svc.call("PATCH", URL + a, "root", json={"status": "deny"})
+    assert [r["id"] for r in svc.call("GET", URL + "?state=denied").json()] == [a]
+    assert len(svc.call("GET", URL + "?limit=1").json()) == 1
+    error(svc.call("GET", URL + "?state=lost"), 422)
+    error(svc.call("GET", URL + "?limit=0"), 422)
+
+
+def test_approval_link(svc: Service) -> None:
+    rid = svc.create(disk_format="qcow2").json()["id"]
+    token = svc.link(rid)
+    page = svc.client.get("/api/v1/approve", params={"token": token})
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert rid in page.text and "<form method='post'>" in page.text and "Approve as root" in page.text
+    svc.client.get("/api/v1/approve", params={"token": token})
+    assert svc.call("GET", URL + rid).json()["state"] == "pending"  # a GET never changes state
+    done = svc.client.post("/api/v1/approve", params={"token": token})
+    assert done.status_code == 200 and "approved" in done.text
+    last = svc.call("GET", URL + rid).json()["history"][-1]
+    assert (last["actor"], last["to"], last["reason"]) == (
+        "root",
+        "approved",
+        "approved by the link in the mail",
+    )
+    assert (
+        error(svc.client.post("/api/v1/approve", params={"token": token}), 409)
+        == "this approval link was used already"
+    )
+    assert error(svc.client.get("/api/v1/approve", params={"token": token}), 409).startswith(
+        "this approval link is out of date"
+    )
+
+
+def test_expired_forged_and_stale_links(svc: Service) -> None:
+    rid = svc.create(disk_format="qcow2").json()["id"]
+    expired = svc.link(rid, now=time.time() - svc.settings.approval_ttl_seconds - 10)
+    assert "expired" in error(svc.client.post("/api/v1/approve", params={"token": expired}), 410)
+    forged = approvals.sign_approval("not the service's key" * 2, rid, 3, 1)
+    assert (
+        error(svc.client.post("/api/v1/approve", params={"token": forged}), 403)
+        == "this approval link is not valid"
+    )
+    (alice,) = svc.store.users(["alice"])
+    as_user = approvals.sign_approval(svc.settings.signing_key(), rid, alice.id, 1)
+    assert "no longer an admin" in error(svc.client.post("/api/v1/approve", params={"token": as_user}), 403)
+    stale = svc.link(rid)
+    svc.call("PATCH", URL + rid, json={"status": "cancel"})
+    assert "out of date: the request is cancelled now" in error(
+        svc.client.post("/api/v1/approve", params={"token": stale}), 409)  # fmt: skip
+    error(svc.client.post("/api/v1/approve"), 422)
+    assert svc.call("GET", URL + rid).json()["state"] == "cancelled"
+
+
+def test_openapi_documents_the_errors(svc: Service) -> None:
+    spec = svc.client.get("/openapi.json").json()
+    post = spec["paths"]["/api/v1/request_image/"]["post"]
+    assert {"201", "401", "422"} <= set(post["responses"])
+    assert post["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/Error")
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    history = spec["components"]["schemas"]["TransitionOut"]["properties"]
+    assert {"time", "actor", "from", "to", "stage", "reason"} == set(history)

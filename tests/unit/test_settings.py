@@ -1,0 +1,84 @@
+"""Service settings: YAML, then environment variables, validated; secrets stay secret."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from imaging import settings
+from imaging.errors import ParameterError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "service.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults(tmp_path: Path) -> None:
+    s = settings.load(None, {"IMAGING_STATE": str(tmp_path)})
+    assert s.state_dir == tmp_path and s.host == "127.0.0.1" and s.port == 8080
+    assert s.sqlalchemy_url == f"sqlite:///{tmp_path / 'imaging.db'}"
+    assert s.public_url == "http://127.0.0.1:8080"
+    assert (s.worker.concurrency, s.worker.embedded, s.smtp.host, s.publishing()) == (1, True, "", False)
+
+
+def test_file_then_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "port: 9000\nsmtp: {host: mail.example.org, port: 2525}\n"
+                           "instances: {i-1: sample:kvm, i-2: /srv/images/i-2.img}\n")  # fmt: skip
+    env = {
+        "IMAGING_STATE": str(tmp_path),
+        "IMAGING_SMTP__PORT": "587",
+        "IMAGING_WORKER__CONCURRENCY": "3",
+        "IMAGING_DATABASE_URL": "postgresql+psycopg://u:pw@127.0.0.1/db",
+        "IMAGING_RUNS": "/elsewhere",
+    }
+    s = settings.load(path, env)
+    assert (s.port, s.smtp.host, s.smtp.port, s.worker.concurrency) == (9000, "mail.example.org", 587, 3)
+    assert s.instances == {"i-1": "sample:kvm", "i-2": "/srv/images/i-2.img"}
+    assert s.sqlalchemy_url.startswith("postgresql+psycopg://")
+    # The service's own file is found in the state directory without --config.
+    assert settings.load(None, {"IMAGING_STATE": str(tmp_path)}).port == 9000
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("colour: blue\n", "colour: Extra inputs are not permitted"),
+        ("smtp: {hots: x}\n", "smtp.hots: Extra inputs are not permitted"),
+        ("port: 70000\n", "port: Input should be less than or equal to 65535"),
+        ("worker: {concurrency: 0}\n", "worker.concurrency: Input should be greater than or equal to 1"),
+        ("instances: {'i 1': sample:kvm}\n", "instance id 'i 1' has characters"),
+        ("instances: {i-1: images/relative.img}\n", "must be an absolute path or sample:<name>"),
+        ("[1, 2]\n", "expected a mapping"),
+        ("port: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ParameterError, match=message.replace("[", r"\[").replace("(", r"\(")) as e:
+        settings.load(write(tmp_path, text), {"IMAGING_STATE": str(tmp_path)})
+    assert "\n" not in str(e.value)
+
+
+def test_bad_environment_value(tmp_path: Path) -> None:
+    with pytest.raises(ParameterError, match="worker.lease_seconds"):
+        settings.load(None, {"IMAGING_STATE": str(tmp_path), "IMAGING_WORKER__LEASE_SECONDS": "soon"})
+
+
+def test_secrets_do_not_print(tmp_path: Path) -> None:
+    path = write(tmp_path, "smtp: {password: hunter2}\npublish: {bucket: b, secret_access_key: s3cr3t}\n")
+    s = settings.load(path, {"IMAGING_STATE": str(tmp_path), "IMAGING_SECRET_KEY": "signing-key"})
+    text = repr(s) + str(s) + s.model_dump_json()
+    assert "hunter2" not in text and "s3cr3t" not in text and "signing-key" not in text
+    assert s.smtp.password.get_secret_value() == "hunter2" and s.signing_key() == "signing-key"
+    assert {"IMAGING_SMTP__PASSWORD", "IMAGING_PUBLISH__SECRET_ACCESS_KEY", "IMAGING_SECRET_KEY",
+            "IMAGING_DATABASE_URL"} <= settings.secret_env_names()  # fmt: skip
+
+
+def test_the_signing_key_is_made_once_and_private(tmp_path: Path) -> None:
+    s = settings.load(None, {"IMAGING_STATE": str(tmp_path / "state")})
+    key = s.signing_key()
+    assert len(key) > 40 and s.signing_key() == key
+    assert stat.S_IMODE((tmp_path / "state" / "secret.key").stat().st_mode) == 0o600
