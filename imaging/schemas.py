@@ -16,8 +16,6 @@ from .settings import Settings
 from .store import ImageRequest, Store, Transition
 
 API_PREFIX = "/api/v1"
-# Formats the original service knew; those config.ImageFormat lacks are refused as "not yet".
-KNOWN_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vhd", "vhdx", "ova")
 REQUEST_ID = r"^ir-[0-9a-f]{12}$"
 NOTEBOOK = r"^[0-9]{2}-[a-z0-9-]{1,40}(\.failed-[0-9]{1,4})?$"
 Vis = Literal["public", "private", "selected"]
@@ -203,10 +201,6 @@ def check_disk_format(value: str) -> str:
     try:
         return config.ImageFormat(value).value
     except ValueError:
-        if value in KNOWN_FORMATS:
-            raise ParameterError(
-                f"disk_format {value!r} is not supported yet (supported: {supported})"
-            ) from None
         raise ParameterError(f"unknown disk_format {value!r} (supported: {supported})") from None
 
 

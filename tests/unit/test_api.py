@@ -90,9 +90,10 @@ def test_image_request(svc: Service) -> None:
         ({"vis": "selected", "shared_with": ["../bob"]}, "shared_with: name '../bob' is not allowed"),
         ({"vis": "selected", "shared_with": "bob"}, "shared_with: Input should be a valid list"),
         ({"disk_format": "qcow2", "vis": "private"}, "vis and shared_with belong to image requests"),
-        ({"disk_format": "ova"}, "disk_format 'ova' is not supported yet (supported: raw, qcow2)"),
-        ({"disk_format": "vmdk"}, "disk_format 'vmdk' is not supported yet"),
-        ({"disk_format": "iso"}, "unknown disk_format 'iso' (supported: raw, qcow2)"),
+        (
+            {"disk_format": "iso"},
+            "unknown disk_format 'iso' (supported: raw, qcow2, vmdk, vdi, vhd, vhdx, ova)",
+        ),
         ({"disk_format": "qcow2", "target": "vmware"}, "unknown target 'vmware'"),
         ({"disk_format": "qcow2", "target": "../defaults"}, "unknown target '../defaults'"),
         ({"disk_format": "qcow2", "instance": "i-2"}, "unknown instance 'i-2'"),

@@ -57,10 +57,14 @@ def test_ovf_2_uses_its_namespace() -> None:
     assert root.tag == "{http://schemas.dmtf.org/ovf/envelope/2}Envelope"
 
 
+DRIVERS = "storage_modules: [ahci]\ninitrd_modules: [ahci]\nnic_module: e1000\n"
+
+
 def test_target_facts_reach_the_descriptor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "targets").mkdir()
     (tmp_path / "targets" / "big.yaml").write_text(
         "name: big\ndescription: 'x & <y>'\ndisk_controller: ahci\nnic: e1000\nmemory_mib: 2048\ncpus: 4\n"
+        f"{DRIVERS}"
         "ovf: {os_id: 96, os_description: 'Debian <64> & co', vbox_os_type: Debian_64}\n"
     )
     monkeypatch.setenv("IMAGING_PARAMETERS", str(tmp_path))
@@ -78,7 +82,7 @@ def test_target_facts_reach_the_descriptor(tmp_path: Path, monkeypatch: pytest.M
 def test_bad_ovf_facts_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "targets").mkdir()
     (tmp_path / "targets" / "odd.yaml").write_text(
-        "name: odd\ndescription: x\ndisk_controller: ahci\nnic: e1000\novf: {vbox_os_type: 'a b'}\n"
+        f"name: odd\ndescription: x\ndisk_controller: ahci\nnic: e1000\n{DRIVERS}ovf: {{vbox_os_type: 'a b'}}\n"
     )
     monkeypatch.setenv("IMAGING_PARAMETERS", str(tmp_path))
     config.load_target.cache_clear()
