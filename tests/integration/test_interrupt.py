@@ -67,7 +67,15 @@ def test_sigterm_during_the_boot_then_resume(cli: Cli, tmp_path: Path) -> None:
 
     result = last_json(cli("resume", "term"))
     assert result["verified"] and result["run"] == "term"
-    assert started_stages(run) == ["00-acquire", "30-bootable", "40-export", "50-verify", "50-verify"]
+    assert started_stages(run) == [
+        "00-acquire",
+        "10-clean",
+        "20-migrate",
+        "30-bootable",
+        "40-export",
+        "50-verify",
+        "50-verify",
+    ]
     assert leftovers(tmp_path) == []
 
 
@@ -80,7 +88,14 @@ def test_ctrl_c_while_files_are_copied_releases_mounts(
     filler.write_bytes(os.urandom(400 << 20))
     subprocess.run(["debugfs", "-w", "-R", f"write {filler} /data", image], check=True, capture_output=True)
     proc = cli.popen("export", str(image), "--name", "ctrlc", "--run", "ctrlc", "--placement", "mkfs")
-    wait_for("the guest to be mounted", lambda: "imaging-mnt" in Path("/proc/self/mountinfo").read_text())
+    # 10-clean and 20-migrate mount the guest too: wait for 30-bootable's copy.
+    wait_for(
+        "the new filesystem to be mounted",
+        lambda: (
+            stage_of(cli.runs / "ctrlc") == "30-bootable"
+            and "imaging-mnt" in Path("/proc/self/mountinfo").read_text()
+        ),
+    )
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=90)
     assert proc.returncode == 130, err
@@ -120,6 +135,14 @@ def test_a_failed_stage_resumes_where_it_failed(cli: Cli, tmp_path: Path) -> Non
     assert (run / "notebooks" / "50-verify.failed-1.ipynb").exists()
     result = last_json(cli("resume", "again"))
     assert result["verified"]
-    assert started_stages(run) == ["00-acquire", "30-bootable", "40-export", "50-verify", "50-verify"]
+    assert started_stages(run) == [
+        "00-acquire",
+        "10-clean",
+        "20-migrate",
+        "30-bootable",
+        "40-export",
+        "50-verify",
+        "50-verify",
+    ]
     # Resuming a completed run prints its result again and does nothing else.
     assert last_json(cli("resume", "again")) == result
