@@ -1,4 +1,4 @@
-"""The whole export (all four stage notebooks, boot included) of a 2 GiB and a 20 GiB sparse
+"""The whole export (all six stage notebooks, boot included) of a 2 GiB and a 20 GiB sparse
 instance that hold the same ~300 MiB: cost should follow the data, not the virtual size.
 
 Also reports the peak memory of the pipeline's process tree (sampled every 50 ms, with and

@@ -249,7 +249,7 @@ def apply(
         kernel=kernel.version,
         files_changed=len(done.changes),
         packages="; ".join(packages) or "(none)",
-        initrd=made.image + (" (rebuilt)" if made.rebuilt else " (kept)"),
+        initrd=made.image + (" (rebuilt)" if made.rebuilt else " (kept)") if made.image else made.tool,
         initrd_modules=made.modules,
         initrd_bytes=made.bytes,
         sandbox=made.sandbox,

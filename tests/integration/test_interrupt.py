@@ -82,7 +82,12 @@ def test_sigterm_during_the_boot_then_resume(cli: Cli, tmp_path: Path) -> None:
 def test_ctrl_c_while_files_are_copied_releases_mounts(
     cli: Cli, make_ext: Callable[..., Path], tmp_path: Path
 ) -> None:
-    image = make_ext("big", {"boot/vmlinuz-6.1.0-1-amd64": "kernel", "etc/fstab": "x\n"}, size="700M")
+    files = {
+        "boot/vmlinuz-6.1.0-1-amd64": "kernel",
+        "lib/modules/6.1.0-1-amd64/modules.builtin": "kernel/drivers/block/virtio_blk.ko\n",
+        "etc/fstab": "x\n",
+    }
+    image = make_ext("big", files, size="700M")
     filler = tmp_path / "big-root" / "data"
     # mke2fs -d already ran: add the bulk with debugfs so rsync has something to chew on.
     filler.write_bytes(os.urandom(400 << 20))

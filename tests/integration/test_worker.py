@@ -73,6 +73,8 @@ def test_stopped_and_killed_workers_leave_requests_that_resume(tmp_path: Path) -
             assert done["state"] == "completed", done["error"]
             assert started_stages(run) == [
                 "00-acquire",
+                "10-clean",
+                "20-migrate",
                 "30-bootable",
                 "30-bootable",
                 "40-export",

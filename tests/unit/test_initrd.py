@@ -62,3 +62,15 @@ def test_kept_initrd_may_rely_on_a_built_in_driver(tmp_path: Path) -> None:
             g, load_profile("generic"), initrd.choose_kernel(g), ["ahci"], ["ata_piix", "ahci"]
         )
         assert not kept.rebuilt
+
+
+def test_no_initrd_is_fine_when_the_disk_driver_is_built_in(tmp_path: Path) -> None:
+    root = _kvm_guest(tmp_path, builtin="kernel/drivers/block/virtio_blk.ko\n")
+    (root / "boot" / "initrd.img-6.1").unlink()
+    generic = load_profile("generic")
+    with Guest(root) as g:
+        kernel = initrd.choose_kernel(g)
+        kept = initrd.rebuild(g, generic, kernel, ["virtio_blk"], ["virtio_blk"])
+        assert (kept.image, kept.rebuilt) == ("", False) and "built into the kernel" in kept.tool
+        with pytest.raises(GuestError, match=r"kernel 6.1 has no initrd nor any of ahci built in"):
+            initrd.rebuild(g, generic, kernel, ["ahci"], ["ahci"])
