@@ -11,7 +11,7 @@ APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdi
 	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap \
 	postgresql
 
-.PHONY: setup apt venv demo test test-fast lint bench clean
+.PHONY: setup apt venv demo lab test test-fast lint bench clean
 
 setup: apt venv
 
@@ -40,6 +40,14 @@ $(VENV)/.done: requirements.txt requirements-dev.txt pyproject.toml
 
 demo: setup
 	$(PY) -m imaging export sample:kvm --name demo --format qcow2 --target kvm
+
+# JupyterLab on the project, notebooks/explore.ipynb open, the "Python (imaging)" kernel ready.
+# Loopback only: a notebook server runs code as whoever started it (here root). Its URL, with
+# its token, is printed below.
+LAB_PORT ?= 8888
+lab: setup
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --no-browser --allow-root \
+		--ServerApp.root_dir=$(CURDIR) notebooks/explore.ipynb
 
 test: setup
 	$(PY) -m pytest

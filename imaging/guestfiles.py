@@ -108,6 +108,23 @@ class Guest:
         except NotADirectoryError:
             return None
 
+    def stat(self, path: str) -> os.stat_result | None:
+        """What ``path`` leads to, symlinks followed the guest's way; None when it leads nowhere
+        (missing, a dangling or looping link)."""
+        try:
+            with self._fd(path, os.O_PATH) as fd:
+                return os.fstat(fd)
+        except OSError:
+            return None
+
+    def is_file(self, path: str) -> bool:
+        st = self.stat(path)
+        return st is not None and stat.S_ISREG(st.st_mode)
+
+    def is_dir(self, path: str) -> bool:
+        st = self.stat(path)
+        return st is not None and stat.S_ISDIR(st.st_mode)
+
     def exists(self, path: str) -> bool:
         return self.lstat(path) is not None
 
@@ -165,6 +182,15 @@ class Guest:
         if len(data) > limit:
             raise GuestError(f"{path} in the guest is larger than {limit} bytes")
         return data
+
+    def read_head(self, path: str, size: int) -> tuple[bytes, int]:
+        """The first ``size`` bytes of a regular file, and the file's whole size."""
+        # O_NONBLOCK: opening a FIFO of the guest must not wait for a writer.
+        with self._fd(path, os.O_RDONLY | os.O_NONBLOCK) as fd:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise GuestError(f"{path} in the guest is not a regular file")
+            return os.pread(fd, size, 0), st.st_size
 
     def read_text(self, path: str) -> str | None:
         data = self.read_bytes(path)

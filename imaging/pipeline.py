@@ -547,45 +547,124 @@ def out_dir(ws: Workspace, request: Request) -> Path:
     return Path(request.out).resolve() if request.out else ws.root / "out"
 
 
+class Runner:
+    """One run's stages, one at a time: ``execute`` runs them all, explore.ipynb one per click.
+
+    Either way each stage goes through :func:`run_stage` into the same run directory, with the
+    same state transitions, sweep on failure, HTML render and audit chain, so a run made step
+    by step is indistinguishable from an ``export`` run.
+    """
+
+    def __init__(self, ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> None:
+        self.ws = ws
+        self.request = request
+        self.err = err
+        self.stages = config.pipeline_stages(request.kind)
+        self.state = State(ws)
+        self.out = out_dir(ws, request)
+        self.results: dict[str, Any] = {}
+        self.timings: dict[str, Any] = dict(self.state.data.get("timings", {}))
+        self._source_hash: SourceHash | None = None
+        self._held = False
+        os.environ["IMAGING_MOUNT_LEDGER"] = str(ws.root / "mounts.json")
+        os.environ["IMAGING_PIPELINE"] = "1"
+
+    def done(self, stage: str) -> bool:
+        return (self.ws.notebooks / f"{stage}.ipynb").exists()
+
+    def next_stage(self) -> str | None:
+        return next((s for s in self.stages if not self.done(s)), None)
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """The run's lock, and SIGTERM taken as Ctrl-C, for one stage or for all of them."""
+        if self._held:
+            yield
+            return
+        with _run_lock(self.ws), _terminate_as_interrupt():
+            self._held = True
+            try:
+                yield
+            finally:
+                self._held = False
+
+    def step(self) -> str:
+        """Run the next stage (a completed one is read back, not repeated); return its name."""
+        stage = self.next_stage()
+        if stage is None:
+            raise ImagingError(f"run {self.ws.id} has no stage left to run")
+        index = self.stages.index(stage) + 1
+        for earlier in self.stages[: index - 1]:
+            self.results.setdefault(earlier, self.ws.result(earlier))
+        with self.holding():
+            if self._source_hash is None:
+                self._source_hash = SourceHash(self.ws, self.request.source)
+            self.state.set("running", stage)
+            try:
+                done = run_stage(self.ws, stage, self.request, index, len(self.stages), self.err)
+            except KeyboardInterrupt:
+                self._failed(stage, "interrupted")
+                raise
+            except ImagingError as e:
+                self._failed(stage, str(e))
+                raise
+            _record(self.ws, self.ws.notebooks / f"{stage}.ipynb")
+        self.results[stage] = done["result"]
+        self.timings[stage] = done["timing"]
+        self.state.data["timings"] = self.timings
+        return stage
+
+    def _failed(self, stage: str, error: str) -> None:
+        if self._source_hash is not None:
+            self._source_hash.stop()
+            self._source_hash = None
+        sweep(self.ws, self.out)
+        self.state.set("error", stage, error)
+
+    def finish(self) -> dict[str, Any]:
+        """Once every stage is done: the run's result (result.json), the audit chain sealed."""
+        if self.state.state == "completed" and self.ws.result_file.exists():
+            return dict(json.loads(self.ws.result_file.read_text()))
+        if (left := self.next_stage()) is not None:
+            raise ImagingError(f"run {self.ws.id} is not finished: {left} has not run")
+        for stage in self.stages:
+            self.results.setdefault(stage, self.ws.result(stage))
+        with self.holding():
+            source_hash = self._source_hash or SourceHash(self.ws, self.request.source)
+            summary = _summary(self.ws, self.request, self.results, self.timings, source_hash.result())
+            write_json(self.ws.result_file, summary)
+            audit.seal(self.ws, summary)
+            self.state.set("completed")
+            if not self.request.keep_work:
+                shutil.rmtree(self.ws.work, ignore_errors=True)
+        return summary
+
+    def amend(self, **fields: Any) -> Request:
+        """Change parameters that no completed stage has used yet (explore.ipynb: the clean
+        operations before 10-clean, the target before 20-migrate); request.json follows."""
+        used = {p for s in self.stages if self.done(s) for p in declared_parameters(s)}
+        fixed = [k for k, v in fields.items() if k.upper() in used and v != getattr(self.request, k)]
+        if fixed:
+            raise ParameterError(
+                f"{', '.join(fixed)}: already used by a completed stage of run {self.ws.id}"
+            )
+        request = Request.create(**{**self.request.model_dump(), **fields})
+        write_json(self.ws.request_file, request.model_dump(mode="json"))
+        self.request = request
+        return request
+
+
 def execute(ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> dict[str, Any]:
     """Run (or resume) the run's stages; return the run's result (also in result.json)."""
-    stages = config.pipeline_stages(request.kind)
     state = State(ws)
     if state.state == "completed" and ws.result_file.exists():
         return dict(json.loads(ws.result_file.read_text()))
-    out = out_dir(ws, request)
-    os.environ["IMAGING_MOUNT_LEDGER"] = str(ws.root / "mounts.json")
-    os.environ["IMAGING_PIPELINE"] = "1"
-    results: dict[str, Any] = {}
-    timings: dict[str, Any] = dict(state.data.get("timings", {}))
-    with _run_lock(ws), _terminate_as_interrupt():
-        source_hash = SourceHash(ws, request.source)
-        for index, stage in enumerate(stages, 1):
-            if (ws.notebooks / f"{stage}.ipynb").exists():
-                results[stage] = ws.result(stage)
-                print(f"imaging: [{index}/{len(stages)}] {stage} already done", file=err, flush=True)
-                continue
-            state.set("running", stage)
-            try:
-                done = run_stage(ws, stage, request, index, len(stages), err)
-            except KeyboardInterrupt:
-                source_hash.stop()
-                sweep(ws, out)
-                state.set("error", stage, "interrupted")
-                raise
-            except ImagingError as e:
-                source_hash.stop()
-                sweep(ws, out)
-                state.set("error", stage, str(e))
-                raise
-            _record(ws, ws.notebooks / f"{stage}.ipynb")
-            results[stage] = done["result"]
-            timings[stage] = done["timing"]
-            state.data["timings"] = timings
-        summary = _summary(ws, request, results, timings, source_hash.result())
-        write_json(ws.result_file, summary)
-        audit.seal(ws, summary)
-        state.set("completed")
-        if not request.keep_work:
-            shutil.rmtree(ws.work, ignore_errors=True)
-    return summary
+    runner = Runner(ws, request, err=err)
+    with runner.holding():
+        for index, stage in enumerate(runner.stages, 1):
+            if runner.done(stage):
+                runner.results[stage] = ws.result(stage)
+                print(f"imaging: [{index}/{len(runner.stages)}] {stage} already done", file=err, flush=True)
+        while runner.next_stage() is not None:
+            runner.step()
+        return runner.finish()

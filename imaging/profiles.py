@@ -121,21 +121,46 @@ class Detected:
     reason: str
 
 
+@dataclass(frozen=True)
+class RuleCheck:
+    profile: str
+    rule: str  # "/etc/redhat-release matches 'release 5'"
+    holds: bool
+
+
+def _holds(guest: Guest, rule: DetectRule) -> bool:
+    if not rule.matches:
+        return guest.exists(rule.file)
+    # Through a symlink too (resolved inside the guest); a directory or a device never matches.
+    text = guest.read_text(rule.file) if guest.is_file(rule.file) else None
+    return text is not None and re.search(rule.matches, text, re.MULTILINE) is not None
+
+
+def _describe(rule: DetectRule) -> str:
+    return f"{rule.file} matches {rule.matches!r}" if rule.matches else f"{rule.file} exists"
+
+
+def _in_order() -> list[str]:
+    return [n for n in config.available("profiles") if n != "generic"] + ["generic"]
+
+
+def check_rules(guest: Guest) -> list[RuleCheck]:
+    """Every detect rule of every profile, in detection order, and whether it holds: why the
+    detected profile was chosen, and why the others were not."""
+    return [
+        RuleCheck(name, _describe(rule), _holds(guest, rule))
+        for name in _in_order()
+        for rule in load_profile(name).detect
+    ]
+
+
 def detect(guest: Guest) -> Detected:
     """The first profile (in name order, ``generic`` last) whose every rule holds for the guest."""
-    names = [n for n in config.available("profiles") if n != "generic"] + ["generic"]
-    for name in names:
+    for name in _in_order():
         profile = load_profile(name)
-        reasons = []
-        for rule in profile.detect:
-            text = guest.read_text(rule.file) if guest.exists(rule.file) else None
-            if text is None or (rule.matches and not re.search(rule.matches, text, re.MULTILINE)):
-                break
-            reasons.append(
-                f"{rule.file} matches {rule.matches!r}" if rule.matches else f"{rule.file} exists"
-            )
-        else:
-            return Detected(profile, "; ".join(reasons) or "no other profile matched")
+        if all(_holds(guest, rule) for rule in profile.detect):
+            reasons = "; ".join(_describe(rule) for rule in profile.detect)
+            return Detected(profile, reasons or "no other profile matched")
     raise ParameterError("no profile matches the guest, not even generic")
 
 

@@ -45,3 +45,19 @@ def test_stage_parameters_are_request_fields() -> None:
     for stage in {s for stages in config.load_defaults().pipelines.values() for s in stages}:
         declared = set(pm.inspect_notebook(str(pipeline.notebook_path(stage))))
         assert declared <= fields, (stage, declared - fields)
+
+
+def test_explore_notebook_only_shows_panels() -> None:
+    """explore.ipynb is no stage (the pipeline never runs it), so its parameters are its own; its
+    cells build one panel each from imaging.panels, where the logic lives."""
+    path = config.notebooks_dir() / "explore.ipynb"
+    assert set(pm.inspect_notebook(str(path))) == {"SOURCE", "NAME", "TARGET", "FORMAT", "RUN", "OPEN_FILE",
+                                                   "RUN_STAGES"}  # fmt: skip
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code" and "parameters" not in cell["metadata"].get("tags", []):
+            tree = ast.parse("".join(cell["source"]))
+            names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+            assert names & {"panels", "explorer"}, cell["source"]
+            imports = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+            assert imports <= {"imaging"}, imports
