@@ -192,9 +192,6 @@ def _report(args: argparse.Namespace) -> int:
         roots = report.runs(directory) if directory.is_dir() else []
     else:
         roots = [Workspace.open(run, create=False).root for run in args.runs]
-    for root in roots:
-        if not (root / "request.json").is_file():
-            raise ParameterError(f"{root} is not a run: it has no request.json")
     pages = [str(report.write(root)) for root in roots]
     index = report.write_index(directory) if directory.is_dir() else None
     _print_json({"reports": pages, "index": str(index) if index else None})

@@ -5,7 +5,9 @@ the request's values for the parameters that notebook declares (papermill's ``in
 tells which), into ``runs/<id>/notebooks/``. A stage is complete when its executed notebook sits
 at its final name; it is renamed there only on success. Running a failed run again skips the
 completed stages and starts at the failed one. After every stage, whatever a dead kernel could
-have left (partial files, mounts) is swept up, and the kernel itself is always shut down.
+have left (partial files, mounts) is swept up, and the kernel itself is always shut down. Before
+an executed notebook gets its final name, its HTML render and its place on the audit chain, the
+summary of what the stage did (or of how it failed) goes in under its title (``summary.py``).
 """
 
 from __future__ import annotations

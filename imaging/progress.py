@@ -4,9 +4,9 @@ Where it is shown decides how:
 
 - in a terminal (or a process's stderr), a tqdm bar updated in place;
 - in a stage run by the pipeline, a bar updated in place on the pipeline's terminal only (the
-  kernel's own stderr, which ipykernel keeps a copy of), and one clean line in the notebook when
-  the work is done (``copy instance: 37.7 MiB in 0.1 s, 408.2 MiB/s``), which papermill also
-  forwards to the terminal; carriage-return updates never reach the record;
+  kernel's original stderr, which ipykernel keeps a copy of), and one clean line in the notebook
+  when the work is done (``copy instance: 37.7 MiB in 0.1 s, 408.2 MiB/s``); carriage-return
+  updates never reach the record, and a worker's log file gets that line too;
 - in a notebook run by hand in Jupyter, a widget.
 
 ``IMAGING_PROGRESS=0`` turns bars off; the final lines in notebooks stay.
@@ -40,15 +40,14 @@ def _kernel() -> Any:
     return shell if shell is not None and getattr(shell, "kernel", None) is not None else None
 
 
-def _terminal() -> TextIO | None:
-    """In a kernel, the pipeline's terminal: ipykernel's ``OutStream.fileno()`` is the original
-    stderr it keeps beside the stream it sends to the notebook. None if that is not a terminal
-    (a worker's log file gets the final line only)."""
+def _pipeline_stderr() -> TextIO | None:
+    """In a kernel, the pipeline's stderr (its terminal, or a worker's log file): ipykernel's
+    ``OutStream.fileno()`` is the original stderr it keeps beside the stream it sends to the
+    notebook."""
     try:
-        fd = sys.stderr.fileno()
+        return os.fdopen(os.dup(sys.stderr.fileno()), "w")
     except (OSError, ValueError):
         return None
-    return os.fdopen(os.dup(fd), "w") if os.isatty(fd) else None
 
 
 def _rate(n: float, seconds: float) -> str:
@@ -76,23 +75,28 @@ def _bar(desc: str | None, total: float, unit_bytes: bool, enabled: bool, **styl
 
 @contextlib.contextmanager
 def _final_line(desc: str, unit_bytes: bool, enabled: bool, options: dict[str, Any]) -> Iterator[tqdm]:
-    """In a stage the pipeline runs: the bar in place on its terminal, one line in the notebook."""
-    terminal = _terminal() if enabled else None
+    """In a stage the pipeline runs: the bar on its terminal, one line in the notebook (on stdout:
+    it is a result, not an error) and in a log file."""
+    outside = _pipeline_stderr()
+    tty = outside is not None and outside.isatty()
     t0 = time.monotonic()
     try:
-        # Never disabled, so that it counts for the final line; without a terminal it draws nowhere.
-        with tqdm(**options, file=terminal or io.StringIO(), leave=False, ascii=True, ncols=100) as bar:
+        # Never disabled, so that it counts for the final line; off a terminal it draws nowhere.
+        bar_file = outside if tty and enabled else io.StringIO()
+        with tqdm(**options, file=bar_file, leave=True, ascii=True, ncols=100) as bar:
             yield bar
             done = bar.n
+        seconds = time.monotonic() - t0
+        if unit_bytes:
+            line = f"{desc}: {human_bytes(done)} in {seconds:.1f} s, {_rate(done, seconds)}"
+        else:
+            line = f"{desc}: done in {seconds:.1f} s"
+        print(line, flush=True)
+        if outside is not None and not tty:
+            print(line, file=outside, flush=True)
     finally:
-        if terminal is not None:
-            terminal.close()
-    seconds = time.monotonic() - t0
-    if unit_bytes:
-        line = f"{desc}: {human_bytes(done)} in {seconds:.1f} s, {_rate(done, seconds)}"
-    else:
-        line = f"{desc}: done in {seconds:.1f} s"
-    print(line, file=sys.stderr, flush=True)
+        if outside is not None:
+            outside.close()
 
 
 def bytes_bar(total: int, desc: str | None) -> contextlib.AbstractContextManager[tqdm]:

@@ -25,6 +25,7 @@ from urllib.parse import quote
 import nbformat
 
 from . import audit, config, scraps, summary
+from .errors import ParameterError
 from .sparse import atomic_path
 
 # The lab template without its scripts: require.js, MathJax and mermaid come from CDNs, and an
@@ -91,7 +92,7 @@ def stage_notebooks(root: Path) -> list[tuple[str, int | None, Path]]:
     return sorted(found, key=key)
 
 
-def _boot_verdict(result: dict[str, Any], boot: dict[str, Any]) -> str:
+def _boot_verdict(boot: dict[str, Any]) -> str:
     if not boot:
         return "<span>not checked (this run has no boot check, or it has not run)</span>"
     ok = boot.get("verdict") == "booted"
@@ -154,7 +155,7 @@ def _header(root: Path, notebooks: list[tuple[str, int | None, Path]]) -> str:
         ("run", _code(root.name)),
         ("state", f"{e(state.get('state', 'unknown'))}" + (f" at {e(state['stage'])}" if state.get("stage") else "")),
         ("error", e(state.get("error")) if state.get("error") else "-"),
-        ("boot check", _boot_verdict(result, boot if isinstance(boot, dict) else {})),
+        ("boot check", _boot_verdict(boot if isinstance(boot, dict) else {})),
         ("audit chain", _audit_verdict(chain)),
         ("artifact", _code(result.get("path"))),
         ("sha256", _code(result.get("sha256"))),
@@ -251,8 +252,8 @@ def render(root: Path) -> str:
 
 def write(root: Path) -> Path:
     """Write ``report.html`` into the run directory."""
-    if not (root / "request.json").is_file() and not (root / "notebooks").is_dir():
-        raise FileNotFoundError(f"{root} is not a run directory")
+    if not (root / "request.json").is_file():
+        raise ParameterError(f"{root} is not a run: it has no request.json")
     page = root / "report.html"
     text = render(root)
     with atomic_path(page) as part:

@@ -164,10 +164,16 @@ def failed(stage: str, error: str) -> str:
 
 def insert(notebook: Path, markdown: str) -> None:
     """Put ``markdown`` under the notebook's title cell (first if it has none), replacing an
-    earlier summary, so it is the first thing read."""
+    earlier summary, so it is the first thing read after the title."""
     nb = nbformat.read(notebook, as_version=4)
     nb.cells = [c for c in nb.cells if TAG not in c.get("metadata", {}).get("tags", [])]
-    first = nb.cells[0] if nb.cells else None
-    at = 1 if first is not None and first.cell_type == "markdown" and first.source.startswith("#") else 0
+    # Under the first heading, past any banners before it (papermill's, on a failed notebook).
+    at = 0
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "markdown":
+            break
+        if cell.source.startswith("#"):
+            at = i + 1
+            break
     nb.cells.insert(at, nbformat.v4.new_markdown_cell(markdown, metadata={"tags": [TAG]}))
     nbformat.write(nb, notebook)

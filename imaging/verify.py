@@ -344,12 +344,16 @@ def _qmp_reply(replies: Any) -> dict[str, Any]:
             return message
 
 
+_ESCAPES = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_])")
+
+
 class Console:
     """The end of a boot as a person would have seen it: the serial log beside the screen."""
 
     def __init__(self, boot_result: Boot | dict[str, object], lines: int = 400) -> None:
         record = boot_result.to_dict() if isinstance(boot_result, Boot) else dict(boot_result)
-        self.log = serial_log(record, lines) or "(empty)"
+        # GRUB and the guest drive a terminal: their escape sequences are noise on a page.
+        self.log = _ESCAPES.sub("", serial_log(record, lines)) or "(empty)"
         self.screen = Path(str(record.get("screen") or ""))
         self.has_screen = bool(record.get("screen")) and self.screen.is_file()
 

@@ -20,9 +20,9 @@ def test_in_a_pipeline_stage_the_notebook_gets_one_final_line(
     monkeypatch.setenv("IMAGING_PIPELINE", "1")
     monkeypatch.setenv("IMAGING_PROGRESS", "1")
     copy(64 << 20, "copy instance")
-    err = capsys.readouterr().err
-    assert "\r" not in err and err.count("\n") == 1
-    assert err.startswith("copy instance: 64.0 MiB in ") and err.rstrip().endswith("/s")
+    out = capsys.readouterr()
+    assert "\r" not in out.out and out.out.count("\n") == 1 and out.err == ""
+    assert out.out.startswith("copy instance: 64.0 MiB in ") and out.out.rstrip().endswith("/s")
 
 
 def test_the_final_line_stays_with_bars_off_and_small_copies(
@@ -31,10 +31,10 @@ def test_the_final_line_stays_with_bars_off_and_small_copies(
     monkeypatch.setattr(progress, "_kernel", lambda: object())
     monkeypatch.setenv("IMAGING_PIPELINE", "1")
     copy(4 << 20, "place filesystem")
-    assert capsys.readouterr().err.startswith("place filesystem: 4.0 MiB in ")
+    assert capsys.readouterr().out.startswith("place filesystem: 4.0 MiB in ")
     with progress.percent_bar("convert to qcow2") as bar:
         bar.update(100)
-    assert capsys.readouterr().err.startswith("convert to qcow2: done in ")
+    assert capsys.readouterr().out.startswith("convert to qcow2: done in ")
 
 
 def test_in_a_terminal_a_bar_with_bytes_rate_and_time_left(
@@ -53,4 +53,4 @@ def test_work_beside_other_work_shows_nothing(
     monkeypatch.setattr(progress, "_kernel", lambda: object())
     monkeypatch.setenv("IMAGING_PIPELINE", "1")
     copy(64 << 20, None)
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr() == ("", "")

@@ -101,3 +101,8 @@ def test_cli_errors_are_one_line_exit_2(
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("imaging: error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_refuses_a_directory_that_is_not_a_run(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["report", str(run / "notebooks")]) == 2
+    assert "is not a run: it has no request.json" in capsys.readouterr().err

@@ -110,3 +110,15 @@ def test_insert_without_a_title_goes_first(tmp_path: Path) -> None:
     path = notebook(tmp_path / "b.ipynb", title=False)
     summary.insert(path, "## Summary\n\nx")
     assert nbformat.read(path, as_version=4).cells[0].source == "## Summary\n\nx"
+
+
+def test_insert_goes_under_the_title_past_papermills_error_banner(tmp_path: Path) -> None:
+    path = notebook(tmp_path / "c.ipynb", title=True)
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.insert(
+        0, nbformat.v4.new_markdown_cell('<span style="color:red">An Exception was encountered</span>')
+    )
+    nbformat.write(nb, path)
+    summary.insert(path, "## Summary\n\nfailed")
+    cells = nbformat.read(path, as_version=4).cells
+    assert [c.source[:12] for c in cells[:3]] == ["<span style=", "# 30-bootabl", "## Summary\n\n"]
