@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,10 @@ def render_html(notebook: Path) -> Path:
     """``<notebook>.html`` beside the executed notebook (nbconvert's HTML exporter)."""
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter().from_filename(str(notebook))
+    with warnings.catch_warnings():
+        # The stage's recorded result (scraps.MIME) has no HTML form, by design: its tables show it.
+        warnings.filterwarnings("ignore", message=".*scrapbook.scrap.json.*not able to be represented")
+        body, _ = HTMLExporter().from_filename(str(notebook))
     html = notebook.with_suffix(".html")
     with sparse.atomic_path(html) as part:
         part.write_text(body, encoding="utf-8")

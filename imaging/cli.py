@@ -1,4 +1,4 @@
-"""Command line: ``python -m imaging export|convert|resume|verify|sample|audit|serve|worker|users``.
+"""Command line: ``python -m imaging export|convert|resume|verify|sample|audit|report|serve|worker|users``.
 
 ``export`` and ``convert`` print, as their last line on stdout, one JSON object describing the
 result (``path``, ``sha256``, ``format``, ``target``, ``run``, ``verified``, ...); everything
@@ -181,6 +181,23 @@ def _audit(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _report(args: argparse.Namespace) -> int:
+    from . import report
+    from .workspace import Workspace
+
+    if args.all == bool(args.runs):
+        raise ParameterError("name one or more runs, or --all")
+    directory = config.runs_dir()
+    if args.all:
+        roots = report.runs(directory) if directory.is_dir() else []
+    else:
+        roots = [Workspace.open(run, create=False).root for run in args.runs]
+    pages = [str(report.write(root)) for root in roots]
+    index = report.write_index(directory) if directory.is_dir() else None
+    _print_json({"reports": pages, "index": str(index) if index else None})
+    return 0
+
+
 def _service_logging() -> None:
     import logging
 
@@ -334,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--boot-marker", default="", help="regular expression proving the boot (besides a login prompt)"
     )
     v.add_argument("--boot-timeout", type=int, default=240)
-    v.add_argument("--log-dir", help="where to keep serial.log")
+    v.add_argument(
+        "--log-dir", help="where to keep serial.log and screen.png (the screen at the end of the boot)"
+    )
     v.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
     v.set_defaults(func=_verify)
 
@@ -346,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("run", help="run id (a directory under runs/) or path")
     a.add_argument("--head", help="the head hash the run is expected to have (from its completion mail)")
     a.set_defaults(func=_audit)
+
+    rp = sub.add_parser("report", help="one HTML page per run for an auditor, and the index of all runs")
+    rp.add_argument("runs", nargs="*", metavar="RUN", help="run id (a directory under runs/) or path")
+    rp.add_argument("--all", action="store_true", help="every run under the runs directory")
+    rp.set_defaults(func=_report)
 
     sv = sub.add_parser("serve", help="the request service: HTTP API, mails, and an embedded worker")
     sv.add_argument("--config", help="settings file (default: $IMAGING_CONFIG or <state dir>/service.yaml)")

@@ -5,7 +5,9 @@ the request's values for the parameters that notebook declares (papermill's ``in
 tells which), into ``runs/<id>/notebooks/``. A stage is complete when its executed notebook sits
 at its final name; it is renamed there only on success. Running a failed run again skips the
 completed stages and starts at the failed one. After every stage, whatever a dead kernel could
-have left (partial files, mounts) is swept up, and the kernel itself is always shut down.
+have left (partial files, mounts) is swept up, and the kernel itself is always shut down. Before
+an executed notebook gets its final name, its HTML render and its place on the audit chain, the
+summary of what the stage did (or of how it failed) goes in under its title (``summary.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from . import audit, config, guest, sample, scraps, sparse
+from . import audit, config, guest, sample, scraps, sparse, summary
 from .config import Layout, OvfVersion, Placement, VmdkSubformat
 from .errors import ImagingError, ParameterError
 from .workspace import Workspace, write_json
@@ -394,11 +396,11 @@ def run_stage(
         )
     except KeyboardInterrupt:
         _stop_kernel(km)
-        _keep_failed(ws, stage, tmp)
+        _keep_failed(ws, stage, tmp, "interrupted")
         raise
     except pm.PapermillExecutionError as e:
         _shutdown(km)
-        _keep_failed(ws, stage, tmp)
+        _keep_failed(ws, stage, tmp, _one_line(e.ename, e.evalue))
         raise StageFailed(stage, _one_line(e.ename, e.evalue), ws.id) from None
     except BaseException:
         _shutdown(km)
@@ -407,8 +409,10 @@ def run_stage(
     wall = time.monotonic() - t0
     recorded = scraps.read(tmp)
     if stage not in recorded:
-        _keep_failed(ws, stage, tmp)
+        _keep_failed(ws, stage, tmp, "the notebook did not record its result")
         raise StageFailed(stage, "the notebook did not record its result", ws.id)
+    # The summary goes in before the notebook takes its final name, is rendered and hashed.
+    summary.insert(tmp, summary.completed(stage, recorded[stage]))
     os.replace(tmp, final)
     cells, first = _cells_seconds(final)
     timing = {"seconds": round(wall, 3), "overhead": round(wall - cells + first, 3)}
@@ -422,10 +426,16 @@ def _one_line(ename: str, evalue: str) -> str:
     return text if ename.endswith(known) or ename in ("ImagingError",) else f"{ename}: {text}"
 
 
-def _keep_failed(ws: Workspace, stage: str, tmp: Path) -> None:
-    """The executed notebook of a failed attempt stays, numbered, for the record."""
+def _keep_failed(ws: Workspace, stage: str, tmp: Path, error: str) -> None:
+    """The executed notebook of a failed attempt stays, numbered, for the record, with the error
+    as its summary."""
     if not tmp.exists():
         return
+    try:
+        summary.insert(tmp, summary.failed(stage, error))
+    except Exception as e:  # a notebook a dying kernel left unreadable is still kept as it is
+        print(f"imaging: no summary in the failed {stage} notebook: {_one_line(type(e).__name__, str(e))}",
+              file=sys.stderr, flush=True)  # fmt: skip
     n = 1 + len(list(ws.notebooks.glob(f"{stage}.failed-*.ipynb")))
     failed = ws.notebooks / f"{stage}.failed-{n}.ipynb"
     os.replace(tmp, failed)

@@ -87,7 +87,3 @@ class Text:
 def diff(text: str) -> Text:
     """Show a unified diff (``(no change)`` when there is none)."""
     return Text(text, "(no change)")
-
-
-def log(text: str) -> Text:
-    return Text(text)

@@ -55,6 +55,12 @@ def test_qcow2_for_kvm_boots_and_leaves_a_record(cli: Cli, kvm_sample: Path, tmp
     assert scraps["50-verify"]["verdict"] == "booted" and scraps["50-verify"]["controller"] == "virtio"
     assert "IMAGING-SAMPLE-OK" in (run / "verify" / "serial.log").read_text()
     # The executed notebooks read as the audit record: fdisk table, arithmetic, commands with exit codes.
+    # Each opens with the summary of what it did, under its title.
+    for stage in stages:
+        cells = json.loads((run / "notebooks" / f"{stage}.ipynb").read_text())["cells"]
+        assert cells[1]["metadata"]["tags"] == ["summary"] and "".join(cells[1]["source"]).startswith(
+            "## Summary"
+        )
     bootable = (run / "notebooks" / "30-bootable.ipynb").read_text()
     for text in (
         "block_total",

@@ -131,7 +131,11 @@ def test_a_failed_stage_resumes_where_it_failed(cli: Cli, tmp_path: Path) -> Non
     assert "imaging: error: 50-verify: again.qcow2 did not boot on kvm" in broken.stderr
     assert "resume with: python -m imaging resume again" in broken.stderr
     run = cli.runs / "again"
-    assert (run / "notebooks" / "50-verify.failed-1.ipynb").exists()
+    failed = json.loads((run / "notebooks" / "50-verify.failed-1.ipynb").read_text())
+    # The failed attempt opens with its error, under its title (papermill's banner above both).
+    at = next(i for i, c in enumerate(failed["cells"]) if "summary" in c["metadata"].get("tags", []))
+    assert "".join(failed["cells"][at - 1]["source"]).startswith("# 50-verify")
+    assert "This attempt at 50-verify failed" in "".join(failed["cells"][at]["source"])
     result = last_json(cli("resume", "again"))
     assert result["verified"]
     assert started_stages(run) == [*config.pipeline_stages("export"), "50-verify"]

@@ -82,6 +82,8 @@ def test_without_migration_the_xen_sample_does_not_boot(tmp_path: Path) -> None:
     boot = verify.boot(ws.disk, "openstack", marker=sample.MARKER, timeout=120, log_dir=ws.verify)
     assert boot.verdict == "failed"
     assert "initrd: root UUID=" in boot.matched and "not found" in boot.matched
+    # A boot that fails still leaves the screen it ended on.
+    assert boot.screen == str(ws.verify / "screen.png") and (ws.verify / "screen.png").stat().st_size > 0
 
 
 def test_only_xen_kernels_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,0 +1,124 @@
+"""The summaries the pipeline puts at the top of each executed notebook: what they say, that a
+value from the image cannot become markup, and where the cell goes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbconvert.filters import markdown2html
+
+from imaging import summary
+
+HOSTILE = "<script>alert(1)</script> `x` | *y* [l](javascript:z) &amp;"
+
+BOOTABLE = {
+    "layout": {"start_sector": 2048, "end_sector": 3147775, "partition_sectors": 3145728, "offset_bytes": 1048576,
+               "partition_bytes": 1610612736, "block_size": 4096},
+    "placement": {"placement": "copy", "fs_type": "ext3", "uuid": "e054cdd7", "block_count": 393216},
+    "grub": {"grub": "grub-mkimage (GRUB) 2.06", "entries": 1, "default_kernel": "/boot/vmlinuz-6.1"},
+    "disk": {"disk_bytes": 1611661312, "label": "dos", "disk_id": "0xe054cdd7", "fsck": "clean (exit 0)"},
+}  # fmt: skip
+VERIFY = {"verdict": "booted", "reason": "marker", "matched": "IMAGING-SAMPLE-OK", "target": "kvm",
+          "controller": "virtio", "accel": "tcg", "seconds": 8.77, "image": "/out/demo.qcow2", "format": "qcow2",
+          "screen": "/runs/r/verify/screen.png"}  # fmt: skip
+
+
+def html_of(markdown: str) -> str:
+    return str(markdown2html(markdown))
+
+
+def test_text_shows_every_character_and_no_markup() -> None:
+    rendered = html_of(summary.text(HOSTILE))
+    assert "<script" not in rendered and "<a " not in rendered and "<em>" not in rendered
+    assert "<code>" not in rendered
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; `x` | *y* [l](javascript:z) &amp;amp;" in rendered
+
+
+def test_bootable_summary_has_the_partition_table_and_its_arithmetic() -> None:
+    text = summary.completed("30-bootable", BOOTABLE)
+    rendered = html_of(text)
+    rows = re.findall(r"<tr>(.*?)</tr>", rendered, re.S)
+    cells = [re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S) for row in rows]
+    assert cells[0] == ["partition", "boot", "start", "end", "sectors", "size", "type"]
+    assert cells[1][:5] == ["1", "*", "2048", "3147775", "3145728"] and cells[1][6] == "83 Linux"
+    assert "end - start + 1 = 3147775 - 2048 + 1 = 3145728" in text
+    assert "offset = 512 x start = 1048576" in text
+
+
+def test_hostile_values_stay_text_in_tables_and_lines() -> None:
+    migrated = {"profile": HOSTILE, "target": "kvm", "kernel": HOSTILE, "files_changed": 1, "packages": HOSTILE,
+                "initrd": HOSTILE, "initrd_modules": HOSTILE, "initrd_bytes": 10, "changes": [{"path": HOSTILE}]}  # fmt: skip
+    hostile_layout = {**BOOTABLE, "disk": {**BOOTABLE["disk"], "label": HOSTILE, "fsck": "a\n\n| b | c |"}}
+    for stage, result in (("20-migrate", migrated), ("30-bootable", hostile_layout)):
+        rendered = html_of(summary.completed(stage, result))
+        assert "<script" not in rendered and 'href="javascript' not in rendered and "<em>" not in rendered
+    rendered = html_of(summary.completed("30-bootable", hostile_layout))
+    assert rendered.count("<tr>") == 2  # the value's own pipes and newlines made no new rows
+
+
+@pytest.mark.parametrize(
+    ("stage", "result", "words"),
+    [
+        ("50-verify", VERIFY, ["**Booted**", "IMAGING-SAMPLE-OK", "virtio", "screen at the end"]),
+        ("50-verify", {**VERIFY, "verdict": "failed", "reason": "boot failed", "matched": "Kernel panic", "screen": ""},
+         ["**Did not boot**", "Kernel panic", "no screenshot"]),
+        ("40-export", {"path": "/out/demo.qcow2", "format": "qcow2", "size_bytes": 23724032, "virtual_size": 1 << 30,
+                       "tool": "qemu-img convert -O qcow2", "seconds": 0.15, "check": "No errors.", "sha256": "f2ac"},
+         ["**Exported**", "demo.qcow2", "sha256 <code>f2ac</code>", "22.6 MiB"]),
+        ("10-clean", {"profile": "centos5", "profile_reason": "release 5", "operations": ["logfiles", "machine-id"],
+                      "actions": [{"action": "remove"}, {"action": "remove"}, {"action": "edit"}], "removed_bytes": 602},
+         ["**Cleaned**", "2 operations, 3 files acted on (1 edit, 2 remove)", "602 B removed"]),
+        ("99-new", {"answer": 42, "nested": {"skipped": True}}, ["**Completed**", "answer <code>42</code>"]),
+        ("30-bootable", {"layout": "from an older version"}, ["**Completed**"]),
+    ],
+)  # fmt: skip
+def test_completed_summaries(stage: str, result: dict[str, object], words: list[str]) -> None:
+    text = summary.completed(stage, result)
+    assert text.startswith("## Summary\n\n")
+    for word in words:
+        assert word in text
+
+
+def test_failed_summary_names_the_error_as_text() -> None:
+    text = summary.failed("50-verify", "demo.qcow2 did not boot: <b>Kernel panic</b>")
+    assert "failed" in text and "<b>" not in html_of(text) and "&lt;b&gt;Kernel panic" in html_of(text)
+
+
+def notebook(path: Path, *, title: bool) -> Path:
+    nb = nbformat.v4.new_notebook()
+    if title:
+        nb.cells.append(nbformat.v4.new_markdown_cell("# 30-bootable: a disk"))
+    nb.cells.append(nbformat.v4.new_code_cell("x = 1"))
+    nbformat.write(nb, path)
+    return path
+
+
+def test_insert_goes_under_the_title_and_replaces_an_earlier_summary(tmp_path: Path) -> None:
+    path = notebook(tmp_path / "a.ipynb", title=True)
+    summary.insert(path, "## Summary\n\nfirst")
+    summary.insert(path, "## Summary\n\nsecond")
+    cells = nbformat.read(path, as_version=4).cells
+    assert [c.cell_type for c in cells] == ["markdown", "markdown", "code"]
+    assert cells[1].source == "## Summary\n\nsecond" and cells[1].metadata["tags"] == [summary.TAG]
+    nbformat.validate(nbformat.read(path, as_version=4))
+
+
+def test_insert_without_a_title_goes_first(tmp_path: Path) -> None:
+    path = notebook(tmp_path / "b.ipynb", title=False)
+    summary.insert(path, "## Summary\n\nx")
+    assert nbformat.read(path, as_version=4).cells[0].source == "## Summary\n\nx"
+
+
+def test_insert_goes_under_the_title_past_papermills_error_banner(tmp_path: Path) -> None:
+    path = notebook(tmp_path / "c.ipynb", title=True)
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.insert(
+        0, nbformat.v4.new_markdown_cell('<span style="color:red">An Exception was encountered</span>')
+    )
+    nbformat.write(nb, path)
+    summary.insert(path, "## Summary\n\nfailed")
+    cells = nbformat.read(path, as_version=4).cells
+    assert [c.source[:12] for c in cells[:3]] == ["<span style=", "# 30-bootabl", "## Summary\n\n"]
