@@ -4,6 +4,7 @@ it; and its panels answer clicks (their handlers called here, as a widget's call
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import papermill as pm
 import pytest
 
 from imaging import config, explore, panels, pipeline, scraps
+
+from .conftest import Cli
+from .test_report import seen
 
 pytestmark = pytest.mark.integration
 
@@ -22,11 +26,11 @@ def test_explore_notebook_converts_the_xen_sample(tmp_path: Path, monkeypatch: p
     pm.execute_notebook(str(config.notebooks_dir() / "explore.ipynb"), str(out), kernel_name=pipeline.KERNEL_NAME,
                         cwd=str(config.PROJECT), progress_bar=False)  # fmt: skip
     seconds = time.monotonic() - t0
-    seen = scraps.read(out)["explore"]
-    assert seen["profile"]["name"] == "centos5" and "redhat-release" in seen["profile"]["reason"]
-    assert seen["clean"]["actions"] > 10
-    assert "/etc/inittab" in seen["migrate"]["changes"] and seen["migrate"]["target"] == "virtualbox"
-    result = seen["result"]
+    shown = scraps.read(out)["explore"]
+    assert shown["profile"]["name"] == "centos5" and "redhat-release" in shown["profile"]["reason"]
+    assert shown["clean"]["actions"] > 10
+    assert "/etc/inittab" in shown["migrate"]["changes"] and shown["migrate"]["target"] == "virtualbox"
+    result = shown["result"]
     assert result["verified"] is True and result["boot"]["verdict"] == "booted" and result["format"] == "vdi"
     run = Path(result["run_dir"])
     # The same record an export run leaves: every stage's executed notebook, state, audit chain.
@@ -35,6 +39,13 @@ def test_explore_notebook_converts_the_xen_sample(tmp_path: Path, monkeypatch: p
     assert sorted(p.stem for p in (run / "notebooks").glob("*.ipynb")) == stages
     assert (run / "audit.json").is_file() and Path(result["path"]).is_file()
     print(f"explore.ipynb ran in {seconds:.1f} s")
+
+    # The page an auditor gets for this run, as Chromium renders it: the boot verdict (the Xen
+    # sample prints its marker only when its own checks passed), the chain intact, the partition table.
+    Cli(run.parent)("report", run.name)
+    text = seen(run / "report.html", tmp_path, 2200)
+    assert re.search(r"booted: marker IMAGING-SAMPLE-OK", text), text
+    assert re.search(r"audit chain \W*intact", text) and "partition boot start end sectors" in text, text
 
 
 def test_panels_follow_their_controls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -118,7 +118,11 @@ def test_export_request_approved_by_mail_then_broken_fixed_and_resumed(world: An
     html = alice.get(next(n["html"] for n in notebooks if n["name"] == "30-bootable"))
     assert html.status_code == 200 and "block_total" in html.text and "<html" in html.text
     record = alice.get(URL + rid + "/audit").json()
-    assert record["ok"] and record["head"] == result["audit_head"] and len(record["entries"]) == 2 * len(notebooks) + 2
+    assert (
+        record["ok"]
+        and record["head"] == result["audit_head"]
+        and len(record["entries"]) == 2 * len(notebooks) + 2
+    )
     assert record["entries"][-1]["kind"] == "artifact"
     check = service.cli("audit", rid, "--head", result["audit_head"])
     assert json.loads(check.stdout)["ok"]
