@@ -17,6 +17,7 @@ from typing import Any
 
 from . import config
 from .errors import ImagingError, ParameterError, SourceError, SpaceError
+from .request import Request
 from .store import StoreError
 
 
@@ -28,7 +29,7 @@ def _print_json(data: dict[str, Any]) -> None:
 def _export(args: argparse.Namespace) -> int:
     from . import acquire, pipeline
 
-    request = pipeline.Request.create(
+    request = Request.create(
         source=args.source,
         name=args.name,
         format=args.format,
@@ -89,7 +90,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     disk = Path(args.disk)
     name = args.name or disk.name.split(".", 1)[0]
-    request = pipeline.Request.create(
+    request = Request.create(
         kind="convert-verify" if args.verify else "convert",
         source=str(disk.resolve()) if disk.exists() else str(disk),
         name=name,

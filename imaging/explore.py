@@ -23,6 +23,7 @@ from . import clean, config, guest, migrate, pipeline, proposal
 from .errors import ImagingError, ParameterError
 from .guestfiles import Guest
 from .profiles import Detected, RuleCheck, check_rules, resolve
+from .request import Request
 from .workspace import Workspace
 
 MAX_ENTRIES = 1000  # directory entries listed
@@ -153,7 +154,7 @@ class Session:
         if run:
             ws, request = pipeline.open_run(run, None)
         else:
-            request = pipeline.Request.create(source=source, name=name, target=target, format=image_format)
+            request = Request.create(source=source, name=name, target=target, format=image_format)
             ws, request = pipeline.open_run(None, request)
         session = cls(pipeline.Runner(ws, request, err=err))
         if (
@@ -168,7 +169,7 @@ class Session:
         return self.runner.ws
 
     @property
-    def request(self) -> pipeline.Request:
+    def request(self) -> Request:
         return self.runner.request
 
     @contextlib.contextmanager

@@ -6,6 +6,7 @@ import pytest
 
 from imaging import config, pipeline
 from imaging.errors import ParameterError
+from imaging.request import Request
 
 
 @pytest.mark.parametrize("name", ["demo", "centos-5.11_x86", "A1", "x" * 80])
@@ -89,15 +90,15 @@ def test_disk_size_parsing() -> None:
 
 
 def test_request_takes_defaults_and_rejects_unknowns() -> None:
-    r = pipeline.Request.create(source="/x.img", name="demo")
+    r = Request.create(source="/x.img", name="demo")
     assert (r.format, r.target, r.layout.value, r.placement.value) == ("qcow2", "kvm", "aligned", "copy")
-    assert pipeline.Request.create(source="sample:kvm", name="d").boot_marker == "IMAGING-SAMPLE-OK"
+    assert Request.create(source="sample:kvm", name="d").boot_marker == "IMAGING-SAMPLE-OK"
     with pytest.raises(ParameterError, match="unknown format 'iso'"):
-        pipeline.Request.create(source="/x.img", name="demo", format="iso")
+        Request.create(source="/x.img", name="demo", format="iso")
     with pytest.raises(ParameterError, match="Extra inputs"):
-        pipeline.Request.create(source="/x.img", name="demo", colour="blue")
+        Request.create(source="/x.img", name="demo", colour="blue")
     with pytest.raises(ParameterError, match="name 'a/b' is not allowed"):
-        pipeline.Request.create(source="/x.img", name="a/b")
+        Request.create(source="/x.img", name="a/b")
 
 
 def test_every_pipeline_stage_has_a_notebook() -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from imaging import config, export, identity, pipeline
+from imaging import config, export, identity
 from imaging.config import ImageFormat, VmdkSubformat
 from imaging.errors import ParameterError
+from imaging.request import Request
 
 
 def test_every_format_knows_its_file_and_qemu_names() -> None:
@@ -44,8 +45,8 @@ def test_unknown_format_lists_the_known_ones() -> None:
         config.check_format("iso")
 
 
-def req(**kw: object) -> pipeline.Request:
-    return pipeline.Request.create(source="/x.img", name="demo", **kw)
+def req(**kw: object) -> Request:
+    return Request.create(source="/x.img", name="demo", **kw)
 
 
 def test_request_defaults_for_the_format_options() -> None:

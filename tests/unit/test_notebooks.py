@@ -11,6 +11,7 @@ import papermill as pm
 import pytest
 
 from imaging import config, pipeline
+from imaging.request import Request
 
 NOTEBOOKS = sorted(config.notebooks_dir().glob("*.ipynb"))
 
@@ -41,7 +42,7 @@ def test_one_parameters_cell_then_thin_cells(path: Path) -> None:
 
 
 def test_stage_parameters_are_request_fields() -> None:
-    fields = {k.upper() for k in pipeline.Request.model_fields} | {"RUN_DIR", "HASH_SOURCE"}
+    fields = {k.upper() for k in Request.model_fields} | {"RUN_DIR", "HASH_SOURCE"}
     for stage in {s for stages in config.load_defaults().pipelines.values() for s in stages}:
         declared = set(pm.inspect_notebook(str(pipeline.notebook_path(stage))))
         assert declared <= fields, (stage, declared - fields)
