@@ -29,7 +29,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from . import __version__, approvals, audit, config
-from .errors import ParameterError
+from .errors import ParameterError, StoreError
 from .notify import Mailer
 from .schemas import (
     API_PREFIX,
@@ -48,7 +48,7 @@ from .schemas import (
     validated,
 )
 from .settings import Settings
-from .store import Actor, ImageRequest, Store, StoreError
+from .store import Actor, ImageRequest, Store
 from .worker import Worker
 
 log = logging.getLogger("imaging.api")

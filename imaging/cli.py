@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from . import config
-from .errors import ImagingError, ParameterError, SourceError, SpaceError
+from .errors import ImagingError, ParameterError, SourceError, SpaceError, StoreError
 from .request import Request
-from .store import StoreError
 
 
 def _print_json(data: dict[str, Any]) -> None:

@@ -44,3 +44,12 @@ class CommandError(ImagingError):
     def __init__(self, message: str, result: object) -> None:
         super().__init__(message)
         self.result = result
+
+
+class StoreError(ImagingError):
+    """The request service refused an operation; ``status`` is the HTTP code that says why
+    (403, 404, 409), or 5xx when the database failed."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status

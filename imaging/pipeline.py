@@ -13,11 +13,8 @@ summary of what the stage did (or of how it failed) goes in under its title (``s
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
-import multiprocessing
-import multiprocessing.process
 import os
 import shutil
 import signal
@@ -30,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import audit, config, guest, sample, scraps, sparse, summary
+from . import audit, config, guest, sample, scraps, summary
 from .errors import ImagingError, ParameterError
 from .request import Request
 from .workspace import Workspace, write_json
@@ -259,54 +256,38 @@ def _record(ws: Workspace, notebook: Path) -> None:
 
 
 class SourceHash:
-    """The source's sha256, computed beside the whole run, on CPU the stages leave idle.
-
-    Hashing costs the source's virtual size (holes hash as zeros). It runs in a child process
-    in its own session at the lowest priority: the kernel schedules sessions fairly against each
-    other (autogroups), so a low-priority *thread* in this process would still take half the
-    CPU from a stage's compressors (measured: VMDK writing twice as slow). Kept in
-    ``source.sha256`` beside the run, so a resumed run does not hash again.
+    """The source's sha256, computed beside the whole run, on CPU the stages leave idle
+    (``imaging/idle_hash.py``). Hashing costs the source's virtual size (holes hash as zeros).
+    Kept in ``source.sha256`` beside the run, so a resumed run does not hash again.
     """
 
     def __init__(self, ws: Workspace, source: str) -> None:
         self.file = ws.root / "source.sha256"
         self.digest: str | None = None
         self.error: str | None = None
-        self._process: multiprocessing.process.BaseProcess | None = None
+        self._process: subprocess.Popen[bytes] | None = None
         if self.file.exists():
             self.digest = self.file.read_text().split()[0]
         else:
-            context = multiprocessing.get_context("spawn")
-            self._process = context.Process(
-                target=_hash_idle, args=(str(sample.resolve(source)), str(self.file)), daemon=True
-            )
-            self._process.start()
+            argv = [sys.executable, "-m", "imaging.idle_hash", str(sample.resolve(source)), str(self.file),
+                    str(os.getpid())]  # fmt: skip
+            self._process = subprocess.Popen(argv, cwd=config.PROJECT, stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
 
     def result(self) -> str | None:
         if self._process is not None:
-            self._process.join()
+            code = self._process.wait()
             if self.file.exists():
                 self.digest = self.file.read_text().split()[0]
             else:
-                self.error = f"cannot hash the source (exit code {self._process.exitcode})"
+                self.error = f"cannot hash the source (exit code {code})"
             self._process = None
         return self.digest
 
     def stop(self) -> None:
-        if self._process is not None and self._process.is_alive():
+        if self._process is not None and self._process.poll() is None:
             self._process.terminate()
-            self._process.join()
-
-
-def _hash_idle(path: str, out: str) -> None:
-    """In the child: its own session, lowest priority there too, gone when the pipeline is."""
-    os.setsid()
-    with contextlib.suppress(OSError):
-        Path("/proc/self/autogroup").write_text("19")
-    os.nice(19)
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    digest = sparse.sha256(Path(path), desc=None)
-    sparse.write_sha256_file(Path(path), digest, beside=Path(out))
+            self._process.wait()
 
 
 def _summary(

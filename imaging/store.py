@@ -32,7 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from sqlalchemy.types import DateTime, TypeDecorator
 
 from . import approvals
-from .errors import ImagingError
+from .errors import StoreError
 
 
 class State(StrEnum):
@@ -59,14 +59,6 @@ RULES: dict[str, tuple[frozenset[State], State, frozenset[str]]] = {
 }  # fmt: skip
 PAST = {"approve": "approved", "deny": "denied", "cancel": "cancelled", "claim": "claimed",
         "stage": "moved", "complete": "completed", "fail": "failed"}  # fmt: skip
-
-
-class StoreError(ImagingError):
-    """A refused operation; ``status`` is the HTTP code that says why (403, 404, 409)."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from . import config
-from .errors import ParameterError
+from .errors import ParameterError, StoreError
 from .notify import Mailer
 from .settings import Settings, secret_env_names
-from .store import Actor, ImageRequest, Store, StoreError
+from .store import Actor, ImageRequest, Store
 
 log = logging.getLogger("imaging.worker")
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from imaging.store import RULES, SYSTEM, Actor, State, Store, StoreError
+from imaging.errors import StoreError
+from imaging.store import RULES, SYSTEM, Actor, State, Store
 
 
 @pytest.fixture
