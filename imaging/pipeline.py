@@ -324,7 +324,7 @@ def open_run(run_id: str | None, request: Request | None) -> tuple[Workspace, Re
     """The run to work on: a new one for a request, or an existing one to resume."""
     if run_id is None:
         assert request is not None
-        run_id = f"{request.name}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+        run_id = _fresh_run_id(request.name)
     config.check_name(run_id)
     root = config.runs_dir() / run_id
     if root.exists() and (root / "request.json").exists():
@@ -337,6 +337,23 @@ def open_run(run_id: str | None, request: Request | None) -> tuple[Workspace, Re
     ws = Workspace.open(root)
     write_json(ws.request_file, request.model_dump(mode="json"))
     return ws, request
+
+
+def _fresh_run_id(name: str) -> str:
+    """``<name>-<UTC time>``, with ``-2``, ``-3``... when that run exists: two requests made in
+    the same second must never share (or resume) one run. The directory is claimed by mkdir."""
+    runs = config.runs_dir()
+    runs.mkdir(parents=True, exist_ok=True)
+    # Run ids are names too (at most 80 characters): a long request name is shortened in the id.
+    base = f"{config.check_name(name)[:60]}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+    for n in range(1, 1000):
+        run_id = base if n == 1 else f"{base}-{n}"
+        try:
+            (runs / run_id).mkdir()
+        except FileExistsError:
+            continue
+        return run_id
+    raise ParameterError(f"no free run id for {name} under {runs}")
 
 
 def out_dir(ws: Workspace, request: Request) -> Path:

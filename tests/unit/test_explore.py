@@ -98,3 +98,13 @@ def test_only_parameters_no_completed_stage_used_can_change(
     assert runner.request.target == "virtualbox"
     assert Workspace.open(ws.root).request()["target"] == "virtualbox"  # request.json follows
     assert pipeline.open_run(ws.id, None)[1] == runner.request
+
+
+def test_runs_asked_for_in_the_same_second_get_their_own_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMAGING_RUNS", str(tmp_path / "runs"))
+    request = Request.create(source="/dev/null", name="n" * 80)
+    ids = [pipeline.open_run(None, request)[0].id for _ in range(3)]
+    assert len(set(ids)) == 3 and all(len(i) <= 80 and i.startswith("n" * 60 + "-") for i in ids)
+    assert all((tmp_path / "runs" / i / "request.json").is_file() for i in ids)
