@@ -3,8 +3,8 @@ same bytes for the same disk.
 
 qemu-img compresses one cluster at a time on one core (25 s for 1.3 GB here); ``-W -m`` spreads
 the work over cores but writes clusters in whatever order they finish, so two conversions of
-one disk differ. Here worker threads compress chunks of clusters (ISA-L or zlib, raw deflate
-with the 4 KiB window qemu's decoder expects, both release the GIL) and the caller's thread
+one disk differ. Here worker threads compress chunks of clusters (zlib level 1, raw deflate
+with the 4 KiB window qemu's decoder expects; it releases the GIL) and the caller's thread
 packs them in guest order. The layout (qcow2 version 3, 64 KiB clusters, 16-bit refcounts)::
 
     cluster 0      header (rewritten at the end, when the tables' places are known)
@@ -28,19 +28,13 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 from .progress import bytes_bar
 from .records import Record
 from .vmdk import grain_runs
 
-_deflate: ModuleType
-try:
-    from isal import isal_zlib
+DEFLATE = "zlib level 1"  # not ISA-L: see imaging/vmdk.py, the same bytes for the same disk
 
-    _deflate, DEFLATE = isal_zlib, "isal level 1"
-except ImportError:  # pragma: no cover - requirements.txt installs isal
-    _deflate, DEFLATE = zlib, "zlib level 1"
 
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
@@ -60,7 +54,7 @@ _ZERO = bytes(CLUSTER)
 
 def _compress(data: memoryview) -> bytes:
     # Raw deflate, 4 KiB window: what qemu's qcow2 decoder (inflateInit2 with -12) reads.
-    c = _deflate.compressobj(1, _deflate.DEFLATED, -12)
+    c = zlib.compressobj(1, zlib.DEFLATED, -12)
     return c.compress(data) + c.flush()
 
 

@@ -125,6 +125,15 @@ def create_sparse(path: Path, size: int) -> None:
         f.truncate(size)
 
 
+def flush(path: Path) -> None:
+    """Put ``path``'s data on disk (fdatasync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 def sha256(path: Path, desc: str | None = "sha256") -> str:
     """sha256 of the whole file; holes are hashed as the zeros they read as, without reading them.
 

@@ -13,9 +13,7 @@ with markers)::
 
 qemu-img compresses one grain at a time with zlib level 6 on one core (49 MB/s here). Grains are
 independent deflate streams, so they compress in parallel: worker threads read and compress
-chunks of grains (zlib and ISA-L release the GIL), the caller's thread writes them in order.
-ISA-L's deflate at level 1 is 8x zlib's speed for 2% more output; its output is plain zlib, as
-the format requires. At most ``2 x workers`` chunks are in flight: memory stays bounded whatever
+chunks of grains (zlib releases the GIL), the caller's thread writes them in order. At most ``2 x workers`` chunks are in flight: memory stays bounded whatever
 the disk's size. All-zero grains are not stored (a grain table entry of 0 reads as zeros).
 
 The CID is derived from the disk's content sample (:func:`imaging.identity.fingerprint`, as
@@ -42,19 +40,15 @@ from .progress import bytes_bar
 from .records import Record
 from .sparse import data_extents
 
-try:  # ISA-L: zlib-compatible output at several times the speed
-    from isal import isal_zlib
+# zlib, not ISA-L (8x the speed): ISA-L's output for one grain varies from run to run (seen
+# once in a few thousand grains compressed on two threads), and the same disk must give the
+# same bytes. Level 1 on every core still beats qemu-img's level 6 on one (see README).
+DEFLATE = "zlib level 1"
 
-    def _compress(data: memoryview) -> bytes:
-        return isal_zlib.compress(data, 1)
 
-    DEFLATE = "isal level 1"
-except ImportError:  # pragma: no cover - requirements.txt installs isal
+def _compress(data: memoryview) -> bytes:
+    return zlib.compress(data, 1)
 
-    def _compress(data: memoryview) -> bytes:
-        return zlib.compress(data, 1)
-
-    DEFLATE = "zlib level 1"
 
 SECTOR = 512
 GRAIN_SECTORS = 128  # 64 KiB grains, as VMware and qemu write them
