@@ -202,9 +202,8 @@ def export(ws: Workspace, name: str, fmt: str, out: str | Path, *, disk: InputDi
                 seed = identity.fingerprint(src, disk.format)
                 details["identities"] = identity.stamp(part, image_format.qemu_format, seed, path.name)
         convert_seconds = time.monotonic() - t0  # the step the benchmark sets beside qemu-img's
-        # The artifact is what the user keeps: on disk before it takes its final name, and with
-        # every block allocated, so its extent map (which hashing and our writers read with
-        # SEEK_DATA) no longer changes under writeback.
+        # The artifact is what the user keeps: on disk before it takes its final name, so a crash
+        # cannot leave a final-named file whose blocks never reached the disk.
         sparse.flush(part)
         # qemu-img check beside the sha256 (a tool on one core, hashing on the other); the
         # check's command still lands in this stage's command log (copied context).
