@@ -204,6 +204,13 @@ def _check_only(guest: Guest, kernel: GuestKernel, storage: list[str]) -> Initrd
     return described
 
 
+def check_package(name: str) -> str:
+    """A package name that the guest's package manager takes as one plain argument."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9+._:@-]{0,99}", name):
+        raise ParameterError(f"not a package name: {name!r}")
+    return name
+
+
 def run_packages(guest: Guest, profile: Profile, install: list[str], remove: list[str]) -> list[str]:
     """Remove, then install packages with the guest's package manager (before anything else
     changes, as the original did: removing after installing takes dependencies with it)."""
@@ -214,8 +221,7 @@ def run_packages(guest: Guest, profile: Profile, install: list[str], remove: lis
         if profile.packages is None:
             raise ParameterError(f"profile {profile.name} has no package manager for {verb}")
         for name in names:
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9+._:@-]{0,99}", name):
-                raise ParameterError(f"not a package name: {name!r}")
+            check_package(name)
         prefix = profile.packages.remove if verb == "remove" else profile.packages.install
         # Installing needs the network (the guest's own repositories); removing does not.
         sandbox.run(guest.root, [*prefix, *names], network=verb == "install")

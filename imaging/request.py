@@ -156,10 +156,9 @@ class Request(BaseModel):
     @field_validator("packages_install", "packages_remove")
     @classmethod
     def _packages(cls, v: list[str]) -> list[str]:
-        for name in v:
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9+._:@-]{0,99}", name):
-                raise ParameterError(f"not a package name: {name!r}")
-        return v
+        from .initrd import check_package
+
+        return [check_package(name) for name in v]
 
     @field_validator("kernel")
     @classmethod
