@@ -233,7 +233,6 @@ def _write_ours(ws: Workspace, src: Path, src_format: str, part: Path, final: Pa
     """A compressed qcow2, a streamOptimized VMDK, or one packed into an OVA, from any disk."""
     raw = src
     converted = ws.work / ".input.raw.part"
-    ova_disk = final.with_name(f".{ova.member_names(name)[1]}.part")
     try:
         if src_format != "raw":  # our writer reads raw; qemu-img unpacks the rest (fast)
             from .acquire import check_space
@@ -253,17 +252,18 @@ def _write_ours(ws: Workspace, src: Path, src_format: str, part: Path, final: Pa
             return {"cid": written.cid, "grains": written.grains, "vmdk_seconds": written.seconds,
                     "sha256": written.digests["sha256"]}  # fmt: skip
         algorithm = ova.DIGEST[version].lower()
-        written = vmdk.write_stream_optimized(raw, ova_disk, extent_name=ova.member_names(name)[1],
-                                              digests=(algorithm,), desc=f"vmdk {final.name}")  # fmt: skip
-        _qemu_check(ova_disk, "vmdk")
-        packed = ova.write_ova(part, name, load_target(target), ova_disk, written.grains * vmdk.GRAIN,
-                               written.capacity_bytes, version, disk_digest=written.digests[algorithm])  # fmt: skip
+        appliance = load_target(target)
+        at = ova.layout(name, appliance, raw.stat().st_size, version)
+        disk_name = ova.member_names(name)[1]
+        written = vmdk.write_stream_optimized(raw, part, extent_name=disk_name, digests=(algorithm,),
+                                              desc=f"vmdk {final.name}", at=at.disk_at)  # fmt: skip
+        packed = ova.seal_ova(part, at, name, appliance, written.size_bytes, written.grains * vmdk.GRAIN,
+                              written.capacity_bytes, version, written.digests[algorithm])  # fmt: skip
         return {"cid": written.cid, "grains": written.grains, "vmdk_seconds": written.seconds,
-                "capacity": written.capacity_bytes, "members": list(packed.members),
-                "ovf_version": packed.ovf_version, "disk_digest": packed.disk_digest, "sha256": packed.sha256}  # fmt: skip
+                "capacity": written.capacity_bytes, "members": list(packed.members), "disk_at": at.disk_at,
+                "ovf_version": packed.ovf_version, "disk_digest": packed.disk_digest}  # fmt: skip
     finally:
         converted.unlink(missing_ok=True)
-        ova_disk.unlink(missing_ok=True)
 
 
 def _qemu_check(path: Path, qemu_format: str) -> str:
@@ -278,10 +278,16 @@ def _check(path: Path, fmt: ImageFormat, details: dict[str, Any]) -> str:
     if fmt is ImageFormat.raw:
         return "raw (nothing to check)"
     if fmt.is_archive:
-        found = [m.name for m in ova.members(path)]
-        if found != details.get("members"):
-            raise ova.OvaError(f"{path.name}: members {found}, expected {details.get('members')}")
-        return f"members in order {', '.join(found)}; descriptor checked; disk: No errors were found on the image."
+        found = ova.members(path)
+        if [m.name for m in found] != details.get("members"):
+            raise ova.OvaError(
+                f"{path.name}: members {[m.name for m in found]}, expected {details.get('members')}"
+            )
+        # qemu-img reads the disk where it lies in the tar (the raw driver's offset and size).
+        inside = {"driver": "vmdk", "file": {"driver": "raw", "offset": found[1].offset, "size": found[1].size,
+                                             "file": {"driver": "file", "filename": str(path.resolve())}}}  # fmt: skip
+        disk = tools.run(["qemu-img", "check", "json:" + json.dumps(inside)], timeout=3600).stdout.strip()
+        return f"members in order {', '.join(m.name for m in found)}; descriptor checked; disk: {disk}"
     if fmt is ImageFormat.vhd:
         images.image_info(path, "vpc")  # qemu-img has no check for vpc: at least it must open
     return _qemu_check(path, fmt.qemu_format)

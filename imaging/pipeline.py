@@ -247,12 +247,35 @@ def _keep_failed(ws: Workspace, stage: str, tmp: Path, error: str) -> None:
 def _record(ws: Workspace, notebook: Path) -> None:
     """The executed notebook's HTML render, and both onto the run's audit chain. A render that
     fails must not hide the stage's own outcome: the chain then says so."""
+    _wait_records(ws)  # the chain stays in stage order
     try:
         audit.record_notebook(ws, notebook)
     except Exception as e:  # nbconvert raises many kinds; none may mask the stage's result
         audit.append(ws, notebook, "notebook")
         print(f"imaging: no HTML render of {notebook.name}: {_one_line(type(e).__name__, str(e))}",
               file=sys.stderr, flush=True)  # fmt: skip
+
+
+# Runs whose last stage's HTML render is still running (see _record_later).
+_rendering: dict[Path, threading.Thread] = {}
+
+
+def _record_later(ws: Workspace, notebook: Path) -> None:
+    """:func:`_record` on a thread of its own: the render (0.4 s, and nbconvert's imports on
+    the first) then overlaps the next stage's kernel start, or the wait for the source's hash
+    after the last stage. Waited for before anything else goes onto the chain."""
+    _wait_records(ws)
+    thread = threading.Thread(target=_record, args=(ws, notebook), name=f"render {notebook.name}")
+    _rendering[ws.root] = thread
+    thread.start()
+
+
+def _wait_records(ws: Workspace) -> None:
+    thread = _rendering.get(ws.root)
+    if thread is None or thread is threading.current_thread():
+        return
+    thread.join()
+    del _rendering[ws.root]
 
 
 class SourceHash:
@@ -399,6 +422,7 @@ class Runner:
             try:
                 yield
             finally:
+                _wait_records(self.ws)  # nothing of the run goes on once its lock is let go
                 self._held = False
 
     def step(self) -> str:
@@ -421,7 +445,7 @@ class Runner:
             except ImagingError as e:
                 self._failed(stage, str(e))
                 raise
-            _record(self.ws, self.ws.notebooks / f"{stage}.ipynb")
+            _record_later(self.ws, self.ws.notebooks / f"{stage}.ipynb")
         self.results[stage] = done["result"]
         self.timings[stage] = done["timing"]
         self.state.data["timings"] = self.timings
@@ -445,6 +469,7 @@ class Runner:
         with self.holding():
             source_hash = self._source_hash or SourceHash(self.ws, self.request.source)
             summary = _summary(self.ws, self.request, self.results, self.timings, source_hash.result())
+            _wait_records(self.ws)
             write_json(self.ws.result_file, summary)
             audit.seal(self.ws, summary)
             self.state.set("completed")

@@ -3,9 +3,9 @@ same bytes for the same disk.
 
 qemu-img compresses one cluster at a time on one core (25 s for 1.3 GB here); ``-W -m`` spreads
 the work over cores but writes clusters in whatever order they finish, so two conversions of
-one disk differ. Here worker threads compress chunks of clusters (zlib level 1, raw deflate
-with the 4 KiB window qemu's decoder expects; it releases the GIL) and the caller's thread
-packs them in guest order. The layout (qcow2 version 3, 64 KiB clusters, 16-bit refcounts)::
+one disk differ. Here worker threads compress chunks of clusters (raw deflate with the 4 KiB
+window qemu's decoder expects, as :mod:`imaging.deflate` chooses; zlib releases the GIL) and the
+caller's thread packs them in guest order. The layout (qcow2 version 3, 64 KiB clusters, 16-bit refcounts)::
 
     cluster 0      header (rewritten at the end, when the tables' places are known)
     cluster 1..    L1 table (rewritten at the end)
@@ -22,18 +22,18 @@ from __future__ import annotations
 import os
 import struct
 import time
-import zlib
 from array import array
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import deflate
 from .progress import bytes_bar
 from .records import Record
 from .vmdk import grain_runs
 
-DEFLATE = "zlib level 1"  # not ISA-L: see imaging/vmdk.py, the same bytes for the same disk
+DEFLATE = deflate.DESCRIPTION
 
 
 CLUSTER_BITS = 16
@@ -52,12 +52,6 @@ MAGIC = 0x514649FB  # "QFI\xfb"
 _ZERO = bytes(CLUSTER)
 
 
-def _compress(data: memoryview) -> bytes:
-    # Raw deflate, 4 KiB window: what qemu's qcow2 decoder (inflateInit2 with -12) reads.
-    c = zlib.compressobj(1, zlib.DEFLATED, -12)
-    return c.compress(data) + c.flush()
-
-
 @dataclass(frozen=True)
 class _Chunk:
     clusters: list[tuple[int, bytes, bool]]  # (guest cluster, payload, compressed?)
@@ -74,11 +68,10 @@ def _compress_chunk(fd: int, size: int, first: int, count: int) -> _Chunk:
         cluster = view[i * CLUSTER : (i + 1) * CLUSTER]
         if cluster == _ZERO:
             continue
-        packed = _compress(cluster)
+        # Raw deflate, 4 KiB window: what qemu's qcow2 decoder (inflateInit2 with -12) reads.
+        packed = deflate.raw_unit(cluster, -12)
         # Like qemu: a cluster that does not shrink is stored as it is.
-        found.append(
-            (first + i, packed, True) if len(packed) < CLUSTER else (first + i, bytes(cluster), False)
-        )
+        found.append((first + i, packed, True) if packed is not None else (first + i, bytes(cluster), False))
     return _Chunk(found, len(data))
 
 
@@ -99,6 +92,7 @@ def write_compressed(
 ) -> CompressedQcow2:
     """Write raw ``disk`` as a compressed qcow2 image at ``out`` (created or truncated)."""
     t0 = time.monotonic()
+    deflate.tune_malloc()
     workers = workers or os.cpu_count() or 1
     src = os.open(disk, os.O_RDONLY)
     dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

@@ -13,8 +13,10 @@ with markers)::
 
 qemu-img compresses one grain at a time with zlib level 6 on one core (49 MB/s here). Grains are
 independent deflate streams, so they compress in parallel: worker threads read and compress
-chunks of grains (zlib releases the GIL), the caller's thread writes them in order. At most ``2 x workers`` chunks are in flight: memory stays bounded whatever
-the disk's size. All-zero grains are not stored (a grain table entry of 0 reads as zeros).
+chunks of grains (zlib releases the GIL; :mod:`imaging.deflate` says which deflate and why), the
+caller's thread writes them in order. At most ``2 x workers`` chunks are in flight: memory stays
+bounded whatever the disk's size. All-zero grains are not stored (a grain table entry of 0 reads
+as zeros).
 
 The CID is derived from the disk's content sample (:func:`imaging.identity.fingerprint`, as
 every identity in our artifacts), so it is known before the first byte: the file is written
@@ -27,7 +29,6 @@ import hashlib
 import os
 import struct
 import time
-import zlib
 from array import array
 from collections import deque
 from collections.abc import Iterator
@@ -35,20 +36,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import identity
+from . import deflate, identity
 from .progress import bytes_bar
 from .records import Record
 from .sparse import data_extents
 
-# zlib, not ISA-L (8x the speed): ISA-L's output for one grain varies from run to run (seen
-# once in a few thousand grains compressed on two threads), and the same disk must give the
-# same bytes. Level 1 on every core still beats qemu-img's level 6 on one (see README).
-DEFLATE = "zlib level 1"
-
-
-def _compress(data: memoryview) -> bytes:
-    return zlib.compress(data, 1)
-
+DEFLATE = deflate.DESCRIPTION
 
 SECTOR = 512
 GRAIN_SECTORS = 128  # 64 KiB grains, as VMware and qemu write them
@@ -160,7 +153,7 @@ def _compress_chunk(fd: int, size: int, first: int, count: int) -> _Chunk:
         grain = view[i * GRAIN : (i + 1) * GRAIN]
         if grain == _ZERO_GRAIN:
             continue
-        packed = _compress(grain)
+        packed = deflate.zlib_unit(grain)
         start = len(blob)
         blob += _GRAIN_MARKER.pack((first + i) * GRAIN_SECTORS, len(packed))
         blob += packed
@@ -192,13 +185,16 @@ def write_stream_optimized(
     digests: tuple[str, ...] = ("sha256",),
     workers: int | None = None,
     desc: str | None = "vmdk",
+    at: int = 0,
 ) -> StreamVmdk:
-    """Write raw ``disk`` as a streamOptimized VMDK at ``out`` (created or truncated).
+    """Write raw ``disk`` as a streamOptimized VMDK at ``out`` (created or truncated), starting
+    at byte ``at`` of it (an OVA's disk goes straight to its place in the tar).
 
     Strictly in order, header first: ``digests`` (hashlib names) of the file come from the
     bytes as they are written, so nobody reads the file again to hash it. The CID defaults to
     one derived from the disk's content sample (:func:`imaging.identity.fingerprint`)."""
     t0 = time.monotonic()
+    deflate.tune_malloc()
     workers = workers or os.cpu_count() or 1
     name = extent_name or out.name
     if not name or any(c in name for c in '"\n\r/'):
@@ -207,6 +203,7 @@ def write_stream_optimized(
     hashes = [hashlib.new(d) for d in digests]
     src = os.open(disk, os.O_RDONLY)
     dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.lseek(dst, at, os.SEEK_SET)
 
     def emit(data: bytes | bytearray) -> None:
         # The workers keep compressing while this thread writes and hashes (both release the GIL).
@@ -245,7 +242,7 @@ def write_stream_optimized(
                 drain(2 * workers)
             drain(0)
         emit(_tables(position, capacity, tables))
-        out_size = os.fstat(dst).st_size
+        out_size = os.lseek(dst, 0, os.SEEK_CUR) - at
     finally:
         os.close(src)
         os.close(dst)

@@ -141,7 +141,7 @@ def test_tar_order_determinism_and_manifest(tmp_path: Path, fake_vmdk: Path, ver
     ra = ova.write_ova(a, "demo", target, fake_vmdk, 4096, 1 << 20, version)
     ova.write_ova(b, "demo", target, fake_vmdk, 4096, 1 << 20, version)
     assert a.read_bytes() == b.read_bytes()
-    assert ra.sha256 == hashlib.sha256(a.read_bytes()).hexdigest()
+    assert ra.members == ("demo.ovf", "demo-disk1.vmdk", "demo.mf")
     assert a.stat().st_size % tarfile.RECORDSIZE == 0
     with tarfile.open(a) as tar:
         infos = tar.getmembers()
@@ -157,6 +157,26 @@ def test_tar_order_determinism_and_manifest(tmp_path: Path, fake_vmdk: Path, ver
     assert ova.is_ova(a) and not ova.is_ova(fake_vmdk)
     out = ova.extract_disk(a, tmp_path / "x")
     assert out.name == "demo-disk1.vmdk" and out.read_bytes() == fake_vmdk.read_bytes()
+
+
+def test_the_descriptor_laid_out_before_the_disk_holds_any_sizes(tmp_path: Path) -> None:
+    # The disk goes to its place in the tar before the descriptor (which names its sizes) is
+    # written: the room laid out must hold the descriptor whatever the sizes turn out to be.
+    target = config.load_target("kvm")
+    at = ova.layout("demo", target, 1 << 40)
+    assert at.disk_at % tarfile.BLOCKSIZE == 0
+    path = tmp_path / "a.ova"
+    with open(path, "wb") as f:
+        f.seek(at.disk_at)
+        f.write(b"KDMV")
+    ova.seal_ova(path, at, "demo", target, 4, 10**20 - 1, 1 << 40, OvfVersion.v1, "ab")
+    descriptor, disk, _ = ova.members(path)
+    assert (descriptor.size, disk.offset, disk.size) == (at.descriptor_size, at.disk_at, 4)
+    text = b"".join(ova.iter_member(path, descriptor))
+    assert text.rstrip(b" ").endswith(b"</Envelope>\n")
+    ova.check_ovf(text, {"demo-disk1.vmdk": 4}, "demo")
+    with pytest.raises(ova.OvaError, match="does not fit"):
+        ova.seal_ova(path, ova.Layout(100, at.disk_at), "demo", target, 4, 4, 1 << 40, OvfVersion.v1, "ab")
 
 
 def test_tampered_disk_fails_the_manifest(tmp_path: Path, fake_vmdk: Path) -> None:
