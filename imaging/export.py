@@ -196,19 +196,20 @@ def export(ws: Workspace, name: str, fmt: str, out: str | Path, *, disk: InputDi
         else:
             tool = f"qemu-img convert -O {image_format.qemu_format}"
             options = qemu_options(image_format, vmdk_subformat=subformat)
-            qemu_convert(src, disk.format, part, image_format.qemu_format, options=options,
-                         desc=f"convert to {image_format.value}")  # fmt: skip
-            if image_format.qemu_format in ("vdi", "vpc", "vhdx", "vmdk"):
-                seed = identity.fingerprint(src, disk.format)
-                details["identities"] = identity.stamp(part, image_format.qemu_format, seed, path.name)
+            stamped = image_format.qemu_format in ("vdi", "vpc", "vhdx", "vmdk")
+            with ThreadPoolExecutor(1) as side:  # the identities' seed is read while qemu-img works
+                seeding = side.submit(identity.fingerprint, src, disk.format) if stamped else None
+                qemu_convert(src, disk.format, part, image_format.qemu_format, options=options,
+                             desc=f"convert to {image_format.value}")  # fmt: skip
+                if seeding is not None:
+                    details["identities"] = identity.stamp(part, image_format.qemu_format, seeding.result(), path.name)  # fmt: skip
         convert_seconds = time.monotonic() - t0  # the step the benchmark sets beside qemu-img's
-        # The artifact is what the user keeps: on disk before it takes its final name, so a crash
-        # cannot leave a final-named file whose blocks never reached the disk.
-        sparse.flush(part)
-        # qemu-img check beside the sha256 (a tool on one core, hashing on the other); the
-        # check's command still lands in this stage's command log (copied context).
+        # The flush and qemu-img check beside the sha256 (a tool on one core, hashing on the
+        # other); the check's command still lands in this stage's command log (copied context).
         with ThreadPoolExecutor(1) as side:
-            checking = side.submit(contextvars.copy_context().run, _check, part, image_format, details)
+            checking = side.submit(
+                contextvars.copy_context().run, _flush_and_check, part, image_format, details
+            )
             digest = details.pop("sha256", None) or sparse.sha256(part, desc=f"sha256 {path.name}")
             check = checking.result()
     seconds = time.monotonic() - t0
@@ -272,6 +273,13 @@ def _qemu_check(path: Path, qemu_format: str) -> str:
         return f"qemu-img check does not support {qemu_format}; qemu-img info reads it"
     lines = [x for x in result.stdout.splitlines() if x.strip()]
     return lines[0] if lines else "ok"
+
+
+def _flush_and_check(path: Path, fmt: ImageFormat, details: dict[str, Any]) -> str:
+    # The artifact is what the user keeps: on disk before it takes its final name, so a crash
+    # cannot leave a final-named file whose blocks never reached the disk.
+    sparse.flush(path)
+    return _check(path, fmt, details)
 
 
 def _check(path: Path, fmt: ImageFormat, details: dict[str, Any]) -> str:

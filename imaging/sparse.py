@@ -139,6 +139,9 @@ def sha256(path: Path, desc: str | None = "sha256") -> str:
 
     ``desc=None`` hashes without a progress bar (for hashing beside other work)."""
     h = hashlib.sha256()
+    # One buffer read into again and again: a fresh 16 MiB per read costs as much in page faults
+    # on these machines as the hashing (0.9 s instead of 0.6 s for 900 MB).
+    buf = memoryview(bytearray(CHUNK))
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -152,12 +155,12 @@ def sha256(path: Path, desc: str | None = "sha256") -> str:
                     bar.update(step)
                 end = offset + n
                 while pos < end:
-                    buf = os.pread(fd, min(CHUNK, end - pos), pos)
-                    if not buf:
+                    got = os.preadv(fd, [buf[: min(CHUNK, end - pos)]], pos)
+                    if not got:
                         raise OSError(errno.EIO, f"{path} shrank while hashing")
-                    h.update(buf)
-                    pos += len(buf)
-                    bar.update(len(buf))
+                    h.update(buf[:got])
+                    pos += got
+                    bar.update(got)
     finally:
         os.close(fd)
     return h.hexdigest()
