@@ -72,3 +72,21 @@ def test_commands_are_fast() -> None:
     for _ in range(10):
         tools.run(["true"])
     assert time.monotonic() - t0 < 0.5
+
+
+def test_output_reaches_the_callback_as_it_comes_without_a_poll_delay() -> None:
+    seen: list[str] = []
+    t0 = time.monotonic()
+    result = tools.run(["sh", "-c", "printf 'a\\n'; printf 'b\\n'; echo err >&2"], on_output=seen.append)
+    # sh's own output callback polled in 0.1 s steps: every qemu-img run with a progress bar paid it.
+    assert time.monotonic() - t0 < 0.09
+    assert "".join(seen) == "a\nb\n" == result.stdout and result.stderr_tail() == "err"
+
+
+def test_a_failing_progress_callback_does_not_stall_the_tool() -> None:
+    def broken(chunk: str) -> None:
+        raise RuntimeError("display gone")
+
+    # More output than a pipe holds: the tool would block forever if nobody kept reading.
+    result = tools.run(["sh", "-c", "head -c 300000 /dev/zero | tr '\\0' x"], on_output=broken, timeout=20)
+    assert result.exit_code == 0 and len(result.stdout) == 300000
