@@ -66,7 +66,7 @@ def _probe(accel: str, sector: Path) -> float | None:
         result = tools.run(
             ["qemu-system-x86_64", "-accel", accel, "-M", "pc", "-m", "128", "-display", "none", "-nodefaults",
              "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-             "-drive", f"file={sector},format=raw,if=ide,snapshot=on"],
+             "-drive", f"file={option_value(sector)},format=raw,if=ide,snapshot=on"],
             ok_codes=range(-64, 256),
             timeout=_PROBE_TIMEOUT,
             record=False,
@@ -129,12 +129,18 @@ def choose_accel(prefer: str = "auto") -> Accel:
     return Accel("tcg", str(probe["reason"]))
 
 
+def option_value(path: Path) -> str:
+    """``path`` as the value in a QEMU option list (``-drive file=...,``): a comma is doubled, or
+    QEMU would end the value there and read the rest as options (``--out /srv/a,b`` failed)."""
+    return str(path).replace(",", ",,")
+
+
 def qemu_argv(
     image: Path, fmt: str, target: config.Target, accel: str, serial_log: Path, qmp: Path | None = None
 ) -> list[str]:
     """The QEMU command line for booting ``image`` like the target would, headless; with ``qmp``,
     a QMP socket there (for the screenshot)."""
-    drive = f"file={image.resolve()},format={fmt},if=none,id=disk0,snapshot=on"
+    drive = f"file={option_value(image.resolve())},format={fmt},if=none,id=disk0,snapshot=on"
     argv = [
         "qemu-system-x86_64", "-accel", accel, "-M", "pc", "-m", str(target.memory_mib),
         "-smp", str(target.cpus), "-display", "none", "-vga", "std", "-no-reboot",

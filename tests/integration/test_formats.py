@@ -77,12 +77,12 @@ def bootable(tmp_path_factory: pytest.TempPathFactory) -> Path:
 )
 def test_export_every_format_and_boot_it(cli: Cli, tmp_path: Path, fmt: str, extra: list[str]) -> None:
     result = last_json(cli("export", "sample:kvm", "--name", f"x-{fmt}", "--format", fmt, *extra, "--keep-work",
-                           "--out", str(tmp_path / "out")))  # fmt: skip
+                           "--out", str(tmp_path / "out,1")))  # a comma: QEMU's option lists must keep it  # fmt: skip
     assert KEYS <= set(result) and result["format"] == fmt and result["verified"] is True
     artifact = Path(result["path"])
     assert artifact.name == f"x-{fmt}.{fmt}" and sha256(artifact) == result["sha256"]
     assert (
-        tmp_path / "out" / f"{artifact.name}.sha256"
+        tmp_path / "out,1" / f"{artifact.name}.sha256"
     ).read_text() == f"{result['sha256']}  {artifact.name}\n"
     work_disk = cli.runs / result["run"] / "work" / "disk.raw"
     image, qfmt = disk_of(artifact, fmt, tmp_path / "x")
@@ -174,7 +174,7 @@ def test_convert_any_input_format_and_verify(cli: Cli, bootable: Path, tmp_path:
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", bootable, source], check=True)
     result = last_json(cli("convert", str(source), "--format", "vmdk", "--vmdk-subformat", "monolithicSparse",
                            "--verify", "--target", "virtualbox", "--boot-marker", "IMAGING-SAMPLE-OK",
-                           "--out", str(tmp_path / "out")))  # fmt: skip
+                           "--out", str(tmp_path / "out,1")))  # a comma: QEMU's option lists must keep it  # fmt: skip
     assert result["verified"] is True and result["kind"] == "convert-verify" and result["name"] == "in"
     assert result["boot"]["controller"] == "ahci"
     stream = last_json(cli("convert", str(source), "--format", "ova", "--out", str(tmp_path / "out")))

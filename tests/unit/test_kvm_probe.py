@@ -38,3 +38,6 @@ def test_qemu_argv_follows_the_target(tmp_path: Path) -> None:
     assert "file=/a.vmdk,format=vmdk,if=none,id=disk0,snapshot=on" in vb
     os_ = verify.qemu_argv(Path("/a.qcow2"), "qcow2", config.load_target("openstack"), "kvm", log)
     assert "virtio-blk-pci,drive=disk0" in os_ and os_[os_.index("-accel") + 1] == "kvm"
+    # A comma in a directory name stays in the file name (QEMU reads ",," as one comma).
+    odd = verify.qemu_argv(Path("/srv/a,format=raw/b.qcow2"), "qcow2", config.load_target("kvm"), "tcg", log)
+    assert "file=/srv/a,,format=raw/b.qcow2,format=qcow2,if=none,id=disk0,snapshot=on" in odd
