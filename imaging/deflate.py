@@ -22,7 +22,7 @@ deflate time for 1 % more bytes.
 from __future__ import annotations
 
 import ctypes
-import threading
+import functools
 import zlib
 
 LEVEL = 1
@@ -33,10 +33,9 @@ STORE_ABOVE = 0.97
 DESCRIPTION = f"zlib level {LEVEL}; units whose samples do not shrink are stored"
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_tuned = threading.Lock()
-_done = False
 
 
+@functools.cache  # once per process (twice in a race is harmless: the same settings)
 def tune_malloc() -> None:
     """Keep zlib's state (~270 KiB per call) and the 4 MiB chunks read and written in the heap,
     instead of fresh mmap()s.
@@ -47,17 +46,12 @@ def tune_malloc() -> None:
     here, and 0.8 s of system time for the benchmark's VMDK). Fixed thresholds (8 MiB to map,
     32 MiB to trim) keep them in the heap, to be reused; the process is a stage's kernel, gone
     after the stage."""
-    global _done
-    with _tuned:
-        if _done:
-            return
-        try:
-            libc = ctypes.CDLL(None)
-            libc.mallopt(_M_MMAP_THRESHOLD, 8 << 20)
-            libc.mallopt(_M_TRIM_THRESHOLD, 32 << 20)
-        except (OSError, AttributeError):  # not glibc: only slower
-            pass
-        _done = True
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 8 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 32 << 20)
+    except (OSError, AttributeError):  # not glibc: only slower
+        pass
 
 
 def _shrinks(unit: memoryview) -> bool:
