@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from imaging import sample
+from imaging.samples import kvm as sample
 
 WORK = Path(os.environ.get("IMAGING_BENCH_DIR", "/var/tmp/imaging-bench"))
 

@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import WORK, mixed_disk, run  # noqa: E402
-from imaging import export, sparse  # noqa: E402
+from imaging import sparse  # noqa: E402
+from imaging.formats import export
 from imaging.workspace import Workspace  # noqa: E402
 
 REPEAT = int(os.environ.get("IMAGING_BENCH_REPEAT", "3"))

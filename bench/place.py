@@ -18,7 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import WORK, ext3_with_files, run, timed  # noqa: E402
-from imaging import disk, ext, sparse  # noqa: E402
+from imaging import sparse  # noqa: E402
+from imaging.disk import ext
+from imaging.disk import layout as disk
 
 GIB = 1 << 30
 

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import config
-from .errors import ImagingError, ParameterError, SourceError, SpaceError, StoreError
-from .request import Request
+from imaging import config
+from imaging.errors import ImagingError, ParameterError, SourceError, SpaceError, StoreError
+from imaging.run.request import Request
 
 
 def _print_json(data: dict[str, Any]) -> None:
@@ -26,7 +26,8 @@ def _print_json(data: dict[str, Any]) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from . import acquire, pipeline
+    from imaging.clouds import acquire
+    from imaging.run import pipeline
 
     request = Request.create(
         source=args.source,
@@ -85,7 +86,8 @@ def _format_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from . import export, pipeline
+    from imaging.formats import export
+    from imaging.run import pipeline
 
     disk = Path(args.disk)
     name = args.name or disk.name.split(".", 1)[0]
@@ -103,7 +105,7 @@ def _convert(args: argparse.Namespace) -> int:
     )
     # Everything that can be told before a run exists fails here, leaving nothing behind: a
     # missing or unreadable disk, one qemu-img cannot read, one that refers to other files.
-    from .acquire import check_space
+    from imaging.clouds.acquire import check_space
 
     found = export.input_disk(None, request.kind, request.source)
     fmt = config.check_format(request.format)
@@ -117,7 +119,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _execute(ws: Any, request: Any) -> int:
-    from . import pipeline
+    from imaging.run import pipeline
 
     try:
         result = pipeline.execute(ws, request)
@@ -132,14 +134,14 @@ def _execute(ws: Any, request: Any) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from . import pipeline
+    from imaging.run import pipeline
 
     ws, request = pipeline.open_run(args.run, None)
     return _execute(ws, request)
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from . import verify
+    from imaging.boot import verify
 
     result = verify.boot(
         args.path,
@@ -155,7 +157,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from . import sample
+    from imaging.samples import kvm as sample
 
     print(sample.ensure_sample(args.kind))
     return 0
@@ -172,8 +174,8 @@ def _add_format_options(p: argparse.ArgumentParser) -> None:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from . import audit
-    from .workspace import Workspace
+    from imaging.run import audit
+    from imaging.workspace import Workspace
 
     report = audit.verify(Workspace.open(args.run, create=False).root, args.head)
     _print_json(report.to_dict())
@@ -182,8 +184,8 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from . import report
-    from .workspace import Workspace
+    from imaging.run import report
+    from imaging.workspace import Workspace
 
     if args.all == bool(args.runs):
         raise ParameterError("name one or more runs, or --all")
@@ -207,7 +209,7 @@ def _service_logging() -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from . import api, settings
+    from imaging.service import api, settings
 
     loaded = settings.load(args.config)
     changes = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -228,7 +230,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from . import settings, store, worker
+    from imaging.service import settings, store, worker
 
     loaded = settings.load(args.config)
     _service_logging()
@@ -236,7 +238,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _users(args: argparse.Namespace) -> int:
-    from . import settings, store
+    from imaging.service import settings, store
 
     db = store.Store(settings.load(args.config).sqlalchemy_url)
     if args.action == "list":

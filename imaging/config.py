@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import ParameterError
+from imaging.errors import ParameterError
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -65,7 +65,9 @@ class ImageFormat(StrEnum):
 
 
 class VmdkSubformat(StrEnum):
-    stream_optimized = "streamOptimized"  # compressed grains, the OVA's disk; written by imaging.vmdk
+    stream_optimized = (
+        "streamOptimized"  # compressed grains, the OVA's disk; written by imaging.formats.vmdk
+    )
     monolithic_sparse = "monolithicSparse"  # uncompressed, growable; written by qemu-img
 
 
@@ -92,7 +94,7 @@ _MODULE = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 
 class OvfFacts(_Strict):
-    """How an OVA names the target's guest OS and hardware family (see imaging/ova.py)."""
+    """How an OVA names the target's guest OS and hardware family (see imaging/formats/ova.py)."""
 
     os_id: int = Field(default=100, ge=0, le=65535)  # CIM_OperatingSystem OsType: 100 = Linux 2.6.x 64-Bit
     os_description: str = "Linux 2.6.x 64-Bit"

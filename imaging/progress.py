@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from .records import human_bytes
+from imaging.records import human_bytes
 
 # Below this a bar is noise.
 _MIN_TOTAL = 32 << 20

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .progress import bytes_bar
+from imaging.progress import bytes_bar
 
 CHUNK = 16 << 20
 _ZEROS = memoryview(bytes(CHUNK))

@@ -27,7 +27,7 @@ from typing import Any
 
 import sh
 
-from .errors import CommandError, ImagingError, ToolMissing
+from imaging.errors import CommandError, ImagingError, ToolMissing
 
 Arg = str | os.PathLike[str] | int
 

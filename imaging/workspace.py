@@ -19,10 +19,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import config
-from .errors import ImagingError, ParameterError
-from .records import plain
-from .sparse import atomic_path
+from imaging import config
+from imaging.errors import ImagingError, ParameterError
+from imaging.records import plain
+from imaging.sparse import atomic_path
 
 
 def write_json(path: Path, data: Any) -> None:

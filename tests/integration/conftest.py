@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from imaging import sample
+from imaging.samples import kvm as sample
 
 REQUIRED = ["qemu-img", "qemu-system-x86_64", "grub-mkimage", "mke2fs", "e2fsck", "resize2fs", "debugfs", "sfdisk",
             "blkid", "rsync", "mount", "cpio", "depmod"]  # fmt: skip

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from imaging import acquire, debian
+from imaging.clouds import acquire
+from imaging.samples import packages as debian
 from imaging.workspace import Workspace
 
 from .conftest import Cli, leftovers

@@ -11,7 +11,10 @@ from pathlib import Path
 import papermill as pm
 import pytest
 
-from imaging import config, explore, panels, pipeline, scraps
+from imaging import config
+from imaging.explore import panels
+from imaging.explore import session as explore
+from imaging.run import pipeline, scraps
 
 from .conftest import Cli
 from .test_report import seen

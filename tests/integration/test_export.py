@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from imaging.scraps import read as read_scraps
+from imaging.run.scraps import read as read_scraps
 
 from .conftest import Cli, last_json, leftovers
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from imaging import ova, vmdk
+from imaging.formats import ova, vmdk
 
 from .conftest import Cli, last_json, leftovers
 

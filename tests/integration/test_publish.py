@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from imaging import publish
+from imaging.clouds import publish
 from imaging.errors import ImagingError, ParameterError
 from imaging.workspace import Workspace
 

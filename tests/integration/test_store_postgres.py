@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from imaging.store import Store
+from imaging.service.store import Store
 
 from ..unit.test_store import (  # noqa: F401 - collected here again, with the PostgreSQL store
     in_state,
@@ -89,7 +89,7 @@ def postgres() -> Iterator[str]:
 def store(postgres: str) -> Iterator[Store]:
     s = Store(postgres)
     yield s
-    from imaging.store import Base
+    from imaging.service.store import Base
 
     Base.metadata.drop_all(s.engine)
     s.close()
@@ -97,7 +97,7 @@ def store(postgres: str) -> Iterator[Store]:
 
 CLAIMER = """
 import sys
-from imaging.store import Store
+from imaging.service.store import Store
 store = Store(sys.argv[1])
 while (req := store.claim(sys.argv[2], 60)) is not None:
     print(req.id, flush=True)
@@ -106,7 +106,7 @@ while (req := store.claim(sys.argv[2], 60)) is not None:
 
 def test_claim_raced_by_processes(store: Store, postgres: str) -> None:
     alice, _, root = users(store)
-    from imaging.store import State
+    from imaging.service.store import State
 
     ids = {in_state(store, alice, root, State.approved) for _ in range(20)}
     procs = [

@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from imaging import acquire, bootloader, clean, disk, ext, guest, migrate, sample, verify
+from imaging.boot import verify
+from imaging.clouds import acquire
+from imaging.disk import bootloader, ext
+from imaging.disk import layout as disk
+from imaging.disk import mounts as guest
 from imaging.errors import GuestError
+from imaging.guest import clean, migrate
+from imaging.samples import kvm as sample
 from imaging.workspace import Workspace
 
 from .conftest import Cli, last_json, leftovers

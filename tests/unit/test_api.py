@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from imaging import api, approvals, settings
-from imaging.store import Store
+from imaging.service import api, approvals, settings
+from imaging.service.store import Store
 
 URL = "/api/v1/request_image/"
 

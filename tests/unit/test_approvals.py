@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from imaging import approvals
-from imaging.store import Actor, Store
+from imaging.service import approvals
+from imaging.service.store import Actor, Store
 
 KEY = "k" * 40
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import nbformat
 
-from imaging import audit
+from imaging.run import audit
 from imaging.workspace import Workspace, write_json
 
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from imaging import bootloader
-from imaging.debugfs import Entry
+from imaging.disk import bootloader
+from imaging.disk.debugfs import Entry
 from imaging.errors import GuestError
 
 UUID = "31ef4e9d-d0cd-50d7-b697-b34b26b83c9c"

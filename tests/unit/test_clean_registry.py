@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from imaging import clean
 from imaging.errors import ParameterError
+from imaging.guest import clean
 
 
 def test_registry_is_well_formed() -> None:

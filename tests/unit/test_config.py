@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from imaging import config, pipeline
+from imaging import config
 from imaging.errors import ParameterError
-from imaging.request import Request
+from imaging.run import pipeline
+from imaging.run.request import Request
 
 
 @pytest.mark.parametrize("name", ["demo", "centos-5.11_x86", "A1", "x" * 80])

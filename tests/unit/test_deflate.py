@@ -1,11 +1,11 @@
-"""imaging.deflate: what is deflated, what is stored, and that both read back."""
+"""imaging.formats.deflate: what is deflated, what is stored, and that both read back."""
 
 from __future__ import annotations
 
 import random
 import zlib
 
-from imaging import deflate
+from imaging.formats import deflate
 
 UNIT = 1 << 16
 

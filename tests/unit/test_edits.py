@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from imaging import edits, sample_xen
 from imaging.errors import ParameterError
+from imaging.guest import edits
+from imaging.samples import xen as sample_xen
 
 UUID = "e054cdd7-c0ed-5a22-b4e7-a1b3b52c3a2a"
 

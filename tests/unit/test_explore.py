@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from imaging import explore, pipeline
 from imaging.errors import ParameterError
-from imaging.guestfiles import Guest
-from imaging.request import Request
+from imaging.explore import session as explore
+from imaging.guest.files import Guest
+from imaging.run import pipeline
+from imaging.run.request import Request
 from imaging.workspace import Workspace
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from imaging import config, export, identity
+from imaging import config
 from imaging.config import ImageFormat, VmdkSubformat
 from imaging.errors import ParameterError
-from imaging.request import Request
+from imaging.formats import export, identity
+from imaging.run.request import Request
 
 
 def test_every_format_knows_its_file_and_qemu_names() -> None:

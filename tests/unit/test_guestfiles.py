@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from imaging.errors import GuestError
-from imaging.guestfiles import Guest
+from imaging.guest.files import Guest
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from imaging import initrd
 from imaging.errors import GuestError
-from imaging.guestfiles import Guest
-from imaging.profiles import load_profile
+from imaging.guest import initrd
+from imaging.guest.files import Guest
+from imaging.guest.profiles import load_profile
 
 
 def test_list_initrd_reads_newc_cpio(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from imaging import verify
+from imaging.boot import verify
 
 
 def test_probe_bytes_are_the_assembled_source(tmp_path: Path) -> None:

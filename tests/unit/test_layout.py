@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imaging import disk
+from imaging.disk import layout as disk
 from imaging.errors import ParameterError
 
 GIB = 1 << 30

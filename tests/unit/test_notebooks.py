@@ -10,8 +10,9 @@ from pathlib import Path
 import papermill as pm
 import pytest
 
-from imaging import config, pipeline
-from imaging.request import Request
+from imaging import config
+from imaging.run import pipeline
+from imaging.run.request import Request
 
 NOTEBOOKS = sorted(config.notebooks_dir().glob("*.ipynb"))
 
@@ -50,7 +51,7 @@ def test_stage_parameters_are_request_fields() -> None:
 
 def test_explore_notebook_only_shows_panels() -> None:
     """explore.ipynb is no stage (the pipeline never runs it), so its parameters are its own; its
-    cells build one panel each from imaging.panels, where the logic lives."""
+    cells build one panel each from imaging.explore.panels, where the logic lives."""
     path = config.notebooks_dir() / "explore.ipynb"
     assert set(pm.inspect_notebook(str(path))) == {"SOURCE", "NAME", "TARGET", "FORMAT", "RUN", "OPEN_FILE",
                                                    "RUN_STAGES"}  # fmt: skip
@@ -61,4 +62,4 @@ def test_explore_notebook_only_shows_panels() -> None:
             names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
             assert names & {"panels", "explorer"}, cell["source"]
             imports = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-            assert imports <= {"imaging"}, imports
+            assert imports <= {"imaging.explore"}, imports

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from imaging import config, ova
+from imaging import config
 from imaging.config import OvfVersion
+from imaging.formats import ova
 
 OVF1 = "{http://schemas.dmtf.org/ovf/envelope/1}"
 RASD = "{http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData}"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from imaging import debugfs, ext, images
+from imaging.disk import debugfs, ext, images
 from imaging.errors import SourceError
 
 

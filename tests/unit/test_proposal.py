@@ -6,8 +6,9 @@ from pathlib import Path
 
 import yaml
 
-from imaging import profiles, proposal
-from imaging.guestfiles import Guest
+from imaging.explore import proposal
+from imaging.guest import profiles
+from imaging.guest.files import Guest
 
 
 def tree(root: Path, files: dict[str, str], links: dict[str, str] | None = None) -> Guest:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imaging import qcow2
+from imaging.formats import qcow2
 
 MIB = 1 << 20
 C = qcow2.CLUSTER

@@ -10,7 +10,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from imaging import audit, cli, report, summary
+from imaging import cli
+from imaging.run import audit, report, summary
 from imaging.workspace import Workspace, write_json
 
 EVIL = "<script>alert('x')</script><img src=x onerror=alert(1)>"

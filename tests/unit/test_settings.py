@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from imaging import settings
 from imaging.errors import ParameterError
+from imaging.service import settings
 
 
 def write(tmp_path: Path, text: str) -> Path:

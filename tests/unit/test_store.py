@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from imaging.errors import StoreError
-from imaging.store import RULES, SYSTEM, Actor, State, Store
+from imaging.service.store import RULES, SYSTEM, Actor, State, Store
 
 
 @pytest.fixture

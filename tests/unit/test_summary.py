@@ -10,7 +10,7 @@ import nbformat
 import pytest
 from nbconvert.filters import markdown2html
 
-from imaging import summary
+from imaging.run import summary
 
 HOSTILE = "<script>alert(1)</script> `x` | *y* [l](javascript:z) &amp;"
 

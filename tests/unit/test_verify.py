@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from imaging import verify
+from imaging.boot import verify
 
 EVIL = "<script>alert('x')</script>"
 

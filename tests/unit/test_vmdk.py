@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from imaging import vmdk
+from imaging.formats import vmdk
 
 MIB = 1 << 20
 

@@ -1,0 +1,1 @@
+"""Where instances come from (00-acquire) and where finished images go (60-publish)."""

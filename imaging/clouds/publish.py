@@ -1,0 +1,163 @@
+"""Stage 60-publish (image requests): the verified artifact goes to an S3-compatible object store.
+
+It runs after the boot check, not before it as DESIGN first had it (45-publish): an image that
+does not boot must never reach users. Visibility is the object's ACL (``public`` is
+``public-read``; ``private`` and ``selected`` are ``private``) and, for ``selected``, the users it
+is shared with are recorded in the object's metadata and in a manifest beside it
+(``<prefix><name>/<run>.json``), which is what a cloud's image registry reads: an S3 ACL can only
+name the store's own accounts, not this service's users.
+
+Where to publish comes from the environment the request service gives the run
+(``IMAGING_S3_BUCKET``, ``IMAGING_S3_ENDPOINT``, ``IMAGING_S3_REGION``, ``IMAGING_S3_PREFIX``), and
+the credentials from boto3's own (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``): none of them
+is a notebook parameter, so no secret lands in the executed notebook.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from imaging import config
+from imaging.errors import ImagingError, ParameterError
+from imaging.records import Record
+from imaging.workspace import Workspace
+
+VISIBILITIES = ("public", "private", "selected")
+
+
+@dataclass(frozen=True)
+class Destination(Record):
+    bucket: str
+    endpoint: str
+    region: str
+    prefix: str
+
+    @classmethod
+    def from_env(cls) -> Destination:
+        bucket = os.environ.get("IMAGING_S3_BUCKET", "")
+        if not bucket:
+            raise ParameterError(
+                "no object store to publish to: set IMAGING_S3_BUCKET (the service's publish: bucket)"
+            )
+        prefix = os.environ.get("IMAGING_S3_PREFIX", "images/")
+        return cls(
+            bucket,
+            os.environ.get("IMAGING_S3_ENDPOINT", ""),
+            os.environ.get("IMAGING_S3_REGION", "us-east-1"),
+            prefix if not prefix or prefix.endswith("/") else prefix + "/",
+        )
+
+
+@dataclass(frozen=True)
+class Published(Record):
+    bucket: str
+    key: str
+    manifest_key: str
+    endpoint: str
+    vis: str
+    acl: str
+    shared_with: list[str]
+    sha256: str
+    size_bytes: int
+    etag: str
+    seconds: float
+
+
+def client(dest: Destination) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=dest.endpoint or None,
+        region_name=dest.region,
+        config=Config(connect_timeout=10, read_timeout=120, retries={"max_attempts": 3, "mode": "standard"}),
+    )
+
+
+def check_visibility(vis: str, shared_with: list[str]) -> None:
+    if vis not in VISIBILITIES:
+        raise ParameterError(f"vis must be public, private or selected, not {vis!r}")
+    if (vis == "selected") != bool(shared_with):
+        raise ParameterError(
+            "shared_with names the users an image is shared with when, and only when, vis is selected"
+        )
+    for name in shared_with:
+        config.check_name(name)
+
+
+def publish(
+    ws: Workspace, name: str, vis: str, shared_with: list[str], dest: Destination | None = None
+) -> Published:
+    """Upload the run's verified artifact with its visibility, and a manifest beside it."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    check_visibility(vis, shared_with)
+    config.check_name(name)
+    artifact, boot = ws.result("40-export"), ws.result("50-verify")
+    if boot.get("verdict") != "booted":
+        raise ImagingError(f"{name} did not pass the boot check ({boot.get('verdict')}): not publishing it")
+    dest = dest or Destination.from_env()
+    path = Path(artifact["path"])
+    key = f"{dest.prefix}{name}/{ws.id}.{artifact['format']}"
+    manifest_key = f"{dest.prefix}{name}/{ws.id}.json"
+    acl = "public-read" if vis == "public" else "private"
+    metadata = {"sha256": artifact["sha256"], "vis": vis, "shared-with": ",".join(shared_with), "run": ws.id,
+                "image-name": name}  # fmt: skip
+    manifest = {
+        "name": name,
+        "key": key,
+        "format": artifact["format"],
+        "sha256": artifact["sha256"],
+        "size_bytes": path.stat().st_size,
+        "vis": vis,
+        "shared_with": shared_with,
+        "run": ws.id,
+        "boot": boot.get("verdict"),
+        "published": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    s3 = client(dest)
+    t0 = time.monotonic()
+    try:
+        s3.upload_file(
+            str(path),
+            dest.bucket,
+            key,
+            ExtraArgs={"ACL": acl, "Metadata": metadata, "ContentType": "application/octet-stream"},
+        )
+        head = s3.head_object(Bucket=dest.bucket, Key=key)
+        s3.put_object(
+            Bucket=dest.bucket,
+            Key=manifest_key,
+            Body=json.dumps(manifest, indent=2).encode(),
+            ACL=acl,
+            ContentType="application/json",
+        )
+    except (Boto3Error, BotoCoreError, ClientError) as e:
+        raise ImagingError(
+            f"cannot publish to s3://{dest.bucket}/{key}: {' '.join(str(e).split())}"
+        ) from None
+    if int(head["ContentLength"]) != path.stat().st_size:
+        raise ImagingError(
+            f"s3://{dest.bucket}/{key} holds {head['ContentLength']} bytes, not {path.stat().st_size}"
+        )
+    return Published(
+        bucket=dest.bucket,
+        key=key,
+        manifest_key=manifest_key,
+        endpoint=dest.endpoint,
+        vis=vis,
+        acl=acl,
+        shared_with=list(shared_with),
+        sha256=artifact["sha256"],
+        size_bytes=path.stat().st_size,
+        etag=str(head.get("ETag", "")).strip('"'),
+        seconds=round(time.monotonic() - t0, 3),
+    )

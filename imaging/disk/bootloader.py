@@ -1,0 +1,227 @@
+"""Stage 30-bootable, part 2: GRUB 2 from the conversion host, installed without mounting anything.
+
+The original procedure's biggest headache was GRUB legacy's stage files, which a cloud instance
+never had. We use the host's GRUB 2 instead: ``grub-mkimage`` builds a core image that finds the
+root filesystem by UUID; the MBR gets boot.img's first 440 bytes (the partition table and disk
+signature after them stay), the core image goes into the gap before partition 1 (sector 1, where
+boot.img looks for it by default), and GRUB's modules and a grub.cfg go into the guest's
+/boot/grub through debugfs. The menu lists every kernel found in the guest's /boot, newest first,
+with root=UUID and consoles on tty0 and ttyS0.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from imaging import tools
+from imaging.config import check_kernel_args
+from imaging.disk.debugfs import ExtGuest, safe_name
+from imaging.errors import GuestError
+from imaging.records import Record
+from imaging.sparse import part_path
+from imaging.workspace import Workspace
+
+GRUB_PC = Path("/usr/lib/grub/i386-pc")
+# Built into the core image: enough to read the partition and find the root filesystem; the
+# rest (normal, linux, ...) loads from the guest's /boot/grub/i386-pc.
+CORE_MODULES = ["biosdisk", "part_msdos", "ext2", "search_fs_uuid"]
+_INITRD_PATTERNS = ("initrd.img-{v}", "initrd-{v}.img", "initramfs-{v}.img", "initrd-{v}", "initrd-{v}.gz")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    version: str
+    vmlinuz: str
+    initrd: str | None
+
+    @property
+    def xen(self) -> bool:
+        return "xen" in self.version.lower()
+
+
+def _version_key(version: str) -> list[tuple[int, int | str]]:
+    # Numeric parts compare as numbers: 2.6.18-348 > 2.6.18-92.
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-_+~]", version)]
+
+
+def find_kernels(guest: ExtGuest) -> list[Kernel]:
+    """Kernels and their initrds in the guest's /boot, newest first, Xen-only kernels last."""
+    try:
+        entries = guest.listdir("/boot")
+    except GuestError:
+        raise GuestError("the guest has no /boot directory, so no kernel to boot") from None
+    names = {e.name for e in entries if (e.is_file or e.is_symlink) and safe_name(e.name)}
+    kernels = []
+    for name in sorted(names):
+        m = re.fullmatch(r"(vmlinuz|vmlinux|kernel)-(.+)", name)
+        if not m or name.endswith((".sig", ".hmac")):
+            continue
+        version = m.group(2)
+        initrd = next((p.format(v=version) for p in _INITRD_PATTERNS if p.format(v=version) in names), None)
+        kernels.append(Kernel(version, f"/boot/{name}", f"/boot/{initrd}" if initrd else None))
+    if not kernels:
+        raise GuestError("no kernel in the guest's /boot (looked for vmlinuz-<version>)")
+    kernels.sort(key=lambda k: _version_key(k.version), reverse=True)
+    # A Xen-only kernel does not boot as a KVM or VirtualBox guest: offered only if nothing else is.
+    return [k for k in kernels if not k.xen] or kernels
+
+
+def kernel_table(kernels: list[Kernel]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {"version": k.version, "kernel": k.vmlinuz, "initrd": k.initrd or "(none)", "xen": k.xen}
+            for k in kernels
+        ]
+    )
+
+
+def _title(guest: ExtGuest) -> str:
+    text = guest.read_text("/etc/os-release") or ""
+    m = re.search(r'^PRETTY_NAME="?([^"\n]*)"?', text, re.MULTILINE)
+    name = re.sub(r"[^A-Za-z0-9 ._()+/-]", "", m.group(1) if m else "")[:60].strip()
+    return name or "Linux"
+
+
+def grub_config(
+    kernels: list[Kernel],
+    uuid: str,
+    *,
+    title: str = "Linux",
+    timeout: int = 1,
+    kernel_args: str = "",
+    legacy_menu: str | None = None,
+) -> str:
+    """grub.cfg for the kernels, root by UUID, menu and kernel consoles on both screen and serial."""
+    if not re.fullmatch(r"[0-9a-fA-F-]{36}", uuid):
+        raise GuestError(f"filesystem UUID {uuid!r} is not a UUID")
+    check_kernel_args(kernel_args)
+    args = " ".join(["ro", "console=tty0", "console=ttyS0,115200n8", *kernel_args.split()])
+    lines = [
+        "# Written by imaging (30-bootable): one entry per kernel found in /boot, newest first.",
+        "# Root is found by filesystem UUID, so the disk boots on any controller (IDE, SATA, virtio).",
+        "serial --unit=0 --speed=115200 --word=8 --parity=no --stop=1",
+        "terminal_input serial console",
+        "terminal_output serial console",
+        "set default=0",
+        f"set timeout={int(timeout)}",
+        f"search --no-floppy --fs-uuid --set=root {uuid}",
+        "",
+    ]
+    for k in kernels:
+        lines += [
+            f"menuentry '{title} ({k.version})' {{",
+            f"\tsearch --no-floppy --fs-uuid --set=root {uuid}",
+            f"\tlinux {k.vmlinuz} root=UUID={uuid} {args}",
+        ]
+        if k.initrd:
+            lines.append(f"\tinitrd {k.initrd}")
+        lines += ["}", ""]
+    if legacy_menu:
+        # The menu the guest's own tools keep (GRUB legacy syntax, which GRUB 2 can read).
+        lines += [
+            f"menuentry 'Boot menu of the guest ({legacy_menu})' {{",
+            f"\tlegacy_configfile {legacy_menu}",
+            "}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class GrubInstall(Record):
+    grub: str
+    core_image_bytes: int
+    core_image_room: int
+    modules: int
+    config_path: str
+    entries: int
+    default_kernel: str
+    config_diff: str
+
+
+def _grub_version() -> str:
+    return tools.check_output(["grub-mkimage", "--version"], timeout=30).strip()
+
+
+def install_grub(
+    ws: Workspace,
+    start_sector: int,
+    uuid: str,
+    *,
+    timeout: int = 1,
+    kernel_args: str = "",
+) -> GrubInstall:
+    """Install GRUB 2 on the disk being built (``work/.disk.raw.part``), partition 1 at ``start_sector``."""
+    tools.require_tools(
+        "grub-mkimage",
+        "debugfs",
+        reason="install GRUB",
+        hint="apt install grub-pc-bin grub-common e2fsprogs",
+    )
+    if not (GRUB_PC / "boot.img").exists():
+        raise GuestError(f"{GRUB_PC}/boot.img is missing (apt install grub-pc-bin)")
+    disk = part_path(ws.disk)
+    guest = ExtGuest(disk, start_sector * 512)
+    kernels = find_kernels(guest)
+    # 20-migrate (when it ran) says where the guest wants GRUB 2 and which arguments it needs.
+    migration = ws.result("20-migrate") if ws.has_result("20-migrate") else {}
+    grub_dir = str(migration.get("grub_dir") or "/boot/grub")
+    legacy = migration.get("grub_legacy_conf") or None
+    args = " ".join(a for a in (str(migration.get("kernel_args") or ""), kernel_args) if a)
+    config = grub_config(
+        kernels, uuid, title=_title(guest), timeout=timeout, kernel_args=args, legacy_menu=legacy
+    )
+    cfg_path = f"{grub_dir}/grub.cfg"
+    old = guest.read_text(cfg_path)
+    with tempfile.TemporaryDirectory(prefix="grub-") as tmp:
+        early = Path(tmp) / "early.cfg"
+        early.write_text(f"search.fs_uuid {uuid} root\nset prefix=($root){grub_dir}\n")
+        core = Path(tmp) / "core.img"
+        tools.run(
+            ["grub-mkimage", "-O", "i386-pc", "-o", core, "-c", early, "-p", grub_dir, *CORE_MODULES],
+            timeout=120,
+        )
+        core_bytes = core.read_bytes()
+    room = (start_sector - 1) * 512
+    if len(core_bytes) > room:
+        raise GuestError(
+            f"GRUB's core image ({len(core_bytes)} bytes) does not fit in the {room} bytes before partition 1"
+        )
+    modules = {
+        f"{grub_dir}/i386-pc/{p.name}": p.read_bytes()
+        for p in sorted(GRUB_PC.iterdir())
+        if p.suffix in (".mod", ".lst") and safe_name(p.name)
+    }
+    guest.install_files(
+        {**modules, cfg_path: config.encode()},
+        directories=[grub_dir, f"{grub_dir}/i386-pc"],
+    )
+    boot = (GRUB_PC / "boot.img").read_bytes()
+    with open(disk, "r+b") as f:
+        f.write(boot[:440])  # code only: disk signature and partition table follow at 440
+        f.seek(512)
+        f.write(core_bytes)
+    diff = "".join(
+        difflib.unified_diff(
+            (old or "").splitlines(keepends=True),
+            config.splitlines(keepends=True),
+            f"a{cfg_path}" if old is not None else "/dev/null",
+            f"b{cfg_path}",
+        )
+    )
+    return GrubInstall(
+        grub=_grub_version(),
+        core_image_bytes=len(core_bytes),
+        core_image_room=room,
+        modules=len(modules),
+        config_path=cfg_path,
+        entries=len(kernels),
+        default_kernel=kernels[0].vmlinuz,
+        config_diff=diff,
+    )

@@ -1,0 +1,211 @@
+"""Stage 10-clean: a registry of clean operations in the style of virt-sysprep.
+
+Each operation has a name, a one-line heading, whether it runs by default, and a ``find`` that
+returns what it would do as :class:`Action` rows (path, remove/truncate/edit, bytes, diff): that
+list *is* the dry run. Applying runs the same actions on a copy of the instance, which replaces
+the instance only when every action succeeded. Nothing outside the actions is touched.
+
+Which operations run: the profile's list, changed by the request's, in virt-sysprep's words:
+``defaults``, ``all``, ``none``, ``name`` (add), ``-name`` (remove).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from imaging.disk import mounts as guest_mount
+from imaging.errors import GuestError, ParameterError
+from imaging.guest.files import Guest
+from imaging.guest.profiles import Platform, Profile, load_platform, resolve
+from imaging.records import Record, human_bytes
+from imaging.workspace import Workspace
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+@dataclass(frozen=True)
+class Action:
+    op: str
+    path: str
+    action: Literal["remove", "truncate", "edit"]
+    bytes: int = 0
+    diff: str = field(default="", repr=False)
+    new_text: str | None = field(default=None, repr=False)
+
+
+@dataclass
+class Context:
+    guest: Guest
+    profile: Profile
+    platforms: list[Platform]
+    remove_users: list[str]
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    heading: str
+    default: bool
+    order: int
+    find: Callable[[Context], list[Action]]
+
+
+REGISTRY: dict[str, Operation] = {}
+_NAME = re.compile(r"^[a-z0-9-]+$")
+
+
+def operation(name: str, heading: str, *, default: bool = True, order: int = 50) -> Callable[..., object]:
+    """Register a clean operation (checked here, once: unique plain names, headings without a
+    trailing period)."""
+
+    def register(find: Callable[[Context], list[Action]]) -> Callable[[Context], list[Action]]:
+        if not _NAME.match(name) or name in REGISTRY or name in ("defaults", "all", "none"):
+            raise ValueError(f"bad or duplicate clean operation name {name!r}")
+        if not heading or heading.endswith("."):
+            raise ValueError(f"clean operation {name}: heading must be non-empty without a trailing period")
+        REGISTRY[name] = Operation(name, heading, default, order, find)
+        return find
+
+    return register
+
+
+def _registry() -> dict[str, Operation]:
+    from imaging.guest import clean_ops  # noqa: F401 - registers the operations
+
+    return REGISTRY
+
+
+def operations_table() -> pd.DataFrame:
+    """Every operation, ``*`` when it runs by default (like ``virt-sysprep --list-operations``)."""
+    import pandas as pd
+
+    rows = [
+        (o.name, "*" if o.default else "", o.heading)
+        for o in sorted(_registry().values(), key=lambda o: o.name)
+    ]
+    return pd.DataFrame(rows, columns=["operation", "default", "heading"])
+
+
+def select(spec: list[str]) -> list[str]:
+    """Resolve ``[defaults, -ssh-hostkeys, cloud-init]`` into operation names, in run order."""
+    ops = _registry()
+    chosen: set[str] = set()
+    for word in spec:
+        word = word.strip()
+        if word == "defaults":
+            chosen |= {n for n, o in ops.items() if o.default}
+        elif word == "all":
+            chosen |= set(ops)
+        elif word == "none":
+            chosen = set()
+        elif word.startswith("-") and word[1:] in ops:
+            chosen.discard(word[1:])
+        elif word in ops:
+            chosen.add(word)
+        else:
+            raise ParameterError(f"unknown clean operation {word!r} (known: {', '.join(sorted(ops))})")
+    return sorted(chosen, key=lambda n: (ops[n].order, n))
+
+
+@dataclass(frozen=True)
+class CleanPlan(Record):
+    profile: str
+    profile_reason: str
+    operations: list[str]
+    platforms: list[str]
+    actions: list[Action] = field(repr=False)
+
+    def table(self) -> pd.DataFrame:
+        import pandas as pd
+
+        rows = [(a.op, a.path, a.action, a.bytes) for a in self.actions]
+        return pd.DataFrame(rows, columns=["operation", "path", "action", "bytes"])
+
+    def diff(self) -> str:
+        return "".join(a.diff for a in self.actions if a.diff)
+
+    def summary(self) -> pd.DataFrame:
+        return Record.table(self)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "profile": self.profile,
+            "profile_reason": self.profile_reason,
+            "operations": self.operations,
+            "platforms": self.platforms,
+            "actions": [
+                {"op": a.op, "path": a.path, "action": a.action, "bytes": a.bytes, "diff": a.diff}
+                for a in self.actions
+            ],
+            "removed_bytes": sum(a.bytes for a in self.actions if a.action != "edit"),
+        }
+
+
+def _plan(
+    guest: Guest, spec: list[str], profile: str, platforms: list[str], remove_users: list[str]
+) -> CleanPlan:
+    detected = resolve(guest, profile)
+    # The profile picks the defaults; the request's words add to and remove from them.
+    names = select([*detected.profile.clean, *spec])
+    ctx = Context(guest, detected.profile, [load_platform(p) for p in platforms], remove_users)
+    actions: list[Action] = []
+    ops = _registry()
+    for name in names:
+        actions += ops[name].find(ctx)
+    # What lies inside a directory another operation removes needs no action of its own.
+    gone = [a.path + "/" for a in actions if a.action == "remove"]
+    actions = [a for a in actions if not any(a.path.startswith(g) for g in gone)]
+    return CleanPlan(detected.profile.name, detected.reason, names, platforms, actions)
+
+
+def plan(ws: Workspace, spec: list[str], *, profile: str = "auto", platforms: list[str] | None = None,
+         remove_users: list[str] | None = None) -> CleanPlan:  # fmt: skip
+    """The dry run: what cleaning would remove, empty or edit, and nothing changed."""
+    with guest_mount.reading(ws) as g:
+        return _plan(g, spec, profile, platforms or [], remove_users or [])
+
+
+@dataclass(frozen=True)
+class CleanReport(Record):
+    profile: str
+    operations: int
+    actions: int
+    removed: int
+    truncated: int
+    edited: int
+    bytes_freed: int
+
+    @classmethod
+    def of(cls, plan: CleanPlan) -> CleanReport:
+        count = {k: sum(a.action == k for a in plan.actions) for k in ("remove", "truncate", "edit")}
+        freed = sum(a.bytes for a in plan.actions if a.action != "edit")
+        return cls(plan.profile, len(plan.operations), len(plan.actions), count["remove"], count["truncate"],
+                   count["edit"], freed)  # fmt: skip
+
+    def __str__(self) -> str:
+        return f"{self.actions} actions, {human_bytes(self.bytes_freed)} freed"
+
+
+def apply(ws: Workspace, spec: list[str], *, profile: str = "auto", platforms: list[str] | None = None,
+          remove_users: list[str] | None = None) -> CleanPlan:  # fmt: skip
+    """Clean a copy of the instance and put it in the instance's place; return what was done."""
+    with guest_mount.editing(ws) as g:
+        done = _plan(g, spec, profile, platforms or [], remove_users or [])
+        for action in done.actions:
+            _apply(g, action)
+    return done
+
+
+def _apply(g: Guest, action: Action) -> None:
+    if action.action == "remove":
+        g.remove(action.path)
+    elif action.action == "truncate":
+        g.truncate(action.path)
+    else:
+        if action.new_text is None:
+            raise GuestError(f"edit of {action.path} has no new text")
+        g.write_text(action.path, action.new_text)

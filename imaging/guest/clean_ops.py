@@ -1,0 +1,237 @@
+"""The clean operations. Each finds what it would do and returns it as actions; none changes
+anything itself (clean.apply does, so the dry run and the real run are the same list).
+
+Data first, then one short function per operation.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import stat
+
+from imaging.guest.clean import Action, Context, operation
+from imaging.guest.edits import redact_shadow
+from imaging.guest.files import Guest, unified_diff
+from imaging.guest.profiles import Block
+
+HISTORY_FILES = (
+    ".ash_history", ".bash_history", ".history", ".lesshst", ".mysql_history", ".node_repl_history",
+    ".psql_history", ".python_history", ".sh_history", ".sqlite_history", ".viminfo", ".wget-hsts",
+    ".zsh_history",
+)  # fmt: skip
+SSH_HOST_KEYS = "/etc/ssh/ssh_host_*"
+UDEV_RULES = ("/etc/udev/rules.d/70-persistent-net.rules", "/etc/udev/rules.d/70-persistent-cd.rules")
+IFCFG = ("/etc/sysconfig/network-scripts/ifcfg-*", "/etc/sysconfig/network/ifcfg-*")
+HWADDR = re.compile(r"^\s*(HWADDR|MACADDR)\s*=.*\n?", re.MULTILINE)
+CLOUD_INIT = (
+    "/var/lib/cloud/instance",
+    "/var/lib/cloud/instances",
+    "/var/lib/cloud/data",
+    "/var/lib/cloud/sem",
+)
+RANDOM_SEEDS = ("/var/lib/random-seed", "/var/lib/systemd/random-seed", "/var/lib/urandom/random-seed")
+# Log names that are rotated copies (removed) rather than the live log (emptied).
+ROTATED = re.compile(r"(\.\d+|\.gz|\.bz2|\.xz|\.zst|\.old|-\d{8}(\.gz)?|\.journal~?)$")
+MAIL = ("/var/spool/mail", "/var/mail")
+CRASH = ("/var/crash", "/var/lib/systemd/coredump")
+PACKAGE_CACHES = ("/var/cache/yum", "/var/cache/dnf", "/var/cache/apt/archives")
+ACCOUNT_FILES = ("/etc/passwd", "/etc/shadow", "/etc/group", "/etc/gshadow")
+
+
+def _homes(g: Guest) -> list[str]:
+    homes = ["/root"] if g.exists("/root") else []
+    for name in g.listdir("/home"):
+        st = g.lstat(f"/home/{name}")
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            homes.append(f"/home/{name}")
+    return homes
+
+
+def _remove(op: str, g: Guest, path: str) -> list[Action]:
+    st = g.lstat(path)
+    if st is None:
+        return []
+    size = (
+        st.st_size if stat.S_ISREG(st.st_mode) else _tree_bytes(g, path) if stat.S_ISDIR(st.st_mode) else 0
+    )
+    return [Action(op, path, "remove", size)]
+
+
+def _tree_bytes(g: Guest, path: str) -> int:
+    total = 0
+    for name in g.listdir(path):
+        child = posixpath.join(path, name)
+        st = g.lstat(child)
+        if st is None:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            total += _tree_bytes(g, child)
+        elif stat.S_ISREG(st.st_mode):
+            total += st.st_size
+    return total
+
+
+def _contents(op: str, g: Guest, directory: str) -> list[Action]:
+    return [a for name in g.listdir(directory) for a in _remove(op, g, posixpath.join(directory, name))]
+
+
+def _edit(op: str, g: Guest, path: str, change: object) -> list[Action]:
+    """An edit of a regular file (through guest symlinks to its target)."""
+    assert callable(change)
+    old = g.read_text(path) if g.exists(path) else None
+    if old is None:
+        return []
+    new = change(old)
+    if new == old:
+        return []
+    show = redact_shadow if path in ("/etc/shadow", "/etc/gshadow") else (lambda t: t)
+    return [Action(op, path, "edit", 0, unified_diff(path, show(old), show(new), g.realpath(path)), new)]
+
+
+@operation("bash-history", "Remove the shell and tool histories of every user")
+def bash_history(ctx: Context) -> list[Action]:
+    return [
+        a
+        for home in _homes(ctx.guest)
+        for f in HISTORY_FILES
+        for a in _remove("bash-history", ctx.guest, f"{home}/{f}")
+    ]
+
+
+@operation("ssh-userdir", "Remove every user's .ssh directory (authorized keys, key pairs, known hosts)")
+def ssh_userdir(ctx: Context) -> list[Action]:
+    return [a for home in _homes(ctx.guest) for a in _remove("ssh-userdir", ctx.guest, f"{home}/.ssh")]
+
+
+@operation("ssh-hostkeys", "Remove the SSH host keys, which every instance must make its own")
+def ssh_hostkeys(ctx: Context) -> list[Action]:
+    return [a for p in ctx.guest.glob(SSH_HOST_KEYS) for a in _remove("ssh-hostkeys", ctx.guest, p)]
+
+
+@operation("logfiles", "Empty log files, keeping their owner and mode, and remove rotated logs")
+def logfiles(ctx: Context) -> list[Action]:
+    actions: list[Action] = []
+    todo = ["/var/log"]
+    while todo:
+        directory = todo.pop()
+        for name in ctx.guest.listdir(directory):
+            path = posixpath.join(directory, name)
+            st = ctx.guest.lstat(path)
+            if st is None or stat.S_ISLNK(st.st_mode):
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                todo.append(path)
+            elif stat.S_ISREG(st.st_mode) and ROTATED.search(name):
+                actions.append(Action("logfiles", path, "remove", st.st_size))
+            elif stat.S_ISREG(st.st_mode) and st.st_size:
+                actions.append(Action("logfiles", path, "truncate", st.st_size))
+    return sorted(actions, key=lambda a: a.path)
+
+
+@operation("machine-id", "Empty the machine ID, which the first boot makes anew")
+def machine_id(ctx: Context) -> list[Action]:
+    st = ctx.guest.lstat("/etc/machine-id")
+    regular = st is not None and stat.S_ISREG(st.st_mode) and st.st_size > 0
+    actions = [Action("machine-id", "/etc/machine-id", "truncate", st.st_size)] if st and regular else []
+    return actions + _remove("machine-id", ctx.guest, "/var/lib/dbus/machine-id")
+
+
+@operation("udev-persistent-net", "Remove udev's persistent rules that tie interface names to MAC addresses")
+def udev_persistent_net(ctx: Context) -> list[Action]:
+    return [a for p in UDEV_RULES for a in _remove("udev-persistent-net", ctx.guest, p)]
+
+
+@operation("net-hwaddr", "Remove HWADDR and MACADDR lines from the network configuration")
+def net_hwaddr(ctx: Context) -> list[Action]:
+    paths = [p for pattern in IFCFG for p in ctx.guest.glob(pattern)]
+    return [a for p in paths for a in _edit("net-hwaddr", ctx.guest, p, lambda t: HWADDR.sub("", t))]
+
+
+@operation("cloud-init", "Remove cloud-init's state of this instance, so the next boot is a first boot")
+def cloud_init(ctx: Context) -> list[Action]:
+    return [a for p in CLOUD_INIT for a in _remove("cloud-init", ctx.guest, p)]
+
+
+@operation("random-seed", "Remove the saved random seed, which must not be shared between instances")
+def random_seed(ctx: Context) -> list[Action]:
+    return [a for p in RANDOM_SEEDS for a in _remove("random-seed", ctx.guest, p)]
+
+
+@operation("tmp-files", "Empty /tmp and /var/tmp")
+def tmp_files(ctx: Context) -> list[Action]:
+    return _contents("tmp-files", ctx.guest, "/tmp") + _contents("tmp-files", ctx.guest, "/var/tmp")
+
+
+@operation("mnt", "Empty /mnt, where the cloud mounted the instance's ephemeral disk")
+def mnt(ctx: Context) -> list[Action]:
+    return _contents("mnt", ctx.guest, "/mnt")
+
+
+@operation("mail-spool", "Empty the users' mail spools")
+def mail_spool(ctx: Context) -> list[Action]:
+    return [a for d in MAIL for a in _contents("mail-spool", ctx.guest, d)]
+
+
+@operation("crash-data", "Remove crash dumps")
+def crash_data(ctx: Context) -> list[Action]:
+    return [a for d in CRASH for a in _contents("crash-data", ctx.guest, d)]
+
+
+@operation("package-cache", "Remove downloaded packages and package metadata caches", default=False)
+def package_cache(ctx: Context) -> list[Action]:
+    return [a for d in PACKAGE_CACHES for a in _contents("package-cache", ctx.guest, d)]
+
+
+def _without_blocks(text: str, begin: str, end: str) -> str:
+    out, inside = [], False
+    for line in text.splitlines(keepends=True):
+        if not inside and re.search(begin, line):
+            inside = True
+        if not inside:
+            out.append(line)
+        elif re.search(end, line):
+            inside = False
+    return "".join(out)
+
+
+@operation(
+    "platform-files", "Remove the cloud platform's agent files, logs and configuration blocks", order=40
+)
+def platform_files(ctx: Context) -> list[Action]:
+    actions: list[Action] = []
+    for platform in ctx.platforms:
+        for pattern in platform.files:
+            actions += [a for p in ctx.guest.glob(pattern) for a in _remove("platform-files", ctx.guest, p)]
+        edited = set()
+        for path in platform.config_files:
+            real = ctx.guest.realpath(path) if ctx.guest.exists(path) else path
+            if real in edited:  # /etc/rc.local and /etc/rc.d/rc.local are one file on CentOS
+                continue
+            edited.add(real)
+
+            def strip(text: str, blocks: list[Block] = platform.blocks) -> str:
+                for block in blocks:
+                    text = _without_blocks(text, block.begin, block.end)
+                return text
+
+            actions += _edit("platform-files", ctx.guest, path, strip)
+    return actions
+
+
+def _without_users(text: str, users: set[str]) -> str:
+    return "".join(line for line in text.splitlines(keepends=True) if line.split(":", 1)[0] not in users)
+
+
+@operation("user-account", "Remove the named users' accounts, home directories and mail", default=False)
+def user_account(ctx: Context) -> list[Action]:
+    users = set(ctx.remove_users)
+    if not users:
+        return []
+    actions: list[Action] = []
+    for path in ACCOUNT_FILES:
+        actions += _edit("user-account", ctx.guest, path, lambda t: _without_users(t, users))
+    for user in sorted(users):
+        actions += _remove("user-account", ctx.guest, f"/home/{user}")
+        actions += [a for d in MAIL for a in _remove("user-account", ctx.guest, f"{d}/{user}")]
+    return actions

@@ -1,0 +1,265 @@
+"""Stage 20-migrate: an instance that ran under Xen (or any cloud) made bootable on the target.
+
+The original procedure's step 1, file by file: inittab (the Xen console's getty), securetty,
+modprobe.conf (Xen aliases out, the target's drivers in), fstab (root by UUID; the cloud's other
+disks commented out), a guest-side grub.conf with menu.lst and grub.cfg links, SELinux, the
+cloud's boot hooks in rc.local, root's password from a crypt hash, packages, and the initrd
+rebuilt by the guest's own tool with the target's drivers. :func:`plan` shows every edit as a
+diff without changing anything; :func:`apply` makes them on a copy of the instance, which takes
+the instance's place only when all went well.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from imaging import config
+from imaging.disk import mounts as guest_mount
+from imaging.errors import GuestError, ParameterError
+from imaging.guest import edits, initrd
+from imaging.guest.files import Guest, unified_diff
+from imaging.guest.profiles import Profile, load_platform, resolve
+from imaging.records import Record
+from imaging.workspace import Workspace
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+class MigrateOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: str = "auto"
+    platforms: list[str] = ["atmosphere", "eucalyptus"]
+    xen_console: Literal["serial", "remove"] = "serial"  # its getty moved to ttyS0, or just removed
+    runlevel: int | None = Field(default=None, ge=1, le=5)  # None: keep (the original set 5, for X11)
+    selinux: Literal["disabled", "permissive", "keep"] = "disabled"
+    enforcing_arg: bool = False  # enforcing=0 on the kernel line
+    root_password_hash_file: str = ""  # a file holding a crypt(3) hash; never plain text
+    packages_install: list[str] = []
+    packages_remove: list[str] = []
+    kernel: str = ""  # a kernel version; "" = the newest that is not Xen-only
+
+
+@dataclass(frozen=True)
+class Change:
+    path: str
+    what: str
+    diff: str = field(repr=False)
+    apply: Callable[[Guest], None] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class MigrationPlan(Record):
+    profile: str
+    profile_reason: str
+    target: str
+    kernel: str
+    initrd_modules: list[str]
+    kernel_args: str
+    grub_dir: str
+    packages: list[str]
+    changes: list[Change] = field(repr=False)
+
+    def table(self) -> pd.DataFrame:
+        import pandas as pd
+
+        rows = [(c.path, c.what, _count(c.diff, "-"), _count(c.diff, "+")) for c in self.changes]
+        return pd.DataFrame(rows, columns=["path", "change", "lines removed", "lines added"])
+
+    def diff(self) -> str:
+        return "".join(c.diff for c in self.changes)
+
+    def summary(self) -> pd.DataFrame:
+        return Record.table(self)
+
+    def to_dict(self) -> dict[str, object]:
+        data = {k: v for k, v in super().to_dict().items() if k != "changes"}
+        data["changes"] = [{"path": c.path, "what": c.what, "diff": c.diff} for c in self.changes]
+        return data
+
+
+def _count(diff: str, sign: str) -> int:
+    return sum(1 for line in diff.splitlines() if line.startswith(sign) and not line.startswith(sign * 3))
+
+
+def _edit(g: Guest, path: str | None, what: str, change: Callable[[str], str],
+          redact: Callable[[str], str] | None = None) -> list[Change]:  # fmt: skip
+    """A Change for an existing file whose text ``change`` alters (none if it does not)."""
+    if not path or not g.exists(path):
+        return []
+    old = g.read_text(path)
+    if old is None:
+        return []
+    new = change(old)
+    if new == old:
+        return []
+    show = redact or (lambda t: t)
+    diff = unified_diff(path, show(old), show(new), g.realpath(path))
+    return [Change(path, what, diff, lambda guest: guest.write_text(path, new))]
+
+
+def _title(g: Guest) -> str:
+    text = g.read_text("/etc/redhat-release") or g.read_text("/etc/system-release") or ""
+    words = re.sub(r"[^A-Za-z0-9 .()-]", "", text.strip().split(" release")[0])[:40].strip()
+    return words or "Linux"
+
+
+def _grub_legacy(
+    g: Guest, profile: Profile, kernel: initrd.GuestKernel, uuid: str, args: str
+) -> list[Change]:
+    if not profile.grub_legacy_conf:
+        return []
+    from imaging.disk.bootloader import _INITRD_PATTERNS, _version_key
+
+    names = set(g.listdir("/boot"))
+    entries = []
+    usable = [k for k in initrd.kernels(g) if not k.xen and k.modules]
+    for k in sorted(usable, key=lambda k: _version_key(k.version), reverse=True):
+        found = (
+            f"/boot/{p.format(v=k.version)}" for p in _INITRD_PATTERNS if p.format(v=k.version) in names
+        )
+        image = next(found, None)
+        if profile.initrd and k.version == kernel.version:  # the initrd this stage rebuilds
+            image = profile.initrd.image.format(version=k.version)
+        entries.append((k.version, k.vmlinuz, image))
+    conf = profile.grub_legacy_conf
+    new = edits.grub_legacy(entries, uuid, _title(g), args)
+    old = g.read_text(conf) if g.exists(conf) and not g.is_symlink(conf) else ""
+    changes = []
+    if new != old:
+        changes.append(Change(conf, "GRUB legacy menu for the guest's own tools", unified_diff(conf, old or "", new),
+                              lambda guest: guest.write_text(conf, new)))  # fmt: skip
+    directory, name = conf.rsplit("/", 1)
+    for link in ("menu.lst", "grub.cfg"):
+        path = f"{directory}/{link}"
+        if link == name or (g.is_symlink(path) and g.readlink(path) == name):
+            continue
+        changes.append(Change(path, f"symlink to {name}, as the original procedure advises",
+                              f"--- a{path}\n+++ b{path}\n@@ symlink @@\n+{path} -> {name}\n",
+                              lambda guest, p=path: guest.symlink(name, p)))  # type: ignore[misc]  # fmt: skip
+    return changes
+
+
+def _password(profile: Profile, options: MigrateOptions, g: Guest) -> list[Change]:
+    if not options.root_password_hash_file:
+        return []
+    try:
+        crypt_hash = edits.check_crypt_hash(Path(options.root_password_hash_file).read_text())
+    except OSError as e:
+        raise ParameterError(f"cannot read the root password hash file: {e.strerror}") from None
+    today = int(time.time() // 86400)
+    return _edit(g, profile.shadow, "root password set from the given crypt hash",
+                 lambda t: edits.shadow_root(t, crypt_hash, today), redact=edits.redact_shadow)  # fmt: skip
+
+
+def _changes(g: Guest, profile: Profile, target: config.Target, options: MigrateOptions,
+             instance: dict[str, object], kernel: initrd.GuestKernel) -> tuple[list[Change], str]:  # fmt: skip
+    uuid, label = str(instance["uuid"]), str(instance.get("label", ""))
+    args = " ".join(
+        ["ro", "console=tty0", "console=ttyS0,115200n8"] + (["enforcing=0"] if options.enforcing_arg else [])
+    )
+    hooks = [h for p in options.platforms for h in load_platform(p).boot_hooks]
+    getty = profile.serial_getty if options.xen_console == "serial" else None
+    changes = [
+        *_edit(g, profile.inittab, "Xen console getty " + ("moved to ttyS0" if getty else "removed"),
+               lambda t: edits.inittab(t, profile.xen_consoles, getty, options.runlevel)),
+        *_edit(g, profile.securetty, "root may log in on ttyS0", edits.securetty),
+        *_edit(g, profile.modprobe_conf, f"Xen aliases replaced by {target.name}'s drivers",
+               lambda t: edits.modprobe_conf(t, target.storage_modules, target.nic_module, target.modprobe_extra, target.name)),
+        *_edit(g, profile.fstab, "root by UUID; the cloud's other disks commented out",
+               lambda t: edits.fstab(t, uuid, label, target.name)),
+        *_edit(g, profile.selinux_config, f"SELinux {options.selinux}", lambda t: edits.selinux(t, options.selinux)),
+        *_edit(g, profile.rc_local, "the cloud's boot hooks removed", lambda t: edits.without_hooks(t, hooks)),
+        *_grub_legacy(g, profile, kernel, uuid, args),
+        *_password(profile, options, g),
+    ]  # fmt: skip
+    return changes, args
+
+
+def _plan(g: Guest, ws: Workspace, target_name: str, options: MigrateOptions) -> MigrationPlan:
+    target = config.load_target(target_name)
+    detected = resolve(g, options.profile)
+    profile = detected.profile
+    kernel = initrd.choose_kernel(g, options.kernel)
+    changes, args = _changes(g, profile, target, options, ws.result("00-acquire"), kernel)
+    packages = [f"remove {' '.join(options.packages_remove)}"] * bool(options.packages_remove)
+    packages += [f"install {' '.join(options.packages_install)}"] * bool(options.packages_install)
+    return MigrationPlan(
+        profile=profile.name,
+        profile_reason=detected.reason,
+        target=target.name,
+        kernel=kernel.version,
+        initrd_modules=target.initrd_modules,
+        kernel_args="enforcing=0" if options.enforcing_arg else "",
+        grub_dir=profile.grub_dir,
+        packages=packages,
+        changes=changes,
+    )
+
+
+def plan(ws: Workspace, target: str, options: MigrateOptions | None = None) -> MigrationPlan:
+    """Every change migration would make, as diffs; nothing is changed."""
+    with guest_mount.reading(ws) as g:
+        return _plan(g, ws, target, options or MigrateOptions())
+
+
+@dataclass(frozen=True)
+class Migrated(Record):
+    profile: str
+    target: str
+    kernel: str
+    files_changed: int
+    packages: str
+    initrd: str
+    initrd_modules: str
+    initrd_bytes: int
+    sandbox: str
+    kernel_args: str
+    grub_dir: str
+    grub_legacy_conf: str
+
+
+def apply(
+    ws: Workspace, target: str, options: MigrateOptions | None = None
+) -> tuple[MigrationPlan, Migrated]:
+    """Migrate a copy of the instance and put it in the instance's place."""
+    options = options or MigrateOptions()
+    tgt = config.load_target(target)
+    with guest_mount.editing(ws) as g:
+        profile = resolve(g, options.profile).profile
+        # Packages first: what they install (a kernel, mkinitrd) is what the edits then see.
+        packages = initrd.run_packages(g, profile, options.packages_install, options.packages_remove)
+        done = _plan(g, ws, target, options)
+        for change in done.changes:
+            change.apply(g)
+        kernel = initrd.choose_kernel(g, options.kernel)
+        made = initrd.rebuild(g, profile, kernel, tgt.initrd_modules, tgt.storage_modules)
+        if not g.exists(kernel.vmlinuz):
+            raise GuestError(f"the kernel {kernel.vmlinuz} vanished during migration")
+    return done, Migrated(
+        profile=done.profile,
+        target=done.target,
+        kernel=kernel.version,
+        files_changed=len(done.changes),
+        packages="; ".join(packages) or "(none)",
+        initrd=made.image + (" (rebuilt)" if made.rebuilt else " (kept)") if made.image else made.tool,
+        initrd_modules=made.modules,
+        initrd_bytes=made.bytes,
+        sandbox=made.sandbox,
+        kernel_args=done.kernel_args,
+        grub_dir=done.grub_dir,
+        grub_legacy_conf=profile.grub_legacy_conf or "",
+    )
+
+
+def record(done: MigrationPlan, result: Migrated) -> dict[str, object]:
+    """What 20-migrate records: the result (which 30-bootable reads) and every change made."""
+    return {**result.to_dict(), "changes": done.to_dict()["changes"]}

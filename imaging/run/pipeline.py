@@ -1,0 +1,511 @@
+"""Stages as data, each one notebook run by papermill; resume at the stage that failed.
+
+A run executes the notebooks its kind lists in ``parameters/defaults.yaml``, in order, each with
+the request's values for the parameters that notebook declares (papermill's ``inspect_notebook``
+tells which), into ``runs/<id>/notebooks/``. A stage is complete when its executed notebook sits
+at its final name; it is renamed there only on success. Running a failed run again skips the
+completed stages and starts at the failed one. After every stage, whatever a dead kernel could
+have left (partial files, mounts) is swept up, and the kernel itself is always shut down. Before
+an executed notebook gets its final name, its HTML render and its place on the audit chain, the
+summary of what the stage did (or of how it failed) goes in under its title (``summary.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from imaging import config
+from imaging.disk import mounts as guest
+from imaging.errors import ImagingError, ParameterError
+from imaging.run import audit, scraps, summary
+from imaging.run.request import Request
+from imaging.samples import kvm as sample
+from imaging.workspace import Workspace, write_json
+
+KERNEL_NAME = "imaging"
+# How long an interrupted stage gets to clean up before its kernel is shut down.
+_CLEANUP_GRACE = 30.0
+
+
+class StageFailed(ImagingError):
+    def __init__(self, stage: str, message: str, run: str) -> None:
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+        self.run = run
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class State:
+    """``state.json``: where a run is, and every transition it went through."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        self.data: dict[str, Any] = (
+            json.loads(ws.state_file.read_text())
+            if ws.state_file.exists()
+            else {"state": "new", "history": []}
+        )
+
+    def set(self, state: str, stage: str | None = None, error: str | None = None) -> None:
+        self.data.update(state=state, stage=stage, error=error, updated=_now())
+        self.data["history"].append({"time": _now(), "state": state, "stage": stage, "error": error})
+        write_json(self.ws.state_file, self.data)
+
+    @property
+    def state(self) -> str:
+        return str(self.data["state"])
+
+
+def notebook_path(stage: str) -> Path:
+    path = config.notebooks_dir() / f"{stage}.ipynb"
+    if not path.is_file():
+        raise ParameterError(f"stage {stage} has no notebook at {path}")
+    return path
+
+
+def declared_parameters(stage: str) -> dict[str, Any]:
+    import papermill as pm
+
+    return dict(pm.inspect_notebook(str(notebook_path(stage))))
+
+
+@contextlib.contextmanager
+def _run_lock(ws: Workspace) -> Iterator[None]:
+    with open(ws.root / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ImagingError(f"run {ws.id} is being worked on by another process") from None
+        yield
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler stopping us) takes the same path as Ctrl-C."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, old)
+    else:
+        yield
+
+
+def _stop_kernel(km: Any) -> None:
+    """SIGTERM the kernel: its running cell raises, cleans up (stops tools, unmounts, removes
+    partial files) and the kernel exits (see stage.py). Wait for that, then make sure.
+
+    Plain signals and Popen.wait, not the kernel client: after a KeyboardInterrupt inside
+    papermill's event loop, jupyter_client's sync wrappers are no longer usable.
+    """
+    process = getattr(km.provisioner, "process", None)
+    if process is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=_CLEANUP_GRACE + 5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    # Only the synchronous cleanups: anything async would run the interrupted event loop again.
+    with contextlib.suppress(Exception):
+        km.cleanup_connection_file()
+        km.cleanup_ipc_files()
+
+
+def _shutdown(km: Any) -> None:
+    with contextlib.suppress(Exception):
+        km.shutdown_kernel(now=False)
+
+
+def sweep(ws: Workspace, out: Path | None) -> list[str]:
+    """Remove what a failed or killed stage may have left: partial files and mounts."""
+    removed = guest.release_leftovers(ws.root / "mounts.json")
+    for directory in (ws.work, ws.notebooks, out):
+        if directory and directory.is_dir():
+            for part in [*directory.glob(".*.part"), *directory.glob(".*.part.ipynb")]:
+                part.unlink(missing_ok=True)
+                removed.append(str(part))
+    return removed
+
+
+def _cells_seconds(nb_path: Path) -> tuple[float, float]:
+    """(seconds in all code cells, seconds in the first code cell: imports and stage.open)."""
+    nb = json.loads(nb_path.read_text())
+    durations = [
+        float(c.get("metadata", {}).get("papermill", {}).get("duration") or 0.0)
+        for c in nb["cells"]
+        if c["cell_type"] == "code" and "injected-parameters" not in c.get("metadata", {}).get("tags", [])
+        and "parameters" not in c.get("metadata", {}).get("tags", [])
+    ]  # fmt: skip
+    return sum(durations), (durations[0] if durations else 0.0)
+
+
+def run_stage(
+    ws: Workspace, stage: str, request: Request, index: int, total: int, err: TextIO
+) -> dict[str, Any]:
+    import papermill as pm
+    from jupyter_client.manager import KernelManager
+
+    declared = declared_parameters(stage)
+    # The pipeline hashes the source itself, beside all the stages (see SourceHash).
+    values = {**request.notebook_parameters(), "RUN_DIR": str(ws.root), "HASH_SOURCE": False}
+    params = {k: v for k, v in values.items() if k in declared}
+    final = ws.notebooks / f"{stage}.ipynb"
+    tmp = ws.notebooks / f".{stage}.part.ipynb"  # papermill wants .ipynb
+    print(f"imaging: [{index}/{total}] {stage} ...", file=err, flush=True)
+    t0 = time.monotonic()
+    # IPC sockets in the run directory, not TCP on loopback: nothing for other local users to reach.
+    km = KernelManager(kernel_name=KERNEL_NAME, transport="ipc", ip=str(ws.root / ".kernel"))
+    # independent: no ipykernel parent poller, which would os._exit() the kernel without cleanup
+    # when we die; the stage's own watchdog (stage.py) cleans up first, then exits.
+    env = {k: v for k, v in os.environ.items() if k != "JPY_PARENT_PID"}
+    # A kernel without a parent handle prints how to connect to it on our stdout; CRITICAL quiets it.
+    km.start_kernel(cwd=str(config.PROJECT), env=env, independent=True,
+                    extra_arguments=["--IPKernelApp.log_level=CRITICAL"])  # fmt: skip
+    try:
+        pm.execute_notebook(
+            str(notebook_path(stage)),
+            str(tmp),
+            parameters=params,
+            km=km,
+            kernel_name=KERNEL_NAME,
+            progress_bar=False,
+            stderr_file=err,
+            coalesce_streams=True,
+            request_save_on_cell_execute=True,
+            cwd=str(config.PROJECT),
+        )
+    except KeyboardInterrupt:
+        _stop_kernel(km)
+        _keep_failed(ws, stage, tmp, "interrupted")
+        raise
+    except pm.PapermillExecutionError as e:
+        _shutdown(km)
+        _keep_failed(ws, stage, tmp, _one_line(e.ename, e.evalue))
+        raise StageFailed(stage, _one_line(e.ename, e.evalue), ws.id) from None
+    except BaseException:
+        _shutdown(km)
+        raise
+    _shutdown(km)
+    wall = time.monotonic() - t0
+    recorded = scraps.read(tmp)
+    if stage not in recorded:
+        _keep_failed(ws, stage, tmp, "the notebook did not record its result")
+        raise StageFailed(stage, "the notebook did not record its result", ws.id)
+    # The summary goes in before the notebook takes its final name, is rendered and hashed.
+    summary.insert(tmp, summary.completed(stage, recorded[stage]))
+    os.replace(tmp, final)
+    cells, first = _cells_seconds(final)
+    timing = {"seconds": round(wall, 3), "overhead": round(wall - cells + first, 3)}
+    print(f"imaging: [{index}/{total}] {stage} done in {wall:.1f} s", file=err, flush=True)
+    return {"result": recorded[stage], "timing": timing}
+
+
+def _one_line(ename: str, evalue: str) -> str:
+    text = " ".join(str(evalue).split())
+    known = ("Error", "Failed", "Missing", "Interrupted")
+    return text if ename.endswith(known) or ename in ("ImagingError",) else f"{ename}: {text}"
+
+
+def _keep_failed(ws: Workspace, stage: str, tmp: Path, error: str) -> None:
+    """The executed notebook of a failed attempt stays, numbered, for the record, with the error
+    as its summary."""
+    if not tmp.exists():
+        return
+    try:
+        summary.insert(tmp, summary.failed(stage, error))
+    except Exception as e:  # a notebook a dying kernel left unreadable is still kept as it is
+        print(f"imaging: no summary in the failed {stage} notebook: {_one_line(type(e).__name__, str(e))}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    n = 1 + len(list(ws.notebooks.glob(f"{stage}.failed-*.ipynb")))
+    failed = ws.notebooks / f"{stage}.failed-{n}.ipynb"
+    os.replace(tmp, failed)
+    _record(ws, failed)
+
+
+def _record(ws: Workspace, notebook: Path) -> None:
+    """The executed notebook's HTML render, and both onto the run's audit chain. A render that
+    fails must not hide the stage's own outcome: the chain then says so."""
+    _wait_records(ws)  # the chain stays in stage order
+    try:
+        audit.record_notebook(ws, notebook)
+    except Exception as e:  # nbconvert raises many kinds; none may mask the stage's result
+        audit.append(ws, notebook, "notebook")
+        print(f"imaging: no HTML render of {notebook.name}: {_one_line(type(e).__name__, str(e))}",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+
+# Runs whose last stage's HTML render is still running (see _record_later).
+_rendering: dict[Path, threading.Thread] = {}
+
+
+def _record_later(ws: Workspace, notebook: Path) -> None:
+    """:func:`_record` on a thread of its own: the render (0.4 s, and nbconvert's imports on
+    the first) then overlaps the next stage's kernel start, or the wait for the source's hash
+    after the last stage. Waited for before anything else goes onto the chain."""
+    _wait_records(ws)
+    thread = threading.Thread(target=_record, args=(ws, notebook), name=f"render {notebook.name}")
+    _rendering[ws.root] = thread
+    thread.start()
+
+
+def _wait_records(ws: Workspace) -> None:
+    thread = _rendering.get(ws.root)
+    if thread is None or thread is threading.current_thread():
+        return
+    thread.join()
+    del _rendering[ws.root]
+
+
+class SourceHash:
+    """The source's sha256, computed beside the whole run, on CPU the stages leave idle
+    (``imaging/run/idle_hash.py``). Hashing costs the source's virtual size (holes hash as zeros).
+    Kept in ``source.sha256`` beside the run, so a resumed run does not hash again.
+    """
+
+    def __init__(self, ws: Workspace, source: str) -> None:
+        self.file = ws.root / "source.sha256"
+        self.digest: str | None = None
+        self.error: str | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        if self.file.exists():
+            self.digest = self.file.read_text().split()[0]
+        else:
+            argv = [sys.executable, "-m", "imaging.run.idle_hash", str(sample.resolve(source)), str(self.file),
+                    str(os.getpid())]  # fmt: skip
+            self._process = subprocess.Popen(argv, cwd=config.PROJECT, stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+
+    def result(self) -> str | None:
+        if self._process is not None:
+            code = self._process.wait()
+            if self.file.exists():
+                self.digest = self.file.read_text().split()[0]
+            else:
+                self.error = f"cannot hash the source (exit code {code})"
+            self._process = None
+        return self.digest
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            self._process.wait()
+
+
+def _summary(
+    ws: Workspace,
+    request: Request,
+    results: dict[str, Any],
+    timings: dict[str, Any],
+    source_sha256: str | None,
+) -> dict[str, Any]:
+    artifact = results.get("40-export", {})
+    boot = results.get("50-verify", {})
+    checked = "50-verify" in config.pipeline_stages(request.kind)
+    return {
+        "path": artifact.get("path"),
+        "sha256": artifact.get("sha256"),
+        "format": request.format,
+        "target": request.target,
+        "run": ws.id,
+        # null: this kind of run does not boot its artifact (convert without --verify)
+        "verified": boot.get("verdict") == "booted" if checked else None,
+        "name": request.name,
+        "kind": request.kind,
+        "size_bytes": artifact.get("size_bytes"),
+        "boot": {k: boot.get(k) for k in ("verdict", "reason", "matched", "accel", "controller", "seconds")},
+        "source": request.source,
+        "source_sha256": source_sha256,
+        **({"published": results["60-publish"]} if "60-publish" in results else {}),
+        "run_dir": str(ws.root),
+        "timings": timings,
+    }
+
+
+def open_run(run_id: str | None, request: Request | None) -> tuple[Workspace, Request]:
+    """The run to work on: a new one for a request, or an existing one to resume."""
+    if run_id is None:
+        assert request is not None
+        run_id = _fresh_run_id(request.name)
+    config.check_name(run_id)
+    root = config.runs_dir() / run_id
+    if root.exists() and (root / "request.json").exists():
+        stored = Request(**json.loads((root / "request.json").read_text()))
+        if request is not None and request != stored:
+            raise ParameterError(f"run {run_id} exists with other parameters; choose another --run")
+        return Workspace.open(root), stored
+    if request is None:
+        raise ParameterError(f"no run {run_id} under {config.runs_dir()}")
+    ws = Workspace.open(root)
+    write_json(ws.request_file, request.model_dump(mode="json"))
+    return ws, request
+
+
+def _fresh_run_id(name: str) -> str:
+    """``<name>-<UTC time>``, with ``-2``, ``-3``... when that run exists: two requests made in
+    the same second must never share (or resume) one run. The directory is claimed by mkdir."""
+    runs = config.runs_dir()
+    runs.mkdir(parents=True, exist_ok=True)
+    # Run ids are names too (at most 80 characters): a long request name is shortened in the id.
+    base = f"{config.check_name(name)[:60]}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+    for n in range(1, 1000):
+        run_id = base if n == 1 else f"{base}-{n}"
+        try:
+            (runs / run_id).mkdir()
+        except FileExistsError:
+            continue
+        return run_id
+    raise ParameterError(f"no free run id for {name} under {runs}")
+
+
+def out_dir(ws: Workspace, request: Request) -> Path:
+    return Path(request.out).resolve() if request.out else ws.root / "out"
+
+
+class Runner:
+    """One run's stages, one at a time: ``execute`` runs them all, explore.ipynb one per click.
+
+    Either way each stage goes through :func:`run_stage` into the same run directory, with the
+    same state transitions, sweep on failure, HTML render and audit chain, so a run made step
+    by step is indistinguishable from an ``export`` run.
+    """
+
+    def __init__(self, ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> None:
+        self.ws = ws
+        self.request = request
+        self.err = err
+        self.stages = config.pipeline_stages(request.kind)
+        self.state = State(ws)
+        self.out = out_dir(ws, request)
+        self.results: dict[str, Any] = {}
+        self.timings: dict[str, Any] = dict(self.state.data.get("timings", {}))
+        self._source_hash: SourceHash | None = None
+        self._held = False
+        os.environ["IMAGING_MOUNT_LEDGER"] = str(ws.root / "mounts.json")
+        os.environ["IMAGING_PIPELINE"] = "1"
+
+    def done(self, stage: str) -> bool:
+        return (self.ws.notebooks / f"{stage}.ipynb").exists()
+
+    def next_stage(self) -> str | None:
+        return next((s for s in self.stages if not self.done(s)), None)
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """The run's lock, and SIGTERM taken as Ctrl-C, for one stage or for all of them."""
+        if self._held:
+            yield
+            return
+        with _run_lock(self.ws), _terminate_as_interrupt():
+            self._held = True
+            try:
+                yield
+            finally:
+                _wait_records(self.ws)  # nothing of the run goes on once its lock is let go
+                self._held = False
+
+    def step(self) -> str:
+        """Run the next stage (a completed one is read back, not repeated); return its name."""
+        stage = self.next_stage()
+        if stage is None:
+            raise ImagingError(f"run {self.ws.id} has no stage left to run")
+        index = self.stages.index(stage) + 1
+        for earlier in self.stages[: index - 1]:
+            self.results.setdefault(earlier, self.ws.result(earlier))
+        with self.holding():
+            if self._source_hash is None:
+                self._source_hash = SourceHash(self.ws, self.request.source)
+            self.state.set("running", stage)
+            try:
+                done = run_stage(self.ws, stage, self.request, index, len(self.stages), self.err)
+            except KeyboardInterrupt:
+                self._failed(stage, "interrupted")
+                raise
+            except ImagingError as e:
+                self._failed(stage, str(e))
+                raise
+            _record_later(self.ws, self.ws.notebooks / f"{stage}.ipynb")
+        self.results[stage] = done["result"]
+        self.timings[stage] = done["timing"]
+        self.state.data["timings"] = self.timings
+        return stage
+
+    def _failed(self, stage: str, error: str) -> None:
+        if self._source_hash is not None:
+            self._source_hash.stop()
+            self._source_hash = None
+        sweep(self.ws, self.out)
+        self.state.set("error", stage, error)
+
+    def finish(self) -> dict[str, Any]:
+        """Once every stage is done: the run's result (result.json), the audit chain sealed."""
+        if self.state.state == "completed" and self.ws.result_file.exists():
+            return dict(json.loads(self.ws.result_file.read_text()))
+        if (left := self.next_stage()) is not None:
+            raise ImagingError(f"run {self.ws.id} is not finished: {left} has not run")
+        for stage in self.stages:
+            self.results.setdefault(stage, self.ws.result(stage))
+        with self.holding():
+            source_hash = self._source_hash or SourceHash(self.ws, self.request.source)
+            summary = _summary(self.ws, self.request, self.results, self.timings, source_hash.result())
+            _wait_records(self.ws)
+            write_json(self.ws.result_file, summary)
+            audit.seal(self.ws, summary)
+            self.state.set("completed")
+            if not self.request.keep_work:
+                shutil.rmtree(self.ws.work, ignore_errors=True)
+        return summary
+
+    def amend(self, **fields: Any) -> Request:
+        """Change parameters that no completed stage has used yet (explore.ipynb: the clean
+        operations before 10-clean, the target before 20-migrate); request.json follows."""
+        used = {p for s in self.stages if self.done(s) for p in declared_parameters(s)}
+        fixed = [k for k, v in fields.items() if k.upper() in used and v != getattr(self.request, k)]
+        if fixed:
+            raise ParameterError(
+                f"{', '.join(fixed)}: already used by a completed stage of run {self.ws.id}"
+            )
+        request = Request.create(**{**self.request.model_dump(), **fields})
+        write_json(self.ws.request_file, request.model_dump(mode="json"))
+        self.request = request
+        return request
+
+
+def execute(ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> dict[str, Any]:
+    """Run (or resume) the run's stages; return the run's result (also in result.json)."""
+    state = State(ws)
+    if state.state == "completed" and ws.result_file.exists():
+        return dict(json.loads(ws.result_file.read_text()))
+    runner = Runner(ws, request, err=err)
+    with runner.holding():
+        for index, stage in enumerate(runner.stages, 1):
+            if runner.done(stage):
+                runner.results[stage] = ws.result(stage)
+                print(f"imaging: [{index}/{len(runner.stages)}] {stage} already done", file=err, flush=True)
+        while runner.next_stage() is not None:
+            runner.step()
+        return runner.finish()

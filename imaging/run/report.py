@@ -1,0 +1,303 @@
+"""One HTML page per run for an auditor, and an index of all runs.
+
+``runs/<id>/report.html`` holds, in one self-contained file (CSS inline, images as ``data:``
+URIs, no scripts): the run's verdicts (boot, and the audit chain checked on the spot), its
+artifact and sha256, per-stage timings, the request and every state change; then every executed
+notebook in pipeline order, failed attempts included and marked. The notebooks are rendered by
+nbconvert from one notebook assembled of all of them, so they look as they do on their own.
+``runs/index.html`` lists every run with its state, stage, artifact and sha256, linked to its
+report.
+
+Everything a request or an image can put on these pages (names, paths, errors, file names from
+the guest) is HTML-escaped here; the notebooks' own outputs are escaped where they are made
+(pandas tables, ``records.Text``, ``summary.text``) and by nbconvert (streams, tracebacks).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import nbformat
+
+from imaging import config
+from imaging.errors import ParameterError
+from imaging.run import audit, scraps, summary
+from imaging.sparse import atomic_path
+
+# The lab template without its scripts: require.js, MathJax and mermaid come from CDNs, and an
+# auditor's copy must read the same offline.
+_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+_TAG = "imaging-report"
+_NOTEBOOK = re.compile(r"(?P<stage>[0-9]{2}-[a-z0-9-]+?)(?:\.failed-(?P<n>[0-9]+))?\.ipynb")
+_STYLE = """<style>
+.imaging-report table { border-collapse: collapse; margin: 0.5em 0 1em; }
+.imaging-report th, .imaging-report td { border: 1px solid #ccc; padding: 2px 8px;
+  text-align: left !important; vertical-align: top; }
+.imaging-report .ok { color: #106b10; font-weight: bold; }
+.imaging-report .bad { color: #b00000; font-weight: bold; }
+.imaging-report code { word-break: break-all; }
+</style>"""
+
+
+def e(value: Any) -> str:
+    """Text for HTML: every character shown as itself."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _table(rows: list[tuple[Any, ...]], head: tuple[str, ...] | None = None) -> str:
+    header = "<tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>" if head else ""
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table>{header}{body}</table>"
+
+
+def _code(value: Any) -> str:
+    return f"<code>{e(value)}</code>" if value not in (None, "") else "-"
+
+
+def stage_notebooks(root: Path) -> list[tuple[str, int | None, Path]]:
+    """(stage, failed attempt number or None, notebook), in pipeline order, each stage's failed
+    attempts before its completed run."""
+    found = []
+    for path in (root / "notebooks").glob("*.ipynb"):
+        m = _NOTEBOOK.fullmatch(path.name)
+        if m:
+            found.append((m["stage"], int(m["n"]) if m["n"] else None, path))
+    kind = str(_json(root / "request.json").get("kind") or "export")
+    try:
+        order = config.pipeline_stages(kind)
+    except Exception:  # a run of a kind no longer configured: by stage number
+        order = []
+
+    def key(item: tuple[str, int | None, Path]) -> tuple[int, str, int]:
+        stage, n, _ = item
+        position = order.index(stage) if stage in order else len(order)
+        return (position, stage, n if n is not None else 1 << 30)
+
+    return sorted(found, key=key)
+
+
+def _boot_verdict(boot: dict[str, Any]) -> str:
+    if not boot:
+        return "<span>not checked (this run has no boot check, or it has not run)</span>"
+    ok = boot.get("verdict") == "booted"
+    how = (
+        f"{e(boot.get('reason'))} {_code(boot.get('matched'))}"
+        if boot.get("matched")
+        else e(boot.get("reason"))
+    )
+    return (
+        f"<span class='{'ok' if ok else 'bad'}'>{'booted' if ok else 'did not boot'}</span>: {how}, "
+        f"{e(boot.get('seconds'))} s, {e(boot.get('controller'))}, {e(boot.get('accel'))}"
+    )
+
+
+def _audit_verdict(report: audit.Report) -> str:
+    if report.ok:
+        return f"<span class='ok'>intact</span>: {report.entries} files chained, head {_code(report.head)}"
+    problems = "".join(f"<li>{e(p)}</li>" for p in report.problems)
+    return f"<span class='bad'>BROKEN</span>: <ul>{problems}</ul>"
+
+
+def _read(path: Path) -> nbformat.NotebookNode | str:
+    """The notebook, or why it cannot be read (a damaged record still gets its report)."""
+    try:
+        return nbformat.read(path, as_version=4)
+    except Exception as exc:  # nbformat raises several kinds for a damaged file
+        return f"{path.name} cannot be read as a notebook: {type(exc).__name__}: {exc}"
+
+
+def _summaries(notebooks: list[tuple[str, int | None, Path]]) -> str:
+    """Each notebook's summary cell (see summary.py), rendered: what every stage did, first."""
+    from nbconvert.filters import markdown2html
+
+    parts = []
+    for stage, n, path in notebooks:
+        nb = _read(path)
+        title = f"{e(stage)}" + (f" (failed attempt {n})" if n else "")
+        if isinstance(nb, str):
+            body = f"<p class='bad'>{e(nb)}</p>"
+        else:
+            cells = [c for c in nb.cells if summary.TAG in c.get("metadata", {}).get("tags", [])]
+            # The cell's own "## Summary" heading gives way to the stage's name.
+            body = (
+                markdown2html(cells[0].source.removeprefix("## Summary").strip())
+                if cells
+                else "<p>(no summary)</p>"
+            )
+        parts.append(f"<h3><a href='#{e(_anchor(stage, n))}'>{title}</a></h3>{body}")
+    return "".join(parts)
+
+
+def _header(root: Path, notebooks: list[tuple[str, int | None, Path]]) -> str:
+    request = _json(root / "request.json")
+    state = _json(root / "state.json")
+    result = _json(root / "result.json")
+    boot = result.get("boot") or _json(root / "results" / "50-verify.json")
+    chain = audit.verify(root)
+    timings = result.get("timings") or state.get("timings") or {}
+    overview = _table([
+        ("run", _code(root.name)),
+        ("state", f"{e(state.get('state', 'unknown'))}" + (f" at {e(state['stage'])}" if state.get("stage") else "")),
+        ("error", e(state.get("error")) if state.get("error") else "-"),
+        ("boot check", _boot_verdict(boot if isinstance(boot, dict) else {})),
+        ("audit chain", _audit_verdict(chain)),
+        ("artifact", _code(result.get("path"))),
+        ("sha256", _code(result.get("sha256"))),
+        ("source", f"{_code(request.get('source'))}, sha256 {_code(result.get('source_sha256'))}"),
+        ("format, target", f"{e(request.get('format'))}, {e(request.get('target'))}"),
+    ])  # fmt: skip
+    stages = []
+    for stage, n, path in notebooks:
+        anchor = _anchor(stage, n)
+        status = f"<span class='bad'>failed attempt {n}</span>" if n else "<span class='ok'>completed</span>"
+        seconds = (timings.get(stage) or {}).get("seconds") if n is None else None
+        stages.append((f"<a href='#{e(anchor)}'>{e(stage)}</a>", status, e(seconds) if seconds else "-",
+                       _code(f"notebooks/{path.name}")))  # fmt: skip
+    history = [(e(h.get("time")), e(h.get("state")), e(h.get("stage") or ""), e(h.get("error") or ""))
+               for h in state.get("history", [])]  # fmt: skip
+    return (
+        f"{_STYLE}<div class='imaging-report'><h1 id='run'>Audit record of run {e(root.name)}</h1>"
+        f"{overview}<h2>What each stage did</h2>{_summaries(notebooks)}"
+        f"<h2>Stages</h2>{_table(stages, ('stage', 'outcome', 'seconds', 'executed notebook'))}"
+        f"<h2>Request</h2>{_table([(e(k), _code(json.dumps(v))) for k, v in request.items()])}"
+        f"<h2>State changes</h2>{_table(history, ('time', 'state', 'stage', 'error'))}</div>"
+    )
+
+
+def _anchor(stage: str, n: int | None) -> str:
+    return f"stage-{stage}" + (f"-failed-{n}" if n else "")
+
+
+def _html_cell(body: str) -> nbformat.NotebookNode:
+    """A cell that shows ``body`` (already escaped HTML) and hides its (empty) source."""
+    cell = nbformat.v4.new_code_cell("", metadata={"tags": [_TAG]})
+    cell.outputs = [nbformat.v4.new_output("display_data", data={"text/html": body})]
+    return cell
+
+
+def _stage_heading(stage: str, n: int | None) -> str:
+    title = f"Stage {e(stage)}" + (f": failed attempt {n}" if n else "")
+    note = (
+        "<p class='bad'>This attempt failed; the run went on from here when it was resumed.</p>" if n else ""
+    )
+    return f"<div class='imaging-report'><hr><h1 id='{e(_anchor(stage, n))}'>{title}</h1>{note}</div>"
+
+
+def _shown(cell: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """A stage's cell without the stage's machine-readable result (shown as a table already)."""
+    if cell.cell_type == "code":
+        cell.outputs = [o for o in cell.get("outputs", []) if scraps.MIME not in o.get("data", {})]
+    return cell
+
+
+def assemble(root: Path) -> nbformat.NotebookNode:
+    """One notebook: the run's header, then every stage's executed notebook in order."""
+    notebooks = stage_notebooks(root)
+    merged = nbformat.v4.new_notebook()
+    merged.cells.append(_html_cell(_header(root, notebooks)))
+    for stage, n, path in notebooks:
+        merged.cells.append(_html_cell(_stage_heading(stage, n)))
+        nb = _read(path)
+        if isinstance(nb, str):
+            merged.cells.append(_html_cell(f"<p class='bad'>{e(nb)}</p>"))
+            continue
+        if not merged.metadata.get("language_info"):
+            merged.metadata.update(
+                {k: nb.metadata[k] for k in ("kernelspec", "language_info") if k in nb.metadata}
+            )
+        merged.cells.extend(_shown(cell) for cell in nb.cells)
+    for i, cell in enumerate(merged.cells):
+        cell["id"] = f"cell-{i}"  # the same notebook twice (a failed attempt, then the run) repeats ids
+    return merged
+
+
+def render(root: Path) -> str:
+    """The run's report as one HTML document."""
+    import jinja2
+    from nbconvert import HTMLExporter
+    from traitlets.config import Config
+
+    settings = Config()
+    settings.TagRemovePreprocessor.enabled = True
+    settings.TagRemovePreprocessor.remove_input_tags = {_TAG}
+    exporter = HTMLExporter(
+        config=settings,
+        template_name="lab",
+        template_file="imaging-report.html.j2",
+        extra_loaders=[jinja2.DictLoader({"imaging-report.html.j2": _TEMPLATE})],
+        embed_images=True,
+        exclude_anchor_links=True,
+    )
+    body, _ = exporter.from_notebook_node(
+        assemble(root), resources={"metadata": {"name": f"Run {root.name}"}}
+    )
+    return str(body)
+
+
+def write(root: Path) -> Path:
+    """Write ``report.html`` into the run directory."""
+    if not (root / "request.json").is_file():
+        raise ParameterError(f"{root} is not a run: it has no request.json")
+    page = root / "report.html"
+    text = render(root)
+    with atomic_path(page) as part:
+        part.write_text(text, encoding="utf-8")
+    return page
+
+
+def runs(directory: Path) -> list[Path]:
+    """Every run under ``directory``, newest change first."""
+    found = [p for p in directory.iterdir() if p.is_dir() and (p / "request.json").is_file()]
+    return sorted(
+        found, key=lambda p: (str(_json(p / "state.json").get("updated", "")), p.name), reverse=True
+    )
+
+
+def write_index(directory: Path | None = None) -> Path:
+    """Write ``index.html`` into the runs directory: every run, its state and artifact."""
+    directory = directory or config.runs_dir()
+    rows = []
+    for root in runs(directory):
+        state, result = _json(root / "state.json"), _json(root / "result.json")
+        link = (
+            f"<a href='{e(quote(root.name) + '/report.html')}'>{e(root.name)}</a>"
+            if (root / "report.html").is_file()
+            else f"{e(root.name)} (no report yet)"
+        )
+        boot = result.get("boot") or {}
+        rows.append((
+            link,
+            e(state.get("state", "unknown")),
+            e(state.get("stage") or ""),
+            e(state.get("updated", "")),
+            _code(result.get("path")),
+            _code(result.get("sha256")),
+            e(boot.get("verdict") or "-"),
+        ))  # fmt: skip
+    table = _table(rows, ("run", "state", "stage", "updated", "artifact", "sha256", "boot"))
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>imaging runs</title>"
+        f"{_STYLE}<style>body {{ font-family: sans-serif; margin: 2em; }}</style></head>"
+        f"<body class='imaging-report'><h1>Runs in {e(directory)}</h1>{table}</body></html>\n"
+    )
+    index = directory / "index.html"
+    with atomic_path(index) as part:
+        part.write_text(page, encoding="utf-8")
+    return index

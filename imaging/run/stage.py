@@ -1,0 +1,129 @@
+"""What every stage notebook does around its work: open the run, record commands, stop cleanly.
+
+A stage notebook starts with ``ws = stage.open("30-bootable", RUN_DIR)`` and ends with
+``stage.record(ws, "30-bootable", result)``. In between, every command lands in the run's command
+log, and a SIGTERM (from the pipeline, or sent because the pipeline itself died) becomes an
+exception in the running cell, so ``with`` blocks remove partial files and stop tools before the
+kernel goes away.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+import pandas as pd
+
+from imaging import tools
+from imaging.errors import Interrupted
+from imaging.records import Record, plain
+from imaging.run import scraps
+from imaging.workspace import Workspace
+
+# Time a stage gets to clean up after SIGTERM before the kernel exits regardless.
+_CLEANUP_GRACE = 30.0
+_stopping = False
+
+
+def _exit_after_cell(*_: Any) -> None:
+    os._exit(143)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # The first SIGTERM interrupts the running cell: its with-blocks stop tools, unmount and
+    # remove partial files; when the cell has ended the kernel exits. Later signals must not
+    # interrupt that cleanup.
+    global _stopping
+    if _stopping:
+        return
+    _stopping = True
+    threading.Timer(_CLEANUP_GRACE, os._exit, (128 + signum,)).start()
+    if _in_kernel():
+        from IPython import get_ipython
+
+        get_ipython().events.register("post_run_cell", _exit_after_cell)
+    raise Interrupted(f"stage stopped by signal {signum}")
+
+
+def _watch_parent(parent: int) -> None:
+    # The kernel's parent is the pipeline. If it dies (even by SIGKILL) the kernel must not go on
+    # working unobserved: turn that into the same SIGTERM path.
+    while True:
+        time.sleep(0.2)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
+_watching = False
+
+
+def _guard_kernel() -> None:
+    global _watching
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if not _watching and os.environ.get("IMAGING_PIPELINE"):
+        _watching = True
+        threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+
+
+class StageHeader(Record):
+    def __init__(self, ws: Workspace, stage: str) -> None:
+        self.run = ws.id
+        self.stage = stage
+        self.directory = str(ws.root)
+        self.host = socket.gethostname()
+        self.started = datetime.now(UTC).isoformat(timespec="seconds")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def open(stage: str, run_dir: str) -> Workspace:  # noqa: A001 - reads as stage.open(...)
+    """Open (or create) the run directory for ``stage`` and start recording its commands."""
+    ws = Workspace.open(run_dir)
+    tools.set_command_log(ws.commands_log)
+    _guard_kernel()
+    return ws
+
+
+def header(ws: Workspace, stage: str) -> StageHeader:
+    return StageHeader(ws, stage)
+
+
+def commands() -> pd.DataFrame:
+    """The commands this stage ran: argv, exit code, duration, last line of stderr."""
+    rows = [
+        {
+            "command": r.command if len(r.command) < 160 else r.command[:157] + "...",
+            "exit": r.exit_code,
+            "seconds": round(r.duration, 3),
+            "stderr (last line)": r.stderr_tail(1)[:120],
+        }
+        for r in tools.recorded()
+    ]
+    return pd.DataFrame(rows, columns=["command", "exit", "seconds", "stderr (last line)"])
+
+
+def record(ws: Workspace, stage: str, result: Any) -> dict[str, Any]:
+    """Save the stage's result for the stages after it and glue it into this notebook."""
+    data = result.to_dict() if isinstance(result, Record) else plain(result)
+    ws.save_result(stage, data)
+    if _in_kernel():
+        scraps.glue(stage, data)
+    return data
+
+
+def _in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return get_ipython() is not None

@@ -1,0 +1,1 @@
+"""The built-in sample instances, built once from Debian packages and cached."""

@@ -1,0 +1,1 @@
+"""The request service: HTTP API, schemas, store, approvals, mail, workers, settings."""

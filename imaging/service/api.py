@@ -1,0 +1,414 @@
+"""The HTTP API (``python -m imaging serve``): request_image create, list, show and approve.
+
+Users ask, admins approve (by PATCH, or by the link in their mail, which opens a confirmation
+page whose button approves), a worker runs the notebooks, and each run leaves its audit record.
+Authentication is a bearer token per user; roles are ``user`` and ``admin``. Every error is a
+JSON body ``{"detail": "<one line>"}`` with its 4xx code. The access log names method, path and
+status only: no query string (approval tokens), no header (bearer tokens).
+"""
+
+
+# No "from __future__ import annotations" here: FastAPI reads the route functions' annotations at
+# runtime, and Auth, RequestId and Token are local to create_app.
+
+import html
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import BackgroundTasks, Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
+
+from imaging import __version__, config
+from imaging.errors import ParameterError, StoreError
+from imaging.run import audit
+from imaging.service import approvals
+from imaging.service.notify import Mailer
+from imaging.service.schemas import (
+    API_PREFIX,
+    NOTEBOOK,
+    REQUEST_ID,
+    AuditOut,
+    CreateRequest,
+    Error,
+    NotebookOut,
+    Patch,
+    RequestDetail,
+    RequestOut,
+    StateName,
+    UserOut,
+    document,
+    validated,
+)
+from imaging.service.settings import Settings
+from imaging.service.store import Actor, ImageRequest, Store
+from imaging.service.worker import Worker
+
+log = logging.getLogger("imaging.service.api")
+API = API_PREFIX  # short, for the routes below
+NOT_JSON = "the body is not valid JSON"
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    text = {400: "the body is not JSON", 401: "no bearer token, or an unknown one",
+            403: "not allowed for this user (or link)", 404: "no such request (or not yours)",
+            409: "not possible in the request's state", 410: "the link has expired",
+            422: "the request's fields are not valid"}  # fmt: skip
+    return {c: {"model": Error, "description": text[c]} for c in codes}
+
+
+bearer = HTTPBearer(auto_error=False, description="a user's token (python -m imaging users add NAME)")
+
+
+def fail(status: int, message: str) -> HTTPException:
+    return HTTPException(status, message)
+
+
+def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
+    store = Store(settings.sqlalchemy_url)
+    mailer = Mailer(settings, store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Without an embedded worker, the service still expires the leases of lost workers.
+        embedded = embedded_worker and settings.worker.embedded
+        worker = Worker(settings, store, mailer, concurrency=settings.worker.concurrency if embedded else 0)
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.shutdown()
+            store.close()
+
+    app = FastAPI(
+        title="imaging",
+        version=__version__,
+        lifespan=lifespan,
+        description="Image and export requests of cloud instances: ask, approve, run, audit.",
+    )
+    app.state.store, app.state.settings, app.state.mailer = store, settings, mailer
+    _handlers(app)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            app.openapi_schema = document(spec, settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    base = f"{settings.public_url}{API}/request_image"
+
+    def user(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Actor:
+        if creds is None:
+            raise HTTPException(401, "a bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+        found = store.user_by_token(creds.credentials)
+        if found is None:
+            raise HTTPException(401, "unknown bearer token", headers={"WWW-Authenticate": "Bearer"})
+        return Actor(found.name, found.role, found.id)
+
+    Auth = Annotated[Actor, Depends(user)]
+    RequestId = Annotated[str, PathParam(pattern=REQUEST_ID, description="the request's id")]
+
+    @app.post(
+        f"{API}/request_image/",
+        status_code=201,
+        response_model=RequestDetail,
+        responses=_errors(400, 401, 422),
+        operation_id="create_request",
+        summary="Ask for an image (vis) or an export (disk_format) of an instance",
+    )
+    def create(body: CreateRequest, actor: Auth, tasks: BackgroundTasks) -> RequestDetail:
+        req = store.create(actor, **validated(body, settings, store))
+        log.info("request %s created by %s", req.id, actor.name)
+        tasks.add_task(mailer.request_created, req)
+        return RequestDetail.of(req, base)
+
+    @app.get(
+        f"{API}/request_image/",
+        response_model=list[RequestOut],
+        responses=_errors(401, 422),
+        operation_id="list_requests",
+        summary="Requests: a user's own, or all for an admin",
+    )
+    def list_requests(
+        actor: Auth,
+        state: StateName | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    ) -> list[RequestOut]:
+        return [RequestOut.of(r, base) for r in store.list_requests(actor, state, limit, offset)]
+
+    @app.get(
+        f"{API}/request_image/{{request_id}}",
+        response_model=RequestDetail,
+        responses=_errors(401, 404, 422),
+        operation_id="show_request",
+        summary="One request with its state history, stage and result",
+    )
+    def show(request_id: RequestId, actor: Auth) -> RequestDetail:
+        return RequestDetail.of(store.get(request_id, actor), base)
+
+    @app.patch(
+        f"{API}/request_image/{{request_id}}",
+        response_model=RequestDetail,
+        responses=_errors(400, 401, 403, 404, 409, 422),
+        operation_id="patch_request",
+        summary="approve (admins; restarts a failed request at its failed stage), deny, cancel",
+    )
+    def patch(request_id: RequestId, body: Patch, actor: Auth) -> RequestDetail:
+        store.get(request_id, actor)
+        store.expire_leases()  # a lost worker's request can be approved again at once
+        req = store.transition(request_id, body.status, actor, body.reason)
+        log.info("request %s: %s by %s", request_id, body.status, actor.name)
+        return RequestDetail.of(req, base)
+
+    @app.get(
+        f"{API}/request_image/{{request_id}}/artifact",
+        response_class=FileResponse,
+        responses={
+            200: {"content": {"application/octet-stream": {}}, "description": "the artifact"},
+            **_errors(401, 404, 409, 422),
+        },
+        operation_id="download_artifact",
+        summary="Download the artifact (its owner and admins)",
+    )
+    def artifact(request_id: RequestId, actor: Auth) -> FileResponse:
+        req = store.get(request_id, actor)
+        path = Path((req.result or {}).get("path") or "")
+        if req.state != "completed":
+            raise fail(409, f"request {req.id} is {req.state}: no artifact to download")
+        if not path.is_file():
+            raise fail(404, f"the artifact of {req.id} is no longer there")
+        sha = str((req.result or {}).get("sha256", ""))
+        return FileResponse(path, media_type="application/octet-stream", filename=path.name,
+                            headers={"X-Checksum-Sha256": sha})  # fmt: skip
+
+    @app.get(
+        f"{API}/request_image/{{request_id}}/notebooks",
+        response_model=list[NotebookOut],
+        responses=_errors(401, 404, 422),
+        operation_id="list_notebooks",
+        summary="The executed notebooks of the request's run",
+    )
+    def notebooks(request_id: RequestId, actor: Auth) -> list[NotebookOut]:
+        req = store.get(request_id, actor)
+        found = sorted((config.runs_dir() / req.id / "notebooks").glob("[0-9][0-9]-*.ipynb"))
+        return [
+            NotebookOut(
+                name=p.stem,
+                stage=p.stem.split(".")[0],
+                failed=".failed-" in p.stem,
+                html=f"{base}/{req.id}/notebooks/{p.stem}" if p.with_suffix(".html").exists() else None,
+            )
+            for p in found
+        ]
+
+    @app.get(
+        f"{API}/request_image/{{request_id}}/notebooks/{{notebook}}",
+        response_class=HTMLResponse,
+        responses={
+            200: {"content": {"text/html": {}}, "description": "the notebook as HTML"},
+            **_errors(401, 404, 422),
+        },
+        operation_id="read_notebook",
+        summary="An executed notebook, as HTML",
+    )
+    def notebook(request_id: RequestId, notebook: Annotated[str, PathParam(pattern=NOTEBOOK)],
+                 actor: Auth) -> HTMLResponse:  # fmt: skip
+        req = store.get(request_id, actor)
+        path = config.runs_dir() / req.id / "notebooks" / f"{notebook}.html"
+        if not path.is_file():
+            raise fail(404, f"request {req.id} has no notebook {notebook}")
+        # The render is static: no script of it runs (a guest's file names are in it).
+        csp = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+        return HTMLResponse(path.read_text(encoding="utf-8"), headers={"Content-Security-Policy": csp})
+
+    @app.get(
+        f"{API}/request_image/{{request_id}}/audit",
+        response_model=AuditOut,
+        responses=_errors(401, 404, 422),
+        operation_id="audit_record",
+        summary="The run's audit chain, verified now",
+    )
+    def audit_record(request_id: RequestId, actor: Auth) -> AuditOut:
+        req = store.get(request_id, actor)
+        root = config.runs_dir() / req.id
+        report = audit.verify(root, (req.result or {}).get("audit_head"))
+        entries = audit.load(root)["entries"] if (root / "audit.json").exists() else []
+        return AuditOut(
+            run=req.id, ok=report.ok, head=report.head, problems=report.problems, entries=entries
+        )
+
+    Token = Annotated[
+        str, Query(min_length=1, max_length=1000, description="the signed token from the mail")
+    ]
+
+    @app.get(
+        f"{API}/approve",
+        response_class=HTMLResponse,
+        responses={
+            200: {"content": {"text/html": {}}, "description": "a confirmation page"},
+            **_errors(403, 404, 409, 410, 422),
+        },
+        operation_id="approve_page",
+        summary="The confirmation page of an approve link (changes nothing)",
+    )
+    def approve_page(token: Token) -> HTMLResponse:
+        req, admin = _approval(store, settings, token, consume=False)
+        rows = "".join(
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in _summary(req)
+        )
+        return _page(f"Approve request {req.id}?",
+                     f"<table>{rows}</table><form method='post'><button type='submit'>Approve as "
+                     f"{html.escape(admin.name)}</button></form>")  # fmt: skip
+
+    @app.post(
+        f"{API}/approve",
+        response_class=HTMLResponse,
+        responses={
+            200: {"content": {"text/html": {}}, "description": "approved"},
+            **_errors(403, 404, 409, 410, 422),
+        },
+        operation_id="approve_by_link",
+        summary="Approve by the link from the mail (its confirmation page's button)",
+    )
+    def approve(token: Token) -> HTMLResponse:
+        req, admin = _approval(store, settings, token, consume=True)
+        log.info("request %s: approve by %s (mail link)", req.id, admin.name)
+        return _page(
+            f"Request {req.id} approved", f"<p>{html.escape(req.name)} is {html.escape(req.state)}.</p>"
+        )
+
+    @app.get(
+        f"{API}/me",
+        response_model=UserOut,
+        responses=_errors(401),
+        operation_id="whoami",
+        summary="Who the token belongs to",
+    )
+    def me(actor: Auth) -> UserOut:
+        (found,) = store.users([actor.name])
+        return UserOut(name=found.name, role=found.role, email=found.email)  # type: ignore[arg-type]
+
+    return app
+
+
+def _approval(store: Store, settings: Settings, token: str, *, consume: bool) -> tuple[ImageRequest, Any]:
+    approval = approvals.check_approval(settings.signing_key(), token, settings.approval_ttl_seconds)
+    admins = [u for u in store.users(role="admin") if u.id == approval.admin_id]
+    if not admins:
+        raise approvals.ApprovalRefused("this approval link's admin is no longer an admin", 403)
+    admin = admins[0]
+    actor = Actor(admin.name, "admin", admin.id)
+    if not consume:
+        req = store.get(approval.request_id)
+        if req.version != approval.version:
+            raise approvals.ApprovalRefused(
+                f"this approval link is out of date: the request is {req.state} now", 409
+            )
+        return req, admin
+    req = store.transition(
+        approval.request_id, "approve", actor, "approved by the link in the mail", approval=approval
+    )
+    return req, admin
+
+
+def _summary(req: ImageRequest) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = [
+        ("request", req.id),
+        ("owner", req.owner.name),
+        ("name", req.name),
+        ("instance", req.instance),
+        ("kind", req.kind),
+        ("format", req.disk_format),
+        ("target", req.target),
+        ("state", req.state),
+    ]
+    if req.kind == "image":
+        rows += [("visibility", req.vis), ("shared with", ", ".join(req.shared_with) or "-")]
+    if req.error:
+        rows += [("error", req.error), ("resumes at", req.stage or "the start")]
+    return rows
+
+
+def _page(title: str, body: str) -> HTMLResponse:
+    text = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+            f"<body><h1>{html.escape(title)}</h1>{body}</body></html>")  # fmt: skip
+    return HTMLResponse(text, headers={"Content-Security-Policy": "default-src 'none'; form-action 'self'"})
+
+
+def _one_line(err: RequestValidationError) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    where = ".".join(loc)
+    if first.get("type") == "extra_forbidden":
+        return f"unknown field {where!r}"
+    if first.get("type") == "json_invalid":
+        return NOT_JSON
+    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
+
+
+def _handlers(app: FastAPI) -> None:
+    def body(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 400 and "parsing the body" in str(
+            exc.detail
+        ):  # FastAPI's, for bytes not UTF-8
+            return body(400, NOT_JSON)
+        return body(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        message = _one_line(exc)
+        # A body that is not JSON at all is a bad request; JSON with wrong fields, unprocessable.
+        return body(400 if message == NOT_JSON else 422, message)
+
+    @app.exception_handler(ParameterError)
+    async def unprocessable(request: Request, exc: ParameterError) -> Response:
+        return body(422, str(exc))
+
+    @app.exception_handler(StoreError)
+    async def refused(request: Request, exc: StoreError) -> Response:
+        return body(exc.status, str(exc))
+
+    @app.exception_handler(approvals.ApprovalRefused)
+    async def bad_link(request: Request, exc: approvals.ApprovalRefused) -> Response:
+        return body(exc.status, str(exc))
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        t0 = time.monotonic()
+        response = await call_next(request)
+        if response.status_code == 405:
+            # Starlette names only the first route's methods where routes share a path.
+            allowed = {
+                m
+                for r in app.routes
+                if isinstance(r, APIRoute) and r.path_regex.match(request.url.path)
+                for m in r.methods or ()
+            }
+            response.headers["Allow"] = ", ".join(sorted(allowed))
+        # Path only: approval tokens travel in the query string, bearer tokens in a header.
+        log.info(
+            "%s %s %d %.0f ms",
+            request.method,
+            request.url.path,
+            response.status_code,
+            1000 * (time.monotonic() - t0),
+        )
+        return response

@@ -1,0 +1,122 @@
+"""E-mails to the admins: a new request (with an approve link), and a finished or failed run.
+
+Every admin user with an address gets their own mail, so their approve link is signed for them
+and the approval is recorded as theirs. The link opens a confirmation page; only its button
+approves (mail scanners follow links: a GET never changes anything). A mail that cannot be sent
+is logged and does not stop the request: it can always be approved through the API.
+"""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+from email.message import EmailMessage
+from typing import Any
+
+from imaging.service import approvals
+from imaging.service.settings import Settings
+from imaging.service.store import ImageRequest, Store, User
+
+log = logging.getLogger("imaging.service.notify")
+
+
+class Mailer:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+
+    def admins(self) -> list[User]:
+        return [u for u in self.store.users(role="admin") if u.email]
+
+    def send(self, to: str, subject: str, body: str) -> bool:
+        smtp = self.settings.smtp
+        if not smtp.host:
+            return False
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = smtp.sender, to, subject
+        msg.set_content(body)
+        try:
+            with smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout) as server:
+                if smtp.starttls:
+                    server.starttls()
+                if smtp.username:
+                    server.login(smtp.username, smtp.password.get_secret_value())
+                server.send_message(msg)
+        except (OSError, smtplib.SMTPException) as e:
+            log.warning(
+                "mail %r to %s not sent: %s", subject, to, " ".join(str(e).split()) or type(e).__name__
+            )
+            return False
+        log.info("mail %r sent to %s", subject, to)
+        return True
+
+    def approve_link(self, req: ImageRequest, admin: User) -> str:
+        token = approvals.sign_approval(self.settings.signing_key(), req.id, admin.id, req.version)
+        return f"{self.settings.public_url}/api/v1/approve?token={token}"
+
+    def request_created(self, req: ImageRequest) -> int:
+        """Ask every admin to approve a new request; return how many mails went out."""
+        what = (
+            f"an export of {req.instance} as {req.disk_format}"
+            if req.kind == "export"
+            else f"an image of {req.instance}"
+        )
+        subject = f"[imaging] approve {req.id}: {what} ({req.name}) for {req.owner.name}"
+        sent = 0
+        for admin in self.admins():
+            body = "\n".join([
+                f"{req.owner.name} asks for {what}.", "", *describe(req), "",
+                "Approve it (a confirmation page opens first; the link works once, and for "
+                f"{self.settings.approval_ttl_seconds // 3600} hours):",
+                f"  {self.approve_link(req, admin)}", "",
+                "Or with the API:",
+                f"  PATCH {self.request_url(req)}  {{\"status\": \"approve\"}}  (or deny)", "",
+            ])  # fmt: skip
+            sent += self.send(admin.email or "", subject, body)
+        return sent
+
+    def request_finished(self, req: ImageRequest) -> int:
+        """Tell every admin how a run ended: sha256 and boot verdict, or the error, and where the
+        audit record is. A failed request's mail carries a link that approves it again (resume)."""
+        result: dict[str, Any] = req.result or {}
+        boot = (result.get("boot") or {}).get("verdict", "-")
+        if req.state == "completed":
+            subject = f"[imaging] {req.id} completed: {req.name} ({boot})"
+        else:
+            subject = f"[imaging] {req.id} failed at {req.stage or 'start'}: {req.name}"
+        url = self.request_url(req)
+        sent = 0
+        for admin in self.admins():
+            lines = [
+                f"Request {req.id} of {req.owner.name} is {req.state}.", "", *describe(req),
+                f"  sha256      {result.get('sha256') or '-'}",
+                f"  boot check  {boot}",
+                f"  source      sha256 {result.get('source_sha256') or '-'}",
+                f"  audit head  {result.get('audit_head') or '-'}",
+            ]  # fmt: skip
+            if req.error:
+                lines += [f"  error       {req.error}"]
+            lines += ["", f"Audit record: {url}/audit", f"Notebooks:    {url}/notebooks"]
+            if req.state == "completed":
+                lines += [
+                    f"Download:     {url}/artifact",
+                    "",
+                    "Check that the image works before you forward this mail to its owner.",
+                ]
+            else:
+                lines += ["", f"Fix the cause, then approve again to resume at {req.stage or 'the start'}:",
+                          f"  {self.approve_link(req, admin)}"]  # fmt: skip
+            sent += self.send(admin.email or "", subject, "\n".join(lines) + "\n")
+        return sent
+
+    def request_url(self, req: ImageRequest) -> str:
+        return f"{self.settings.public_url}/api/v1/request_image/{req.id}"
+
+
+def describe(req: ImageRequest) -> list[str]:
+    rows = [("request", req.id), ("name", req.name), ("owner", req.owner.name), ("instance", req.instance),
+            ("kind", req.kind), ("format", req.disk_format), ("target", req.target)]  # fmt: skip
+    if req.kind == "image":
+        rows += [("visibility", req.vis or "-"), ("shared with", ", ".join(req.shared_with) or "-")]
+    rows += [("requested", req.created.isoformat(timespec="seconds"))]
+    return [f"  {k:<11} {v}" for k, v in rows]

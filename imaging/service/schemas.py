@@ -1,0 +1,230 @@
+"""What the HTTP API takes and gives: pydantic models (FastAPI's OpenAPI description is made from
+them, so they are the contract schemathesis checks the service against), the checks a new request
+passes against this service's instances, formats, targets and users, and what the description
+needs besides what FastAPI reads from the code."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from imaging import config
+from imaging.errors import ParameterError
+from imaging.service.settings import Settings
+from imaging.service.store import ImageRequest, Store, Transition
+
+API_PREFIX = "/api/v1"
+REQUEST_ID = r"^ir-[0-9a-f]{12}$"
+NOTEBOOK = r"^[0-9]{2}-[a-z0-9-]{1,40}(\.failed-[0-9]{1,4})?$"
+Vis = Literal["public", "private", "selected"]
+StateName = Literal["pending", "approved", "running", "completed", "error", "denied", "cancelled"]
+
+
+class Error(BaseModel):
+    detail: str = Field(description="what went wrong, in one line")
+
+
+class CreateRequest(BaseModel):
+    """An image request, or with ``disk_format`` an export request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instance: str = Field(
+        min_length=1, max_length=80, description="instance id, as configured on the service"
+    )
+    name: str = Field(min_length=1, max_length=80, description="letters, digits, '.', '_', '-'")
+    vis: Vis | None = Field(default=None, description="image requests: who may use the image (required)")
+    shared_with: list[str] | None = Field(
+        default=None, max_length=100, description="user names; only, and then required, when vis is selected"
+    )
+    disk_format: str | None = Field(
+        default=None, max_length=16, description="export requests: raw, qcow2, ..."
+    )
+    target: str | None = Field(default=None, max_length=40, description="machine the disk is made for (kvm)")
+
+
+class Patch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["approve", "deny", "cancel"] = Field(
+        description="approve (admins; on a request in error it resumes the run), deny (admins), cancel"
+    )
+    reason: str = Field(default="", max_length=500)
+
+
+class TransitionOut(BaseModel):
+    time: datetime
+    actor: str
+    from_: StateName | None = Field(serialization_alias="from")
+    to: StateName
+    stage: str | None
+    reason: str
+
+    @classmethod
+    def of(cls, t: Transition) -> TransitionOut:
+        return cls.model_validate(
+            {
+                "time": t.time,
+                "actor": t.actor,
+                "from_": t.from_state,
+                "to": t.to_state,
+                "stage": t.stage,
+                "reason": t.reason,
+            }  # fmt: skip
+        )
+
+
+class RequestOut(BaseModel):
+    id: str
+    owner: str
+    instance: str
+    name: str
+    kind: Literal["image", "export"]
+    vis: Vis | None
+    shared_with: list[str]
+    disk_format: str
+    target: str
+    state: StateName
+    stage: str | None = Field(description="the stage it is in (running) or failed at (error)")
+    error: str | None
+    created: datetime
+    updated: datetime
+    result: dict[str, Any] | None = Field(
+        description="the run's result.json (path, sha256, boot, ...) and audit head"
+    )
+    links: dict[str, str]
+
+    @classmethod
+    def of(cls, req: ImageRequest, base: str) -> RequestOut:
+        return cls(**_fields(req, base))
+
+
+class RequestDetail(RequestOut):
+    history: list[TransitionOut]
+
+    @classmethod
+    def of(cls, req: ImageRequest, base: str) -> RequestDetail:
+        return cls(**_fields(req, base), history=[TransitionOut.of(t) for t in req.transitions])
+
+
+def _fields(req: ImageRequest, base: str) -> dict[str, Any]:
+    url = f"{base}/{req.id}"
+    links = {"self": url, "notebooks": f"{url}/notebooks", "audit": f"{url}/audit"}
+    if req.state == "completed":
+        links["artifact"] = f"{url}/artifact"
+    return dict(
+        id=req.id,
+        owner=req.owner.name,
+        instance=req.instance,
+        name=req.name,
+        kind=req.kind,
+        vis=req.vis,
+        shared_with=list(req.shared_with or []),
+        disk_format=req.disk_format,
+        target=req.target,
+        state=req.state,
+        stage=req.stage,
+        error=req.error,
+        created=req.created,
+        updated=req.updated,
+        result=req.result,
+        links=links,
+    )
+
+
+class NotebookOut(BaseModel):
+    name: str
+    stage: str
+    failed: bool = Field(description="an attempt that failed (kept for the record)")
+    html: str | None = Field(description="URL of its HTML render")
+
+
+class AuditEntry(BaseModel):
+    n: int
+    kind: str
+    file: str
+    sha256: str
+    prev: str
+    hash: str
+
+
+class AuditOut(BaseModel):
+    run: str
+    ok: bool
+    head: str
+    problems: list[str]
+    entries: list[AuditEntry]
+
+
+class UserOut(BaseModel):
+    name: str
+    role: Literal["user", "admin"]
+    email: str | None
+
+
+def validated(body: CreateRequest, settings: Settings, store: Store) -> dict[str, Any]:
+    """The request's fields, checked against the service's instances, formats, targets and users."""
+    config.check_name(body.name)
+    target = config.load_target(body.target or "kvm").name
+    if body.instance not in settings.instances:
+        raise ParameterError(f"unknown instance {body.instance!r}")
+    if body.disk_format is not None:
+        if body.vis is not None or body.shared_with is not None:
+            raise ParameterError("vis and shared_with belong to image requests (those without disk_format)")
+        return dict(instance=body.instance, name=body.name, kind="export", vis=None, shared_with=[],
+                    disk_format=check_disk_format(body.disk_format), target=target)  # fmt: skip
+    if not settings.publishing():
+        raise ParameterError("this service does not publish images: ask for an export (with disk_format)")
+    if body.vis is None:
+        raise ParameterError("vis: required for an image request (public, private or selected)")
+    shared = list(dict.fromkeys(body.shared_with or []))
+    if body.vis != "selected" and shared:
+        raise ParameterError("shared_with: only when vis is selected")
+    if body.vis == "selected":
+        if not shared:
+            raise ParameterError("shared_with: required when vis is selected")
+        try:
+            [config.check_name(n) for n in shared]
+        except ParameterError as e:
+            raise ParameterError(f"shared_with: {e}") from None
+        unknown = sorted(set(shared) - {u.name for u in store.users(shared)})
+        if unknown:
+            raise ParameterError(f"shared_with: unknown users {', '.join(map(repr, unknown))}")
+    return dict(instance=body.instance, name=body.name, kind="image", vis=body.vis, shared_with=shared,
+                disk_format="qcow2", target=target)  # fmt: skip
+
+
+def check_disk_format(value: str) -> str:
+    supported = ", ".join(f.value for f in config.ImageFormat)
+    try:
+        return config.ImageFormat(value).value
+    except ValueError:
+        raise ParameterError(f"unknown disk_format {value!r} (supported: {supported})") from None
+
+
+def document(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """What FastAPI cannot tell from the code: every error is a JSON Error whatever the route's own
+    content type; which instances, formats and targets this service takes; and the links from a
+    created request to the operations on it (schemathesis follows them)."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for path in spec["paths"].values():
+        for op in path.values():
+            for code, response in op["responses"].items():
+                if code.startswith("4"):
+                    response["content"] = error
+                elif "text/html" in response.get("content", {}):
+                    response["content"] = {"text/html": {"schema": {"type": "string"}}}
+    fields = spec["components"]["schemas"]["CreateRequest"]["properties"]
+    if settings.instances:
+        fields["instance"]["enum"] = sorted(settings.instances)
+    fields["disk_format"]["anyOf"][0]["enum"] = [f.value for f in config.ImageFormat]
+    fields["target"]["anyOf"][0]["enum"] = config.available("targets")
+    follow = {"request_id": "$response.body#/id"}
+    created = spec["paths"][f"{API_PREFIX}/request_image/"]["post"]["responses"]["201"]
+    created["links"] = {
+        op: {"operationId": op, "parameters": follow}
+        for op in ("show_request", "patch_request", "download_artifact", "list_notebooks", "audit_record")
+    }
+    return spec
