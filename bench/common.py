@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from imaging.samples import kvm as sample
+from imaging.samples import catalog
 
 WORK = Path(os.environ.get("IMAGING_BENCH_DIR", "/var/tmp/imaging-bench"))
 
@@ -79,7 +79,7 @@ def sample_with_data(path: Path, size: str, data_bytes: int) -> Path:
     if path.exists():
         return path
     tmp = path.with_suffix(".tmp")
-    shutil.copyfile(sample.ensure_sample("kvm"), tmp)
+    shutil.copyfile(catalog.ensure_sample("kvm"), tmp)
     tmp.chmod(0o644)
     run("resize2fs", tmp, size)
     blob = path.with_suffix(".blob")

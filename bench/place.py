@@ -19,8 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import WORK, ext3_with_files, run, timed  # noqa: E402
 from imaging import sparse  # noqa: E402
-from imaging.disk import ext
-from imaging.disk import layout as disk
+from imaging.disk import bootable, ext
 
 GIB = 1 << 30
 
@@ -37,7 +36,7 @@ def main() -> list[tuple[str, str, str]]:
     WORK.mkdir(parents=True, exist_ok=True)
     instance = ext3_with_files(WORK / "files-1g.img", "2G", GIB)
     info = ext.info(ext.device(instance))
-    layout = disk.plan_layout(info.size_bytes, info.block_size, disk_size="+1G")
+    layout = bootable.plan_layout(info.size_bytes, info.block_size, disk_size="+1G")
     target = WORK / "disk.raw"
     offset = layout.offset_bytes
 

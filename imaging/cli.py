@@ -26,6 +26,7 @@ def _print_json(data: dict[str, Any]) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from imaging import sparse
     from imaging.clouds import acquire
     from imaging.run import pipeline
 
@@ -65,9 +66,9 @@ def _export(args: argparse.Namespace) -> int:
     if args.run is None or not (config.runs_dir() / args.run).exists():
         # Everything that can be told before a run exists fails here, leaving nothing behind.
         src = acquire.inspect(request.source)
-        acquire.check_space(config.runs_dir(), 2 * src.data_bytes + (64 << 20), "hold the run's work files")
+        sparse.check_space(config.runs_dir(), 2 * src.data_bytes + (64 << 20), "hold the run's work files")
         if request.out:
-            acquire.check_space(Path(request.out), src.data_bytes + (64 << 20), "write the artifact")
+            sparse.check_space(Path(request.out), src.data_bytes + (64 << 20), "write the artifact")
     ws, request = pipeline.open_run(args.run, request)
     return _execute(ws, request)
 
@@ -105,7 +106,7 @@ def _convert(args: argparse.Namespace) -> int:
     )
     # Everything that can be told before a run exists fails here, leaving nothing behind: a
     # missing or unreadable disk, one qemu-img cannot read, one that refers to other files.
-    from imaging.clouds.acquire import check_space
+    from imaging.sparse import check_space
 
     found = export.input_disk(None, request.kind, request.source)
     fmt = config.check_format(request.format)
@@ -157,9 +158,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from imaging.samples import kvm as sample
+    from imaging.samples import catalog
 
-    print(sample.ensure_sample(args.kind))
+    print(catalog.ensure_sample(args.kind))
     return 0
 
 

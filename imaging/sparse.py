@@ -11,12 +11,15 @@ import contextlib
 import errno
 import hashlib
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from imaging.errors import SpaceError
 from imaging.progress import bytes_bar
+from imaging.records import human_bytes
 
 CHUNK = 16 << 20
 _ZEROS = memoryview(bytes(CHUNK))
@@ -194,3 +197,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_space(directory: Path, need: int, what: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise SpaceError(
+            f"not enough free space in {directory} to {what}: need about {human_bytes(need)}, have {human_bytes(free)}"
+        )

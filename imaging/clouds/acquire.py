@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from imaging import sparse, tools
 from imaging.disk import debugfs, ext, images
-from imaging.errors import SourceError, SpaceError
-from imaging.records import Record, human_bytes
-from imaging.samples import kvm as sample
+from imaging.errors import SourceError
+from imaging.records import Record
+from imaging.samples import catalog
 from imaging.workspace import Workspace
 
 # Headroom on top of the estimate: metadata, the journal replay of e2fsck, rounding.
@@ -63,26 +61,6 @@ class Instance(Record):
     fsck_exit: int
     copy_seconds: float
     source_sha256: str | None  # None under the pipeline: it is in the run's source.sha256
-
-
-def _open_source(source: str) -> Path:
-    path = sample.resolve(source)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise SourceError(f"source not found: {path}") from None
-    except PermissionError:
-        raise SourceError(f"source not readable: {path}") from None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise SourceError(f"source is not a file or block device: {path}")
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise SourceError(f"source not readable: {path}: {e.strerror}") from None
-    if st.st_size == 0 and stat.S_ISREG(st.st_mode):
-        raise SourceError(f"source is empty: {path}")
-    return path.resolve()
 
 
 def _check_fs(path: Path, offset: int, length: int, where: str) -> images.Probe:
@@ -181,7 +159,7 @@ def inspect(source: str) -> Source:
         "qemu-img", "blkid", "sfdisk", "dumpe2fs",
         reason="inspect the source", hint="apt install qemu-utils util-linux fdisk e2fsprogs",
     )  # fmt: skip
-    path = _open_source(source)
+    path = images.check_source(catalog.resolve(source))
     info = images.image_info(path)
     images.check_self_contained(info)
     layout = fs_type = uuid = ""
@@ -196,15 +174,6 @@ def inspect(source: str) -> Source:
     )
 
 
-def check_space(directory: Path, need: int, what: str) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(directory).free
-    if free < need:
-        raise SpaceError(
-            f"not enough free space in {directory} to {what}: need about {human_bytes(need)}, have {human_bytes(free)}"
-        )
-
-
 def acquire(src: Source, ws: Workspace, *, hash_source: bool = True) -> Instance:
     """Copy the source's root filesystem to ``work/instance.raw``, check it (on the copy), describe it.
 
@@ -217,7 +186,7 @@ def acquire(src: Source, ws: Workspace, *, hash_source: bool = True) -> Instance
         "e2fsck", "dumpe2fs", reason="check the instance's filesystem", hint="apt install e2fsprogs"
     )
     # The copy, then the bootable disk: about twice the data, on the work filesystem.
-    check_space(ws.work, 2 * src.data_bytes + _MARGIN, "hold the instance and the bootable disk")
+    sparse.check_space(ws.work, 2 * src.data_bytes + _MARGIN, "hold the instance and the bootable disk")
     digest: dict[str, str | None] = {"sha256": None}
     hasher = threading.Thread(target=lambda: digest.update(sha256=sparse.sha256(Path(src.path), desc=None)))
     if hash_source:
@@ -237,12 +206,8 @@ def _acquire(src: Source, ws: Workspace) -> Instance:
             if src.format == "raw":
                 whole, seconds = Path(src.path), 0.0
             else:
-                from imaging.formats.export import (
-                    qemu_convert,  # the progress-reporting wrapper export uses too
-                )
-
                 converted.unlink(missing_ok=True)
-                seconds = qemu_convert(
+                seconds = images.qemu_convert(
                     Path(src.path), src.format, converted, "raw", desc=f"convert {src.format}"
                 )
                 whole = converted

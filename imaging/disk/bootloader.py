@@ -31,7 +31,7 @@ GRUB_PC = Path("/usr/lib/grub/i386-pc")
 # Built into the core image: enough to read the partition and find the root filesystem; the
 # rest (normal, linux, ...) loads from the guest's /boot/grub/i386-pc.
 CORE_MODULES = ["biosdisk", "part_msdos", "ext2", "search_fs_uuid"]
-_INITRD_PATTERNS = ("initrd.img-{v}", "initrd-{v}.img", "initramfs-{v}.img", "initrd-{v}", "initrd-{v}.gz")
+INITRD_PATTERNS = ("initrd.img-{v}", "initrd-{v}.img", "initramfs-{v}.img", "initrd-{v}", "initrd-{v}.gz")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Kernel:
         return "xen" in self.version.lower()
 
 
-def _version_key(version: str) -> list[tuple[int, int | str]]:
+def version_key(version: str) -> list[tuple[int, int | str]]:
     # Numeric parts compare as numbers: 2.6.18-348 > 2.6.18-92.
     return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-_+~]", version)]
 
@@ -63,11 +63,11 @@ def find_kernels(guest: ExtGuest) -> list[Kernel]:
         if not m or name.endswith((".sig", ".hmac")):
             continue
         version = m.group(2)
-        initrd = next((p.format(v=version) for p in _INITRD_PATTERNS if p.format(v=version) in names), None)
+        initrd = next((p.format(v=version) for p in INITRD_PATTERNS if p.format(v=version) in names), None)
         kernels.append(Kernel(version, f"/boot/{name}", f"/boot/{initrd}" if initrd else None))
     if not kernels:
         raise GuestError("no kernel in the guest's /boot (looked for vmlinuz-<version>)")
-    kernels.sort(key=lambda k: _version_key(k.version), reverse=True)
+    kernels.sort(key=lambda k: version_key(k.version), reverse=True)
     # A Xen-only kernel does not boot as a KVM or VirtualBox guest: offered only if nothing else is.
     return [k for k in kernels if not k.xen] or kernels
 

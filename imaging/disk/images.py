@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from imaging import tools
 from imaging.errors import SourceError
+from imaging.progress import percent_bar
+
+_PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
 # The container formats qemu-img reads that we accept as sources.
 SOURCE_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx")
@@ -169,3 +175,48 @@ def probe(path: Path, offset: int = 0, size: int | None = None) -> Probe:
         argv += ["--size", str(size)]
     result = tools.run([*argv, _abs(path)], ok_codes=(0, 2), timeout=60)
     return Probe.parse(result.stdout) if result.exit_code == 0 else Probe()
+
+
+def qemu_convert(src: Path, src_format: str, dst: Path, dst_format: str, *, options: list[str] | None = None,
+                 desc: str = "convert") -> float:  # fmt: skip
+    """``qemu-img convert`` with its progress shown as a bar; returns the seconds it took.
+
+    ``options`` go before the file names (``-o subformat=...``, ``-c``, ``-W``, ``-m N``)."""
+    t0 = time.monotonic()
+    with percent_bar(desc) as bar:
+        seen = [0.0]
+
+        def progress(chunk: str) -> None:
+            for m in _PERCENT.finditer(chunk):
+                value = float(m.group(1))
+                bar.update(max(0.0, value - seen[0]))
+                seen[0] = max(seen[0], value)
+
+        tools.run(
+            ["qemu-img", "convert", "-p", "-f", src_format, "-O", dst_format, *(options or []),
+             os.fspath(src.resolve()), os.fspath(dst.resolve())],
+            on_output=progress,
+            timeout=24 * 3600,
+        )  # fmt: skip
+        bar.update(100 - seen[0])
+    return time.monotonic() - t0
+
+
+def check_source(path: Path) -> Path:
+    """``path`` as a source: a non-empty regular file or block device we can read; resolved."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise SourceError(f"source not found: {path}") from None
+    except PermissionError:
+        raise SourceError(f"source not readable: {path}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise SourceError(f"source is not a file or block device: {path}")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise SourceError(f"source not readable: {path}: {e.strerror}") from None
+    if st.st_size == 0 and stat.S_ISREG(st.st_mode):
+        raise SourceError(f"source is empty: {path}")
+    return path.resolve()

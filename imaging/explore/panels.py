@@ -1,5 +1,5 @@
 """The widgets of notebooks/explore.ipynb: one panel per step, each a thin face on
-:mod:`imaging.explore`.
+:mod:`imaging.explore.steps`.
 
 Every panel belongs to an :class:`Explorer`, which holds the session (the run being explored)
 and refreshes every panel when the session changes: another image opened, a stage run. Each
@@ -20,7 +20,7 @@ from IPython.display import display
 
 from imaging import config
 from imaging.errors import ImagingError
-from imaging.explore import session as explore
+from imaging.explore import steps
 from imaging.guest import clean
 from imaging.run import scraps
 
@@ -41,17 +41,17 @@ def _error(e: Exception) -> str:
 class Explorer:
     """The session every panel shows, and what the panels found (recorded by :meth:`run`)."""
 
-    def __init__(self, session: explore.Session) -> None:
+    def __init__(self, session: steps.Session) -> None:
         self.session = session
         self.panels: list[Panel] = []
         self.seen: dict[str, Any] = {}
 
     @classmethod
     def open(cls, source: str, *, name: str, target: str, image_format: str, run: str = "") -> Explorer:
-        session = explore.Session.open(source, name=name, target=target, image_format=image_format, run=run)
+        session = steps.Session.open(source, name=name, target=target, image_format=image_format, run=run)
         return cls(session)
 
-    def reopen(self, session: explore.Session) -> None:
+    def reopen(self, session: steps.Session) -> None:
         self.session = session
         self.seen.clear()
         self.refresh()
@@ -78,7 +78,7 @@ class Panel:
         explorer.panels.append(self)
 
     @property
-    def session(self) -> explore.Session:
+    def session(self) -> steps.Session:
         return self.explorer.session
 
     def refresh(self) -> None:
@@ -124,7 +124,7 @@ class SourcePanel(Panel):
     def open_chosen(self) -> bool:
         source = {"sample": self.sample.value, "file": self.file.value.strip(), "run": ""}[self.kind.value]
         run = self.runs.value if self.kind.value == "run" else ""
-        return self.attempt(lambda: self.explorer.reopen(explore.Session.open(
+        return self.attempt(lambda: self.explorer.reopen(steps.Session.open(
             source, name=self.name.value, target=self.target.value, image_format=self.format.value,
             run=run or "")))  # fmt: skip
 
@@ -157,7 +157,7 @@ class TreePanel(Panel):
     def go(self, path: str) -> bool:
         def list_it() -> None:
             listing = self.session.list_dir(path)
-            up = explore.guest_path(listing.path + "/..")
+            up = steps.guest_path(listing.path + "/..")
             options = [(f"{'..':<4} (up to {up})", up)] + [(_label(e), e.path) for e in listing.entries]
             self.path.value = listing.path
             self.entries.unobserve_all("value")
@@ -169,8 +169,8 @@ class TreePanel(Panel):
 
         return self.attempt(list_it)
 
-    def show(self, path: str) -> explore.FileView | None:
-        shown: list[explore.FileView] = []
+    def show(self, path: str) -> steps.FileView | None:
+        shown: list[steps.FileView] = []
 
         def view() -> None:
             v = self.session.view_file(path)
@@ -193,7 +193,7 @@ class TreePanel(Panel):
         self.go(self.path.value)
 
 
-def _label(e: explore.Entry) -> str:
+def _label(e: steps.Entry) -> str:
     mark = {"directory": "d", "file": "-", "symlink": "l"}.get(e.kind, "?")
     link = f" -> {e.link}" if e.link else ""
     size = f"{e.size:>10,}" if e.kind == "file" else " " * 10

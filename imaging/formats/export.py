@@ -26,7 +26,6 @@ import contextvars
 import errno
 import json
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,38 +37,12 @@ from imaging.config import ImageFormat, OvfVersion, VmdkSubformat, check_format,
 from imaging.disk import images
 from imaging.errors import ParameterError, SourceError
 from imaging.formats import identity, ova, qcow2, vmdk
-from imaging.progress import percent_bar
 from imaging.records import Record
+from imaging.samples import catalog
 from imaging.workspace import Workspace
 
-_PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 # Room on top of the data for metadata, tables and rounding.
 _MARGIN = 64 << 20
-
-
-def qemu_convert(src: Path, src_format: str, dst: Path, dst_format: str, *, options: list[str] | None = None,
-                 desc: str = "convert") -> float:  # fmt: skip
-    """``qemu-img convert`` with its progress shown as a bar; returns the seconds it took.
-
-    ``options`` go before the file names (``-o subformat=...``, ``-c``, ``-W``, ``-m N``)."""
-    t0 = time.monotonic()
-    with percent_bar(desc) as bar:
-        seen = [0.0]
-
-        def progress(chunk: str) -> None:
-            for m in _PERCENT.finditer(chunk):
-                value = float(m.group(1))
-                bar.update(max(0.0, value - seen[0]))
-                seen[0] = max(seen[0], value)
-
-        tools.run(
-            ["qemu-img", "convert", "-p", "-f", src_format, "-O", dst_format, *(options or []),
-             os.fspath(src.resolve()), os.fspath(dst.resolve())],
-            on_output=progress,
-            timeout=24 * 3600,
-        )  # fmt: skip
-        bar.update(100 - seen[0])
-    return time.monotonic() - t0
 
 
 def qemu_options(fmt: ImageFormat, *, vmdk_subformat: VmdkSubformat) -> list[str]:
@@ -119,10 +92,8 @@ def input_disk(ws: Workspace | None, kind: str = "export", source: str = "") -> 
             raise ParameterError(f"{where} does not exist: stage 30-bootable has not completed")
         size = ws.disk.stat().st_size
         return InputDisk(str(ws.disk), "raw", size, sparse.data_bytes(ws.disk), "30-bootable")
-    from imaging.clouds.acquire import _open_source  # the same existence/readability checks as any source
-
     tools.require_tools("qemu-img", reason="read the disk", hint="apt install qemu-utils")
-    path = _open_source(source)
+    path = images.check_source(catalog.resolve(source))  # the same checks as any source
     info = images.image_info(path)
     images.check_self_contained(info)
     data = sparse.data_bytes(path) if info.format == "raw" else images.data_bytes_of(info)
@@ -181,10 +152,8 @@ def export(ws: Workspace, name: str, fmt: str, out: str | Path, *, disk: InputDi
     path = artifact_path(out_dir, name, image_format)
     if path == src.resolve():
         raise ParameterError(f"{path} is the input disk itself: choose another --out or --name")
-    from imaging.clouds.acquire import check_space
-
     copies = 2 if image_format is ImageFormat.ova else 1  # the disk, then the tar holding it
-    check_space(out_dir, copies * disk.data_bytes + _MARGIN, f"write {path.name}")
+    sparse.check_space(out_dir, copies * disk.data_bytes + _MARGIN, f"write {path.name}")
     t0 = time.monotonic()
     details: dict[str, Any] = {}
     with sparse.atomic_path(path) as part:
@@ -201,7 +170,7 @@ def export(ws: Workspace, name: str, fmt: str, out: str | Path, *, disk: InputDi
             stamped = image_format.qemu_format in ("vdi", "vpc", "vhdx", "vmdk")
             with ThreadPoolExecutor(1) as side:  # the identities' seed is read while qemu-img works
                 seeding = side.submit(identity.fingerprint, src, disk.format) if stamped else None
-                qemu_convert(src, disk.format, part, image_format.qemu_format, options=options,
+                images.qemu_convert(src, disk.format, part, image_format.qemu_format, options=options,
                              desc=f"convert to {image_format.value}")  # fmt: skip
                 if seeding is not None:
                     details["identities"] = identity.stamp(part, image_format.qemu_format, seeding.result(), path.name)  # fmt: skip
@@ -238,11 +207,9 @@ def _write_ours(ws: Workspace, src: Path, src_format: str, part: Path, final: Pa
     converted = ws.work / ".input.raw.part"
     try:
         if src_format != "raw":  # our writer reads raw; qemu-img unpacks the rest (fast)
-            from imaging.clouds.acquire import check_space
-
-            check_space(ws.work, images.data_bytes_of(images.image_info(src, src_format)) + _MARGIN,
-                        f"unpack the {src_format} disk")  # fmt: skip
-            qemu_convert(src, src_format, converted, "raw", desc=f"unpack {src_format}")
+            sparse.check_space(ws.work, images.data_bytes_of(images.image_info(src, src_format)) + _MARGIN,
+                               f"unpack the {src_format} disk")  # fmt: skip
+            images.qemu_convert(src, src_format, converted, "raw", desc=f"unpack {src_format}")
             raw = converted
         if fmt is ImageFormat.qcow2:
             packed_qcow2 = qcow2.write_compressed(raw, part, desc=f"qcow2 {final.name}")

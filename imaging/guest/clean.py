@@ -1,4 +1,5 @@
-"""Stage 10-clean: a registry of clean operations in the style of virt-sysprep.
+"""Stage 10-clean: the clean operations of :mod:`imaging.guest.clean_ops` (virt-sysprep's style),
+chosen, planned, then applied.
 
 Each operation has a name, a one-line heading, whether it runs by default, and a ``find`` that
 returns what it would do as :class:`Action` rows (path, remove/truncate/edit, bytes, diff): that
@@ -11,72 +12,19 @@ Which operations run: the profile's list, changed by the request's, in virt-sysp
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from imaging.disk import mounts as guest_mount
 from imaging.errors import GuestError, ParameterError
+from imaging.guest import access, clean_ops
+from imaging.guest.clean_ops import Action, Context
 from imaging.guest.files import Guest
-from imaging.guest.profiles import Platform, Profile, load_platform, resolve
+from imaging.guest.profiles import load_platform, resolve
 from imaging.records import Record, human_bytes
 from imaging.workspace import Workspace
 
 if TYPE_CHECKING:
     import pandas as pd
-
-
-@dataclass(frozen=True)
-class Action:
-    op: str
-    path: str
-    action: Literal["remove", "truncate", "edit"]
-    bytes: int = 0
-    diff: str = field(default="", repr=False)
-    new_text: str | None = field(default=None, repr=False)
-
-
-@dataclass
-class Context:
-    guest: Guest
-    profile: Profile
-    platforms: list[Platform]
-    remove_users: list[str]
-
-
-@dataclass(frozen=True)
-class Operation:
-    name: str
-    heading: str
-    default: bool
-    order: int
-    find: Callable[[Context], list[Action]]
-
-
-REGISTRY: dict[str, Operation] = {}
-_NAME = re.compile(r"^[a-z0-9-]+$")
-
-
-def operation(name: str, heading: str, *, default: bool = True, order: int = 50) -> Callable[..., object]:
-    """Register a clean operation (checked here, once: unique plain names, headings without a
-    trailing period)."""
-
-    def register(find: Callable[[Context], list[Action]]) -> Callable[[Context], list[Action]]:
-        if not _NAME.match(name) or name in REGISTRY or name in ("defaults", "all", "none"):
-            raise ValueError(f"bad or duplicate clean operation name {name!r}")
-        if not heading or heading.endswith("."):
-            raise ValueError(f"clean operation {name}: heading must be non-empty without a trailing period")
-        REGISTRY[name] = Operation(name, heading, default, order, find)
-        return find
-
-    return register
-
-
-def _registry() -> dict[str, Operation]:
-    from imaging.guest import clean_ops  # noqa: F401 - registers the operations
-
-    return REGISTRY
 
 
 def operations_table() -> pd.DataFrame:
@@ -85,14 +33,14 @@ def operations_table() -> pd.DataFrame:
 
     rows = [
         (o.name, "*" if o.default else "", o.heading)
-        for o in sorted(_registry().values(), key=lambda o: o.name)
+        for o in sorted(clean_ops.REGISTRY.values(), key=lambda o: o.name)
     ]
     return pd.DataFrame(rows, columns=["operation", "default", "heading"])
 
 
 def select(spec: list[str]) -> list[str]:
     """Resolve ``[defaults, -ssh-hostkeys, cloud-init]`` into operation names, in run order."""
-    ops = _registry()
+    ops = clean_ops.REGISTRY
     chosen: set[str] = set()
     for word in spec:
         word = word.strip()
@@ -153,7 +101,7 @@ def _plan(
     names = select([*detected.profile.clean, *spec])
     ctx = Context(guest, detected.profile, [load_platform(p) for p in platforms], remove_users)
     actions: list[Action] = []
-    ops = _registry()
+    ops = clean_ops.REGISTRY
     for name in names:
         actions += ops[name].find(ctx)
     # What lies inside a directory another operation removes needs no action of its own.
@@ -165,7 +113,7 @@ def _plan(
 def plan(ws: Workspace, spec: list[str], *, profile: str = "auto", platforms: list[str] | None = None,
          remove_users: list[str] | None = None) -> CleanPlan:  # fmt: skip
     """The dry run: what cleaning would remove, empty or edit, and nothing changed."""
-    with guest_mount.reading(ws) as g:
+    with access.reading(ws) as g:
         return _plan(g, spec, profile, platforms or [], remove_users or [])
 
 
@@ -193,7 +141,7 @@ class CleanReport(Record):
 def apply(ws: Workspace, spec: list[str], *, profile: str = "auto", platforms: list[str] | None = None,
           remove_users: list[str] | None = None) -> CleanPlan:  # fmt: skip
     """Clean a copy of the instance and put it in the instance's place; return what was done."""
-    with guest_mount.editing(ws) as g:
+    with access.editing(ws) as g:
         done = _plan(g, spec, profile, platforms or [], remove_users or [])
         for action in done.actions:
             _apply(g, action)

@@ -1,7 +1,9 @@
-"""The clean operations. Each finds what it would do and returns it as actions; none changes
-anything itself (clean.apply does, so the dry run and the real run are the same list).
+"""The clean operations and their registry. Each finds what it would do and returns it as
+actions; none changes anything itself (clean.apply does, so the dry run and the real run are the
+same list).
 
-Data first, then one short function per operation.
+The registry first (checked once, as operations register), then the data, then one short
+function per operation.
 """
 
 from __future__ import annotations
@@ -9,11 +11,60 @@ from __future__ import annotations
 import posixpath
 import re
 import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
 
-from imaging.guest.clean import Action, Context, operation
 from imaging.guest.edits import redact_shadow
 from imaging.guest.files import Guest, unified_diff
-from imaging.guest.profiles import Block
+from imaging.guest.profiles import Block, Platform, Profile
+
+
+@dataclass(frozen=True)
+class Action:
+    op: str
+    path: str
+    action: Literal["remove", "truncate", "edit"]
+    bytes: int = 0
+    diff: str = field(default="", repr=False)
+    new_text: str | None = field(default=None, repr=False)
+
+
+@dataclass
+class Context:
+    guest: Guest
+    profile: Profile
+    platforms: list[Platform]
+    remove_users: list[str]
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    heading: str
+    default: bool
+    order: int
+    find: Callable[[Context], list[Action]]
+
+
+REGISTRY: dict[str, Operation] = {}
+_NAME = re.compile(r"^[a-z0-9-]+$")
+
+
+def operation(name: str, heading: str, *, default: bool = True, order: int = 50) -> Callable[..., object]:
+    """Register a clean operation (checked here, once: unique plain names, headings without a
+    trailing period)."""
+
+    def register(find: Callable[[Context], list[Action]]) -> Callable[[Context], list[Action]]:
+        if not _NAME.match(name) or name in REGISTRY or name in ("defaults", "all", "none"):
+            raise ValueError(f"bad or duplicate clean operation name {name!r}")
+        if not heading or heading.endswith("."):
+            raise ValueError(f"clean operation {name}: heading must be non-empty without a trailing period")
+        REGISTRY[name] = Operation(name, heading, default, order, find)
+        return find
+
+    return register
+
 
 HISTORY_FILES = (
     ".ash_history", ".bash_history", ".history", ".lesshst", ".mysql_history", ".node_repl_history",

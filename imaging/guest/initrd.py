@@ -14,6 +14,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from imaging.disk.bootloader import INITRD_PATTERNS, version_key
 from imaging.disk.debugfs import safe_name
 from imaging.errors import GuestError, ParameterError
 from imaging.guest import sandbox
@@ -52,8 +53,6 @@ def kernels(guest: Guest) -> list[GuestKernel]:
 def choose_kernel(guest: Guest, wanted: str = "") -> GuestKernel:
     """The kernel to boot on the target: the one asked for, or the newest that is not Xen-only
     and has its modules; a clear error when only Xen kernels are there."""
-    from imaging.disk.bootloader import _version_key
-
     found = kernels(guest)
     if wanted:
         for k in found:
@@ -63,7 +62,7 @@ def choose_kernel(guest: Guest, wanted: str = "") -> GuestKernel:
             f"the guest has no kernel {wanted!r} in /boot (has: {', '.join(k.version for k in found) or 'none'})"
         )
     usable = sorted(
-        (k for k in found if not k.xen and k.modules), key=lambda k: _version_key(k.version), reverse=True
+        (k for k in found if not k.xen and k.modules), key=lambda k: version_key(k.version), reverse=True
     )
     if usable:
         return usable[0]
@@ -171,13 +170,11 @@ def _describe(guest: Guest, kernel: GuestKernel, image: str, rebuilt: bool, tool
 
 
 def _check_only(guest: Guest, kernel: GuestKernel, storage: list[str]) -> Initrd:
-    from imaging.disk.bootloader import _INITRD_PATTERNS
-
     names = set(guest.listdir("/boot"))
     image = next(
         (
             f"/boot/{p.format(v=kernel.version)}"
-            for p in _INITRD_PATTERNS
+            for p in INITRD_PATTERNS
             if p.format(v=kernel.version) in names
         ),
         None,

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from imaging import config
-from imaging.disk import mounts as guest_mount
+from imaging.disk.bootloader import INITRD_PATTERNS, version_key
 from imaging.errors import GuestError, ParameterError
-from imaging.guest import edits, initrd
+from imaging.guest import access, edits, initrd
 from imaging.guest.files import Guest, unified_diff
 from imaging.guest.profiles import Profile, load_platform, resolve
 from imaging.records import Record
@@ -117,15 +117,11 @@ def _grub_legacy(
 ) -> list[Change]:
     if not profile.grub_legacy_conf:
         return []
-    from imaging.disk.bootloader import _INITRD_PATTERNS, _version_key
-
     names = set(g.listdir("/boot"))
     entries = []
     usable = [k for k in initrd.kernels(g) if not k.xen and k.modules]
-    for k in sorted(usable, key=lambda k: _version_key(k.version), reverse=True):
-        found = (
-            f"/boot/{p.format(v=k.version)}" for p in _INITRD_PATTERNS if p.format(v=k.version) in names
-        )
+    for k in sorted(usable, key=lambda k: version_key(k.version), reverse=True):
+        found = (f"/boot/{p.format(v=k.version)}" for p in INITRD_PATTERNS if p.format(v=k.version) in names)
         image = next(found, None)
         if profile.initrd and k.version == kernel.version:  # the initrd this stage rebuilds
             image = profile.initrd.image.format(version=k.version)
@@ -207,7 +203,7 @@ def _plan(g: Guest, ws: Workspace, target_name: str, options: MigrateOptions) ->
 
 def plan(ws: Workspace, target: str, options: MigrateOptions | None = None) -> MigrationPlan:
     """Every change migration would make, as diffs; nothing is changed."""
-    with guest_mount.reading(ws) as g:
+    with access.reading(ws) as g:
         return _plan(g, ws, target, options or MigrateOptions())
 
 
@@ -233,7 +229,7 @@ def apply(
     """Migrate a copy of the instance and put it in the instance's place."""
     options = options or MigrateOptions()
     tgt = config.load_target(target)
-    with guest_mount.editing(ws) as g:
+    with access.editing(ws) as g:
         profile = resolve(g, options.profile).profile
         # Packages first: what they install (a kernel, mkinitrd) is what the edits then see.
         packages = initrd.run_packages(g, profile, options.packages_install, options.packages_remove)

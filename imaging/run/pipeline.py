@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from imaging import config
-from imaging.disk import mounts as guest
+from imaging.disk import mounts
 from imaging.errors import ImagingError, ParameterError
 from imaging.run import audit, scraps, summary
 from imaging.run.request import Request
-from imaging.samples import kvm as sample
+from imaging.samples import catalog
 from imaging.workspace import Workspace, write_json
 
 KERNEL_NAME = "imaging"
@@ -143,7 +143,7 @@ def _shutdown(km: Any) -> None:
 
 def sweep(ws: Workspace, out: Path | None) -> list[str]:
     """Remove what a failed or killed stage may have left: partial files and mounts."""
-    removed = guest.release_leftovers(ws.root / "mounts.json")
+    removed = mounts.release_leftovers(ws.root / "mounts.json")
     for directory in (ws.work, ws.notebooks, out):
         if directory and directory.is_dir():
             for part in [*directory.glob(".*.part"), *directory.glob(".*.part.ipynb")]:
@@ -295,7 +295,7 @@ class SourceHash:
         if self.file.exists():
             self.digest = self.file.read_text().split()[0]
         else:
-            argv = [sys.executable, "-m", "imaging.run.idle_hash", str(sample.resolve(source)), str(self.file),
+            argv = [sys.executable, "-m", "imaging.run.idle_hash", str(catalog.resolve(source)), str(self.file),
                     str(os.getpid())]  # fmt: skip
             self._process = subprocess.Popen(argv, cwd=config.PROJECT, stdin=subprocess.DEVNULL,
                                              stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip

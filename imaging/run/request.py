@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from imaging import config
 from imaging.config import Layout, OvfVersion, Placement, VmdkSubformat
 from imaging.errors import ParameterError
-from imaging.samples import kvm as sample
+from imaging.samples import catalog
 
 
 class Request(BaseModel):
@@ -62,7 +62,7 @@ class Request(BaseModel):
         defaults = config.load_defaults().model_dump(exclude={"pipelines"})
         given = {k: v for k, v in fields.items() if v is not None}
         if "boot_marker" not in given and str(given.get("source", "")).startswith("sample:"):
-            given["boot_marker"] = sample.marker_for(str(given["source"]))
+            given["boot_marker"] = catalog.marker_for(str(given["source"]))
         try:
             return cls(**{**defaults, **given})
         except ValidationError as e:

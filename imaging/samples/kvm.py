@@ -1,6 +1,7 @@
-"""Built-in sample instances: small root filesystem images like the ones clouds keep.
+"""``sample:kvm``, the base of the built-in samples: a small root filesystem image like the ones
+clouds keep.
 
-``sample:kvm`` is a partitionless ext3 root filesystem, as Eucalyptus, AWS or OpenStack store an
+It is a partitionless ext3 root filesystem, as Eucalyptus, AWS or OpenStack store an
 instance's root disk, holding busybox, the generic Debian kernel, only the modules it needs, and
 an initrd that already carries the IDE/SATA and virtio drivers (a KVM-style instance needs no Xen
 migration). Its init prints a marker on the serial console and powers off, so a boot check can
@@ -13,21 +14,17 @@ the initrd is a cpio archive, and ``mke2fs -d`` writes the filesystem.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
 
-from imaging import config, tools
-from imaging.errors import ParameterError
-from imaging.samples import packages as debian
-from imaging.sparse import atomic_path
+from imaging import tools
+from imaging.samples import packages
 
 MARKER = "IMAGING-SAMPLE-OK"
-_BUILDER_VERSION = "1"
-_EPOCH = 1_700_000_000  # fixed mtimes: the same packages give the same sample
+EPOCH = 1_700_000_000  # fixed mtimes: the same packages give the same sample
 
 # Storage drivers the initrd loads (IDE/SATA for VirtualBox, virtio for KVM/OpenStack), and the
 # ext4 driver that mounts ext2/3/4 (a module in the generic kernel; it needs crc32c at mount).
@@ -47,8 +44,6 @@ _APPLETS = (
     "sh ash cat echo ls mkdir mount umount sleep poweroff reboot uname grep sed awk tr cut "
     "findfs switch_root modprobe insmod sync head tail wc ip hostname"
 ).split()
-
-SAMPLES = ("kvm", "xen")
 
 INITRD_INIT = r"""#!/bin/sh
 # initrd of the imaging sample: load the storage drivers, find root=, switch to it.
@@ -104,13 +99,13 @@ def sample_uuid(name: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"imaging-sample:{name}"))
 
 
-def _write(path: Path, text: str, mode: int = 0o644) -> None:
+def write(path: Path, text: str, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     path.chmod(mode)
 
 
-def _install_busybox(root: Path, busybox: Path) -> None:
+def install_busybox(root: Path, busybox: Path) -> None:
     (root / "bin").mkdir(parents=True, exist_ok=True)
     shutil.copy2(busybox, root / "bin" / "busybox")
     (root / "bin" / "busybox").chmod(0o755)
@@ -118,7 +113,7 @@ def _install_busybox(root: Path, busybox: Path) -> None:
         (root / "bin" / applet).symlink_to("busybox")
 
 
-def _install_modules(root: Path, kernel: debian.KernelTree, names: list[str]) -> None:
+def install_modules(root: Path, kernel: packages.KernelTree, names: list[str]) -> None:
     dest = root / "lib" / "modules" / kernel.version
     for module in kernel.module_closure(names):
         target = dest / module.relative_to(kernel.modules)
@@ -129,23 +124,23 @@ def _install_modules(root: Path, kernel: debian.KernelTree, names: list[str]) ->
     tools.run(["depmod", "-b", root, kernel.version], timeout=300)
 
 
-def _fix_times(root: Path) -> None:
+def fix_times(root: Path) -> None:
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [*dirnames, *filenames]:
-            os.utime(os.path.join(dirpath, name), (_EPOCH, _EPOCH), follow_symlinks=False)
-    os.utime(root, (_EPOCH, _EPOCH))
+            os.utime(os.path.join(dirpath, name), (EPOCH, EPOCH), follow_symlinks=False)
+    os.utime(root, (EPOCH, EPOCH))
 
 
-def make_initrd(dest: Path, kernel: debian.KernelTree, busybox: Path, modules: list[str]) -> None:
+def make_initrd(dest: Path, kernel: packages.KernelTree, busybox: Path, modules: list[str]) -> None:
     """A gzip'd newc cpio initrd with busybox, the modules and an init that mounts root=."""
     with tempfile.TemporaryDirectory(prefix="initrd-") as tmp:
         root = Path(tmp) / "root"
         root.mkdir()
-        _install_busybox(root, busybox)
-        _install_modules(root, kernel, modules)
-        _write(root / "init", INITRD_INIT, 0o755)
-        _write(root / "etc" / "modules", "\n".join(modules) + "\n")
-        _fix_times(root)
+        install_busybox(root, busybox)
+        install_modules(root, kernel, modules)
+        write(root / "init", INITRD_INIT, 0o755)
+        write(root / "etc" / "modules", "\n".join(modules) + "\n")
+        fix_times(root)
         names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
         archive = Path(tmp) / "initrd.cpio"
         tools.run(
@@ -160,94 +155,25 @@ def make_initrd(dest: Path, kernel: debian.KernelTree, busybox: Path, modules: l
 
 
 def stage_kvm_root(root: Path, name: str) -> None:
-    kernel = debian.kernel_tree()
-    bb = debian.busybox()
-    _install_busybox(root, bb)
+    kernel = packages.kernel_tree()
+    bb = packages.busybox()
+    install_busybox(root, bb)
     for d in ("sbin", "dev", "proc", "sys", "run", "tmp", "root", "var/log", "mnt", "home", "boot"):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "tmp").chmod(0o1777)
-    _install_modules(root, kernel, ROOT_MODULES)
+    install_modules(root, kernel, ROOT_MODULES)
     shutil.copy2(kernel.vmlinuz, root / "boot" / f"vmlinuz-{kernel.version}")
     shutil.copy2(
         kernel.root / "boot" / f"config-{kernel.version}", root / "boot" / f"config-{kernel.version}"
     )
     make_initrd(root / "boot" / f"initrd.img-{kernel.version}", kernel, bb, INITRD_MODULES)
-    _write(root / "sbin" / "init", ROOT_INIT.replace("__MARKER__", MARKER), 0o755)
-    _write(root / "etc" / "hostname", f"imaging-sample-{name}\n")
-    _write(root / "etc" / "fstab", f"UUID={sample_uuid(name)}\t/\text3\tdefaults,errors=remount-ro\t0 1\n")
-    _write(
+    write(root / "sbin" / "init", ROOT_INIT.replace("__MARKER__", MARKER), 0o755)
+    write(root / "etc" / "hostname", f"imaging-sample-{name}\n")
+    write(root / "etc" / "fstab", f"UUID={sample_uuid(name)}\t/\text3\tdefaults,errors=remount-ro\t0 1\n")
+    write(
         root / "etc" / "os-release",
         'NAME="imaging sample"\nID=imaging-sample\nPRETTY_NAME="imaging sample (busybox)"\n',
     )
-    _write(root / "etc" / "passwd", "root:x:0:0:root:/root:/bin/sh\n")
-    _write(root / "etc" / "group", "root:x:0:\n")
-    _write(root / "var" / "log" / "messages", "sample log line\n")
-
-
-def _key(name: str) -> str:
-    """What a sample is made of: any change to its builder or its packages makes a new one."""
-    from imaging.samples import xen as sample_xen
-
-    parts = [
-        _BUILDER_VERSION,
-        name,
-        debian.generic_kernel_package(),
-        INITRD_INIT,
-        ROOT_INIT,
-        " ".join(ROOT_MODULES),
-    ]
-    if name == "xen":
-        parts += [sample_xen.MKINITRD, sample_xen.CHECKS, sample_xen.YUM, sample_xen.RC_LOCAL, sample_xen.INITTAB,
-                  sample_xen.SUDOERS, sample_xen.SSHD_CONFIG, " ".join(sample_xen.MODULES)]  # fmt: skip
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
-
-
-def ensure_sample(name: str = "kvm", size_mib: int = 512) -> Path:
-    """Path of the sample instance image ``name``, building it (once, cached) if needed."""
-    if name not in SAMPLES:
-        raise ParameterError(f"unknown sample {name!r} (known: {', '.join(SAMPLES)})")
-    out_dir = config.cache_dir() / "samples"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dest = out_dir / f"{name}-{_key(name)}.img"
-    if dest.exists():
-        return dest
-    tools.require_tools(
-        "mke2fs",
-        "cpio",
-        "depmod",
-        "dpkg-deb",
-        reason="build the sample instance",
-        hint="apt install e2fsprogs cpio kmod dpkg",
-    )
-    with tempfile.TemporaryDirectory(prefix=f"sample-{name}-") as tmp:
-        root = Path(tmp) / "root"
-        root.mkdir()
-        if name == "xen":
-            from imaging.samples.xen import stage_xen_root
-
-            stage_xen_root(root, name)
-        else:
-            stage_kvm_root(root, name)
-        _fix_times(root)
-        with atomic_path(dest) as part:
-            tools.run(
-                ["mke2fs", "-q", "-F", "-t", "ext3", "-b", "4096", "-I", "256",
-                 "-L", f"sample-{name}", "-U", sample_uuid(name),
-                 "-E", f"root_owner=0:0,hash_seed={sample_uuid(name)}",
-                 "-d", root, part, f"{size_mib}M"],
-                env={"E2FSPROGS_FAKE_TIME": str(_EPOCH)},
-                timeout=600,
-            )  # fmt: skip
-            part.chmod(0o444)  # a source: the pipeline must never write to it
-    return dest
-
-
-def resolve(source: str) -> Path:
-    """``sample:<name>`` -> the sample's image; anything else is a path."""
-    if source.startswith("sample:"):
-        return ensure_sample(source.removeprefix("sample:"))
-    return Path(source)
-
-
-def marker_for(source: str) -> str:
-    return MARKER if source.startswith("sample:") else ""
+    write(root / "etc" / "passwd", "root:x:0:0:root:/root:/bin/sh\n")
+    write(root / "etc" / "group", "root:x:0:\n")
+    write(root / "var" / "log" / "messages", "sample log line\n")

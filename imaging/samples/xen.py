@@ -16,8 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
-from imaging.samples import packages as debian
-from imaging.samples.kvm import MARKER, _install_modules, _write, make_initrd
+from imaging.samples import packages
+from imaging.samples.kvm import INITRD_INIT, MARKER, install_modules, make_initrd, write
 
 XEN_KERNEL = "2.6.18-398.el5xen"
 # Modules in the guest: the Xen frontends it ran with, and what the targets need.
@@ -300,37 +300,35 @@ Subsystem sftp /usr/libexec/openssh/sftp-server
 
 def _files(root: Path, files: dict[str, str], mode: int = 0o644) -> None:
     for path, text in files.items():
-        _write(root / path.lstrip("/"), text, mode)
+        write(root / path.lstrip("/"), text, mode)
 
 
 def _owned(root: Path, path: str, text: str, uid: int, gid: int, mode: int) -> None:
-    _write(root / path.lstrip("/"), text, mode)
+    write(root / path.lstrip("/"), text, mode)
     os.chown(root / path.lstrip("/"), uid, gid)
 
 
 def stage_xen_root(root: Path, name: str) -> None:
-    kernel = debian.kernel_tree()
-    bb = debian.busybox()
+    kernel = packages.kernel_tree()
+    bb = packages.busybox()
     (root / "bin").mkdir(parents=True, exist_ok=True)
     shutil.copy2(bb, root / "bin" / "busybox")
-    for applet in debian.busybox_applets():
+    for applet in packages.busybox_applets():
         if applet != "busybox":
             (root / "bin" / applet).symlink_to("busybox")
     for d in ("sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "root", "var/lock/subsys", "boot/grub", "home",
               "etc/rc.d", "etc/ssh", "var/lib/sample-rpm", "lib/modules/" + XEN_KERNEL, "run", "mnt"):  # fmt: skip
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "root").chmod(0o700)
-    _install_modules(root, kernel, MODULES)
+    install_modules(root, kernel, MODULES)
     (root / "boot" / f"vmlinuz-{kernel.version}").write_bytes(kernel.vmlinuz.read_bytes())
     make_initrd(root / "boot" / f"initrd-{kernel.version}.img", kernel, bb, XEN_INITRD_MODULES)
-    _write(root / "boot" / f"vmlinuz-{XEN_KERNEL}", "a Xen paravirtual kernel: boots only as a Xen guest\n")
-    _write(root / "boot" / f"initrd-{XEN_KERNEL}.img", "its initrd\n")
-    _write(root / "lib" / "modules" / XEN_KERNEL / "modules.dep", "")
-    from imaging.samples.kvm import INITRD_INIT
-
-    _write(root / "sbin" / "mkinitrd", MKINITRD.replace("__INITRD_INIT__", INITRD_INIT), 0o755)
-    _write(root / "usr" / "bin" / "yum", YUM, 0o755)
-    _write(root / "sbin" / "init", CHECKS.replace("__MARKER__", MARKER), 0o755)
+    write(root / "boot" / f"vmlinuz-{XEN_KERNEL}", "a Xen paravirtual kernel: boots only as a Xen guest\n")
+    write(root / "boot" / f"initrd-{XEN_KERNEL}.img", "its initrd\n")
+    write(root / "lib" / "modules" / XEN_KERNEL / "modules.dep", "")
+    write(root / "sbin" / "mkinitrd", MKINITRD.replace("__INITRD_INIT__", INITRD_INIT), 0o755)
+    write(root / "usr" / "bin" / "yum", YUM, 0o755)
+    write(root / "sbin" / "init", CHECKS.replace("__MARKER__", MARKER), 0o755)
     _files(root, {
         "/etc/redhat-release": "CentOS release 5.11 (Final)\n",
         "/etc/hostname": f"imaging-sample-{name}\n",
@@ -369,11 +367,11 @@ def stage_xen_root(root: Path, name: str) -> None:
     (root / "etc" / "rc.local").symlink_to("rc.d/rc.local")
     (root / "etc" / "sysconfig" / "selinux").symlink_to("../selinux/config")
     (root / "var" / "lib" / "cloud" / "instance").symlink_to("/var/lib/cloud/instances/i-12341234")
-    _write(root / "etc" / "shadow", "root:$1$cloudrnd$Zp0sWl9h8g3hJ2kZc1Xy0.:15000:0:99999:7:::\n"
+    write(root / "etc" / "shadow", "root:$1$cloudrnd$Zp0sWl9h8g3hJ2kZc1Xy0.:15000:0:99999:7:::\n"
                                     "alice:!!:15000:0:99999:7:::\napache:!!:15000::::::\n", 0o400)  # fmt: skip
-    _write(root / "etc" / "ssh" / "ssh_host_rsa_key", "-----BEGIN RSA PRIVATE KEY-----\nhost key\n", 0o600)
-    _write(root / "root" / ".bash_history", "passwd\nyum install emacs\n", 0o600)
-    _write(root / "root" / ".ssh" / "authorized_keys", "ssh-rsa AAAAB3Nza alice@laptop\n", 0o600)
+    write(root / "etc" / "ssh" / "ssh_host_rsa_key", "-----BEGIN RSA PRIVATE KEY-----\nhost key\n", 0o600)
+    write(root / "root" / ".bash_history", "passwd\nyum install emacs\n", 0o600)
+    write(root / "root" / ".ssh" / "authorized_keys", "ssh-rsa AAAAB3Nza alice@laptop\n", 0o600)
     _owned(root, "/home/alice/.bash_history", "ls\nssh otherhost\n", 500, 500, 0o600)
     _owned(root, "/home/alice/.ssh/authorized_keys", "ssh-rsa AAAAB3Nza alice@laptop\n", 500, 500, 0o600)
     os.chown(root / "home" / "alice", 500, 500)

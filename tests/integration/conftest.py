@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from imaging.samples import kvm as sample
+from imaging.samples import catalog
 
 REQUIRED = ["qemu-img", "qemu-system-x86_64", "grub-mkimage", "mke2fs", "e2fsck", "resize2fs", "debugfs", "sfdisk",
             "blkid", "rsync", "mount", "cpio", "depmod"]  # fmt: skip
@@ -31,7 +31,7 @@ def _can_run() -> None:
 
 @pytest.fixture(scope="session")
 def kvm_sample() -> Path:
-    return sample.ensure_sample("kvm")
+    return catalog.ensure_sample("kvm")
 
 
 class Cli:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from imaging.clouds import acquire
-from imaging.samples import packages as debian
+from imaging.samples import packages
 from imaging.workspace import Workspace
 
 from .conftest import Cli, leftovers
@@ -74,7 +74,7 @@ def test_filesystem_we_cannot_place(cli: Cli, tmp_path: Path) -> None:
     fat = tmp_path / "fat.img"
     with open(fat, "wb") as f:
         f.truncate(32 << 20)
-    subprocess.run([debian.busybox(), "mkdosfs", fat], check=True, capture_output=True)
+    subprocess.run([packages.busybox(), "mkdosfs", fat], check=True, capture_output=True)
     assert (
         refused(cli, str(fat))
         == f"{fat} holds a vfat filesystem, which cannot be placed (supported: ext2, ext3, ext4)"
@@ -85,7 +85,7 @@ def test_partitioned_disk_without_a_linux_filesystem(cli: Cli, tmp_path: Path) -
     fat = tmp_path / "fat.img"
     with open(fat, "wb") as f:
         f.truncate(32 << 20)
-    subprocess.run([debian.busybox(), "mkdosfs", fat], check=True, capture_output=True)
+    subprocess.run([packages.busybox(), "mkdosfs", fat], check=True, capture_output=True)
     disk = tmp_path / "disk.img"
     with open(disk, "wb") as f:
         f.truncate(40 << 20)

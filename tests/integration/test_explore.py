@@ -12,8 +12,7 @@ import papermill as pm
 import pytest
 
 from imaging import config
-from imaging.explore import panels
-from imaging.explore import session as explore
+from imaging.explore import panels, steps
 from imaging.run import pipeline, scraps
 
 from .conftest import Cli
@@ -81,4 +80,4 @@ def test_panels_follow_their_controls(tmp_path: Path, monkeypatch: pytest.Monkey
     assert stages.run_next() and ex.session.runner.done("10-clean")
     assert cleaning.boxes["logfiles"].disabled and "10-clean has run" in cleaning.plan.value
     assert not cleaning.choose(["logfiles"]) and "already used" in cleaning.message.value
-    assert isinstance(ex.session, explore.Session)
+    assert isinstance(ex.session, steps.Session)

@@ -17,7 +17,7 @@ import pytest
 
 from imaging.service.store import Store
 
-from ..unit.test_store import (  # noqa: F401 - collected here again, with the PostgreSQL store
+from ..unit.service.test_store import (  # noqa: F401 - collected here again, with the PostgreSQL store
     in_state,
     test_a_stale_worker_cannot_finish_a_request_it_lost,
     test_claim_is_atomic,

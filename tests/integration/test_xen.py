@@ -13,12 +13,10 @@ import pytest
 
 from imaging.boot import verify
 from imaging.clouds import acquire
-from imaging.disk import bootloader, ext
-from imaging.disk import layout as disk
-from imaging.disk import mounts as guest
+from imaging.disk import bootable, bootloader, ext
 from imaging.errors import GuestError
-from imaging.guest import clean, migrate
-from imaging.samples import kvm as sample
+from imaging.guest import access, clean, migrate
+from imaging.samples import catalog, packages
 from imaging.workspace import Workspace
 
 from .conftest import Cli, last_json, leftovers
@@ -38,7 +36,7 @@ def acquired(tmp_path: Path, source: str = "sample:xen") -> Workspace:
 def snapshot(ws: Workspace) -> dict[str, tuple[object, ...]]:
     """Every file of the instance: type, mode, owner, size, content hash or link target."""
     found: dict[str, tuple[object, ...]] = {}
-    with guest.reading(ws) as g:
+    with access.reading(ws) as g:
         root = g.root
         for dirpath, dirnames, filenames in os.walk(root):
             for name in dirnames + filenames:
@@ -81,11 +79,11 @@ def test_clean_changes_only_what_it_names_and_the_dry_run_nothing(tmp_path: Path
 def test_without_migration_the_xen_sample_does_not_boot(tmp_path: Path) -> None:
     ws = acquired(tmp_path)
     info = ws.result("00-acquire")
-    layout = disk.plan_layout(info["size_bytes"], info["block_size"])
-    disk.place_filesystem(ws, info, layout)
+    layout = bootable.plan_layout(info["size_bytes"], info["block_size"])
+    bootable.place_filesystem(ws, info, layout)
     bootloader.install_grub(ws, layout.start_sector, info["uuid"])
-    disk.finish_disk(ws, layout)
-    boot = verify.boot(ws.disk, "openstack", marker=sample.MARKER, timeout=120, log_dir=ws.verify)
+    bootable.finish_disk(ws, layout)
+    boot = verify.boot(ws.disk, "openstack", marker=catalog.MARKER, timeout=120, log_dir=ws.verify)
     assert boot.verdict == "failed"
     assert "initrd: root UUID=" in boot.matched and "not found" in boot.matched
     # A boot that fails still leaves the screen it ended on.
@@ -94,7 +92,7 @@ def test_without_migration_the_xen_sample_does_not_boot(tmp_path: Path) -> None:
 
 def test_only_xen_kernels_is_a_clear_error(tmp_path: Path) -> None:
     ws = acquired(tmp_path)
-    version = sample.debian.kernel_tree().version
+    version = packages.kernel_tree().version
     subprocess.run(
         ["debugfs", "-w", "-R", f"rm /boot/vmlinuz-{version}", ws.instance], check=True, capture_output=True
     )

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from imaging import config
-from imaging.disk import mounts as guest
 from imaging.errors import ImagingError, ParameterError
 from imaging.explore import proposal
-from imaging.guest import clean, migrate
+from imaging.guest import access, clean, migrate
 from imaging.guest.files import Guest
 from imaging.guest.profiles import Detected, RuleCheck, check_rules, resolve
 from imaging.run import pipeline
@@ -184,7 +183,7 @@ class Session:
                 f"run {self.ws.id} has no instance to look at: not acquired yet, or the run completed "
                 "and its work files went (keep_work keeps them)"
             )
-        with guest.reading(self.ws) as g:
+        with access.reading(self.ws) as g:
             yield g
 
     def list_dir(self, path: str) -> Listing:

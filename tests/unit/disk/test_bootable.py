@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imaging.disk import layout as disk
+from imaging.disk import bootable
 from imaging.errors import ParameterError
 
 GIB = 1 << 30
@@ -14,7 +14,7 @@ def test_original_procedure_numbers() -> None:
     # The original: a 10 GiB disk, partition 1 from sector 63 to 20964824 (last whole cylinder),
     # offset 512 x 63 = 32256, and 4 KiB blocks. It computed (end - start) x 512 / 4096 = 2620595,
     # one sector short; a partition holds end - start + 1 sectors.
-    layout = disk.plan_layout(9 * GIB, 4096, layout="legacy", disk_size="10G")
+    layout = bootable.plan_layout(9 * GIB, 4096, layout="legacy", disk_size="10G")
     assert layout.disk_sectors == 20971520
     assert layout.start_sector == 63
     assert layout.end_sector == 20964824
@@ -27,7 +27,7 @@ def test_original_procedure_numbers() -> None:
 
 
 def test_aligned_auto_fits_the_filesystem_exactly() -> None:
-    layout = disk.plan_layout(512 << 20, 4096, layout="aligned", disk_size="auto")
+    layout = bootable.plan_layout(512 << 20, 4096, layout="aligned", disk_size="auto")
     assert layout.start_sector == 2048
     assert layout.offset_bytes == 1 << 20
     assert layout.disk_bytes == (512 << 20) + (1 << 20)
@@ -37,14 +37,14 @@ def test_aligned_auto_fits_the_filesystem_exactly() -> None:
 
 
 def test_extra_room_grows_the_filesystem() -> None:
-    layout = disk.plan_layout(512 << 20, 4096, disk_size="+1G")
+    layout = bootable.plan_layout(512 << 20, 4096, disk_size="+1G")
     assert layout.disk_bytes == (512 << 20) + (1 << 20) + GIB
     assert layout.block_count - layout.fs_block_count == GIB // 4096
     assert layout.grows
 
 
 def test_filesystem_not_a_multiple_of_a_mebibyte_is_rounded_up() -> None:
-    layout = disk.plan_layout((100 << 20) + 4096, 4096)
+    layout = bootable.plan_layout((100 << 20) + 4096, 4096)
     assert layout.partition_bytes == 101 << 20
     assert layout.partition_bytes >= (100 << 20) + 4096
 
@@ -52,18 +52,18 @@ def test_filesystem_not_a_multiple_of_a_mebibyte_is_rounded_up() -> None:
 @pytest.mark.parametrize("size", ["100M", "512M"])
 def test_disk_too_small_is_refused(size: str) -> None:
     with pytest.raises(ParameterError, match="smaller than"):
-        disk.plan_layout(512 << 20, 4096, disk_size=size)
+        bootable.plan_layout(512 << 20, 4096, disk_size=size)
 
 
 def test_legacy_too_small_is_refused() -> None:
     with pytest.raises(ParameterError, match="whole cylinders"):
-        disk.plan_layout(GIB, 4096, layout="legacy", disk_size="1G")
+        bootable.plan_layout(GIB, 4096, layout="legacy", disk_size="1G")
 
 
 @pytest.mark.parametrize("bad", ["lots", "10X", "-1G", ""])
 def test_bad_disk_size(bad: str) -> None:
     with pytest.raises(ParameterError, match="disk size"):
-        disk.plan_layout(GIB, 4096, disk_size=bad)
+        bootable.plan_layout(GIB, 4096, disk_size=bad)
 
 
 @given(
@@ -76,7 +76,7 @@ def test_partition_always_holds_the_filesystem(
     fs_mib: int, extra_mib: int, block: int, legacy: bool
 ) -> None:
     fs_bytes = fs_mib << 20
-    layout = disk.plan_layout(
+    layout = bootable.plan_layout(
         fs_bytes, block, layout="legacy" if legacy else "aligned", disk_size=f"+{extra_mib}M"
     )
     assert layout.start_sector * 512 == layout.offset_bytes
@@ -85,10 +85,10 @@ def test_partition_always_holds_the_filesystem(
     assert layout.block_count * block <= layout.partition_bytes
     assert layout.block_count >= layout.fs_block_count  # never shrinks the filesystem
     if legacy:
-        assert (layout.end_sector + 1) % disk.CYLINDER == 0
+        assert (layout.end_sector + 1) % bootable.CYLINDER == 0
     else:
         assert layout.offset_bytes % (1 << 20) == 0 and layout.disk_bytes % (1 << 20) == 0
 
 
 def test_disk_id_is_derived_from_the_filesystem_uuid() -> None:
-    assert disk.disk_id("31ef4e9d-d0cd-50d7-b697-b34b26b83c9c") == "0x31ef4e9d"
+    assert bootable.disk_id("31ef4e9d-d0cd-50d7-b697-b34b26b83c9c") == "0x31ef4e9d"

@@ -3,11 +3,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from imaging.boot import verify
+from imaging.boot import qemu, verify
 
 
 def test_probe_bytes_are_the_assembled_source(tmp_path: Path) -> None:
-    source = Path(verify.__file__).with_name("kvm_probe.S")
+    source = Path(qemu.__file__).with_name("kvm_probe.S")
     subprocess.run(["as", "--64", "-o", tmp_path / "p.o", source], check=True)
     subprocess.run(
         [
@@ -24,8 +24,8 @@ def test_probe_bytes_are_the_assembled_source(tmp_path: Path) -> None:
         ],
         check=True,
     )
-    assert (tmp_path / "p.bin").read_bytes() == verify._PROBE_CODE
-    assert len(verify.PROBE_SECTOR) == 512 and verify.PROBE_SECTOR.endswith(b"\x55\xaa")
+    assert (tmp_path / "p.bin").read_bytes() == qemu._PROBE_CODE
+    assert len(qemu.PROBE_SECTOR) == 512 and qemu.PROBE_SECTOR.endswith(b"\x55\xaa")
 
 
 def test_qemu_argv_follows_the_target(tmp_path: Path) -> None:

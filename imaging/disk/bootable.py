@@ -20,8 +20,7 @@ import pandas as pd
 
 from imaging import sparse, tools
 from imaging.config import Layout, Placement, parse_disk_size
-from imaging.disk import ext, images
-from imaging.disk import mounts as guest
+from imaging.disk import ext, images, mounts
 from imaging.errors import ParameterError
 from imaging.records import Record, human_bytes
 from imaging.workspace import Workspace
@@ -209,7 +208,7 @@ def place_filesystem(
         copied, copy_seconds, kind = stats.bytes, stats.seconds, str(instance["fs_type"])
     else:
         kind = str(instance["fs_type"]) if fs_type == "keep" else fs_type
-        copied, copy_seconds = guest.copy_files_to_new_fs(ws.instance, part, layout.offset_bytes, layout.block_count,
+        copied, copy_seconds = mounts.copy_files_to_new_fs(ws.instance, part, layout.offset_bytes, layout.block_count,
                                                            layout.block_size, kind, str(instance["uuid"]),
                                                            str(instance.get("label", "")))  # fmt: skip
         verdict = ext.fsck(dev, repair=True)

@@ -6,24 +6,24 @@ import pytest
 
 from imaging.errors import ParameterError
 from imaging.guest import edits
-from imaging.samples import xen as sample_xen
+from imaging.samples import xen
 
 UUID = "e054cdd7-c0ed-5a22-b4e7-a1b3b52c3a2a"
 
 
 def test_inittab_moves_the_xen_getty_to_serial() -> None:
     new = edits.inittab(
-        sample_xen.INITTAB, ["xvc0", "hvc0"], "S0:2345:respawn:/sbin/agetty ttyS0 115200 vt100", None
+        xen.INITTAB, ["xvc0", "hvc0"], "S0:2345:respawn:/sbin/agetty ttyS0 115200 vt100", None
     )
     assert "xvc0" not in new
     assert new.endswith("S0:2345:respawn:/sbin/agetty ttyS0 115200 vt100\n")
-    old_lines = [x for x in sample_xen.INITTAB.splitlines() if "xvc0" not in x]
+    old_lines = [x for x in xen.INITTAB.splitlines() if "xvc0" not in x]
     assert all(line in new.splitlines() for line in old_lines)  # everything else kept
     assert edits.inittab(new, ["xvc0"], "S0:2345:respawn:/sbin/agetty ttyS0 115200 vt100", None) == new
 
 
 def test_inittab_runlevel_and_removal() -> None:
-    new = edits.inittab(sample_xen.INITTAB, ["xvc0"], None, 5)
+    new = edits.inittab(xen.INITTAB, ["xvc0"], None, 5)
     assert "id:5:initdefault:" in new and "id:3:initdefault:" not in new
     assert "ttyS0" not in new and "xvc0" not in new
     assert "l3:3:wait:/etc/rc.d/rc 3" in new  # other lines with a 3 untouched
@@ -73,7 +73,7 @@ def test_selinux(mode: str) -> None:
 
 
 def test_boot_hooks_go_with_their_loops() -> None:
-    new = edits.without_hooks(sample_xen.RC_LOCAL, ["169\\.254\\.169\\.254", "atmo_boot"])
+    new = edits.without_hooks(xen.RC_LOCAL, ["169\\.254\\.169\\.254", "atmo_boot"])
     assert "169.254" not in new and "sleep 2" not in new and "done" not in new and "atmo_boot" not in new
     assert "touch /var/lock/subsys/local" in new and 'echo "$(date) booted"' in new
     assert "## Atmosphere system" in new  # block markers are 10-clean's business

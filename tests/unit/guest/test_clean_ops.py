@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from imaging.errors import ParameterError
-from imaging.guest import clean
+from imaging.guest import clean, clean_ops
 
 
 def test_registry_is_well_formed() -> None:
@@ -22,7 +22,7 @@ def test_selection_words() -> None:
     assert "ssh-hostkeys" not in clean.select(["defaults", "-ssh-hostkeys"])
     assert "package-cache" in clean.select(["defaults", "package-cache"])
     assert clean.select(["defaults", "none", "logfiles"]) == ["logfiles"]
-    assert set(clean.select(["all"])) == set(clean.REGISTRY)
+    assert set(clean.select(["all"])) == set(clean_ops.REGISTRY)
     assert clean.select(["all"])[0] == "platform-files"  # ordered by (order, name)
     with pytest.raises(ParameterError, match="unknown clean operation 'bogus'"):
         clean.select(["defaults", "bogus"])
@@ -30,8 +30,8 @@ def test_selection_words() -> None:
 
 def test_bad_registrations_are_refused() -> None:
     with pytest.raises(ValueError):
-        clean.operation("logfiles", "Duplicate")(lambda ctx: [])
+        clean_ops.operation("logfiles", "Duplicate")(lambda ctx: [])
     with pytest.raises(ValueError):
-        clean.operation("Bad_Name", "Heading")(lambda ctx: [])
+        clean_ops.operation("Bad_Name", "Heading")(lambda ctx: [])
     with pytest.raises(ValueError):
-        clean.operation("fine-name", "Ends with a period.")(lambda ctx: [])
+        clean_ops.operation("fine-name", "Ends with a period.")(lambda ctx: [])

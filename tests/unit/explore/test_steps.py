@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from imaging.errors import ParameterError
-from imaging.explore import session as explore
+from imaging.explore import steps
 from imaging.guest.files import Guest
 from imaging.run import pipeline
 from imaging.run.request import Request
@@ -25,7 +25,7 @@ def guest(tmp_path: Path) -> Guest:
     (root / "etc" / "shadow").write_text("root:guest-hash:1::::::\n")
     (root / "etc" / "escape").symlink_to("/../../../etc/shadow")  # the guest's, not the host's
     (root / "etc" / "dangling").symlink_to("/nowhere")
-    (root / "big.log").write_text("x" * (explore.MAX_VIEW + 100))
+    (root / "big.log").write_text("x" * (steps.MAX_VIEW + 100))
     (root / "bin").mkdir()
     (root / "bin" / "tool").write_bytes(b"\x7fELF\0\0\0binary")
     os.mkfifo(root / "fifo")
@@ -33,51 +33,51 @@ def guest(tmp_path: Path) -> Guest:
 
 
 def test_listing_marks_kinds_and_links(guest: Guest) -> None:
-    listing = explore.list_dir(guest, "/etc/../../etc")
+    listing = steps.list_dir(guest, "/etc/../../etc")
     assert listing.path == "/etc" and listing.total == 5
     kinds = {e.name: (e.kind, e.link) for e in listing.entries}
     assert kinds["rc.local"] == ("symlink", "rc.d/rc.local")
     assert kinds["rc.d"] == ("directory", "")
-    assert explore.list_dir(guest, "/").path == "/"
+    assert steps.list_dir(guest, "/").path == "/"
 
 
 def test_files_are_shown_safely(guest: Guest) -> None:
-    v = explore.view_file(guest, "/etc/escape")
+    v = steps.view_file(guest, "/etc/escape")
     assert v.text == "root:guest-hash:1::::::\n" and v.real == "/etc/shadow"
-    v = explore.view_file(guest, "etc/rc.local")
+    v = steps.view_file(guest, "etc/rc.local")
     assert v.real == "/etc/rc.d/rc.local" and "symlink to 'rc.d/rc.local'" in v.note
-    v = explore.view_file(guest, "/big.log")
-    assert len(v.text) == explore.MAX_VIEW and "the first" in v.note
-    v = explore.view_file(guest, "/bin/tool")
+    v = steps.view_file(guest, "/big.log")
+    assert len(v.text) == steps.MAX_VIEW and "the first" in v.note
+    v = steps.view_file(guest, "/bin/tool")
     assert v.note.startswith("binary") and v.text.startswith("00000000  7f 45 4c 46")
-    assert "not opened" in explore.view_file(guest, "/fifo").note  # a FIFO would block a reader
-    assert "leading nowhere" in explore.view_file(guest, "/etc/dangling").note
-    assert explore.view_file(guest, "/etc").is_dir
-    assert explore.view_file(guest, "/missing").note == "no such file in the guest"
+    assert "not opened" in steps.view_file(guest, "/fifo").note  # a FIFO would block a reader
+    assert "leading nowhere" in steps.view_file(guest, "/etc/dangling").note
+    assert steps.view_file(guest, "/etc").is_dir
+    assert steps.view_file(guest, "/missing").note == "no such file in the guest"
 
 
 def test_guest_paths_stop_at_the_root() -> None:
-    assert explore.guest_path("../../etc/./passwd") == "/etc/passwd"
-    assert explore.guest_path("") == "/"
+    assert steps.guest_path("../../etc/./passwd") == "/etc/passwd"
+    assert steps.guest_path("") == "/"
 
 
 def test_clean_words_say_the_difference_from_the_profile() -> None:
     base = ["logfiles", "machine-id", "tmp-files"]
-    assert explore.clean_words(base, ["machine-id", "tmp-files", "package-cache"]) == [
+    assert steps.clean_words(base, ["machine-id", "tmp-files", "package-cache"]) == [
         "package-cache",
         "-logfiles",
     ]
-    assert explore.clean_words(base, base) == []
+    assert steps.clean_words(base, base) == []
 
 
 def test_which_stages_run() -> None:
     stages = ["00-acquire", "10-clean", "20-migrate", "30-bootable"]
     pending = stages[1:]
-    assert explore.stages_to_run(stages, pending, "all") == pending
-    assert explore.stages_to_run(stages, pending, "none") == []
-    assert explore.stages_to_run(stages, pending, "20-migrate") == ["10-clean", "20-migrate"]
+    assert steps.stages_to_run(stages, pending, "all") == pending
+    assert steps.stages_to_run(stages, pending, "none") == []
+    assert steps.stages_to_run(stages, pending, "20-migrate") == ["10-clean", "20-migrate"]
     with pytest.raises(ParameterError, match="RUN_STAGES"):
-        explore.stages_to_run(stages, pending, "99-nothing")
+        steps.stages_to_run(stages, pending, "99-nothing")
 
 
 def test_only_parameters_no_completed_stage_used_can_change(
