@@ -226,12 +226,16 @@ def test_an_ova_whose_disk_is_over_8_gib(tmp_path: Path) -> None:
     target = config.load_target("virtualbox")
     size = (9 << 30) + 1234
     at = ova.layout("big", target, 10 << 30)
-    path = tmp_path / "big.ova"
-    with open(path, "wb") as f:
-        f.seek(at.disk_at)
-        f.write(b"KDMV")
-        f.truncate(at.disk_at + size)
-    ova.seal_ova(path, at, "big", target, size, size, 10 << 30, OvfVersion.v1, "ab")
+    path, again = tmp_path / "big.ova", tmp_path / "again.ova"
+    for each in (path, again):
+        with open(each, "wb") as f:
+            f.seek(at.disk_at)
+            f.write(b"KDMV")
+            f.truncate(at.disk_at + size)
+        ova.seal_ova(each, at, "big", target, size, size, 10 << 30, OvfVersion.v1, "ab")
+    with open(path, "rb") as a, open(again, "rb") as b:  # the same disk, the same bytes around it
+        for offset, length in ((0, at.disk_at), (at.disk_at + size - 512, 16 << 10)):
+            assert os.pread(a.fileno(), length, offset) == os.pread(b.fileno(), length, offset)
     with open(path, "rb") as f:
         first, disk_header = f.read(512), os.pread(f.fileno(), 512, at.disk_at - 512)
     assert first[257:265] == b"ustar\x0000" and ova.is_ova(path)  # the descriptor's header: ustar
