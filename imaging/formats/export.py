@@ -17,7 +17,8 @@ ova         :mod:`imaging.formats.vmdk` then :mod:`imaging.formats.ova` (descrip
 qemu-img's random identities (UUIDs, CIDs, timestamps) are replaced by ones derived from the
 disk's content (:mod:`imaging.formats.identity`): the same disk always gives byte-identical artifacts.
 The artifact is written under a hidden ``.part`` name inside ``--out`` and renamed when
-complete and checked, with ``<file>.sha256`` beside it (``sha256sum -c`` reads it).
+complete and checked, with ``<file>.sha256`` beside it (``sha256sum -c`` reads it). A disk over
+its format's size limit (:mod:`imaging.formats.limits`) is refused before anything is written.
 """
 
 from __future__ import annotations
