@@ -2,8 +2,9 @@
 
 A disk over its format's limit is refused with one line naming the limit and a format without
 one, before a run exists (``convert`` and ``export`` on the command line, requests to the
-service) and again when 40-export starts, before anything is written. The numbers are the
-ones the writers enforce, each checked against the tool in ``tests/unit/formats/test_limits.py``:
+service) and again when 40-export starts, before anything is written. qemu's numbers are
+checked against qemu-img in ``tests/unit/formats/test_limits.py``; the VMDK ones follow from the
+format and the layout each writer uses:
 
 ==========================  ================  ==================================================
 raw                         none              (the filesystem holding it: 16 TiB on ext4)

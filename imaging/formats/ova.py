@@ -15,8 +15,8 @@ The tar is ustar with fixed mtimes, owners and modes: the same disk gives the sa
 disk is written in place (:func:`layout`, :func:`seal_ova`), never copied into the tar. ustar's
 size field holds 11 octal digits, 8 GiB - 1 at most: a bigger member (the disk of a real
 appliance) gets a GNU header, whose size field is base-256 (:func:`tar_header`). Never a PAX
-extended header: VirtualBox refuses those. GNU tar, Python's tarfile, libarchive and
-VirtualBox's own reader (IPRT, which writes base-256 sizes itself) read base-256 sizes.
+extended header: VirtualBox refuses those. GNU tar, Python's tarfile and VirtualBox's own
+reader (IPRT, whose writer uses base-256 sizes too) read base-256 sizes.
 """
 
 from __future__ import annotations
