@@ -28,7 +28,7 @@ def _print_json(data: dict[str, Any]) -> None:
 def _export(args: argparse.Namespace) -> int:
     from imaging import sparse
     from imaging.clouds import acquire
-    from imaging.run import pipeline
+    from imaging.run import pipeline, preflight
 
     request = Request.create(
         source=args.source,
@@ -66,6 +66,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.run is None or not (config.runs_dir() / args.run).exists():
         # Everything that can be told before a run exists fails here, leaving nothing behind.
         src = acquire.inspect(request.source)
+        preflight.check_export(request, src)  # the format's size limit, the MBR's
         sparse.check_space(config.runs_dir(), 2 * src.data_bytes + (64 << 20), "hold the run's work files")
         if request.out:
             sparse.check_space(Path(request.out), src.data_bytes + (64 << 20), "write the artifact")
@@ -87,7 +88,7 @@ def _format_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from imaging.formats import export
+    from imaging.formats import export, limits
     from imaging.run import pipeline
 
     disk = Path(args.disk)
@@ -105,16 +106,17 @@ def _convert(args: argparse.Namespace) -> int:
         **_format_options(args),
     )
     # Everything that can be told before a run exists fails here, leaving nothing behind: a
-    # missing or unreadable disk, one qemu-img cannot read, one that refers to other files.
+    # missing or unreadable disk, one qemu-img cannot read, one that refers to other files, one
+    # over the format's size limit.
     from imaging.sparse import check_space
 
     found = export.input_disk(None, request.kind, request.source)
     fmt = config.check_format(request.format)
+    limits.check_fits(found.virtual_size, fmt, request.vmdk_subformat)
     artifact = export.artifact_path(Path(request.out), request.name, fmt)
     if artifact == Path(found.path).resolve():
         raise ParameterError(f"{artifact} is the input disk itself: choose another --out or --name")
-    copies = 2 if fmt.is_archive else 1
-    check_space(Path(request.out), copies * found.data_bytes + (64 << 20), "write the artifact")
+    check_space(Path(request.out), export.space_needed(found.data_bytes), "write the artifact")
     ws, request = pipeline.open_run(args.run, request)
     return _execute(ws, request)
 

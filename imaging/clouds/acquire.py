@@ -38,6 +38,10 @@ class Source(Record):
     layout: str  # "filesystem" (partitionless) or "partitioned", or "" until a non-raw source is converted
     fs_type: str
     uuid: str
+    # The root filesystem's size and block size, from its superblock; 0 until a non-raw source
+    # is converted. What the bootable disk's size follows (30-bootable).
+    fs_bytes: int = 0
+    fs_block_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,38 +118,39 @@ class _Root:
     length: int
     partition: int | None
     probe: images.Probe
+    fs: ext.ExtInfo
 
 
 def _locate_root(path: Path) -> _Root:
     """Where the root filesystem is in a raw image, refusing what cannot be placed."""
     size = path.stat().st_size if path.is_file() else images.image_info(path, "raw").virtual_size
     first = images.probe(path)
+    number: int | None = None
     if first.type is None and first.pttype:
         table = images.read_partition_table(path)
         if table is None or not table.partitions:
             raise SourceError(f"{path}: has a {first.pttype} partition table with no partitions")
         part, probe = _find_root_partition(path, table)
-        root = _Root(
-            "partitioned", part.start * table.sector_size, part.size * table.sector_size, part.number, probe
-        )
+        layout, number = "partitioned", part.number
+        offset, length = part.start * table.sector_size, part.size * table.sector_size
     else:
         probe = _check_fs(path, 0, size, str(path))
-        root = _Root("filesystem", 0, size, None, probe)
+        layout, offset, length = "filesystem", 0, size
     try:
-        fs = ext.info(ext.device(path, root.offset))
+        fs = ext.info(ext.device(path, offset))
     except SourceError:
         # Let e2fsck (read-only) say what is wrong: its words are what a person can act on.
-        verdict = ext.fsck(ext.device(path, root.offset), repair=False, check=False)
+        verdict = ext.fsck(ext.device(path, offset), repair=False, check=False)
         raise SourceError(
-            f"{path}: the {root.probe.type} filesystem cannot be opened: e2fsck: {verdict.summary}"
+            f"{path}: the {probe.type} filesystem cannot be opened: e2fsck: {verdict.summary}"
         ) from None
-    if fs.size_bytes > root.length:
-        where = f"partition {root.partition}" if root.partition else "image"
+    if fs.size_bytes > length:
+        where = f"partition {number}" if number else "image"
         raise SourceError(
             f"{path} is truncated: its {fs.fs_type} filesystem needs {fs.size_bytes:,} bytes, "
-            f"the {where} has {root.length:,}"
+            f"the {where} has {length:,}"
         )
-    return root
+    return _Root(layout, offset, length, number, probe, fs)
 
 
 def inspect(source: str) -> Source:
@@ -163,15 +168,16 @@ def inspect(source: str) -> Source:
     info = images.image_info(path)
     images.check_self_contained(info)
     layout = fs_type = uuid = ""
+    fs_bytes = fs_block_size = 0
     if info.format == "raw":
         data = sparse.data_bytes(path) if path.is_file() else info.virtual_size
         root = _locate_root(path)
         layout, fs_type, uuid = root.layout, root.probe.type or "", root.probe.uuid or ""
+        fs_bytes, fs_block_size = root.fs.size_bytes, root.fs.block_size
     else:
         data = images.data_bytes_of(info)
-    return Source(
-        source, str(path), info.format, info.virtual_size, path.stat().st_size, data, layout, fs_type, uuid
-    )
+    return Source(source, str(path), info.format, info.virtual_size, path.stat().st_size, data, layout, fs_type,
+                  uuid, fs_bytes, fs_block_size)  # fmt: skip
 
 
 def acquire(src: Source, ws: Workspace, *, hash_source: bool = True) -> Instance:

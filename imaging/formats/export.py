@@ -17,7 +17,8 @@ ova         :mod:`imaging.formats.vmdk` then :mod:`imaging.formats.ova` (descrip
 qemu-img's random identities (UUIDs, CIDs, timestamps) are replaced by ones derived from the
 disk's content (:mod:`imaging.formats.identity`): the same disk always gives byte-identical artifacts.
 The artifact is written under a hidden ``.part`` name inside ``--out`` and renamed when
-complete and checked, with ``<file>.sha256`` beside it (``sha256sum -c`` reads it).
+complete and checked, with ``<file>.sha256`` beside it (``sha256sum -c`` reads it). A disk over
+its format's size limit (:mod:`imaging.formats.limits`) is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from imaging import sparse, tools
 from imaging.config import ImageFormat, OvfVersion, VmdkSubformat, check_format, check_name, load_target
 from imaging.disk import images
 from imaging.errors import ParameterError, SourceError
-from imaging.formats import identity, ova, qcow2, vmdk
+from imaging.formats import identity, limits, ova, qcow2, vmdk
 from imaging.records import Record
 from imaging.samples import catalog
 from imaging.workspace import Workspace
@@ -146,14 +147,14 @@ def export(ws: Workspace, name: str, fmt: str, out: str | Path, *, disk: InputDi
     if compress and image_format is not ImageFormat.qcow2:
         raise ParameterError(f"compress applies to qcow2 only, not {image_format.value}")
     disk = disk or input_disk(ws)
+    limits.check_fits(disk.virtual_size, image_format, subformat)  # before anything is written
     src = Path(disk.path)
     out_dir = Path(out) if out else ws.root / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = artifact_path(out_dir, name, image_format)
     if path == src.resolve():
         raise ParameterError(f"{path} is the input disk itself: choose another --out or --name")
-    copies = 2 if image_format is ImageFormat.ova else 1  # the disk, then the tar holding it
-    sparse.check_space(out_dir, copies * disk.data_bytes + _MARGIN, f"write {path.name}")
+    sparse.check_space(out_dir, space_needed(disk.data_bytes), f"write {path.name}")
     t0 = time.monotonic()
     details: dict[str, Any] = {}
     with sparse.atomic_path(path) as part:
@@ -191,6 +192,14 @@ def export(ws: Workspace, name: str, fmt: str, out: str | Path, *, disk: InputDi
         virtual_size=int(virtual), seconds=round(seconds, 3), convert_seconds=round(convert_seconds, 3),
         check=check, tool=tool, input=disk.path, input_format=disk.format, details=details,
     )  # fmt: skip
+
+
+def space_needed(data_bytes: int) -> int:
+    """Room for the artifact of a disk holding ``data_bytes``, whatever the format: its data
+    plus 1/128 (a streamOptimized grain that does not compress takes 129 sectors for 128, the
+    worst of any format here) and room for metadata. An OVA's disk is written in its place in
+    the tar: one copy, not two."""
+    return data_bytes + data_bytes // 128 + _MARGIN
 
 
 def ours_to_write(fmt: ImageFormat, subformat: VmdkSubformat, compress: bool) -> bool:

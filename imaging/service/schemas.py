@@ -173,8 +173,10 @@ def validated(body: CreateRequest, settings: Settings, store: Store) -> dict[str
     if body.disk_format is not None:
         if body.vis is not None or body.shared_with is not None:
             raise ParameterError("vis and shared_with belong to image requests (those without disk_format)")
+        disk_format = check_disk_format(body.disk_format)
+        check_limits(settings.instances[body.instance], body.name, "export", disk_format, target)
         return dict(instance=body.instance, name=body.name, kind="export", vis=None, shared_with=[],
-                    disk_format=check_disk_format(body.disk_format), target=target)  # fmt: skip
+                    disk_format=disk_format, target=target)  # fmt: skip
     if not settings.publishing():
         raise ParameterError("this service does not publish images: ask for an export (with disk_format)")
     if body.vis is None:
@@ -192,8 +194,27 @@ def validated(body: CreateRequest, settings: Settings, store: Store) -> dict[str
         unknown = sorted(set(shared) - {u.name for u in store.users(shared)})
         if unknown:
             raise ParameterError(f"shared_with: unknown users {', '.join(map(repr, unknown))}")
+    check_limits(settings.instances[body.instance], body.name, "image", "qcow2", target)
     return dict(instance=body.instance, name=body.name, kind="image", vis=body.vis, shared_with=shared,
                 disk_format="qcow2", target=target)  # fmt: skip
+
+
+def check_limits(source: str, name: str, kind: str, disk_format: str, target: str) -> None:
+    """A request whose disk its format (or MBR) cannot hold is refused now, not at the end of
+    its run (the run takes this service's defaults for everything but format and target)."""
+    if source.startswith("sample:"):
+        return  # built on first use, and small
+    from imaging.clouds import acquire
+    from imaging.errors import ImagingError
+    from imaging.run import preflight
+    from imaging.run.request import Request
+
+    try:
+        src = acquire.inspect(source)
+    except ImagingError:
+        return  # what is wrong with the source itself is the run's to report, as before
+    request = Request.create(source=source, name=name, kind=kind, format=disk_format, target=target)
+    preflight.check_export(request, src)
 
 
 def check_disk_format(value: str) -> str:

@@ -218,3 +218,17 @@ def test_no_kernel_in_boot(cli: Cli, make_ext: Callable[..., Path], tmp_path: Pa
     assert (state["state"], state["stage"]) == ("error", "20-migrate")
     assert (run / "notebooks" / "20-migrate.failed-1.ipynb").exists()
     assert leftovers(tmp_path) == []
+
+
+def test_a_disk_over_its_formats_limit(cli: Cli, tmp_path: Path) -> None:
+    # A 2045 GiB instance (sparse, no journal: 29 MB on disk): its bootable disk is over what a
+    # VHD or an OVA holds, and with --disk-size 3T over what an MBR addresses. Refused before a
+    # run exists, in one line that names the limit, not at the end of the run.
+    source = tmp_path / "big.img"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard",
+                    source, "2045G"], check=True, capture_output=True)  # fmt: skip
+    assert "over what vhd holds: 2040 GiB" in refused(cli, str(source), "--format", "vhd")
+    assert "over what ova (its streamOptimized VMDK) holds: 2031.9 GiB" in refused(
+        cli, str(source), "--format", "ova"
+    )
+    assert "over what its MBR partition table addresses" in refused(cli, str(source), "--disk-size", "3T")

@@ -211,6 +211,12 @@ def test_convert_bad_input(cli: Cli, bootable: Path, tmp_path: Path) -> None:
         ["qemu-img", "create", "-q", "-f", "qcow2", "-b", bootable, "-F", "raw", overlay], check=True
     )
     assert "has a backing file" in refused(cli, str(overlay), "--format", "vmdk", out=out)
+    # A disk over its format's limit: refused before anything is written.
+    big = tmp_path / "big.raw"
+    with open(big, "wb") as f:
+        f.truncate(2041 << 30)  # sparse
+    assert "over what vhd holds: 2040 GiB" in refused(cli, str(big), "--format", "vhd", out=out)
+    assert "over what vmdk (streamOptimized) holds" in refused(cli, str(big), "--format", "vmdk", out=out)
     # Converting a disk onto itself would replace the user's disk: refused.
     same = refused(cli, str(bootable), "--format", "raw", "--name", "base", out=bootable.parent)
     assert same == f"{bootable} is the input disk itself: choose another --out or --name"

@@ -4,6 +4,7 @@ approval link is shown before it is used, used once, and refused when expired or
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,6 +144,34 @@ def test_no_image_requests_where_nothing_is_published(tmp_path: Path) -> None:
         r = client.post(URL, json={"instance": "i-1", "name": "x", "vis": "public"},
                         headers={"Authorization": f"Bearer {token}"})  # fmt: skip
     assert "does not publish images" in error(r, 422)
+
+
+def test_a_disk_over_its_formats_limit_is_refused_at_once(tmp_path: Path) -> None:
+    # A 2045 GiB instance: its bootable disk (2046 GiB with the default +1G) is over what a VHD
+    # holds; the request is refused now, not when its run ends. A broken source is the run's to
+    # report, as before.
+    big, broken = tmp_path / "big.img", tmp_path / "broken.img"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard",
+                    big, "2045G"], check=True, capture_output=True)  # fmt: skip
+    broken.write_bytes(b"not an image")
+    conf = settings.Settings(state_dir=tmp_path, instances={"i-big": str(big), "i-broken": str(broken)},
+                             publish={"bucket": "images"})  # fmt: skip
+    store = Store(conf.sqlalchemy_url)
+    token = store.add_user("alice")
+    with TestClient(api.create_app(conf, embedded_worker=False)) as client:
+
+        def create(instance: str, **body: Any) -> Any:
+            return client.post(URL, json={"instance": instance, "name": "x", **body},
+                               headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+
+        assert "over what vhd holds: 2040 GiB" in error(create("i-big", disk_format="vhd"), 422)
+        assert "over what ova (its streamOptimized VMDK) holds" in error(
+            create("i-big", disk_format="ova"), 422
+        )
+        assert create("i-big", disk_format="qcow2").status_code == 201
+        assert create("i-big", vis="private").status_code == 201  # an image request: qcow2
+        assert create("i-broken", disk_format="vhd").status_code == 201
+    store.close()
 
 
 def test_authentication(svc: Service) -> None:
