@@ -337,7 +337,22 @@ def _summary(
         "name": request.name,
         "kind": request.kind,
         "size_bytes": artifact.get("size_bytes"),
-        "boot": {k: boot.get(k) for k in ("verdict", "reason", "matched", "accel", "controller", "seconds")},
+        "boot": {
+            k: boot.get(k)
+            for k in (
+                "verdict",
+                "reason",
+                "reasons",
+                "matched",
+                "accel",
+                "controller",
+                "nic",
+                "dhcp",
+                "ssh",
+                "ssh_host_keys",
+                "seconds",
+            )
+        },  # fmt: skip
         "source": request.source,
         "source_sha256": source_sha256,
         **({"published": results["60-publish"]} if "60-publish" in results else {}),

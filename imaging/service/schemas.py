@@ -167,14 +167,16 @@ class UserOut(BaseModel):
 def validated(body: CreateRequest, settings: Settings, store: Store) -> dict[str, Any]:
     """The request's fields, checked against the service's instances, formats, targets and users."""
     config.check_name(body.name)
-    target = config.load_target(body.target or "kvm").name
+    disk_format = check_disk_format(body.disk_format) if body.disk_format is not None else "qcow2"
+    target = config.load_target(body.target or config.default_target(disk_format)).name
+    config.check_target_format(target, disk_format)
     if body.instance not in settings.instances:
         raise ParameterError(f"unknown instance {body.instance!r}")
     if body.disk_format is not None:
         if body.vis is not None or body.shared_with is not None:
             raise ParameterError("vis and shared_with belong to image requests (those without disk_format)")
         return dict(instance=body.instance, name=body.name, kind="export", vis=None, shared_with=[],
-                    disk_format=check_disk_format(body.disk_format), target=target)  # fmt: skip
+                    disk_format=disk_format, target=target)  # fmt: skip
     if not settings.publishing():
         raise ParameterError("this service does not publish images: ask for an export (with disk_format)")
     if body.vis is None:
