@@ -19,6 +19,9 @@ from imaging.workspace import Workspace
 
 from .conftest import Cli, last_json, leftovers
 
+# Real boots under TCG: a Debian with systemd takes a minute or two to its check, more on a busy host.
+pytestmark = pytest.mark.timeout(1800)
+
 CASES = [
     # sample, format, target ("" = the format's default), extra arguments
     ("debian12", "qcow2", "openstack", []),
