@@ -73,9 +73,16 @@ def test_qcow2_for_kvm_boots_and_leaves_a_record(cli: Cli, kvm_sample: Path, tmp
         assert text in bootable, text
     assert json.loads((run / "state.json").read_text())["state"] == "completed"
     assert not (run / "work").exists()  # work files go once the run completes
-    for stage, timing in result["timings"].items():
-        assert timing["overhead"] < 2.5, (stage, timing)
-    assert sum(t["overhead"] for t in result["timings"].values()) < 10
+    # Every stage's time and fixed overhead is recorded (bench/ measures them; no test asserts a time).
+    assert set(result["timings"]) == {
+        "00-acquire",
+        "10-clean",
+        "20-migrate",
+        "30-bootable",
+        "40-export",
+        "50-verify",
+    }
+    assert all(0 <= t["overhead"] <= t["seconds"] for t in result["timings"].values())
     assert leftovers(tmp_path) == []
 
 
