@@ -379,7 +379,9 @@ def _package_tool(
     except CommandError as e:
         output = f"{getattr(e.result, 'stdout', '')}\n{getattr(e.result, 'stderr', '')}"
         found = _PACKAGE_ERROR.findall(output)
-        detail = found[-1] if found else (output.strip().splitlines() or ["no output"])[-1]
+        # apt's first "E:" says why ("Failed to fetch ... Connection refused", "Unable to locate").
+        found = [f for f in found if f.startswith("E: ")] or found
+        detail = found[0] if found else (output.strip().splitlines() or ["no output"])[-1]
         if "No space left on device" in output:
             detail = "no space left in the guest's filesystem: give it more with --packages-room"
         raise GuestError(f"{what} ({' '.join(argv)}: {detail.strip()[:200]})") from None
