@@ -57,6 +57,7 @@ def _export(args: argparse.Namespace) -> int:
         root_password_hash_file=args.root_password_hash_file,
         packages_install=_words(args.install),
         packages_remove=_words(args.remove),
+        packages_room=args.packages_room,
         kernel=args.kernel,
         **_format_options(args),
         kind=args.kind,
@@ -133,6 +134,10 @@ def _execute(ws: Any, request: Any) -> int:
         )
         return 1
     _print_json(result)
+    if (result.get("boot") or {}).get("verdict") == "degraded":
+        # The artifact is made, but a user could not rely on it: say so, and exit non-zero.
+        print(f"imaging: degraded boot: {result['boot'].get('reason')} (run {ws.id})", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -144,19 +149,25 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from imaging.boot import verify
+    from imaging.boot import evidence, verify
+    from imaging.formats import ova
 
+    # An OVA pins its machine; any other disk boots where the default target says.
+    target = args.target or config.default_target("ova" if ova.is_ova(Path(args.path)) else "raw")
     result = verify.boot(
         args.path,
-        args.target,
+        target,
         marker=args.boot_marker,
         timeout=args.boot_timeout,
         log_dir=Path(args.log_dir) if args.log_dir else None,
         prefer_accel=args.accel,
+        expect=evidence.Expect(
+            ssh=True if "ssh" in args.require else None, dhcp=True if "dhcp" in args.require else None
+        ),  # fmt: skip
     )
     _print_json(result.to_dict())
     verify.require_booted(result)
-    return 0
+    return 3 if result.verdict == "degraded" else 0
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -271,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", required=True, help="artifact name: letters, digits, '.', '_', '-'")
     e.add_argument("--format", default="qcow2", help=f"{FORMATS} (default qcow2)")
     e.add_argument(
-        "--target", default="kvm", help=f"target machine ({', '.join(config.available('targets'))})"
+        "--target",
+        help=f"target machine ({', '.join(config.available('targets'))}; default: by format, virtualbox "
+        "for ova and vdi, else kvm)",
     )
     e.add_argument("--out", help="directory for the artifact (default: the run's out/)")
     e.add_argument("--run", help="run id (default: <name>-<UTC time>); an existing failed run resumes")
@@ -320,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--remove", metavar="PACKAGES", help="packages to remove from the guest (before installing)"
     )
+    g.add_argument(
+        "--packages-room",
+        metavar="SIZE",
+        help="room the guest's filesystem is grown by for --install (sparse; default 2G)",
+    )
     g.add_argument("--kernel", help="kernel version to boot (default: the newest that is not Xen-only)")
     _add_format_options(e)
     e.add_argument("--kind", help="pipeline: export (default), or image (export, then publish)")
@@ -335,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="directory for the artifact")
     c.add_argument("--name", help="artifact name (default: the disk's file name up to the first '.')")
     c.add_argument(
-        "--target", default="kvm", help=f"target machine ({', '.join(config.available('targets'))})"
+        "--target",
+        help=f"target machine ({', '.join(config.available('targets'))}; default: by format, virtualbox "
+        "for ova and vdi, else kvm)",
     )
     c.add_argument("--verify", action="store_true", help="boot the artifact afterwards (stage 50-verify)")
     c.add_argument("--run", help="run id (default: <name>-<UTC time>); an existing failed run resumes")
@@ -351,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="boot any artifact on a target's hardware")
     v.add_argument("path")
-    v.add_argument("--target", default="kvm")
+    v.add_argument("--target", help="target machine (default: virtualbox for an OVA, else kvm)")
     v.add_argument(
         "--boot-marker", default="", help="regular expression proving the boot (besides a login prompt)"
     )
@@ -360,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-dir", help="where to keep serial.log and screen.png (the screen at the end of the boot)"
     )
     v.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
+    v.add_argument(
+        "--require",
+        type=lambda s: [w for w in s.split(",") if w],
+        default=[],
+        help="what a booted verdict needs besides the marker or login prompt: ssh, dhcp (comma-separated; "
+        "otherwise they are recorded if seen)",
+    )
     v.set_defaults(func=_verify)
 
     s = sub.add_parser("sample", help="build (once) and print the path of a sample instance image")

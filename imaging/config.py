@@ -123,10 +123,16 @@ class Target(_Strict):
     nic_module: Annotated[str, Field(pattern=_MODULE)]
     modprobe_extra: list[str] = []  # further modprobe.conf lines (the original's VirtualBox sound setup)
     ovf: OvfFacts = Field(default_factory=OvfFacts)
+    # The formats this machine boots or imports. An appliance format pins its machine (an OVA's
+    # descriptor declares a SATA AHCI disk and an e1000 NIC): only targets with that machine list it.
+    formats: list[ImageFormat]
 
 
 class Defaults(_Strict):
     pipelines: dict[str, list[str]]
+    # The target when a request names none: by its format, else the default.
+    target: str = "kvm"
+    target_by_format: dict[ImageFormat, str] = {}
     layout: Layout = Layout.aligned
     placement: Placement = Placement.copy
     disk_size: str = "auto"
@@ -148,6 +154,7 @@ class Defaults(_Strict):
     root_password_hash_file: str = ""
     packages_install: list[str] = []
     packages_remove: list[str] = []
+    packages_room: str = "2G"
     kernel: str = ""
     vmdk_subformat: VmdkSubformat = VmdkSubformat.stream_optimized
     compress: bool = False
@@ -226,6 +233,24 @@ def check_name(name: str) -> str:
             "starting with a letter or digit (no '/', '..', spaces or shell characters)"
         )
     return name
+
+
+def default_target(fmt: str) -> str:
+    """The target a request for ``fmt`` gets when it names none (an OVA is an appliance)."""
+    defaults = load_defaults()
+    return defaults.target_by_format.get(check_format(fmt), defaults.target)
+
+
+def check_target_format(target: str, fmt: str) -> None:
+    """A format may only go with a target that boots it: an error before anything runs."""
+    tgt, image_format = load_target(target), check_format(fmt)
+    if image_format not in tgt.formats:
+        fits = [name for name in available("targets") if image_format in load_target(name).formats]
+        raise ParameterError(
+            f"format {image_format.value} does not boot on target {tgt.name} ({tgt.disk_controller} disk, "
+            f"{tgt.nic} NIC; it takes {', '.join(f.value for f in tgt.formats)}): "
+            f"use a target for {image_format.value} ({', '.join(fits) or 'none'})"
+        )
 
 
 def check_format(value: str) -> ImageFormat:

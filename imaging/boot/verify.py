@@ -1,11 +1,21 @@
-"""Stage 50-verify: boot the artifact in QEMU on the target's disk controller and read the serial log.
+"""Stage 50-verify: boot the artifact in QEMU on the target's disk controller and NIC, and judge it
+the way its user would.
 
-KVM is used where it works; on hosts where /dev/kvm opens but QEMU with KVM aborts or hangs (as
-on our CI machines), a short probe fails and the boot runs under TCG. ``-accel kvm:tcg`` is no
-help there: it only falls back when KVM cannot be opened. Either way the boot has a time limit.
-The artifact is attached with ``snapshot=on``: booting never changes the file whose sha256 was
-recorded. An OVA is not a disk: its disk is taken out of the tar (into the log directory, removed
-after the boot) and booted on the SATA AHCI controller and e1000 NIC its descriptor declares.
+A login prompt is not enough: a machine whose sshd failed or whose network never came up is one
+nobody can use. The guest boots with the target's NIC on QEMU's user network (restricted: it
+reaches nothing outside QEMU); the console is read for a panic, for the image's marker or a
+login prompt, and for every unit or init script that FAILED; the NIC's traffic is captured to
+see the DHCP server acknowledge an address; the guest's sshd is asked, on a forwarded loopback
+port, for its banner and host keys, which must not be any the source had. What the guest is
+expected to do (sshd, DHCP) comes from 20-migrate's look at its configuration; a guest without
+sshd says so and is judged on the rest. The verdict is ``booted`` only when everything holds,
+``degraded`` with the reasons when it booted but something did not, ``failed`` otherwise.
+
+KVM is used where it works, TCG otherwise (:mod:`imaging.boot.qemu`); either way the boot has a
+time limit. The artifact is attached with ``snapshot=on``: booting never changes the file whose
+sha256 was recorded. An OVA is not a disk: its disk is taken out of the tar (into the log
+directory, removed after the boot) and booted on the SATA AHCI controller and e1000 NIC its
+descriptor declares.
 
 The VM's screen is saved as ``screen.png`` beside the serial log (QEMU's QMP ``screendump`` in
 PNG, on a socket in a private directory): every second during the boot and once more when it has
@@ -26,24 +36,33 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imaging import config, tools
+from imaging.boot import evidence
 from imaging.boot.qemu import Accel, choose_accel, option_value
 from imaging.disk.images import image_info
 from imaging.errors import BootFailed, ParameterError
 from imaging.formats import ova
 from imaging.records import Record
+from imaging.workspace import Workspace
 
-LOGIN = re.compile(r"^\S*\s*login:\s*$|\blogin:\s*$", re.MULTILINE)
-FAILURES = re.compile(r"Kernel panic - not syncing.*|initrd: .*not found.*|VFS: Unable to mount root fs.*|IMAGING-SAMPLE-FAILED.*|"
-                      r"No bootable device.*|error: no such device.*|error: file .* not found.*")  # fmt: skip
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def qemu_argv(
-    image: Path, fmt: str, target: config.Target, accel: str, serial_log: Path, qmp: Path | None = None
+    image: Path,
+    fmt: str,
+    target: config.Target,
+    accel: str,
+    serial_log: Path,
+    qmp: Path | None = None,
+    *,
+    ssh_port: int | None = None,
+    pcap: Path | None = None,
 ) -> list[str]:
     """The QEMU command line for booting ``image`` like the target would, headless; with ``qmp``,
     a QMP socket there (for the screenshot)."""
@@ -61,14 +80,20 @@ def qemu_argv(
         argv += ["-device", "ide-hd,drive=disk0,bus=ide.0"]
     else:
         argv += ["-device", "virtio-blk-pci,drive=disk0"]
-    # The guest sees the target's NIC, but user networking with restrict=on reaches nothing.
-    argv += ["-nic", f"user,model={target.nic},restrict=on"]
+    # The guest sees the target's NIC on QEMU's user network with restrict=on: its DHCP server
+    # answers, nothing outside QEMU is reachable, and only the forwarded port reaches in (sshd).
+    netdev = "user,id=net0,restrict=on"
+    if ssh_port is not None:
+        netdev += f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22"
+    argv += ["-netdev", netdev, "-device", f"{target.nic},netdev=net0"]
+    if pcap is not None:  # the NIC's traffic, to see the DHCP exchange from outside the guest
+        argv += ["-object", f"filter-dump,id=dump0,netdev=net0,file={option_value(pcap)}"]
     return argv
 
 
 @dataclass(frozen=True)
 class Boot(Record):
-    verdict: str  # "booted" or "failed"
+    verdict: str  # booted (all checks hold), degraded (it booted, something failed: see reasons), failed
     reason: str
     matched: str
     target: str
@@ -79,6 +104,52 @@ class Boot(Record):
     image: str
     format: str
     screen: str = ""  # screen.png at the end of the boot; empty if QEMU never showed one
+    nic: str = ""
+    reasons: list[str] = field(default_factory=list)  # why not booted: each failed check, each failed unit
+    dhcp: str = ""  # the address the guest was given by DHCP, seen on the wire
+    ssh: str = ""  # the banner of the guest's sshd, on the forwarded port
+    ssh_host_keys: list[str] = field(default_factory=list)  # "type SHA256:..." the guest's sshd offered
+    failed_units: list[str] = field(default_factory=list)
+    expected: dict[str, object] = field(default_factory=dict)
+
+    def checks(self) -> pd.DataFrame:
+        """One row per thing a user would look at, and how it went."""
+        import pandas as pd
+
+        want = self.expected
+        source_keys = want.get("source_host_keys")
+        compared = len(source_keys) if isinstance(source_keys, list) else 0
+        rows = [
+            ("booted into the image", self.reason if self.verdict != "failed" else "no", self.matched),
+            ("no unit or init script failed", "yes" if not self.failed_units else "no",
+             "; ".join(self.failed_units[:5])),
+            ("address by DHCP", self.dhcp or "none", _wanted(want.get("dhcp"))),
+            ("sshd answers", self.ssh or "no", _wanted(want.get("ssh"))),
+            ("host keys not the source's", ", ".join(k.split()[-1] for k in self.ssh_host_keys) or "-",
+             f"{compared} source keys compared"),
+        ]  # fmt: skip
+        return pd.DataFrame(rows, columns=["check", "result", "detail"]).set_index("check")
+
+
+def _wanted(value: object) -> str:
+    return "required" if value is True else "not expected" if value is False else "recorded if seen"
+
+
+def expectations(ws: Workspace | None) -> evidence.Expect:
+    """What the run's own records say the guest should do on its first boot: sshd and DHCP as
+    20-migrate found them configured, and the host keys 10-clean removed (which must not come
+    back). Nothing known (a ``convert --verify`` run, or no run): everything is recorded, not
+    required."""
+    if ws is None or not ws.has_result("20-migrate"):
+        return evidence.Expect()
+    first = ws.result("20-migrate").get("first_boot") or {}
+    keys = ws.result("10-clean").get("ssh_host_keys", []) if ws.has_result("10-clean") else []
+    return evidence.Expect(
+        ssh=first.get("ssh"),
+        dhcp=bool(first.get("dhcp")) if "dhcp" in first else None,
+        source_host_keys=tuple(keys),
+        why={k: str(v) for k, v in (first.get("why") or {}).items()},
+    )
 
 
 def boot(
@@ -89,15 +160,24 @@ def boot(
     timeout: float = 240,
     log_dir: Path | None = None,
     prefer_accel: str = "auto",
+    expect: evidence.Expect | None = None,
 ) -> Boot:
-    """Boot ``image`` on ``target``'s hardware until the marker or a login prompt shows on the
-    serial console (pass), or a panic, a power-off or the time limit comes first (fail)."""
+    """Boot ``image`` on ``target``'s hardware and judge it as a user would: it must reach the
+    marker or a login prompt, no unit or init script may fail, and (where the guest is set up
+    for them) it must get an address by DHCP and its sshd must answer, with a host key that is
+    not one of the source's. ``booted`` when all hold, ``degraded`` with the reasons when it
+    booted but something did not, ``failed`` otherwise (a panic, a power-off, the time limit)."""
+    expect = expect or evidence.Expect()
     tools.require_tools(
         "qemu-system-x86_64",
         "qemu-img",
         reason="boot the artifact",
         hint="apt install qemu-system-x86 qemu-utils",
     )
+    if expect.ssh is not False:
+        tools.require_tools(
+            "ssh-keyscan", reason="read the guest's SSH host keys", hint="apt install openssh-client"
+        )
     path = Path(image)
     if not path.is_file():
         raise ParameterError(f"no artifact at {path}")
@@ -110,55 +190,111 @@ def boot(
         extracted = ova.extract_disk(path, log_dir)
         try:
             appliance = tgt.model_copy(update={"disk_controller": "ahci", "nic": "e1000"})
-            result = _boot(extracted, appliance, marker_re, timeout, log_dir, accel)
+            result = _boot(extracted, appliance, marker_re, timeout, log_dir, accel, expect)
         finally:
             extracted.unlink(missing_ok=True)
         return dataclasses.replace(result, image=str(path), format=f"ova ({result.format} inside)")
-    return _boot(path, tgt, marker_re, timeout, log_dir, accel)
+    return _boot(path, tgt, marker_re, timeout, log_dir, accel, expect)
+
+
+# After everything required has been seen, the console is watched a little longer: a unit that
+# fails right after sshd started is still caught. Checks that are only recorded (not required)
+# get this long after the login prompt.
+_SETTLE = 3.0
+_OPTIONAL_GRACE = 15.0
+_CONSOLE_CAP = 8 << 20  # bytes of console kept for the verdict; a guest flooding it cannot exhaust us
+
+
+class _Watch:
+    """What the boot has shown so far."""
+
+    def __init__(self, serial: Path, pcap: Path, port: int, marker_re: re.Pattern[str] | None) -> None:
+        self.serial, self.pcap, self.port, self.marker_re = serial, pcap, port, marker_re
+        self.text = ""
+        self._offset = 0
+        self.fatal: str = ""
+        self.evidence: str = ""
+        self.evidence_kind: str = ""
+        self.evidence_at: float | None = None
+        self.dhcp: str = ""
+        self.banner: str = ""
+        self._next_ssh = 0.0
+
+    def poll(self, now: float, want_ssh: bool) -> None:
+        try:
+            with open(self.serial, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read(_CONSOLE_CAP)
+        except FileNotFoundError:
+            chunk = b""
+        if chunk:
+            self._offset += len(chunk)
+            self.text = (self.text + chunk.decode(errors="replace"))[-_CONSOLE_CAP:]
+        text = evidence.plain(self.text)
+        if not self.fatal and (bad := evidence.FATAL.search(text)):
+            self.fatal = bad.group(0).strip()
+        if not self.evidence:
+            found = self.marker_re.search(text) if self.marker_re else evidence.LOGIN.search(text)
+            if found:
+                self.evidence, self.evidence_at = found.group(0).strip(), now
+                self.evidence_kind = "marker" if self.marker_re else "login prompt"
+        if not self.dhcp:
+            self.dhcp = evidence.dhcp_lease(self.pcap) or ""
+        if want_ssh and not self.banner and self.evidence and now >= self._next_ssh:
+            self._next_ssh = now + 1.0
+            self.banner = evidence.ssh_banner(self.port) or ""
 
 
 def _boot(path: Path, tgt: config.Target, marker_re: re.Pattern[str] | None, timeout: float, log_dir: Path,
-          accel: Accel) -> Boot:  # fmt: skip
+          accel: Accel, expect: evidence.Expect) -> Boot:  # fmt: skip
     fmt = image_info(path).format
-    serial = log_dir / "serial.log"
-    serial.unlink(missing_ok=True)
-    (log_dir / "screen.png").unlink(missing_ok=True)
+    serial, pcap = log_dir / "serial.log", log_dir / "net.pcap"
+    for stale in (serial, pcap, log_dir / "screen.png"):
+        stale.unlink(missing_ok=True)
     # A private directory with a short path: a unix socket's path has room for 107 bytes only.
     qmp_dir = Path(tempfile.mkdtemp(prefix="imaging-qmp-"))
     qmp = qmp_dir / "qmp.sock"
-    argv = qemu_argv(path, fmt, tgt, accel.accel, serial, qmp)
-    t0 = time.monotonic()
-    verdict, reason, matched = "failed", f"no marker or login prompt within {timeout:.0f} s", ""
+    port = evidence.free_port()
+    argv = qemu_argv(path, fmt, tgt, accel.accel, serial, qmp, ssh_port=port, pcap=pcap)
+    watch = _Watch(serial, pcap, port, marker_re)
     screen = Screen(qmp, log_dir / "screen.png")
+    t0 = time.monotonic()
+    done_at: float | None = None
+    powered_off = False
     with contextlib.ExitStack() as cleanup, tools.spawn(argv) as qemu:
         cleanup.callback(shutil.rmtree, qmp_dir, ignore_errors=True)
         cleanup.callback(screen.close)
-        while time.monotonic() - t0 < timeout:
-            text = serial.read_text(errors="replace") if serial.exists() else ""
-            found = (marker_re.search(text) if marker_re else None) or LOGIN.search(text)
-            if found:
-                verdict, reason, matched = (
-                    "booted",
-                    "marker" if marker_re and marker_re.search(text) else "login prompt",
-                    found.group(0).strip(),
-                )
+        while (now := time.monotonic()) - t0 < timeout:
+            watch.poll(now, want_ssh=expect.ssh is not False)
+            if watch.fatal:
                 break
-            bad = FAILURES.search(text)
-            if bad:
-                reason, matched = "boot failed", bad.group(0).strip()
+            required = [
+                watch.evidence,
+                watch.dhcp or expect.dhcp is not True,
+                watch.banner or expect.ssh is not True,
+            ]
+            optional = [watch.dhcp or expect.dhcp is not None, watch.banner or expect.ssh is not None]
+            if all(required) and done_at is None:
+                waited = now - (watch.evidence_at or now)
+                if all(optional) or waited >= _OPTIONAL_GRACE:
+                    done_at = now
+            if done_at is not None and now - done_at >= _SETTLE:
                 break
             if not qemu.alive():
-                reason = "the machine powered off before the marker or a login prompt"
+                powered_off = True
+                watch.poll(time.monotonic(), want_ssh=False)
                 break
             screen.save_now_and_then()
             time.sleep(0.1)
         seconds = time.monotonic() - t0
+        keys = evidence.host_keys(port) if watch.banner and qemu.alive() else []
         if qemu.alive():
             screen.save()
-    result = Boot(
+    verdict, reason, reasons = _judge(watch, expect, keys, timeout, powered_off)
+    return Boot(
         verdict=verdict,
         reason=reason,
-        matched=matched[:200],
+        matched=(watch.fatal or watch.evidence)[:200],
         target=tgt.name,
         controller=tgt.disk_controller,
         accel=accel.accel,
@@ -167,8 +303,44 @@ def _boot(path: Path, tgt: config.Target, marker_re: re.Pattern[str] | None, tim
         image=str(path),
         format=fmt,
         screen=str(screen.png) if screen.saved else "",
+        nic=tgt.nic,
+        reasons=reasons,
+        dhcp=watch.dhcp,
+        ssh=watch.banner,
+        ssh_host_keys=keys,
+        failed_units=evidence.failed_units(watch.text),
+        expected={
+            "ssh": expect.ssh,
+            "dhcp": expect.dhcp,
+            "source_host_keys": list(expect.source_host_keys),
+            **({"why": expect.why} if expect.why else {}),
+        },  # fmt: skip
     )
-    return result
+
+
+def _judge(watch: _Watch, expect: evidence.Expect, keys: list[str], timeout: float,
+           powered_off: bool) -> tuple[str, str, list[str]]:  # fmt: skip
+    """(verdict, reason, reasons): what a user would conclude from what the boot showed."""
+    if watch.fatal:
+        return "failed", "boot failed", [watch.fatal]
+    if not watch.evidence:
+        wanted = "the marker" if watch.marker_re else "a login prompt"
+        if powered_off:
+            return "failed", f"the machine powered off before {wanted}", []
+        return "failed", f"no {'marker' if watch.marker_re else 'login prompt'} within {timeout:.0f} s", []
+    reasons = [f"failed: {line}" for line in evidence.failed_units(watch.text)]
+    if expect.dhcp and not watch.dhcp:
+        reasons.append("no address by DHCP: the network did not come up on the target's NIC")
+    if expect.ssh and not watch.banner:
+        reasons.append("sshd did not answer on port 22")
+    if watch.banner and not keys:
+        reasons.append("sshd answered but offered no host key")
+    reused = sorted({k.split()[-1] for k in keys} & set(expect.source_host_keys))
+    if reused:
+        reasons.append(f"sshd offers a host key of the source ({', '.join(reused)})")
+    if reasons:
+        return "degraded", "; ".join(reasons)[:300], reasons
+    return "booted", watch.evidence_kind, []
 
 
 _QMP_TIMEOUT = 10.0
@@ -257,16 +429,13 @@ def _qmp_reply(replies: Any) -> dict[str, Any]:
             return message
 
 
-_ESCAPES = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_])")
-
-
 class Console:
     """The end of a boot as a person would have seen it: the serial log beside the screen."""
 
     def __init__(self, boot_result: Boot | dict[str, object], lines: int = 400) -> None:
         record = boot_result.to_dict() if isinstance(boot_result, Boot) else dict(boot_result)
         # GRUB and the guest drive a terminal: their escape sequences are noise on a page.
-        self.log = _ESCAPES.sub("", serial_log(record, lines)) or "(empty)"
+        self.log = evidence.plain(serial_log(record, lines)) or "(empty)"
         self.screen = Path(str(record.get("screen") or ""))
         self.has_screen = bool(record.get("screen")) and self.screen.is_file()
 
@@ -288,10 +457,10 @@ class Console:
         )
 
 
-def require_booted(result: Boot | dict[str, object]) -> None:
-    """Raise BootFailed unless the boot reached its marker or a login prompt."""
+def require_booted(result: Boot | dict[str, object], *, degraded_ok: bool = True) -> None:
+    """Raise BootFailed if the boot failed (or, with ``degraded_ok=False``, was degraded too)."""
     r = result.to_dict() if isinstance(result, Boot) else result
-    if r["verdict"] != "booted":
+    if r["verdict"] == "failed" or (r["verdict"] == "degraded" and not degraded_ok):
         detail = f": {r['matched']}" if r.get("matched") else ""
         raise BootFailed(
             f"{Path(str(r['image'])).name} did not boot on {r['target']} ({r['controller']}, {r['accel']}): "

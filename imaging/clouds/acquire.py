@@ -232,7 +232,7 @@ def _acquire(src: Source, ws: Workspace) -> Instance:
         fs = ext.info(ext.device(part))
         if fs.size_bytes < root.length:
             os.truncate(part, fs.size_bytes)  # bytes past the filesystem's end are not the instance's
-        verdict = ext.fsck(ext.device(part), repair=True)
+        verdict = ext.fsck(ext.device(part), repair=True, discard=True)
         fs = ext.info(ext.device(part))
         data = sparse.data_bytes(part)
     return Instance(

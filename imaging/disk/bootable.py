@@ -181,6 +181,14 @@ class Placed(Record):
     seconds: float
 
 
+def instance_now(ws: Workspace) -> dict[str, object]:
+    """What 00-acquire recorded of the instance, with its filesystem's size as it is now (20-migrate
+    grows it to install packages)."""
+    fs = ext.info(ext.device(ws.instance))
+    return {**ws.result("00-acquire"), "size_bytes": fs.size_bytes, "block_size": fs.block_size,
+            "block_count": fs.block_count}  # fmt: skip
+
+
 def place_filesystem(
     ws: Workspace,
     instance: dict[str, object],

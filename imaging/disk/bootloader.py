@@ -174,6 +174,9 @@ def install_grub(
     grub_dir = str(migration.get("grub_dir") or "/boot/grub")
     legacy = migration.get("grub_legacy_conf") or None
     args = " ".join(a for a in (str(migration.get("kernel_args") or ""), kernel_args) if a)
+    # The kernel 20-migrate chose for the target (it has the target's drivers) boots by default.
+    chosen = str(migration.get("kernel") or "")
+    kernels.sort(key=lambda k: k.version != chosen)
     config = grub_config(
         kernels, uuid, title=_title(guest), timeout=timeout, kernel_args=args, legacy_menu=legacy
     )

@@ -131,14 +131,31 @@ def _summary(result: tools.CommandResult) -> str:
     return "; ".join(lines[-2:] if result.exit_code >= 4 else lines[-1:])
 
 
-def fsck(dev: str, *, repair: bool, check: bool = True) -> FsckVerdict:
+def fsck(dev: str, *, repair: bool, check: bool = True, discard: bool = False) -> FsckVerdict:
     """Full check; with ``repair`` answer yes to every fix (the copy is ours, never the source).
-    Without ``repair`` the filesystem is opened read-only. ``check`` raises on a bad verdict."""
-    result = tools.run(["e2fsck", "-f", "-y" if repair else "-n", dev], ok_codes=range(256), timeout=3600)
+    Without ``repair`` the filesystem is opened read-only. ``check`` raises on a bad verdict.
+    ``discard`` punches holes where blocks are free: what deleted files left behind (a cloud
+    instance's disk is full of it, and so is a copy that installed packages) is no data to copy,
+    convert or deflate in any later stage, and it does not travel in the artifact."""
+    options = ["-E", "discard"] if discard and repair else []
+    result = tools.run(
+        ["e2fsck", "-f", "-y" if repair else "-n", *options, dev], ok_codes=range(256), timeout=3600
+    )
     verdict = FsckVerdict(result.exit_code, _summary(result))
     if check and not verdict.ok:
         raise SourceError(f"e2fsck: the filesystem is corrupt beyond repair: {verdict}")
     return verdict
+
+
+def grow(image: Path, extra: int) -> int:
+    """Grow the partitionless filesystem ``image`` (a file we own) by about ``extra`` bytes, sparse:
+    the new blocks cost nothing until written. Returns the new size in bytes."""
+    fs = info(device(image))
+    blocks = fs.block_count + extra // fs.block_size
+    os.truncate(image, blocks * fs.block_size)
+    fsck(device(image), repair=True)  # resize2fs wants a checked filesystem
+    tools.run(["resize2fs", image, str(blocks)], timeout=3600)
+    return blocks * fs.block_size
 
 
 def resize_in_disk(disk: Path, offset: int, blocks: int, block_size: int, old_blocks: int) -> bool:

@@ -19,7 +19,7 @@ import pandas as pd
 from IPython.display import display
 
 from imaging import config
-from imaging.errors import ImagingError
+from imaging.errors import GuestError, ImagingError
 from imaging.explore import steps
 from imaging.guest import clean
 from imaging.run import scraps
@@ -201,7 +201,8 @@ def _label(e: steps.Entry) -> str:
 
 
 class ProfilePanel(Panel):
-    """The profile the stages will use and why; a proposed new one when only generic matched."""
+    """The profile the stages will use and why; a proposed new one when no profile knows the guest
+    (or generic was asked for)."""
 
     def __init__(self, explorer: Explorer) -> None:
         super().__init__(explorer)
@@ -214,7 +215,13 @@ class ProfilePanel(Panel):
 
     def refresh(self) -> None:
         def detect() -> None:
-            detected, rules = self.session.detected()
+            try:
+                detected, rules = self.session.detected()
+            except GuestError as e:  # no profile knows the guest: propose one from what it holds
+                self.found.value = f"<p>{html.escape(str(e))}</p>"
+                self.explorer.seen["profile"] = {"name": None, "reason": str(e)}
+                self.propose()
+                return
             rows = [
                 {"profile": r.profile, "rule": r.rule, "holds": "yes" if r.holds else "no"} for r in rules
             ]

@@ -25,15 +25,18 @@ def reading(ws: Workspace) -> Iterator[Guest]:
 
 
 @contextlib.contextmanager
-def editing(ws: Workspace) -> Iterator[Guest]:
+def editing(ws: Workspace, *, grow: int = 0) -> Iterator[Guest]:
     """A copy of the instance, mounted read-write; renamed over ``work/instance.raw`` only when
-    the block completes, so a failed or interrupted stage leaves the instance as it was."""
+    the block completes, so a failed or interrupted stage leaves the instance as it was. With
+    ``grow``, the copy's filesystem has that much more room first (to install packages)."""
     fs = ext.info(ext.device(ws.instance))
     with sparse.atomic_path(ws.instance) as part:
         sparse.create_sparse(part, ws.instance.stat().st_size)
         sparse.copy_range(ws.instance, part, desc="copy instance")
+        if grow:
+            ext.grow(part, grow)
         with mounted(part, readonly=False, fstype=fs.fs_type) as root:
             with Guest(root) as g:
                 yield g
         # Unmounted cleanly; a check proves it before the copy replaces the instance.
-        ext.fsck(ext.device(part), repair=True)
+        ext.fsck(ext.device(part), repair=True, discard=True)

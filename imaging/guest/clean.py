@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from imaging.errors import GuestError, ParameterError
-from imaging.guest import access, clean_ops
+from imaging.guest import access, clean_ops, firstboot
 from imaging.guest.clean_ops import Action, Context
 from imaging.guest.files import Guest
 from imaging.guest.profiles import load_platform, resolve
@@ -66,6 +66,8 @@ class CleanPlan(Record):
     operations: list[str]
     platforms: list[str]
     actions: list[Action] = field(repr=False)
+    # The source's SSH host keys (SHA256 fingerprints): 50-verify checks none comes back.
+    ssh_host_keys: list[str] = field(default_factory=list)
 
     def table(self) -> pd.DataFrame:
         import pandas as pd
@@ -90,6 +92,7 @@ class CleanPlan(Record):
                 for a in self.actions
             ],
             "removed_bytes": sum(a.bytes for a in self.actions if a.action != "edit"),
+            "ssh_host_keys": self.ssh_host_keys,
         }
 
 
@@ -107,7 +110,8 @@ def _plan(
     # What lies inside a directory another operation removes needs no action of its own.
     gone = [a.path + "/" for a in actions if a.action == "remove"]
     actions = [a for a in actions if not any(a.path.startswith(g) for g in gone)]
-    return CleanPlan(detected.profile.name, detected.reason, names, platforms, actions)
+    keys = firstboot.host_key_fingerprints(guest)
+    return CleanPlan(detected.profile.name, detected.reason, names, platforms, actions, keys)
 
 
 def plan(ws: Workspace, spec: list[str], *, profile: str = "auto", platforms: list[str] | None = None,

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from imaging.guest import firstboot
 from imaging.guest.edits import redact_shadow
 from imaging.guest.files import Guest, unified_diff
 from imaging.guest.profiles import Block, Platform, Profile
@@ -75,6 +76,11 @@ SSH_HOST_KEYS = "/etc/ssh/ssh_host_*"
 UDEV_RULES = ("/etc/udev/rules.d/70-persistent-net.rules", "/etc/udev/rules.d/70-persistent-cd.rules")
 IFCFG = ("/etc/sysconfig/network-scripts/ifcfg-*", "/etc/sysconfig/network/ifcfg-*")
 HWADDR = re.compile(r"^\s*(HWADDR|MACADDR)\s*=.*\n?", re.MULTILINE)
+MAC_KEY = re.compile(
+    r"^\s*(MACAddress|PermanentMACAddress)\s*=.*\n?", re.MULTILINE
+)  # systemd-networkd [Match]
+NM_MAC = re.compile(r"^\s*mac-address\s*=.*\n?", re.MULTILINE)  # NetworkManager [ethernet]
+DHCP_LEASES = ("/var/lib/dhcp", "/var/lib/dhclient", "/var/lib/NetworkManager/dhclient", "/var/lib/dhcpcd")
 CLOUD_INIT = (
     "/var/lib/cloud/instance",
     "/var/lib/cloud/instances",
@@ -180,12 +186,24 @@ def logfiles(ctx: Context) -> list[Action]:
     return sorted(actions, key=lambda a: a.path)
 
 
-@operation("machine-id", "Empty the machine ID, which the first boot makes anew")
+@operation("machine-id", "Reset the machine ID, which the first boot makes anew")
 def machine_id(ctx: Context) -> list[Action]:
-    st = ctx.guest.lstat("/etc/machine-id")
-    regular = st is not None and stat.S_ISREG(st.st_mode) and st.st_size > 0
-    actions = [Action("machine-id", "/etc/machine-id", "truncate", st.st_size)] if st and regular else []
-    return actions + _remove("machine-id", ctx.guest, "/var/lib/dbus/machine-id")
+    # systemd makes a new one at boot only from "uninitialized" (which also makes it a first
+    # boot); an empty file does not. Without systemd an empty file is what D-Bus's tools expect.
+    g = ctx.guest
+    st = g.lstat("/etc/machine-id")
+    actions = []
+    if st is not None and stat.S_ISREG(st.st_mode):
+        if firstboot.runs_systemd(g):
+            actions += _edit("machine-id", g, "/etc/machine-id", lambda t: "uninitialized\n")
+        elif st.st_size:
+            actions.append(Action("machine-id", "/etc/machine-id", "truncate", st.st_size))
+    # D-Bus's copy: a file holding the old id goes (dbus makes it again, or reads systemd's);
+    # a link to /etc/machine-id stays, it follows the new one.
+    dbus = g.lstat("/var/lib/dbus/machine-id")
+    if dbus is not None and not stat.S_ISLNK(dbus.st_mode):
+        actions += _remove("machine-id", g, "/var/lib/dbus/machine-id")
+    return actions
 
 
 @operation("udev-persistent-net", "Remove udev's persistent rules that tie interface names to MAC addresses")
@@ -193,10 +211,46 @@ def udev_persistent_net(ctx: Context) -> list[Action]:
     return [a for p in UDEV_RULES for a in _remove("udev-persistent-net", ctx.guest, p)]
 
 
-@operation("net-hwaddr", "Remove HWADDR and MACADDR lines from the network configuration")
+def _without_mac_match(text: str) -> str:
+    """netplan: drop ``match: {macaddress: ...}`` (and the ``set-name`` that goes with it), so an
+    interface is found by its name on a NIC with another MAC address."""
+    out: list[str] = []
+    for line in text.splitlines(keepends=True):
+        if re.match(r"^\s*(macaddress|set-name)\s*:", line):
+            continue
+        out.append(line)
+    # A match: that is left empty would match every interface: remove it too.
+    kept: list[str] = []
+    for i, line in enumerate(out):
+        nxt = out[i + 1] if i + 1 < len(out) else ""
+        indent = len(line) - len(line.lstrip())
+        if re.match(r"^\s*match\s*:\s*$", line) and len(nxt) - len(nxt.lstrip()) <= indent:
+            continue
+        kept.append(line)
+    return "".join(kept)
+
+
+@operation("net-hwaddr", "Remove the MAC addresses network configurations are pinned to")
 def net_hwaddr(ctx: Context) -> list[Action]:
-    paths = [p for pattern in IFCFG for p in ctx.guest.glob(pattern)]
-    return [a for p in paths for a in _edit("net-hwaddr", ctx.guest, p, lambda t: HWADDR.sub("", t))]
+    g = ctx.guest
+    actions = [
+        a
+        for pattern in IFCFG
+        for p in g.glob(pattern)
+        for a in _edit("net-hwaddr", g, p, lambda t: HWADDR.sub("", t))
+    ]
+    for p in g.glob("/etc/netplan/*.yaml"):
+        actions += _edit("net-hwaddr", g, p, _without_mac_match)
+    for p in [*g.glob("/etc/systemd/network/*.network"), *g.glob("/etc/systemd/network/*.link")]:
+        actions += _edit("net-hwaddr", g, p, lambda t: MAC_KEY.sub("", t))
+    for p in g.glob("/etc/NetworkManager/system-connections/*"):
+        actions += _edit("net-hwaddr", g, p, lambda t: NM_MAC.sub("", t))
+    return actions
+
+
+@operation("dhcp-client-state", "Remove DHCP clients' leases, which name the old network and address")
+def dhcp_client_state(ctx: Context) -> list[Action]:
+    return [a for d in DHCP_LEASES for a in _contents("dhcp-client-state", ctx.guest, d)]
 
 
 @operation("cloud-init", "Remove cloud-init's state of this instance, so the next boot is a first boot")

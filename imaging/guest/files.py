@@ -196,9 +196,32 @@ class Guest:
         data = self.read_bytes(path)
         return None if data is None else data.decode("utf-8", errors="surrogateescape")
 
+    def makedirs(self, path: str, mode: int = 0o755) -> None:
+        """``mkdir -p`` inside the guest: each missing directory made in its parent as resolved
+        in the guest, so a symlinked component still cannot lead outside."""
+        done = "/"
+        for part in _norm(path).strip("/").split("/"):
+            if not part:
+                continue
+            with self._fd(done, os.O_PATH | os.O_DIRECTORY) as fd:
+                try:
+                    os.mkdir(part, mode, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            done = posixpath.join(done, part)
+        if not self.is_dir(path):
+            raise GuestError(f"{path} in the guest is not a directory")
+
+    def _parents(self, path: str) -> None:
+        parent = posixpath.dirname(_norm(path))
+        if parent != "/" and not self.is_dir(parent):
+            self.makedirs(parent)
+
     def write_text(self, path: str, text: str, mode: int = 0o644) -> None:
-        """Replace the content in place (same inode, owner, mode); create the file if missing."""
+        """Replace the content in place (same inode, owner, mode); create the file (and its
+        missing directories) if missing."""
         data = text.encode("utf-8", errors="surrogateescape")
+        self._parents(path)
         with self._fd(path, os.O_WRONLY | os.O_CREAT, mode) as fd:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise GuestError(f"{path} in the guest is not a regular file")
@@ -251,6 +274,7 @@ class Guest:
         return [r for name in self.listdir(path) if (r := self.remove(posixpath.join(path, name)))]
 
     def symlink(self, target: str, path: str) -> None:
+        self._parents(path)
         with self._parent(path) as (fd, name):
             try:
                 os.unlink(name, dir_fd=fd)

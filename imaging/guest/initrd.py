@@ -7,20 +7,28 @@ update-initramfs), run inside the guest (see sandbox.py), for a kernel that is n
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
+import io
 import lzma
 import re
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import zstandard
 
 from imaging.disk.bootloader import INITRD_PATTERNS, version_key
 from imaging.disk.debugfs import safe_name
-from imaging.errors import GuestError, ParameterError
+from imaging.errors import CommandError, GuestError, ParameterError
 from imaging.guest import sandbox
 from imaging.guest.files import Guest
 from imaging.guest.profiles import Profile
 from imaging.records import Record
+
+if TYPE_CHECKING:
+    from imaging.config import Target
 
 _VMLINUZ = re.compile(r"^(vmlinuz|vmlinux|kernel)-(.+)$")
 
@@ -50,9 +58,11 @@ def kernels(guest: Guest) -> list[GuestKernel]:
     return found
 
 
-def choose_kernel(guest: Guest, wanted: str = "") -> GuestKernel:
+def choose_kernel(guest: Guest, wanted: str = "", drivers: list[str] | None = None) -> GuestKernel:
     """The kernel to boot on the target: the one asked for, or the newest that is not Xen-only
-    and has its modules; a clear error when only Xen kernels are there."""
+    and has its modules, among them first those that have every one of ``drivers`` (a cloud
+    kernel beside the generic one: the generic one has AHCI and e1000); a clear error when
+    only Xen kernels are there."""
     found = kernels(guest)
     if wanted:
         for k in found:
@@ -61,8 +71,14 @@ def choose_kernel(guest: Guest, wanted: str = "") -> GuestKernel:
         raise ParameterError(
             f"the guest has no kernel {wanted!r} in /boot (has: {', '.join(k.version for k in found) or 'none'})"
         )
+
+    def fits(k: GuestKernel) -> bool:
+        return all(module_available(guest, k.version, m) for m in drivers or [])
+
     usable = sorted(
-        (k for k in found if not k.xen and k.modules), key=lambda k: version_key(k.version), reverse=True
+        (k for k in found if not k.xen and k.modules),
+        key=lambda k: (fits(k), version_key(k.version)),
+        reverse=True,
     )
     if usable:
         return usable[0]
@@ -89,23 +105,123 @@ def module_available(guest: Guest, version: str, module: str) -> bool:
     return False
 
 
-def list_initrd(data: bytes) -> list[str]:
-    """The file names in a newc cpio initrd (plain, gzip or xz), to show what it carries."""
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    elif data[:6] == b"\xfd7zXZ\x00":
-        data = lzma.decompress(data)
-    names, pos = [], 0
-    while pos + 110 <= len(data) and data[pos : pos + 6] in (b"070701", b"070702"):
-        namesize = int(data[pos + 94 : pos + 102], 16)
-        filesize = int(data[pos + 54 : pos + 62], 16)
-        name = data[pos + 110 : pos + 110 + namesize - 1].decode(errors="replace")
-        if name == "TRAILER!!!":
+# The compressions initramfs tools use, by their magic bytes.
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2"}
+_CPIO = (b"070701", b"070702")
+# What listing an initrd may decompress: real ones are a few hundred MiB at most; a few MB of
+# compressed zeros would otherwise become tens of GB in this process.
+LIST_CAP = 1 << 30
+_CHUNK = 1 << 20
+
+
+class _Reader(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class _Capped(io.RawIOBase):
+    """A decompressing reader that refuses to produce more than ``cap`` bytes."""
+
+    def __init__(self, inner: _Reader, cap: int, what: str) -> None:
+        self.inner, self.left, self.what = inner, cap, what
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.inner.read(min(len(buffer), self.left + 1))
+        if len(data) > self.left:
+            raise GuestError(f"{self.what} decompresses to more than {LIST_CAP >> 20} MiB: refused")
+        self.left -= len(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _decompressing(kind: str, data: Any) -> _Reader:  # any binary file object
+    if kind == "gzip":
+        return gzip.GzipFile(fileobj=data)
+    if kind == "xz":
+        return lzma.LZMAFile(data)
+    if kind == "bzip2":
+        return bz2.BZ2File(data)
+    reader: _Reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+    return reader
+
+
+def _read(stream: _Reader, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = stream.read(n - len(out))
+        if not chunk:
             break
+        out += chunk
+    return out
+
+
+def _skip(stream: _Reader, n: int) -> None:
+    while n > 0:
+        chunk = stream.read(min(n, _CHUNK))
+        if not chunk:
+            return
+        n -= len(chunk)
+
+
+def _cpio_names(stream: _Reader, names: list[str]) -> bytes:
+    """Append the names of one newc archive; return what follows its trailer (a few bytes, to
+    recognise the next segment), or b"" at the end."""
+    while True:
+        header = _read(stream, 110)
+        if len(header) < 110 or header[:6] not in _CPIO:
+            return b""
+        namesize = int(header[94:102], 16)
+        filesize = int(header[54:62], 16)
+        name = _read(stream, namesize)[:-1].decode(errors="replace")
+        _skip(stream, (-(110 + namesize)) % 4)
+        if name == "TRAILER!!!":
+            # Archives are padded with zeros to a block; the next segment starts after them.
+            while (word := _read(stream, 4)) == b"\0\0\0\0":
+                pass
+            return word
         names.append(name)
-        pos = (pos + 110 + namesize + 3) & ~3
-        pos = (pos + filesize + 3) & ~3
+        _skip(stream, filesize + (-filesize) % 4)
+
+
+def list_initrd(data: bytes, cap: int = LIST_CAP) -> list[str]:
+    """The file names in an initrd: newc cpio archives one after another (an uncompressed one
+    first for early microcode, as Debian's are), plain or compressed with gzip, xz, zstd or
+    bzip2, read as streams with a cap on the bytes decompressed."""
+    names: list[str] = []
+    stream: _Reader = io.BytesIO(data)
+    head = _read(stream, 6)
+    while head:
+        kind = next((k for magic, k in _COMPRESSED.items() if head.startswith(magic)), None)
+        rest = io.BufferedReader(_RestOf(head, stream))  # the bytes already read, then the rest
+        if kind:
+            stream = io.BufferedReader(_Capped(_decompressing(kind, rest), cap, "the initrd"), _CHUNK)
+        elif head[:6] in _CPIO:
+            stream = rest
+        else:
+            break
+        head = _cpio_names(stream, names)
+        if head and len(head) < 6:
+            head += _read(stream, 6 - len(head))
     return names
+
+
+class _RestOf(io.RawIOBase):
+    def __init__(self, head: bytes, stream: _Reader) -> None:
+        self.head, self.stream = head, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.head:
+            n = min(len(buffer), len(self.head))
+            buffer[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        data = self.stream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def initrd_modules(names: list[str]) -> list[str]:
@@ -124,19 +240,30 @@ class Initrd(Record):
     modules: str  # the driver modules it carries, comma-separated
 
 
-def rebuild(
-    guest: Guest, profile: Profile, kernel: GuestKernel, modules: list[str], storage: list[str]
-) -> Initrd:
-    """Rebuild the kernel's initrd with ``modules`` using the guest's own tool, in the sandbox.
+def check_drivers(guest: Guest, profile: Profile, kernel: GuestKernel, target: Target) -> None:
+    """The kernel must drive the target's disk and NIC: else one line naming the package that does."""
+    wanted = [*target.initrd_modules, target.nic_module]
+    missing = [m for m in dict.fromkeys(wanted) if not module_available(guest, kernel.version, m)]
+    if missing:
+        fix = (f"install a kernel that has them: --install {profile.kernel_package}" if profile.kernel_package
+               else "install a kernel that has them (--install PACKAGE)")  # fmt: skip
+        raise GuestError(
+            f"kernel {kernel.version} in the guest has no module {', '.join(missing)}, which target "
+            f"{target.name} needs ({target.disk_controller} disk, {target.nic} NIC): {fix}"
+        )
+
+
+def rebuild(guest: Guest, profile: Profile, kernel: GuestKernel, target: Target) -> Initrd:
+    """Rebuild the kernel's initrd with the target's modules using the guest's own tool, in the
+    sandbox.
 
     A profile without a tool (a KVM-style guest) keeps its initrd: it then only has to reach
-    the disk, through one of the ``storage`` drivers built in or carried."""
+    the disk, through one of the target's storage drivers built in or carried."""
     tool = profile.initrd
     if tool is None:
-        return _check_only(guest, kernel, storage)
-    missing = [m for m in modules if not module_available(guest, kernel.version, m)]
-    if missing:
-        raise GuestError(f"kernel {kernel.version} in the guest has no module {', '.join(missing)}")
+        return _check_only(guest, kernel, target.storage_modules)
+    modules = target.initrd_modules
+    check_drivers(guest, profile, kernel, target)
     if not guest.exists(tool.tool):
         raise GuestError(f"the guest has no {tool.tool} to rebuild its initrd (profile {profile.name})")
     image = tool.image.format(version=kernel.version)
@@ -210,7 +337,8 @@ def check_package(name: str) -> str:
 
 def run_packages(guest: Guest, profile: Profile, install: list[str], remove: list[str]) -> list[str]:
     """Remove, then install packages with the guest's package manager (before anything else
-    changes, as the original did: removing after installing takes dependencies with it)."""
+    changes, as the original did: removing after installing takes dependencies with it). The
+    package index is fetched first (cloud images ship without one)."""
     done = []
     for names, verb in ((remove, "remove"), (install, "install")):
         if not names:
@@ -219,8 +347,41 @@ def run_packages(guest: Guest, profile: Profile, install: list[str], remove: lis
             raise ParameterError(f"profile {profile.name} has no package manager for {verb}")
         for name in names:
             check_package(name)
-        prefix = profile.packages.remove if verb == "remove" else profile.packages.install
+        manager = profile.packages
+        if verb == "install" and manager.refresh:
+            _package_tool(
+                guest, manager.refresh, manager.env, "the guest's package index could not be fetched"
+            )
+            done.append(" ".join(manager.refresh))
+        prefix = manager.remove if verb == "remove" else manager.install
         # Installing needs the network (the guest's own repositories); removing does not.
-        sandbox.run(guest.root, [*prefix, *names], network=verb == "install")
+        _package_tool(guest, [*prefix, *names], manager.env, f"{verb} {' '.join(names)} failed in the guest",
+                      network=verb == "install")  # fmt: skip
         done.append(f"{verb} {' '.join(names)}")
+        if verb == "install" and manager.cleanup:
+            _package_tool(guest, manager.cleanup, manager.env, "the downloaded packages could not be removed",
+                          network=False)  # fmt: skip
+            done.append(" ".join(manager.cleanup))
     return done
+
+
+# The line of a package manager's output that says what went wrong (apt's "E: ...", yum's "No package").
+_PACKAGE_ERROR = re.compile(
+    r"^(E: .*|Err:.*|No package .*|No Match for argument.*|Error: .*)$", re.MULTILINE
+)
+
+
+def _package_tool(
+    guest: Guest, argv: list[str], env: dict[str, str], what: str, *, network: bool = True
+) -> None:
+    try:
+        sandbox.run(guest.root, argv, network=network, env=env)
+    except CommandError as e:
+        output = f"{getattr(e.result, 'stdout', '')}\n{getattr(e.result, 'stderr', '')}"
+        found = _PACKAGE_ERROR.findall(output)
+        # apt's first "E:" says why ("Failed to fetch ... Connection refused", "Unable to locate").
+        found = [f for f in found if f.startswith("E: ")] or found
+        detail = found[0] if found else (output.strip().splitlines() or ["no output"])[-1]
+        if "No space left on device" in output:
+            detail = "no space left in the guest's filesystem: give it more with --packages-room"
+        raise GuestError(f"{what} ({' '.join(argv)}: {detail.strip()[:200]})") from None

@@ -11,6 +11,7 @@ the instance's place only when all went well.
 
 from __future__ import annotations
 
+import posixpath
 import re
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from imaging import config
 from imaging.disk.bootloader import INITRD_PATTERNS, version_key
 from imaging.errors import GuestError, ParameterError
-from imaging.guest import access, edits, initrd
+from imaging.guest import access, edits, firstboot, initrd
 from imaging.guest.files import Guest, unified_diff
 from imaging.guest.profiles import Profile, load_platform, resolve
 from imaging.records import Record
@@ -45,6 +46,7 @@ class MigrateOptions(BaseModel):
     root_password_hash_file: str = ""  # a file holding a crypt(3) hash; never plain text
     packages_install: list[str] = []
     packages_remove: list[str] = []
+    packages_room: str = "2G"  # the filesystem grows by this before packages are installed
     kernel: str = ""  # a kernel version; "" = the newest that is not Xen-only
 
 
@@ -66,6 +68,7 @@ class MigrationPlan(Record):
     kernel_args: str
     grub_dir: str
     packages: list[str]
+    first_boot: dict[str, object]
     changes: list[Change] = field(repr=False)
 
     def table(self) -> pd.DataFrame:
@@ -156,12 +159,34 @@ def _password(profile: Profile, options: MigrateOptions, g: Guest) -> list[Chang
                  lambda t: edits.shadow_root(t, crypt_hash, today), redact=edits.redact_shadow)  # fmt: skip
 
 
+def _first_boot(g: Guest, profile: Profile, found: firstboot.Facts) -> list[Change]:
+    """What the first boot on the target needs and the guest does not do itself."""
+    unit = firstboot.ssh_keygen_unit(g, found, profile.ssh_host_keys)
+    if unit is None:
+        return []
+    path = firstboot.SSH_KEYGEN_UNIT
+    link = f"/etc/systemd/system/multi-user.target.wants/{posixpath.basename(path)}"
+    old = g.read_text(path) if g.is_file(path) else ""
+    changes = []
+    if old != unit:
+        changes.append(Change(path, "SSH host keys made on the first boot (the source's were removed)",
+                              unified_diff(path, old or "", unit), lambda guest: guest.write_text(path, unit)))  # fmt: skip
+    if not (g.is_symlink(link) and g.readlink(link) == path):
+        changes.append(Change(link, "that unit enabled", f"--- a{link}\n+++ b{link}\n@@ symlink @@\n+{link} -> {path}\n",
+                              lambda guest: guest.symlink(path, link)))  # fmt: skip
+    return changes
+
+
+def _kernel_args(options: MigrateOptions, found: firstboot.Facts) -> list[str]:
+    """Arguments for every kernel line: SELinux as asked, NIC names that match the configuration."""
+    return (["enforcing=0"] if options.enforcing_arg else []) + firstboot.kernel_args(found)
+
+
 def _changes(g: Guest, profile: Profile, target: config.Target, options: MigrateOptions,
-             instance: dict[str, object], kernel: initrd.GuestKernel) -> tuple[list[Change], str]:  # fmt: skip
+             instance: dict[str, object], kernel: initrd.GuestKernel,
+             found: firstboot.Facts) -> tuple[list[Change], str]:  # fmt: skip
     uuid, label = str(instance["uuid"]), str(instance.get("label", ""))
-    args = " ".join(
-        ["ro", "console=tty0", "console=ttyS0,115200n8"] + (["enforcing=0"] if options.enforcing_arg else [])
-    )
+    args = " ".join(["ro", "console=tty0", "console=ttyS0,115200n8", *_kernel_args(options, found)])
     hooks = [h for p in options.platforms for h in load_platform(p).boot_hooks]
     getty = profile.serial_getty if options.xen_console == "serial" else None
     changes = [
@@ -176,6 +201,7 @@ def _changes(g: Guest, profile: Profile, target: config.Target, options: Migrate
         *_edit(g, profile.rc_local, "the cloud's boot hooks removed", lambda t: edits.without_hooks(t, hooks)),
         *_grub_legacy(g, profile, kernel, uuid, args),
         *_password(profile, options, g),
+        *_first_boot(g, profile, found),
     ]  # fmt: skip
     return changes, args
 
@@ -184,8 +210,9 @@ def _plan(g: Guest, ws: Workspace, target_name: str, options: MigrateOptions) ->
     target = config.load_target(target_name)
     detected = resolve(g, options.profile)
     profile = detected.profile
-    kernel = initrd.choose_kernel(g, options.kernel)
-    changes, args = _changes(g, profile, target, options, ws.result("00-acquire"), kernel)
+    kernel = initrd.choose_kernel(g, options.kernel, [*target.initrd_modules, target.nic_module])
+    found = firstboot.facts(g)
+    changes, args = _changes(g, profile, target, options, ws.result("00-acquire"), kernel, found)
     packages = [f"remove {' '.join(options.packages_remove)}"] * bool(options.packages_remove)
     packages += [f"install {' '.join(options.packages_install)}"] * bool(options.packages_install)
     return MigrationPlan(
@@ -194,9 +221,10 @@ def _plan(g: Guest, ws: Workspace, target_name: str, options: MigrateOptions) ->
         target=target.name,
         kernel=kernel.version,
         initrd_modules=target.initrd_modules,
-        kernel_args="enforcing=0" if options.enforcing_arg else "",
+        kernel_args=" ".join(_kernel_args(options, found)),
         grub_dir=profile.grub_dir,
         packages=packages,
+        first_boot={"ssh": found.sshd, "dhcp": found.dhcp, "why": found.why},
         changes=changes,
     )
 
@@ -221,6 +249,7 @@ class Migrated(Record):
     kernel_args: str
     grub_dir: str
     grub_legacy_conf: str
+    first_boot: dict[str, object]  # what 50-verify requires of the boot: sshd, DHCP (and why)
 
 
 def apply(
@@ -229,15 +258,16 @@ def apply(
     """Migrate a copy of the instance and put it in the instance's place."""
     options = options or MigrateOptions()
     tgt = config.load_target(target)
-    with access.editing(ws) as g:
+    room = config.parse_disk_size(options.packages_room)[1] if options.packages_install else 0
+    with access.editing(ws, grow=room) as g:
         profile = resolve(g, options.profile).profile
         # Packages first: what they install (a kernel, mkinitrd) is what the edits then see.
         packages = initrd.run_packages(g, profile, options.packages_install, options.packages_remove)
         done = _plan(g, ws, target, options)
         for change in done.changes:
             change.apply(g)
-        kernel = initrd.choose_kernel(g, options.kernel)
-        made = initrd.rebuild(g, profile, kernel, tgt.initrd_modules, tgt.storage_modules)
+        kernel = initrd.choose_kernel(g, options.kernel, [*tgt.initrd_modules, tgt.nic_module])
+        made = initrd.rebuild(g, profile, kernel, tgt)
         if not g.exists(kernel.vmlinuz):
             raise GuestError(f"the kernel {kernel.vmlinuz} vanished during migration")
     return done, Migrated(
@@ -253,6 +283,7 @@ def apply(
         kernel_args=done.kernel_args,
         grub_dir=done.grub_dir,
         grub_legacy_conf=profile.grub_legacy_conf or "",
+        first_boot=done.first_boot,
     )
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imaging import config
-from imaging.errors import ParameterError
+from imaging.errors import GuestError, ParameterError
 from imaging.guest.files import Guest
 
 _GUEST_PATH = r"^/[A-Za-z0-9._+@/*-]*$"
@@ -51,6 +51,9 @@ class InitrdTool(_Strict):
 class Packages(_Strict):
     install: list[str]  # argv prefix, package names follow
     remove: list[str]
+    refresh: list[str] = []  # fetches the package index first (cloud images ship without one)
+    cleanup: list[str] = []  # drops the downloaded packages afterwards (they would travel in the image)
+    env: dict[Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")], str] = {}
 
 
 class Profile(_Strict):
@@ -71,6 +74,11 @@ class Profile(_Strict):
     grub_dir: GuestPath = "/boot/grub"  # where 30-bootable installs GRUB 2 and its grub.cfg
     initrd: InitrdTool | None = None
     packages: Packages | None = None
+    # The package whose kernel has every target's drivers (named when the guest's kernel lacks one).
+    kernel_package: str | None = None
+    # Who makes new SSH host keys on the first boot: systemd (a one-shot unit 20-migrate writes),
+    # distro (its sshd start-up does, as CentOS's), auto (the unit if the guest runs systemd).
+    ssh_host_keys: Literal["systemd", "distro", "auto"] = "auto"
     clean: list[str] = ["defaults"]
 
 
@@ -154,14 +162,25 @@ def check_rules(guest: Guest) -> list[RuleCheck]:
     ]
 
 
+def _os_name(guest: Guest) -> str:
+    text = guest.read_text("/etc/os-release") if guest.is_file("/etc/os-release") else None
+    m = re.search(r'^PRETTY_NAME="?([^"\n]*)', text or "", re.MULTILINE)
+    name = re.sub(r"[^A-Za-z0-9 ._()/+-]", "", m.group(1) if m else "")[:60].strip()
+    return f" ({name})" if name else ""
+
+
 def detect(guest: Guest) -> Detected:
-    """The first profile (in name order, ``generic`` last) whose every rule holds for the guest."""
+    """The first distro profile (in name order) whose every rule holds for the guest. ``generic``
+    is never guessed: a guest no profile knows is an error that says how to make one."""
     for name in _in_order():
         profile = load_profile(name)
-        if all(_holds(guest, rule) for rule in profile.detect):
-            reasons = "; ".join(_describe(rule) for rule in profile.detect)
-            return Detected(profile, reasons or "no other profile matched")
-    raise ParameterError("no profile matches the guest, not even generic")
+        if profile.detect and all(_holds(guest, rule) for rule in profile.detect):
+            return Detected(profile, "; ".join(_describe(rule) for rule in profile.detect))
+    raise GuestError(
+        f"no profile knows this guest{_os_name(guest)}: propose one from the guest with notebooks/explore.ipynb "
+        "(make lab) and save it under parameters/profiles/, or name one with --profile (generic: a KVM-style "
+        "guest that needs no migration)"
+    )
 
 
 def resolve(guest: Guest, name: str) -> Detected:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imaging import tools
+from imaging.guest.files import Guest
 
 # Enough to build an initrd or install packages (owners, modes, device nodes, setuid bits);
 # not mount, ptrace, module loading, raw I/O or network administration.
@@ -26,7 +27,26 @@ def describe(network: bool = False) -> str:
     return f"bubblewrap: guest as /, minimal /dev, own /proc, read-only /sys, {net}, capabilities dropped"
 
 
-def argv(root: Path, command: list[str], *, network: bool = False) -> list[str]:
+def _resolver(root: Path) -> list[str]:
+    """Bind the host's resolv.conf where the guest's resolver will read it, without leaving a
+    trace in the guest: over the guest's own file, or into the sandbox's /run when the guest's
+    is a link there (systemd-resolved, resolvconf). A guest with neither gets nothing: its
+    package manager then says it cannot resolve the mirror."""
+    host = Path("/etc/resolv.conf")
+    if not host.is_file():
+        return []
+    with Guest(root) as g:
+        real = g.realpath("/etc/resolv.conf")
+        if real.startswith("/run/"):
+            return ["--ro-bind", str(host), real]
+        if g.is_file(real):
+            return ["--ro-bind", str(host), real]
+    return []
+
+
+def argv(
+    root: Path, command: list[str], *, network: bool = False, env: dict[str, str] | None = None
+) -> list[str]:
     cmd = [
         "bwrap", "--bind", str(root), "/", "--dev", "/dev", "--proc", "/proc", "--ro-bind", "/sys", "/sys",
         "--tmpfs", "/run", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
@@ -35,16 +55,25 @@ def argv(root: Path, command: list[str], *, network: bool = False) -> list[str]:
     ]  # fmt: skip
     for cap in _CAPABILITIES:
         cmd += ["--cap-add", cap]
-    if not network:
+    for key, value in (env or {}).items():
+        cmd += ["--setenv", key, value]
+    if network:
+        cmd += _resolver(root)
+    else:
         cmd.append("--unshare-net")
     return [*cmd, "--", *command]
 
 
 def run(
-    root: Path, command: list[str], *, network: bool = False, timeout: float = 1800
+    root: Path,
+    command: list[str],
+    *,
+    network: bool = False,
+    timeout: float = 1800,
+    env: dict[str, str] | None = None,
 ) -> tools.CommandResult:
     """Run ``command`` (a guest path and its arguments, no shell) with the guest as its root."""
     tools.require_tools(
         "bwrap", reason="run the guest's own tools in a sandbox", hint="apt install bubblewrap"
     )
-    return tools.run(argv(root, command, network=network), timeout=timeout)
+    return tools.run(argv(root, command, network=network, env=env), timeout=timeout)

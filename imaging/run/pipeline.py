@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -179,7 +180,11 @@ def run_stage(
     print(f"imaging: [{index}/{total}] {stage} ...", file=err, flush=True)
     t0 = time.monotonic()
     # IPC sockets in the run directory, not TCP on loopback: nothing for other local users to reach.
-    km = KernelManager(kernel_name=KERNEL_NAME, transport="ipc", ip=str(ws.root / ".kernel"))
+    # A socket's path holds 107 bytes at most: for a deep run directory, a private one (0700) in
+    # the temporary directory instead.
+    private = len(str(ws.root / ".kernel-0000000000")) > 100
+    sockets = Path(tempfile.mkdtemp(prefix="imaging-kernel-")) if private else ws.root
+    km = KernelManager(kernel_name=KERNEL_NAME, transport="ipc", ip=str(sockets / ".kernel"))
     # independent: no ipykernel parent poller, which would os._exit() the kernel without cleanup
     # when we die; the stage's own watchdog (stage.py) cleans up first, then exits.
     env = {k: v for k, v in os.environ.items() if k != "JPY_PARENT_PID"}
@@ -210,7 +215,11 @@ def run_stage(
     except BaseException:
         _shutdown(km)
         raise
-    _shutdown(km)
+    else:
+        _shutdown(km)
+    finally:
+        if private:  # after the kernel is gone: it talks through them
+            shutil.rmtree(sockets, ignore_errors=True)
     wall = time.monotonic() - t0
     recorded = scraps.read(tmp)
     if stage not in recorded:
@@ -337,7 +346,22 @@ def _summary(
         "name": request.name,
         "kind": request.kind,
         "size_bytes": artifact.get("size_bytes"),
-        "boot": {k: boot.get(k) for k in ("verdict", "reason", "matched", "accel", "controller", "seconds")},
+        "boot": {
+            k: boot.get(k)
+            for k in (
+                "verdict",
+                "reason",
+                "reasons",
+                "matched",
+                "accel",
+                "controller",
+                "nic",
+                "dhcp",
+                "ssh",
+                "ssh_host_keys",
+                "seconds",
+            )
+        },  # fmt: skip
         "source": request.source,
         "source_sha256": source_sha256,
         **({"published": results["60-publish"]} if "60-publish" in results else {}),

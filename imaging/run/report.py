@@ -96,14 +96,18 @@ def stage_notebooks(root: Path) -> list[tuple[str, int | None, Path]]:
 def _boot_verdict(boot: dict[str, Any]) -> str:
     if not boot:
         return "<span>not checked (this run has no boot check, or it has not run)</span>"
-    ok = boot.get("verdict") == "booted"
+    verdict = boot.get("verdict")
+    ok = verdict == "booted"
+    word = {"booted": "booted", "degraded": "degraded"}.get(str(verdict), "did not boot")
     how = (
         f"{e(boot.get('reason'))} {_code(boot.get('matched'))}"
         if boot.get("matched")
         else e(boot.get("reason"))
     )
+    seen = "".join(f", {label} {_code(boot.get(key))}" for key, label in (("dhcp", "DHCP"), ("ssh", "sshd"))
+                   if boot.get(key))  # fmt: skip
     return (
-        f"<span class='{'ok' if ok else 'bad'}'>{'booted' if ok else 'did not boot'}</span>: {how}, "
+        f"<span class='{'ok' if ok else 'bad'}'>{word}</span>: {how}{seen}, "
         f"{e(boot.get('seconds'))} s, {e(boot.get('controller'))}, {e(boot.get('accel'))}"
     )
 

@@ -25,7 +25,7 @@ class Request(BaseModel):
     source: str
     name: str
     format: str = "qcow2"
-    target: str = "kvm"
+    target: str = ""  # "" = the default target for the format (parameters/defaults.yaml)
     out: str = ""
     layout: Layout
     placement: Placement
@@ -51,6 +51,7 @@ class Request(BaseModel):
     root_password_hash_file: str
     packages_install: list[str]
     packages_remove: list[str]
+    packages_room: str
     kernel: str
     # Image requests (kind image): who may see the published image; names when "selected".
     vis: str = "private"
@@ -59,10 +60,12 @@ class Request(BaseModel):
     @classmethod
     def create(cls, **fields: Any) -> Request:
         """A request from explicit fields, the rest from the defaults; one-line errors."""
-        defaults = config.load_defaults().model_dump(exclude={"pipelines"})
+        defaults = config.load_defaults().model_dump(exclude={"pipelines", "target", "target_by_format"})
         given = {k: v for k, v in fields.items() if v is not None}
         if "boot_marker" not in given and str(given.get("source", "")).startswith("sample:"):
             given["boot_marker"] = catalog.marker_for(str(given["source"]))
+        if "profile" not in given and str(given.get("source", "")).startswith("sample:"):
+            given["profile"] = catalog.profile_for(str(given["source"]))
         try:
             return cls(**{**defaults, **given})
         except ValidationError as e:
@@ -83,7 +86,7 @@ class Request(BaseModel):
     @field_validator("target")
     @classmethod
     def _target(cls, v: str) -> str:
-        return config.load_target(v).name
+        return config.load_target(v).name if v else v
 
     @field_validator("kind")
     @classmethod
@@ -100,6 +103,13 @@ class Request(BaseModel):
     @classmethod
     def _disk_size(cls, v: str) -> str:
         config.parse_disk_size(v)
+        return v
+
+    @field_validator("packages_room")
+    @classmethod
+    def _room(cls, v: str) -> str:
+        if config.parse_disk_size(v)[0] != "absolute":
+            raise ParameterError(f"packages_room {v!r} is not a size like 2G")
         return v
 
     @field_validator("boot_marker")
@@ -168,8 +178,23 @@ class Request(BaseModel):
             raise ParameterError(f"not a kernel version: {v!r}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_target(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and not data.get("target")
+            and isinstance(data.get("format", "qcow2"), str)
+        ):
+            try:
+                data = {**data, "target": config.default_target(data.get("format", "qcow2"))}
+            except ParameterError:
+                pass  # an unknown format is reported by its own field
+        return data
+
     @model_validator(mode="after")
     def _format_options(self) -> Request:
+        config.check_target_format(self.target, self.format)
         if self.compress and self.format != "qcow2":
             raise ParameterError(f"compress applies to qcow2 only, not {self.format}")
         if self.format == "ova" and self.vmdk_subformat is not VmdkSubformat.stream_optimized:

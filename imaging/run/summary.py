@@ -110,6 +110,17 @@ def _verify(r: dict[str, Any]) -> str:
     screen = "the screen at the end is below, beside the serial log" if r.get("screen") else "no screenshot"
     if r["verdict"] == "booted":
         head = f"**Booted**: {text(r['reason'])} {code(r['matched'])} on the serial console"
+        seen = [f"address {code(r['dhcp'])} by DHCP"] if r.get("dhcp") else []
+        seen += (
+            [f"sshd answered with new host keys ({text(', '.join(r['ssh_host_keys']))})"]
+            if r.get("ssh_host_keys")
+            else []
+        )
+        head += ("; " + "; ".join(seen)) if seen else ""
+    elif r["verdict"] == "degraded":
+        reasons = r.get("reasons") or [r["reason"]]
+        head = (f"**Degraded**: it booted ({code(r['matched'])}), but "
+                + "; ".join(text(x) for x in reasons[:8]))  # fmt: skip
     else:
         head = f"**Did not boot**: {text(r['reason'])}" + (
             f": {code(r['matched'])}" if r.get("matched") else ""

@@ -9,17 +9,24 @@ from pathlib import Path
 
 from imaging import config, tools
 from imaging.errors import ParameterError
-from imaging.samples import kvm, packages, xen
+from imaging.samples import debian, kvm, packages, xen
 from imaging.sparse import atomic_path
 
 MARKER = kvm.MARKER
-SAMPLES = ("kvm", "xen")
+# kvm and xen are busybox guests (seconds to build and boot); xen-nogrub is the Xen one without
+# /boot/grub, as clouds that boot their own kernel leave it; debian12 and debian13 are real
+# Debian cloud instances (about a minute each to build, from Debian's mirror).
+SAMPLES = ("kvm", "xen", "xen-nogrub", "debian12", "debian13")
 _BUILDER_VERSION = "1"
 
 
 def _key(name: str) -> str:
     """What a sample is made of: any change to its builder or its packages makes a new one."""
 
+    if name in debian.RELEASES:
+        parts = [_BUILDER_VERSION, name, debian.MIRROR, " ".join(debian.PACKAGES), debian.CHECK, debian.CHECK_UNIT,
+                 debian.INSTANCE_ID, debian.INJECTED_KEY, debian.DATA]  # fmt: skip
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
     parts = [
         _BUILDER_VERSION,
         name,
@@ -28,7 +35,7 @@ def _key(name: str) -> str:
         kvm.ROOT_INIT,
         " ".join(kvm.ROOT_MODULES),
     ]
-    if name == "xen":
+    if name.startswith("xen"):
         parts += [xen.MKINITRD, xen.CHECKS, xen.YUM, xen.RC_LOCAL, xen.INITTAB,
                   xen.SUDOERS, xen.SSHD_CONFIG, " ".join(xen.MODULES)]  # fmt: skip
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
@@ -43,6 +50,8 @@ def ensure_sample(name: str = "kvm", size_mib: int = 512) -> Path:
     dest = out_dir / f"{name}-{_key(name)}.img"
     if dest.exists():
         return dest
+    if name in debian.RELEASES:
+        return _build_debian(name, dest)
     tools.require_tools(
         "mke2fs",
         "cpio",
@@ -54,8 +63,8 @@ def ensure_sample(name: str = "kvm", size_mib: int = 512) -> Path:
     with tempfile.TemporaryDirectory(prefix=f"sample-{name}-") as tmp:
         root = Path(tmp) / "root"
         root.mkdir()
-        if name == "xen":
-            xen.stage_xen_root(root, name)
+        if name.startswith("xen"):
+            xen.stage_xen_root(root, name, grub_dir=name != "xen-nogrub")
         else:
             kvm.stage_kvm_root(root, name)
         kvm.fix_times(root)
@@ -72,11 +81,28 @@ def ensure_sample(name: str = "kvm", size_mib: int = 512) -> Path:
     return dest
 
 
+def _build_debian(name: str, dest: Path) -> Path:
+    # In the cache directory, not /tmp: the tree is half a gigabyte, /tmp may be a small tmpfs.
+    with tempfile.TemporaryDirectory(prefix=f"sample-{name}-", dir=dest.parent) as tmp:
+        root = Path(tmp) / "root"
+        root.mkdir()
+        debian.stage_debian_root(root, name)
+        with atomic_path(dest) as part:
+            debian.make_filesystem(root, part, f"sample-{name}", kvm.sample_uuid(name))
+            part.chmod(0o444)
+    return dest
+
+
 def resolve(source: str) -> Path:
     """``sample:<name>`` -> the sample's image; anything else is a path."""
     if source.startswith("sample:"):
         return ensure_sample(source.removeprefix("sample:"))
     return Path(source)
+
+
+def profile_for(source: str) -> str:
+    """The profile a built-in sample is known to need: the KVM one is no distro, only busybox."""
+    return "generic" if source == "sample:kvm" else "auto"
 
 
 def marker_for(source: str) -> str:

@@ -111,6 +111,8 @@ set -e
 [ "$1" = "-y" ] && shift
 verb=$1
 shift
+[ "$verb" = makecache ] && { echo "Metadata Cache Created"; exit 0; }
+[ "$verb" = clean ] && { echo "0 packages removed"; exit 0; }
 db=/var/lib/sample-rpm
 repo=/var/cache/sample-repo
 for package in "$@"; do
@@ -177,6 +179,9 @@ check "HWADDR removed, the rest of ifcfg-eth0 kept" sh -c '! grep -q HWADDR /etc
 check "cloud-init's instance state removed" sh -c '! ls -d /var/lib/cloud/instance /var/lib/cloud/instances 2>/dev/null'
 check "/tmp and /mnt emptied" sh -c 'left="$(ls -A /tmp /mnt | grep -v -e "^/" -e "^$")"; [ -z "$left" ] || { echo "$left"; false; }'
 check "the Atmosphere agent and its logs removed" sh -c '! ls -d /usr/sbin/atmo_boot /var/log/atmo /etc/atmo 2>/dev/null'
+check "Atmosphere's other leftovers removed" sh -c '! ls -d /etc/rc.local.atmo /usr/sbin/atmo_boot.py /etc/puppet/ssl /var/lib/puppet/run/agent.pid /opt/cyverse/tmp 2>/dev/null'
+check "skel's .bashrc kept without the Atmosphere block" sh -c 'grep -q "alias ll" /etc/skel/.bashrc && ! grep -qi atmo /etc/skel/.bashrc'
+check "sudoers without the Sensu block" sh -c '! grep -qi sensu /etc/sudoers'
 
 check "no Xen console getty in inittab" sh -c '! grep -q xvc0 /etc/inittab'
 check "a getty on ttyS0 in inittab" grep -q "ttyS0" /etc/inittab
@@ -202,6 +207,11 @@ check "rc.local's cloud hook removed" sh -c '! grep -q 169.254.169.254 /etc/rc.d
 check "rc.local runs to its end" timeout 20 sh /etc/rc.d/rc.local
 check "booted the kernel that is not Xen-only" sh -c 'uname -r | grep -vq xen'
 check "the initrd loaded the target's storage driver" grep -Eq "^(virtio_blk|ahci|ata_piix) " /proc/modules
+# ifcfg-eth0 says DHCP: the NIC's driver from modprobe.conf's alias, then a lease, as the
+# network service would get one (the boot check sees the DHCP exchange on the wire too).
+modprobe "$(awk '$1 == "alias" && $2 == "eth0" { print $3 }' /etc/modprobe.conf)" 2>/dev/null
+ip link set eth0 up 2>/dev/null
+check "eth0 got an address by DHCP" udhcpc -i eth0 -n -q -t 5 -T 2 -s /bin/true
 if [ "$fails" = 0 ]; then
   echo "__MARKER__ xen: all $n checks passed"
 else
@@ -270,6 +280,7 @@ done
 ## Atmosphere system
 /usr/sbin/atmo_boot --instance-data /var/lib/atmo
 ## End Atmosphere system
+/etc/rc.local.atmo
 
 echo "$(date) booted" >> /var/log/boot-notes
 """
@@ -283,6 +294,9 @@ root    ALL=(ALL)       ALL
 alice ALL=(ALL) NOPASSWD: ALL
 atmo_admin ALL=(ALL) NOPASSWD: /usr/sbin/atmo_boot
 ## End Atmosphere system
+# Begin Sensu
+sensu ALL=(ALL) NOPASSWD: /usr/lib64/nagios/plugins/check_disk
+# End Sensu
 """
 
 SSHD_CONFIG = """\
@@ -308,7 +322,9 @@ def _owned(root: Path, path: str, text: str, uid: int, gid: int, mode: int) -> N
     os.chown(root / path.lstrip("/"), uid, gid)
 
 
-def stage_xen_root(root: Path, name: str) -> None:
+def stage_xen_root(root: Path, name: str, *, grub_dir: bool = True) -> None:
+    """The Xen sample's tree; without ``grub_dir`` there is no /boot/grub at all, as on clouds that
+    boot their own kernel (the original: "you may or may not already have a grub.conf")."""
     kernel = packages.kernel_tree()
     bb = packages.busybox()
     (root / "bin").mkdir(parents=True, exist_ok=True)
@@ -316,9 +332,11 @@ def stage_xen_root(root: Path, name: str) -> None:
     for applet in packages.busybox_applets():
         if applet != "busybox":
             (root / "bin" / applet).symlink_to("busybox")
-    for d in ("sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "root", "var/lock/subsys", "boot/grub", "home",
+    for d in ("sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "root", "var/lock/subsys", "boot", "home",
               "etc/rc.d", "etc/ssh", "var/lib/sample-rpm", "lib/modules/" + XEN_KERNEL, "run", "mnt"):  # fmt: skip
         (root / d).mkdir(parents=True, exist_ok=True)
+    if grub_dir:
+        (root / "boot" / "grub").mkdir()
     (root / "root").chmod(0o700)
     install_modules(root, kernel, MODULES)
     (root / "boot" / f"vmlinuz-{kernel.version}").write_bytes(kernel.vmlinuz.read_bytes())
@@ -350,6 +368,12 @@ def stage_xen_root(root: Path, name: str) -> None:
         "/etc/atmo/atmo.conf": "server=https://atmo.example.org\n",
         "/usr/sbin/atmo_boot": "#!/bin/sh\n# Atmosphere's boot agent\n",
         "/var/log/atmo/atmo_boot.log": "atmo_boot: configured instance for alice\n",
+        "/etc/rc.local.atmo": "#!/bin/sh\n/usr/sbin/atmo_boot.py --vnc\n",
+        "/usr/sbin/atmo_boot.py": "#!/usr/bin/python\n# Atmosphere's boot agent\n",
+        "/etc/skel/.bashrc": "# .bashrc\nalias ll='ls -l'\n## Atmosphere System\nexport ATMO_USER=alice\n## End Atmosphere System\n",
+        "/etc/puppet/ssl/certs/i-12341234.pem": "-----BEGIN CERTIFICATE-----\n",
+        "/var/lib/puppet/run/agent.pid": "1234\n",
+        "/opt/cyverse/tmp/job-17.out": "scratch output of an Atmosphere job\n",
         "/var/lib/cloud/instances/i-12341234/user-data.txt": "#cloud-config\n",
         "/home/alice/notes.txt": "results of experiment 7\n",
         "/tmp/build-output.tmp": "scratch\n",

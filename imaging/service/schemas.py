@@ -167,7 +167,9 @@ class UserOut(BaseModel):
 def validated(body: CreateRequest, settings: Settings, store: Store) -> dict[str, Any]:
     """The request's fields, checked against the service's instances, formats, targets and users."""
     config.check_name(body.name)
-    target = config.load_target(body.target or "kvm").name
+    disk_format = check_disk_format(body.disk_format) if body.disk_format is not None else "qcow2"
+    target = config.load_target(body.target or config.default_target(disk_format)).name
+    config.check_target_format(target, disk_format)
     if body.instance not in settings.instances:
         raise ParameterError(f"unknown instance {body.instance!r}")
     if body.disk_format is not None:

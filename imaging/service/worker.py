@@ -198,7 +198,7 @@ class Worker:
             self._moved(req.id, name, str(state["stage"]))
         if lost:
             log.info("request %s was cancelled or lost: run stopped", req.id)
-        elif code == 0 and (run_dir / "result.json").exists():
+        elif code in (0, 3) and (run_dir / "result.json").exists():  # 3: made, but its boot was degraded
             result = _read_json(run_dir / "result.json")
             result["audit_head"] = _read_json(run_dir / "audit.json").get("head")
             self.finish(req.id, name, "complete", f"completed ({(result.get('boot') or {}).get('verdict')})",

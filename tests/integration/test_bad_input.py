@@ -207,7 +207,7 @@ def test_not_enough_space_for_the_artifact(cli: Cli, kvm_sample: Path, small_tmp
 
 def test_no_kernel_in_boot(cli: Cli, make_ext: Callable[..., Path], tmp_path: Path) -> None:
     image = make_ext("nokernel", {"etc/fstab": "/dev/sda1 / ext3 defaults 0 1\n", "boot/config-6.1": "x"})
-    proc = cli("export", str(image), "--name", "nokernel", check=False)
+    proc = cli("export", str(image), "--name", "nokernel", "--profile", "generic", check=False)
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()[-1:]
     assert line.startswith(

@@ -120,8 +120,6 @@ def test_convert_twice_gives_the_same_bytes(cli: Cli, bootable: Path, tmp_path: 
                 *extra,
                 "--name",
                 "appliance",
-                "--target",
-                "virtualbox",
                 "--out",
                 str(tmp_path / f"out{n}"),
             )

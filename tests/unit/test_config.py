@@ -34,7 +34,9 @@ def test_targets_load_and_validate() -> None:
         config.load_target("../defaults")
 
 
-DRIVERS = "storage_modules: [virtio_blk]\ninitrd_modules: [virtio_blk]\nnic_module: virtio_net\n"
+DRIVERS = (
+    "storage_modules: [virtio_blk]\ninitrd_modules: [virtio_blk]\nnic_module: virtio_net\nformats: [raw]\n"
+)
 
 
 def _params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target_yaml: str) -> None:
@@ -106,3 +108,23 @@ def test_every_pipeline_stage_has_a_notebook() -> None:
     for kind, stages in config.load_defaults().pipelines.items():
         for stage in stages:
             assert pipeline.notebook_path(stage).is_file(), (kind, stage)
+
+
+def test_a_format_gets_the_target_that_boots_it() -> None:
+    from imaging.run.request import Request
+
+    # The original's export request: {"disk_format": "ova"} and no target.
+    assert Request.create(source="x.img", name="n", format="ova").target == "virtualbox"
+    assert Request.create(source="x.img", name="n", format="vdi").target == "virtualbox"
+    assert Request.create(source="x.img", name="n", format="qcow2").target == "kvm"
+    assert Request.create(source="x.img", name="n", format="ova", target="virtualbox").target == "virtualbox"
+    # An OVA's descriptor declares SATA AHCI and e1000: a virtio target cannot boot it.
+    with pytest.raises(
+        ParameterError,
+        match=r"^format ova does not boot on target kvm .* use a target for ova \(virtualbox\)$",
+    ):
+        Request.create(source="x.img", name="n", format="ova", target="kvm")
+    with pytest.raises(ParameterError, match=r"format qcow2 does not boot on target virtualbox"):
+        Request.create(source="x.img", name="n", format="qcow2", target="virtualbox")
+    for name in config.available("targets"):
+        assert config.load_target(name).formats, name

@@ -34,10 +34,14 @@ def test_qemu_argv_follows_the_target(tmp_path: Path) -> None:
     log = tmp_path / "serial.log"
     vb = verify.qemu_argv(Path("/a.vmdk"), "vmdk", config.load_target("virtualbox"), "tcg", log)
     assert "ahci,id=ahci0" in vb and "ide-hd,drive=disk0,bus=ahci0.0" in vb
-    assert "user,model=e1000,restrict=on" in vb
+    assert vb[vb.index("-netdev") + 1] == "user,id=net0,restrict=on" and "e1000,netdev=net0" in vb
     assert "file=/a.vmdk,format=vmdk,if=none,id=disk0,snapshot=on" in vb
     os_ = verify.qemu_argv(Path("/a.qcow2"), "qcow2", config.load_target("openstack"), "kvm", log)
     assert "virtio-blk-pci,drive=disk0" in os_ and os_[os_.index("-accel") + 1] == "kvm"
     # A comma in a directory name stays in the file name (QEMU reads ",," as one comma).
-    odd = verify.qemu_argv(Path("/srv/a,format=raw/b.qcow2"), "qcow2", config.load_target("kvm"), "tcg", log)
+    odd = verify.qemu_argv(Path("/srv/a,format=raw/b.qcow2"), "qcow2", config.load_target("kvm"), "tcg", log,
+                           ssh_port=2222, pcap=Path("/srv/a,b/net.pcap"))  # fmt: skip
     assert "file=/srv/a,,format=raw/b.qcow2,format=qcow2,if=none,id=disk0,snapshot=on" in odd
+    # sshd reachable on loopback only; the capture's path escaped the same way.
+    assert odd[odd.index("-netdev") + 1] == "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22"
+    assert "filter-dump,id=dump0,netdev=net0,file=/srv/a,,b/net.pcap" in odd

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
+from imaging.errors import GuestError
 from imaging.explore import proposal
 from imaging.guest import profiles
 from imaging.guest.files import Guest
@@ -89,3 +91,14 @@ def test_rules_explain_detection(tmp_path: Path) -> None:
         "/etc/debian_version exists",
         "/usr/sbin/update-initramfs exists",
     }
+
+
+def test_a_guest_no_profile_knows_is_an_error_that_says_how_to_go_on(tmp_path: Path) -> None:
+    g = tree(tmp_path, {"/etc/os-release": 'NAME="Arch Linux"\nPRETTY_NAME="Arch Linux <b>"\nID=arch\n'})
+    with pytest.raises(GuestError) as e:
+        profiles.detect(g)
+    message = str(e.value)
+    assert message.startswith("no profile knows this guest (Arch Linux b): propose one")
+    assert "notebooks/explore.ipynb" in message and "--profile" in message and "\n" not in message
+    # generic is never guessed, but a request may name it.
+    assert profiles.resolve(g, "generic").profile.name == "generic"

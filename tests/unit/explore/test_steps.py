@@ -86,7 +86,7 @@ def test_only_parameters_no_completed_stage_used_can_change(
     monkeypatch.setenv("IMAGING_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("IMAGING_MOUNT_LEDGER", "")  # the runner sets these; the test restores them
     monkeypatch.setenv("IMAGING_PIPELINE", "")
-    request = Request.create(source="/dev/null", name="amend", target="kvm")
+    request = Request.create(source="/dev/null", name="amend", target="kvm", format="vmdk")
     ws, request = pipeline.open_run(None, request)
     runner = pipeline.Runner(ws, request)
     assert runner.next_stage() == "00-acquire"

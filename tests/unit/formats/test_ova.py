@@ -68,7 +68,7 @@ def test_target_facts_reach_the_descriptor(tmp_path: Path, monkeypatch: pytest.M
     (tmp_path / "targets" / "big.yaml").write_text(
         "name: big\ndescription: 'x & <y>'\ndisk_controller: ahci\nnic: e1000\nmemory_mib: 2048\ncpus: 4\n"
         f"{DRIVERS}"
-        "ovf: {os_id: 96, os_description: 'Debian <64> & co', vbox_os_type: Debian_64}\n"
+        "ovf: {os_id: 96, os_description: 'Debian <64> & co', vbox_os_type: Debian_64}\nformats: [ova]\n"
     )
     monkeypatch.setenv("IMAGING_PARAMETERS", str(tmp_path))
     config.load_target.cache_clear()

@@ -1,0 +1,112 @@
+"""Real Debian cloud instances (built by mmdebstrap from Debian's own packages) come out as
+working servers: booted on the target's disk controller and NIC, an address by DHCP, sshd
+answering with new host keys, no failed unit, and the guest's own check (secrets gone, data
+intact) passing from inside. Judged the way a user would, by the boot check's verdict."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from imaging.clouds import acquire
+from imaging.errors import GuestError
+from imaging.guest import access, initrd, migrate
+from imaging.guest.profiles import load_profile
+from imaging.samples import catalog
+from imaging.workspace import Workspace
+
+from .conftest import Cli, last_json, leftovers
+
+# Real boots under TCG: a Debian with systemd takes a minute or two to its check, more on a busy host.
+pytestmark = pytest.mark.timeout(1800)
+
+CASES = [
+    # sample, format, target ("" = the format's default), extra arguments
+    ("debian12", "qcow2", "openstack", []),
+    ("debian12", "ova", "", ["--install", "linux-image-amd64"]),
+    ("debian13", "qcow2", "openstack", []),
+    ("debian13", "ova", "", ["--install", "linux-image-amd64"]),
+]
+
+
+@pytest.mark.parametrize(("sample", "fmt", "target", "extra"), CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_a_real_debian_instance_boots_as_a_working_server(
+    cli: Cli, tmp_path: Path, sample: str, fmt: str, target: str, extra: list[str]
+) -> None:
+    source = catalog.ensure_sample(sample)
+    args = [
+        "export",
+        f"sample:{sample}",
+        "--name",
+        f"{sample}-{fmt}",
+        "--format",
+        fmt,
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    proc = cli(*args, *(["--target", target] if target else []), *extra, timeout=1500)
+    result = last_json(proc)
+    boot = result["boot"]
+    assert result["target"] == (target or "virtualbox")
+    assert result["verified"] is True and boot["verdict"] == "booted", boot
+    # The guest's own check ran inside it and printed the marker: secrets gone, data intact.
+    assert boot["matched"].startswith(catalog.MARKER)
+    assert boot["dhcp"].startswith("10.0.2.") and boot["ssh"].startswith("SSH-2.0-OpenSSH")
+    run = cli.runs / result["run"]
+    serial = (run / "verify" / "serial.log").read_text(errors="replace")
+    assert "imaging-check FAILED" not in serial and "[FAILED]" not in serial
+    # The host keys sshd offers are new: none is one 10-clean removed from the source.
+    source_keys = set(Workspace.open(run).result("10-clean")["ssh_host_keys"])
+    assert len(source_keys) >= 2 and boot["ssh_host_keys"]
+    assert not {k.split()[-1] for k in boot["ssh_host_keys"]} & source_keys
+    migrated = Workspace.open(run).result("20-migrate")
+    assert migrated["first_boot"]["ssh"] is True and migrated["first_boot"]["dhcp"] == ["eth0"]
+    assert "net.ifnames=0" in migrated["kernel_args"]
+    if fmt == "ova":
+        # The generic kernel, installed for its AHCI and e1000 drivers, is the one that booted.
+        assert re.search(r"Linux version \S+-amd64 ", serial) and "cloud-amd64" not in migrated["kernel"]
+        assert (boot["controller"], boot["nic"]) == ("ahci", "e1000")
+        assert "apt-get --error-on=any update" in migrated["packages"]
+    assert source.exists() and leftovers(tmp_path) == []
+
+
+def _acquired(tmp_path: Path, sample: str) -> Workspace:
+    ws = Workspace.open(tmp_path / "run")
+    ws.save_result(
+        "00-acquire", acquire.acquire(acquire.inspect(f"sample:{sample}"), ws, hash_source=False).to_dict()
+    )
+    return ws
+
+
+def test_the_cloud_kernel_without_the_targets_drivers_names_the_package(tmp_path: Path) -> None:
+    ws = _acquired(tmp_path, "debian12")
+    with pytest.raises(GuestError) as e:
+        migrate.apply(ws, "virtualbox")
+    message = str(e.value)
+    assert "\n" not in message and "cloud-amd64 in the guest has no module" in message
+    assert "ahci" in message and "e1000" in message and "--install linux-image-amd64" in message
+    assert leftovers(tmp_path) == []
+
+
+def test_package_errors_are_one_line_and_change_nothing(tmp_path: Path) -> None:
+    ws = _acquired(tmp_path, "debian12")
+    before = ws.instance.stat().st_mtime_ns
+    with pytest.raises(
+        GuestError,
+        match=r"^install no-such-package-imaging failed in the guest \(.*Unable to locate package",
+    ):
+        migrate.apply(ws, "openstack", migrate.MigrateOptions(packages_install=["no-such-package-imaging"]))
+    assert ws.instance.stat().st_mtime_ns == before  # the stage worked on a copy
+    # A mirror that cannot be reached: the index cannot be fetched, said in one line.
+    with access.editing(ws) as g:
+        g.write_text("/etc/apt/sources.list", "deb http://127.0.0.1:9/debian bookworm main\n")
+        for extra in g.glob("/etc/apt/sources.list.d/*"):
+            g.remove(extra)
+        with pytest.raises(
+            GuestError,
+            match=r"^the guest's package index could not be fetched \(apt-get --error-on=any update: E: Failed to fetch http://127.0.0.1:9/",
+        ):
+            initrd.run_packages(g, load_profile("debian"), ["htop"], [])
+    assert leftovers(tmp_path) == []
