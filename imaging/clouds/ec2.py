@@ -158,7 +158,7 @@ def _get_block(ebs: Any, cloud_name: str, snapshot_id: str, index: int, token: s
     problem = ""
     for attempt in range(_BLOCK_ATTEMPTS):
         if attempt:
-            time.sleep(min(0.2 * 2**attempt, 5.0))
+            time.sleep(min(0.1 * 2**attempt, 5.0))
         try:
             got = ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index, BlockToken=token)
             data = got["BlockData"].read()

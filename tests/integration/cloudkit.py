@@ -141,8 +141,10 @@ class EC2Cloud:
                 "poll_seconds": 0.2, "block_workers": 4, **extra}  # fmt: skip
 
     def faults(self, **counts: int) -> dict[str, int]:
-        return dict(httpx.post(f"{self.url}/_faults", json=counts).json()) if counts else dict(
-            httpx.get(f"{self.url}/_faults").json()
+        return (
+            dict(httpx.post(f"{self.url}/_faults", json=counts).json())
+            if counts
+            else dict(httpx.get(f"{self.url}/_faults").json())
         )
 
     def instance_from_disk(self, disk: Path, *, tags: dict[str, str] | None = None) -> str:
@@ -235,7 +237,13 @@ flavor =
 config_file = /etc/glance/glance-api-paste.ini
 [oslo_concurrency]
 lock_path = {root}/lock
+[oslo_policy]
+policy_file = {root}/policy.yaml
 """
+# Making an image public takes role:admin; without Keystone every request is one unauthenticated
+# context without roles, so nobody could. The service publishes as an admin of its cloud: here
+# that is anyone ("@": always allowed).
+_GLANCE_POLICY = 'publicize_image: "@"\n'
 
 
 @contextmanager
@@ -247,20 +255,25 @@ def glance_server(root: Path) -> Iterator[Glance]:
     port = free_port()
     conf = root / "glance-api.conf"
     conf.write_text(_GLANCE_CONF.format(port=port, root=root))
+    (root / "policy.yaml").write_text(_GLANCE_POLICY)
     # An empty database made by db_sync is kept per Glance version: making it is most of the
     # start-up (7-15 s here); the copy is as db_sync left it.
     version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "glance-api"], capture_output=True,
                              text=True).stdout.strip() or "unknown"  # fmt: skip
     cached = config.cache_dir() / f"glance-{version.replace(':', '_')}.db"
     if not cached.exists():
-        subprocess.run([manage, "--config-file", str(conf), "db_sync"], check=True, capture_output=True, timeout=300)
+        subprocess.run(
+            [manage, "--config-file", str(conf), "db_sync"], check=True, capture_output=True, timeout=300
+        )
         cached.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(root / "glance.db", cached.with_suffix(".part"))
         os.replace(cached.with_suffix(".part"), cached)
     else:
         shutil.copyfile(cached, root / "glance.db")
     log = open(root / "glance-api.out", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([api, "--config-file", str(conf)], stdout=log, stderr=log, start_new_session=True)
+    proc = subprocess.Popen(
+        [api, "--config-file", str(conf)], stdout=log, stderr=log, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for("glance-api", lambda: proc.poll() is not None or _answers(url), 120)
@@ -316,11 +329,15 @@ class NovaStub:
                 path = self.path.split("?")[0].rstrip("/")
                 if path in ("", "/v2.1"):
                     version = stub.version()
-                    self._send(200 if path else 300, {"version": version} if path else {"versions": [version]})
+                    self._send(
+                        200 if path else 300, {"version": version} if path else {"versions": [version]}
+                    )
                 elif path.startswith("/v2.1/servers/"):
                     server = stub.servers.get(path.removeprefix("/v2.1/servers/"))
                     if server is None:
-                        self._send(404, {"itemNotFound": {"code": 404, "message": "Instance could not be found."}})
+                        self._send(
+                            404, {"itemNotFound": {"code": 404, "message": "Instance could not be found."}}
+                        )
                     else:
                         self._send(200, {"server": stub.show(server)})
                 else:
@@ -333,10 +350,14 @@ class NovaStub:
                 if len(parts) == 4 and parts[:2] == ["v2.1", "servers"] and parts[3] == "action":
                     server = stub.servers.get(parts[2])
                     if server is None:
-                        self._send(404, {"itemNotFound": {"code": 404, "message": "Instance could not be found."}})
+                        self._send(
+                            404, {"itemNotFound": {"code": 404, "message": "Instance could not be found."}}
+                        )
                     elif "createImage" in body:
                         image_id = stub.create_image(server, body["createImage"])
-                        self._send(202, {"image_id": image_id}, {"Location": f"{stub.glance}/v2/images/{image_id}"})
+                        self._send(
+                            202, {"image_id": image_id}, {"Location": f"{stub.glance}/v2/images/{image_id}"}
+                        )
                     else:
                         self._send(400, {"badRequest": {"code": 400, "message": "unknown action"}})
                 else:

@@ -11,6 +11,8 @@ moto/ec2/models/elastic_block_store.py) and what this adds:
   here it gets the blocks of the snapshot its volume was created from, as AWS would.
 - EC2 calls a snapshot started by EBS StartSnapshot ``completed`` at once; here it is ``pending``
   until CompleteSnapshot, as on AWS.
+- RegisterImage ignores its block device mappings, root device and architecture (moto makes a
+  new, empty snapshot for every image): here the image refers to the snapshot it was given.
 - moto checks no block checksum (PutSnapshotBlock) and ignores block tokens; the client checks
   what it reads.
 - Credentials are checked (moto's IAM authentication, off by default): the key printed at start
@@ -85,6 +87,25 @@ def patch_moto() -> None:
         self.ec2_backend.snapshots[snapshot_id].status = "completed"
         return status
 
+    from moto.ec2.responses.amis import AmisResponse
+
+    original_register = AmisResponse.register_image
+
+    def register_image(self: Any) -> Any:
+        result = original_register(self)
+        ami = self.ec2_backend.amis[result.result["ImageId"]] if hasattr(result, "result") else None
+        mappings = self._get_param("BlockDeviceMappings") or []
+        root = self._get_param("RootDeviceName")
+        if ami is not None:
+            for m in mappings:
+                snap = (m.get("Ebs") or {}).get("SnapshotId")
+                if snap and (root is None or m.get("DeviceName") == root):
+                    ami.ebs_snapshot = self.ec2_backend.get_snapshot(snap)
+            ami.root_device_name = root or ami.root_device_name
+            ami.architecture = self._get_param("Architecture") or ami.architecture
+        return result
+
+    AmisResponse.register_image = register_image  # type: ignore[method-assign]
     ebs.EBSBackend.start_snapshot = start_snapshot  # type: ignore[method-assign]
     ebs.EBSBackend.complete_snapshot = complete_snapshot  # type: ignore[method-assign]
 
@@ -115,12 +136,16 @@ def make_key() -> dict[str, str]:
 Start = Callable[[str, list[tuple[str, str]]], Any]
 
 
-def faults(app: Callable[[dict[str, Any], Start], Iterable[bytes]]) -> Callable[[dict[str, Any], Start], Iterable[bytes]]:
+def faults(
+    app: Callable[[dict[str, Any], Start], Iterable[bytes]],
+) -> Callable[[dict[str, Any], Start], Iterable[bytes]]:
     def wrapped(environ: dict[str, Any], start: Start) -> Iterable[bytes]:
         path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "")
         if path == "/_faults":
             if method == "POST":
-                body = json.loads(environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0)) or b"{}")
+                body = json.loads(
+                    environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0)) or b"{}"
+                )
                 with _lock:
                     _faults.update({k: int(v) for k, v in body.items() if k in ("throttle", "cut")})
             with _lock:
@@ -151,8 +176,12 @@ def faults(app: Callable[[dict[str, Any], Start], Iterable[bytes]]) -> Callable[
                     return lambda _: None
 
                 body = b"".join(app(environ, keep))
-                headers = [(k, v) for k, v in seen["headers"] if k.lower() not in ("content-length", "connection")]
-                start(seen["status"], [*headers, ("Content-Length", str(len(body))), ("Connection", "close")])
+                headers = [
+                    (k, v) for k, v in seen["headers"] if k.lower() not in ("content-length", "connection")
+                ]
+                start(
+                    seen["status"], [*headers, ("Content-Length", str(len(body))), ("Connection", "close")]
+                )
                 return [body[: len(body) // 2]]
         return app(environ, start)
 
@@ -160,7 +189,11 @@ def faults(app: Callable[[dict[str, Any], Start], Iterable[bytes]]) -> Callable[
 
 
 def main(port: int) -> None:
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
     from werkzeug.serving import make_server
 
     patch_moto()
