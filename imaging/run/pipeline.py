@@ -346,6 +346,11 @@ def _summary(
         "boot": {k: boot.get(k) for k in ("verdict", "reason", "matched", "accel", "controller", "seconds")},
         "source": request.source,
         "source_sha256": source_sha256,
+        **(
+            {"fetched": results["00-acquire"]["fetched"]}
+            if (results.get("00-acquire") or {}).get("fetched")
+            else {}
+        ),
         **({"published": results["60-publish"]} if "60-publish" in results else {}),
         "run_dir": str(ws.root),
         "timings": timings,

@@ -140,7 +140,8 @@ def options(req: ImageRequest) -> list[tuple[str, str]]:
             ("clean", ", ".join(given.get("clean") or []) or "the profile's defaults"),
             ("install", ", ".join(given.get("packages_install") or []) or "-"),
             ("remove", ", ".join(given.get("packages_remove") or []) or "-"),
-            ("layout", given.get("layout") or "aligned (default)")]  # fmt: skip
+            ("layout", given.get("layout") or "aligned (default)"),
+            ("boot marker", given.get("boot_marker") or "a login prompt")]  # fmt: skip
     if req.kind == "image":
         rows += [("publish to", given.get("destination") or "s3")]
     return rows

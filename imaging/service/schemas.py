@@ -68,6 +68,11 @@ class CreateRequest(BaseModel):
     layout: Literal["aligned", "legacy"] | None = Field(
         default=None, description="partition 1 at 1 MiB (aligned) or at sector 63 (legacy)"
     )
+    boot_marker: str | None = Field(
+        default=None,
+        max_length=200,
+        description="regular expression in the serial log that proves the boot, besides a login prompt",
+    )
     destination: str | None = Field(
         default=None,
         max_length=40,
@@ -201,7 +206,7 @@ class UserOut(BaseModel):
     email: str | None
 
 
-OPTIONS = ("profile", "clean", "packages_install", "packages_remove", "layout")
+OPTIONS = ("profile", "clean", "packages_install", "packages_remove", "layout", "boot_marker")
 
 
 def validated(body: CreateRequest, settings: Settings, store: Store) -> dict[str, Any]:
