@@ -7,10 +7,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Host tools the pipeline and its tests run (see README, "What runs each step"); PostgreSQL for
 # the store's tests against a real server (each test starts its own cluster on loopback);
-# Chromium, a font and tesseract to look at the audit reports the way a person does.
+# Chromium, a font and tesseract to look at the audit reports the way a person does. The test
+# clouds: OpenSSH's server as a Eucalyptus node (and its client's ssh-keygen), the real Glance.
 APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdisk util-linux \
 	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap \
-	postgresql chromium fonts-dejavu-core tesseract-ocr tesseract-ocr-eng
+	postgresql chromium fonts-dejavu-core tesseract-ocr tesseract-ocr-eng \
+	openssh-server openssh-client glance-api
 
 .PHONY: setup apt venv demo lab test test-fast lint bench clean
 

@@ -307,3 +307,43 @@ def test_openapi_documents_the_errors(svc: Service) -> None:
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     history = spec["components"]["schemas"]["TransitionOut"]["properties"]
     assert {"time", "actor", "from", "to", "stage", "reason"} == set(history)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"clean": ["no-such-operation"]},
+        {"profile": "plan9"},
+        {"packages_install": ["vim;id"]},
+        {"packages_remove": ["-rf"]},
+        {"boot_marker": "(unclosed"},
+    ],
+)
+def test_options_are_checked_like_the_clis(svc: Service, options: dict[str, Any]) -> None:
+    """The same model, the same one-line error as `imaging export` would give."""
+    from imaging.errors import ParameterError
+    from imaging.run.request import Request
+
+    with pytest.raises(ParameterError) as cli:
+        Request.create(source="sample:kvm", name="demo", **options)
+    assert error(svc.create(disk_format="qcow2", **options), 422) == str(cli.value)
+    assert svc.call("GET", URL, "root").json() == []
+
+
+def test_options_are_shown_to_the_approving_admin(svc: Service) -> None:
+    body = {"disk_format": "raw", "profile": "debian", "clean": ["-logfiles", "cloud-init"],
+            "packages_install": ["openssh-server"], "layout": "legacy"}  # fmt: skip
+    created = svc.create(**body)
+    assert created.status_code == 201, created.text
+    rid = created.json()["id"]
+    assert created.json()["options"] == {k: v for k, v in body.items() if k != "disk_format"}
+    page = svc.client.get(f"/api/v1/approve?token={svc.link(rid)}")
+    for shown in ("debian", "-logfiles, cloud-init", "openssh-server", "legacy"):
+        assert shown in page.text
+    assert error(svc.create(disk_format="raw", destination="aws"), 422).startswith(
+        "vis, shared_with and destination belong to image requests"
+    )
+    assert (
+        error(svc.create(vis="public", destination="nowhere"), 422)
+        == "unknown destination 'nowhere' (known: s3)"
+    )
