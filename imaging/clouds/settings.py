@@ -66,6 +66,8 @@ class Eucalyptus(_Strict):
     known_hosts: Path  # the nodes' host keys, as the operator has checked them
     instances_dir: str = "/var/lib/eucalyptus/instances"
     timeout: float = Field(default=30.0, gt=0, le=600)
+    # Through gzip -1 on the node instead of SFTP: for slow links and sparse disks (see README).
+    compress: bool = False
 
     @field_validator("nodes")
     @classmethod

@@ -77,8 +77,11 @@ def euca(node: Node, **extra: Any) -> tuple[cs.CloudSource, cs.Eucalyptus]:
     return cs.parse_source(f"eucalyptus://euca/{node.instance}"), cloud
 
 
-def test_eucalyptus_copy_is_sparse_and_checked(node: Node, dest: Path, kvm_sample: Path) -> None:
-    src, cloud = euca(node)
+@pytest.mark.parametrize("compress", [False, True])
+def test_eucalyptus_copy_is_sparse_and_checked(
+    node: Node, dest: Path, kvm_sample: Path, compress: bool
+) -> None:
+    src, cloud = euca(node, compress=compress)
     got = eucalyptus.fetch(src, cloud, dest / "source.raw")
     assert got.sha256 == sparse.sha256(kvm_sample, desc=None) and got.size_bytes == kvm_sample.stat().st_size
     assert got.verified == "size and sha256 computed on the node" and got.where.endswith(
@@ -122,7 +125,8 @@ def test_eucalyptus_unknown_instance(node: Node, dest: Path) -> None:
     nothing_left(dest)
 
 
-def test_eucalyptus_connection_cut_mid_copy(node: Node, dest: Path) -> None:
+@pytest.mark.parametrize("compress", [False, True])
+def test_eucalyptus_connection_cut_mid_copy(node: Node, dest: Path, compress: bool) -> None:
     proxy = CuttingProxy(node.port, cut_after=8 << 20)
     try:
         src, cloud = euca(node)
@@ -130,15 +134,17 @@ def test_eucalyptus_connection_cut_mid_copy(node: Node, dest: Path) -> None:
         known = dest.parent / "proxy_known_hosts"
         key = node.known_hosts.read_text().split(" ", 1)[1]
         known.write_text(f"[127.0.0.1]:{proxy.port} {key}")
-        cloud = cs.parse_clouds({"euca": node.cloud(nodes=[f"127.0.0.1:{proxy.port}"], known_hosts=str(known))},
-                                "test")["euca"]  # fmt: skip
+        settings = node.cloud(nodes=[f"127.0.0.1:{proxy.port}"], known_hosts=str(known), compress=compress)
+        cloud = cs.parse_clouds({"euca": settings}, "test")["euca"]
         assert isinstance(cloud, cs.Eucalyptus)
         with pytest.raises(SourceError) as e:
             eucalyptus.fetch(src, cloud, dest / "source.raw")
     finally:
         proxy.close()
     assert proxy.cuts >= 1
-    assert "failed after" in str(e.value) and "nothing kept" in str(e.value) and "\n" not in str(e.value)
+    message = str(e.value)
+    assert message.startswith(f"copy of {node.instance} from 127.0.0.1:{proxy.port} failed after ")
+    assert message.endswith("nothing kept") and "\n" not in message
     nothing_left(dest)
 
 
