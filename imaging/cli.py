@@ -111,7 +111,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     found = export.input_disk(None, request.kind, request.source)
     fmt = config.check_format(request.format)
-    artifact = export.artifact_path(Path(request.out), request.name, fmt)
+    artifact = export.artifact_path(Path(request.out), request.slug, fmt)
     if artifact == Path(found.path).resolve():
         raise ParameterError(f"{artifact} is the input disk itself: choose another --out or --name")
     copies = 2 if fmt.is_archive else 1
