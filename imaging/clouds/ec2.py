@@ -36,7 +36,7 @@ from imaging.clouds.transfer import Fetched, sparse_download
 from imaging.errors import ImagingError, ParameterError, SourceError
 from imaging.progress import bytes_bar
 from imaging.records import Record
-from imaging.sparse import data_extents
+from imaging.sparse import data_extents, sha256
 
 GIB = 1 << 30
 EBS_BLOCK = 512 << 10  # what EBS direct writes and reads: 512 KiB blocks
@@ -230,7 +230,7 @@ def fetch(src: CloudSource, cloud: EC2, dest: Path) -> Fetched:
         wait_snapshot(ec2, cloud, src.cloud, snapshot_id, f"volume {volume_id}")
         blocks, block_size, volume_bytes = _blocks(ebs, src.cloud, snapshot_id)
         size = volume_bytes or size
-        digest_parts: dict[int, bytes] = {}
+        fetched = [0]
         with (
             sparse_download(dest, size) as out,
             bytes_bar(len(blocks) * block_size, f"copy {src.instance}") as bar,
@@ -242,17 +242,15 @@ def fetch(src: CloudSource, cloud: EC2, dest: Path) -> Fetched:
                 data = _get_block(ebs, src.cloud, snapshot_id, index, token, block_size)
                 out.write(index * block_size, data)
                 with lock:
-                    digest_parts[index] = hashlib.sha256(data).digest()
+                    fetched[0] += 1
                     bar.update(len(data))
 
             _parallel(cloud.block_workers, blocks, get)
-            if len(digest_parts) != len(blocks):
+            if fetched[0] != len(blocks):
                 raise CloudError(
-                    f"{src.cloud}: {len(blocks) - len(digest_parts)} blocks of {snapshot_id} missing"
+                    f"{src.cloud}: {len(blocks) - fetched[0]} blocks of {snapshot_id} missing"
                 )
             data_bytes = out.data_bytes
-        from imaging.sparse import sha256
-
         whole = sha256(dest, desc=None)
     finally:
         from botocore.exceptions import BotoCoreError, ClientError
