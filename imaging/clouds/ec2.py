@@ -247,9 +247,7 @@ def fetch(src: CloudSource, cloud: EC2, dest: Path) -> Fetched:
 
             _parallel(cloud.block_workers, blocks, get)
             if fetched[0] != len(blocks):
-                raise CloudError(
-                    f"{src.cloud}: {len(blocks) - fetched[0]} blocks of {snapshot_id} missing"
-                )
+                raise CloudError(f"{src.cloud}: {len(blocks) - fetched[0]} blocks of {snapshot_id} missing")
             data_bytes = out.data_bytes
         whole = sha256(dest, desc=None)
     finally:
