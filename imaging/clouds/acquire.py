@@ -14,6 +14,7 @@ image; the copy goes once the instance is acquired.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import threading
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from imaging import sparse, tools
 from imaging.clouds import settings as cloud_settings
 from imaging.clouds.transfer import Fetched
 from imaging.disk import debugfs, ext, images
-from imaging.errors import SourceError
+from imaging.errors import SourceError, SpaceError
 from imaging.records import Record
 from imaging.samples import catalog
 from imaging.workspace import Workspace
@@ -197,8 +198,7 @@ def _inspect_remote(source: str) -> Source:
     elif isinstance(cloud, cloud_settings.EC2):
         size = ec2.root_volume(src, cloud)[1]
     else:
-        conn = openstack.connect(cloud)
-        openstack._call(src.cloud, f"server {src.instance}", conn.compute.get_server, src.instance)
+        openstack.find_server(src, cloud)
     return Source(source, "", src.kind, size, 0, 0, "", "", "")
 
 
@@ -245,11 +245,16 @@ def acquire(src: Source, ws: Workspace, *, hash_source: bool = True) -> Instance
 def _acquire_remote(src: Source, ws: Workspace) -> Instance:
     """The cloud's disk into work/, then taken like a local image; the download goes afterwards.
     Its sha256 (computed as it arrived) is the run's source.sha256."""
-    if src.virtual_size:
-        sparse.check_space(
-            ws.work, src.virtual_size + _MARGIN, "hold the instance's disk as the cloud sends it"
-        )
-    fetched = fetch(src.source, ws)
+    # How much of the disk is data is known only once it is here (a sparse download holds only
+    # that): a full disk says so in one line.
+    try:
+        fetched = fetch(src.source, ws)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise SpaceError(
+            f"not enough free space in {ws.work} for the disk of {src.source}: nothing kept"
+        ) from None
     try:
         local = dataclasses.replace(inspect(fetched.path), source=src.source)
         sparse.check_space(

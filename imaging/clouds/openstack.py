@@ -107,6 +107,11 @@ def _delete_image(conn: Any, image_id: str) -> None:
         pass
 
 
+def find_server(src: CloudSource, cloud: OpenStack) -> Any:
+    """The server, or SourceError (not found) / CloudError (credentials refused, unreachable)."""
+    return _call(src.cloud, f"server {src.instance}", connect(cloud).compute.get_server, src.instance)
+
+
 def fetch(src: CloudSource, cloud: OpenStack, work: Path) -> Fetched:
     """Snapshot the server, wait, download the snapshot into ``work/source.<format>``."""
     t0 = time.monotonic()

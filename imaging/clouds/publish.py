@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from imaging import config, tools
+from imaging import config, sparse, tools
 from imaging.clouds import settings as cloud_settings
 from imaging.errors import ImagingError, ParameterError
 from imaging.records import Record
@@ -137,13 +137,14 @@ def publish_to(ws: Workspace, destination: str, name: str, vis: str, shared_with
         from imaging.clouds import ec2
 
         t0 = time.monotonic()
-        raw = path
-        if artifact["format"] != "raw":  # EBS takes a raw disk's blocks
-            raw = ws.work / "publish.raw"
-            raw.unlink(missing_ok=True)
-            tools.run(["qemu-img", "convert", "-f", config.check_format(artifact["format"]).qemu_format,
-                       "-O", "raw", path, raw], timeout=3600)  # fmt: skip
+        # EBS takes a raw disk's blocks; a temporary raw copy of any other format, removed
+        # however the upload ends (the sweep after a killed stage takes its .part name too).
+        raw = path if artifact["format"] == "raw" else sparse.part_path(ws.work / "publish.raw")
         try:
+            if raw != path:
+                raw.unlink(missing_ok=True)
+                tools.run(["qemu-img", "convert", "-f", config.check_format(artifact["format"]).qemu_format,
+                           "-O", "raw", path, raw], timeout=3600)  # fmt: skip
             reg = ec2.publish(cloud, destination, raw, name, ws.id, vis, shared_with)
         finally:
             if raw != path:
