@@ -120,7 +120,10 @@ class Settings(_Strict):
                     f"instance {key}: source {source!r} must be an absolute path, sample:<name> or KIND://CLOUD/INSTANCE"
                 )
         if self.publish.cloud:
-            self.check_destination(self.publish.cloud)
+            try:
+                self.check_destination(self.publish.cloud)
+            except ParameterError as e:
+                raise ValueError(f"publish.cloud: {e}") from None
         return self
 
     def source_of(self, instance: str) -> str:
