@@ -239,7 +239,7 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
         response_class=HTMLResponse,
         responses={
             200: {"content": {"text/html": {}}, "description": "the run's report.html"},
-            **_errors(401, 404, 422),
+            **_errors(401, 404, 409, 422),
         },
         operation_id="read_report",
         summary="The run's report for an auditor (written when the run ends, completed or failed)",
@@ -247,8 +247,8 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
     def run_report(request_id: RequestId, actor: Auth) -> HTMLResponse:
         req = store.get(request_id, actor)
         path = config.runs_dir() / req.id / "report.html"
-        if not path.is_file():
-            raise fail(404, f"request {req.id} has no report yet: its run has not ended")
+        if not path.is_file():  # the request is there; its report is not yet
+            raise fail(409, f"request {req.id} has no report yet: its run has not ended")
         csp = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
         return HTMLResponse(path.read_text(encoding="utf-8"), headers={"Content-Security-Policy": csp})
 

@@ -347,3 +347,19 @@ def test_options_are_shown_to_the_approving_admin(svc: Service) -> None:
         error(svc.create(vis="public", destination="nowhere"), 422)
         == "unknown destination 'nowhere' (known: s3)"
     )
+
+
+def test_report_is_served_once_the_run_has_ended(svc: Service) -> None:
+    rid = svc.create(disk_format="raw").json()["id"]
+    assert (
+        error(svc.call("GET", URL + rid + "/report"), 409)
+        == f"request {rid} has no report yet: its run has not ended"
+    )
+    run = config.runs_dir() / rid
+    run.mkdir(parents=True)
+    (run / "report.html").write_text("<html><body>Audit record</body></html>")
+    page = svc.call("GET", URL + rid + "/report")
+    assert page.status_code == 200 and "Audit record" in page.text
+    assert page.headers["content-security-policy"].startswith("default-src 'none'")
+    assert svc.call("GET", URL + rid + "/report", "bob").status_code == 404  # not bob's
+    assert svc.call("GET", URL + rid).json()["links"]["report"].endswith(f"/{rid}/report")
