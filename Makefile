@@ -9,9 +9,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # the store's tests against a real server (each test starts its own cluster on loopback);
 # Chromium, a font and tesseract to look at the audit reports the way a person does; virt-v2v
 # to read our OVAs the way VMware-exported appliances are read (tests/integration/test_big_ova.py).
+# The test clouds: OpenSSH's server as a Eucalyptus node (and its client's ssh-keygen and
+# ssh-keyscan, which the boot check uses too), the real Glance; mmdebstrap builds the real Debian
+# samples.
 APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdisk util-linux \
 	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap \
-	postgresql chromium fonts-dejavu-core tesseract-ocr tesseract-ocr-eng virt-v2v
+	postgresql chromium fonts-dejavu-core tesseract-ocr tesseract-ocr-eng virt-v2v \
+	openssh-server openssh-client glance-api mmdebstrap
 
 .PHONY: setup apt venv demo lab test test-fast lint bench clean
 

@@ -63,6 +63,7 @@ def _export(args: argparse.Namespace) -> int:
         kind=args.kind,
         vis=args.vis,
         shared_with=args.shared_with,
+        destination=args.destination,
     )
     if args.run is None or not (config.runs_dir() / args.run).exists():
         # Everything that can be told before a run exists fails here, leaving nothing behind.
@@ -114,7 +115,7 @@ def _convert(args: argparse.Namespace) -> int:
     found = export.input_disk(None, request.kind, request.source)
     fmt = config.check_format(request.format)
     limits.check_fits(found.virtual_size, fmt, request.vmdk_subformat)
-    artifact = export.artifact_path(Path(request.out), request.name, fmt)
+    artifact = export.artifact_path(Path(request.out), request.slug, fmt)
     if artifact == Path(found.path).resolve():
         raise ParameterError(f"{artifact} is the input disk itself: choose another --out or --name")
     check_space(Path(request.out), export.space_needed(found.data_bytes), "write the artifact")
@@ -128,17 +129,32 @@ def _execute(ws: Any, request: Any) -> int:
     try:
         result = pipeline.execute(ws, request)
     except pipeline.StageFailed as e:
+        _write_report(ws.root)
         print(
             f"imaging: error: {e} (run {ws.id}; resume with: python -m imaging resume {ws.id})",
             file=sys.stderr,
         )
         return 1
+    _write_report(ws.root)
     _print_json(result)
     if (result.get("boot") or {}).get("verdict") == "degraded":
         # The artifact is made, but a user could not rely on it: say so, and exit non-zero.
         print(f"imaging: degraded boot: {result['boot'].get('reason')} (run {ws.id})", file=sys.stderr)
         return 3
     return 0
+
+
+def _write_report(root: Path) -> None:
+    """Every run ends with its report.html (completed or failed); a report that cannot be made
+    is said on stderr and changes nothing about the run's outcome."""
+    from imaging.run import report
+
+    try:
+        path = report.write(root)
+    except Exception as e:  # nbconvert and friends raise many kinds
+        print(f"imaging: no report for {root.name}: {' '.join(str(e).split())[:300]}", file=sys.stderr)
+        return
+    print(f"imaging: report: {path}", file=sys.stderr, flush=True)
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -277,9 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="run every stage: source image -> bootable, verified artifact")
     e.add_argument(
-        "source", help="instance image (raw, qcow2, vmdk, vdi, vhd, vhdx), or sample:kvm / sample:xen"
+        "source",
+        help="instance image (raw, qcow2, vmdk, vdi, vhd, vhdx), sample:kvm / sample:xen, or a cloud's "
+        "instance: eucalyptus://CLOUD/i-..., ec2://CLOUD/i-..., openstack://CLOUD/SERVER-ID (clouds in $IMAGING_CLOUDS)",
     )
-    e.add_argument("--name", required=True, help="artifact name: letters, digits, '.', '_', '-'")
+    e.add_argument(
+        "--name",
+        required=True,
+        help="the image's name: 1-255 printable characters (files use a safe slug of it)",
+    )
     e.add_argument("--format", default="qcow2", help=f"{FORMATS} (default qcow2)")
     e.add_argument(
         "--target",
@@ -343,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kind", help="pipeline: export (default), or image (export, then publish)")
     e.add_argument("--vis", choices=["public", "private", "selected"], help="image requests: visibility")
     e.add_argument("--shared-with", action="append", metavar="USER", help="with --vis selected (repeat)")
+    e.add_argument("--destination", help="image requests: s3 (default) or a cloud named in $IMAGING_CLOUDS")
     e.set_defaults(func=_export)
 
     c = sub.add_parser("convert", help="the export stage alone: a bootable disk -> the artifact")

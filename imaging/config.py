@@ -253,6 +253,35 @@ def check_target_format(target: str, fmt: str) -> None:
         )
 
 
+def check_display_name(name: str) -> str:
+    """A request's name as its user wrote it: the image's name in the cloud and in mails.
+    1-255 printable characters (any script, spaces inside), no control characters."""
+    if not isinstance(name, str) or not 1 <= len(name) <= 255:
+        raise ParameterError("name must be 1 to 255 characters")
+    bad = next((c for c in name if not c.isprintable() and c != " "), None)
+    if bad is not None:
+        raise ParameterError(f"name {name!r} has a control or unprintable character ({bad!r})")
+    if name != name.strip():
+        raise ParameterError(f"name {name!r} starts or ends with white space")
+    return name
+
+
+def slug(name: str) -> str:
+    """The safe form of a display name for file names, run ids and object keys: the name itself
+    when it is one already, else its letters and digits joined by '-', shortened, with a short
+    hash of the whole name so that two names never share a slug."""
+    check_display_name(name)
+    if _NAME.match(name) and ".." not in name and len(name) <= 60:
+        return name
+    import hashlib
+    import unicodedata
+
+    ascii_text = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    words = re.sub(r"[^A-Za-z0-9]+", "-", ascii_text).strip("-")[:50].strip("-")
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{words}-{digest}" if words else f"image-{digest}"
+
+
 def check_format(value: str) -> ImageFormat:
     try:
         return ImageFormat(value)

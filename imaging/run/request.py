@@ -56,6 +56,8 @@ class Request(BaseModel):
     # Image requests (kind image): who may see the published image; names when "selected".
     vis: str = "private"
     shared_with: list[str] = []
+    # Where an image request's image goes: "s3" (the object store) or a configured cloud's name.
+    destination: str = "s3"
 
     @classmethod
     def create(cls, **fields: Any) -> Request:
@@ -76,7 +78,19 @@ class Request(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return config.check_name(v)
+        return config.check_display_name(v)
+
+    @field_validator("destination")
+    @classmethod
+    def _destination(cls, v: str) -> str:
+        if v != "s3" and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,39}", v):
+            raise ParameterError(f"destination {v!r} is neither s3 nor a cloud name")
+        return v
+
+    @property
+    def slug(self) -> str:
+        """The name's safe form: file names, run ids, object keys."""
+        return config.slug(self.name)
 
     @field_validator("format")
     @classmethod
@@ -229,4 +243,7 @@ class Request(BaseModel):
         return self
 
     def notebook_parameters(self) -> dict[str, Any]:
-        return {k.upper(): (v.value if hasattr(v, "value") else v) for k, v in self.model_dump().items()}
+        """Every field, upper-cased; NAME is the slug (stages name files after it) and
+        DISPLAY_NAME the name as the user wrote it (the cloud image's name)."""
+        values = {k.upper(): (v.value if hasattr(v, "value") else v) for k, v in self.model_dump().items()}
+        return {**values, "NAME": self.slug, "DISPLAY_NAME": self.name}

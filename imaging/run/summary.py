@@ -52,6 +52,17 @@ def _acquire(r: dict[str, Any]) -> str:
         f"{text(r['fs_type'])}, UUID {code(r['uuid'])}, label {code(r.get('label') or '(none)')}, "
         f"{_size(r['size_bytes'])} with {_size(r['used_bytes'])} in use.\n\n"
         f"Filesystem check of the copy: {text(r['fsck'])}. The source was not written to."
+        + _fetched(r.get("fetched"))
+    )
+
+
+def _fetched(f: dict[str, Any] | None) -> str:
+    if not f:
+        return ""
+    return (
+        f"\n\nCopied out of {text(f['kind'])} cloud {code(f['cloud'])} from {code(f['where'])}: "
+        f"{_size(f['size_bytes'])} ({_size(f['data_bytes'])} of data) in {text(f['seconds'])} s, "
+        f"checked against {text(f['verified'])}; sha256 {code(f['sha256'])}."
     )
 
 
@@ -134,6 +145,13 @@ def _verify(r: dict[str, Any]) -> str:
 
 def _publish(r: dict[str, Any]) -> str:
     shared = f", shared with {text(', '.join(r['shared_with']))}" if r.get("shared_with") else ""
+    if "image_id" in r:
+        grantees = f" ({text(', '.join(r['grantees']))})" if r.get("grantees") else ""
+        return (
+            f"**Published** image {code(r['image_id'])} named {code(r['name'])} to {text(r['kind'])} cloud "
+            f"{code(r['destination'])} at {code(r['location'])}: {text(r['vis'])}{shared}{grantees}; "
+            f"made from the artifact with sha256 {code(r['sha256'])}."
+        )
     return (
         f"**Published** {code(r['key'])} to bucket {code(r['bucket'])} at {code(r['endpoint'])}: "
         f"{text(r['vis'])} ({text(r['acl'])}){shared}; {_size(r['size_bytes'])}, sha256 {code(r['sha256'])}."

@@ -10,7 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +114,14 @@ def make_ext(tmp_path: Path) -> Callable[..., Path]:
         return image
 
     return make
+
+
+@pytest.fixture(scope="session")
+def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The real Glance (Debian's glance-api) on loopback, once per test session: starting it
+    costs seconds (see cloudkit.glance_server); its start-up time is printed."""
+    from .cloudkit import glance_server
+
+    with glance_server(tmp_path_factory.mktemp("glance")) as g:
+        print(f"\nglance-api started in {g.seconds} s", file=sys.stderr)
+        yield g

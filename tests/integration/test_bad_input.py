@@ -164,14 +164,22 @@ def test_raw_image_dressed_as_qcow2_cannot_read_host_files(cli: Cli, tmp_path: P
     assert "has a backing file (/etc/shadow)" in refused(cli, str(evil))
 
 
-@pytest.mark.parametrize("name", ["a/b", "..", "../../etc", "x;reboot", "$(id)", "a b", "-rf", ""])
-def test_bad_names(cli: Cli, kvm_sample: Path, name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("x\n", "name 'x\\n' has a control or unprintable character ('\\n')"),
+        ("a\x1b[2Jb", "name 'a\\x1b[2Jb' has a control or unprintable character ('\\x1b')"),
+        ("", "name must be 1 to 255 characters"),
+        ("x" * 256, "name must be 1 to 255 characters"),
+        (" padded", "name ' padded' starts or ends with white space"),
+    ],
+)
+def test_bad_names(cli: Cli, kvm_sample: Path, name: str, message: str) -> None:
+    """Names are free text (the image's name; files use a safe slug, see test_service_clouds),
+    but never control characters: refused before anything is made."""
     proc = cli("export", "sample:kvm", f"--name={name}", check=False)
     assert proc.returncode == 2
-    assert (
-        proc.stderr.strip()
-        == f"imaging: error: name {name!r} is not allowed: use 1-80 letters, digits, '.', '_' or '-', starting with a letter or digit (no '/', '..', spaces or shell characters)"
-    )
+    assert proc.stderr.strip() == f"imaging: error: {message}"
     assert list(cli.runs.iterdir()) == []
 
 

@@ -200,7 +200,9 @@ def test_convert_bad_input(cli: Cli, bootable: Path, tmp_path: Path) -> None:
     )
     assert refused(cli, str(tmp_path / "nope.img"), "--format", "vmdk", out=out) == (
         f"source not found: {tmp_path / 'nope.img'}")  # fmt: skip
-    assert "is not allowed" in refused(cli, str(bootable), "--format", "vmdk", "--name", "a/b", out=out)
+    assert "control or unprintable character" in refused(
+        cli, str(bootable), "--format", "vmdk", "--name", "a\tb", out=out
+    )
     assert "compress applies to qcow2 only" in refused(
         cli, str(bootable), "--format", "vdi", "--compress", out=out
     )

@@ -100,8 +100,9 @@ def test_request_takes_defaults_and_rejects_unknowns() -> None:
         Request.create(source="/x.img", name="demo", format="iso")
     with pytest.raises(ParameterError, match="Extra inputs"):
         Request.create(source="/x.img", name="demo", colour="blue")
-    with pytest.raises(ParameterError, match="name 'a/b' is not allowed"):
-        Request.create(source="/x.img", name="a/b")
+    with pytest.raises(ParameterError, match="control or unprintable character"):
+        Request.create(source="/x.img", name="x\n")
+    assert Request.create(source="/x.img", name="a/b c").slug == config.slug("a/b c") != "a/b c"
 
 
 def test_every_pipeline_stage_has_a_notebook() -> None:

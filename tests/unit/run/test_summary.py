@@ -122,3 +122,21 @@ def test_insert_goes_under_the_title_past_papermills_error_banner(tmp_path: Path
     summary.insert(path, "## Summary\n\nfailed")
     cells = nbformat.read(path, as_version=4).cells
     assert [c.source[:12] for c in cells[:3]] == ["<span style=", "# 30-bootabl", "## Summary\n\n"]
+
+
+def test_cloud_copies_and_cloud_images_are_summarised_without_markup() -> None:
+    fetched = {"source": "ec2://aws/i-0123456789abcdef0", "cloud": "aws", "kind": "ec2", "path": "/w/source.raw",
+               "format": "raw", "size_bytes": 1 << 30, "data_bytes": 23 << 20, "sha256": "ab" * 32,
+               "verified": "44 blocks of 524288 bytes, each against its SHA256 from EBS", "seconds": 1.3,
+               "where": "vol-1 via snap-2", "snapshot": "snap-2"}  # fmt: skip
+    acquired = {"source": fetched["source"], "source_format": "raw", "partition": None, "fs_type": "ext3",
+                "uuid": "u", "label": "", "size_bytes": 1 << 29, "used_bytes": 1 << 25, "fsck": "clean",
+                "fetched": fetched}  # fmt: skip
+    text = html_of(summary.completed("00-acquire", acquired))
+    assert "Copied out of ec2 cloud" in text and "each against its SHA256 from EBS" in text
+    published = {"destination": "os", "kind": "openstack", "image_id": "0b1c", "name": HOSTILE, "vis": "selected",
+                 "shared_with": ["bob"], "grantees": ["proj-bob"], "location": "http://glance", "sha256": "cd" * 32,
+                 "size_bytes": 1, "seconds": 1.0, "details": {}}  # fmt: skip
+    text = html_of(summary.completed("60-publish", published))
+    assert "Published" in text and "0b1c" in text and "proj-bob" in text
+    assert "<script" not in text and "&lt;script&gt;" in text
