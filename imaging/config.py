@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imaging.errors import ParameterError
 
@@ -128,8 +128,13 @@ class Target(_Strict):
     formats: list[ImageFormat]
 
 
+StageInput = Literal["work/instance.raw", "work/disk.raw", "artifact"]
+
+
 class Defaults(_Strict):
     pipelines: dict[str, list[str]]
+    # What a stage starts from that an earlier one made (see defaults.yaml).
+    stage_inputs: dict[str, list[StageInput]] = {}
     # The target when a request names none: by its format, else the default.
     target: str = "kvm"
     target_by_format: dict[ImageFormat, str] = {}
@@ -159,6 +164,14 @@ class Defaults(_Strict):
     vmdk_subformat: VmdkSubformat = VmdkSubformat.stream_optimized
     compress: bool = False
     ovf_version: OvfVersion = OvfVersion.v1
+
+    @model_validator(mode="after")
+    def _known_stages(self) -> Defaults:
+        known = {s for stages in self.pipelines.values() for s in stages}
+        unknown = sorted(set(self.stage_inputs) - known)
+        if unknown:
+            raise ValueError(f"stage_inputs names stages no pipeline runs: {', '.join(unknown)}")
+        return self
 
     @field_validator("kernel_args")
     @classmethod
@@ -314,6 +327,10 @@ def parse_disk_size(value: str) -> tuple[str, int]:
         raise ParameterError(f"disk size {value!r} is not 'auto', a size like 10G, or extra room like +1G")
     amount = int(float(m.group(2)) * _UNITS[m.group(3).upper()])
     return ("extra" if m.group(1) else "absolute"), amount
+
+
+def stage_inputs(stage: str) -> list[str]:
+    return list(load_defaults().stage_inputs.get(stage, []))
 
 
 def pipeline_stages(kind: str) -> list[str]:

@@ -32,7 +32,7 @@ from imaging import config
 from imaging.clouds.settings import is_cloud_source
 from imaging.disk import mounts
 from imaging.errors import ImagingError, ParameterError
-from imaging.run import audit, scraps, summary
+from imaging.run import audit, record, scraps, summary
 from imaging.run.request import Request
 from imaging.samples import catalog
 from imaging.workspace import Workspace, write_json
@@ -65,7 +65,8 @@ class State:
         )
 
     def set(self, state: str, stage: str | None = None, error: str | None = None) -> None:
-        self.data.update(state=state, stage=stage, error=error, updated=_now())
+        # root: where this host keeps the run (another host relocates its results from it)
+        self.data.update(state=state, stage=stage, error=error, updated=_now(), root=str(self.ws.root))
         self.data["history"].append({"time": _now(), "state": state, "stage": stage, "error": error})
         write_json(self.ws.state_file, self.data)
 
@@ -167,7 +168,13 @@ def _cells_seconds(nb_path: Path) -> tuple[float, float]:
 
 
 def run_stage(
-    ws: Workspace, stage: str, request: Request, index: int, total: int, err: TextIO
+    ws: Workspace,
+    stage: str,
+    request: Request,
+    index: int,
+    total: int,
+    err: TextIO,
+    pusher: record.Pusher | None = None,
 ) -> dict[str, Any]:
     import papermill as pm
     from jupyter_client.manager import KernelManager
@@ -188,7 +195,8 @@ def run_stage(
     km = KernelManager(kernel_name=KERNEL_NAME, transport="ipc", ip=str(sockets / ".kernel"))
     # independent: no ipykernel parent poller, which would os._exit() the kernel without cleanup
     # when we die; the stage's own watchdog (stage.py) cleans up first, then exits.
-    env = {k: v for k, v in os.environ.items() if k != "JPY_PARENT_PID"}
+    # Nor the record store's keys: a stage has no business with them.
+    env = {k: v for k, v in os.environ.items() if k not in ("JPY_PARENT_PID", record.ENV)}
     # A kernel without a parent handle prints how to connect to it on our stdout; CRITICAL quiets it.
     km.start_kernel(cwd=str(config.PROJECT), env=env, independent=True,
                     extra_arguments=["--IPKernelApp.log_level=CRITICAL"])  # fmt: skip
@@ -207,11 +215,11 @@ def run_stage(
         )
     except KeyboardInterrupt:
         _stop_kernel(km)
-        _keep_failed(ws, stage, tmp, "interrupted")
+        _keep_failed(ws, stage, tmp, "interrupted", pusher)
         raise
     except pm.PapermillExecutionError as e:
         _shutdown(km)
-        _keep_failed(ws, stage, tmp, _one_line(e.ename, e.evalue))
+        _keep_failed(ws, stage, tmp, _one_line(e.ename, e.evalue), pusher)
         raise StageFailed(stage, _one_line(e.ename, e.evalue), ws.id) from None
     except BaseException:
         _shutdown(km)
@@ -224,7 +232,7 @@ def run_stage(
     wall = time.monotonic() - t0
     recorded = scraps.read(tmp)
     if stage not in recorded:
-        _keep_failed(ws, stage, tmp, "the notebook did not record its result")
+        _keep_failed(ws, stage, tmp, "the notebook did not record its result", pusher)
         raise StageFailed(stage, "the notebook did not record its result", ws.id)
     # The summary goes in before the notebook takes its final name, is rendered and hashed.
     summary.insert(tmp, summary.completed(stage, recorded[stage]))
@@ -241,7 +249,9 @@ def _one_line(ename: str, evalue: str) -> str:
     return text if ename.endswith(known) or ename in ("ImagingError",) else f"{ename}: {text}"
 
 
-def _keep_failed(ws: Workspace, stage: str, tmp: Path, error: str) -> None:
+def _keep_failed(
+    ws: Workspace, stage: str, tmp: Path, error: str, pusher: record.Pusher | None = None
+) -> None:
     """The executed notebook of a failed attempt stays, numbered, for the record, with the error
     as its summary."""
     if not tmp.exists():
@@ -254,12 +264,13 @@ def _keep_failed(ws: Workspace, stage: str, tmp: Path, error: str) -> None:
     n = 1 + len(list(ws.notebooks.glob(f"{stage}.failed-*.ipynb")))
     failed = ws.notebooks / f"{stage}.failed-{n}.ipynb"
     os.replace(tmp, failed)
-    _record(ws, failed)
+    _record(ws, failed, pusher)
 
 
-def _record(ws: Workspace, notebook: Path) -> None:
-    """The executed notebook's HTML render, and both onto the run's audit chain. A render that
-    fails must not hide the stage's own outcome: the chain then says so."""
+def _record(ws: Workspace, notebook: Path, pusher: record.Pusher | None = None) -> None:
+    """The executed notebook's HTML render, and both onto the run's audit chain, then the
+    record to its store, if it has one. A render that fails must not hide the stage's own
+    outcome: the chain then says so."""
     _wait_records(ws)  # the chain stays in stage order
     try:
         audit.record_notebook(ws, notebook)
@@ -267,18 +278,20 @@ def _record(ws: Workspace, notebook: Path) -> None:
         audit.append(ws, notebook, "notebook")
         print(f"imaging: no HTML render of {notebook.name}: {_one_line(type(e).__name__, str(e))}",
               file=sys.stderr, flush=True)  # fmt: skip
+    if pusher is not None:
+        pusher.push()
 
 
 # Runs whose last stage's HTML render is still running (see _record_later).
 _rendering: dict[Path, threading.Thread] = {}
 
 
-def _record_later(ws: Workspace, notebook: Path) -> None:
+def _record_later(ws: Workspace, notebook: Path, pusher: record.Pusher | None = None) -> None:
     """:func:`_record` on a thread of its own: the render (0.4 s, and nbconvert's imports on
     the first) then overlaps the next stage's kernel start, or the wait for the source's hash
     after the last stage. Waited for before anything else goes onto the chain."""
     _wait_records(ws)
-    thread = threading.Thread(target=_record, args=(ws, notebook), name=f"render {notebook.name}")
+    thread = threading.Thread(target=_record, args=(ws, notebook, pusher), name=f"render {notebook.name}")
     _rendering[ws.root] = thread
     thread.start()
 
@@ -440,6 +453,8 @@ class Runner:
         self.timings: dict[str, Any] = dict(self.state.data.get("timings", {}))
         self._source_hash: SourceHash | None = None
         self._held = False
+        # The record's copy in the object store, when the run is given one (IMAGING_RECORDS).
+        self.pusher = record.pusher(ws)
         os.environ["IMAGING_MOUNT_LEDGER"] = str(ws.root / "mounts.json")
         os.environ["IMAGING_PIPELINE"] = "1"
 
@@ -475,15 +490,21 @@ class Runner:
             if self._source_hash is None:
                 self._source_hash = SourceHash(self.ws, self.request.source)
             self.state.set("running", stage)
+            if self.pusher is not None:
+                self.pusher.push(wait=False)
             try:
-                done = run_stage(self.ws, stage, self.request, index, len(self.stages), self.err)
+                done = run_stage(
+                    self.ws, stage, self.request, index, len(self.stages), self.err, self.pusher
+                )
             except KeyboardInterrupt:
                 self._failed(stage, "interrupted")
                 raise
             except ImagingError as e:
                 self._failed(stage, str(e))
                 raise
-            _record_later(self.ws, self.ws.notebooks / f"{stage}.ipynb")
+            _record_later(self.ws, self.ws.notebooks / f"{stage}.ipynb", self.pusher)
+            if self.pusher is not None:
+                self.pusher.keep_inputs(self.next_stage())
         self.results[stage] = done["result"]
         self.timings[stage] = done["timing"]
         self.state.data["timings"] = self.timings
@@ -495,6 +516,9 @@ class Runner:
             self._source_hash = None
         sweep(self.ws, self.out)
         self.state.set("error", stage, error)
+        if self.pusher is not None:
+            _wait_records(self.ws)
+            self.pusher.push()
 
     def finish(self) -> dict[str, Any]:
         """Once every stage is done: the run's result (result.json), the audit chain sealed."""
@@ -513,6 +537,12 @@ class Runner:
             self.state.set("completed")
             if not self.request.keep_work:
                 shutil.rmtree(self.ws.work, ignore_errors=True)
+        if self.pusher is not None:
+            self.pusher.keep_inputs(None)  # the kept disks go: nothing is left to resume
+            if not self.pusher.push():
+                raise ImagingError(
+                    f"run {self.ws.id} completed, but its record is not all in the store: {self.pusher.error}"
+                )
         return summary
 
     def amend(self, **fields: Any) -> Request:
@@ -530,6 +560,38 @@ class Runner:
         return request
 
 
+def restart(ws: Workspace, reason: str) -> int:
+    """Start a run again from its first stage (another host abandoned it, and the disk of the
+    stage it was in is gone with that host), keeping the abandoned attempt in the record: each
+    completed stage's notebook and render renamed ``<stage>.attempt-N`` (chained as moves),
+    failed attempts as they are, results, work disks and artifacts dropped. Returns N."""
+    attempts = {p.stem.rpartition(".attempt-")[2] for p in ws.notebooks.glob("*.attempt-*.ipynb")}
+    n = 1 + len(attempts)
+    for notebook in sorted(ws.notebooks.glob("[0-9][0-9]-*.ipynb")):
+        if "." in notebook.stem:  # a failed attempt, or an earlier attempt's
+            continue
+        for path in (notebook, notebook.with_suffix(".html")):
+            if path.exists():
+                audit.move(ws, path, path.with_name(f"{notebook.stem}.attempt-{n}{path.suffix}"))
+    for path in [*ws.results.glob("*.json"), ws.result_file]:
+        path.unlink(missing_ok=True)
+    for directory in (ws.work, ws.root / "out"):
+        shutil.rmtree(directory, ignore_errors=True)
+    ws.work.mkdir()
+    state = State(ws)
+    state.data.pop("timings", None)
+    state.set("restarted", None, f"{reason}: attempt {n} is kept in the record, the run starts again")
+    return n
+
+
+def push_record(ws: Workspace) -> str | None:
+    """Put what changed in the run's record into its store, if it has one; the error if not."""
+    pusher = record.pusher(ws)
+    if pusher is None or pusher.push():
+        return None
+    return pusher.error
+
+
 def execute(ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> dict[str, Any]:
     """Run (or resume) the run's stages; return the run's result (also in result.json)."""
     state = State(ws)
@@ -537,6 +599,8 @@ def execute(ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> dic
         return dict(json.loads(ws.result_file.read_text()))
     runner = Runner(ws, request, err=err)
     with runner.holding():
+        if runner.pusher is not None:
+            runner.pusher.push()
         for index, stage in enumerate(runner.stages, 1):
             if runner.done(stage):
                 runner.results[stage] = ws.result(stage)

@@ -18,7 +18,7 @@ from imaging.service.store import ImageRequest, Store, Transition
 
 API_PREFIX = "/api/v1"
 REQUEST_ID = r"^ir-[0-9a-f]{12}$"
-NOTEBOOK = r"^[0-9]{2}-[a-z0-9-]{1,40}(\.failed-[0-9]{1,4})?$"
+NOTEBOOK = r"^[0-9]{2}-[a-z0-9-]{1,40}(\.(failed|attempt)-[0-9]{1,4})?$"
 Vis = Literal["public", "private", "selected"]
 StateName = Literal["pending", "approved", "running", "completed", "error", "denied", "cancelled"]
 
@@ -180,6 +180,10 @@ class NotebookOut(BaseModel):
     name: str
     stage: str
     failed: bool = Field(description="an attempt that failed (kept for the record)")
+    abandoned: bool = Field(
+        default=False,
+        description="a stage of an earlier attempt of the whole run, abandoned with its host and run again",
+    )
     html: str | None = Field(description="URL of its HTML render")
 
 
@@ -189,6 +193,9 @@ class AuditEntry(BaseModel):
     file: str
     sha256: str
     prev: str
+    from_: str | None = Field(
+        default=None, alias="from", description="moved entries: the file's name before"
+    )
     hash: str
 
 

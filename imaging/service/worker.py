@@ -1,22 +1,29 @@
-"""The scheduler: claims approved requests and runs each one's pipeline in a child process.
+"""The worker of a conversion host (``python -m imaging worker``): Procrastinate's worker takes
+requests' jobs from the shared database, and each request's pipeline runs in a child process
+that this module supervises.
 
 A request runs as ``python -m imaging export SOURCE ... --run <request id>`` (or ``resume <id>``
-when its run exists: approving a failed request again resumes it at the failed stage), so a run
-that crashes or is killed is isolated from the worker. While it runs, the worker renews its lease
-on the request and copies the stage the run's ``state.json`` names into the request.
+when its run exists), so the run id is the request id and a run that crashes or is killed is
+isolated from the worker. Before it starts, the run's record is brought from the record store
+when another host made its latest state (``takeover.py``). While it runs, the request's stage
+follows the run's ``state.json``, and every few seconds the worker checks that the request is
+still its own: a request cancelled, or taken over by another host (this worker's heartbeats
+stopped reaching the database for longer than ``stalled_seconds``), has its run stopped.
 
-Stopping: SIGTERM to the worker stops its children the way the CLI stops on SIGTERM (tools
-killed, mounts released, partial files removed) and leaves the request in ``error``; a worker
-killed outright takes its children along (PR_SET_PDEATHSIG sends them SIGTERM) and stops renewing
-its lease, which then expires into ``error``. Either way, approving again resumes.
-
-One worker process runs ``concurrency`` requests at once (threads; the work is in the children).
-More hosts run more workers against a PostgreSQL store; the claim is one conditional UPDATE.
-Celery (DESIGN's scale-out) can replace the claim loop later without touching the rest.
+Stopping: SIGTERM (or Ctrl-C) stops the worker's runs the way the CLI stops (tools killed,
+mounts released, partial files removed, the interrupted attempt kept in the record) and queues
+their requests again, for another worker or this one restarted. A worker killed outright takes
+its runs along (they get SIGTERM from the kernel, PR_SET_PDEATHSIG) and its heartbeats stop:
+``stalled_seconds`` later any other worker (or the API) queues its requests again. A database
+that stops answering mid-run: the run goes on while the database may come back before another
+host could take the request over (``stalled_seconds``); past that it is stopped and the request
+queued again (or, if the database is still away, left for the first host that reaches it to
+queue again); the worker itself starts again once the database answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -26,14 +33,18 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import procrastinate
+from procrastinate.job_context import AbortReason
+from procrastinate.worker import Worker
+
 from imaging import config
 from imaging.clouds import settings as cloud_settings
-from imaging.errors import ParameterError, StoreError
+from imaging.errors import ImagingError, ParameterError, StoreError
+from imaging.service import jobs, takeover
 from imaging.service.notify import Mailer
 from imaging.service.settings import Settings, secret_env_names
 from imaging.service.store import Actor, ImageRequest, Store
@@ -84,13 +95,16 @@ def command(settings: Settings, req: ImageRequest) -> list[str]:
 
 def child_env(settings: Settings, req: ImageRequest) -> dict[str, str]:
     """The run's environment: no secret of the service but those of the clouds the request uses
-    (its source's, its destination's) and the object store's keys for a run that publishes there
-    (boto3 reads them); none of them is a notebook parameter."""
+    (its source's, its destination's), the object store's keys for a run that publishes there
+    (boto3 reads them) and the record store's (``IMAGING_RECORDS``); none of them is a notebook
+    parameter, and the stage kernels do not get the record store's."""
     hidden = secret_env_names()
     env = {k: v for k, v in os.environ.items() if k not in hidden}
     env.update(IMAGING_RUNS=str(config.runs_dir()), IMAGING_PROGRESS="0")
     env.pop("AWS_ACCESS_KEY_ID", None)
     env.pop("AWS_SECRET_ACCESS_KEY", None)
+    if settings.records.bucket:
+        env["IMAGING_RECORDS"] = settings.records.env()
     destination = (req.options or {}).get("destination") if req.kind == "image" else None
     with contextlib.suppress(ParameterError):
         used = settings.clouds_used(settings.source_of(req.instance), destination)
@@ -126,68 +140,43 @@ def _last_error(log_path: Path) -> str:
     return ""
 
 
-class Worker:
-    def __init__(self, settings: Settings, store: Store, mailer: Mailer | None = None, *,
-                 concurrency: int | None = None) -> None:  # fmt: skip
+class RequestRunner:
+    """What a job of :data:`imaging.service.jobs.TASK` does, on a thread of the worker."""
+
+    def __init__(self, settings: Settings, store: Store, mailer: Mailer, name: str) -> None:
         self.settings = settings
         self.store = store
-        self.mailer = mailer or Mailer(settings, store)
-        # 0: no claiming, only the housekeeping of leases (a `serve` without its own worker).
-        self.concurrency = settings.worker.concurrency if concurrency is None else concurrency
-        self.stop = threading.Event()
-        self.threads: list[threading.Thread] = []
+        self.mailer = mailer
+        self.name = name
+        self.actor = Actor(name, "worker")
         self.logs = settings.state_dir / "logs"
 
-    def start(self) -> None:
-        """Start the claim loops; with a concurrency of 0, only the lease housekeeping."""
-        self.logs.mkdir(parents=True, exist_ok=True)
-        for slot in range(max(self.concurrency, 1)):
-            name = f"{socket.gethostname()}:{os.getpid()}:{slot}"
-            t = threading.Thread(target=self.loop, args=(name, self.concurrency > 0), name=f"worker-{slot}",
-                                 daemon=True)  # fmt: skip
-            t.start()
-            self.threads.append(t)
+    def run(self, context: procrastinate.JobContext, request_id: str) -> None:
+        try:
+            req = self.store.transition(request_id, "claim", self.actor, worker=self.name)
+        except StoreError as e:  # cancelled, or queued again meanwhile: this job has nothing to do
+            log.info("request %s: not claimed: %s", request_id, e)
+            return
+        log.info("request %s claimed by %s (job %s)", request_id, self.name, context.job.id)
+        try:
+            self._run(context, req)
+        except Exception as e:
+            log.exception("request %s: the worker failed", request_id)
+            self.finish(request_id, "fail", f"the worker failed: {' '.join(str(e).split())[:300]}")
 
-    def shutdown(self) -> None:
-        """Stop claiming, stop the running children (they clean up), wait for them."""
-        self.stop.set()
-        for t in self.threads:
-            t.join()
-
-    def loop(self, name: str, claim: bool = True) -> None:
-        if claim:
-            log.info("worker %s started", name)
-        while not self.stop.is_set():
-            try:
-                self.housekeeping()
-                req = self.store.claim(name, self.settings.worker.lease_seconds) if claim else None
-            except Exception:  # the database may be away for a moment: keep trying
-                log.exception("worker %s: cannot claim", name)
-                req = None
-            if req is None:
-                self.stop.wait(self.settings.worker.poll_seconds)
-                continue
-            try:
-                self.run(req, name)
-            except Exception:
-                log.exception("worker %s: request %s", name, req.id)
-                with contextlib.suppress(StoreError):
-                    self.finish(req.id, name, "fail", "the worker failed: see the service log")
-        if claim:
-            log.info("worker %s stopped", name)
-
-    def housekeeping(self) -> None:
-        """Requests whose worker was lost go to error, and the admins hear of it."""
-        for request_id in self.store.expire_leases():
-            log.warning("request %s: its worker was lost; it is in error now", request_id)
-            self.mailer.request_finished(self.store.get(request_id))
-
-    def run(self, req: ImageRequest, name: str) -> None:
-        lease = self.settings.worker.lease_seconds
+    def _run(self, context: procrastinate.JobContext, req: ImageRequest) -> None:
         run_dir = config.runs_dir() / req.id
+        if self.settings.records.bucket:
+            try:
+                how = takeover.prepare(self.settings.records, req.id)
+            except (ImagingError, OSError) as e:
+                self.finish(req.id, "fail", f"cannot bring the run's record to this host: {e}")
+                return
+            log.info("request %s: run %s (%s)", req.id, req.id, how)
+        self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{req.id}.log"
         argv = command(self.settings, req)
-        log.info("request %s: %s (worker %s)", req.id, " ".join(argv[3:5]), name)
+        log.info("request %s: %s (worker %s)", req.id, " ".join(argv[3:5]), self.name)
         with open(log_path, "a", encoding="utf-8") as log_file:
             proc = subprocess.Popen(
                 argv,
@@ -199,60 +188,97 @@ class Worker:
                 start_new_session=True,
                 preexec_fn=_term_with_parent,
             )
-            stage, beat, lost = req.stage, time.monotonic(), False
-            while proc.poll() is None:
-                if self.stop.wait(0.5) or lost:
-                    break
-                # Only a running run's stage: a resumed run's state.json names the old failure first.
-                now = _read_json(run_dir / "state.json")
-                if now.get("state") == "running" and now.get("stage") not in (None, stage):
-                    stage = self._moved(req.id, name, str(now["stage"]))
-                # The lease is renewed well before it runs out, and often enough that a request
-                # cancelled while it runs stops within seconds (the renewal is refused then).
-                if time.monotonic() - beat > min(lease / 3, 5.0):
-                    beat = time.monotonic()
-                    lost = not self.store.heartbeat(req.id, name, lease)
-            code = self._wait_or_stop(proc)
+            stage, why = self._supervise(context, req, proc, run_dir)
+            code = _wait_or_stop(proc)
         state = _read_json(run_dir / "state.json")
-        if state.get("stage") not in (None, stage) and not lost:  # a stage too short to be seen
-            self._moved(req.id, name, str(state["stage"]))
-        if lost:
-            log.info("request %s was cancelled or lost: run stopped", req.id)
+        if why is None and state.get("stage") not in (None, stage):  # a stage too short to be seen
+            with contextlib.suppress(StoreError):
+                stage = self._moved(req.id, str(state["stage"]))
+        if why == "lost":
+            log.info("request %s is no longer this worker's (cancelled, or taken over): run stopped", req.id)
+        elif why in ("shutdown", "database"):
+            self._requeue(req.id, why, state.get("stage") or stage)
         elif code in (0, 3) and (run_dir / "result.json").exists():  # 3: made, but its boot was degraded
             result = _read_json(run_dir / "result.json")
             result["audit_head"] = _read_json(run_dir / "audit.json").get("head")
-            self.finish(req.id, name, "complete", f"completed ({(result.get('boot') or {}).get('verdict')})",
-                        result=result)  # fmt: skip
-        elif self.stop.is_set():
-            self.finish(req.id, name, "fail", "interrupted: the worker was stopped; approve again to resume")
+            verdict = (result.get("boot") or {}).get("verdict")
+            self.finish(req.id, "complete", f"completed ({verdict})", result=result)
         else:
-            error = state.get("error") if code == 1 else _last_error(log_path)
-            self.finish(req.id, name, "fail", error or f"the run exited with code {code} (see {log_path})")
+            error = state.get("error") if code == 1 else ""
+            error = error or _last_error(log_path) or f"the run exited with code {code} (see {log_path})"
+            self.finish(req.id, "fail", error)
 
-    def _wait_or_stop(self, proc: subprocess.Popen[bytes]) -> int:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+    def _supervise(
+        self,
+        context: procrastinate.JobContext,
+        req: ImageRequest,
+        proc: subprocess.Popen[bytes],
+        run_dir: Path,
+    ) -> tuple[str | None, str | None]:
+        """Follow the run until it exits, or until it must stop: returns (its stage, why it was
+        stopped: ``shutdown``, ``lost``, ``database``, or None when it ended by itself)."""
+        stage, checked, away = req.stage, time.monotonic(), None
+        w = self.settings.worker
+        while proc.poll() is None:
+            time.sleep(0.5)
+            if context.should_abort():  # the worker stops; a cancelled job's request is seen below
+                if context.abort_reason() == AbortReason.SHUTDOWN:
+                    return stage, "shutdown"
+            now = _read_json(run_dir / "state.json")
             try:
-                proc.wait(timeout=_STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        return int(proc.returncode)
+                # Only a running run's stage: a resumed run's state.json names the old failure first.
+                if now.get("state") == "running" and now.get("stage") not in (None, stage):
+                    stage = self._moved(req.id, str(now["stage"]))
+                if time.monotonic() - checked > w.check_seconds:
+                    checked = time.monotonic()
+                    if not self.store.held_by(req.id, self.name):
+                        return stage, "lost"
+                away = None
+            except StoreError as e:
+                if e.status < 500:  # the request moved on (the stage could not be recorded)
+                    return stage, "lost"
+                if away is None:
+                    away = time.monotonic()
+                    log.warning("request %s: %s; the run goes on for now", req.id, e)
+                elif time.monotonic() - away > w.stalled_seconds:
+                    log.warning("request %s: the database was away for %.0f s: run stopped", req.id,
+                                time.monotonic() - away)  # fmt: skip
+                    return stage, "database"
+        return stage, None
 
-    def _moved(self, request_id: str, name: str, stage: str) -> str:
-        with contextlib.suppress(StoreError):
-            self.store.transition(request_id, "stage", Actor(name, "worker"), f"stage {stage}", worker=name,
-                                  stage=stage)  # fmt: skip
+    def _moved(self, request_id: str, stage: str) -> str:
+        self.store.transition(
+            request_id, "stage", self.actor, f"stage {stage}", worker=self.name, stage=stage
+        )
         return stage
 
-    def finish(self, request_id: str, name: str, action: str, message: str, *,
-               result: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def _requeue(self, request_id: str, why: str, stage: str | None) -> None:
+        reason = {
+            "shutdown": f"worker {self.name} stopped: its run was interrupted at {stage or 'the start'}; queued again",
+            "database": f"the database was unreachable from worker {self.name}: its run was stopped at "
+            f"{stage or 'the start'}; queued again",
+        }[why]  # fmt: skip
+        deadline = time.monotonic() + self.settings.worker.stalled_seconds
+        while True:
+            try:
+                self.store.transition(request_id, "requeue", self.actor, reason, worker=self.name)
+                log.info("request %s: %s", request_id, reason)
+                return
+            except StoreError as e:
+                if e.status < 500 or time.monotonic() > deadline:
+                    # Taken over already; or the database is still away: the first host that
+                    # reaches it queues the request again (this worker's heartbeats stopped).
+                    log.warning("request %s: not queued again by this worker: %s", request_id, e)
+                    return
+            time.sleep(2)
+
+    def finish(
+        self, request_id: str, action: str, message: str, *, result: dict[str, Any] | None = None
+    ) -> None:
         error = None if action == "complete" else message
         try:
-            req = self.store.transition(request_id, action, Actor(name, "worker"), message, worker=name,
-                                        error=error, result=result)  # fmt: skip
+            req = self.store.transition(request_id, action, self.actor, message, worker=self.name, error=error,
+                                        result=result)  # fmt: skip
         except StoreError as e:
             log.warning("request %s: %s", request_id, e)
             return
@@ -260,20 +286,101 @@ class Worker:
         self.mailer.request_finished(req)
 
 
+def _wait_or_stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=_STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return int(proc.returncode)
+
+
+def recover(store: Store, mailer: Mailer, settings: Settings) -> None:
+    """Queue again the requests of workers whose heartbeats stopped (see Store.recover_stalled);
+    the admins hear of those that went to error."""
+    for req in store.recover_stalled(settings.worker.stalled_seconds, settings.worker.max_lost):
+        log.warning("request %s: %s", req.id, req.transitions[-1].reason)
+        if req.state == "error":
+            mailer.request_finished(req)
+
+
+async def _recovery_loop(store: Store, mailer: Mailer, settings: Settings) -> None:
+    while True:
+        try:
+            await asyncio.to_thread(recover, store, mailer, settings)
+        except StoreError as e:
+            log.warning("recovering stalled requests: %s", e)
+        await asyncio.sleep(settings.worker.heartbeat_seconds)
+
+
+async def _serve(settings: Settings, store: Store, concurrency: int, stopping: asyncio.Event) -> None:
+    """One Procrastinate worker, and the recovery of other workers' stalled requests beside it,
+    until asked to stop (returns) or the database fails (raises)."""
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    mailer = Mailer(settings, store)
+    runner = RequestRunner(settings, store, mailer, name)
+    w = settings.worker
+    app = jobs.connect(settings.sqlalchemy_url, concurrency)
+    async with app.open_async():
+        worker = Worker(
+            app,
+            queues=[jobs.QUEUE],
+            name=name,
+            concurrency=concurrency,
+            additional_context={"runner": runner},
+            install_signal_handlers=False,  # ours (serve_forever) outlive one worker
+            shutdown_graceful_timeout=0,  # on stop, running jobs are told at once (they requeue)
+            update_heartbeat_interval=w.heartbeat_seconds,
+            stalled_worker_timeout=w.stalled_seconds,
+            fetch_job_polling_interval=w.poll_seconds,
+            abort_job_polling_interval=w.check_seconds,
+            delete_jobs="successful",
+        )
+        run = asyncio.create_task(worker.run())
+        recovery = asyncio.create_task(_recovery_loop(store, mailer, settings))
+        stop = asyncio.create_task(stopping.wait())
+        log.info("worker %s started (%d at once)", name, concurrency)
+        try:
+            await asyncio.wait([run, stop], return_when=asyncio.FIRST_COMPLETED)
+            if not run.done():
+                worker.stop()
+            await run  # raises what stopped it, if not us
+        finally:
+            recovery.cancel()
+            stop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recovery
+
+
 def serve_forever(settings: Settings, store: Store, concurrency: int | None = None) -> int:
-    """``python -m imaging worker``: run until SIGTERM or Ctrl-C, then stop cleanly."""
-    if concurrency is not None and not 1 <= concurrency <= 16:
+    """``python -m imaging worker``: run until SIGTERM or Ctrl-C; a database that fails is
+    waited for (the running requests are stopped and queued again, see the module)."""
+    concurrency = settings.worker.concurrency if concurrency is None else concurrency
+    if not 1 <= concurrency <= 16:
         raise ParameterError(f"--concurrency must be 1 to 16, not {concurrency}")
-    worker = Worker(settings, store, concurrency=concurrency)
 
-    def stop(signum: int, frame: Any) -> None:
-        log.info("signal %d: stopping (running requests are interrupted and go to error)", signum)
-        worker.stop.set()
+    async def main() -> None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        delay = 2.0
+        while not stopping.is_set():
+            try:
+                await _serve(settings, store, concurrency, stopping)
+                delay = 2.0
+            except Exception as e:  # the database is away (psycopg's, procrastinate's, ours)
+                log.warning(
+                    "worker stopped: %s; starting again in %.0f s", " ".join(str(e).split())[:300], delay
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), delay)
+                delay = min(delay * 2, 60.0)
+        log.info("worker stopped")
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    worker.start()
-    while any(t.is_alive() for t in worker.threads):
-        for t in worker.threads:
-            t.join(timeout=0.5)
+    asyncio.run(main())
     return 0
