@@ -239,9 +239,14 @@ def _service_logging() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Every command they run, every migration step they look at: not what an operator reads.
+    for chatty in ("sh", "alembic"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import signal
+
     import uvicorn
 
     from imaging.service import api, schema, settings
@@ -260,13 +265,26 @@ def _serve(args: argparse.Namespace) -> int:
         where = "private PostgreSQL in the state directory" if loaded.private_database else "shared database"
         print(f"imaging: serving on http://{loaded.host}:{loaded.port} ({where}, {workers} embedded workers)",
               file=sys.stderr, flush=True)  # fmt: skip
+        # uvicorn stops on SIGTERM, then raises it again with the handler that was there before:
+        # this one, so that the worker and the private cluster are stopped below.
+        signal.signal(signal.SIGTERM, _terminated)
         try:
             # Our own access log (api.py): uvicorn's would write approval tokens from query strings.
             uvicorn.run(app, host=loaded.host, port=loaded.port, access_log=False, log_config=None)
+        except _Terminated:
+            pass
         finally:
             if worker is not None:
                 _stop(worker)
     return 0
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
 
 
 def _embedded_worker(config_file: str | None) -> Any:

@@ -377,7 +377,9 @@ class Pusher:
                     import zstandard
 
                     try:
-                        compressed = zstandard.ZstdCompressor(level=1, threads=-1).stream_reader(cast(IO[bytes], reader))
+                        compressed = zstandard.ZstdCompressor(level=1, threads=-1).stream_reader(
+                            cast(IO[bytes], reader)
+                        )
                         self.store.put_stream(self.ws.id, name + ZST, compressed)
                     finally:
                         reader.close()

@@ -32,10 +32,12 @@ def run_request(context: procrastinate.JobContext, request_id: str) -> None:
     context.additional_context["runner"].run(context, request_id)
 
 
-def defer(connection: Any, request_id: str) -> int:
+def defer(connection: Any, request_id: str, *, first: bool = False) -> int:
     """Queue the run of a request on ``connection`` (a psycopg connection inside the caller's
-    transaction, committed or rolled back with it); return the job's id."""
-    job = run_request.configure(lock=request_id, queueing_lock=request_id, connection=connection)
+    transaction, committed or rolled back with it); return the job's id. ``first``: before the
+    jobs already queued (a request whose worker was lost goes on at the next free worker)."""
+    job = run_request.configure(lock=request_id, queueing_lock=request_id, connection=connection,
+                                priority=1 if first else 0)  # fmt: skip
     return int(job.defer(request_id=request_id))
 
 

@@ -43,8 +43,11 @@ def binary(tool: str) -> str:
 
 
 class Cluster:
-    def __init__(self, root: Path, *, durable: bool = True) -> None:
+    def __init__(self, root: Path, *, durable: bool = True, tcp_port: int | None = None) -> None:
         self.root = root
+        # Tests and benchmarks that play several hosts reach it over TCP on loopback, as hosts
+        # would reach a shared server; a service's own cluster has no TCP at all.
+        self.tcp_port = tcp_port
         self.data = root / "data"
         self.log = root / "server.log"
         # fsync off only for throwaway clusters (tests, benchmarks): a crash may lose them.
@@ -58,6 +61,8 @@ class Cluster:
     @property
     def url(self) -> str:
         """The SQLAlchemy URL of the cluster's database (the socket's directory as the host)."""
+        if self.tcp_port:
+            return f"postgresql+psycopg://{USER}@127.0.0.1:{self.tcp_port}/{DATABASE}"
         return f"postgresql+psycopg://{USER}@/{DATABASE}?host={self.socket_dir}"
 
     def _argv(self, tool: str, *args: str) -> list[str]:
@@ -102,8 +107,12 @@ class Cluster:
             self.socket_dir.chmod(0o700)
             # In the cluster's configuration, not pg_ctl's -o, which a shell parses.
             quoted = str(self.socket_dir).replace("'", "''")
-            settings = ["listen_addresses = ''", f"unix_socket_directories = '{quoted}'",
-                        "unix_socket_permissions = 0700"]  # fmt: skip
+            listen = (
+                f"listen_addresses = '127.0.0.1'\nport = {self.tcp_port}"
+                if self.tcp_port
+                else "listen_addresses = ''"
+            )
+            settings = [listen, f"unix_socket_directories = '{quoted}'", "unix_socket_permissions = 0700"]
             if not self.durable:
                 settings += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
             (self.data / "imaging.conf").write_text("\n".join(settings) + "\n", encoding="utf-8")

@@ -124,6 +124,7 @@ class RequestOut(BaseModel):
     options: dict[str, Any] = Field(description="profile, clean, packages, layout, destination: as asked")
     state: StateName
     stage: str | None = Field(description="the stage it is in (running) or failed at (error)")
+    worker: str | None = Field(default=None, description="the worker (host:pid) that runs or last ran it")
     error: str | None
     created: datetime
     updated: datetime
@@ -168,6 +169,7 @@ def _fields(req: ImageRequest, base: str) -> dict[str, Any]:
         options=dict(req.options or {}),
         state=req.state,
         stage=req.stage,
+        worker=req.worker,
         error=req.error,
         created=req.created,
         updated=req.updated,

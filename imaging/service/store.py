@@ -371,7 +371,8 @@ def _transition(
     if action in _QUEUES:  # its job, in this same transaction (one still queued is stale: it goes)
         s.execute(text("SELECT procrastinate_cancel_job_v1(id, false, false) FROM procrastinate_jobs "
                        "WHERE queueing_lock = :r AND status = 'todo'"), {"r": req.id})  # fmt: skip
-        values["job_id"] = jobs.defer(s.connection().connection.driver_connection, req.id)
+        values["job_id"] = jobs.defer(s.connection().connection.driver_connection, req.id,
+                                      first=action == "requeue")  # fmt: skip
     elif action == "cancel" and req.job_id is not None:
         # A queued job is cancelled; a running one is asked to abort (its worker also sees the
         # request cancelled, and stops the run).
