@@ -57,6 +57,8 @@ def _unreachable(engine: Engine, e: SQLAlchemyError) -> StoreError:
 
 def current(engine: Engine) -> tuple[str | None, bool]:
     """(the database's revision, whether it has tables at all)."""
+    if engine.url.get_backend_name() != "postgresql":
+        raise StoreError(f"the database must be PostgreSQL, not {engine.url.get_backend_name()}", 503)
     try:
         with engine.connect() as conn:
             revision = MigrationContext.configure(conn).get_current_revision()

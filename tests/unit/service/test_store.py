@@ -80,10 +80,17 @@ def test_every_action_from_every_state(store: Store, action: str, state: State) 
     sources, target, _ = RULES[action]
     actor = actor_for(action, alice, root)
     if state in sources:
-        req = store.transition(rid, action, actor, "why", worker="w1" if actor is WORKER else None, stage="s")
+        req = store.transition(
+            rid, action, actor, "why", worker="w1" if actor is WORKER else None, stage="s"
+        )
         assert req.state == target
         last = req.transitions[-1]
-        assert (last.from_state, last.to_state, last.actor, last.reason) == (state, target, actor.name, "why")
+        assert (last.from_state, last.to_state, last.actor, last.reason) == (
+            state,
+            target,
+            actor.name,
+            "why",
+        )
     else:
         with pytest.raises(StoreError, match=f"cannot {action} a request that is {state}") as e:
             store.transition(rid, action, actor, worker="w1" if actor is WORKER else None)
@@ -121,7 +128,9 @@ def test_cancelling_a_running_request_asks_its_job_to_abort(store: Store) -> Non
     alice, _, root = users(store)
     rid = in_state(store, alice, root, State.approved)
     with store.engine.begin() as conn:  # a worker took the job
-        conn.execute(text("UPDATE procrastinate_jobs SET status = 'doing' WHERE args->>'request_id' = :r"), {"r": rid})
+        conn.execute(
+            text("UPDATE procrastinate_jobs SET status = 'doing' WHERE args->>'request_id' = :r"), {"r": rid}
+        )
     store.transition(rid, "claim", WORKER, worker="w1")
     assert store.held_by(rid, "w1") and not store.held_by(rid, "w2")
     store.transition(rid, "cancel", alice)
