@@ -28,6 +28,7 @@ def imaging(*args: str, env: dict[str, str], config: Path | None = None) -> subp
 
 
 def settings_file(tmp_path: Path, **values: Any) -> tuple[Path, dict[str, str]]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "service.yaml"
     path.write_text(yaml.safe_dump(values))
     return path, {
