@@ -366,27 +366,16 @@ class Pusher:
         return True
 
     def keep_inputs(self, stage: str | None) -> None:
-        """With keep_inputs: the work disks ``stage`` starts from go to the store (others go)."""
-        if not self.cfg.keep_inputs:
-            return
+        """With keep_inputs: the work disks ``stage`` starts from go to the store. Disks kept
+        for an earlier stage go (whichever host kept them), and all of them once the run ends
+        (``stage`` None)."""
         wanted = [n for n in config.stage_inputs(stage) if n.startswith("work/")] if stage else []
+        if not self.cfg.keep_inputs:
+            wanted = []
         with self.lock:
             try:
                 for name in wanted:
-                    reader = _HashingReader(self.ws.root / name)
-                    import zstandard
-
-                    try:
-                        compressed = zstandard.ZstdCompressor(level=1, threads=-1).stream_reader(
-                            cast(IO[bytes], reader)
-                        )
-                        self.store.put_stream(self.ws.id, name + ZST, compressed)
-                    finally:
-                        reader.close()
-                    sums = f"{reader.hash.hexdigest()}  {Path(name).name}\n{reader.size}\n"
-                    (part := self.ws.root / f".{Path(name).name}.sha256").write_text(sums)
-                    self.store.put(self.ws.id, name + ".sha256", part)
-                    part.unlink()
+                    self._put_compressed(name)
                 stale = [n for n in self.store.names(self.ws.id, "work/")
                          if n.removesuffix(ZST).removesuffix(".sha256") not in wanted]  # fmt: skip
                 if stale:
@@ -394,6 +383,23 @@ class Pusher:
             except (ImagingError, OSError) as e:
                 self.error = str(e)
                 print(f"imaging: {e} (the next stage's input is not kept)", file=sys.stderr, flush=True)
+
+    def _put_compressed(self, name: str) -> None:
+        import zstandard
+
+        reader = _HashingReader(self.ws.root / name)
+        try:
+            compressed = zstandard.ZstdCompressor(level=1, threads=-1).stream_reader(cast(IO[bytes], reader))
+            self.store.put_stream(self.ws.id, name + ZST, compressed)
+        finally:
+            reader.close()
+        # Its sha256 and size beside it, checked by the host that takes the disk back.
+        sums = self.ws.root / f".{Path(name).name}.sha256"
+        sums.write_text(f"{reader.hash.hexdigest()}  {Path(name).name}\n{reader.size}\n")
+        try:
+            self.store.put(self.ws.id, name + ".sha256", sums)
+        finally:
+            sums.unlink()
 
 
 def pusher(ws: Workspace) -> Pusher | None:

@@ -40,7 +40,9 @@ class Request:
     stage = "30-bootable"
 
 
-def supervise(tmp_path: Path, answers: list[Any], seconds: float = 30) -> tuple[tuple[str | None, str | None], float]:
+def supervise(
+    tmp_path: Path, answers: list[Any], seconds: float = 30
+) -> tuple[tuple[str | None, str | None], float]:
     conf = settings.Settings(state_dir=tmp_path, worker={"check_seconds": 0.2, "heartbeat_seconds": 1,
                                                          "stalled_seconds": 2})  # fmt: skip
     runner = RequestRunner(conf, Store(answers), mailer=None, name="h:1")  # type: ignore[arg-type]
