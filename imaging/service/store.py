@@ -361,7 +361,8 @@ def _transition(
         raise StoreError(f"cannot {action} a request that is {req.state}", 409)
     values: dict[str, Any] = {"state": target, "version": ImageRequest.version + 1, "updated": now()}
     if action in ("claim", "stage"):
-        values["stage"] = stage or req.stage
+        # A claim starts with no stage: the run says where it goes on (resumed, or from the start).
+        values["stage"] = stage
     if action == "claim":
         values.update(worker=worker, error=None)
     if action in ("fail", "complete", "cancel", "deny"):

@@ -39,9 +39,9 @@ def test_instances_destinations_and_sources(tmp_path: Path) -> None:
         make(tmp_path, instances={"i-2": "ec2://gcp/i-0123456789abcdef0"})
 
 
-def test_a_run_sees_only_the_clouds_its_request_uses(tmp_path: Path) -> None:
+def test_a_run_sees_only_the_clouds_its_request_uses(tmp_path: Path, database: str) -> None:
     s = make(tmp_path, instances={"i-1": "eucalyptus://euca/i-0123abcd", "i-2": "sample:kvm"})
-    store = Store(s.sqlalchemy_url)
+    store = Store(database)
     store.add_user("alice")
     (alice,) = store.users(["alice"])
     owner = Actor("alice", "user", alice.id)
@@ -60,3 +60,4 @@ def test_a_run_sees_only_the_clouds_its_request_uses(tmp_path: Path) -> None:
                          disk_format="raw", target="kvm", options={})  # fmt: skip
     assert cs.ENV not in worker.child_env(s, local)
     assert cs.ENV in settings.secret_env_names()
+    store.close()
