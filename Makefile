@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # the store's tests against a real server (each test starts its own cluster on loopback);
 # Chromium, a font and tesseract to look at the audit reports the way a person does.
 APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdisk util-linux \
-	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap \
+	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap pigz \
 	postgresql chromium fonts-dejavu-core tesseract-ocr tesseract-ocr-eng
 
 .PHONY: setup apt venv demo lab test test-fast lint bench clean

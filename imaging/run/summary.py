@@ -75,6 +75,17 @@ def _migrate(r: dict[str, Any]) -> str:
         f"{text(r['files_changed'])} files changed ({changed}).\n\n"
         f"Kernel {code(r['kernel'])}; initrd {text(r['initrd'])}, {_size(r.get('initrd_bytes'))}, "
         f"with {text(r['initrd_modules'])}. Packages: {text(r['packages'])}."
+        + _drivers(r.get("drivers") or {})
+    )
+
+
+def _drivers(drivers: dict[str, str]) -> str:
+    if not drivers:
+        return ""
+    return (
+        "\n\nThe target's drivers: "
+        + ", ".join(f"{code(m)} ({text(where)})" for m, where in drivers.items())
+        + "."
     )
 
 
