@@ -243,12 +243,12 @@ class Initrd(Record):
     drivers: dict[str, str] = field(default_factory=dict)
 
 
-IN_INITRD, BUILT_IN, ON_ROOT, MISSING = (
-    "initrd",
-    "built into the kernel",
-    "kernel module, not in the initrd",
-    "missing",
-)
+# Where a driver is, as the 20-migrate record says it.
+IN_INITRD = "initrd"
+BUILT_IN = "built into the kernel"
+ON_ROOT = "kernel module, not in the initrd"
+MISSING = "missing"
+UNLISTED = "unknown: the initrd could not be listed"
 
 
 def _norm(module: str) -> str:
@@ -260,8 +260,11 @@ def builtin_modules(guest: Guest, version: str) -> set[str]:
     return {_norm(line.rsplit("/", 1)[-1].split(".ko")[0]) for line in text.split()}
 
 
-def driver_places(guest: Guest, kernel: GuestKernel, target: Target, carried: list[str]) -> dict[str, str]:
-    """Where each driver the target names is, for the record (and the check that follows)."""
+def driver_places(
+    guest: Guest, kernel: GuestKernel, target: Target, carried: list[str], listed: bool = True
+) -> dict[str, str]:
+    """Where each driver the target names is, for the record (and the check that follows).
+    ``listed``: whether the initrd's files could be listed at all."""
     inside, builtin = {_norm(m) for m in carried}, builtin_modules(guest, kernel.version)
     places = {}
     for module in dict.fromkeys([*target.initrd_required, *target.initrd_modules, target.nic_module]):
@@ -269,6 +272,8 @@ def driver_places(guest: Guest, kernel: GuestKernel, target: Target, carried: li
             places[module] = IN_INITRD
         elif _norm(module) in builtin:
             places[module] = BUILT_IN
+        elif not listed:
+            places[module] = UNLISTED
         else:
             places[module] = ON_ROOT if module_available(guest, kernel.version, module) else MISSING
     return places
@@ -283,7 +288,7 @@ def check_required(image: str, target: Target, described: Initrd) -> None:
     needs = f"which target {target.name} needs in it ({target.disk_controller} disk, {target.nic} NIC)"
     if not image:
         raise GuestError(f"kernel {described.kernel} has no initrd to carry {', '.join(missing)}, {needs}")
-    if not described.modules:
+    if any(described.drivers.get(m) == UNLISTED for m in missing):
         raise GuestError(
             f"the initrd {image} could not be listed to check that it carries {', '.join(missing)}, {needs}"
         )
@@ -350,10 +355,11 @@ def _describe(
     guest: Guest, kernel: GuestKernel, image: str, rebuilt: bool, tool: str, target: Target
 ) -> Initrd:
     data = guest.read_bytes(image, limit=512 << 20) or b""
-    carried = initrd_modules(list_initrd(data))
+    names = list_initrd(data)
+    carried = initrd_modules(names)
     return Initrd(kernel.version, image, rebuilt, tool, sandbox.describe() if rebuilt else "", len(data),
                   hashlib.sha256(data).hexdigest(), ", ".join(carried),
-                  driver_places(guest, kernel, target, carried))  # fmt: skip
+                  driver_places(guest, kernel, target, carried, listed=bool(names)))  # fmt: skip
 
 
 def _check_only(guest: Guest, kernel: GuestKernel, target: Target) -> Initrd:
