@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imaging import sparse, tools
+from imaging.errors import ImagingError
 from imaging.formats import identity
 from imaging.progress import bytes_bar
 from imaging.records import Record
@@ -43,7 +44,7 @@ _GNU_MAGIC = b"ustar  \0"  # GNU tar's old format (ustar has "ustar\x0000")
 _SPARSE = b"S"  # old GNU sparse member
 
 
-class GceError(ValueError):
+class GceError(ImagingError):
     """An archive that is not what GCE's import reads."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imaging.disk import images
+from imaging.errors import ImagingError
 from imaging.formats import identity
 from imaging.records import Record
 
@@ -34,7 +35,7 @@ KINDS = {2: "fixed", 3: "dynamic", 4: "differencing"}
 MIB = 1 << 20
 
 
-class VhdError(ValueError):
+class VhdError(ImagingError):
     """A VHD whose footer is not what it must be."""
 
 

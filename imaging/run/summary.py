@@ -140,6 +140,7 @@ def _verify(r: dict[str, Any]) -> str:
         f"{head}, after {text(r['seconds'])} s on target {code(r['target'])} "
         f"({text(r['controller'])} disk controller, {text(r['accel'])}); {screen}.\n\n"
         f"Image {code(r['image'])} ({text(r['format'])})."
+        + (f" {text(r['machine_note'])}." if r.get("machine_note") else "")
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from imaging.formats import ova, vmdk
+from imaging.formats import ova, vhd, vmdk
 
 from .conftest import Cli, last_json, leftovers
 
@@ -181,6 +181,23 @@ def test_convert_any_input_format_and_verify(cli: Cli, bootable: Path, tmp_path:
     image = ova.extract_disk(Path(stream["path"]), tmp_path / "x")
     same_content(bootable, image, "vmdk")
     assert not list((cli.runs / stream["run"] / "work").glob("*"))  # the unpacked input is gone
+
+
+def test_convert_for_azure_and_gce_and_verify(cli: Cli, bootable: Path, tmp_path: Path) -> None:
+    """A disk one already has, as Azure's fixed VHD and GCE's tar.gz, each booted where the
+    cloud's machine would boot it: IDE from the VHD (named as vpc: qemu-img alone probes it as
+    raw), virtio-scsi from the disk.raw GNU tar extracted."""
+    fixed = last_json(cli("convert", str(bootable), "--format", "vhd", "--target", "azure", "--verify",
+                          "--boot-marker", "IMAGING-SAMPLE-OK", "--out", str(tmp_path / "azure")))  # fmt: skip
+    assert fixed["verified"] is True and fixed["boot"]["controller"] == "ide"
+    footer = vhd.check_fixed(Path(fixed["path"]))
+    assert footer.disk_type == 2 and footer.current_size == vhd.fixed_size(bootable.stat().st_size)
+    same_content(bootable, Path(fixed["path"]), "vpc")
+    packed = last_json(cli("convert", str(bootable), "--format", "gce", "--verify", "--boot-marker",
+                           "IMAGING-SAMPLE-OK", "--out", str(tmp_path / "gce")))  # fmt: skip
+    assert packed["target"] == "gce" and packed["verified"] is True  # gce: the format's own target
+    assert (packed["boot"]["controller"], Path(packed["path"]).name) == ("virtio-scsi", "base.tar.gz")
+    assert not list((tmp_path / "gce").glob("*.raw")) and leftovers(tmp_path) == []
 
 
 def refused(cli: Cli, *args: str, out: Path) -> str:
