@@ -129,8 +129,9 @@ def test_the_targets_drivers_and_the_boot_checks_machine_are_said() -> None:
     migrated = {"profile": "debian", "target": "aws", "kernel": "6.12", "files_changed": 3, "packages": "(none)",
                 "initrd": "/boot/initrd.img-6.12 (rebuilt)", "initrd_modules": "ena, nvme", "initrd_bytes": 10,
                 "changes": [], "drivers": {"nvme": "built into the kernel", "ena": "initrd"}}  # fmt: skip
-    assert "The target's drivers: <code>nvme</code> (built into the kernel), <code>ena</code> (initrd)." in summary.completed(
-        "20-migrate", migrated
+    assert (
+        "The target's drivers: <code>nvme</code> (built into the kernel), <code>ena</code> (initrd)."
+        in summary.completed("20-migrate", migrated)
     )
     note = "QEMU has no ENA; the boot check's NIC is virtio-net"
     text = summary.completed(
