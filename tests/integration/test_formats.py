@@ -183,13 +183,13 @@ def test_convert_any_input_format_and_verify(cli: Cli, bootable: Path, tmp_path:
     assert not list((cli.runs / stream["run"] / "work").glob("*"))  # the unpacked input is gone
 
 
-def test_convert_for_azure_and_gce_and_verify(cli: Cli, bootable: Path, tmp_path: Path) -> None:
-    """A disk one already has, as Azure's fixed VHD and GCE's tar.gz, each booted where the
-    cloud's machine would boot it: IDE from the VHD (named as vpc: qemu-img alone probes it as
-    raw), virtio-scsi from the disk.raw GNU tar extracted."""
-    fixed = last_json(cli("convert", str(bootable), "--format", "vhd", "--target", "azure", "--verify",
-                          "--boot-marker", "IMAGING-SAMPLE-OK", "--out", str(tmp_path / "azure")))  # fmt: skip
-    assert fixed["verified"] is True and fixed["boot"]["controller"] == "ide"
+def test_convert_for_azure_and_gce(cli: Cli, bootable: Path, tmp_path: Path) -> None:
+    """A disk one already has, as Azure's fixed VHD (qemu-img alone probes it as raw: named as
+    vpc, it holds the disk) and as GCE's tar.gz, whose disk.raw GNU tar extracts and the boot
+    check boots on virtio-scsi. (The Debian exports of test_public_clouds boot both clouds'
+    artifacts; this one covers convert's own path: any input disk, the format's own target.)"""
+    fixed = last_json(cli("convert", str(bootable), "--format", "vhd", "--target", "azure",
+                          "--out", str(tmp_path / "azure")))  # fmt: skip
     footer = vhd.check_fixed(Path(fixed["path"]))
     assert footer.disk_type == 2 and footer.current_size == vhd.fixed_size(bootable.stat().st_size)
     same_content(bootable, Path(fixed["path"]), "vpc")
