@@ -66,8 +66,10 @@ lab: setup
 	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --no-browser --allow-root \
 		--ServerApp.root_dir=$(CURDIR) notebooks/explore.ipynb
 
+# Both cores: a QEMU boot under TCG uses one, and most of the suite is boots.
+TEST_JOBS ?= 2
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile
 
 test-fast: setup
 	$(PY) -m pytest -m "not integration"
