@@ -13,7 +13,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # ssh-keyscan, which the boot check uses too), the real Glance; mmdebstrap builds the real Debian
 # samples.
 APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdisk util-linux \
-	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap \
+	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap pigz \
 	postgresql chromium fonts-dejavu-core tesseract-ocr tesseract-ocr-eng virt-v2v \
 	openssh-server openssh-client glance-api mmdebstrap
 
@@ -66,8 +66,10 @@ lab: setup
 	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --no-browser --allow-root \
 		--ServerApp.root_dir=$(CURDIR) notebooks/explore.ipynb
 
+# Both cores: a QEMU boot under TCG uses one, and most of the suite is boots.
+TEST_JOBS ?= 2
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile
 
 test-fast: setup
 	$(PY) -m pytest -m "not integration"

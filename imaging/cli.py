@@ -171,10 +171,13 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from imaging.boot import evidence, verify
-    from imaging.formats import ova
+    from imaging.formats import gce, ova
 
-    # An OVA pins its machine; any other disk boots where the default target says.
-    target = args.target or config.default_target("ova" if ova.is_ova(Path(args.path)) else "raw")
+    # An OVA pins its machine, a GCE tarball is GCE's; any other disk boots where the default says.
+    path = Path(args.path)
+    target = args.target or config.default_target(
+        "ova" if ova.is_ova(path) else "gce" if gce.is_gce(path) else "raw"
+    )
     result = verify.boot(
         args.path,
         target,
@@ -198,7 +201,7 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-FORMATS = "raw, qcow2, vmdk, vdi, vhd, vhdx or ova"
+FORMATS = "raw, qcow2, vmdk, vdi, vhd, vhdx, ova or gce"
 
 
 def _add_format_options(p: argparse.ArgumentParser) -> None:
@@ -392,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--target",
         help=f"target machine ({', '.join(config.available('targets'))}; default: by format, virtualbox "
-        "for ova and vdi, else kvm)",
+        "for ova and vdi, gce for gce, else kvm)",
     )
     e.add_argument("--out", help="directory for the artifact (default: the run's out/)")
     e.add_argument("--run", help="run id (default: <name>-<UTC time>); an existing failed run resumes")
@@ -464,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--target",
         help=f"target machine ({', '.join(config.available('targets'))}; default: by format, virtualbox "
-        "for ova and vdi, else kvm)",
+        "for ova and vdi, gce for gce, else kvm)",
     )
     c.add_argument("--verify", action="store_true", help="boot the artifact afterwards (stage 50-verify)")
     c.add_argument("--run", help="run id (default: <name>-<UTC time>); an existing failed run resumes")
@@ -480,7 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="boot any artifact on a target's hardware")
     v.add_argument("path")
-    v.add_argument("--target", help="target machine (default: virtualbox for an OVA, else kvm)")
+    v.add_argument(
+        "--target", help="target machine (default: virtualbox for an OVA, gce for a GCE tar.gz, else kvm)"
+    )
     v.add_argument(
         "--boot-marker", default="", help="regular expression proving the boot (besides a login prompt)"
     )

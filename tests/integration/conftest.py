@@ -19,7 +19,7 @@ import pytest
 from imaging.samples import catalog
 
 REQUIRED = ["qemu-img", "qemu-system-x86_64", "grub-mkimage", "mke2fs", "e2fsck", "resize2fs", "debugfs", "sfdisk",
-            "blkid", "rsync", "mount", "cpio", "depmod"]  # fmt: skip
+            "blkid", "rsync", "mount", "cpio", "depmod", "tar", "pigz"]  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -84,11 +84,15 @@ def leftovers(under: Path) -> list[str]:
     loops = subprocess.run(
         ["losetup", "--list", "--noheadings", "-O", "NAME,BACK-FILE"], capture_output=True, text=True
     )
-    found += [f"loop: {line}" for line in loops.stdout.splitlines() if str(under) in line]
+    ours = [line.split(None, 1) for line in loops.stdout.splitlines() if str(under) in line]
+    found += [f"loop: {' '.join(parts)}" for parts in ours]
+    # A guest mount is a loop device's: ours are those whose loop is backed by a file under
+    # ``under`` (other runs on this host, a parallel test or another checkout's, are not ours).
+    devices = {parts[0] for parts in ours}
     found += [
         f"mount: {line}"
         for line in Path("/proc/self/mountinfo").read_text().splitlines()
-        if "imaging-mnt" in line
+        if "imaging-mnt" in line and any(f" {dev} " in line for dev in devices)
     ]
     ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True)
     found += [
