@@ -4,7 +4,9 @@ record store (moto's S3 on loopback), as ``tests/integration/test_hosts.py`` set
 
 Each measurement queues REQUESTS export requests of the sample (qcow2, boot check included),
 approved at once, and times them from the approval to the last completion; every run's record
-goes to the store as it is made. The workers run one request at a time each.
+goes to the store as it is made. The workers run one request at a time each. The baseline is the
+same exports run by the CLI itself, one after the other, with no service, database or record
+store: what the service costs per request is the difference.
 """
 
 from __future__ import annotations
@@ -85,6 +87,17 @@ def measure(workers: int, root: Path, database: str, s3: str) -> float:
     return seconds
 
 
+def plain(root: Path) -> float:
+    """Seconds for REQUESTS exports by the CLI, one after the other."""
+    env = {**os.environ, "IMAGING_RUNS": str(root / "plain-runs"), "IMAGING_PROGRESS": "0"}
+    t0 = time.monotonic()
+    for i in range(REQUESTS):
+        subprocess.run([sys.executable, "-m", "imaging", "export", "sample:kvm", "--name", f"plain {i}",
+                        "--format", "qcow2", "--target", "kvm", "--run", f"plain-{i}"],
+                       check=True, capture_output=True, env=env)  # fmt: skip
+    return time.monotonic() - t0
+
+
 def main() -> list[tuple[str, str, str]]:
     WORK.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(dir=WORK, prefix="service-"))
@@ -105,6 +118,7 @@ def main() -> list[tuple[str, str, str]]:
             subprocess.run(
                 [sys.executable, "-m", "imaging", *argv], check=True, capture_output=True, env=env
             )
+        base = plain(root)
         one = measure(1, root, cluster.url, s3)
         two = measure(2, root, cluster.url, s3)
     finally:
@@ -112,10 +126,12 @@ def main() -> list[tuple[str, str, str]]:
         moto.wait()
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
-    per_hour = {n: REQUESTS * 3600 / t for n, t in ((1, one), (2, two))}
+    per_hour = {n: REQUESTS * 3600 / t for n, t in ((0, base), (1, one), (2, two))}
     return [
+        (f"the CLI: {REQUESTS} exports of sample:kvm (qcow2, booted), one after the other",
+         f"{per_hour[0]:.0f} exports/h", f"{base:.0f} s for {REQUESTS}; {base / REQUESTS:.0f} s each: the baseline"),
         (f"service, 1 worker ({REQUESTS} export requests of sample:kvm)", f"{per_hour[1]:.0f} requests/h",
-         f"{one:.0f} s for {REQUESTS}; {one / REQUESTS:.0f} s each"),
+         f"{one:.0f} s for {REQUESTS}; {one / REQUESTS:.0f} s each; {per_hour[1] / per_hour[0]:.2f}x the CLI's rate"),
         (f"service, 2 workers on 2 hosts ({REQUESTS} requests)", f"{per_hour[2]:.0f} requests/h",
          f"{two:.0f} s for {REQUESTS}; {per_hour[2] / per_hour[1]:.2f}x one worker, on the same 2 cores"),
     ]  # fmt: skip

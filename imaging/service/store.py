@@ -32,7 +32,7 @@ from typing import Any
 
 from sqlalchemy import JSON, BigInteger, ForeignKey, String, Text, create_engine, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 from sqlalchemy.types import DateTime, TypeDecorator
 
@@ -170,14 +170,15 @@ class Store:
     def __init__(self, url: str) -> None:
         if make_url(url).get_backend_name() != "postgresql":
             raise StoreError(f"the database must be PostgreSQL, not {make_url(url).get_backend_name()}", 503)
-        self.engine = create_engine(url, pool_pre_ping=True)
+        # connect_timeout: a host cut off from the database learns it in seconds, not minutes.
+        self.engine = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         try:
             with Session(self.engine, expire_on_commit=False) as s, s.begin():
                 yield s
-        except OperationalError as e:  # the database went away: one line, a 503
+        except (OperationalError, InterfaceError) as e:  # the database went away: one line, a 503
             reason = " ".join(str(e.orig or e).split())
             raise StoreError(f"the database is unreachable: {reason}", 503) from None
 
@@ -260,31 +261,38 @@ class Store:
         reason: str = "",
         *,
         worker: str | None = None,
+        job: int | None = None,
         stage: str | None = None,
         error: str | None = None,
         result: dict[str, Any] | None = None,
         approval: approvals.Approval | None = None,
     ) -> ImageRequest:
-        """Take ``action`` on a request, or refuse (StoreError 403/404/409). The only place
-        where a request's state changes. ``worker`` names the worker that must still hold the
-        request (all but claim), or that claims it."""
+        """Take ``action`` on a request, or refuse (StoreError 403/404/409; 503 when the
+        database is away). The only place where a request's state changes. ``worker`` names the
+        worker that must still hold the request (all but claim), or that claims it; ``job``, the
+        Procrastinate job it runs the request for, which must still be the request's (a worker
+        restarted under the same name, or a job that was queued again, cannot act on another
+        job's run)."""
         with self.session() as s:
             req = s.get(ImageRequest, request_id)
             if req is None or not _may_see(actor, req):
                 raise StoreError(f"no image request {request_id}", 404)
-            _transition(s, req, action, actor, reason, worker=worker, stage=stage, error=error,
+            _transition(s, req, action, actor, reason, worker=worker, job=job, stage=stage, error=error,
                         result=result, approval=approval)  # fmt: skip
         return self.get(request_id)
 
     # the job engine's side
 
-    def held_by(self, request_id: str, worker: str) -> bool:
-        """Whether ``worker`` still runs the request (not cancelled, nor taken over)."""
+    def held_by(self, request_id: str, worker: str, job: int | None = None) -> bool:
+        """Whether ``worker`` still runs the request (for ``job``, if given): not cancelled,
+        nor taken over."""
         with self.session() as s:
             row = s.execute(
-                select(ImageRequest.state, ImageRequest.worker).where(ImageRequest.id == request_id)
+                select(ImageRequest.state, ImageRequest.worker, ImageRequest.job_id).where(
+                    ImageRequest.id == request_id
+                )
             ).one_or_none()
-        return row is not None and tuple(row) == (State.running, worker)
+        return row is not None and tuple(row[:2]) == (State.running, worker) and job in (None, row[2])
 
     def recover_stalled(self, seconds: float, max_lost: int) -> list[ImageRequest]:
         """Requests whose worker stopped its heartbeats ``seconds`` ago (killed, its host gone):
@@ -297,6 +305,16 @@ class Store:
             for job_id, request_id, worker_id in stalled:
                 s.execute(text("SELECT procrastinate_finish_job_v1(:id, 'failed', false)"), {"id": job_id})
                 req = s.get(ImageRequest, request_id)
+                if req is not None and req.state == State.approved and req.job_id == job_id:
+                    # Its worker was lost before it could record the claim: the request waits
+                    # for a job again, first in line.
+                    req.job_id = jobs.defer(s.connection().connection.driver_connection, req.id, first=True)
+                    s.add(Transition(request_id=req.id, time=now(), actor=SYSTEM.name, from_state=req.state,
+                                     to_state=req.state, stage=req.stage,
+                                     reason=f"the worker of job {job_id} was lost before it claimed the "
+                                     "request; queued again"))  # fmt: skip
+                    changed.append(request_id)
+                    continue
                 if req is None or req.state != State.running or req.job_id != job_id:
                     continue  # the job of a request that moved on (cancelled): only the job ends
                 lost = 1 + _lost_in_a_row(req)
@@ -347,6 +365,7 @@ def _transition(
     reason: str = "",
     *,
     worker: str | None = None,
+    job: int | None = None,
     stage: str | None = None,
     error: str | None = None,
     result: dict[str, Any] | None = None,
@@ -383,6 +402,8 @@ def _transition(
                  ImageRequest.version == req.version]  # fmt: skip
     if worker is not None and action != "claim":
         condition.append(ImageRequest.worker == worker)
+    if job is not None:
+        condition.append(ImageRequest.job_id == job)
     done = s.execute(update(ImageRequest).where(*condition).values(**values))
     if done.rowcount != 1:  # type: ignore[attr-defined]
         raise StoreError(f"request {req.id} changed meanwhile; {action} not done", 409)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ from imaging.errors import ImagingError
 from imaging.run import pipeline
 from imaging.run.record import PUSHED, ZST, ObjectStore, Pusher, StoreConfig
 from imaging.workspace import Workspace, write_json
+
+# How long a run's last host may take to put its last files in the store (see _settled).
+SETTLE = 30.0
 
 
 def prepare(cfg: StoreConfig, run: str) -> str:
@@ -37,6 +41,7 @@ def prepare(cfg: StoreConfig, run: str) -> str:
     state = store.read(run, "state.json") or b"{}"
     if (root / "state.json").is_file() and (root / "state.json").read_bytes() == state:
         return "local"
+    state = _settled(store, run, state)
     if root.exists():
         shutil.rmtree(root)
     ws = Workspace.open(root)
@@ -70,6 +75,26 @@ def prepare(cfg: StoreConfig, run: str) -> str:
     with contextlib.suppress(ImagingError):
         Pusher(ws, cfg).push()
     return "restart"
+
+
+def _settled(store: ObjectStore, run: str, state: bytes) -> bytes:
+    """The record's ``state.json`` once the host that last ran the run is done with it. A run
+    whose worker was lost gets SIGTERM and puts its last files in the store as it stops (its
+    interrupted notebook, audit chain, then its state); taking the record while it still says
+    ``running`` would take half of that. Waited for up to SETTLE seconds: a host that is gone
+    altogether never writes again."""
+    deadline = time.monotonic() + SETTLE
+    while _state_of(state) == "running" and time.monotonic() < deadline:
+        time.sleep(1)
+        state = store.read(run, "state.json") or b"{}"
+    return state
+
+
+def _state_of(state: bytes) -> str:
+    try:
+        return str(json.loads(state).get("state") or "")
+    except ValueError:
+        return ""
 
 
 def _stored_name(ws: Workspace, need: str) -> str | None:

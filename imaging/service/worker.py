@@ -14,11 +14,14 @@ Stopping: SIGTERM (or Ctrl-C) stops the worker's runs the way the CLI stops (too
 mounts released, partial files removed, the interrupted attempt kept in the record) and queues
 their requests again, for another worker or this one restarted. A worker killed outright takes
 its runs along (they get SIGTERM from the kernel, PR_SET_PDEATHSIG) and its heartbeats stop:
-``stalled_seconds`` later any other worker (or the API) queues its requests again. A database
-that stops answering mid-run: the run goes on while the database may come back before another
-host could take the request over (``stalled_seconds``); past that it is stopped and the request
-queued again (or, if the database is still away, left for the first host that reaches it to
-queue again); the worker itself starts again once the database answers.
+``stalled_seconds`` later any other worker (or the API) queues its requests again.
+
+A database that stops answering mid-run (a restart, a failover, a cut network) does not stop
+the worker: its runs go on, supervised, for as long as no other host may take their requests
+over (``stalled_seconds`` after the last heartbeat, less a heartbeat: the lease); past that
+they are stopped. The worker goes on sending heartbeats, listening and fetching, and records
+how each run ended (completed, failed, stopped and queued again) once the database answers:
+a request never says ``running`` on a worker that is not running it for longer than its lease.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +145,16 @@ def _last_error(log_path: Path) -> str:
 
 
 class RequestRunner:
-    """What a job of :data:`imaging.service.jobs.TASK` does, on a thread of the worker."""
+    """What a job of :data:`imaging.service.jobs.TASK` does, on a thread of the worker.
+
+    The database may go away while a request runs (a restart, a failover, a cut network). The
+    run goes on meanwhile, supervised as before, for as long as no other host may take the
+    request over: ``stalled_seconds`` after this worker's last heartbeat, less one heartbeat
+    for the margin (its *lease*). Past that it is stopped, since another host may be starting it
+    again. Either way the job does not end before the request says how its run ended (claimed,
+    completed, failed, queued again): a job that ended while its request still said ``running``
+    would leave the request running on no worker, or approved with no job.
+    """
 
     def __init__(self, settings: Settings, store: Store, mailer: Mailer, name: str) -> None:
         self.settings = settings
@@ -150,19 +163,25 @@ class RequestRunner:
         self.name = name
         self.actor = Actor(name, "worker")
         self.logs = settings.state_dir / "logs"
+        w = settings.worker
+        self.lease = w.stalled_seconds - w.heartbeat_seconds
 
     def run(self, context: procrastinate.JobContext, request_id: str) -> None:
+        job = context.job.id
         try:
-            req = self.store.transition(request_id, "claim", self.actor, worker=self.name)
+            req = self._recorded(context, request_id, "claim",
+                                 lambda: self.store.transition(request_id, "claim", self.actor, worker=self.name, job=job))  # fmt: skip
         except StoreError as e:  # cancelled, or queued again meanwhile: this job has nothing to do
             log.info("request %s: not claimed: %s", request_id, e)
             return
-        log.info("request %s claimed by %s (job %s)", request_id, self.name, context.job.id)
+        if req is None:
+            return
+        log.info("request %s claimed by %s (job %s)", request_id, self.name, job)
         try:
             self._run(context, req)
         except Exception as e:
             log.exception("request %s: the worker failed", request_id)
-            self.finish(request_id, "fail", f"the worker failed: {' '.join(str(e).split())[:300]}")
+            self.finish(context, request_id, "fail", f"the worker failed: {' '.join(str(e).split())[:300]}")
 
     def _run(self, context: procrastinate.JobContext, req: ImageRequest) -> None:
         run_dir = config.runs_dir() / req.id
@@ -170,7 +189,7 @@ class RequestRunner:
             try:
                 how = takeover.prepare(self.settings.records, req.id)
             except (ImagingError, OSError) as e:
-                self.finish(req.id, "fail", f"cannot bring the run's record to this host: {e}")
+                self.finish(context, req.id, "fail", f"cannot bring the run's record to this host: {e}")
                 return
             log.info("request %s: run %s (%s)", req.id, req.id, how)
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -193,20 +212,20 @@ class RequestRunner:
         state = _read_json(run_dir / "state.json")
         if why is None and state.get("stage") not in (None, stage):  # a stage too short to be seen
             with contextlib.suppress(StoreError):
-                stage = self._moved(req.id, str(state["stage"]))
+                stage = self._moved(context, req.id, str(state["stage"]))
         if why == "lost":
             log.info("request %s is no longer this worker's (cancelled, or taken over): run stopped", req.id)
         elif why in ("shutdown", "database"):
-            self._requeue(req.id, why, state.get("stage") or stage)
+            self._requeue(context, req.id, why, state.get("stage") or stage)
         elif code in (0, 3) and (run_dir / "result.json").exists():  # 3: made, but its boot was degraded
             result = _read_json(run_dir / "result.json")
             result["audit_head"] = _read_json(run_dir / "audit.json").get("head")
             verdict = (result.get("boot") or {}).get("verdict")
-            self.finish(req.id, "complete", f"completed ({verdict})", result=result)
+            self.finish(context, req.id, "complete", f"completed ({verdict})", result=result)
         else:
             error = state.get("error") if code == 1 else ""
             error = error or _last_error(log_path) or f"the run exited with code {code} (see {log_path})"
-            self.finish(req.id, "fail", error)
+            self.finish(context, req.id, "fail", error)
 
     def _supervise(
         self,
@@ -217,73 +236,116 @@ class RequestRunner:
     ) -> tuple[str | None, str | None]:
         """Follow the run until it exits, or until it must stop: returns (its stage, why it was
         stopped: ``shutdown``, ``lost``, ``database``, or None when it ended by itself)."""
-        stage, checked, away = req.stage, time.monotonic(), None
-        w = self.settings.worker
+        stage, checked = req.stage, 0.0
+        reached, away = time.monotonic(), False  # when the database last answered
         while proc.poll() is None:
             time.sleep(0.5)
-            if context.should_abort():  # the worker stops; a cancelled job's request is seen below
-                if context.abort_reason() == AbortReason.SHUTDOWN:
-                    return stage, "shutdown"
+            if _stopping(context):  # the worker stops; a cancelled job's request is seen below
+                return stage, "shutdown"
             now = _read_json(run_dir / "state.json")
             try:
                 # Only a running run's stage: a resumed run's state.json names the old failure first.
                 if now.get("state") == "running" and now.get("stage") not in (None, stage):
-                    stage = self._moved(req.id, str(now["stage"]))
-                if time.monotonic() - checked > w.check_seconds:
+                    stage = self._moved(context, req.id, str(now["stage"]))
+                    reached = time.monotonic()
+                if time.monotonic() - checked > self.settings.worker.check_seconds:
                     checked = time.monotonic()
-                    if not self.store.held_by(req.id, self.name):
+                    if not self.store.held_by(req.id, self.name, context.job.id):
                         return stage, "lost"
-                away = None
+                    reached = time.monotonic()
+                if away:
+                    log.info("request %s: the database answers again; the run went on", req.id)
+                    away = False
             except StoreError as e:
                 if e.status < 500:  # the request moved on (the stage could not be recorded)
                     return stage, "lost"
-                if away is None:
-                    away = time.monotonic()
-                    log.warning("request %s: %s; the run goes on for now", req.id, e)
-                elif time.monotonic() - away > w.stalled_seconds:
-                    log.warning("request %s: the database was away for %.0f s: run stopped", req.id,
-                                time.monotonic() - away)  # fmt: skip
+                if not away:
+                    away = True
+                    log.warning("request %s: %s; the run goes on for up to %g s", req.id, e, self.lease)
+                if time.monotonic() - reached > self.lease:
+                    log.warning("request %s: the database was away for %.0f s, past this worker's lease: "
+                                "run stopped", req.id, time.monotonic() - reached)  # fmt: skip
                     return stage, "database"
         return stage, None
 
-    def _moved(self, request_id: str, stage: str) -> str:
-        self.store.transition(
-            request_id, "stage", self.actor, f"stage {stage}", worker=self.name, stage=stage
-        )
+    def _moved(self, context: procrastinate.JobContext, request_id: str, stage: str) -> str:
+        self.store.transition(request_id, "stage", self.actor, f"stage {stage}", worker=self.name,
+                              job=context.job.id, stage=stage)  # fmt: skip
         return stage
 
-    def _requeue(self, request_id: str, why: str, stage: str | None) -> None:
-        reason = {
-            "shutdown": f"worker {self.name} stopped: its run was interrupted at {stage or 'the start'}; queued again",
-            "database": f"the database was unreachable from worker {self.name}: its run was stopped at "
-            f"{stage or 'the start'}; queued again",
-        }[why]  # fmt: skip
-        deadline = time.monotonic() + self.settings.worker.stalled_seconds
+    def _recorded(
+        self,
+        context: procrastinate.JobContext,
+        request_id: str,
+        what: str,
+        change: Callable[[], ImageRequest],
+    ) -> ImageRequest | None:
+        """``change`` made, tried again while the database is away (see the class); StoreError
+        when refused (the request moved on). None only when the worker stops and the database
+        has been away for ``stalled_seconds``: the request is then left to the recovery of this
+        worker's stalled job by the first host that reaches the database."""
+        since = None
         while True:
             try:
-                self.store.transition(request_id, "requeue", self.actor, reason, worker=self.name)
-                log.info("request %s: %s", request_id, reason)
-                return
+                return change()
             except StoreError as e:
-                if e.status < 500 or time.monotonic() > deadline:
-                    # Taken over already; or the database is still away: the first host that
-                    # reaches it queues the request again (this worker's heartbeats stopped).
-                    log.warning("request %s: not queued again by this worker: %s", request_id, e)
-                    return
+                if e.status < 500:
+                    raise
+                if since is None:
+                    since = time.monotonic()
+                    log.warning("request %s: cannot record %s yet (%s); trying again", request_id, what, e)
+                if _stopping(context) and time.monotonic() - since > self.settings.worker.stalled_seconds:
+                    log.warning("request %s: %s not recorded: the database is still away; another host "
+                                "will find this worker's job stalled", request_id, what)  # fmt: skip
+                    return None
             time.sleep(2)
 
+    def _requeue(
+        self, context: procrastinate.JobContext, request_id: str, why: str, stage: str | None
+    ) -> None:
+        at = stage or "the start"
+        reason = {
+            "shutdown": f"worker {self.name} stopped: its run was interrupted at {at}; queued again",
+            "database": f"the database was unreachable from worker {self.name} for over {self.lease:g} s: "
+            f"its run was stopped at {at}; queued again",
+        }[why]  # fmt: skip
+        try:
+            done = self._recorded(context, request_id, "its requeue", lambda: self.store.transition(
+                request_id, "requeue", self.actor, reason, worker=self.name, job=context.job.id))  # fmt: skip
+        except StoreError as e:  # taken over already
+            log.warning("request %s: not queued again by this worker: %s", request_id, e)
+            return
+        if done is not None:
+            log.info("request %s: %s", request_id, reason)
+
     def finish(
-        self, request_id: str, action: str, message: str, *, result: dict[str, Any] | None = None
+        self,
+        context: procrastinate.JobContext,
+        request_id: str,
+        action: str,
+        message: str,
+        *,
+        result: dict[str, Any] | None = None,
     ) -> None:
         error = None if action == "complete" else message
         try:
-            req = self.store.transition(request_id, action, self.actor, message, worker=self.name, error=error,
-                                        result=result)  # fmt: skip
+            req = self._recorded(context, request_id, f"its end ({message})", lambda: self.store.transition(
+                request_id, action, self.actor, message, worker=self.name, job=context.job.id, error=error,
+                result=result))  # fmt: skip
         except StoreError as e:
             log.warning("request %s: %s", request_id, e)
             return
+        if req is None:
+            return
         log.info("request %s: %s", request_id, message)
-        self.mailer.request_finished(req)
+        try:
+            self.mailer.request_finished(req)
+        except StoreError as e:
+            log.warning("request %s: no mail sent: %s", request_id, e)
+
+
+def _stopping(context: procrastinate.JobContext) -> bool:
+    return context.should_abort() and context.abort_reason() == AbortReason.SHUTDOWN
 
 
 def _wait_or_stop(proc: subprocess.Popen[bytes]) -> int:
@@ -312,21 +374,115 @@ async def _recovery_loop(store: Store, mailer: Mailer, settings: Settings) -> No
     while True:
         try:
             await asyncio.to_thread(recover, store, mailer, settings)
-        except StoreError as e:
-            log.warning("recovering stalled requests: %s", e)
+        except Exception as e:  # the database is away: the next round tries again
+            log.warning("recovering stalled requests: %s", _brief(e))
         await asyncio.sleep(settings.worker.heartbeat_seconds)
+
+
+def _brief(e: BaseException) -> str:
+    """An error in one line (a database's run over several)."""
+    return " ".join(str(e.__cause__ or e).split())[:300] or type(e).__name__
+
+
+def _database_away(e: BaseException) -> bool:
+    """Whether ``e`` says the database could not be reached (as Procrastinate wraps psycopg's)."""
+    import psycopg
+
+    return isinstance(e, psycopg.OperationalError) or isinstance(e.__cause__, psycopg.OperationalError)
+
+
+# Procrastinate's own heartbeat query, told whether this worker's row is still there (another
+# worker starting prunes the rows of workers whose heartbeats stopped for stalled_seconds).
+_HEARTBEAT = "UPDATE procrastinate_workers SET last_heartbeat = now() WHERE id = %(worker_id)s RETURNING id"
+
+
+class _Worker(Worker):
+    """Procrastinate's worker, made to outlive a database that goes away for a while.
+
+    As it comes (3.10), a failed fetch stops the worker, which aborts every running job, and a
+    failed heartbeat ends its heartbeats for good (the side-task monitor stops watching once
+    the periodic deferrer, which has nothing to do here, returns): a worker still running its
+    jobs would then be taken for lost. Here the heartbeat, the listener and the fetch try again
+    instead, the end of a job is recorded once the database is back, and a worker whose row was
+    pruned meanwhile (taken for lost: its requests were queued again elsewhere) starts again.
+    """
+
+    async def _update_heartbeat(self) -> None:
+        away = False
+        while True:
+            await asyncio.sleep(self.update_heartbeat_interval)
+            try:
+                rows = await self.app.connector.execute_query_all_async(_HEARTBEAT, worker_id=self.worker_id)
+            except Exception as e:
+                if not away:
+                    log.warning("worker %s: no heartbeat written (%s); its runs go on", self.worker_name,
+                                _brief(e))  # fmt: skip
+                away = True
+                continue
+            if away:
+                log.info("worker %s: heartbeats written again", self.worker_name)
+                away = False
+            if not rows:
+                log.warning("worker %s was taken for lost while the database was away: starting again",
+                            self.worker_name)  # fmt: skip
+                self.stop()
+                return
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                await self.app.job_manager.listen_for_jobs(
+                    on_notification=self._handle_notification, queues=self.queues
+                )
+            except Exception as e:
+                log.warning("worker %s: not listening for jobs (%s); polling", self.worker_name, _brief(e))
+            await asyncio.sleep(self.fetch_job_polling_interval)
+            self._new_job_event.set()  # a job may have been queued while nobody listened
+
+    def _start_side_tasks(self) -> list[asyncio.Task[Any]]:
+        # No periodic deferrer: there are no periodic tasks.
+        return [
+            asyncio.create_task(self._update_heartbeat(), name="update_heartbeats"),
+            asyncio.create_task(self._poll_jobs_to_abort(), name="poll_jobs_to_abort"),
+            asyncio.create_task(self._listen(), name="listener"),
+        ]
+
+    async def _fetch_and_process_jobs(self) -> None:
+        try:
+            await super()._fetch_and_process_jobs()
+        except Exception as e:
+            log.warning("worker %s: cannot fetch jobs (%s); trying again in %g s", self.worker_name, _brief(e),
+                        self.fetch_job_polling_interval, exc_info=not _database_away(e))  # fmt: skip
+
+    async def _persist_job_status(self, *args: Any, **kwargs: Any) -> None:
+        delay, since = 1.0, time.monotonic()
+        while True:
+            try:
+                await super()._persist_job_status(*args, **kwargs)
+                return
+            except Exception as e:
+                if not _database_away(e):  # ended already (a recovery that found it stalled)
+                    log.warning("worker %s: a job's end not recorded: %s", self.worker_name, _brief(e))
+                    return
+                if self._stop_event.is_set() and time.monotonic() - since > self.stalled_worker_timeout:
+                    log.warning("worker %s: a job's end not recorded, the database is away: it will be "
+                                "found stalled", self.worker_name)  # fmt: skip
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 async def _serve(settings: Settings, store: Store, concurrency: int, stopping: asyncio.Event) -> None:
     """One Procrastinate worker, and the recovery of other workers' stalled requests beside it,
-    until asked to stop (returns) or the database fails (raises)."""
+    until asked to stop (returns), taken for lost (returns, to start again), or it cannot start
+    (raises: the database is away)."""
     name = f"{socket.gethostname()}:{os.getpid()}"
     mailer = Mailer(settings, store)
     runner = RequestRunner(settings, store, mailer, name)
     w = settings.worker
     app = jobs.connect(settings.sqlalchemy_url, concurrency)
     async with app.open_async():
-        worker = Worker(
+        worker = _Worker(
             app,
             queues=[jobs.QUEUE],
             name=name,
@@ -357,8 +513,8 @@ async def _serve(settings: Settings, store: Store, concurrency: int, stopping: a
 
 
 def serve_forever(settings: Settings, store: Store, concurrency: int | None = None) -> int:
-    """``python -m imaging worker``: run until SIGTERM or Ctrl-C; a database that fails is
-    waited for (the running requests are stopped and queued again, see the module)."""
+    """``python -m imaging worker``: run until SIGTERM or Ctrl-C; a database that cannot be
+    reached when the worker starts is waited for."""
     concurrency = settings.worker.concurrency if concurrency is None else concurrency
     if not 1 <= concurrency <= 16:
         raise ParameterError(f"--concurrency must be 1 to 16, not {concurrency}")

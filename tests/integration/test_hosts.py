@@ -237,6 +237,7 @@ def test_ten_requests_on_two_hosts_with_a_worker_killed_on_each(world: World) ->
         record = root.get(URL + rid + "/audit").json()
         assert record["ok"] and record["head"] == req["result"]["audit_head"], (rid, record["problems"])
         for nb in root.get(URL + rid + "/notebooks").json():
+            assert nb["html"], (rid, nb)  # every notebook rendered, failed and abandoned ones too
             page = root.get(nb["html"])
             assert page.status_code == 200 and "<html" in page.text, (rid, nb["name"])
         download = root.get(URL + rid + "/artifact")

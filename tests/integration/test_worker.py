@@ -1,18 +1,24 @@
 """A worker stopped mid-run (SIGTERM): its run stops cleanly and its request is queued again; the
 next worker resumes it at the stage it was in. A request cancelled while it runs has its run
-stopped, and the worker goes on. (A worker killed outright, and taken over by another host:
-test_hosts.py.) Bad settings, a missing database: one line."""
+stopped, and the worker goes on. The database stopped mid-run: briefly, the run goes on; past
+the worker's lease, the run is stopped and, once the database is back, queued again and
+resumed. (A worker killed outright, and taken over by another host: test_hosts.py.) Bad
+settings, a missing database: one line."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
 
+from imaging.service import postgres
+
 from .conftest import leftovers
-from .servicekit import Service, started_stages, wait_for
+from .servicekit import Service, free_port, started_stages, wait_for
 
 URL = "/api/v1/request_image/"
 
@@ -98,3 +104,65 @@ def test_worker_refuses_bad_settings_and_a_missing_database(tmp_path: Path) -> N
     assert line.startswith("imaging: error: no database_url is set, and this host's private database") and (
         "start `python -m imaging serve` here first, or set database_url" in line
     )
+
+
+def test_a_worker_outlives_a_database_that_goes_away(tmp_path: Path) -> None:
+    """The shared database stops while a worker runs a request. For longer than the worker's
+    lease (stalled_seconds less a heartbeat: 9 s here): the run is stopped while the database is
+    still away, and once it is back the request is queued again (by the worker, or by the
+    recovery of its stalled job) and the same worker resumes it. Then, on the resumed run, for
+    less than the lease: nothing changes, the run goes on and the request completes. The worker
+    process never stops; the request never says running while no run runs for it."""
+    cluster = postgres.Cluster(tmp_path / "pg", durable=False, tcp_port=free_port())
+    cluster.start()
+    config = {"instances": {"i-sample": "sample:kvm"}, "database_url": cluster.url, "secret_key": "k" * 40,
+              "worker": {"embedded": False, "poll_seconds": 0.5, "heartbeat_seconds": 1, "stalled_seconds": 10,
+                         "check_seconds": 0.5}}  # fmt: skip
+    service = Service(tmp_path, tmp_path / "runs", config)
+    service.cli("db", "upgrade", "--config", str(service.config_file))
+    service.add_user("alice")
+    service.add_user("root", admin=True)
+    service.start()
+    root = service.client("root")
+    worker = service.worker()
+    try:
+        rid = service.client("alice").post(
+            URL, json={"instance": "i-sample", "name": "db", "disk_format": "raw"}
+        )
+        rid = rid.json()["id"]
+        root.patch(URL + rid, json={"status": "approve"})
+        state = service.runs / rid / "state.json"
+        wait_for("stage 10-clean", lambda: stage_is(root, rid, "10-clean"), 180)
+
+        cluster.stop()  # longer than the lease: the run stops while the database is away
+        stopped = time.monotonic()
+        wait_for("the run to stop", lambda: json.loads(state.read_text())["error"] == "interrupted", 60)
+        assert time.monotonic() - stopped < 10 + 60  # the lease, and the run's own clean-up
+        time.sleep(2)
+        assert worker.poll() is None
+        cluster.start()
+        requeued = wait_for("the request to be queued again", lambda: next(
+            (h for h in service.history(rid) if h["to"] == "approved" and h["from"] == "running"), None), 60)  # fmt: skip
+        assert "unreachable from worker" in requeued["reason"] or "no heartbeat" in requeued["reason"], (
+            requeued
+        )
+
+        wait_for("the run to resume", lambda: stage_is(root, rid, "20-migrate") or stage_is(root, rid, "30-bootable"),
+                 180)  # fmt: skip
+        cluster.stop()  # shorter than the lease: nothing changes
+        time.sleep(2)
+        cluster.start()
+        done = service.wait_state("root", rid, {"completed", "error"})
+        assert done["state"] == "completed", done["error"]
+        history = [(h["from"], h["to"]) for h in done["history"]]
+        assert history.count(("approved", "running")) == 2 and history.count(("running", "approved")) == 1
+        claims = {h["actor"] for h in done["history"] if h["reason"] == "claimed"}
+        assert len(claims) == 1  # the same worker, both times
+        runs = json.loads(state.read_text())["history"]
+        assert [h["error"] for h in runs if h["state"] == "error"] == ["interrupted"]  # the long outage only
+        assert worker.poll() is None and leftovers(tmp_path) == []
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=120)
+        service.stop()
+        cluster.stop()

@@ -262,6 +262,36 @@ def test_requests_of_lost_workers_are_queued_again_then_fail(store: Store) -> No
     assert store.transition(rid, "approve", root).state == State.approved  # approving resumes
 
 
+def test_a_worker_acts_for_the_request_s_current_job_only(store: Store) -> None:
+    alice, _, root = users(store)
+    rid = in_state(store, alice, root, State.approved)
+    job = store.get(rid).job_id
+    assert job is not None
+    with pytest.raises(StoreError, match="changed meanwhile"):  # a job that is not the request's
+        store.transition(rid, "claim", WORKER, worker="w1", job=job + 1)
+    store.transition(rid, "claim", WORKER, worker="w1", job=job)
+    assert store.held_by(rid, "w1", job) and not store.held_by(rid, "w1", job + 1)
+    store.transition(rid, "requeue", WORKER, "stopped", worker="w1", job=job)
+    store.transition(rid, "claim", WORKER, worker="w1", job=store.get(rid).job_id)
+    # The same worker name, the old job (a thread of a restarted worker): refused.
+    with pytest.raises(StoreError, match="changed meanwhile"):
+        store.transition(rid, "requeue", WORKER, "stopped", worker="w1", job=job)
+    assert not store.held_by(rid, "w1", job)
+
+
+def test_a_worker_lost_before_its_claim_leaves_no_request_without_a_job(store: Store) -> None:
+    alice, _, root = users(store)
+    rid = in_state(store, alice, root, State.approved)
+    with store.engine.begin() as conn:  # fetched by a worker that died before claiming
+        worker = conn.execute(text("INSERT INTO procrastinate_workers (last_heartbeat) VALUES "
+                                   "(now() - interval '60 seconds') RETURNING id")).scalar()  # fmt: skip
+        conn.execute(text("UPDATE procrastinate_jobs SET status = 'doing', worker_id = :w "
+                          "WHERE args->>'request_id' = :r"), {"w": worker, "r": rid})  # fmt: skip
+    (req,) = store.recover_stalled(30, max_lost=2)
+    assert req.state == State.approved and "lost before it claimed" in req.transitions[-1].reason
+    assert [j[1] for j in jobs(store, rid)] == ["failed", "todo"] and req.job_id == jobs(store, rid)[1][0]
+
+
 def test_user_tokens_are_stored_hashed(store: Store) -> None:
     token = store.add_user("carol", email="carol@example.org")
     (carol,) = store.users(["carol"])

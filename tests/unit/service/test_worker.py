@@ -1,6 +1,7 @@
 """The worker's supervision of a run when the database goes away: a short absence changes
-nothing, a long one (past the time after which another host may take the request over) stops
-the run and says why; a request no longer the worker's (cancelled, taken over) stops it at once."""
+nothing, a long one (past the worker's lease: the time after which another host may take the
+request over) stops the run and says why; a request no longer the worker's (cancelled, taken
+over) stops it at once. How a run ended is recorded once the database answers again."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ from imaging.service import settings
 from imaging.service.worker import RequestRunner
 
 
+class Job:
+    id = 7
+
+
 class Context:
+    job = Job()
+
     def should_abort(self) -> bool:
         return False
 
@@ -27,12 +34,22 @@ class Store:
 
     def __init__(self, answers: list[Any]) -> None:
         self.answers = answers
+        self.changes: list[tuple[str, str, dict[str, Any]]] = []
 
-    def held_by(self, request_id: str, worker: str) -> bool:
+    def _answer(self) -> Any:
         answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         if isinstance(answer, Exception):
             raise answer
-        return bool(answer)
+        return answer
+
+    def held_by(self, request_id: str, worker: str, job: int | None = None) -> bool:
+        assert job == Job.id
+        return bool(self._answer())
+
+    def transition(self, request_id: str, action: str, actor: Any, reason: str = "", **kw: Any) -> Any:
+        self._answer()
+        self.changes.append((action, reason, kw))
+        return Request()
 
 
 class Request:
@@ -40,16 +57,25 @@ class Request:
     stage = "30-bootable"
 
 
+def runner(tmp_path: Path, store: Store) -> RequestRunner:
+    conf = settings.Settings(state_dir=tmp_path, worker={"check_seconds": 0.2, "heartbeat_seconds": 1,
+                                                         "stalled_seconds": 3})  # fmt: skip
+    return RequestRunner(conf, store, mailer=Mailer(), name="h:1")  # type: ignore[arg-type]
+
+
+class Mailer:
+    def request_finished(self, req: Any) -> int:
+        return 0
+
+
 def supervise(
     tmp_path: Path, answers: list[Any], seconds: float = 30
 ) -> tuple[tuple[str | None, str | None], float]:
-    conf = settings.Settings(state_dir=tmp_path, worker={"check_seconds": 0.2, "heartbeat_seconds": 1,
-                                                         "stalled_seconds": 2})  # fmt: skip
-    runner = RequestRunner(conf, Store(answers), mailer=None, name="h:1")  # type: ignore[arg-type]
+    runner_ = runner(tmp_path, Store(answers))
     proc = subprocess.Popen(["sleep", str(seconds)])
     t0 = time.monotonic()
     try:
-        outcome = runner._supervise(Context(), Request(), proc, tmp_path)  # type: ignore[arg-type]
+        outcome = runner_._supervise(Context(), Request(), proc, tmp_path)  # type: ignore[arg-type]
     finally:
         proc.kill()
         proc.wait()
@@ -71,3 +97,16 @@ def test_a_long_absence_stops_the_run(tmp_path: Path) -> None:
 def test_a_request_no_longer_its_own_stops_the_run_at_once(tmp_path: Path) -> None:
     outcome, seconds = supervise(tmp_path, [False])
     assert outcome == ("30-bootable", "lost") and seconds < 2
+
+
+def test_how_a_run_ended_is_recorded_once_the_database_answers(tmp_path: Path) -> None:
+    away = StoreError("the database is unreachable: connection refused", 503)
+    store = Store([away, away, True])
+    t0 = time.monotonic()
+    runner(tmp_path, store).finish(Context(), Request.id, "complete", "completed (booted)")  # type: ignore[arg-type]
+    assert time.monotonic() - t0 >= 4  # tried every 2 s until it answered
+    assert [(a, r, kw["job"]) for a, r, kw in store.changes] == [("complete", "completed (booted)", Job.id)]
+    # Refused (the request moved on: taken over meanwhile): nothing more to do.
+    store = Store([StoreError("cannot complete a request that is approved", 409)])
+    runner(tmp_path, store).finish(Context(), Request.id, "complete", "completed (booted)")  # type: ignore[arg-type]
+    assert store.changes == []
