@@ -490,9 +490,9 @@ class Runner:
             if self._source_hash is None:
                 self._source_hash = SourceHash(self.ws, self.request.source)
             self.state.set("running", stage)
-            if self.pusher is not None:
-                self.pusher.push(wait=False)
-            try:
+            try:  # an interrupt while the record goes to its store fails the stage too
+                if self.pusher is not None:
+                    self.pusher.push(wait=False)
                 done = run_stage(
                     self.ws, stage, self.request, index, len(self.stages), self.err, self.pusher
                 )

@@ -132,8 +132,8 @@ def show(world: World, rid: str) -> dict[str, Any]:
 
 
 def running_on(world: World, host: Host, stages: tuple[str, ...], exclude: tuple[str, ...]) -> str | None:
-    """A request that ``host``'s worker runs, in one of ``stages`` (as its run says: the stage a
-    request was claimed in is the one it was in before)."""
+    """A request that ``host``'s worker runs, in one of ``stages`` (its last transition: that
+    worker saw its run enter the stage)."""
     with world.api.client("root") as c:
         for req in c.get(URL, params={"state": "running"}).json():
             if req["id"] in exclude or not (req["worker"] or "").endswith(f":{host.worker_pid}"):
@@ -147,14 +147,23 @@ def running_on(world: World, host: Host, stages: tuple[str, ...], exclude: tuple
 def kill_mid_stage(
     world: World, host: Host, stages: tuple[str, ...], exclude: tuple[str, ...] = ()
 ) -> tuple[str, str, float]:
-    """SIGKILL ``host``'s worker while a request of it is in one of ``stages``: (request, stage, when)."""
-    rid = wait_for(f"a request on host {host.name} in {stages}", lambda: running_on(world, host, stages, exclude),
-                   400, 0.2)  # fmt: skip
+    """SIGKILL ``host``'s worker while a request of it is in one of ``stages``, its notebook
+    executing: (request, stage, when)."""
+
+    def executing() -> tuple[str, str] | None:
+        rid = running_on(world, host, stages, exclude)
+        stage = show(world, rid)["stage"] if rid else None
+        # papermill's notebook, as the stage runs
+        if rid and stage and (host.root / "runs" / rid / "notebooks" / f".{stage}.part.ipynb").exists():
+            return rid, stage
+        return None
+
+    rid, stage = wait_for(f"a request on host {host.name} in {stages}", executing, 400, 0.1)
     assert host.proc is not None
     host.proc.kill()
     killed = time.monotonic()
     host.proc.wait(timeout=30)
-    stage = show(world, rid)["stage"]
+    assert show(world, rid)["stage"] == stage
     return rid, stage, killed
 
 
