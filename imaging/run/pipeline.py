@@ -503,8 +503,13 @@ class Runner:
                 self._failed(stage, str(e))
                 raise
             _record_later(self.ws, self.ws.notebooks / f"{stage}.ipynb", self.pusher)
+            following = self.next_stage()
             if self.pusher is not None:
-                self.pusher.keep_inputs(self.next_stage())
+                try:
+                    self.pusher.keep_inputs(following)
+                except KeyboardInterrupt:  # the stage is done; the next one was about to start
+                    self._failed(following or stage, "interrupted")
+                    raise
         self.results[stage] = done["result"]
         self.timings[stage] = done["timing"]
         self.state.data["timings"] = self.timings
