@@ -100,9 +100,16 @@ def _run_lock(ws: Workspace) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler stopping us) takes the same path as Ctrl-C."""
+    """SIGTERM (a scheduler stopping us) takes the same path as Ctrl-C. Once: a second SIGTERM
+    must not cut short the clean-up the first started (the interrupted notebook's render, the
+    audit chain, the record's last files in its store), as the stage kernel's does not."""
+    stopping = False
 
     def handler(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
         raise KeyboardInterrupt(f"signal {signum}")
 
     if threading.current_thread() is threading.main_thread():

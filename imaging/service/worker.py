@@ -237,7 +237,7 @@ class RequestRunner:
         """Follow the run until it exits, or until it must stop: returns (its stage, why it was
         stopped: ``shutdown``, ``lost``, ``database``, or None when it ended by itself)."""
         stage, checked = req.stage, 0.0
-        reached, away = time.monotonic(), False  # when the database last answered
+        reached, away, away_since = time.monotonic(), False, 0.0  # when the database last answered
         while proc.poll() is None:
             time.sleep(0.5)
             if _stopping(context):  # the worker stops; a cancelled job's request is seen below
@@ -253,14 +253,14 @@ class RequestRunner:
                     if not self.store.held_by(req.id, self.name, context.job.id):
                         return stage, "lost"
                     reached = time.monotonic()
-                if away:
+                if away and reached > away_since:
                     log.info("request %s: the database answers again; the run went on", req.id)
                     away = False
             except StoreError as e:
                 if e.status < 500:  # the request moved on (the stage could not be recorded)
                     return stage, "lost"
                 if not away:
-                    away = True
+                    away, away_since = True, time.monotonic()
                     log.warning("request %s: %s; the run goes on for up to %g s", req.id, e, self.lease)
                 if time.monotonic() - reached > self.lease:
                     log.warning("request %s: the database was away for %.0f s, past this worker's lease: "
@@ -371,12 +371,29 @@ def recover(store: Store, mailer: Mailer, settings: Settings) -> None:
 
 
 async def _recovery_loop(store: Store, mailer: Mailer, settings: Settings) -> None:
+    said = _Once()
     while True:
         try:
             await asyncio.to_thread(recover, store, mailer, settings)
+            said.clear()
         except Exception as e:  # the database is away: the next round tries again
-            log.warning("recovering stalled requests: %s", _brief(e))
+            said.warn("recovering stalled requests: %s", _brief(e))
         await asyncio.sleep(settings.worker.heartbeat_seconds)
+
+
+class _Once:
+    """A warning said once while a problem lasts (and again each minute), not at every try."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+
+    def warn(self, message: str, *args: Any) -> None:
+        if self.last is None or time.monotonic() - self.last > 60:
+            self.last = time.monotonic()
+            log.warning(message, *args)
+
+    def clear(self) -> None:
+        self.last = None
 
 
 def _brief(e: BaseException) -> str:
@@ -407,6 +424,10 @@ class _Worker(Worker):
     pruned meanwhile (taken for lost: its requests were queued again elsewhere) starts again.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fetching = _Once()
+
     async def _update_heartbeat(self) -> None:
         away = False
         while True:
@@ -429,13 +450,14 @@ class _Worker(Worker):
                 return
 
     async def _listen(self) -> None:
+        said = _Once()
         while True:
             try:
                 await self.app.job_manager.listen_for_jobs(
                     on_notification=self._handle_notification, queues=self.queues
                 )
             except Exception as e:
-                log.warning("worker %s: not listening for jobs (%s); polling", self.worker_name, _brief(e))
+                said.warn("worker %s: not listening for jobs (%s); polling", self.worker_name, _brief(e))
             await asyncio.sleep(self.fetch_job_polling_interval)
             self._new_job_event.set()  # a job may have been queued while nobody listened
 
@@ -451,8 +473,12 @@ class _Worker(Worker):
         try:
             await super()._fetch_and_process_jobs()
         except Exception as e:
-            log.warning("worker %s: cannot fetch jobs (%s); trying again in %g s", self.worker_name, _brief(e),
-                        self.fetch_job_polling_interval, exc_info=not _database_away(e))  # fmt: skip
+            if not _database_away(e):
+                log.exception("worker %s: cannot fetch jobs", self.worker_name)
+            self._fetching.warn("worker %s: cannot fetch jobs (%s); trying again every %g s", self.worker_name,
+                                _brief(e), self.fetch_job_polling_interval)  # fmt: skip
+        else:
+            self._fetching.clear()
 
     async def _persist_job_status(self, *args: Any, **kwargs: Any) -> None:
         delay, since = 1.0, time.monotonic()

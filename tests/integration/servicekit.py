@@ -169,6 +169,10 @@ class Service:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=120)
+        # serve without a database_url stops the private PostgreSQL it started
+        assert not (self.state / "postgres" / "data" / "postmaster.pid").exists(), (
+            "the private cluster runs on"
+        )
 
     def worker_argv(self, *extra: str) -> list[str]:
         return [sys.executable, "-m", "imaging", "worker", "--config", str(self.config_file), *extra]
