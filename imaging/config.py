@@ -210,7 +210,7 @@ def available(kind: str) -> list[str]:
 
 @cache
 def load_target(name: str) -> Target:
-    if not _SLUG.match(name) or not (parameters_dir() / "targets" / f"{name}.yaml").is_file():
+    if not _SLUG.fullmatch(name) or not (parameters_dir() / "targets" / f"{name}.yaml").is_file():
         raise ParameterError(f"unknown target {name!r} (known: {', '.join(available('targets'))})")
     path = parameters_dir() / "targets" / f"{name}.yaml"
     try:
@@ -227,7 +227,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 
 def check_name(name: str) -> str:
     """A request's name becomes a file name: letters, digits, '.', '_', '-', no '..'."""
-    if not _NAME.match(name) or ".." in name:
+    if not _NAME.fullmatch(name) or ".." in name:
         raise ParameterError(
             f"name {name!r} is not allowed: use 1-80 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no '/', '..', spaces or shell characters)"
@@ -267,7 +267,7 @@ _KERNEL_ARG = re.compile(r"^[A-Za-z0-9_.,:/=+@-]+$")
 def check_kernel_args(value: str) -> str:
     """Kernel arguments end up in grub.cfg: plain words only, no quotes, braces or ';'."""
     for word in value.split():
-        if not _KERNEL_ARG.match(word):
+        if not _KERNEL_ARG.fullmatch(word):
             raise ParameterError(f"kernel argument {word!r} has characters GRUB would interpret")
     return value
 
@@ -280,7 +280,7 @@ def parse_disk_size(value: str) -> tuple[str, int]:
     """'auto' -> ('auto', 0); '10G' -> ('absolute', bytes); '+1G' -> ('extra', bytes)."""
     if value.strip().lower() == "auto":
         return "auto", 0
-    m = _SIZE.match(value.strip())
+    m = _SIZE.fullmatch(value.strip())
     if not m:
         raise ParameterError(f"disk size {value!r} is not 'auto', a size like 10G, or extra room like +1G")
     amount = int(float(m.group(2)) * _UNITS[m.group(3).upper()])

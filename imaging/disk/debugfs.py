@@ -24,11 +24,11 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9._+@-]+$")
 
 def safe_name(name: str) -> bool:
     """A file name we are willing to put into a debugfs request or a grub.cfg."""
-    return bool(_SAFE_NAME.match(name)) and name not in (".", "..")
+    return bool(_SAFE_NAME.fullmatch(name)) and name not in (".", "..")
 
 
 def _check(path: str) -> str:
-    if not _SAFE_PATH.match(path) or "/../" in f"{path}/" or "//" in path:
+    if not _SAFE_PATH.fullmatch(path) or "/../" in f"{path}/" or "//" in path:
         raise GuestError(f"refusing guest path {path!r}: only plain absolute paths are used")
     return path
 

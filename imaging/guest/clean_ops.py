@@ -57,7 +57,7 @@ def operation(name: str, heading: str, *, default: bool = True, order: int = 50)
     trailing period)."""
 
     def register(find: Callable[[Context], list[Action]]) -> Callable[[Context], list[Action]]:
-        if not _NAME.match(name) or name in REGISTRY or name in ("defaults", "all", "none"):
+        if not _NAME.fullmatch(name) or name in REGISTRY or name in ("defaults", "all", "none"):
             raise ValueError(f"bad or duplicate clean operation name {name!r}")
         if not heading or heading.endswith("."):
             raise ValueError(f"clean operation {name}: heading must be non-empty without a trailing period")

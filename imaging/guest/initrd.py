@@ -44,7 +44,7 @@ class GuestKernel:
 def kernels(guest: Guest) -> list[GuestKernel]:
     found = []
     for name in guest.listdir("/boot"):
-        m = _VMLINUZ.match(name)
+        m = _VMLINUZ.fullmatch(name)
         if m and safe_name(name) and not name.endswith((".sig", ".hmac")):
             version = m.group(2)
             found.append(
