@@ -68,6 +68,8 @@ class CleanPlan(Record):
     actions: list[Action] = field(repr=False)
     # The source's SSH host keys (SHA256 fingerprints): 50-verify checks none comes back.
     ssh_host_keys: list[str] = field(default_factory=list)
+    # Paths the guest's own links make unreachable (a symlink loop): left alone, said here.
+    skipped: list[str] = field(default_factory=list)
 
     def table(self) -> pd.DataFrame:
         import pandas as pd
@@ -93,6 +95,7 @@ class CleanPlan(Record):
             ],
             "removed_bytes": sum(a.bytes for a in self.actions if a.action != "edit"),
             "ssh_host_keys": self.ssh_host_keys,
+            "skipped": self.skipped,
         }
 
 
@@ -111,7 +114,9 @@ def _plan(
     gone = [a.path + "/" for a in actions if a.action == "remove"]
     actions = [a for a in actions if not any(a.path.startswith(g) for g in gone)]
     keys = firstboot.host_key_fingerprints(guest)
-    return CleanPlan(detected.profile.name, detected.reason, names, platforms, actions, keys)
+    return CleanPlan(
+        detected.profile.name, detected.reason, names, platforms, actions, keys, list(guest.skipped)
+    )
 
 
 def plan(ws: Workspace, spec: list[str], *, profile: str = "auto", platforms: list[str] | None = None,

@@ -109,24 +109,8 @@ def _remove(op: str, g: Guest, path: str) -> list[Action]:
     st = g.lstat(path)
     if st is None:
         return []
-    size = (
-        st.st_size if stat.S_ISREG(st.st_mode) else _tree_bytes(g, path) if stat.S_ISDIR(st.st_mode) else 0
-    )
+    size = st.st_size if stat.S_ISREG(st.st_mode) else g.tree_bytes(path) if stat.S_ISDIR(st.st_mode) else 0
     return [Action(op, path, "remove", size)]
-
-
-def _tree_bytes(g: Guest, path: str) -> int:
-    total = 0
-    for name in g.listdir(path):
-        child = posixpath.join(path, name)
-        st = g.lstat(child)
-        if st is None:
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            total += _tree_bytes(g, child)
-        elif stat.S_ISREG(st.st_mode):
-            total += st.st_size
-    return total
 
 
 def _contents(op: str, g: Guest, directory: str) -> list[Action]:

@@ -64,8 +64,19 @@ def _clean(r: dict[str, Any]) -> str:
         f"**Cleaned** with profile {code(r['profile'])} ({text(r['profile_reason'])}): "
         f"{len(r.get('operations', []))} operations, {len(r.get('actions', []))} files acted on "
         f"({what}), {_size(r.get('removed_bytes', 0))} removed.\n\n"
-        f"Operations: {text(', '.join(r.get('operations', [])))}."
+        f"Operations: {text(', '.join(r.get('operations', [])))}." + _skipped(r)
     )
+
+
+def _skipped(r: dict[str, Any]) -> str:
+    """Paths the guest's own links made unreachable (loops), which the stage left alone."""
+    skipped = r.get("skipped") or []
+    if not skipped:
+        return ""
+    shown = "; ".join(text(s) for s in skipped[:5]) + (
+        f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    )
+    return f"\n\nSkipped {len(skipped)} paths the guest's own links make unreachable: {shown}."
 
 
 def _migrate(r: dict[str, Any]) -> str:
@@ -74,7 +85,7 @@ def _migrate(r: dict[str, Any]) -> str:
         f"**Migrated** for target {code(r['target'])} with profile {code(r['profile'])}: "
         f"{text(r['files_changed'])} files changed ({changed}).\n\n"
         f"Kernel {code(r['kernel'])}; initrd {text(r['initrd'])}, {_size(r.get('initrd_bytes'))}, "
-        f"with {text(r['initrd_modules'])}. Packages: {text(r['packages'])}."
+        f"with {text(r['initrd_modules'])}. Packages: {text(r['packages'])}." + _skipped(r)
     )
 
 
