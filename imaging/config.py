@@ -128,8 +128,47 @@ class Target(_Strict):
     formats: list[ImageFormat]
 
 
+# A host name, or a pattern of them (*.archive.ubuntu.com): what a package install may reach.
+MirrorHost = Annotated[
+    str,
+    Field(
+        pattern=r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
+    ),
+]
+
+
+class SandboxLimits(_Strict):
+    """What the guest's own tools (mkinitrd, apt, yum) may use, each command with its children."""
+
+    memory: str = "2G"
+    processes: int = Field(default=1024, ge=16, le=65536)
+    seconds: int = Field(default=1800, ge=1, le=86400)
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        if parse_disk_size(v)[0] != "absolute" or parse_disk_size(v)[1] < 64 << 20:
+            raise ValueError(f"memory {v!r} is not a size of at least 64M")
+        return v
+
+
+class StageTime(_Strict):
+    """A stage's time limit: ``seconds``, plus ``per_gib`` for each GiB of the source's data."""
+
+    seconds: float = Field(ge=0.1)
+    per_gib: float = Field(0, ge=0)
+
+    def limit(self, data_bytes: int) -> float:
+        return self.seconds + self.per_gib * data_bytes / (1 << 30)
+
+
 class Defaults(_Strict):
     pipelines: dict[str, list[str]]
+    # Site policy, not request parameters: the guest's tools' limits, the hosts a package
+    # install may reach besides the profile's mirrors, and each stage's time limit.
+    sandbox: SandboxLimits = SandboxLimits()
+    package_mirrors: list[MirrorHost] = []
+    stage_time: dict[str, StageTime] = {}
     # The target when a request names none: by its format, else the default.
     target: str = "kvm"
     target_by_format: dict[ImageFormat, str] = {}

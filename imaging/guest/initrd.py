@@ -365,15 +365,14 @@ def run_packages(guest: Guest, profile: Profile, install: list[str], remove: lis
             check_package(name)
         manager = profile.packages
         if verb == "install" and manager.refresh:
-            _package_tool(
-                guest, manager.refresh, manager.env, "the guest's package index could not be fetched"
-            )
-            done.append(" ".join(manager.refresh))
+            went = _package_tool(guest, manager.refresh, manager.env, "the guest's package index could not be fetched",
+                                 mirror_list=manager.mirrors)  # fmt: skip
+            done.append(" ".join(manager.refresh) + went)
         prefix = manager.remove if verb == "remove" else manager.install
         # Installing needs the network (the guest's own repositories); removing does not.
-        _package_tool(guest, [*prefix, *names], manager.env, f"{verb} {' '.join(names)} failed in the guest",
-                      network=verb == "install")  # fmt: skip
-        done.append(f"{verb} {' '.join(names)}")
+        went = _package_tool(guest, [*prefix, *names], manager.env, f"{verb} {' '.join(names)} failed in the guest",
+                             network=verb == "install", mirror_list=manager.mirrors)  # fmt: skip
+        done.append(f"{verb} {' '.join(names)}" + went)
         if verb == "install" and manager.cleanup:
             _package_tool(guest, manager.cleanup, manager.env, "the downloaded packages could not be removed",
                           network=False)  # fmt: skip
@@ -387,11 +386,17 @@ _PACKAGE_ERROR = re.compile(
 )
 
 
-def _package_tool(
-    guest: Guest, argv: list[str], env: dict[str, str], what: str, *, network: bool = True
-) -> None:
+def _package_tool(guest: Guest, argv: list[str], env: dict[str, str], what: str, *, network: bool = True,
+                  mirror_list: list[str] | None = None) -> str:  # fmt: skip
+    """Run the package manager in the sandbox; return where it went (" (mirrors reached: ...)")."""
+    reached: list[str] = []
     try:
-        sandbox.run(guest.root, argv, network=network, env=env)
+        sandbox.run(
+            guest.root, argv, network=network, env=env, mirror_list=mirror_list or [], reached=reached
+        )
+        return f" ({reached[0]})" if reached else ""
+    except sandbox.LimitReached as e:
+        raise GuestError(f"{what} ({' '.join(argv)}: {e})") from None
     except CommandError as e:
         output = f"{getattr(e.result, 'stdout', '')}\n{getattr(e.result, 'stderr', '')}"
         found = _PACKAGE_ERROR.findall(output)
