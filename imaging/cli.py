@@ -151,7 +151,8 @@ def _verify(args: argparse.Namespace) -> int:
     from imaging.formats import ova
 
     # An OVA pins its machine; any other disk boots where the default target says.
-    target = args.target or config.default_target("ova" if ova.is_ova(Path(args.path)) else "raw")
+    is_ova = args.format == "ova" or (not args.format and ova.is_ova(Path(args.path)))
+    target = args.target or config.default_target("ova" if is_ova else "raw")
     result = verify.boot(
         args.path,
         target,
@@ -162,6 +163,7 @@ def _verify(args: argparse.Namespace) -> int:
         expect=evidence.Expect(
             ssh=True if "ssh" in args.require else None, dhcp=True if "dhcp" in args.require else None
         ),  # fmt: skip
+        fmt=args.format or "",
     )
     _print_json(result.to_dict())
     verify.require_booted(result)
@@ -369,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="boot any artifact on a target's hardware")
     v.add_argument("path")
+    v.add_argument("--format", help=f"the artifact's format ({FORMATS}; default: what qemu-img finds, once the "
+                   "image is known to refer to no other file)")  # fmt: skip
     v.add_argument("--target", help="target machine (default: virtualbox for an OVA, else kvm)")
     v.add_argument(
         "--boot-marker", default="", help="regular expression proving the boot (besides a login prompt)"

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from imaging import config, tools
 from imaging.boot import evidence
 from imaging.boot.qemu import Accel, choose_accel, option_value
-from imaging.disk.images import image_info
+from imaging.disk.images import check_self_contained, image_info
 from imaging.errors import BootFailed, ParameterError
 from imaging.formats import ova
 from imaging.records import Record
@@ -161,12 +161,18 @@ def boot(
     log_dir: Path | None = None,
     prefer_accel: str = "auto",
     expect: evidence.Expect | None = None,
+    fmt: str = "",
 ) -> Boot:
     """Boot ``image`` on ``target``'s hardware and judge it as a user would: it must reach the
     marker or a login prompt, no unit or init script may fail, and (where the guest is set up
     for them) it must get an address by DHCP and its sshd must answer, with a host key that is
     not one of the source's. ``booted`` when all hold, ``degraded`` with the reasons when it
-    booted but something did not, ``failed`` otherwise (a panic, a power-off, the time limit)."""
+    booted but something did not, ``failed`` otherwise (a panic, a power-off, the time limit).
+
+    ``fmt`` (raw, qcow2, vmdk, vdi, vhd, vhdx, ova) is the artifact's format; when not given,
+    qemu-img's guess is taken only after the checks every source gets (no backing file, data
+    file or other extents: an image naming /dev/sda would hand the host's disk to the guest).
+    Either way QEMU is told the format and never guesses."""
     expect = expect or evidence.Expect()
     tools.require_tools(
         "qemu-system-x86_64",
@@ -186,15 +192,17 @@ def boot(
     accel = choose_accel(prefer_accel)
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="imaging-verify-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    if ova.is_ova(path):
+    image_format = config.check_format(fmt) if fmt else None
+    if image_format is config.ImageFormat.ova or (image_format is None and ova.is_ova(path)):
         extracted = ova.extract_disk(path, log_dir)
         try:
             appliance = tgt.model_copy(update={"disk_controller": "ahci", "nic": "e1000"})
-            result = _boot(extracted, appliance, marker_re, timeout, log_dir, accel, expect)
+            result = _boot(extracted, "vmdk", appliance, marker_re, timeout, log_dir, accel, expect)
         finally:
             extracted.unlink(missing_ok=True)
         return dataclasses.replace(result, image=str(path), format=f"ova ({result.format} inside)")
-    return _boot(path, tgt, marker_re, timeout, log_dir, accel, expect)
+    qemu_format = image_format.qemu_format if image_format else None
+    return _boot(path, qemu_format, tgt, marker_re, timeout, log_dir, accel, expect)
 
 
 # After everything required has been seen, the console is watched a little longer: a unit that
@@ -245,9 +253,11 @@ class _Watch:
             self.banner = evidence.ssh_banner(self.port) or ""
 
 
-def _boot(path: Path, tgt: config.Target, marker_re: re.Pattern[str] | None, timeout: float, log_dir: Path,
-          accel: Accel, expect: evidence.Expect) -> Boot:  # fmt: skip
-    fmt = image_info(path).format
+def _boot(path: Path, qemu_format: str | None, tgt: config.Target, marker_re: re.Pattern[str] | None,
+          timeout: float, log_dir: Path, accel: Accel, expect: evidence.Expect) -> Boot:  # fmt: skip
+    info = image_info(path, qemu_format)
+    check_self_contained(info)
+    fmt = info.format
     serial, pcap = log_dir / "serial.log", log_dir / "net.pcap"
     for stale in (serial, pcap, log_dir / "screen.png"):
         stale.unlink(missing_ok=True)
