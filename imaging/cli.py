@@ -64,6 +64,8 @@ def _export(args: argparse.Namespace) -> int:
         vis=args.vis,
         shared_with=args.shared_with,
     )
+    if args.run is not None:
+        config.check_run_id(args.run)
     if args.run is None or not (config.runs_dir() / args.run).exists():
         # Everything that can be told before a run exists fails here, leaving nothing behind.
         src = acquire.inspect(request.source)

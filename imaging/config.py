@@ -274,6 +274,16 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_run_id(run_id: str) -> str:
+    """A run id names a directory under the runs directory, and nothing else (no path)."""
+    if not _NAME.fullmatch(run_id) or ".." in run_id:
+        raise ParameterError(
+            f"run id {run_id!r} is not allowed: a run is named by 1-80 letters, digits, '.', '_' or '-' "
+            f"and lives under the runs directory ({runs_dir()}), never at another path"
+        )
+    return run_id
+
+
 def default_target(fmt: str) -> str:
     """The target a request for ``fmt`` gets when it names none (an OVA is an appliance)."""
     defaults = load_defaults()

@@ -211,6 +211,25 @@ def test_bad_names(cli: Cli, kvm_sample: Path, name: str) -> None:
     assert list(cli.runs.iterdir()) == []
 
 
+def test_a_run_is_a_name_under_the_runs_directory(cli: Cli, tmp_path: Path) -> None:
+    # A completed run removes <run>/work: --run must never lead to a user's directory.
+    victim = tmp_path / "victim"
+    (victim / "work").mkdir(parents=True)
+    (victim / "work" / "precious").write_text("mine\n")
+    (victim / "request.json").write_text("{}")
+    for run in (str(victim), "../victim", "a/b", "x\n"):
+        for args in (["export", "sample:kvm", "--name", "x", "--run", run], ["resume", run]):
+            proc = cli(*args, check=False)
+            assert proc.returncode == 2 and proc.stderr.startswith(
+                f"imaging: error: run id {run!r} is not allowed"
+            )
+    (cli.runs / "linked").symlink_to(victim)
+    for args in (["export", "sample:kvm", "--name", "x", "--run", "linked"], ["resume", "linked"]):
+        proc = cli(*args, check=False)
+        assert proc.returncode == 2 and "is a symbolic link: a run is a directory of its own" in proc.stderr
+    assert (victim / "work" / "precious").read_text() == "mine\n"
+
+
 @pytest.fixture
 def small_tmpfs() -> Iterator[Path]:
     mnt = Path(tempfile.mkdtemp(prefix="imaging-small-"))
