@@ -218,25 +218,33 @@ class Guest:
 
     # -- reading and editing -----------------------------------------------------------------
 
+    def _open_regular(self, path: str, flags: int) -> int:
+        """Open ``path`` only if it leads to a regular file: looked at first (O_PATH opens
+        anything without touching it), then opened through that very descriptor. A FIFO,
+        device or socket is refused by name, never opened (a FIFO would block, a device on a
+        nodev mount would fail with the kernel's words, a socket cannot be opened at all)."""
+        look = self._open(path, os.O_PATH)
+        try:
+            mode = os.fstat(look).st_mode
+            if not stat.S_ISREG(mode):
+                raise GuestError(f"{path} in the guest is {kind(mode)}, not a regular file: refused")
+            return os.open(f"/proc/self/fd/{look}", flags | os.O_CLOEXEC)
+        finally:
+            os.close(look)
+
     def read_bytes(self, path: str, limit: int = CONFIG_LIMIT) -> bytes | None:
         """The whole file, or None when there is none; a FIFO, device or socket, or a file
-        larger than ``limit``, is refused by name (never opened for long, never read past the
-        limit)."""
+        larger than ``limit``, is refused by name (never opened, never read past the limit)."""
         try:
-            # O_NONBLOCK: opening a FIFO of the guest must not wait for a writer.
-            fd = self._open(path, os.O_RDONLY | os.O_NONBLOCK)
+            fd = self._open_regular(path, os.O_RDONLY)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:
             if self._unreachable(path, e):
                 return None
-            self._refuse_special(path, e)
             raise
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise GuestError(f"{path} in the guest is {kind(st.st_mode)}, not a regular file: refused")
-            _check_size(path, st.st_size, limit)
+            _check_size(path, os.fstat(fd).st_size, limit)
             chunks, size = [], 0
             while chunk := os.read(fd, min(1 << 20, limit + 1 - size)):
                 chunks.append(chunk)
@@ -247,28 +255,9 @@ class Guest:
         finally:
             os.close(fd)
 
-    def _refuse_special(self, path: str, e: OSError) -> None:
-        """Opening a socket (ENXIO) or a device without a driver fails before we can look at
-        it: say what it is instead of the kernel's words."""
-        if e.errno in (errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):
-            st = self.stat(path)
-            if st is not None and not stat.S_ISREG(st.st_mode):
-                raise GuestError(
-                    f"{path} in the guest is {kind(st.st_mode)}, not a regular file: refused"
-                ) from None
-
     def open_file(self, path: str) -> int:
         """A file descriptor of a regular file (for streaming a large one); the caller closes it."""
-        try:
-            fd = self._open(path, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError as e:
-            self._refuse_special(path, e)
-            raise
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            os.close(fd)
-            raise GuestError(f"{path} in the guest is {kind(mode)}, not a regular file: refused")
-        return fd
+        return self._open_regular(path, os.O_RDONLY)
 
     def read_head(self, path: str, size: int) -> tuple[bytes, int]:
         """The first ``size`` bytes of a regular file, and the file's whole size."""
@@ -310,14 +299,11 @@ class Guest:
         data = text.encode("utf-8", errors="surrogateescape")
         self._parents(path)
         try:
-            fd = self._open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK, mode)
-        except OSError as e:
-            self._refuse_special(path, e)  # a FIFO without a reader, a socket
-            raise
+            fd = self._open_regular(path, os.O_WRONLY)
+        except FileNotFoundError:
+            fd = self._open(path, os.O_WRONLY | os.O_CREAT, mode)  # through a dangling guest link too
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise GuestError(f"{path} in the guest is {kind(st.st_mode)}, not a regular file: refused")
             if st.st_nlink <= 1:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, data, 0)

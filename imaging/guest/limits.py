@@ -161,6 +161,15 @@ class Box:
                 said.append(f"it ran into its limit of {lim.processes} processes")
         return "; ".join(dict.fromkeys(said))
 
+    def peak_memory(self) -> int | None:
+        """The most memory the group has held (its processes, and the page cache they filled),
+        where the kernel keeps count."""
+        for group in self.groups:
+            for name in ("memory.max_usage_in_bytes", "memory.peak"):
+                if (group / name).exists():
+                    return _read_int(group / name)
+        return None
+
     def _remove(self) -> None:
         for group in reversed(self.groups):
             _empty(group)

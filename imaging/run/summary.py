@@ -57,12 +57,14 @@ def _acquire(r: dict[str, Any]) -> str:
 
 def _clean(r: dict[str, Any]) -> str:
     counts: dict[str, int] = {}
-    for action in r.get("actions", []):
-        counts[str(action.get("action"))] = counts.get(str(action.get("action")), 0) + 1
+    for action in r.get("actions", []):  # a folded row (a directory's many files) counts them all
+        counts[str(action.get("action"))] = counts.get(str(action.get("action")), 0) + int(
+            action.get("count", 1)
+        )
     what = ", ".join(f"{n} {text(kind)}" for kind, n in sorted(counts.items())) or "nothing to do"
     return (
         f"**Cleaned** with profile {code(r['profile'])} ({text(r['profile_reason'])}): "
-        f"{len(r.get('operations', []))} operations, {len(r.get('actions', []))} files acted on "
+        f"{len(r.get('operations', []))} operations, {sum(counts.values())} files acted on "
         f"({what}), {_size(r.get('removed_bytes', 0))} removed.\n\n"
         f"Operations: {text(', '.join(r.get('operations', [])))}." + _skipped(r)
     )
