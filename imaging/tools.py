@@ -26,8 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import sh
-
 from imaging.errors import CommandError, ImagingError, ToolMissing
 
 Arg = str | os.PathLike[str] | int
@@ -313,51 +311,46 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def _kill(proc: Any) -> None:
-    with contextlib.suppress(Exception):
-        proc.kill_group()
-    with contextlib.suppress(Exception):
-        proc.wait()
-
-
 class Spawned:
-    """A command running in the background (QEMU); record it with :meth:`finish`."""
+    """A command running in the background (QEMU); record it with :meth:`finish`. Its output
+    is kept as its last MiB on each stream: a guest may make QEMU print for as long as it runs."""
 
-    def __init__(self, argv: tuple[str, ...], proc: Any, started: str) -> None:
+    def __init__(self, argv: tuple[str, ...], proc: subprocess.Popen[bytes], started: str,
+                 out: tuple[int, int]) -> None:  # fmt: skip
         self.argv = argv
         self._proc = proc
         self._started = started
         self._t0 = time.monotonic()
+        name = Path(argv[0]).name
+        self._stdout = _Collector(out[0], f"{name} stdout", STDERR_KEPT, tail=True)
+        self._stderr = _Collector(out[1], f"{name} stderr", STDERR_KEPT, tail=True)
 
     @property
     def pid(self) -> int:
         return int(self._proc.pid)
 
     def alive(self) -> bool:
-        return bool(self._proc.is_alive())
+        return self._proc.poll() is None
 
     def stop(self, grace: float = 3.0) -> None:
         if not self.alive():
             return
-        with contextlib.suppress(Exception):
-            self._proc.signal_group(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while self.alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self.alive():
-            _kill(self._proc)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, signal.SIGTERM)
+        try:
+            self._proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            _kill_group(self._proc.pid)
+            self._proc.wait()
 
     def finish(self) -> CommandResult:
-        with contextlib.suppress(Exception):
-            self._proc.wait()
+        self._proc.wait()
+        self._stdout.thread.join(timeout=10)
+        self._stderr.thread.join(timeout=10)
         result = CommandResult(
-            self.argv,
-            int(self._proc.exit_code if self._proc.exit_code is not None else -9),
-            _decode(self._proc.stdout),
-            _decode(self._proc.stderr),
-            self._started,
+            self.argv, self._proc.returncode, self._stdout.text(), self._stderr.text(), self._started,
             time.monotonic() - self._t0,
-        )
+        )  # fmt: skip
         _record(result)
         return result
 
@@ -370,19 +363,19 @@ def spawn(argv: Sequence[Arg]) -> Iterator[Spawned]:
     if exe is None:
         raise ToolMissing(f"could not find {args[0]}")
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    proc = sh.Command(exe)(
-        *args[1:],
-        _bg=True,
-        _bg_exc=False,
-        _return_cmd=True,
-        _tty_out=False,
-        _ok_code=list(range(-64, 256)),
-        _env=tool_env(),
-        _new_session=True,
-        _preexec_fn=_die_with_parent,
-        _decode_errors="replace",
-    )
-    handle = Spawned(args, proc, started)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        proc = subprocess.Popen([exe, *args[1:]], executable=exe, stdin=subprocess.DEVNULL, stdout=out_w,
+                                stderr=err_w, env=tool_env(), start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    handle = Spawned(args, proc, started, (out_r, err_r))
     try:
         yield handle
     finally:

@@ -98,3 +98,11 @@ def test_stderr_keeps_its_last_part() -> None:
 
 def test_input_reaches_the_tool() -> None:
     assert tools.run(["cat"], input="hello").stdout == "hello"
+
+
+def test_a_background_command_keeps_the_end_of_its_output() -> None:
+    with tools.spawn(["sh", "-c", "head -c 5000000 /dev/zero | tr '\\0' x; echo; echo last"]) as proc:
+        while proc.alive():
+            time.sleep(0.05)
+    result = proc.finish()
+    assert len(result.stdout) <= tools.STDERR_KEPT and result.stdout.endswith("last\n") and result.exit_code == 0

@@ -121,6 +121,8 @@ def test_bad_fields(svc: Service, body: dict[str, Any], message: str) -> None:
         "x" * 81,
         "naïve",
         "a..b",
+        "x\n",  # would break the approval mail's headers, the .sha256 file and the published metadata
+        "x\r\nBcc: y",
     ],
 )
 def test_names_with_path_or_shell_characters(svc: Service, name: str) -> None:
