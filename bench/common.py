@@ -185,3 +185,27 @@ def mixed_disk(path: Path, random_bytes: int = 600 << 20) -> Path:
     shutil.rmtree(tree)
     tmp.rename(path)
     return path
+
+
+def incompressible_disk(path: Path, size: int, extents: list[tuple[int, int]], seed: int = 1) -> Path:
+    """A sparse raw disk of ``size`` bytes whose ``extents`` ((offset, length), the rest holes)
+    hold data no deflate shrinks, like media, archives and packages: an AES-128-CTR keystream,
+    16 MiB per call (OpenSSL through ``cryptography``, 0.15 s per GiB here: writing it costs
+    more than making it). The same seed gives the same disk."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    keystream = Cipher(algorithms.AES(seed.to_bytes(16, "big")), modes.CTR(bytes(16))).encryptor()
+    zeros, block = memoryview(bytes(16 << 20)), bytearray(16 << 20)
+    tmp = path.with_name(f".{path.name}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        for offset, length in extents:
+            for pos in range(offset, offset + length, len(block)):
+                n = min(len(block), offset + length - pos)
+                keystream.update_into(zeros[:n], block)
+                os.pwrite(fd, memoryview(block)[:n], pos)
+    finally:
+        os.close(fd)
+    tmp.rename(path)
+    return path

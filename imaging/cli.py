@@ -28,7 +28,7 @@ def _print_json(data: dict[str, Any]) -> None:
 def _export(args: argparse.Namespace) -> int:
     from imaging import sparse
     from imaging.clouds import acquire
-    from imaging.run import pipeline
+    from imaging.run import pipeline, preflight
 
     request = Request.create(
         source=args.source,
@@ -63,12 +63,14 @@ def _export(args: argparse.Namespace) -> int:
         kind=args.kind,
         vis=args.vis,
         shared_with=args.shared_with,
+        destination=args.destination,
     )
     if args.run is not None:
         config.check_run_id(args.run)
     if args.run is None or not (config.runs_dir() / args.run).exists():
         # Everything that can be told before a run exists fails here, leaving nothing behind.
         src = acquire.inspect(request.source)
+        preflight.check_export(request, src)  # the format's size limit, the MBR's
         sparse.check_space(config.runs_dir(), 2 * src.data_bytes + (64 << 20), "hold the run's work files")
         if request.out:
             sparse.check_space(Path(request.out), src.data_bytes + (64 << 20), "write the artifact")
@@ -90,7 +92,7 @@ def _format_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from imaging.formats import export
+    from imaging.formats import export, limits
     from imaging.run import pipeline
 
     disk = Path(args.disk)
@@ -108,16 +110,17 @@ def _convert(args: argparse.Namespace) -> int:
         **_format_options(args),
     )
     # Everything that can be told before a run exists fails here, leaving nothing behind: a
-    # missing or unreadable disk, one qemu-img cannot read, one that refers to other files.
+    # missing or unreadable disk, one qemu-img cannot read, one that refers to other files, one
+    # over the format's size limit.
     from imaging.sparse import check_space
 
     found = export.input_disk(None, request.kind, request.source)
     fmt = config.check_format(request.format)
-    artifact = export.artifact_path(Path(request.out), request.name, fmt)
+    limits.check_fits(found.virtual_size, fmt, request.vmdk_subformat)
+    artifact = export.artifact_path(Path(request.out), request.slug, fmt)
     if artifact == Path(found.path).resolve():
         raise ParameterError(f"{artifact} is the input disk itself: choose another --out or --name")
-    copies = 2 if fmt.is_archive else 1
-    check_space(Path(request.out), copies * found.data_bytes + (64 << 20), "write the artifact")
+    check_space(Path(request.out), export.space_needed(found.data_bytes), "write the artifact")
     ws, request = pipeline.open_run(args.run, request)
     return _execute(ws, request)
 
@@ -128,17 +131,32 @@ def _execute(ws: Any, request: Any) -> int:
     try:
         result = pipeline.execute(ws, request)
     except pipeline.StageFailed as e:
+        _write_report(ws.root)
         print(
             f"imaging: error: {e} (run {ws.id}; resume with: python -m imaging resume {ws.id})",
             file=sys.stderr,
         )
         return 1
+    _write_report(ws.root)
     _print_json(result)
     if (result.get("boot") or {}).get("verdict") == "degraded":
         # The artifact is made, but a user could not rely on it: say so, and exit non-zero.
         print(f"imaging: degraded boot: {result['boot'].get('reason')} (run {ws.id})", file=sys.stderr)
         return 3
     return 0
+
+
+def _write_report(root: Path) -> None:
+    """Every run ends with its report.html (completed or failed); a report that cannot be made
+    is said on stderr and changes nothing about the run's outcome."""
+    from imaging.run import report
+
+    try:
+        path = report.write(root)
+    except Exception as e:  # nbconvert and friends raise many kinds
+        print(f"imaging: no report for {root.name}: {' '.join(str(e).split())[:300]}", file=sys.stderr)
+        return
+    print(f"imaging: report: {path}", file=sys.stderr, flush=True)
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -150,11 +168,15 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from imaging.boot import evidence, verify
-    from imaging.formats import ova
+    from imaging.formats import gce, ova
 
-    # An OVA pins its machine; any other disk boots where the default target says.
-    is_ova = args.format == "ova" or (not args.format and ova.is_ova(Path(args.path)))
-    target = args.target or config.default_target("ova" if is_ova else "raw")
+    # An OVA pins its machine, a GCE tarball is GCE's; any other disk boots where the default says.
+    path = Path(args.path)
+    if args.format:
+        kind = args.format
+    else:
+        kind = "ova" if ova.is_ova(path) else "gce" if gce.is_gce(path) else "raw"
+    target = args.target or config.default_target(kind if kind in ("ova", "gce") else "raw")
     result = verify.boot(
         args.path,
         target,
@@ -179,7 +201,7 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-FORMATS = "raw, qcow2, vmdk, vdi, vhd, vhdx or ova"
+FORMATS = "raw, qcow2, vmdk, vdi, vhd, vhdx, ova or gce"
 
 
 def _add_format_options(p: argparse.ArgumentParser) -> None:
@@ -279,14 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="run every stage: source image -> bootable, verified artifact")
     e.add_argument(
-        "source", help="instance image (raw, qcow2, vmdk, vdi, vhd, vhdx), or sample:kvm / sample:xen"
+        "source",
+        help="instance image (raw, qcow2, vmdk, vdi, vhd, vhdx), sample:kvm / sample:xen, or a cloud's "
+        "instance: eucalyptus://CLOUD/i-..., ec2://CLOUD/i-..., openstack://CLOUD/SERVER-ID (clouds in $IMAGING_CLOUDS)",
     )
-    e.add_argument("--name", required=True, help="artifact name: letters, digits, '.', '_', '-'")
+    e.add_argument(
+        "--name",
+        required=True,
+        help="the image's name: 1-255 printable characters (files use a safe slug of it)",
+    )
     e.add_argument("--format", default="qcow2", help=f"{FORMATS} (default qcow2)")
     e.add_argument(
         "--target",
         help=f"target machine ({', '.join(config.available('targets'))}; default: by format, virtualbox "
-        "for ova and vdi, else kvm)",
+        "for ova and vdi, gce for gce, else kvm)",
     )
     e.add_argument("--out", help="directory for the artifact (default: the run's out/)")
     e.add_argument("--run", help="run id (default: <name>-<UTC time>); an existing failed run resumes")
@@ -345,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kind", help="pipeline: export (default), or image (export, then publish)")
     e.add_argument("--vis", choices=["public", "private", "selected"], help="image requests: visibility")
     e.add_argument("--shared-with", action="append", metavar="USER", help="with --vis selected (repeat)")
+    e.add_argument("--destination", help="image requests: s3 (default) or a cloud named in $IMAGING_CLOUDS")
     e.set_defaults(func=_export)
 
     c = sub.add_parser("convert", help="the export stage alone: a bootable disk -> the artifact")
@@ -357,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--target",
         help=f"target machine ({', '.join(config.available('targets'))}; default: by format, virtualbox "
-        "for ova and vdi, else kvm)",
+        "for ova and vdi, gce for gce, else kvm)",
     )
     c.add_argument("--verify", action="store_true", help="boot the artifact afterwards (stage 50-verify)")
     c.add_argument("--run", help="run id (default: <name>-<UTC time>); an existing failed run resumes")
@@ -375,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("path")
     v.add_argument("--format", help=f"the artifact's format ({FORMATS}; default: what qemu-img finds, once the "
                    "image is known to refer to no other file)")  # fmt: skip
-    v.add_argument("--target", help="target machine (default: virtualbox for an OVA, else kvm)")
+    v.add_argument(
+        "--target", help="target machine (default: virtualbox for an OVA, gce for a GCE tar.gz, else kvm)"
+    )
     v.add_argument(
         "--boot-marker", default="", help="regular expression proving the boot (besides a login prompt)"
     )

@@ -214,12 +214,32 @@ def run(
     max_output: int = MAX_OUTPUT,
     pass_fds: Sequence[int] = (),
     setup: Callable[[], None] | None = None,
+    stdin_fd: int | None = None,
+    stdout_fd: int | None = None,
 ) -> CommandResult:
     """Run a command to completion and return its result; raise CommandError unless its exit code
     is in ``ok_codes``. ``on_output`` receives stdout as it arrives (for progress). More than
     ``max_output`` bytes on stdout stop the command (its whole process group) with an error;
     stderr keeps its last MiB. ``setup`` runs in the child just before the command (joining a
-    cgroup, say); ``pass_fds`` stay open in it."""
+    cgroup, say); ``pass_fds`` stay open in it.
+
+    ``stdin_fd``/``stdout_fd``: file descriptors (a pipe's end, a file) the tool reads from or
+    writes to directly, for tools that stream into each other; they become the tool's, and are
+    closed here once it started (or failed to), so a pipe sees its end when the tool exits."""
+    given = [fd for fd in (stdin_fd, stdout_fd) if fd is not None]
+    try:
+        return _run(argv, ok_codes, input, timeout, cwd, env, on_output, record, max_output, pass_fds, setup,
+                    stdin_fd, stdout_fd, given)  # fmt: skip
+    finally:
+        for fd in given:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _run(argv: Sequence[Arg], ok_codes: Sequence[int], input: bytes | str | None, timeout: float | None,
+         cwd: Path | None, env: dict[str, str] | None, on_output: Callable[[str], Any] | None, record: bool,
+         max_output: int, pass_fds: Sequence[int], setup: Callable[[], None] | None,
+         stdin_fd: int | None, stdout_fd: int | None, given: list[int]) -> CommandResult:  # fmt: skip
     args = _argv(argv)
     exe = which(args[0]) if "/" not in args[0] else args[0]
     if exe is None:
@@ -232,13 +252,16 @@ def run(
 
     started = datetime.now(UTC).isoformat(timespec="seconds")
     t0 = time.monotonic()
-    out_r, out_w = os.pipe()
+    # stdout goes to our pipe (collected, capped) unless the caller gave the tool a file or pipe.
+    out_r, out_w = os.pipe() if stdout_fd is None else (os.open(os.devnull, os.O_RDONLY), stdout_fd)
     err_r, err_w = os.pipe()
+    stdin: int = (
+        stdin_fd if stdin_fd is not None else subprocess.PIPE if input is not None else subprocess.DEVNULL
+    )
     try:
         proc = subprocess.Popen(
-            [exe, *args[1:]], executable=exe, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-            stdout=out_w, stderr=err_w, cwd=cwd, env={**tool_env(), **(env or {})}, start_new_session=True,
-            preexec_fn=prepare, pass_fds=tuple(pass_fds),
+            [exe, *args[1:]], executable=exe, stdin=stdin, stdout=out_w, stderr=err_w, cwd=cwd,
+            env={**tool_env(), **(env or {})}, start_new_session=True, preexec_fn=prepare, pass_fds=tuple(pass_fds),
         )  # fmt: skip
     except BaseException:
         for fd in (out_r, err_r):
@@ -246,8 +269,13 @@ def run(
         raise
     finally:
         # The child holds its own copies: EOF on our ends when it (and its children) are gone.
-        os.close(out_w)
+        if stdout_fd is None:
+            os.close(out_w)
         os.close(err_w)
+        for fd in given:  # likewise: a pipe given to the tool sees its end when the tool exits
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        given.clear()
     stopped = threading.Event()  # by the timer or by too much output
 
     def stop() -> None:

@@ -23,7 +23,20 @@ def data() -> Path:
     return DATA
 
 
+# The files that take minutes (real Debian boots, the 8 GiB OVA, the service with its clouds and
+# engine): started first, so that `make test`'s workers (pytest-xdist, a file each) do not end
+# with one of them alone while the other worker idles.
+SLOW_FIRST = ("test_real_guests.py", "test_targets.py", "test_service_clouds.py", "test_big_ova.py",
+              "test_engine.py", "test_service.py", "test_hostile.py", "test_report.py")  # fmt: skip
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "integration" in item.nodeid.split(os.sep) or "/integration/" in item.nodeid:
             item.add_marker(pytest.mark.integration)
+
+    def rank(item: pytest.Item) -> int:
+        name = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: within a file, and among the rest, the order stays

@@ -6,8 +6,6 @@ sshd answers on a forwarded loopback port with a host key that is not one of the
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import re
 import socket
 import struct
@@ -15,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imaging import tools
+from imaging.guest import firstboot
 
 LOGIN = re.compile(r"^\S*\s*login:\s*$|\blogin:\s*$", re.MULTILINE)
 # The boot went nowhere: nothing after these is a working machine.
@@ -134,12 +133,6 @@ def ssh_banner(port: int, timeout: float = 2.0) -> str | None:
     return line if line.startswith("SSH-") else None
 
 
-def fingerprint(public_key: str) -> str:
-    """OpenSSH's SHA256 fingerprint of a public key line (``type base64 [comment]``)."""
-    blob = base64.b64decode(public_key.split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
-
-
 def host_keys(port: int) -> list[str]:
     """The host keys the guest's sshd offers, as ``type SHA256:...`` (ssh-keyscan, once)."""
     result = tools.run(
@@ -152,7 +145,7 @@ def host_keys(port: int) -> list[str]:
         parts = line.split()
         if len(parts) >= 3 and not line.startswith("#"):
             try:
-                keys.append(f"{parts[1]} {fingerprint(' '.join(parts[1:3]))}")
+                keys.append(f"{parts[1]} {firstboot.fingerprint(' '.join(parts[1:3]))}")
             except (ValueError, IndexError):
                 continue
     return sorted(keys)

@@ -4,19 +4,27 @@ The source is never written to, not even by a filesystem check: e2fsck runs on o
 partitionless filesystem (how clouds keep instance roots) is copied as it is; from an already
 partitioned disk, the root partition is cut out. qcow2/vmdk/vdi/vhd(x) sources go through
 qemu-img first.
+
+A source is a local image, ``sample:NAME``, or an instance in a cloud (``eucalyptus://``,
+``ec2://``, ``openstack://CLOUD/INSTANCE``, see ``clouds/settings.py``): its disk is first copied
+out of the cloud into ``work/`` by the cloud's module, checked there, and then taken like a local
+image; the copy goes once the instance is acquired.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from imaging import sparse, tools
+from imaging.clouds import settings as cloud_settings
+from imaging.clouds.transfer import Fetched
 from imaging.disk import debugfs, ext, images
-from imaging.errors import SourceError
+from imaging.errors import SourceError, SpaceError
 from imaging.records import Record
 from imaging.samples import catalog
 from imaging.workspace import Workspace
@@ -38,6 +46,10 @@ class Source(Record):
     layout: str  # "filesystem" (partitionless) or "partitioned", or "" until a non-raw source is converted
     fs_type: str
     uuid: str
+    # The root filesystem's size and block size, from its superblock; 0 until a non-raw source
+    # is converted. What the bootable disk's size follows (30-bootable).
+    fs_bytes: int = 0
+    fs_block_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,7 @@ class Instance(Record):
     fsck_exit: int
     copy_seconds: float
     source_sha256: str | None  # None under the pipeline: it is in the run's source.sha256
+    fetched: Fetched | None = None  # what was copied out of a cloud, and how it was checked
 
 
 def _check_fs(path: Path, offset: int, length: int, where: str) -> images.Probe:
@@ -114,38 +127,39 @@ class _Root:
     length: int
     partition: int | None
     probe: images.Probe
+    fs: ext.ExtInfo
 
 
 def _locate_root(path: Path) -> _Root:
     """Where the root filesystem is in a raw image, refusing what cannot be placed."""
     size = path.stat().st_size if path.is_file() else images.image_info(path, "raw").virtual_size
     first = images.probe(path)
+    number: int | None = None
     if first.type is None and first.pttype:
         table = images.read_partition_table(path)
         if table is None or not table.partitions:
             raise SourceError(f"{path}: has a {first.pttype} partition table with no partitions")
         part, probe = _find_root_partition(path, table)
-        root = _Root(
-            "partitioned", part.start * table.sector_size, part.size * table.sector_size, part.number, probe
-        )
+        layout, number = "partitioned", part.number
+        offset, length = part.start * table.sector_size, part.size * table.sector_size
     else:
         probe = _check_fs(path, 0, size, str(path))
-        root = _Root("filesystem", 0, size, None, probe)
+        layout, offset, length = "filesystem", 0, size
     try:
-        fs = ext.info(ext.device(path, root.offset))
+        fs = ext.info(ext.device(path, offset))
     except SourceError:
         # Let e2fsck (read-only) say what is wrong: its words are what a person can act on.
-        verdict = ext.fsck(ext.device(path, root.offset), repair=False, check=False)
+        verdict = ext.fsck(ext.device(path, offset), repair=False, check=False)
         raise SourceError(
-            f"{path}: the {root.probe.type} filesystem cannot be opened: e2fsck: {verdict.summary}"
+            f"{path}: the {probe.type} filesystem cannot be opened: e2fsck: {verdict.summary}"
         ) from None
-    if fs.size_bytes > root.length:
-        where = f"partition {root.partition}" if root.partition else "image"
+    if fs.size_bytes > length:
+        where = f"partition {number}" if number else "image"
         raise SourceError(
             f"{path} is truncated: its {fs.fs_type} filesystem needs {fs.size_bytes:,} bytes, "
-            f"the {where} has {root.length:,}"
+            f"the {where} has {length:,}"
         )
-    return root
+    return _Root(layout, offset, length, number, probe, fs)
 
 
 def inspect(source: str) -> Source:
@@ -159,19 +173,52 @@ def inspect(source: str) -> Source:
         "qemu-img", "blkid", "sfdisk", "dumpe2fs",
         reason="inspect the source", hint="apt install qemu-utils util-linux fdisk e2fsprogs",
     )  # fmt: skip
+    if cloud_settings.is_cloud_source(source):
+        return _inspect_remote(source)
     path = images.check_source(catalog.resolve(source))
     info = images.image_info(path)
     images.check_self_contained(info)
     layout = fs_type = uuid = ""
+    fs_bytes = fs_block_size = 0
     if info.format == "raw":
         data = sparse.data_bytes(path) if path.is_file() else info.virtual_size
         root = _locate_root(path)
         layout, fs_type, uuid = root.layout, root.probe.type or "", root.probe.uuid or ""
+        fs_bytes, fs_block_size = root.fs.size_bytes, root.fs.block_size
     else:
         data = images.data_bytes_of(info)
-    return Source(
-        source, str(path), info.format, info.virtual_size, path.stat().st_size, data, layout, fs_type, uuid
-    )
+    return Source(source, str(path), info.format, info.virtual_size, path.stat().st_size, data, layout, fs_type,
+                  uuid, fs_bytes, fs_block_size)  # fmt: skip
+
+
+def _inspect_remote(source: str) -> Source:
+    """A cloud's instance, found (or refused: unknown, no such cloud, credentials refused)
+    before any copy; its size where the cloud tells it without a copy."""
+    from imaging.clouds import ec2, eucalyptus, openstack
+
+    src = cloud_settings.parse_source(source)
+    cloud = cloud_settings.cloud_for(src.kind, src.cloud)
+    size = 0
+    if isinstance(cloud, cloud_settings.Eucalyptus):
+        size = eucalyptus.locate(src, cloud)[2]
+    elif isinstance(cloud, cloud_settings.EC2):
+        size = ec2.root_volume(src, cloud)[1]
+    else:
+        openstack.find_server(src, cloud)
+    return Source(source, "", src.kind, size, 0, 0, "", "", "")
+
+
+def fetch(source: str, ws: Workspace) -> Fetched:
+    """Copy a cloud instance's disk into ``work/`` (``source.raw`` or ``source.qcow2``), checked."""
+    from imaging.clouds import ec2, eucalyptus, openstack
+
+    src = cloud_settings.parse_source(source)
+    cloud = cloud_settings.cloud_for(src.kind, src.cloud)
+    if isinstance(cloud, cloud_settings.Eucalyptus):
+        return eucalyptus.fetch(src, cloud, ws.work / "source.raw")
+    if isinstance(cloud, cloud_settings.EC2):
+        return ec2.fetch(src, cloud, ws.work / "source.raw")
+    return openstack.fetch(src, cloud, ws.work)
 
 
 def acquire(src: Source, ws: Workspace, *, hash_source: bool = True) -> Instance:
@@ -185,6 +232,8 @@ def acquire(src: Source, ws: Workspace, *, hash_source: bool = True) -> Instance
     tools.require_tools(
         "e2fsck", "dumpe2fs", reason="check the instance's filesystem", hint="apt install e2fsprogs"
     )
+    if cloud_settings.is_cloud_source(src.source):
+        return _acquire_remote(src, ws)
     # The copy, then the bootable disk: about twice the data, on the work filesystem.
     sparse.check_space(ws.work, 2 * src.data_bytes + _MARGIN, "hold the instance and the bootable disk")
     digest: dict[str, str | None] = {"sha256": None}
@@ -197,6 +246,31 @@ def acquire(src: Source, ws: Workspace, *, hash_source: bool = True) -> Instance
         if hash_source:
             hasher.join()
     return dataclasses.replace(instance, source_sha256=digest["sha256"])
+
+
+def _acquire_remote(src: Source, ws: Workspace) -> Instance:
+    """The cloud's disk into work/, then taken like a local image; the download goes afterwards.
+    Its sha256 (computed as it arrived) is the run's source.sha256."""
+    # How much of the disk is data is known only once it is here (a sparse download holds only
+    # that): a full disk says so in one line.
+    try:
+        fetched = fetch(src.source, ws)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise SpaceError(
+            f"not enough free space in {ws.work} for the disk of {src.source}: nothing kept"
+        ) from None
+    try:
+        local = dataclasses.replace(inspect(fetched.path), source=src.source)
+        sparse.check_space(
+            ws.work, 2 * local.data_bytes + _MARGIN, "hold the instance and the bootable disk"
+        )
+        instance = _acquire(local, ws)
+    finally:
+        Path(fetched.path).unlink(missing_ok=True)
+    sparse.write_sha256_file(Path(fetched.path), fetched.sha256, beside=ws.root / "source.sha256")
+    return dataclasses.replace(instance, source_sha256=fetched.sha256, fetched=fetched)
 
 
 def _acquire(src: Source, ws: Workspace) -> Instance:

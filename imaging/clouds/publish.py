@@ -1,4 +1,10 @@
-"""Stage 60-publish (image requests): the verified artifact goes to an S3-compatible object store.
+"""Stage 60-publish (image requests): the verified artifact becomes a cloud image, or goes to an
+S3-compatible object store.
+
+``DESTINATION`` names where: a configured cloud (an ``openstack`` cloud: a Glance image with its
+visibility and members, ``clouds/openstack.py``; an ``ec2`` cloud: an EBS snapshot registered as
+an image with its launch permissions, ``clouds/ec2.py``), or ``s3`` for sites without a cloud
+image service (below). Either way the result names the new image (or object) and where it lives.
 
 It runs after the boot check, not before it as DESIGN first had it (45-publish): an image that
 does not boot must never reach users. Visibility is the object's ACL (``public`` is
@@ -23,7 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from imaging import config
+from imaging import config, sparse, tools
+from imaging.clouds import settings as cloud_settings
 from imaging.errors import ImagingError, ParameterError
 from imaging.records import Record
 from imaging.workspace import Workspace
@@ -78,6 +85,79 @@ def client(dest: Destination) -> Any:
         endpoint_url=dest.endpoint or None,
         region_name=dest.region,
         config=Config(connect_timeout=10, read_timeout=120, retries={"max_attempts": 3, "mode": "standard"}),
+    )
+
+
+@dataclass(frozen=True)
+class CloudImage(Record):
+    """An image published to a cloud: its id, where it lives, and who may use it."""
+
+    destination: str  # the cloud's name in the settings
+    kind: str  # ec2 | openstack
+    image_id: str
+    name: str
+    vis: str
+    shared_with: list[str]
+    grantees: list[str]  # EC2 launch permissions (all, account ids), Glance members (project ids)
+    location: str  # endpoint (or region) of the cloud
+    sha256: str  # of the artifact the image was made from
+    size_bytes: int
+    seconds: float
+    details: dict[str, Any]
+
+
+def publish_to(ws: Workspace, destination: str, name: str, vis: str, shared_with: list[str]) -> Record:
+    """Publish the run's verified artifact to ``destination``: ``s3`` or a configured cloud."""
+    if destination == "s3":
+        return publish(ws, config.slug(name), vis, shared_with)
+    check_visibility(vis, shared_with)
+    artifact, boot = ws.result("40-export"), ws.result("50-verify")
+    if boot.get("verdict") != "booted":
+        raise ImagingError(f"{name} did not pass the boot check ({boot.get('verdict')}): not publishing it")
+    clouds = cloud_settings.from_environment()
+    cloud = clouds.get(destination)
+    if cloud is None:
+        raise ParameterError(
+            f"no cloud {destination!r} to publish to (configured: {', '.join(sorted(clouds)) or 'none'})"
+        )
+    path = Path(artifact["path"])
+    if isinstance(cloud, cloud_settings.OpenStack):
+        from imaging.clouds import openstack
+
+        if artifact["format"] not in openstack.FORMATS:
+            raise ParameterError(f"Glance images are published as qcow2 or raw, not {artifact['format']}")
+        up = openstack.publish(cloud, destination, path, artifact["format"], name, ws.id, vis, shared_with)
+        return CloudImage(
+            destination=destination, kind="openstack", image_id=up.image_id, name=name, vis=vis,
+            shared_with=list(shared_with), grantees=up.members, location=cloud.image_endpoint or cloud.region,
+            sha256=artifact["sha256"], size_bytes=up.size_bytes, seconds=up.seconds,
+            details={"visibility": up.visibility, "disk_format": up.disk_format, "checksum": up.checksum},
+        )  # fmt: skip
+    if isinstance(cloud, cloud_settings.EC2):
+        from imaging.clouds import ec2
+
+        t0 = time.monotonic()
+        # EBS takes a raw disk's blocks; a temporary raw copy of any other format, removed
+        # however the upload ends (the sweep after a killed stage takes its .part name too).
+        raw = path if artifact["format"] == "raw" else sparse.part_path(ws.work / "publish.raw")
+        try:
+            if raw != path:
+                raw.unlink(missing_ok=True)
+                tools.run(["qemu-img", "convert", "-f", config.check_format(artifact["format"]).qemu_format,
+                           "-O", "raw", path, raw], timeout=3600)  # fmt: skip
+            reg = ec2.publish(cloud, destination, raw, name, ws.id, vis, shared_with)
+        finally:
+            if raw != path:
+                raw.unlink(missing_ok=True)
+        return CloudImage(
+            destination=destination, kind="ec2", image_id=reg.image_id, name=name, vis=vis,
+            shared_with=list(shared_with), grantees=reg.launch_permissions,
+            location=cloud.endpoint_url or cloud.region, sha256=artifact["sha256"], size_bytes=reg.size_bytes,
+            seconds=round(time.monotonic() - t0, 3),
+            details={"snapshot_id": reg.snapshot_id, "blocks": reg.blocks, "ami_name": ec2.ami_name(name, ws.id)},
+        )  # fmt: skip
+    raise ParameterError(
+        f"cloud {destination!r} is a {cloud.kind} cloud: images are published to ec2 or openstack clouds"
     )
 
 

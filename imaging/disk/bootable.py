@@ -30,6 +30,8 @@ MIB = 1 << 20
 HEADS = 255
 SECTORS_PER_TRACK = 63
 CYLINDER = HEADS * SECTORS_PER_TRACK  # 16065 sectors, the unit legacy partitions ended on
+# An MBR partition table counts sectors in 32 bits: sfdisk refuses a disk of more sectors.
+MBR_MAX_SECTORS = 2**32 - 1
 
 _TYPE_NAMES = {
     "83": "Linux",
@@ -123,6 +125,13 @@ def plan_layout(
             extra = math.ceil(amount / (CYLINDER * SECTOR)) if kind == "extra" else 0
             disk_sectors = (needed_cyl + extra) * CYLINDER
         end = (disk_sectors // CYLINDER) * CYLINDER - 1
+    if disk_sectors > MBR_MAX_SECTORS:
+        size = disk_sectors * SECTOR
+        raise ParameterError(
+            f"the bootable disk would be {human_bytes(size)} ({size:,} bytes), over what its MBR partition "
+            f"table addresses: {MBR_MAX_SECTORS * SECTOR:,} bytes (2**32 - 1 sectors); disks are laid out "
+            "with MBR only (BIOS boot, as in the original procedure), not GPT"
+        )
     part_sectors = end - start + 1
     return DiskLayout(
         layout=layout.value,

@@ -12,7 +12,11 @@ these machines), so :func:`check_ovf` checks the structure the schemas require i
 order, references between files, disks and hardware items, sizes.
 
 The tar is ustar with fixed mtimes, owners and modes: the same disk gives the same OVA. The
-disk is written in place (:func:`layout`, :func:`seal_ova`), never copied into the tar.
+disk is written in place (:func:`layout`, :func:`seal_ova`), never copied into the tar. ustar's
+size field holds 11 octal digits, 8 GiB - 1 at most: a bigger member (the disk of a real
+appliance) gets a GNU header, whose size field is base-256 (:func:`tar_header`). Never a PAX
+extended header: VirtualBox refuses those. GNU tar, Python's tarfile and VirtualBox's own
+reader (IPRT, whose writer uses base-256 sizes too) read base-256 sizes.
 """
 
 from __future__ import annotations
@@ -228,12 +232,25 @@ def manifest(version: OvfVersion, digests: dict[str, str]) -> bytes:
     return "".join(f"{algorithm}({name})= {digest}\n" for name, digest in digests.items()).encode()
 
 
-def _tar_header(name: str, size: int) -> bytes:
+# The largest size ustar's 12-byte field holds: 11 octal digits and a terminator.
+USTAR_MAX_SIZE = 8**11 - 1
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The 512-byte header of a regular file: ustar, or GNU (same layout, size in base-256)
+    for a member over ustar's 8 GiB - 1. Fixed mtime, owner and mode: the same member gives the
+    same bytes."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, FIXED_TIME, 0o644
     info.uid = info.gid = 0
     info.uname = info.gname = "root"
-    return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+    # One 512-byte block per header is what layout() counts on: no ustar prefix split, no GNU
+    # long-name record (names are at most 91 characters: config.check_name).
+    if len(name.encode()) > tarfile.LENGTH_NAME:
+        raise OvaError(f"member name {name!r} does not fit a tar header's 100 bytes")
+    if size <= USTAR_MAX_SIZE:
+        return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+    return info.tobuf(format=tarfile.GNU_FORMAT, encoding="utf-8", errors="strict")
 
 
 def _pad(n: int) -> bytes:
@@ -282,14 +299,14 @@ def seal_ova(path: Path, at: Layout, name: str, target: Target, disk_size: int, 
     ovf += b" " * (at.descriptor_size - len(ovf))
     check_ovf(ovf, {disk_name: disk_size}, name)
     mf = manifest(version, {ovf_name: hashlib.new(DIGEST[version].lower(), ovf).hexdigest(), disk_name: disk_digest})  # fmt: skip
-    tail = _pad(disk_size) + _tar_header(mf_name, len(mf)) + mf + _pad(len(mf))
+    tail = _pad(disk_size) + tar_header(mf_name, len(mf)) + mf + _pad(len(mf))
     # End of archive: two zero blocks, then zeros to a whole record, as tar writes it.
     end = at.disk_at + disk_size + len(tail) + 2 * tarfile.BLOCKSIZE
     tail += bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE))
     fd = os.open(path, os.O_WRONLY)
     try:
         os.pwrite(
-            fd, _tar_header(ovf_name, len(ovf)) + ovf + _pad(len(ovf)) + _tar_header(disk_name, disk_size), 0
+            fd, tar_header(ovf_name, len(ovf)) + ovf + _pad(len(ovf)) + tar_header(disk_name, disk_size), 0
         )
         os.pwrite(fd, tail, at.disk_at + disk_size)
     finally:

@@ -31,7 +31,7 @@ import struct
 import time
 from array import array
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +69,40 @@ _META_MARKER = struct.Struct("<QII")  # sectors of metadata that follow, 0, type
 
 CHUNK_GRAINS = 64  # 4 MiB read and compressed by one worker at a time
 _ZERO_GRAIN = bytes(GRAIN)
+
+# Grain tables and the grain directory hold 32-bit sector numbers: every grain and grain table
+# must start in the file's first 2**32 sectors (2 TiB), as qemu's VMDK_EXTENT_MAX_SECTORS says.
+MAX_SECTORS = 1 << 32
+GT_SECTORS = GTES_PER_GT * 4 // SECTOR
+
+
+def _zlib_bound(n: int) -> int:
+    return n + (n >> 12) + (n >> 14) + (n >> 25) + 13  # zlib's compressBound()
+
+
+# The most a grain can take: its marker and a zlib stream no longer than compressBound (a
+# stored grain, 65552 bytes, is shorter), padded to a sector: 129 sectors for 128 of data.
+WORST_GRAIN_SECTORS = -(-(_GRAIN_MARKER.size + _zlib_bound(GRAIN)) // SECTOR)
+
+
+def largest(fits: Callable[[int], bool]) -> int:
+    """The largest grain count ``n`` for which ``fits(n)`` holds (``fits`` falls as n grows)."""
+    lo, hi = 0, MAX_SECTORS
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def _fits_in_sectors(grains: int) -> bool:
+    # Worst case: every grain holds data that does not shrink, every grain table is written
+    # (marker + table); the last table must start before sector 2**32.
+    tables = -(-grains // GTES_PER_GT)
+    return OVERHEAD + WORST_GRAIN_SECTORS * grains + (1 + GT_SECTORS) * tables <= MAX_SECTORS
+
+
+# The largest disk a streamOptimized VMDK written here holds whatever its data (2031.9 GiB).
+MAX_CAPACITY = largest(_fits_in_sectors) * GRAIN
 
 
 def header_bytes(capacity_sectors: int, gd_offset: int) -> bytes:
@@ -199,6 +233,8 @@ def write_stream_optimized(
     name = extent_name or out.name
     if not name or any(c in name for c in '"\n\r/'):
         raise ValueError(f"extent name {name!r} cannot go in a VMDK descriptor")
+    if os.stat(disk).st_size > MAX_CAPACITY:  # imaging.formats.limits says so to users first
+        raise ValueError(f"a streamOptimized VMDK holds at most {MAX_CAPACITY} bytes")
     cid = identity.derived_cid(identity.fingerprint(disk)) if cid is None else cid
     hashes = [hashlib.new(d) for d in digests]
     src = os.open(disk, os.O_RDONLY)
@@ -257,11 +293,10 @@ def _tables(position: int, capacity: int, tables: dict[int, array[int]]) -> byte
     """Grain tables, grain directory, footer and end-of-stream, to follow the grains that end
     at sector ``position``."""
     gt_count = -(-capacity // (GRAIN_SECTORS * GTES_PER_GT))
-    gt_sectors = GTES_PER_GT * 4 // SECTOR
     directory = array("I", bytes(4 * gt_count))
     out = bytearray()
     for index in sorted(tables):
-        out += meta_marker(MARKER_GT, gt_sectors)
+        out += meta_marker(MARKER_GT, GT_SECTORS)
         directory[index] = position + len(out) // SECTOR
         out += tables[index].tobytes()
     gd_bytes = directory.tobytes().ljust(_padded(4 * gt_count), b"\0")

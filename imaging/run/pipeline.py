@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from imaging import config, sparse
+from imaging.clouds.settings import is_cloud_source
 from imaging.disk import mounts
 from imaging.errors import ImagingError, ParameterError
 from imaging.guest import limits
@@ -380,6 +381,8 @@ class SourceHash:
         self._process: subprocess.Popen[bytes] | None = None
         if self.file.exists():
             self.digest = self.file.read_text().split()[0]
+        elif is_cloud_source(source):
+            pass  # 00-acquire writes it: the sha256 of the disk as it came out of the cloud
         else:
             argv = [sys.executable, "-m", "imaging.run.idle_hash", str(catalog.resolve(source)), str(self.file),
                     str(os.getpid())]  # fmt: skip
@@ -387,6 +390,8 @@ class SourceHash:
                                              stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
 
     def result(self) -> str | None:
+        if self.digest is None and self._process is None and self.file.exists():
+            self.digest = self.file.read_text().split()[0]
         if self._process is not None:
             code = self._process.wait()
             if self.file.exists():
@@ -421,6 +426,7 @@ def _summary(
         # null: this kind of run does not boot its artifact (convert without --verify)
         "verified": boot.get("verdict") == "booted" if checked else None,
         "name": request.name,
+        "slug": request.slug,
         "kind": request.kind,
         "size_bytes": artifact.get("size_bytes"),
         "boot": {
@@ -441,6 +447,11 @@ def _summary(
         },  # fmt: skip
         "source": request.source,
         "source_sha256": source_sha256,
+        **(
+            {"fetched": results["00-acquire"]["fetched"]}
+            if (results.get("00-acquire") or {}).get("fetched")
+            else {}
+        ),
         **({"published": results["60-publish"]} if "60-publish" in results else {}),
         "run_dir": str(ws.root),
         "timings": timings,
@@ -476,7 +487,7 @@ def _fresh_run_id(name: str) -> str:
     runs = config.runs_dir()
     runs.mkdir(parents=True, exist_ok=True)
     # Run ids are names too (at most 80 characters): a long request name is shortened in the id.
-    base = f"{config.check_name(name)[:60]}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+    base = f"{config.slug(name)[:60]}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
     for n in range(1, 1000):
         run_id = base if n == 1 else f"{base}-{n}"
         try:

@@ -56,6 +56,8 @@ class Request(BaseModel):
     # Image requests (kind image): who may see the published image; names when "selected".
     vis: str = "private"
     shared_with: list[str] = []
+    # Where an image request's image goes: "s3" (the object store) or a configured cloud's name.
+    destination: str = "s3"
 
     @classmethod
     def create(cls, **fields: Any) -> Request:
@@ -78,7 +80,19 @@ class Request(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return config.check_name(v)
+        return config.check_display_name(v)
+
+    @field_validator("destination")
+    @classmethod
+    def _destination(cls, v: str) -> str:
+        if v != "s3" and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,39}", v):
+            raise ParameterError(f"destination {v!r} is neither s3 nor a cloud name")
+        return v
+
+    @property
+    def slug(self) -> str:
+        """The name's safe form: file names, run ids, object keys."""
+        return config.slug(self.name)
 
     @field_validator("format")
     @classmethod
@@ -196,7 +210,9 @@ class Request(BaseModel):
 
     @model_validator(mode="after")
     def _format_options(self) -> Request:
-        config.check_target_format(self.target, self.format)
+        config.check_target_format(
+            self.target, self.format, self.vmdk_subformat.value if self.format == "vmdk" else ""
+        )
         if self.compress and self.format != "qcow2":
             raise ParameterError(f"compress applies to qcow2 only, not {self.format}")
         if self.format == "ova" and self.vmdk_subformat is not VmdkSubformat.stream_optimized:
@@ -231,4 +247,7 @@ class Request(BaseModel):
         return self
 
     def notebook_parameters(self) -> dict[str, Any]:
-        return {k.upper(): (v.value if hasattr(v, "value") else v) for k, v in self.model_dump().items()}
+        """Every field, upper-cased; NAME is the slug (stages name files after it) and
+        DISPLAY_NAME the name as the user wrote it (the cloud image's name)."""
+        values = {k.upper(): (v.value if hasattr(v, "value") else v) for k, v in self.model_dump().items()}
+        return {**values, "NAME": self.slug, "DISPLAY_NAME": self.name}

@@ -52,6 +52,17 @@ def _acquire(r: dict[str, Any]) -> str:
         f"{text(r['fs_type'])}, UUID {code(r['uuid'])}, label {code(r.get('label') or '(none)')}, "
         f"{_size(r['size_bytes'])} with {_size(r['used_bytes'])} in use.\n\n"
         f"Filesystem check of the copy: {text(r['fsck'])}. The source was not written to."
+        + _fetched(r.get("fetched"))
+    )
+
+
+def _fetched(f: dict[str, Any] | None) -> str:
+    if not f:
+        return ""
+    return (
+        f"\n\nCopied out of {text(f['kind'])} cloud {code(f['cloud'])} from {code(f['where'])}: "
+        f"{_size(f['size_bytes'])} ({_size(f['data_bytes'])} of data) in {text(f['seconds'])} s, "
+        f"checked against {text(f['verified'])}; sha256 {code(f['sha256'])}."
     )
 
 
@@ -87,7 +98,19 @@ def _migrate(r: dict[str, Any]) -> str:
         f"**Migrated** for target {code(r['target'])} with profile {code(r['profile'])}: "
         f"{text(r['files_changed'])} files changed ({changed}).\n\n"
         f"Kernel {code(r['kernel'])}; initrd {text(r['initrd'])}, {_size(r.get('initrd_bytes'))}, "
-        f"with {text(r['initrd_modules'])}. Packages: {text(r['packages'])}." + _skipped(r)
+        f"with {text(r['initrd_modules'])}. Packages: {text(r['packages'])}."
+        + _drivers(r.get("drivers") or {})
+        + _skipped(r)
+    )
+
+
+def _drivers(drivers: dict[str, str]) -> str:
+    if not drivers:
+        return ""
+    return (
+        "\n\nThe target's drivers: "
+        + ", ".join(f"{code(m)} ({text(where)})" for m, where in drivers.items())
+        + "."
     )
 
 
@@ -142,11 +165,19 @@ def _verify(r: dict[str, Any]) -> str:
         f"{head}, after {text(r['seconds'])} s on target {code(r['target'])} "
         f"({text(r['controller'])} disk controller, {text(r['accel'])}); {screen}.\n\n"
         f"Image {code(r['image'])} ({text(r['format'])})."
+        + (f" {text(r['machine_note'])}." if r.get("machine_note") else "")
     )
 
 
 def _publish(r: dict[str, Any]) -> str:
     shared = f", shared with {text(', '.join(r['shared_with']))}" if r.get("shared_with") else ""
+    if "image_id" in r:
+        grantees = f" ({text(', '.join(r['grantees']))})" if r.get("grantees") else ""
+        return (
+            f"**Published** image {code(r['image_id'])} named {code(r['name'])} to {text(r['kind'])} cloud "
+            f"{code(r['destination'])} at {code(r['location'])}: {text(r['vis'])}{shared}{grantees}; "
+            f"made from the artifact with sha256 {code(r['sha256'])}."
+        )
     return (
         f"**Published** {code(r['key'])} to bucket {code(r['bucket'])} at {code(r['endpoint'])}: "
         f"{text(r['vis'])} ({text(r['acl'])}){shared}; {_size(r['size_bytes'])}, sha256 {code(r['sha256'])}."

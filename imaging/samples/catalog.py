@@ -3,6 +3,7 @@ is made of), and ``sample:NAME`` sources resolved to their image."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import tempfile
 from pathlib import Path
@@ -50,6 +51,16 @@ def ensure_sample(name: str = "kvm", size_mib: int = 512) -> Path:
     dest = out_dir / f"{name}-{_key(name)}.img"
     if dest.exists():
         return dest
+    # Two runs (or test workers) asking for a sample not built yet: one builds, the other waits
+    # for it rather than building it again (a Debian sample is a minute of mmdebstrap).
+    with open(out_dir / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if dest.exists():
+            return dest
+        return _build(name, dest, size_mib)
+
+
+def _build(name: str, dest: Path, size_mib: int) -> Path:
     if name in debian.RELEASES:
         return _build_debian(name, dest)
     tools.require_tools(

@@ -32,7 +32,7 @@ from imaging import __version__, config
 from imaging.errors import ParameterError, StoreError
 from imaging.run import audit
 from imaging.service import approvals
-from imaging.service.notify import Mailer
+from imaging.service.notify import Mailer, options
 from imaging.service.schemas import (
     API_PREFIX,
     NOTEBOOK,
@@ -235,6 +235,24 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
         return HTMLResponse(path.read_text(encoding="utf-8"), headers={"Content-Security-Policy": csp})
 
     @app.get(
+        f"{API}/request_image/{{request_id}}/report",
+        response_class=HTMLResponse,
+        responses={
+            200: {"content": {"text/html": {}}, "description": "the run's report.html"},
+            **_errors(401, 404, 409, 422),
+        },
+        operation_id="read_report",
+        summary="The run's report for an auditor (written when the run ends, completed or failed)",
+    )
+    def run_report(request_id: RequestId, actor: Auth) -> HTMLResponse:
+        req = store.get(request_id, actor)
+        path = config.runs_dir() / req.id / "report.html"
+        if not path.is_file():  # the request is there; its report is not yet
+            raise fail(409, f"request {req.id} has no report yet: its run has not ended")
+        csp = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+        return HTMLResponse(path.read_text(encoding="utf-8"), headers={"Content-Security-Policy": csp})
+
+    @app.get(
         f"{API}/request_image/{{request_id}}/audit",
         response_model=AuditOut,
         responses=_errors(401, 404, 422),
@@ -337,6 +355,7 @@ def _summary(req: ImageRequest) -> list[tuple[str, Any]]:
     ]
     if req.kind == "image":
         rows += [("visibility", req.vis), ("shared with", ", ".join(req.shared_with) or "-")]
+    rows += options(req)
     if req.error:
         rows += [("error", req.error), ("resumes at", req.stage or "the start")]
     return rows

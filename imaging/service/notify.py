@@ -119,5 +119,30 @@ def describe(req: ImageRequest) -> list[str]:
             ("kind", req.kind), ("format", req.disk_format), ("target", req.target)]  # fmt: skip
     if req.kind == "image":
         rows += [("visibility", req.vis or "-"), ("shared with", ", ".join(req.shared_with) or "-")]
+    rows += options(req)
     rows += [("requested", req.created.isoformat(timespec="seconds"))]
+    published = ((req.result or {}).get("published") or {}) if req.state == "completed" else {}
+    if published.get("image_id"):
+        rows += [
+            (
+                "image",
+                f"{published['image_id']} in {published.get('destination')} ({published.get('location')})",
+            )
+        ]
+    elif published.get("key"):
+        rows += [("published", f"s3://{published.get('bucket')}/{published['key']}")]
     return [f"  {k:<11} {v}" for k, v in rows]
+
+
+def options(req: ImageRequest) -> list[tuple[str, str]]:
+    """What the run will do besides the defaults, as the admin approves it."""
+    given = dict(req.options or {})
+    rows = [("profile", given.get("profile") or "auto (detected from the guest)"),
+            ("clean", ", ".join(given.get("clean") or []) or "the profile's defaults"),
+            ("install", ", ".join(given.get("packages_install") or []) or "-"),
+            ("remove", ", ".join(given.get("packages_remove") or []) or "-"),
+            ("layout", given.get("layout") or "aligned (default)"),
+            ("boot marker", given.get("boot_marker") or "a login prompt")]  # fmt: skip
+    if req.kind == "image":
+        rows += [("publish to", given.get("destination") or "s3")]
+    return rows

@@ -6,12 +6,13 @@ needs besides what FastAPI reads from the code."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from imaging import config
 from imaging.errors import ParameterError
+from imaging.run.request import Request
 from imaging.service.settings import Settings
 from imaging.service.store import ImageRequest, Store, Transition
 
@@ -32,9 +33,15 @@ class CreateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     instance: str = Field(
-        min_length=1, max_length=80, description="instance id, as configured on the service"
+        min_length=1,
+        max_length=80,
+        description="instance id, as configured on the service, or CLOUD/INSTANCE in a configured cloud",
     )
-    name: str = Field(min_length=1, max_length=80, description="letters, digits, '.', '_', '-'")
+    name: str = Field(
+        min_length=1,
+        max_length=255,
+        description="the image's name: 1-255 printable characters, no control characters",
+    )
     vis: Vis | None = Field(default=None, description="image requests: who may use the image (required)")
     shared_with: list[str] | None = Field(
         default=None, max_length=100, description="user names; only, and then required, when vis is selected"
@@ -43,6 +50,34 @@ class CreateRequest(BaseModel):
         default=None, max_length=16, description="export requests: raw, qcow2, ..."
     )
     target: str | None = Field(default=None, max_length=40, description="machine the disk is made for (kvm)")
+    # What the CLI's export can set besides (checked by the run's own model, imaging/run/request.py):
+    profile: str | None = Field(
+        default=None, max_length=40, description="distro profile: auto or a profile's name"
+    )
+    clean: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        default=None,
+        max_length=64,
+        description="clean operations to add (name) or drop (-name), or all / none",
+    )
+    packages_install: list[Annotated[str, Field(max_length=100)]] | None = Field(
+        default=None, max_length=100, description="packages to install in the guest"
+    )
+    packages_remove: list[Annotated[str, Field(max_length=100)]] | None = Field(
+        default=None, max_length=100, description="packages to remove from the guest"
+    )
+    layout: Literal["aligned", "legacy"] | None = Field(
+        default=None, description="partition 1 at 1 MiB (aligned) or at sector 63 (legacy)"
+    )
+    boot_marker: str | None = Field(
+        default=None,
+        max_length=200,
+        description="regular expression in the serial log that proves the boot, besides a login prompt",
+    )
+    destination: str | None = Field(
+        default=None,
+        max_length=40,
+        description="image requests: s3 or a configured cloud (default: the service's)",
+    )
 
 
 class Patch(BaseModel):
@@ -86,6 +121,7 @@ class RequestOut(BaseModel):
     shared_with: list[str]
     disk_format: str
     target: str
+    options: dict[str, Any] = Field(description="profile, clean, packages, layout, destination: as asked")
     state: StateName
     stage: str | None = Field(description="the stage it is in (running) or failed at (error)")
     error: str | None
@@ -111,7 +147,12 @@ class RequestDetail(RequestOut):
 
 def _fields(req: ImageRequest, base: str) -> dict[str, Any]:
     url = f"{base}/{req.id}"
-    links = {"self": url, "notebooks": f"{url}/notebooks", "audit": f"{url}/audit"}
+    links = {
+        "self": url,
+        "notebooks": f"{url}/notebooks",
+        "audit": f"{url}/audit",
+        "report": f"{url}/report",
+    }
     if req.state == "completed":
         links["artifact"] = f"{url}/artifact"
     return dict(
@@ -124,6 +165,7 @@ def _fields(req: ImageRequest, base: str) -> dict[str, Any]:
         shared_with=list(req.shared_with or []),
         disk_format=req.disk_format,
         target=req.target,
+        options=dict(req.options or {}),
         state=req.state,
         stage=req.stage,
         error=req.error,
@@ -164,19 +206,38 @@ class UserOut(BaseModel):
     email: str | None
 
 
+OPTIONS = ("profile", "clean", "packages_install", "packages_remove", "layout", "boot_marker")
+
+
 def validated(body: CreateRequest, settings: Settings, store: Store) -> dict[str, Any]:
-    """The request's fields, checked against the service's instances, formats, targets and users."""
-    config.check_name(body.name)
+    """The request's fields, checked against the service's instances, formats, targets, users and
+    clouds, and then by the run's own Request model: the same checks and one-line errors as the
+    CLI's, before anyone is asked to approve."""
+    config.check_display_name(body.name)
     disk_format = check_disk_format(body.disk_format) if body.disk_format is not None else "qcow2"
     target = config.load_target(body.target or config.default_target(disk_format)).name
     config.check_target_format(target, disk_format)
-    if body.instance not in settings.instances:
-        raise ParameterError(f"unknown instance {body.instance!r}")
+    source = settings.source_of(body.instance)
+    options = {k: getattr(body, k) for k in OPTIONS if getattr(body, k) is not None}
     if body.disk_format is not None:
-        if body.vis is not None or body.shared_with is not None:
-            raise ParameterError("vis and shared_with belong to image requests (those without disk_format)")
-        return dict(instance=body.instance, name=body.name, kind="export", vis=None, shared_with=[],
-                    disk_format=disk_format, target=target)  # fmt: skip
+        if body.vis is not None or body.shared_with is not None or body.destination is not None:
+            raise ParameterError(
+                "vis, shared_with and destination belong to image requests (those without disk_format)"
+            )
+        check_limits(source, body.name, "export", disk_format, target)
+        fields: dict[str, Any] = dict(instance=body.instance, name=body.name, kind="export", vis=None, shared_with=[],
+                      disk_format=disk_format, target=target)  # fmt: skip
+    else:
+        fields = _image_fields(body, settings, store, target)
+        options["destination"] = settings.check_destination(
+            body.destination or settings.default_destination()
+        )
+    Request.create(source=source, name=body.name, kind=fields["kind"], format=fields["disk_format"], target=target,
+                   vis=fields["vis"] or "private", shared_with=fields["shared_with"], **options)  # fmt: skip
+    return {**fields, "options": options}
+
+
+def _image_fields(body: CreateRequest, settings: Settings, store: Store, target: str) -> dict[str, Any]:
     if not settings.publishing():
         raise ParameterError("this service does not publish images: ask for an export (with disk_format)")
     if body.vis is None:
@@ -194,8 +255,27 @@ def validated(body: CreateRequest, settings: Settings, store: Store) -> dict[str
         unknown = sorted(set(shared) - {u.name for u in store.users(shared)})
         if unknown:
             raise ParameterError(f"shared_with: unknown users {', '.join(map(repr, unknown))}")
+    check_limits(settings.source_of(body.instance), body.name, "image", "qcow2", target)
     return dict(instance=body.instance, name=body.name, kind="image", vis=body.vis, shared_with=shared,
                 disk_format="qcow2", target=target)  # fmt: skip
+
+
+def check_limits(source: str, name: str, kind: str, disk_format: str, target: str) -> None:
+    """A request whose disk its format (or MBR) cannot hold is refused now, not at the end of
+    its run (the run takes this service's defaults for everything but format and target)."""
+    if source.startswith("sample:") or "://" in source:
+        return  # a sample is built on first use, and small; a cloud's instance is sized as it is copied
+    from imaging.clouds import acquire
+    from imaging.errors import ImagingError
+    from imaging.run import preflight
+    from imaging.run.request import Request
+
+    try:
+        src = acquire.inspect(source)
+    except ImagingError:
+        return  # what is wrong with the source itself is the run's to report, as before
+    request = Request.create(source=source, name=name, kind=kind, format=disk_format, target=target)
+    preflight.check_export(request, src)
 
 
 def check_disk_format(value: str) -> str:

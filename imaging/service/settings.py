@@ -21,9 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from imaging import config
+from imaging.clouds import settings as cloud_settings
 from imaging.errors import ParameterError
 
 ENV_PREFIX = "IMAGING_"
@@ -56,8 +65,10 @@ class Worker(_Strict):
 
 
 class Publish(_Strict):
-    """Where image requests are uploaded: an S3-compatible object store."""
+    """Where image requests go: a cloud named in ``clouds`` (``cloud``), or an S3-compatible
+    object store (``bucket``); a request may name another destination of these."""
 
+    cloud: str = ""  # the default destination: a configured ec2 or openstack cloud
     endpoint_url: str = ""  # empty: AWS itself
     bucket: str = ""  # empty: this service does not publish (image requests are refused)
     region: str = "us-east-1"
@@ -77,25 +88,81 @@ class Settings(_Strict):
     base_url: str = ""  # for links in mails; empty: http://<host>:<port>
     secret_key: SecretStr = SecretStr("")  # signs approval links; empty: <state dir>/secret.key
     approval_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
-    # Instance ids a request may name, and the image each stands for (a path or sample:<name>).
+    # Instance ids a request may name, and the image each stands for (a path, sample:<name>, or
+    # a cloud's instance, KIND://CLOUD/INSTANCE). A request may also name CLOUD/INSTANCE directly.
     instances: dict[str, str] = {}
+    # The clouds instances come from and images go to: endpoints and credentials (secrets).
+    clouds: dict[str, cloud_settings.Cloud] = {}
     smtp: SMTP = SMTP()
     worker: Worker = Worker()
     publish: Publish = Publish()
 
-    @field_validator("instances")
+    @field_validator("clouds")
     @classmethod
-    def _instances(cls, v: dict[str, str]) -> dict[str, str]:
-        for key, source in v.items():
+    def _clouds(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return cloud_settings.check_clouds(v)
+
+    @model_validator(mode="after")
+    def _instances(self) -> Settings:
+        for key, source in self.instances.items():
             if not _INSTANCE_ID.fullmatch(key):
                 raise ValueError(
                     f"instance id {key!r} has characters other than letters, digits, '.', '_', '-'"
                 )
-            if not (source.startswith("sample:") or Path(source).is_absolute()):
+            if cloud_settings.is_cloud_source(source):
+                try:
+                    found = cloud_settings.parse_source(source)
+                    cloud_settings.cloud_for(found.kind, found.cloud, self.clouds)
+                except ParameterError as e:
+                    raise ValueError(f"instance {key}: {e}") from None
+            elif not (source.startswith("sample:") or Path(source).is_absolute()):
                 raise ValueError(
-                    f"instance {key}: source {source!r} must be an absolute path or sample:<name>"
+                    f"instance {key}: source {source!r} must be an absolute path, sample:<name> or KIND://CLOUD/INSTANCE"
                 )
-        return v
+        if self.publish.cloud:
+            try:
+                self.check_destination(self.publish.cloud)
+            except ParameterError as e:
+                raise ValueError(f"publish.cloud: {e}") from None
+        return self
+
+    def source_of(self, instance: str) -> str:
+        """The SOURCE an instance id stands for: configured, or CLOUD/INSTANCE in a cloud."""
+        if instance in self.instances:
+            return self.instances[instance]
+        cloud_name, sep, inner = instance.partition("/")
+        cloud = self.clouds.get(cloud_name) if sep else None
+        if cloud is None:
+            raise ParameterError(f"unknown instance {instance!r}")
+        source = f"{cloud.kind}://{cloud_name}/{inner}"
+        cloud_settings.parse_source(source)
+        return source
+
+    def check_destination(self, name: str) -> str:
+        """``s3`` (when a bucket is configured) or an ec2/openstack cloud."""
+        if name == "s3":
+            if not self.publish.bucket:
+                raise ParameterError("destination s3: this service has no object store (publish.bucket)")
+            return name
+        cloud = self.clouds.get(name)
+        if cloud is None or cloud.kind == "eucalyptus":
+            known = ["s3"] * bool(self.publish.bucket) + sorted(
+                n for n, c in self.clouds.items() if c.kind != "eucalyptus"
+            )
+            raise ParameterError(f"unknown destination {name!r} (known: {', '.join(known) or 'none'})")
+        return name
+
+    def default_destination(self) -> str:
+        return self.publish.cloud or "s3"
+
+    def clouds_used(self, source: str, destination: str | None) -> dict[str, Any]:
+        """The clouds a run of this source (and destination) needs: all it gets to see."""
+        names = set()
+        if cloud_settings.is_cloud_source(source):
+            names.add(cloud_settings.parse_source(source).cloud)
+        if destination and destination != "s3":
+            names.add(destination)
+        return {n: self.clouds[n] for n in sorted(names) if n in self.clouds}
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -119,7 +186,7 @@ class Settings(_Strict):
         return path.read_text().strip()
 
     def publishing(self) -> bool:
-        return bool(self.publish.bucket)
+        return bool(self.publish.bucket or self.publish.cloud)
 
 
 _EMAIL = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+$")
@@ -145,7 +212,7 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
                 key = f"{ENV_PREFIX}{name}__{sub}".upper()
                 if key in environ:
                     found.setdefault(name, {})[sub] = environ[key]
-        elif f"{ENV_PREFIX}{name}".upper() in environ and name != "instances":
+        elif f"{ENV_PREFIX}{name}".upper() in environ and name not in ("instances", "clouds"):
             found[name] = environ[f"{ENV_PREFIX}{name}".upper()]
     if "IMAGING_STATE" in environ:
         found["state_dir"] = environ["IMAGING_STATE"]
@@ -197,7 +264,7 @@ def load(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | N
 
 def secret_env_names() -> set[str]:
     """Environment variables that may hold secrets: never passed on to a pipeline run."""
-    names = {"IMAGING_DATABASE_URL", "IMAGING_SECRET_KEY", "IMAGING_CONFIG"}
+    names = {"IMAGING_DATABASE_URL", "IMAGING_SECRET_KEY", "IMAGING_CONFIG", cloud_settings.ENV}
     for section in ("SMTP", "PUBLISH"):
         model = Settings.model_fields[section.lower()].annotation
         assert isinstance(model, type) and issubclass(model, _Strict)

@@ -108,12 +108,15 @@ class ImageRequest(Base):
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     owner: Mapped[User] = relationship(lazy="joined")
     instance: Mapped[str] = mapped_column(String(80))
-    name: Mapped[str] = mapped_column(String(80))
+    name: Mapped[str] = mapped_column(String(255))  # as the user wrote it (config.check_display_name)
     kind: Mapped[str] = mapped_column(String(16))  # image | export
     vis: Mapped[str | None] = mapped_column(String(16))
     shared_with: Mapped[list[str]] = mapped_column(JSON, default=list)
     disk_format: Mapped[str] = mapped_column(String(16))
     target: Mapped[str] = mapped_column(String(40))
+    # What else the run is asked to do (profile, clean, packages, layout, destination), as the
+    # CLI's options: validated by the run's own Request model when the request is made.
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     state: Mapped[str] = mapped_column(String(16), index=True)
     stage: Mapped[str | None] = mapped_column(String(80))
     error: Mapped[str | None] = mapped_column(Text)

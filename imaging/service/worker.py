@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from imaging import config
+from imaging.clouds import settings as cloud_settings
 from imaging.errors import ParameterError, StoreError
 from imaging.service.notify import Mailer
 from imaging.service.settings import Settings, secret_env_names
@@ -56,27 +57,46 @@ def command(settings: Settings, req: ImageRequest) -> list[str]:
     base = [sys.executable, "-m", "imaging"]
     if (config.runs_dir() / req.id / "request.json").exists():
         return [*base, "resume", req.id]
-    source = settings.instances.get(req.instance)
-    if source is None:
-        raise StoreError(f"instance {req.instance} is no longer configured", 409)
-    argv = [*base, "export", source, "--name", req.name, "--format", req.disk_format, "--target", req.target,
-            "--run", req.id]  # fmt: skip
+    try:
+        source = settings.source_of(req.instance)
+    except ParameterError:
+        raise StoreError(f"instance {req.instance} is no longer configured", 409) from None
+    # --option=value throughout: a value may start with '-' (a name, a clean operation to drop).
+    argv = [*base, "export", source, f"--name={req.name}", f"--format={req.disk_format}",
+            f"--target={req.target}", f"--run={req.id}"]  # fmt: skip
+    options = dict(req.options or {})
+    for key, flag in (("profile", "--profile"), ("layout", "--layout"), ("destination", "--destination"),
+                      ("boot_marker", "--boot-marker")):  # fmt: skip
+        if options.get(key):
+            argv.append(f"{flag}={options[key]}")
+    for key, flag in (
+        ("clean", "--clean"),
+        ("packages_install", "--install"),
+        ("packages_remove", "--remove"),
+    ):
+        if options.get(key):
+            argv.append(f"{flag}={','.join(options[key])}")
     if req.kind == "image":
-        argv += ["--kind", "image", "--vis", req.vis or "private"]
-        for name in req.shared_with:
-            argv += ["--shared-with", name]
+        argv += ["--kind=image", f"--vis={req.vis or 'private'}"]
+        argv += [f"--shared-with={name}" for name in req.shared_with]
     return argv
 
 
 def child_env(settings: Settings, req: ImageRequest) -> dict[str, str]:
-    """The run's environment: no secret of the service but the object store's keys, and those
-    only for a run that publishes (boto3 reads them; they are no notebook parameter)."""
+    """The run's environment: no secret of the service but those of the clouds the request uses
+    (its source's, its destination's) and the object store's keys for a run that publishes there
+    (boto3 reads them); none of them is a notebook parameter."""
     hidden = secret_env_names()
     env = {k: v for k, v in os.environ.items() if k not in hidden}
     env.update(IMAGING_RUNS=str(config.runs_dir()), IMAGING_PROGRESS="0")
     env.pop("AWS_ACCESS_KEY_ID", None)
     env.pop("AWS_SECRET_ACCESS_KEY", None)
-    if req.kind == "image":
+    destination = (req.options or {}).get("destination") if req.kind == "image" else None
+    with contextlib.suppress(ParameterError):
+        used = settings.clouds_used(settings.source_of(req.instance), destination)
+        if used:
+            env[cloud_settings.ENV] = cloud_settings.dump_clouds(used)
+    if req.kind == "image" and destination in (None, "s3"):
         p = settings.publish
         env.update(
             IMAGING_S3_BUCKET=p.bucket,

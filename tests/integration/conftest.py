@@ -10,7 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import pytest
 from imaging.samples import catalog
 
 REQUIRED = ["qemu-img", "qemu-system-x86_64", "grub-mkimage", "mke2fs", "e2fsck", "resize2fs", "debugfs", "sfdisk",
-            "blkid", "rsync", "mount", "cpio", "depmod"]  # fmt: skip
+            "blkid", "rsync", "mount", "cpio", "depmod", "tar", "pigz"]  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -86,12 +86,16 @@ def leftovers(under: Path) -> list[str]:
     loops = subprocess.run(
         ["losetup", "--list", "--noheadings", "-O", "NAME,BACK-FILE"], capture_output=True, text=True
     )
-    ours = [line.split()[0] for line in loops.stdout.splitlines() if str(under) in line]
-    found += [f"loop: {line}" for line in loops.stdout.splitlines() if str(under) in line]
+    ours = [line.split(None, 1) for line in loops.stdout.splitlines() if str(under) in line]
+    found += [f"loop: {' '.join(parts)}" for parts in ours]
+    # A guest mount is a loop device's: ours are those whose loop is backed by a file under
+    # ``under`` (other runs on this host, a parallel test or another checkout's, are not ours),
+    # and any mount whose mount point is under ``under``.
+    devices = {parts[0] for parts in ours}
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         fields = line.split()
         source = fields[fields.index("-") + 2] if "-" in fields else ""
-        if str(under) in fields[4] or ("imaging-mnt" in fields[4] and source in ours):
+        if str(under) in fields[4] or ("imaging-mnt" in fields[4] and source in devices):
             found.append(f"mount: {line}")
     ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True)
     work = (
@@ -131,3 +135,14 @@ def make_ext(tmp_path: Path) -> Callable[..., Path]:
         return image
 
     return make
+
+
+@pytest.fixture(scope="session")
+def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The real Glance (Debian's glance-api) on loopback, once per test session: starting it
+    costs seconds (see cloudkit.glance_server); its start-up time is printed."""
+    from .cloudkit import glance_server
+
+    with glance_server(tmp_path_factory.mktemp("glance")) as g:
+        print(f"\nglance-api started in {g.seconds} s", file=sys.stderr)
+        yield g

@@ -213,3 +213,25 @@ def started_stages(run: Path) -> list[str]:
 
     history = json.loads((run / "state.json").read_text())["history"]
     return [h["stage"] for h in history if h["state"] == "running"]
+
+
+def assert_no_secrets(service: Service, mailbox: Mailbox, extra: list[str]) -> None:
+    """No bearer token, approval token, password or cloud credential (``extra``) in a notebook,
+    its metadata, a run's command log or report, the run's other files, or the service's logs."""
+    secrets = [*service.tokens.values(), SMTP_PASSWORD, *extra]
+    for m in mailbox.messages:
+        secrets += [approve_link(m).split("token=")[1]] if "token=" in m.get_content() else []
+    # Everything but the artifacts, the signing key and the settings file (which holds the passwords);
+    # the database too: it keeps tokens only as their hashes.
+    files = [
+        p
+        for p in service.root.rglob("*")
+        if p.is_file() and p.suffix not in (".raw", ".qcow2", ".key", ".yaml")
+    ]
+    assert any(p.name == "commands.jsonl" for p in files) and any(p.suffix == ".ipynb" for p in files)
+    assert any(p.name == "server.log" for p in files) and any(p.name == "imaging.db" for p in files)
+    assert any(p.name == "report.html" for p in files)
+    for path in files:
+        text = path.read_text(errors="replace")
+        for secret in secrets:
+            assert secret not in text, f"a secret is in {path}"

@@ -46,13 +46,14 @@ def test_explore_notebook_converts_the_xen_sample(tmp_path: Path, monkeypatch: p
     # sample prints its marker only when its own checks passed), the chain intact, the partition table.
     Cli(run.parent)("report", run.name)
     text = seen(run / "report.html", tmp_path, 2200)
-    assert re.search(r"booted: marker IMAGING-SAMPLE-OK", text), text
-    assert re.search(r"audit chain \W*intact", text) and "partition boot start end sectors" in text, text
+    # OCR reads the code font's M as N now and then ("IMAGING-SANPLE-OK").
+    assert re.search(r"booted: marker IMAGING-SA[MN]PLE-OK", text), text
+    assert re.search(r"audit chain [\W_]*intact", text) and "partition boot start end sectors" in text, text
 
 
 def test_panels_follow_their_controls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMAGING_RUNS", str(tmp_path / "runs"))
-    ex = panels.Explorer.open("sample:xen", name="panels", target="virtualbox", image_format="qcow2")
+    ex = panels.Explorer.open("sample:xen", name="panels", target="virtualbox", image_format="vdi")
     tree = panels.TreePanel(ex, "/")
     tree.choose("/etc")  # a directory: listed
     assert tree.path.value == "/etc" and any("inittab" in label for label, _ in tree.entries.options)

@@ -120,7 +120,16 @@ def test_container_sources_are_converted(cli: Cli, kvm_sample: Path, tmp_path: P
     source = tmp_path / f"instance.{fmt}"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt, kvm_sample, source], check=True)
     result = last_json(
-        cli("export", str(source), "--name", f"from-{fmt}", "--boot-marker", "IMAGING-SAMPLE-OK")
+        cli(
+            "export",
+            str(source),
+            "--name",
+            f"from-{fmt}",
+            "--boot-marker",
+            "IMAGING-SAMPLE-OK",
+            "--profile",
+            "generic",
+        )
     )
     assert result["verified"]
     acquired = json.loads((cli.runs / result["run"] / "results" / "00-acquire.json").read_text())
@@ -142,7 +151,18 @@ def test_partitioned_source_uses_its_root_partition(cli: Cli, kvm_sample: Path, 
                     "status=none"], check=True)  # fmt: skip
     subprocess.run(["dd", f"if={kvm_sample}", f"of={source}", "bs=1M", "seek=1", "conv=notrunc,sparse", "status=none"],
                    check=True)  # fmt: skip
-    result = last_json(cli("export", str(source), "--name", "parted", "--boot-marker", "IMAGING-SAMPLE-OK"))
+    result = last_json(
+        cli(
+            "export",
+            str(source),
+            "--name",
+            "parted",
+            "--boot-marker",
+            "IMAGING-SAMPLE-OK",
+            "--profile",
+            "generic",
+        )
+    )
     assert result["verified"]
     acquired = json.loads((cli.runs / result["run"] / "results" / "00-acquire.json").read_text())
     assert acquired["source_layout"] == "partitioned" and acquired["partition"] == 1

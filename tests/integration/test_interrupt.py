@@ -86,7 +86,18 @@ def test_ctrl_c_while_files_are_copied_releases_mounts(
     # mke2fs -d already ran: add the bulk with debugfs so rsync has something to chew on.
     filler.write_bytes(os.urandom(400 << 20))
     subprocess.run(["debugfs", "-w", "-R", f"write {filler} /data", image], check=True, capture_output=True)
-    proc = cli.popen("export", str(image), "--name", "ctrlc", "--run", "ctrlc", "--placement", "mkfs")
+    proc = cli.popen(
+        "export",
+        str(image),
+        "--name",
+        "ctrlc",
+        "--run",
+        "ctrlc",
+        "--placement",
+        "mkfs",
+        "--profile",
+        "generic",
+    )
     # 10-clean and 20-migrate mount the guest too: wait for 30-bootable's copy.
     wait_for(
         "the new filesystem to be mounted",

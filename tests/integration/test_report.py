@@ -64,7 +64,8 @@ def test_the_report_shows_the_boot_verdict_and_the_partition_table(
 
     text = seen(run / "report.html", tmp_path, 2200)
     assert "Audit record of run" in text
-    assert re.search(r"booted: marker IMAGING-SAMPLE-OK", text), text
+    # OCR reads the code font's M as N now and then ("IMAGING-SANPLE-OK").
+    assert re.search(r"booted: marker IMAGING-SA[MN]PLE-OK", text), text
     # The verdict's badge comes out of OCR as punctuation or underscores ("audit chain __ intact").
     assert re.search(r"audit chain [\W_]*intact: \d+ files chained", text), text
     assert "partition boot start end sectors size type" in text, text

@@ -43,7 +43,7 @@ def test_one_parameters_cell_then_thin_cells(path: Path) -> None:
 
 
 def test_stage_parameters_are_request_fields() -> None:
-    fields = {k.upper() for k in Request.model_fields} | {"RUN_DIR", "HASH_SOURCE"}
+    fields = {k.upper() for k in Request.model_fields} | {"RUN_DIR", "HASH_SOURCE", "DISPLAY_NAME"}
     for stage in {s for stages in config.load_defaults().pipelines.values() for s in stages}:
         declared = set(pm.inspect_notebook(str(pipeline.notebook_path(stage))))
         assert declared <= fields, (stage, declared - fields)

@@ -105,4 +105,26 @@ def test_a_background_command_keeps_the_end_of_its_output() -> None:
         while proc.alive():
             time.sleep(0.05)
     result = proc.finish()
-    assert len(result.stdout) <= tools.STDERR_KEPT and result.stdout.endswith("last\n") and result.exit_code == 0
+    assert (
+        len(result.stdout) <= tools.STDERR_KEPT
+        and result.stdout.endswith("last\n")
+        and result.exit_code == 0
+    )
+
+
+def test_tools_stream_into_each_other_through_fds(tmp_path: Path) -> None:
+    """printf | tr > file, each tool in its own run(): the fds become the tools', and are closed."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    read_end, write_end = os.pipe()
+    out = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o644)
+    with ThreadPoolExecutor(1) as side:
+        upper = side.submit(contextvars.copy_context().run, tools.run, ["tr", "a-z", "A-Z"], stdin_fd=read_end,
+                            stdout_fd=out)  # fmt: skip
+        tools.run(["printf", "streamed"], stdout_fd=write_end)
+        upper.result(timeout=10)
+    assert (tmp_path / "out").read_text() == "STREAMED"
+    for fd in (read_end, write_end, out):
+        with pytest.raises(OSError):
+            os.fstat(fd)

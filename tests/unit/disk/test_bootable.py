@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -92,3 +94,19 @@ def test_partition_always_holds_the_filesystem(
 
 def test_disk_id_is_derived_from_the_filesystem_uuid() -> None:
     assert bootable.disk_id("31ef4e9d-d0cd-50d7-b697-b34b26b83c9c") == "0x31ef4e9d"
+
+
+def test_the_mbr_addresses_at_most_2_tib(tmp_path: Path) -> None:
+    # 2**32 - 1 sectors: the largest aligned disk (whole MiB) is 2 TiB - 1 MiB, and sfdisk takes it.
+    largest = bootable.plan_layout(2048 * GIB - (2 << 20), 4096, disk_size="auto")
+    assert largest.disk_bytes == 2048 * GIB - (1 << 20) and largest.disk_sectors < 2**32
+    disk = tmp_path / "d.raw"
+    with open(disk, "wb") as f:
+        f.truncate(largest.disk_bytes)
+    bootable.write_partition_table(disk, largest, "0x12345678")
+    assert bootable.partition_table(disk)["Sectors"].iloc[0] == largest.partition_sectors
+    for fs_bytes, size in ((2048 * GIB - (1 << 20), "auto"), (GIB, "3T"), (GIB, "+2T")):
+        with pytest.raises(ParameterError, match="over what its MBR partition table addresses"):
+            bootable.plan_layout(fs_bytes, 4096, disk_size=size)
+    with pytest.raises(ParameterError, match="MBR"):
+        bootable.plan_layout(2048 * GIB, 4096, layout="legacy", disk_size="auto")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
 import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -200,3 +202,50 @@ def test_descriptor_parses_as_plain_xml() -> None:
         "NetworkSection",
         "VirtualSystem",
     ]
+
+
+def test_member_sizes_past_ustar_go_in_base_256() -> None:
+    # ustar's size field holds 11 octal digits (8 GiB - 1); past that the GNU header, never PAX.
+    small, big = (
+        ova.tar_header("a.vmdk", ova.USTAR_MAX_SIZE),
+        ova.tar_header("a.vmdk", ova.USTAR_MAX_SIZE + 1),
+    )
+    assert small[257:265] == b"ustar\x0000" and small[124:136] == b"77777777777\0"
+    assert big[257:265] == b"ustar  \0" and big[124:136] == b"\x80" + (8**11).to_bytes(11, "big")
+    assert len(small) == len(big) == tarfile.BLOCKSIZE
+    for header, size in ((small, ova.USTAR_MAX_SIZE), (big, ova.USTAR_MAX_SIZE + 1)):
+        info = tarfile.TarInfo.frombuf(header, "utf-8", "strict")
+        assert (info.name, info.size, info.type) == ("a.vmdk", size, tarfile.REGTYPE)
+    with pytest.raises(ova.OvaError, match="does not fit"):
+        ova.tar_header("x" * 101, 1)
+
+
+def test_an_ova_whose_disk_is_over_8_gib(tmp_path: Path) -> None:
+    # The tar around a 9 GiB disk, the disk itself left sparse: what readers we did not write
+    # make of the headers (the whole conversion of such a disk: tests/integration/test_big_ova.py).
+    target = config.load_target("virtualbox")
+    size = (9 << 30) + 1234
+    at = ova.layout("big", target, 10 << 30)
+    path, again = tmp_path / "big.ova", tmp_path / "again.ova"
+    for each in (path, again):
+        with open(each, "wb") as f:
+            f.seek(at.disk_at)
+            f.write(b"KDMV")
+            f.truncate(at.disk_at + size)
+        ova.seal_ova(each, at, "big", target, size, size, 10 << 30, OvfVersion.v1, "ab")
+    with open(path, "rb") as a, open(again, "rb") as b:  # the same disk, the same bytes around it
+        for offset, length in ((0, at.disk_at), (at.disk_at + size - 512, 16 << 10)):
+            assert os.pread(a.fileno(), length, offset) == os.pread(b.fileno(), length, offset)
+    with open(path, "rb") as f:
+        first, disk_header = f.read(512), os.pread(f.fileno(), 512, at.disk_at - 512)
+    assert first[257:265] == b"ustar\x0000" and ova.is_ova(path)  # the descriptor's header: ustar
+    assert disk_header[257:265] == b"ustar  \0" and disk_header[124] == 0x80
+    assert path.stat().st_size % tarfile.RECORDSIZE == 0
+    found = {m.name: m.size for m in ova.members(path)}  # Python's tarfile
+    assert list(found) == ["big.ovf", "big-disk1.vmdk", "big.mf"] and found["big-disk1.vmdk"] == size
+    listing = subprocess.run(["tar", "-tvf", path], capture_output=True, text=True, check=True)  # GNU tar
+    assert [line.split()[2] for line in listing.stdout.splitlines()] == [str(v) for v in found.values()]
+    assert listing.stderr == ""
+    ovf = b"".join(ova.iter_member(path, ova.members(path)[0]))
+    ova.check_ovf(ovf, {"big-disk1.vmdk": size}, "big")
+    assert f'ovf:size="{size}"'.encode() in ovf

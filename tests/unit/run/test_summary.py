@@ -50,7 +50,8 @@ def test_bootable_summary_has_the_partition_table_and_its_arithmetic() -> None:
 
 def test_hostile_values_stay_text_in_tables_and_lines() -> None:
     migrated = {"profile": HOSTILE, "target": "kvm", "kernel": HOSTILE, "files_changed": 1, "packages": HOSTILE,
-                "initrd": HOSTILE, "initrd_modules": HOSTILE, "initrd_bytes": 10, "changes": [{"path": HOSTILE}]}  # fmt: skip
+                "initrd": HOSTILE, "initrd_modules": HOSTILE, "initrd_bytes": 10, "changes": [{"path": HOSTILE}],
+                "drivers": {HOSTILE: HOSTILE}}  # fmt: skip
     hostile_layout = {**BOOTABLE, "disk": {**BOOTABLE["disk"], "label": HOSTILE, "fsck": "a\n\n| b | c |"}}
     for stage, result in (("20-migrate", migrated), ("30-bootable", hostile_layout)):
         rendered = html_of(summary.completed(stage, result))
@@ -122,3 +123,36 @@ def test_insert_goes_under_the_title_past_papermills_error_banner(tmp_path: Path
     summary.insert(path, "## Summary\n\nfailed")
     cells = nbformat.read(path, as_version=4).cells
     assert [c.source[:12] for c in cells[:3]] == ["<span style=", "# 30-bootabl", "## Summary\n\n"]
+
+
+def test_cloud_copies_and_cloud_images_are_summarised_without_markup() -> None:
+    fetched = {"source": "ec2://aws/i-0123456789abcdef0", "cloud": "aws", "kind": "ec2", "path": "/w/source.raw",
+               "format": "raw", "size_bytes": 1 << 30, "data_bytes": 23 << 20, "sha256": "ab" * 32,
+               "verified": "44 blocks of 524288 bytes, each against its SHA256 from EBS", "seconds": 1.3,
+               "where": "vol-1 via snap-2", "snapshot": "snap-2"}  # fmt: skip
+    acquired = {"source": fetched["source"], "source_format": "raw", "partition": None, "fs_type": "ext3",
+                "uuid": "u", "label": "", "size_bytes": 1 << 29, "used_bytes": 1 << 25, "fsck": "clean",
+                "fetched": fetched}  # fmt: skip
+    text = html_of(summary.completed("00-acquire", acquired))
+    assert "Copied out of ec2 cloud" in text and "each against its SHA256 from EBS" in text
+    published = {"destination": "os", "kind": "openstack", "image_id": "0b1c", "name": HOSTILE, "vis": "selected",
+                 "shared_with": ["bob"], "grantees": ["proj-bob"], "location": "http://glance", "sha256": "cd" * 32,
+                 "size_bytes": 1, "seconds": 1.0, "details": {}}  # fmt: skip
+    text = html_of(summary.completed("60-publish", published))
+    assert "Published" in text and "0b1c" in text and "proj-bob" in text
+    assert "<script" not in text and "&lt;script&gt;" in text
+
+
+def test_the_targets_drivers_and_the_boot_checks_machine_are_said() -> None:
+    migrated = {"profile": "debian", "target": "aws", "kernel": "6.12", "files_changed": 3, "packages": "(none)",
+                "initrd": "/boot/initrd.img-6.12 (rebuilt)", "initrd_modules": "ena, nvme", "initrd_bytes": 10,
+                "changes": [], "drivers": {"nvme": "built into the kernel", "ena": "initrd"}}  # fmt: skip
+    assert (
+        "The target's drivers: <code>nvme</code> (built into the kernel), <code>ena</code> (initrd)."
+        in summary.completed("20-migrate", migrated)
+    )
+    note = "QEMU has no ENA; the boot check's NIC is virtio-net"
+    text = summary.completed(
+        "50-verify", {**VERIFY, "target": "aws", "controller": "nvme", "machine_note": note}
+    )
+    assert "(nvme disk controller, tcg)" in text and text.rstrip().endswith(f"{note}.")

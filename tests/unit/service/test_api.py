@@ -4,6 +4,7 @@ approval link is shown before it is used, used once, and refused when expired or
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from imaging import config
 from imaging.service import api, approvals, settings
 from imaging.service.store import Store
 
@@ -89,10 +91,13 @@ def test_image_request(svc: Service) -> None:
         ({"vis": "selected", "shared_with": ["bob", "mallory"]}, "shared_with: unknown users 'mallory'"),
         ({"vis": "selected", "shared_with": ["../bob"]}, "shared_with: name '../bob' is not allowed"),
         ({"vis": "selected", "shared_with": "bob"}, "shared_with: Input should be a valid list"),
-        ({"disk_format": "qcow2", "vis": "private"}, "vis and shared_with belong to image requests"),
+        (
+            {"disk_format": "qcow2", "vis": "private"},
+            "vis, shared_with and destination belong to image requests",
+        ),
         (
             {"disk_format": "iso"},
-            "unknown disk_format 'iso' (supported: raw, qcow2, vmdk, vdi, vhd, vhdx, ova)",
+            "unknown disk_format 'iso' (supported: raw, qcow2, vmdk, vdi, vhd, vhdx, ova, gce)",
         ),
         ({"disk_format": "qcow2", "target": "vmware"}, "unknown target 'vmware'"),
         ({"disk_format": "qcow2", "target": "../defaults"}, "unknown target '../defaults'"),
@@ -107,27 +112,38 @@ def test_bad_fields(svc: Service, body: dict[str, Any], message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name",
+    "name", ["My image (v2)", "../../etc/passwd", "a;rm -rf ~", "$(id)", "-rf", "naïve", "образ", "x" * 255]
+)
+def test_names_as_users_write_them(svc: Service, name: str) -> None:
+    """Free text is the image's name; file names, run ids and the run's argv get a safe slug."""
+    from imaging.service import worker
+
+    r = svc.create(disk_format="qcow2", name=name)
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == name
+    req = svc.store.get(r.json()["id"])
+    argv = worker.command(svc.settings, req)
+    assert f"--name={name}" in argv  # one argv word, never a shell's; '-rf' is no option
+    slug = config.slug(name)
+    assert config.check_name(slug) == slug and len(slug) <= 60 and "/" not in slug
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
     [
-        "../../etc/passwd",
-        "a/b",
-        "a;rm -rf ~",
-        "$(id)",
-        "`id`",
-        "a b",
-        "-rf",
-        ".x",
-        "a|b",
-        "x" * 81,
-        "naïve",
-        "a..b",
-        "x\n",  # would break the approval mail's headers, the .sha256 file and the published metadata
-        "x\r\nBcc: y",
+        ("x\n", "control or unprintable character"),
+        ("a\tb", "control or unprintable character"),
+        ("\x1b[31mred", "control or unprintable character"),
+        ("bell\x07", "control or unprintable character"),
+        (" lead", "starts or ends with white space"),
+        ("x" * 256, "at most 255 characters"),
+        # would break the approval mail's headers, the .sha256 file and the published metadata
+        ("x\r\nBcc: y", "control or unprintable character"),
     ],
 )
-def test_names_with_path_or_shell_characters(svc: Service, name: str) -> None:
-    detail = error(svc.create(disk_format="qcow2", name=name), 422)
-    assert "not allowed" in detail or "at most 80 characters" in detail
+def test_names_with_control_characters_are_refused(svc: Service, name: str, message: str) -> None:
+    assert message in error(svc.create(disk_format="qcow2", name=name), 422)
+    assert svc.call("GET", URL, "root").json() == []  # nothing was created
 
 
 def test_body_that_is_not_json(svc: Service) -> None:
@@ -145,6 +161,34 @@ def test_no_image_requests_where_nothing_is_published(tmp_path: Path) -> None:
         r = client.post(URL, json={"instance": "i-1", "name": "x", "vis": "public"},
                         headers={"Authorization": f"Bearer {token}"})  # fmt: skip
     assert "does not publish images" in error(r, 422)
+
+
+def test_a_disk_over_its_formats_limit_is_refused_at_once(tmp_path: Path) -> None:
+    # A 2045 GiB instance: its bootable disk (2046 GiB with the default +1G) is over what a VHD
+    # holds; the request is refused now, not when its run ends. A broken source is the run's to
+    # report, as before.
+    big, broken = tmp_path / "big.img", tmp_path / "broken.img"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard",
+                    big, "2045G"], check=True, capture_output=True)  # fmt: skip
+    broken.write_bytes(b"not an image")
+    conf = settings.Settings(state_dir=tmp_path, instances={"i-big": str(big), "i-broken": str(broken)},
+                             publish={"bucket": "images"})  # fmt: skip
+    store = Store(conf.sqlalchemy_url)
+    token = store.add_user("alice")
+    with TestClient(api.create_app(conf, embedded_worker=False)) as client:
+
+        def create(instance: str, **body: Any) -> Any:
+            return client.post(URL, json={"instance": instance, "name": "x", **body},
+                               headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+
+        assert "over what vhd holds: 2040 GiB" in error(create("i-big", disk_format="vhd"), 422)
+        assert "over what ova (its streamOptimized VMDK) holds" in error(
+            create("i-big", disk_format="ova"), 422
+        )
+        assert create("i-big", disk_format="qcow2").status_code == 201
+        assert create("i-big", vis="private").status_code == 201  # an image request: qcow2
+        assert create("i-broken", disk_format="vhd").status_code == 201
+    store.close()
 
 
 def test_authentication(svc: Service) -> None:
@@ -294,3 +338,59 @@ def test_openapi_documents_the_errors(svc: Service) -> None:
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     history = spec["components"]["schemas"]["TransitionOut"]["properties"]
     assert {"time", "actor", "from", "to", "stage", "reason"} == set(history)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"clean": ["no-such-operation"]},
+        {"profile": "plan9"},
+        {"packages_install": ["vim;id"]},
+        {"packages_remove": ["-rf"]},
+        {"boot_marker": "(unclosed"},
+    ],
+)
+def test_options_are_checked_like_the_clis(svc: Service, options: dict[str, Any]) -> None:
+    """The same model, the same one-line error as `imaging export` would give."""
+    from imaging.errors import ParameterError
+    from imaging.run.request import Request
+
+    with pytest.raises(ParameterError) as cli:
+        Request.create(source="sample:kvm", name="demo", **options)
+    assert error(svc.create(disk_format="qcow2", **options), 422) == str(cli.value)
+    assert svc.call("GET", URL, "root").json() == []
+
+
+def test_options_are_shown_to_the_approving_admin(svc: Service) -> None:
+    body = {"disk_format": "raw", "profile": "debian", "clean": ["-logfiles", "cloud-init"],
+            "packages_install": ["openssh-server"], "layout": "legacy"}  # fmt: skip
+    created = svc.create(**body)
+    assert created.status_code == 201, created.text
+    rid = created.json()["id"]
+    assert created.json()["options"] == {k: v for k, v in body.items() if k != "disk_format"}
+    page = svc.client.get(f"/api/v1/approve?token={svc.link(rid)}")
+    for shown in ("debian", "-logfiles, cloud-init", "openssh-server", "legacy"):
+        assert shown in page.text
+    assert error(svc.create(disk_format="raw", destination="aws"), 422).startswith(
+        "vis, shared_with and destination belong to image requests"
+    )
+    assert (
+        error(svc.create(vis="public", destination="nowhere"), 422)
+        == "unknown destination 'nowhere' (known: s3)"
+    )
+
+
+def test_report_is_served_once_the_run_has_ended(svc: Service) -> None:
+    rid = svc.create(disk_format="raw").json()["id"]
+    assert (
+        error(svc.call("GET", URL + rid + "/report"), 409)
+        == f"request {rid} has no report yet: its run has not ended"
+    )
+    run = config.runs_dir() / rid
+    run.mkdir(parents=True)
+    (run / "report.html").write_text("<html><body>Audit record</body></html>")
+    page = svc.call("GET", URL + rid + "/report")
+    assert page.status_code == 200 and "Audit record" in page.text
+    assert page.headers["content-security-policy"].startswith("default-src 'none'")
+    assert svc.call("GET", URL + rid + "/report", "bob").status_code == 404  # not bob's
+    assert svc.call("GET", URL + rid).json()["links"]["report"].endswith(f"/{rid}/report")

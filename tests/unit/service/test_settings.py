@@ -51,7 +51,10 @@ def test_file_then_environment(tmp_path: Path) -> None:
         ("port: 70000\n", "port: Input should be less than or equal to 65535"),
         ("worker: {concurrency: 0}\n", "worker.concurrency: Input should be greater than or equal to 1"),
         ("instances: {'i 1': sample:kvm}\n", "instance id 'i 1' has characters"),
-        ("instances: {i-1: images/relative.img}\n", "must be an absolute path or sample:<name>"),
+        (
+            "instances: {i-1: images/relative.img}\n",
+            "must be an absolute path, sample:<name> or KIND://CLOUD/INSTANCE",
+        ),
         ("[1, 2]\n", "expected a mapping"),
         ("port: [\n", "not valid YAML"),
     ],

@@ -1,0 +1,382 @@
+"""AWS, and Eucalyptus by its endpoints, through the EC2 and EBS direct APIs (boto3).
+
+Copying out: instance -> its root volume -> a new snapshot (waited for, within a time limit) ->
+the snapshot's blocks (ListSnapshotBlocks, GetSnapshotBlock), fetched in parallel into a sparse
+raw disk, each block's length and SHA256 checked against what EBS says; blocks EBS does not
+list were never written and stay holes. The snapshot made for the copy is deleted afterwards.
+
+Publishing: the verified disk's non-zero blocks go into a new snapshot (StartSnapshot,
+PutSnapshotBlock with each block's SHA256, CompleteSnapshot), the snapshot becomes an image
+(RegisterImage), and the image's launch permissions say who may use it: ``all`` for public,
+the users' account ids for selected, nobody else for private. An upload that fails leaves no
+snapshot or image behind.
+
+Throttling and server errors are retried by botocore with exponential backoff (its ``standard``
+mode, ``max_attempts`` per call); a block whose body is cut or whose checksum does not match is
+fetched again, a few times, then the run fails. Credentials come from the cloud's settings, never
+from a parameter, and are never part of a message.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import os
+import re
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imaging.clouds.settings import EC2, CloudSource
+from imaging.clouds.transfer import Fetched, sparse_download
+from imaging.errors import ImagingError, ParameterError, SourceError
+from imaging.progress import bytes_bar
+from imaging.records import Record
+from imaging.sparse import data_extents, sha256
+
+GIB = 1 << 30
+EBS_BLOCK = 512 << 10  # what EBS direct writes and reads: 512 KiB blocks
+_BLOCK_ATTEMPTS = 5
+_AUTH = {"AuthFailure", "UnrecognizedClientException", "InvalidClientTokenId", "SignatureDoesNotMatch",
+         "InvalidAccessKeyId", "AccessDeniedException", "UnauthorizedOperation", "AccessDenied"}  # fmt: skip
+_NOT_FOUND = {"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed", "InvalidVolume.NotFound",
+              "InvalidSnapshot.NotFound", "ResourceNotFoundException"}  # fmt: skip
+
+
+class CloudError(ImagingError):
+    """A cloud refused or failed a call; the message names the call, never a credential."""
+
+
+def client(cloud: EC2, service: str) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    endpoint = cloud.ebs_endpoint_url if service == "ebs" else cloud.endpoint_url
+    return boto3.client(
+        service,
+        region_name=cloud.region,
+        endpoint_url=endpoint or None,
+        aws_access_key_id=cloud.access_key_id.get_secret_value() or None,
+        aws_secret_access_key=cloud.secret_access_key.get_secret_value() or None,
+        config=Config(
+            connect_timeout=10,
+            read_timeout=120,
+            retries={"max_attempts": cloud.max_attempts, "mode": "standard"},
+            max_pool_connections=max(10, cloud.block_workers + 2),
+        ),
+    )
+
+
+def _code(e: BaseException) -> str:
+    return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _explain(e: BaseException, what: str, cloud_name: str) -> ImagingError:
+    """A botocore error as one line: what we asked, the cloud's code and message."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(e, ClientError):
+        code = _code(e)
+        message = " ".join(str(e.response.get("Error", {}).get("Message", "")).split())
+        if code in _AUTH:
+            return CloudError(f"{cloud_name}: {what}: the cloud refused the credentials ({code}: {message})")
+        if code in _NOT_FOUND:
+            return SourceError(f"{cloud_name}: {what}: not found ({code}: {message})")
+        return CloudError(f"{cloud_name}: {what}: {code}: {message}")
+    return CloudError(f"{cloud_name}: {what}: {' '.join(str(e).split()) or type(e).__name__}")
+
+
+def _call(cloud_name: str, what: str, fn: Any, **kwargs: Any) -> Any:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(**kwargs)
+    except (ClientError, BotoCoreError) as e:
+        raise _explain(e, what, cloud_name) from None
+
+
+def root_volume(src: CloudSource, cloud: EC2) -> tuple[str, int]:
+    """(volume id, size in bytes) of the instance's root volume."""
+    ec2 = client(cloud, "ec2")
+    found = _call(
+        src.cloud, f"describe instance {src.instance}", ec2.describe_instances, InstanceIds=[src.instance]
+    )
+    instances = [i for r in found.get("Reservations", []) for i in r.get("Instances", [])]
+    if not instances:
+        raise SourceError(f"{src.cloud}: no instance {src.instance}")
+    inst = instances[0]
+    root = inst.get("RootDeviceName")
+    volumes = [
+        m["Ebs"]["VolumeId"]
+        for m in inst.get("BlockDeviceMappings", [])
+        if m.get("DeviceName") == root and "Ebs" in m
+    ]
+    if not volumes:
+        raise SourceError(
+            f"{src.cloud}: instance {src.instance} has no EBS root volume ({root or 'no root device'}): "
+            "an instance-store instance is copied from its node (eucalyptus://)"
+        )
+    vol = _call(src.cloud, f"describe volume {volumes[0]}", ec2.describe_volumes, VolumeIds=volumes)[
+        "Volumes"
+    ][0]
+    return volumes[0], int(vol["Size"]) * GIB
+
+
+def wait_snapshot(ec2: Any, cloud: EC2, cloud_name: str, snapshot_id: str, what: str) -> None:
+    """Until the snapshot is completed; CloudError when it fails or the time limit passes."""
+    deadline = time.monotonic() + cloud.snapshot_timeout
+    while True:
+        snap = _call(cloud_name, f"describe snapshot {snapshot_id}", ec2.describe_snapshots,
+                     SnapshotIds=[snapshot_id])["Snapshots"][0]  # fmt: skip
+        state = snap.get("State")
+        if state == "completed":
+            return
+        if state == "error":
+            raise CloudError(
+                f"{cloud_name}: snapshot {snapshot_id} of {what} failed: {snap.get('StateMessage', '')}"
+            )
+        if time.monotonic() >= deadline:
+            raise CloudError(
+                f"{cloud_name}: snapshot {snapshot_id} of {what} did not complete within "
+                f"{cloud.snapshot_timeout:g} s (still {state}, {snap.get('Progress') or '0%'})"
+            )
+        time.sleep(min(cloud.poll_seconds, max(0.0, deadline - time.monotonic())))
+
+
+def _checksum(data: bytes | memoryview) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+def _get_block(ebs: Any, cloud_name: str, snapshot_id: str, index: int, token: str, size: int) -> bytes:
+    """One block, read whole and checked; a cut body or a bad checksum is fetched again."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    problem = ""
+    for attempt in range(_BLOCK_ATTEMPTS):
+        if attempt:
+            time.sleep(min(0.1 * 2**attempt, 5.0))
+        try:
+            got = ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index, BlockToken=token)
+            data = got["BlockData"].read()
+        except ClientError as e:
+            raise _explain(e, f"block {index} of {snapshot_id}", cloud_name) from None
+        except (
+            BotoCoreError,
+            OSError,
+        ) as e:  # the body was cut: urllib3's errors are OSErrors or botocore's
+            problem = f"read failed ({' '.join(str(e).split()) or type(e).__name__})"
+            continue
+        except Exception as e:  # urllib3's ProtocolError is neither
+            problem = f"read failed ({' '.join(str(e).split()) or type(e).__name__})"
+            continue
+        if len(data) != int(got.get("DataLength", -1)) or len(data) != size:
+            problem = f"{len(data)} bytes, expected {size}"
+            continue
+        if got.get("ChecksumAlgorithm") != "SHA256" or got.get("Checksum") != _checksum(data):
+            problem = "checksum does not match its data"
+            continue
+        return bytes(data)
+    raise CloudError(
+        f"{cloud_name}: block {index} of {snapshot_id}: {problem} after {_BLOCK_ATTEMPTS} attempts"
+    )
+
+
+def _blocks(ebs: Any, cloud_name: str, snapshot_id: str) -> tuple[list[tuple[int, str]], int, int]:
+    blocks: list[tuple[int, str]] = []
+    kwargs: dict[str, Any] = {"SnapshotId": snapshot_id}
+    while True:
+        page = _call(cloud_name, f"list the blocks of {snapshot_id}", ebs.list_snapshot_blocks, **kwargs)
+        blocks += [(int(b["BlockIndex"]), str(b["BlockToken"])) for b in page.get("Blocks", [])]
+        if not page.get("NextToken"):
+            return blocks, int(page["BlockSize"]), int(page["VolumeSize"]) * GIB
+        kwargs["NextToken"] = page["NextToken"]
+
+
+def _parallel(workers: int, items: list[Any], work: Any) -> None:
+    """``work(item)`` on every item, ``workers`` at a time; the first failure stops the rest."""
+    stop = threading.Event()
+
+    def one(item: Any) -> None:
+        if not stop.is_set():
+            work(item)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(one, item) for item in items]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f for f in done if f.exception() is not None), None)
+        if failed is not None:
+            stop.set()
+            for f in futures:
+                f.cancel()
+            raise failed.exception()  # type: ignore[misc]
+
+
+def fetch(src: CloudSource, cloud: EC2, dest: Path) -> Fetched:
+    """Copy the instance's root volume to ``dest`` (raw, sparse) through a snapshot of it."""
+    t0 = time.monotonic()
+    volume_id, size = root_volume(src, cloud)
+    ec2, ebs = client(cloud, "ec2"), client(cloud, "ebs")
+    snap = _call(
+        src.cloud, f"snapshot volume {volume_id}", ec2.create_snapshot, VolumeId=volume_id,
+        Description=f"imaging: copy of {src.instance}",
+        TagSpecifications=[{"ResourceType": "snapshot", "Tags": [{"Key": "imaging:source", "Value": src.instance}]}],
+    )  # fmt: skip
+    snapshot_id = str(snap["SnapshotId"])
+    try:
+        wait_snapshot(ec2, cloud, src.cloud, snapshot_id, f"volume {volume_id}")
+        blocks, block_size, volume_bytes = _blocks(ebs, src.cloud, snapshot_id)
+        size = volume_bytes or size
+        fetched = [0]
+        with (
+            sparse_download(dest, size) as out,
+            bytes_bar(len(blocks) * block_size, f"copy {src.instance}") as bar,
+        ):
+            lock = threading.Lock()
+
+            def get(block: tuple[int, str]) -> None:
+                index, token = block
+                data = _get_block(ebs, src.cloud, snapshot_id, index, token, block_size)
+                out.write(index * block_size, data)
+                with lock:
+                    fetched[0] += 1
+                    bar.update(len(data))
+
+            _parallel(cloud.block_workers, blocks, get)
+            if fetched[0] != len(blocks):
+                raise CloudError(f"{src.cloud}: {len(blocks) - fetched[0]} blocks of {snapshot_id} missing")
+            data_bytes = out.data_bytes
+        whole = sha256(dest, desc=None)
+    finally:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:  # the snapshot was ours, made only for this copy
+            ec2.delete_snapshot(SnapshotId=snapshot_id)
+        except (ClientError, BotoCoreError):
+            pass
+    return Fetched(
+        source=str(src), cloud=src.cloud, kind="ec2", path=str(dest), format="raw", size_bytes=size,
+        data_bytes=data_bytes, sha256=whole,
+        verified=f"{len(blocks)} blocks of {block_size} bytes, each against its SHA256 from EBS",
+        seconds=round(time.monotonic() - t0, 3), where=f"{volume_id} via {snapshot_id}", snapshot=snapshot_id,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Registered(Record):
+    cloud: str
+    image_id: str
+    snapshot_id: str
+    name: str
+    vis: str
+    launch_permissions: list[str]
+    blocks: int
+    size_bytes: int
+    seconds: float
+
+
+_AMI_NAME = re.compile(r"[^A-Za-z0-9()\[\] ./'@_-]+")
+
+
+def ami_name(name: str, run: str) -> str:
+    """EC2 image names allow 3-128 of a few characters and must be unique: the display name,
+    cleaned, and the run id."""
+    suffix = f" {run}"
+    cleaned = " ".join(_AMI_NAME.sub(" ", name).split())
+    return (cleaned[: 128 - len(suffix)].rstrip() + suffix).strip()[:128]
+
+
+def permissions(cloud: EC2, cloud_name: str, vis: str, shared_with: list[str]) -> list[dict[str, str]]:
+    if vis == "public":
+        return [{"Group": "all"}]
+    if vis == "private":
+        return []
+    missing = [u for u in shared_with if u not in cloud.accounts]
+    if missing:
+        raise ParameterError(
+            f"{cloud_name}: no account id for {', '.join(missing)} (add them under clouds.{cloud_name}.accounts)"
+        )
+    return [{"UserId": cloud.accounts[u]} for u in shared_with]
+
+
+def publish(
+    cloud: EC2, cloud_name: str, disk: Path, name: str, run: str, vis: str, shared_with: list[str]
+) -> Registered:
+    """The raw disk as a new snapshot and image, with its launch permissions."""
+    t0 = time.monotonic()
+    grants = permissions(cloud, cloud_name, vis, shared_with)
+    ec2, ebs = client(cloud, "ec2"), client(cloud, "ebs")
+    size = disk.stat().st_size
+    volume_gib = max(1, math.ceil(size / GIB))
+    fd = os.open(disk, os.O_RDONLY)
+    try:
+        indexes = sorted({i for off, n in data_extents(fd, 0, size)
+                          for i in range(off // EBS_BLOCK, (off + n - 1) // EBS_BLOCK + 1)})  # fmt: skip
+    finally:
+        os.close(fd)
+    started = _call(
+        cloud_name, "start a snapshot", ebs.start_snapshot, VolumeSize=volume_gib, Timeout=60,
+        Description=f"imaging: {name[:200]} ({run})",
+        Tags=[{"Key": "imaging:run", "Value": run}],
+    )  # fmt: skip
+    snapshot_id, image_id = str(started["SnapshotId"]), ""
+    written: list[int] = []
+    try:
+        lock = threading.Lock()
+        with open(disk, "rb") as f, bytes_bar(len(indexes) * EBS_BLOCK, f"upload to {cloud_name}") as bar:
+            fileno = f.fileno()
+
+            def put(index: int) -> None:
+                data = os.pread(fileno, EBS_BLOCK, index * EBS_BLOCK).ljust(EBS_BLOCK, b"\0")
+                if data.count(0) == EBS_BLOCK:
+                    return  # a hole's worth of zeros: EBS reads unwritten blocks as zeros
+                _call(cloud_name, f"put block {index} of {snapshot_id}", ebs.put_snapshot_block,
+                      SnapshotId=snapshot_id, BlockIndex=index, BlockData=data, DataLength=EBS_BLOCK,
+                      Checksum=_checksum(data), ChecksumAlgorithm="SHA256")  # fmt: skip
+                with lock:
+                    written.append(index)
+                    bar.update(EBS_BLOCK)
+
+            _parallel(cloud.block_workers, indexes, put)
+        _call(cloud_name, f"complete snapshot {snapshot_id}", ebs.complete_snapshot, SnapshotId=snapshot_id,
+              ChangedBlocksCount=len(written))  # fmt: skip
+        wait_snapshot(ec2, cloud, cloud_name, snapshot_id, name)
+        image = _call(
+            cloud_name, f"register an image from {snapshot_id}", ec2.register_image,
+            Name=ami_name(name, run), Description=name[:255], Architecture=cloud.architecture,
+            RootDeviceName=cloud.root_device, VirtualizationType="hvm", EnaSupport=True,
+            BlockDeviceMappings=[{"DeviceName": cloud.root_device,
+                                  "Ebs": {"SnapshotId": snapshot_id, "DeleteOnTermination": True}}],
+        )  # fmt: skip
+        image_id = str(image["ImageId"])
+        _call(cloud_name, f"tag {image_id}", ec2.create_tags, Resources=[image_id],
+              Tags=[{"Key": "Name", "Value": name[:255]}, {"Key": "imaging:run", "Value": run}])  # fmt: skip
+        if grants:
+            _call(cloud_name, f"share {image_id}", ec2.modify_image_attribute, ImageId=image_id,
+                  LaunchPermission={"Add": grants})  # fmt: skip
+    except BaseException:
+        _undo(ec2, image_id, snapshot_id)
+        raise
+    return Registered(
+        cloud=cloud_name, image_id=image_id, snapshot_id=snapshot_id, name=name, vis=vis,
+        launch_permissions=[g.get("Group") or g["UserId"] for g in grants], blocks=len(written),
+        size_bytes=volume_gib * GIB, seconds=round(time.monotonic() - t0, 3),
+    )  # fmt: skip
+
+
+def _undo(ec2: Any, image_id: str, snapshot_id: str) -> None:
+    """Nothing half-published stays: the image, then the snapshot under it."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    for call, kwargs in (
+        (ec2.deregister_image, {"ImageId": image_id}),
+        (ec2.delete_snapshot, {"SnapshotId": snapshot_id}),
+    ):
+        if next(iter(kwargs.values())):
+            try:
+                call(**kwargs)
+            except (ClientError, BotoCoreError):
+                pass

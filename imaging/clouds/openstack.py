@@ -1,0 +1,245 @@
+"""OpenStack through openstacksdk: a server's snapshot (Nova createImage) downloaded from Glance,
+and finished images published to Glance with their visibility and members.
+
+Copying out: the server is looked up, Nova is asked for a snapshot image, the image is waited
+for (``active`` within the cloud's time limit), then downloaded into the run's work directory and
+kept only when its size, MD5 and (where Glance has it) multihash match Glance's record; a qcow2
+snapshot is converted by 00-acquire like any qcow2 source. The snapshot image, made only for
+the copy, is deleted afterwards (``keep_snapshot`` keeps it).
+
+Publishing: a new image named as the request, qcow2 in a bare container, uploaded and waited for;
+``visibility`` public, private or shared, and for shared one member per user (the users' project
+ids come from the cloud's settings). An upload that fails leaves no image behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imaging.clouds.settings import CloudSource, OpenStack
+from imaging.clouds.transfer import Fetched, sparse_download
+from imaging.errors import ImagingError, ParameterError, SourceError
+from imaging.progress import bytes_bar
+from imaging.records import Record
+
+_CHUNK = 1 << 20
+FORMATS = ("raw", "qcow2")
+
+
+class CloudError(ImagingError):
+    """OpenStack refused or failed a call; the message names the call, never a credential."""
+
+
+def connect(cloud: OpenStack) -> Any:
+    import openstack
+
+    kwargs: dict[str, Any] = dict(
+        auth_type=cloud.auth_type,
+        auth={k: v.get_secret_value() for k, v in cloud.auth.items()},
+        load_yaml_config=False,
+        load_envvars=False,
+    )
+    if cloud.region:
+        kwargs["region_name"] = cloud.region
+    if cloud.compute_endpoint:
+        kwargs["compute_endpoint_override"] = cloud.compute_endpoint
+    if cloud.image_endpoint:
+        kwargs["image_endpoint_override"] = cloud.image_endpoint
+    return openstack.connect(**kwargs)
+
+
+def _line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:300]
+
+
+def _explain(e: BaseException, what: str, cloud_name: str) -> ImagingError:
+    from openstack import exceptions as osx
+
+    status = getattr(e, "status_code", None)
+    if isinstance(e, osx.NotFoundException) or status == 404:
+        return SourceError(f"{cloud_name}: {what}: not found")
+    if status in (401, 403) or type(e).__name__ in ("Unauthorized", "Forbidden"):
+        return CloudError(
+            f"{cloud_name}: {what}: the cloud refused the credentials ({status or type(e).__name__})"
+        )
+    return CloudError(f"{cloud_name}: {what}: {_line(e)}")
+
+
+def _call(cloud_name: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    from keystoneauth1 import exceptions as ksa
+    from openstack import exceptions as osx
+
+    try:
+        return fn(*args, **kwargs)
+    except (osx.SDKException, ksa.ClientException) as e:
+        raise _explain(e, what, cloud_name) from None
+
+
+def wait_image(conn: Any, cloud: OpenStack, cloud_name: str, image_id: str, what: str) -> Any:
+    """Until Glance says the image is active; CloudError when it is killed or the limit passes."""
+    deadline = time.monotonic() + cloud.image_timeout
+    while True:
+        image = _call(cloud_name, f"image {image_id}", conn.image.get_image, image_id)
+        if image.status == "active":
+            return image
+        if image.status in ("killed", "deleted", "pending_delete"):
+            raise CloudError(f"{cloud_name}: image {image_id} of {what} is {image.status}")
+        if time.monotonic() >= deadline:
+            raise CloudError(
+                f"{cloud_name}: image {image_id} of {what} did not become active within "
+                f"{cloud.image_timeout:g} s (still {image.status})"
+            )
+        time.sleep(min(cloud.poll_seconds, max(0.0, deadline - time.monotonic())))
+
+
+def _delete_image(conn: Any, image_id: str) -> None:
+    from keystoneauth1 import exceptions as ksa
+    from openstack import exceptions as osx
+
+    try:
+        conn.image.delete_image(image_id, ignore_missing=True)
+    except (osx.SDKException, ksa.ClientException):
+        pass
+
+
+def find_server(src: CloudSource, cloud: OpenStack) -> Any:
+    """The server, or SourceError (not found) / CloudError (credentials refused, unreachable)."""
+    return _call(src.cloud, f"server {src.instance}", connect(cloud).compute.get_server, src.instance)
+
+
+def fetch(src: CloudSource, cloud: OpenStack, work: Path) -> Fetched:
+    """Snapshot the server, wait, download the snapshot into ``work/source.<format>``."""
+    t0 = time.monotonic()
+    conn = connect(cloud)
+    server = _call(src.cloud, f"server {src.instance}", conn.compute.get_server, src.instance)
+    name = f"imaging copy of {src.instance} {time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    image = _call(src.cloud, f"snapshot of server {src.instance}", conn.compute.create_server_image, server, name,
+                  metadata={"imaging:source": src.instance})  # fmt: skip
+    try:
+        image = wait_image(conn, cloud, src.cloud, image.id, f"server {src.instance}")
+        fmt = str(image.disk_format or "")
+        if fmt not in FORMATS:
+            raise SourceError(
+                f"{src.cloud}: the snapshot of {src.instance} is {fmt or 'of no format'}, not raw or qcow2"
+            )
+        size = int(image.size or 0)
+        dest = work / f"source.{fmt}"
+        md5, multi = hashlib.md5(usedforsecurity=False), None
+        if image.hash_algo and image.hash_value:
+            multi = hashlib.new(str(image.hash_algo))
+        whole = hashlib.sha256()
+        got = 0
+        response = _call(
+            src.cloud, f"download image {image.id}", conn.image.download_image, image, stream=True
+        )
+        try:
+            with sparse_download(dest, size) as out, bytes_bar(size, f"download {src.instance}") as bar:
+                for chunk in response.iter_content(chunk_size=_CHUNK):
+                    if got + len(chunk) > size:
+                        raise SourceError(
+                            f"{src.cloud}: image {image.id} sends more than its {size:,} bytes"
+                        )
+                    for h in (md5, whole, *([multi] if multi else [])):
+                        h.update(chunk)
+                    out.write(got, chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+                if got != size:
+                    raise SourceError(
+                        f"{src.cloud}: download of image {image.id} ended after {got:,} of {size:,} bytes: nothing kept"
+                    )
+                if image.checksum and md5.hexdigest() != image.checksum:
+                    raise SourceError(
+                        f"{src.cloud}: download of image {image.id} does not match its MD5: nothing kept"
+                    )
+                if multi is not None and multi.hexdigest() != image.hash_value:
+                    raise SourceError(
+                        f"{src.cloud}: download of image {image.id} does not match its {image.hash_algo}: nothing kept"
+                    )
+                data = out.data_bytes
+        except SourceError:
+            raise
+        except Exception as e:  # requests' and urllib3's errors for a cut connection
+            raise SourceError(
+                f"{src.cloud}: download of image {image.id} failed after {got:,} of {size:,} bytes: {_line(e)}; "
+                "nothing kept"
+            ) from None
+        finally:
+            response.close()
+    finally:
+        if not cloud.keep_snapshot:
+            _delete_image(conn, image.id)
+    checked = "size, MD5" + (f" and {image.hash_algo}" if multi else "") + " from Glance"
+    return Fetched(
+        source=str(src), cloud=src.cloud, kind="openstack", path=str(dest), format=fmt, size_bytes=size,
+        data_bytes=data, sha256=whole.hexdigest(), verified=checked, seconds=round(time.monotonic() - t0, 3),
+        where=f"server {server.id} via image {image.id}", snapshot=image.id,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Uploaded(Record):
+    cloud: str
+    image_id: str
+    name: str
+    disk_format: str
+    visibility: str
+    members: list[str]
+    size_bytes: int
+    checksum: str
+    seconds: float
+
+
+def members_for(cloud: OpenStack, cloud_name: str, vis: str, shared_with: list[str]) -> list[str]:
+    if vis != "selected":
+        return []
+    missing = [u for u in shared_with if u not in cloud.projects]
+    if missing:
+        raise ParameterError(
+            f"{cloud_name}: no project id for {', '.join(missing)} (add them under clouds.{cloud_name}.projects)"
+        )
+    return [cloud.projects[u] for u in shared_with]
+
+
+def publish(cloud: OpenStack, cloud_name: str, artifact: Path, disk_format: str, name: str, run: str,
+            vis: str, shared_with: list[str]) -> Uploaded:  # fmt: skip
+    """The artifact as a new Glance image with its visibility and members."""
+    t0 = time.monotonic()
+    members = members_for(cloud, cloud_name, vis, shared_with)
+    visibility = {"public": "public", "private": "private", "selected": "shared"}[vis]
+    conn = connect(cloud)
+    image_id = ""
+    try:
+        image = _call(
+            cloud_name, "create an image", conn.image.create_image, name=name, filename=str(artifact),
+            disk_format=disk_format, container_format="bare", visibility=visibility, allow_duplicates=True,
+            wait=False, timeout=cloud.image_timeout, meta={"imaging_run": run},
+        )  # fmt: skip
+        image_id = str(image.id)
+        image = wait_image(conn, cloud, cloud_name, image_id, name)
+        if int(image.size or 0) != artifact.stat().st_size:
+            raise CloudError(
+                f"{cloud_name}: image {image_id} holds {image.size} bytes, not {artifact.stat().st_size}"
+            )
+        for project in members:
+            _call(
+                cloud_name,
+                f"share {image_id} with {project}",
+                conn.image.add_member,
+                image_id,
+                member_id=project,
+            )
+    except BaseException:
+        if image_id:
+            _delete_image(conn, image_id)
+        raise
+    return Uploaded(
+        cloud=cloud_name, image_id=image_id, name=name, disk_format=disk_format, visibility=visibility,
+        members=members, size_bytes=int(image.size or 0), checksum=str(image.checksum or ""),
+        seconds=round(time.monotonic() - t0, 3),
+    )  # fmt: skip

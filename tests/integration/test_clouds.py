@@ -1,0 +1,370 @@
+"""Copying instances out of the three test clouds and publishing into two of them, against real
+servers on loopback (cloudkit.py): an OpenSSH node, moto's EC2 + EBS direct, the real Glance
+with a Nova stub. Every fault is a one-line error that leaves nothing behind."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from imaging import sparse
+from imaging.clouds import ec2, eucalyptus, openstack
+from imaging.clouds import settings as cs
+from imaging.errors import ImagingError, ParameterError, SourceError
+
+from .cloudkit import (
+    CuttingProxy,
+    EC2Cloud,
+    Glance,
+    Node,
+    NovaStub,
+    ec2_cloud,
+    eucalyptus_node,
+    openstack_cloud,
+)
+
+
+def nothing_left(directory: Path) -> None:
+    assert sorted(p.name for p in directory.iterdir()) == [], "a partial download was left behind"
+
+
+def same_content(a: Path, b: Path) -> bool:
+    """Equal bytes over a's length; b may be longer (a volume rounded up), holding zeros there."""
+    return (
+        sparse.sha256(a, desc=None) == _sha256_prefix(b, a.stat().st_size)
+        and sparse.data_bytes(b, a.stat().st_size) == 0
+    )
+
+
+def _sha256_prefix(path: Path, length: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = length
+        while left:
+            chunk = f.read(min(16 << 20, left))
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Path:
+    d = tmp_path / "work"
+    d.mkdir()
+    return d
+
+
+# Eucalyptus: the node over SSH
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, kvm_sample: Path) -> Iterator[Node]:
+    with eucalyptus_node(tmp_path_factory.mktemp("node"), kvm_sample) as n:
+        yield n
+
+
+def euca(node: Node, **extra: Any) -> tuple[cs.CloudSource, cs.Eucalyptus]:
+    cloud = cs.parse_clouds({"euca": node.cloud(**extra)}, "test")["euca"]
+    assert isinstance(cloud, cs.Eucalyptus)
+    return cs.parse_source(f"eucalyptus://euca/{node.instance}"), cloud
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_eucalyptus_copy_is_sparse_and_checked(
+    node: Node, dest: Path, kvm_sample: Path, compress: bool
+) -> None:
+    src, cloud = euca(node, compress=compress)
+    got = eucalyptus.fetch(src, cloud, dest / "source.raw")
+    assert got.sha256 == sparse.sha256(kvm_sample, desc=None) and got.size_bytes == kvm_sample.stat().st_size
+    assert got.verified == "size and sha256 computed on the node" and got.where.endswith(
+        "/admin/i-0123abcd/root"
+    )
+    assert sparse.allocated_bytes(dest / "source.raw") < kvm_sample.stat().st_size // 4  # holes stayed holes
+    assert sorted(p.name for p in dest.iterdir()) == ["source.raw"]
+
+
+def test_eucalyptus_host_key_mismatch_unknown_host_and_wrong_key(
+    node: Node, dest: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    wrong_known = tmp_path / "known_hosts"
+    wrong_known.write_text(
+        f"[127.0.0.1]:{node.port} {' '.join(Path(f'{other}.pub').read_text().split()[:2])}\n"
+    )
+    src, cloud = euca(node, known_hosts=str(wrong_known))
+    with pytest.raises(SourceError) as e:
+        eucalyptus.fetch(src, cloud, dest / "source.raw")
+    assert "its host key (ssh-ed25519 " in str(e.value) and "does not match" in str(e.value)
+    assert "\n" not in str(e.value)
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    with pytest.raises(SourceError, match=rf"node 127.0.0.1:{node.port} is not in .*refusing to connect"):
+        eucalyptus.fetch(src, euca(node, known_hosts=str(empty))[1], dest / "source.raw")
+    with pytest.raises(SourceError, match="root cannot log in with .*other_key .authentication failed"):
+        eucalyptus.fetch(src, euca(node, key_file=str(other))[1], dest / "source.raw")
+    nothing_left(dest)
+
+
+def test_eucalyptus_unknown_instance(node: Node, dest: Path) -> None:
+    _, cloud = euca(node)
+    with pytest.raises(
+        SourceError, match=r"instance i-00000bad is on none of the nodes of euca \(127.0.0.1:"
+    ):
+        eucalyptus.fetch(cs.parse_source("eucalyptus://euca/i-00000bad"), cloud, dest / "source.raw")
+    with pytest.raises(ParameterError, match="'i-x;rm' is not a eucalyptus instance id"):
+        cs.parse_source("eucalyptus://euca/i-x;rm")
+    nothing_left(dest)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_eucalyptus_connection_cut_mid_copy(node: Node, dest: Path, compress: bool) -> None:
+    proxy = CuttingProxy(node.port, cut_after=8 << 20)
+    try:
+        src, cloud = euca(node)
+        # The proxy's address is another host:port to known_hosts: give it the node's key there.
+        known = dest.parent / "proxy_known_hosts"
+        key = node.known_hosts.read_text().split(" ", 1)[1]
+        known.write_text(f"[127.0.0.1]:{proxy.port} {key}")
+        settings = node.cloud(nodes=[f"127.0.0.1:{proxy.port}"], known_hosts=str(known), compress=compress)
+        cloud = cs.parse_clouds({"euca": settings}, "test")["euca"]
+        assert isinstance(cloud, cs.Eucalyptus)
+        with pytest.raises(SourceError) as e:
+            eucalyptus.fetch(src, cloud, dest / "source.raw")
+    finally:
+        proxy.close()
+    assert proxy.cuts >= 1
+    message = str(e.value)
+    assert message.startswith(f"copy of {node.instance} from 127.0.0.1:{proxy.port} failed after ")
+    assert message.endswith("nothing kept") and "\n" not in message
+    nothing_left(dest)
+
+
+# EC2 + EBS direct
+
+
+@pytest.fixture(scope="module")
+def aws(kvm_sample: Path) -> Iterator[tuple[EC2Cloud, str]]:
+    with ec2_cloud() as cloud:
+        yield cloud, cloud.instance_from_disk(kvm_sample)
+
+
+def ec2_settings(cloud: EC2Cloud, **extra: Any) -> cs.EC2:
+    found = cs.parse_clouds({"aws": cloud.cloud(**extra)}, "test")["aws"]
+    assert isinstance(found, cs.EC2)
+    return found
+
+
+def test_ec2_copy_through_a_snapshot_with_throttling_and_cut_blocks(
+    aws: tuple[EC2Cloud, str], dest: Path, kvm_sample: Path
+) -> None:
+    cloud, instance = aws
+    before = {s["SnapshotId"] for s in cloud.client("ec2").describe_snapshots()["Snapshots"]}
+    # Three throttled block reads (retried by botocore with backoff), two bodies cut half-way
+    # (fetched again): the copy is whole all the same.
+    cloud.faults(throttle=3, cut=2)
+    got = ec2.fetch(cs.parse_source(f"ec2://aws/{instance}"), ec2_settings(cloud), dest / "source.raw")
+    counters = cloud.faults()
+    assert (counters["throttled"], counters["was_cut"], counters["throttle"], counters["cut"]) == (
+        3,
+        2,
+        0,
+        0,
+    )
+    assert same_content(kvm_sample, dest / "source.raw")
+    assert got.size_bytes == 1 << 30 and got.verified.endswith("each against its SHA256 from EBS")
+    assert sparse.allocated_bytes(dest / "source.raw") <= got.data_bytes + (
+        1 << 20
+    )  # unlisted blocks: holes
+    # The snapshot made for the copy is gone again.
+    assert {s["SnapshotId"] for s in cloud.client("ec2").describe_snapshots()["Snapshots"]} == before
+
+
+def test_ec2_faults_are_one_line_errors_that_leave_nothing(aws: tuple[EC2Cloud, str], dest: Path) -> None:
+    cloud, instance = aws
+    src = cs.parse_source(f"ec2://aws/{instance}")
+    with pytest.raises(
+        SourceError, match=r"aws: describe instance i-0123456789abcdef0: not found \(InvalidInstanceID"
+    ):
+        ec2.fetch(cs.parse_source("ec2://aws/i-0123456789abcdef0"), ec2_settings(cloud), dest / "source.raw")
+    with pytest.raises(
+        ImagingError, match=r"aws: describe instance i-.*: the cloud refused the credentials \(AuthFailure"
+    ):
+        ec2.fetch(src, ec2_settings(cloud, secret_access_key="wrong-secret"), dest / "source.raw")
+    # Every block cut, every time: after its retries the copy fails, and nothing is kept.
+    cloud.faults(cut=1000)
+    try:
+        with pytest.raises(ImagingError, match=r"block [0-9]+ of snap-.*: read failed .* after 5 attempts"):
+            ec2.fetch(src, ec2_settings(cloud), dest / "source.raw")
+    finally:
+        cloud.faults(cut=0)
+    nothing_left(dest)
+
+
+def test_ec2_snapshot_that_never_completes(aws: tuple[EC2Cloud, str], dest: Path, kvm_sample: Path) -> None:
+    cloud, _ = aws
+    stuck = cloud.instance_from_disk(kvm_sample, tags={"imaging-test": "never-completes"})
+    with pytest.raises(
+        ImagingError,
+        match=r"aws: snapshot snap-\S+ of volume vol-\S+ did not complete within 1 s \(still pending",
+    ):
+        ec2.fetch(
+            cs.parse_source(f"ec2://aws/{stuck}"),
+            ec2_settings(cloud, snapshot_timeout=1),
+            dest / "source.raw",
+        )
+    nothing_left(dest)
+    pending = [s for s in cloud.client("ec2").describe_snapshots()["Snapshots"] if s["State"] == "pending"]
+    assert pending == []  # the stuck snapshot was deleted, not left behind
+
+
+def test_ec2_publish_with_launch_permissions_and_back(aws: tuple[EC2Cloud, str], dest: Path, tmp_path: Path,
+                                                     kvm_sample: Path) -> None:  # fmt: skip
+    cloud, _ = aws
+    settings = ec2_settings(cloud, accounts={"bob": "111122223333", "carol": "444455556666"})
+    client = cloud.client("ec2")
+    disk = tmp_path / "disk.raw"
+    subprocess.run(["cp", "--sparse=always", str(kvm_sample), str(disk)], check=True)
+    for vis, shared, expected in [("public", [], [{"Group": "all"}]), ("private", [], []),
+                                  ("selected", ["bob", "carol"], [{"UserId": "111122223333"}, {"UserId": "444455556666"}])]:  # fmt: skip
+        reg = ec2.publish(settings, "aws", disk, f"Debian (test) {vis}", "run-1", vis, shared)
+        image = client.describe_images(ImageIds=[reg.image_id])["Images"][0]
+        assert image["Name"] == f"Debian (test) {vis} run-1" and image["State"] == "available"
+        assert image["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"] == reg.snapshot_id
+        perms = client.describe_image_attribute(ImageId=reg.image_id, Attribute="launchPermission")
+        assert sorted(perms["LaunchPermissions"], key=str) == sorted(expected, key=str), vis
+        assert (
+            client.describe_snapshots(SnapshotIds=[reg.snapshot_id])["Snapshots"][0]["State"] == "completed"
+        )
+    # What was published reads back as the disk it was made of: an instance of it, copied out.
+    run = client.run_instances(ImageId=reg.image_id, MinCount=1, MaxCount=1,
+                               BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": reg.snapshot_id}}])  # fmt: skip
+    back = ec2.fetch(
+        cs.parse_source(f"ec2://aws/{run['Instances'][0]['InstanceId']}"), settings, dest / "back.raw"
+    )
+    assert same_content(kvm_sample, Path(back.path))
+    with pytest.raises(
+        ParameterError, match=r"aws: no account id for dave \(add them under clouds.aws.accounts\)"
+    ):
+        ec2.publish(settings, "aws", disk, "x", "run-1", "selected", ["dave"])
+
+
+# OpenStack: Nova (stub) and Glance (real)
+
+
+@pytest.fixture(scope="module")
+def nova(
+    glance: Glance, kvm_sample: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[NovaStub, str]]:
+    qcow2 = tmp_path_factory.mktemp("nova") / "server.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(kvm_sample), str(qcow2)], check=True)
+    with NovaStub(glance.url) as stub:
+        yield stub, stub.add(qcow2)
+
+
+def os_settings(nova: NovaStub, glance: Glance, **extra: Any) -> cs.OpenStack:
+    found = cs.parse_clouds({"os": openstack_cloud(nova, glance, **extra)}, "test")["os"]
+    assert isinstance(found, cs.OpenStack)
+    return found
+
+
+def test_openstack_snapshot_downloaded_and_removed(
+    nova: tuple[NovaStub, str], glance: Glance, dest: Path
+) -> None:
+    stub, server = nova
+    before = {i["id"] for i in glance.images()}
+    got = openstack.fetch(cs.parse_source(f"openstack://os/{server}"), os_settings(stub, glance), dest)
+    assert got.format == "qcow2" and got.verified == "size, MD5 and sha512 from Glance"
+    assert Path(got.path).stat().st_size == got.size_bytes and Path(got.path).name == "source.qcow2"
+    assert f"POST /v2.1/servers/{server}/action" in stub.calls
+    assert {i["id"] for i in glance.images()} == before  # the snapshot image went after the copy
+
+
+def test_openstack_faults(nova: tuple[NovaStub, str], glance: Glance, dest: Path, kvm_sample: Path) -> None:
+    stub, server = nova
+    with pytest.raises(SourceError, match=r"os: server 00000000-0000-0000-0000-000000000000: not found"):
+        openstack.fetch(cs.parse_source("openstack://os/00000000-0000-0000-0000-000000000000"),
+                        os_settings(stub, glance), dest)  # fmt: skip
+    stuck = stub.add(kvm_sample, "raw", never_active=True)
+    before = {i["id"] for i in glance.images()}
+    with pytest.raises(
+        ImagingError, match=r"os: image \S+ of server \S+ did not become active within 1 s \(still queued\)"
+    ):
+        openstack.fetch(
+            cs.parse_source(f"openstack://os/{stuck}"), os_settings(stub, glance, image_timeout=1), dest
+        )
+    assert {i["id"] for i in glance.images()} == before  # the stuck snapshot image was deleted
+    # The download cut after 4 MiB: one line, nothing kept.
+    port = int(glance.url.rsplit(":", 1)[1])
+    proxy = CuttingProxy(port, cut_after=4 << 20)
+    try:
+        cut = openstack_cloud(stub, glance)
+        cut["image_endpoint"] = f"http://127.0.0.1:{proxy.port}"
+        cloud = cs.parse_clouds({"os": cut}, "test")["os"]
+        assert isinstance(cloud, cs.OpenStack)
+        with pytest.raises(
+            SourceError, match=r"os: download of image \S+ (failed|ended) after [0-9,]+ of [0-9,]+ bytes"
+        ):
+            openstack.fetch(cs.parse_source(f"openstack://os/{server}"), cloud, dest)
+    finally:
+        proxy.close()
+    nothing_left(dest)
+
+
+def test_glance_publish_visibility_and_members(nova: tuple[NovaStub, str], glance: Glance, tmp_path: Path,
+                                               kvm_sample: Path) -> None:  # fmt: skip
+    stub, _ = nova
+    cloud = os_settings(stub, glance, projects={"bob": "proj-bob", "carol": "proj-carol"})
+    qcow2 = tmp_path / "image.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(kvm_sample), str(qcow2)], check=True)
+    digest = hashlib.md5(qcow2.read_bytes(), usedforsecurity=False).hexdigest()
+    for vis, shared, visibility, members in [("public", [], "public", []), ("private", [], "private", []),
+                                             ("selected", ["bob", "carol"], "shared", ["proj-bob", "proj-carol"])]:  # fmt: skip
+        up = openstack.publish(cloud, "os", qcow2, "qcow2", f"Débian image «{vis}»", "run-1", vis, shared)
+        image = httpx.get(f"{glance.url}/v2/images/{up.image_id}").json()
+        assert (image["name"], image["visibility"], image["status"]) == (
+            f"Débian image «{vis}»",
+            visibility,
+            "active",
+        )
+        assert (image["disk_format"], image["container_format"], image["checksum"]) == (
+            "qcow2",
+            "bare",
+            digest,
+        )
+        listed = httpx.get(f"{glance.url}/v2/images/{up.image_id}/members")
+        if visibility == "shared":
+            assert sorted(m["member_id"] for m in listed.json()["members"]) == members == up.members
+        else:  # Glance: "Only shared images have members"
+            assert listed.status_code == 403 and up.members == []
+    with pytest.raises(ParameterError, match=r"os: no project id for dave"):
+        openstack.publish(cloud, "os", qcow2, "qcow2", "x", "run-1", "selected", ["dave"])
+
+
+def test_cloud_settings_refuse_what_is_wrong(tmp_path: Path) -> None:
+    for data, message in [
+        ({"aws": {"kind": "gce"}}, "does not match any of the expected tags"),
+        ({"Bad Name": {"kind": "ec2"}}, "cloud name 'Bad Name'"),
+        ({"aws": {"kind": "ec2", "accounts": {"bob": "12"}}}, "user bob: '12' is not a 12-digit account id"),
+        ({"n": {"kind": "eucalyptus", "nodes": ["a;b"], "key_file": "/k", "known_hosts": "/h"}}, "is not host or host:port"),
+        ({"n": {"kind": "eucalyptus", "nodes": ["a"], "key_file": "/k", "known_hosts": "/h", "instances_dir": "x/../y"}},
+         "must be a plain absolute path"),
+    ]:  # fmt: skip
+        with pytest.raises(ParameterError, match=message):
+            cs.parse_clouds(data, "test")
+    with pytest.raises(ParameterError, match="secret"):
+        # A message never quotes a secret: the wrong field is named, its value is not.
+        try:
+            cs.parse_clouds({"aws": {"kind": "ec2", "secret_access_key": ["the-secret"]}}, "test")
+        except ParameterError as e:
+            assert "the-secret" not in str(e)
+            raise ParameterError(f"secret field refused: {e}") from None
+    assert shutil.which("sshd", path=os.environ["PATH"] + ":/usr/sbin") is not None
