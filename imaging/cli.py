@@ -28,13 +28,17 @@ def _print_json(data: dict[str, Any]) -> None:
 def _export(args: argparse.Namespace) -> int:
     from imaging import sparse
     from imaging.clouds import acquire
+    from imaging.clouds import settings as cloud_settings
     from imaging.run import pipeline, preflight
 
+    target, fmt = "", "qcow2"
+    if args.kind == "image":  # made for where it is published, unless the options say
+        target, fmt = cloud_settings.image_machine(cloud_settings.from_environment(), args.destination)
     request = Request.create(
         source=args.source,
         name=args.name,
-        format=args.format,
-        target=args.target,
+        format=args.format or fmt,
+        target=args.target or target or None,
         out=str(Path(args.out).resolve()) if args.out else "",
         layout=args.layout,
         placement=args.placement,
@@ -310,11 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="the image's name: 1-255 printable characters (files use a safe slug of it)",
     )
-    e.add_argument("--format", default="qcow2", help=f"{FORMATS} (default qcow2)")
+    e.add_argument(
+        "--format", help=f"{FORMATS} (default qcow2; for --kind image, the destination cloud's image_format)"
+    )
     e.add_argument(
         "--target",
         help=f"target machine ({', '.join(config.available('targets'))}; default: by format, virtualbox "
-        "for ova and vdi, gce for gce, else kvm)",
+        "for ova and vdi, gce for gce, else kvm; for --kind image, the destination cloud's image_target)",
     )
     e.add_argument("--out", help="directory for the artifact (default: the run's out/)")
     e.add_argument("--run", help="run id (default: <name>-<UTC time>); an existing failed run resumes")
@@ -386,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--target",
         help=f"target machine ({', '.join(config.available('targets'))}; default: by format, virtualbox "
-        "for ova and vdi, gce for gce, else kvm)",
+        "for ova and vdi, gce for gce, else kvm; for --kind image, the destination cloud's image_target)",
     )
     c.add_argument("--verify", action="store_true", help="boot the artifact afterwards (stage 50-verify)")
     c.add_argument("--run", help="run id (default: <name>-<UTC time>); an existing failed run resumes")
