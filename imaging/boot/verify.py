@@ -248,6 +248,7 @@ class _Watch:
 
     def __init__(self, serial: Path, pcap: Path, port: int, marker_re: re.Pattern[str] | None) -> None:
         self.serial, self.pcap, self.port, self.marker_re = serial, pcap, port, marker_re
+        self._dhcp = evidence.DhcpWatch(pcap)
         self.text = ""
         self._offset = 0
         self.fatal: str = ""
@@ -277,7 +278,7 @@ class _Watch:
                 self.evidence, self.evidence_at = found.group(0).strip(), now
                 self.evidence_kind = "marker" if self.marker_re else "login prompt"
         if not self.dhcp:
-            self.dhcp = evidence.dhcp_lease(self.pcap) or ""
+            self.dhcp = self._dhcp.poll() or ""
         if want_ssh and not self.banner and self.evidence and now >= self._next_ssh:
             self._next_ssh = now + 1.0
             self.banner = evidence.ssh_banner(self.port) or ""
