@@ -154,7 +154,8 @@ def sweep(ws: Workspace, out: Path | None, request: Request | None = None) -> li
         if directory.is_dir():
             parts += [*directory.glob(".*.part"), *directory.glob(".*.part.ipynb")]
     if out is not None and request is not None:
-        artifact = out / f"{request.name}.{config.check_format(request.format).extension}"
+        # Named as 40-export names it: after the name's slug, not the name as the user wrote it.
+        artifact = out / f"{request.slug}.{config.check_format(request.format).extension}"
         parts += [
             sparse.part_path(artifact, ws.id),
             sparse.part_path(artifact.with_name(artifact.name + ".sha256"), ws.id),
@@ -269,6 +270,15 @@ def _source_bytes(ws: Workspace, request: Request) -> int:
     """The source's data: as 00-acquire measured it, or the blocks its file takes."""
     if ws.has_result("00-acquire"):
         return int(ws.result("00-acquire").get("data_bytes") or 0)
+    if is_cloud_source(request.source):
+        # 00-acquire copies a cloud's disk over the network: its limit grows with the disk's
+        # size as the cloud tells it (its data is known only once it is here).
+        from imaging.clouds import acquire
+
+        try:
+            return acquire.inspect(request.source).virtual_size
+        except ImagingError:
+            return 0
     try:
         st = catalog.resolve(request.source).stat()
     except (OSError, ImagingError):

@@ -234,7 +234,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, host_service: tuple[str, in
             lambda r: (r / "etc" / "os-release").unlink() or _sparse(r / "etc" / "os-release"),
         ),  # fmt: skip
         "inittab-fifo": variant("inittab-fifo", lambda r: os.mkfifo(r / "etc" / "inittab")),
-        "os-release-socket": variant("os-release-socket", lambda r: _socket(r / "etc" / "os-release")),
+        "fstab-socket": variant("fstab-socket", lambda r: _socket(r / "etc" / "fstab")),
         "fstab-block-device": variant(
             "fstab-block-device",
             lambda r: (
@@ -371,8 +371,8 @@ CASES = {
         r"grows with the source's size\); resume runs it again$", stage_time={"20-migrate": {"seconds": 20}}),
     "backing-dev-sda": Case("backing-dev-sda", [],
         r"has a backing file \(/dev/sda\); refusing: a source must be self-contained", code=2),
-    "os-release-socket": Case("os-release-socket", [],
-        r"^10-clean: /etc/os-release in the guest is a socket, not a regular file: refused$"),
+    "fstab-socket": Case("fstab-socket", GENERIC,
+        r"^20-migrate: /etc/fstab in the guest is a socket, not a regular file: refused$"),
     "name-with-newline": Case("the-lot", ["--name", "x\n"], r"^name 'x\\n' has a control or unprintable character",
         code=2),
 }  # fmt: skip

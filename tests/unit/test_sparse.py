@@ -123,3 +123,8 @@ def test_a_run_sweeps_its_own_partial_files_only(tmp_path: Path) -> None:
     removed = pipeline.sweep(ws, out, request)
     assert sorted(removed) == sorted(str(p) for p in [*mine, ws.work / ".instance.raw.part"])
     assert all(p.exists() for p in others)
+    # A name as users write it: the artifact, and so its partial file, is named after its slug.
+    named = Request.create(source="/nonexistent.img", name="My image (v2)", format="qcow2", out=str(out))
+    slugged = sparse.part_path(out / f"{named.slug}.qcow2", "demo-1")
+    slugged.write_bytes(b"partial")
+    assert named.slug != named.name and pipeline.sweep(ws, out, named) == [str(slugged)]
