@@ -118,7 +118,7 @@ def _gzip(data: bytes) -> bytes:
 
 
 def _gzip_bomb(path: Path, zeros: int) -> None:
-    """An initrd of a few hundred KiB: a cpio archive whose one file is 4 GiB of zeros, as
+    """An initrd of about a MiB: a cpio archive whose one file is ``zeros`` bytes of zeros, as
     gzip (one 64 MiB member of zeros written again and again: a reader takes concatenated
     members as one stream)."""
     name = b"big\0"
