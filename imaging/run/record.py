@@ -82,7 +82,7 @@ class LocalReader:
         self.runs = runs
 
     def _path(self, run: str, name: str) -> Path:
-        config.check_name(run)
+        config.check_run_id(run)
         path = (self.runs / run / name).resolve()
         if not path.is_relative_to((self.runs / run).resolve()):
             raise ImagingError(f"{name} is not in run {run}")
@@ -137,7 +137,7 @@ class ObjectStore:
         )
 
     def key(self, run: str, name: str) -> str:
-        config.check_name(run)
+        config.check_run_id(run)
         return f"{self.cfg.prefix}{run}/{name}"
 
     def _fail(self, what: str, e: Exception) -> ImagingError:
