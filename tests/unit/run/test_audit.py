@@ -81,3 +81,46 @@ def test_a_missing_file_and_a_missing_record(tmp_path: Path) -> None:
     (ws.notebooks / "00-acquire.html").unlink()
     assert audit.verify(ws.root).problems == ["notebooks/00-acquire.html is missing"]
     assert "does not exist" in audit.verify(tmp_path).message
+
+
+def test_a_restart_moves_the_abandoned_attempt_on_the_chain(tmp_path: Path) -> None:
+    from imaging.run import pipeline, report
+
+    ws = Workspace.open(tmp_path / "run-2")
+    write_json(ws.request_file, {"kind": "export"})
+    for stage in ("00-acquire", "10-clean"):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"print('{stage}')")])
+        nbformat.write(nb, ws.notebooks / f"{stage}.ipynb")
+        audit.record_notebook(ws, ws.notebooks / f"{stage}.ipynb")
+        ws.save_result(stage, {"done": stage})
+    failed = ws.notebooks / "20-migrate.failed-1.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(), failed)
+    audit.append(ws, failed, "notebook")
+    assert pipeline.restart(ws, "the input of 20-migrate was not kept") == 1
+    names = sorted(p.name for p in ws.notebooks.glob("*.ipynb"))
+    assert names == ["00-acquire.attempt-1.ipynb", "10-clean.attempt-1.ipynb", "20-migrate.failed-1.ipynb"]
+    assert not list(ws.results.glob("*.json"))
+    state = json.loads(ws.state_file.read_text())
+    assert state["state"] == "restarted" and "attempt 1 is kept in the record" in state["error"]
+    # The stages run again under their own names: old and new both verify.
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print('again')")])
+    nbformat.write(nb, ws.notebooks / "00-acquire.ipynb")
+    audit.record_notebook(ws, ws.notebooks / "00-acquire.ipynb")
+    checked = audit.verify(ws.root)
+    assert checked.ok, checked.problems
+    moved = [e for e in audit.load(ws.root)["entries"] if e["kind"] == "moved"]
+    assert [(e["from"], e["file"]) for e in moved][:2] == [
+        ("notebooks/00-acquire.ipynb", "notebooks/00-acquire.attempt-1.ipynb"),
+        ("notebooks/00-acquire.html", "notebooks/00-acquire.attempt-1.html"),
+    ]
+    # Changing the abandoned attempt's notebook is seen under its new name; so is editing a move.
+    (ws.notebooks / "10-clean.attempt-1.ipynb").write_text("{}")
+    assert "notebooks/10-clean.attempt-1.ipynb changed" in audit.verify(ws.root).problems[0]
+    chain = audit.load(ws.root)
+    chain["entries"][moved[0]["n"]]["from"] = "notebooks/other.ipynb"
+    assert any("altered" in p for p in audit.verify_chain(ws.id, chain, lambda n: None).problems)
+    # The report lists the abandoned attempt before the stage's run, and says what it was.
+    shown = [(stage, tag) for stage, tag, _ in report.stage_notebooks(ws.root)]
+    assert shown == [("00-acquire", "attempt-1"), ("00-acquire", None), ("10-clean", "attempt-1"),
+                     ("20-migrate", "failed-1")]  # fmt: skip
+    assert report._label("attempt-1").startswith("attempt 1 (abandoned")
