@@ -209,9 +209,9 @@ def run_stage(
     t0 = time.monotonic()
     # IPC sockets in the run directory, not TCP on loopback: nothing for other local users to reach.
     # A socket's path holds 107 bytes at most: for a deep run directory, a private one (0700) in
-    # the temporary directory instead.
+    # /tmp instead (not $TMPDIR, which may be as deep).
     private = len(str(ws.root / ".kernel-0000000000")) > 100
-    sockets = Path(tempfile.mkdtemp(prefix="imaging-kernel-")) if private else ws.root
+    sockets = Path(tempfile.mkdtemp(prefix="imaging-kernel-", dir="/tmp")) if private else ws.root
     km = KernelManager(kernel_name=KERNEL_NAME, transport="ipc", ip=str(sockets / ".kernel"))
     # independent: no ipykernel parent poller, which would os._exit() the kernel without cleanup
     # when we die; the stage's own watchdog (stage.py) cleans up first, then exits.
