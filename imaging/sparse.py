@@ -14,7 +14,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,13 +147,17 @@ def create_sparse(path: Path, size: int) -> None:
         f.truncate(size)
 
 
-def flush(path: Path) -> None:
-    """Put ``path``'s data on disk (fdatasync)."""
-    fd = os.open(path, os.O_RDONLY)
+def _sync(path: Path, sync: Callable[[int], None], flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
     try:
-        os.fdatasync(fd)
+        sync(fd)
     finally:
         os.close(fd)
+
+
+def flush(path: Path) -> None:
+    """Put ``path``'s data on disk (fdatasync)."""
+    _sync(path, os.fdatasync)
 
 
 def sha256(path: Path, desc: str | None = "sha256") -> str:
@@ -206,20 +210,12 @@ def part_path(path: Path, tag: str = "") -> Path:
 
 def fsync_dir(directory: Path) -> None:
     """Put ``directory``'s entries on disk: a rename is durable only once its directory is."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _sync(directory, os.fsync, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def make_durable(path: Path) -> None:
     """``path``'s data and its name in its directory on disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _sync(path, os.fsync)
     fsync_dir(path.parent)
 
 
