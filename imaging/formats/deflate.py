@@ -42,7 +42,9 @@ LEVEL = 1
 # together; the unit is deflated only if they shrink below STORE_ABOVE of their size.
 SAMPLE = 2048
 STORE_ABOVE = 0.97
-DESCRIPTION = f"libdeflate level {LEVEL} (qcow2: zlib level {LEVEL}); units whose samples do not shrink are stored"
+DESCRIPTION = (
+    f"libdeflate level {LEVEL} (qcow2: zlib level {LEVEL}); units whose samples do not shrink are stored"
+)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 

@@ -39,6 +39,14 @@ def render_html(notebook: Path) -> Path:
     return html
 
 
+def file_digest(path: Path, like: str) -> str:
+    """The digest of ``path`` of the kind ``like`` is: a plain sha256 (hex), or a named one
+    (``sha256-1MiB-list:<hex>``, :func:`imaging.sparse.content_digest`)."""
+    if like.startswith(sparse.DIGEST_NAME + ":"):
+        return sparse.content_digest(path)
+    return sparse.sha256(path, desc=None)
+
+
 def link(prev: str, name: str, digest: str) -> str:
     return hashlib.sha256(f"{prev}\n{name}\n{digest}".encode()).hexdigest()
 
@@ -83,10 +91,14 @@ def record_notebook(ws: Workspace, notebook: Path) -> None:
 
 
 def seal(ws: Workspace, summary: dict[str, Any]) -> str:
-    """At the end of a run: result.json and the artifact (its sha256 as stage 40 computed it)."""
+    """At the end of a run: result.json and the artifact, with the digest stage 40 computed: its
+    sha256, or for a raw artifact (sparse) its content digest, which checking costs the data
+    only (a sha256 would cost the disk's virtual size every time the chain is verified)."""
     append(ws, ws.result_file, "result")
     if summary.get("path"):
-        return append(ws, Path(summary["path"]), "artifact", summary.get("sha256"))
+        exported = ws.result("40-export") if ws.has_result("40-export") else {}
+        digest = (exported.get("details") or {}).get("content_digest") or summary.get("sha256")
+        return append(ws, Path(summary["path"]), "artifact", digest)
     return str(load(ws.root)["head"])
 
 
@@ -123,7 +135,7 @@ def verify(root: Path, expected_head: str | None = None) -> Report:
         if not path.is_file():
             problems.append(f"{name} is missing")
             continue
-        actual = sparse.sha256(path, desc=None)
+        actual = file_digest(path, digest)
         if actual != digest:
             problems.append(f"{name} changed since it was recorded (sha256 {actual}, recorded {digest})")
     if chain["head"] != prev:

@@ -173,7 +173,7 @@ def run_stage(
     from jupyter_client.manager import KernelManager
 
     declared = declared_parameters(stage)
-    # The pipeline hashes the source itself, beside all the stages (see SourceHash).
+    # The pipeline digests the source itself, beside all the stages (see SourceDigest).
     values = {**request.notebook_parameters(), "RUN_DIR": str(ws.root), "HASH_SOURCE": False}
     params = {k: v for k, v in values.items() if k in declared}
     final = ws.notebooks / f"{stage}.ipynb"
@@ -291,23 +291,24 @@ def _wait_records(ws: Workspace) -> None:
     del _rendering[ws.root]
 
 
-class SourceHash:
-    """The source's sha256, computed beside the whole run, on CPU the stages leave idle
-    (``imaging/run/idle_hash.py``). Hashing costs the source's virtual size (holes hash as zeros).
-    Kept in ``source.sha256`` beside the run, so a resumed run does not hash again.
+class SourceDigest:
+    """The source's content digest (``sha256-1MiB-list:...``, :func:`imaging.sparse.content_digest`),
+    computed beside the whole run (``imaging/run/source_digest.py``); it costs the source's data,
+    not its virtual size. Kept in ``source.digest`` beside the run, so a resumed run does not
+    digest again. For a cloud's instance, 00-acquire writes the digest of the disk as it arrived.
     """
 
     def __init__(self, ws: Workspace, source: str) -> None:
-        self.file = ws.root / "source.sha256"
+        self.file = ws.root / "source.digest"
         self.digest: str | None = None
         self.error: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
         if self.file.exists():
             self.digest = self.file.read_text().split()[0]
         elif is_cloud_source(source):
-            pass  # 00-acquire writes it: the sha256 of the disk as it came out of the cloud
+            pass  # 00-acquire writes it: the digest of the disk as it came out of the cloud
         else:
-            argv = [sys.executable, "-m", "imaging.run.idle_hash", str(catalog.resolve(source)), str(self.file),
+            argv = [sys.executable, "-m", "imaging.run.source_digest", str(catalog.resolve(source)), str(self.file),
                     str(os.getpid())]  # fmt: skip
             self._process = subprocess.Popen(argv, cwd=config.PROJECT, stdin=subprocess.DEVNULL,
                                              stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
@@ -320,7 +321,7 @@ class SourceHash:
             if self.file.exists():
                 self.digest = self.file.read_text().split()[0]
             else:
-                self.error = f"cannot hash the source (exit code {code})"
+                self.error = f"cannot digest the source (exit code {code})"
             self._process = None
         return self.digest
 
@@ -335,7 +336,7 @@ def _summary(
     request: Request,
     results: dict[str, Any],
     timings: dict[str, Any],
-    source_sha256: str | None,
+    source_digest: str | None,
 ) -> dict[str, Any]:
     artifact = results.get("40-export", {})
     boot = results.get("50-verify", {})
@@ -369,7 +370,7 @@ def _summary(
             )
         },  # fmt: skip
         "source": request.source,
-        "source_sha256": source_sha256,
+        "source_digest": source_digest,
         **(
             {"fetched": results["00-acquire"]["fetched"]}
             if (results.get("00-acquire") or {}).get("fetched")
@@ -438,7 +439,7 @@ class Runner:
         self.out = out_dir(ws, request)
         self.results: dict[str, Any] = {}
         self.timings: dict[str, Any] = dict(self.state.data.get("timings", {}))
-        self._source_hash: SourceHash | None = None
+        self._source_digest: SourceDigest | None = None
         self._held = False
         os.environ["IMAGING_MOUNT_LEDGER"] = str(ws.root / "mounts.json")
         os.environ["IMAGING_PIPELINE"] = "1"
@@ -472,8 +473,8 @@ class Runner:
         for earlier in self.stages[: index - 1]:
             self.results.setdefault(earlier, self.ws.result(earlier))
         with self.holding():
-            if self._source_hash is None:
-                self._source_hash = SourceHash(self.ws, self.request.source)
+            if self._source_digest is None:
+                self._source_digest = SourceDigest(self.ws, self.request.source)
             self.state.set("running", stage)
             try:
                 done = run_stage(self.ws, stage, self.request, index, len(self.stages), self.err)
@@ -490,9 +491,9 @@ class Runner:
         return stage
 
     def _failed(self, stage: str, error: str) -> None:
-        if self._source_hash is not None:
-            self._source_hash.stop()
-            self._source_hash = None
+        if self._source_digest is not None:
+            self._source_digest.stop()
+            self._source_digest = None
         sweep(self.ws, self.out)
         self.state.set("error", stage, error)
 
@@ -505,8 +506,8 @@ class Runner:
         for stage in self.stages:
             self.results.setdefault(stage, self.ws.result(stage))
         with self.holding():
-            source_hash = self._source_hash or SourceHash(self.ws, self.request.source)
-            summary = _summary(self.ws, self.request, self.results, self.timings, source_hash.result())
+            source_digest = self._source_digest or SourceDigest(self.ws, self.request.source)
+            summary = _summary(self.ws, self.request, self.results, self.timings, source_digest.result())
             _wait_records(self.ws)
             write_json(self.ws.result_file, summary)
             audit.seal(self.ws, summary)

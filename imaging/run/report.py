@@ -164,7 +164,7 @@ def _header(root: Path, notebooks: list[tuple[str, int | None, Path]]) -> str:
         ("audit chain", _audit_verdict(chain)),
         ("artifact", _code(result.get("path"))),
         ("sha256", _code(result.get("sha256"))),
-        ("source", f"{_code(request.get('source'))}, sha256 {_code(result.get('source_sha256'))}"),
+        ("source", f"{_code(request.get('source'))}, {_code(result.get('source_digest'))}"),
         ("format, target", f"{e(request.get('format'))}, {e(request.get('target'))}"),
     ])  # fmt: skip
     stages = []
