@@ -10,7 +10,7 @@ report.
 
 Everything a request or an image can put on these pages (names, paths, errors, file names from
 the guest) is HTML-escaped here; the notebooks' own outputs are escaped where they are made
-(pandas tables, ``records.Text``, ``summary.text``) and by nbconvert (streams, tracebacks).
+(``tables.Table``, ``records.Text``, ``summary.text``) and by nbconvert (streams, tracebacks).
 """
 
 from __future__ import annotations
