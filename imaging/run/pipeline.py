@@ -12,8 +12,11 @@ summary of what the stage did (or of how it failed) goes in under its title (``s
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
+import functools
+import itertools
 import json
 import os
 import shutil
@@ -143,6 +146,128 @@ def _shutdown(km: Any) -> None:
         km.shutdown_kernel(now=False)
 
 
+# While cells run, the executed notebook is saved at most this often (and always at its start
+# and end): papermill saves it at every cell's start and end, 27 saves of a serialized and
+# schema-validated notebook for 40-export, about a third of a stage's fixed cost.
+SAVE_EVERY = 1.0
+
+
+@functools.cache
+def _engine() -> str:
+    """papermill's nbclient engine, saving the notebook as SAVE_EVERY says; its name."""
+    from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
+
+    class Saves(NotebookExecutionManager):
+        _force = False
+
+        def save(self, **kwargs: Any) -> None:
+            if self._force or (self.now() - self.last_save_time).total_seconds() >= SAVE_EVERY:
+                super().save(**kwargs)
+
+        def notebook_start(self, **kwargs: Any) -> None:
+            self._force = True
+            try:
+                super().notebook_start(**kwargs)
+            finally:
+                self._force = False
+
+        def notebook_complete(self, **kwargs: Any) -> None:
+            self._force = True
+            super().notebook_complete(**kwargs)
+
+    class Engine(NBClientEngine):
+        @classmethod
+        def execute_notebook(cls, nb: Any, kernel_name: str, output_path: str | None = None,
+                             progress_bar: bool = True, log_output: bool = False, autosave_cell_every: int = 30,
+                             **kwargs: Any) -> Any:  # fmt: skip
+            # papermill's Engine.execute_notebook, with Saves for its execution manager.
+            nb_man = Saves(nb, output_path=output_path, progress_bar=progress_bar, log_output=log_output,
+                           autosave_cell_every=autosave_cell_every)  # fmt: skip
+            nb_man.notebook_start()
+            try:
+                cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kwargs)
+            finally:
+                nb_man.cleanup_pbar()
+                nb_man.notebook_complete()
+            return nb_man.nb
+
+    papermill_engines.register("imaging", Engine)
+    return "imaging"
+
+
+def stage_imports(stage: str) -> str:
+    """The import statements of a stage notebook's code cells, as one line of code."""
+    nb = json.loads(notebook_path(stage).read_text(encoding="utf-8"))
+    found: list[str] = []
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        try:
+            tree = ast.parse("".join(cell["source"]))
+        except SyntaxError:
+            continue
+        found += [ast.unparse(n) for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    return "; ".join(dict.fromkeys(found))
+
+
+_KERNELS = itertools.count(1)
+
+
+class Kernel:
+    """A stage's Jupyter kernel, started ahead of its stage: while the stage before it works,
+    the kernel process starts and imports what the stage's notebook imports (its import
+    statements run as the kernel's ``exec_lines``), so the stage itself begins at once.
+
+    IPC sockets in the run directory, not TCP on loopback: nothing for other local users to
+    reach. A socket's path holds 107 bytes at most: for a deep run directory, a private one
+    (0700) in the temporary directory instead.
+    """
+
+    def __init__(self, ws: Workspace, stage: str) -> None:
+        from jupyter_client.manager import KernelManager
+
+        self.stage = stage
+        self.private = len(str(ws.root / ".kernel-0000000000")) > 100
+        self.sockets = Path(tempfile.mkdtemp(prefix="imaging-kernel-")) if self.private else ws.root
+        # Each kernel its own socket names: jupyter_client numbers IPC sockets from 1 up to the
+        # first name not taken on disk, and a kernel makes its sockets only once it runs, so two
+        # kernels started together under one name would bind the same sockets.
+        self.km = KernelManager(kernel_name=KERNEL_NAME, transport="ipc",
+                                ip=str(self.sockets / f".kernel{next(_KERNELS)}"))  # fmt: skip
+        # independent: no ipykernel parent poller, which would os._exit() the kernel without
+        # cleanup when we die; the stage's own watchdog (stage.py, started first thing) cleans
+        # up first, then exits. An idle kernel started ahead exits the same way.
+        env = {k: v for k, v in os.environ.items() if k != "JPY_PARENT_PID"}
+        ahead = f"import imaging.run.stage as _stage; _stage.guard(); {stage_imports(stage)}"
+        # A kernel without a parent handle prints how to connect to it on our stdout; CRITICAL quiets it.
+        self.km.start_kernel(cwd=str(config.PROJECT), env=env, independent=True,
+                             extra_arguments=["--IPKernelApp.log_level=CRITICAL", f"--IPKernelApp.exec_lines={ahead}"])  # fmt: skip
+        self._stopper: threading.Thread | None = None
+
+    def shutdown(self, *, wait: bool = True) -> None:
+        """Shut the kernel down; ``wait=False`` lets it exit while the next stage starts (the
+        stage's work is complete and recorded; only the process is left to go)."""
+
+        def stop() -> None:
+            _shutdown(self.km)
+            if self.private:  # after the kernel is gone: it talks through them
+                shutil.rmtree(self.sockets, ignore_errors=True)
+
+        self._stopper = threading.Thread(target=stop, name=f"stop kernel {self.stage}", daemon=True)
+        self._stopper.start()
+        if wait:
+            self.join()
+
+    def join(self) -> None:
+        if self._stopper is not None:
+            self._stopper.join()
+
+    def kill(self) -> None:
+        _stop_kernel(self.km)
+        if self.private:
+            shutil.rmtree(self.sockets, ignore_errors=True)
+
+
 def sweep(ws: Workspace, out: Path | None) -> list[str]:
     """Remove what a failed or killed stage may have left: partial files and mounts."""
     removed = mounts.release_leftovers(ws.root / "mounts.json")
@@ -167,10 +292,16 @@ def _cells_seconds(nb_path: Path) -> tuple[float, float]:
 
 
 def run_stage(
-    ws: Workspace, stage: str, request: Request, index: int, total: int, err: TextIO
+    ws: Workspace,
+    stage: str,
+    request: Request,
+    index: int,
+    total: int,
+    err: TextIO,
+    kernel: Kernel | None = None,
 ) -> dict[str, Any]:
+    """Execute one stage's notebook in ``kernel`` (one started ahead), or in a new kernel."""
     import papermill as pm
-    from jupyter_client.manager import KernelManager
 
     declared = declared_parameters(stage)
     # The pipeline digests the source itself, beside all the stages (see SourceDigest).
@@ -180,18 +311,8 @@ def run_stage(
     tmp = ws.notebooks / f".{stage}.part.ipynb"  # papermill wants .ipynb
     print(f"imaging: [{index}/{total}] {stage} ...", file=err, flush=True)
     t0 = time.monotonic()
-    # IPC sockets in the run directory, not TCP on loopback: nothing for other local users to reach.
-    # A socket's path holds 107 bytes at most: for a deep run directory, a private one (0700) in
-    # the temporary directory instead.
-    private = len(str(ws.root / ".kernel-0000000000")) > 100
-    sockets = Path(tempfile.mkdtemp(prefix="imaging-kernel-")) if private else ws.root
-    km = KernelManager(kernel_name=KERNEL_NAME, transport="ipc", ip=str(sockets / ".kernel"))
-    # independent: no ipykernel parent poller, which would os._exit() the kernel without cleanup
-    # when we die; the stage's own watchdog (stage.py) cleans up first, then exits.
-    env = {k: v for k, v in os.environ.items() if k != "JPY_PARENT_PID"}
-    # A kernel without a parent handle prints how to connect to it on our stdout; CRITICAL quiets it.
-    km.start_kernel(cwd=str(config.PROJECT), env=env, independent=True,
-                    extra_arguments=["--IPKernelApp.log_level=CRITICAL"])  # fmt: skip
+    kernel = kernel or Kernel(ws, stage)
+    km = kernel.km
     try:
         pm.execute_notebook(
             str(notebook_path(stage)),
@@ -199,6 +320,7 @@ def run_stage(
             parameters=params,
             km=km,
             kernel_name=KERNEL_NAME,
+            engine_name=_engine(),
             progress_bar=False,
             stderr_file=err,
             coalesce_streams=True,
@@ -206,21 +328,18 @@ def run_stage(
             cwd=str(config.PROJECT),
         )
     except KeyboardInterrupt:
-        _stop_kernel(km)
+        kernel.kill()
         _keep_failed(ws, stage, tmp, "interrupted")
         raise
     except pm.PapermillExecutionError as e:
-        _shutdown(km)
+        kernel.shutdown()
         _keep_failed(ws, stage, tmp, _one_line(e.ename, e.evalue))
         raise StageFailed(stage, _one_line(e.ename, e.evalue), ws.id) from None
     except BaseException:
-        _shutdown(km)
+        kernel.shutdown()
         raise
     else:
-        _shutdown(km)
-    finally:
-        if private:  # after the kernel is gone: it talks through them
-            shutil.rmtree(sockets, ignore_errors=True)
+        kernel.shutdown(wait=False)
     wall = time.monotonic() - t0
     recorded = scraps.read(tmp)
     if stage not in recorded:
@@ -422,6 +541,11 @@ def out_dir(ws: Workspace, request: Request) -> Path:
     return Path(request.out).resolve() if request.out else ws.root / "out"
 
 
+def _import_renderer() -> None:
+    with contextlib.suppress(Exception):  # the render itself will say what is wrong
+        import nbconvert.exporters.html  # noqa: F401
+
+
 class Runner:
     """One run's stages, one at a time: ``execute`` runs them all, explore.ipynb one per click.
 
@@ -440,9 +564,14 @@ class Runner:
         self.results: dict[str, Any] = {}
         self.timings: dict[str, Any] = dict(self.state.data.get("timings", {}))
         self._source_digest: SourceDigest | None = None
+        self._ahead: Kernel | None = None  # the next stage's kernel, started while a stage runs
+        self._stopping: list[Kernel] = []
         self._held = False
         os.environ["IMAGING_MOUNT_LEDGER"] = str(ws.root / "mounts.json")
         os.environ["IMAGING_PIPELINE"] = "1"
+        # nbconvert (0.3 s of imports) renders every stage's notebook and the report: imported
+        # while the first kernel starts, when this process only waits.
+        threading.Thread(target=_import_renderer, name="import nbconvert", daemon=True).start()
 
     def done(self, stage: str) -> bool:
         return (self.ws.notebooks / f"{stage}.ipynb").exists()
@@ -462,6 +591,9 @@ class Runner:
                 yield
             finally:
                 _wait_records(self.ws)  # nothing of the run goes on once its lock is let go
+                for kernel in self._stopping:
+                    kernel.join()
+                self._stopping.clear()
                 self._held = False
 
     def step(self) -> str:
@@ -477,7 +609,10 @@ class Runner:
                 self._source_digest = SourceDigest(self.ws, self.request.source)
             self.state.set("running", stage)
             try:
-                done = run_stage(self.ws, stage, self.request, index, len(self.stages), self.err)
+                kernel = self._kernel_for(stage)
+                self._start_ahead(index)
+                done = run_stage(self.ws, stage, self.request, index, len(self.stages), self.err, kernel)
+                self._stopping.append(kernel)
             except KeyboardInterrupt:
                 self._failed(stage, "interrupted")
                 raise
@@ -490,7 +625,31 @@ class Runner:
         self.state.data["timings"] = self.timings
         return stage
 
+    def _kernel_for(self, stage: str) -> Kernel:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.stage == stage:
+            return ahead
+        if ahead is not None:
+            ahead.kill()
+        return Kernel(self.ws, stage)
+
+    def _start_ahead(self, index: int) -> None:
+        """The kernel of the stage after this one (``index`` counts from 1), started now."""
+        if index < len(self.stages) and os.environ.get("IMAGING_KERNEL_AHEAD", "1") != "0":
+            self._ahead = Kernel(self.ws, self.stages[index])
+
+    def stop_kernels(self) -> None:
+        """No kernel of this run outlives it: the one started ahead (when no stage will use it)
+        is stopped, and the finished stages' kernels are waited for."""
+        if self._ahead is not None:
+            self._ahead.kill()
+            self._ahead = None
+        for kernel in self._stopping:
+            kernel.join()
+        self._stopping.clear()
+
     def _failed(self, stage: str, error: str) -> None:
+        self.stop_kernels()
         if self._source_digest is not None:
             self._source_digest.stop()
             self._source_digest = None
@@ -537,11 +696,16 @@ def execute(ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> dic
     if state.state == "completed" and ws.result_file.exists():
         return dict(json.loads(ws.result_file.read_text()))
     runner = Runner(ws, request, err=err)
-    with runner.holding():
-        for index, stage in enumerate(runner.stages, 1):
-            if runner.done(stage):
-                runner.results[stage] = ws.result(stage)
-                print(f"imaging: [{index}/{len(runner.stages)}] {stage} already done", file=err, flush=True)
-        while runner.next_stage() is not None:
-            runner.step()
-        return runner.finish()
+    try:
+        with runner.holding():
+            for index, stage in enumerate(runner.stages, 1):
+                if runner.done(stage):
+                    runner.results[stage] = ws.result(stage)
+                    print(
+                        f"imaging: [{index}/{len(runner.stages)}] {stage} already done", file=err, flush=True
+                    )
+            while runner.next_stage() is not None:
+                runner.step()
+            return runner.finish()
+    finally:
+        runner.stop_kernels()
