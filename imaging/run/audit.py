@@ -13,30 +13,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from imaging import sparse
 from imaging.records import Record
+from imaging.run import pages
 from imaging.workspace import Workspace, write_json
 
 GENESIS = "0" * 64
 
 
 def render_html(notebook: Path) -> Path:
-    """``<notebook>.html`` beside the executed notebook (nbconvert's HTML exporter)."""
-    from nbconvert import HTMLExporter
+    """``<notebook>.html`` beside the executed notebook (:mod:`imaging.run.html`)."""
+    import nbformat
 
-    with warnings.catch_warnings():
-        # The stage's recorded result (scraps.MIME) has no HTML form, by design: its tables show it.
-        warnings.filterwarnings("ignore", message=".*scrapbook.scrap.json.*not able to be represented")
-        body, _ = HTMLExporter().from_filename(str(notebook))
-    html = notebook.with_suffix(".html")
-    with sparse.atomic_path(html) as part:
+    body = pages.render(nbformat.read(notebook, as_version=4), notebook.stem)
+    page = notebook.with_suffix(".html")
+    with sparse.atomic_path(page) as part:
         part.write_text(body, encoding="utf-8")
-    return html
+    return page
 
 
 def file_digest(path: Path, like: str) -> str:
