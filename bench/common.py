@@ -18,6 +18,11 @@ from imaging.samples import catalog
 WORK = Path(os.environ.get("IMAGING_BENCH_DIR", "/var/tmp/imaging-bench"))
 
 
+def load() -> float:
+    """The machine's 1-minute load average (other work shares its two cores)."""
+    return os.getloadavg()[0]
+
+
 def run(*argv: object, **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
 
