@@ -13,7 +13,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # ssh-keyscan, which the boot check uses too), the real Glance; mmdebstrap builds the real Debian
 # samples.
 APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdisk util-linux \
-	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap \
+	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap pigz \
 	postgresql chromium fonts-dejavu-core tesseract-ocr tesseract-ocr-eng virt-v2v \
 	openssh-server openssh-client glance-api mmdebstrap
 

@@ -28,13 +28,17 @@ def _print_json(data: dict[str, Any]) -> None:
 def _export(args: argparse.Namespace) -> int:
     from imaging import sparse
     from imaging.clouds import acquire
+    from imaging.clouds import settings as cloud_settings
     from imaging.run import pipeline, preflight
 
+    target, fmt = "", "qcow2"
+    if args.kind == "image":  # made for where it is published, unless the options say
+        target, fmt = cloud_settings.image_machine(cloud_settings.from_environment(), args.destination)
     request = Request.create(
         source=args.source,
         name=args.name,
-        format=args.format,
-        target=args.target,
+        format=args.format or fmt,
+        target=args.target or target or None,
         out=str(Path(args.out).resolve()) if args.out else "",
         layout=args.layout,
         placement=args.placement,
@@ -166,10 +170,13 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from imaging.boot import evidence, verify
-    from imaging.formats import ova
+    from imaging.formats import gce, ova
 
-    # An OVA pins its machine; any other disk boots where the default target says.
-    target = args.target or config.default_target("ova" if ova.is_ova(Path(args.path)) else "raw")
+    # An OVA pins its machine, a GCE tarball is GCE's; any other disk boots where the default says.
+    path = Path(args.path)
+    target = args.target or config.default_target(
+        "ova" if ova.is_ova(path) else "gce" if gce.is_gce(path) else "raw"
+    )
     result = verify.boot(
         args.path,
         target,
@@ -193,7 +200,7 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-FORMATS = "raw, qcow2, vmdk, vdi, vhd, vhdx or ova"
+FORMATS = "raw, qcow2, vmdk, vdi, vhd, vhdx, ova or gce"
 
 
 def _add_format_options(p: argparse.ArgumentParser) -> None:
@@ -302,11 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="the image's name: 1-255 printable characters (files use a safe slug of it)",
     )
-    e.add_argument("--format", default="qcow2", help=f"{FORMATS} (default qcow2)")
+    e.add_argument(
+        "--format", help=f"{FORMATS} (default qcow2; for --kind image, the destination cloud's image_format)"
+    )
     e.add_argument(
         "--target",
         help=f"target machine ({', '.join(config.available('targets'))}; default: by format, virtualbox "
-        "for ova and vdi, else kvm)",
+        "for ova and vdi, gce for gce, else kvm; for --kind image, the destination cloud's image_target)",
     )
     e.add_argument("--out", help="directory for the artifact (default: the run's out/)")
     e.add_argument("--run", help="run id (default: <name>-<UTC time>); an existing failed run resumes")
@@ -378,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--target",
         help=f"target machine ({', '.join(config.available('targets'))}; default: by format, virtualbox "
-        "for ova and vdi, else kvm)",
+        "for ova and vdi, gce for gce, else kvm; for --kind image, the destination cloud's image_target)",
     )
     c.add_argument("--verify", action="store_true", help="boot the artifact afterwards (stage 50-verify)")
     c.add_argument("--run", help="run id (default: <name>-<UTC time>); an existing failed run resumes")
@@ -394,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="boot any artifact on a target's hardware")
     v.add_argument("path")
-    v.add_argument("--target", help="target machine (default: virtualbox for an OVA, else kvm)")
+    v.add_argument(
+        "--target", help="target machine (default: virtualbox for an OVA, gce for a GCE tar.gz, else kvm)"
+    )
     v.add_argument(
         "--boot-marker", default="", help="regular expression proving the boot (besides a login prompt)"
     )

@@ -48,20 +48,22 @@ class ImageFormat(StrEnum):
     vhd = "vhd"
     vhdx = "vhdx"
     ova = "ova"
+    gce = "gce"
 
     @property
     def extension(self) -> str:
-        return self.value
+        return "tar.gz" if self is ImageFormat.gce else self.value
 
     @property
     def qemu_format(self) -> str:
-        """qemu's name for the disk format (of the disk inside, for an OVA)."""
-        return {"vhd": "vpc", "ova": "vmdk"}.get(self.value, self.value)
+        """qemu's name for the disk format (of the disk inside, for an OVA or a GCE tarball)."""
+        return {"vhd": "vpc", "ova": "vmdk", "gce": "raw"}.get(self.value, self.value)
 
     @property
     def is_archive(self) -> bool:
-        """An OVA is a tar holding a descriptor, a disk and a manifest, not a disk image."""
-        return self is ImageFormat.ova
+        """An OVA (descriptor, disk, manifest) and a GCE image (disk.raw in a gzipped tar) are
+        archives holding a disk, not disk images."""
+        return self in (ImageFormat.ova, ImageFormat.gce)
 
 
 class VmdkSubformat(StrEnum):
@@ -110,22 +112,83 @@ class OvfFacts(_Strict):
     )
 
 
+Module = Annotated[str, Field(pattern=_MODULE)]
+_DEVICE = r"^[a-z0-9][a-z0-9._-]{0,39}$"
+
+
+class QemuDevice(_Strict):
+    """How the boot check gives a guest one disk controller or NIC in QEMU."""
+
+    # QEMU's -device values, in order; {drive} is the disk's drive id, {netdev} the network's.
+    devices: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.,={}-]+$")]] = Field(min_length=1)
+    modules: list[Module]  # the guest's drivers for it: one of them must be there
+
+
+class QemuDevices(_Strict):
+    """parameters/qemu.yaml: the disk controllers and NICs the boot check can attach, by name."""
+
+    controllers: dict[Annotated[str, Field(pattern=_DEVICE)], QemuDevice]
+    nics: dict[Annotated[str, Field(pattern=_DEVICE)], QemuDevice]
+
+
+class BootCheck(_Strict):
+    """The machine 50-verify boots the artifact on, when QEMU has not got the target's own."""
+
+    controller: Annotated[str, Field(pattern=_DEVICE)]  # a controller of parameters/qemu.yaml
+    nic: Annotated[str, Field(pattern=_DEVICE)]  # a NIC of parameters/qemu.yaml
+    note: str = ""  # why it differs from the target's machine (shown with the verdict)
+
+
+_SUBFORMATS: dict[str, tuple[str, ...]] = {
+    "vhd": ("dynamic", "fixed"),
+    "vmdk": ("streamOptimized", "monolithicSparse"),
+}
+
+
 class Target(_Strict):
     name: str
     description: str
-    disk_controller: Literal["ahci", "ide", "virtio"]
-    nic: Literal["e1000", "virtio-net-pci", "rtl8139"]
+    # The machine as the target presents it to the guest. Unless boot: says otherwise, 50-verify
+    # boots on the same (they must then be names of parameters/qemu.yaml).
+    disk_controller: Annotated[str, Field(pattern=_DEVICE)]
+    nic: Annotated[str, Field(pattern=_DEVICE)]
     memory_mib: int = Field(512, ge=64, le=65536)
     cpus: int = Field(1, ge=1, le=64)
     # What the guest needs to boot on this machine (used by 20-migrate):
-    storage_modules: list[Annotated[str, Field(pattern=_MODULE)]]  # aliased as scsi_hostadapter, in order
-    initrd_modules: list[Annotated[str, Field(pattern=_MODULE)]]  # everything the initrd must load
-    nic_module: Annotated[str, Field(pattern=_MODULE)]
+    storage_modules: list[Module]  # aliased as scsi_hostadapter, in order
+    initrd_modules: list[Module]  # everything the initrd must load
+    nic_module: Module
+    # Drivers the rebuilt initrd must be seen to carry (in its listing, or built into the kernel):
+    # a cloud whose disk or NIC QEMU cannot show is checked this way.
+    initrd_required: list[Module] = []
     modprobe_extra: list[str] = []  # further modprobe.conf lines (the original's VirtualBox sound setup)
     ovf: OvfFacts = Field(default_factory=OvfFacts)
     # The formats this machine boots or imports. An appliance format pins its machine (an OVA's
     # descriptor declares a SATA AHCI disk and an e1000 NIC): only targets with that machine list it.
     formats: list[ImageFormat]
+    # The variant of a format this machine takes, where it takes only one (Azure: a fixed VHD).
+    subformats: dict[ImageFormat, str] = {}
+    boot: BootCheck | None = None  # the boot check's machine, when QEMU has not got the target's
+
+    @field_validator("subformats")
+    @classmethod
+    def _subformats(cls, v: dict[ImageFormat, str]) -> dict[ImageFormat, str]:
+        for fmt, sub in v.items():
+            known = _SUBFORMATS.get(fmt.value, ())
+            if sub not in known:
+                raise ValueError(
+                    f"{fmt.value} has no subformat {sub!r}"
+                    + (f" (known: {', '.join(known)})" if known else "")
+                )
+        return v
+
+    @property
+    def boot_check(self) -> BootCheck:
+        return self.boot or BootCheck(controller=self.disk_controller, nic=self.nic)
+
+    def subformat(self, fmt: ImageFormat) -> str:
+        """The variant of ``fmt`` this target takes ("" when it takes any, or the format has none)."""
+        return self.subformats.get(fmt, "")
 
 
 class Defaults(_Strict):
@@ -209,6 +272,19 @@ def available(kind: str) -> list[str]:
 
 
 @cache
+def load_qemu_devices() -> QemuDevices:
+    """QEMU's devices for the boot check; a parameter set without its own qemu.yaml (one made for
+    other targets, say) uses the one shipped here."""
+    path = parameters_dir() / "qemu.yaml"
+    if not path.is_file():
+        path = PROJECT / "parameters" / "qemu.yaml"
+    try:
+        return QemuDevices(**_load_yaml(path))
+    except ValidationError as e:
+        raise ParameterError(_one_line(e, str(path))) from None
+
+
+@cache
 def load_target(name: str) -> Target:
     if not _SLUG.match(name) or not (parameters_dir() / "targets" / f"{name}.yaml").is_file():
         raise ParameterError(f"unknown target {name!r} (known: {', '.join(available('targets'))})")
@@ -219,7 +295,40 @@ def load_target(name: str) -> Target:
         raise ParameterError(_one_line(e, str(path))) from None
     if target.name != name:
         raise ParameterError(f"{path}: name {target.name!r} does not match the file name")
+    _check_boot_machine(target, path)
+    asked = {_norm(m) for m in [*target.initrd_modules, target.nic_module]}
+    if unasked := [m for m in target.initrd_required if _norm(m) not in asked]:
+        raise ParameterError(
+            f"{path}: initrd_required names {', '.join(unasked)}, which initrd_modules does not ask the initrd tool for"
+        )
+    for fmt in target.subformats:
+        if fmt not in target.formats:
+            raise ParameterError(f"{path}: subformats names {fmt.value}, which is not among its formats")
     return target
+
+
+def _norm(module: str) -> str:
+    return module.replace("-", "_")
+
+
+def _check_boot_machine(target: Target, path: Path) -> None:
+    """The boot check's controller and NIC must be ones QEMU is told how to attach, and the
+    initrd must carry a driver for that controller, or the boot check could never pass."""
+    devices, boot = load_qemu_devices(), target.boot_check
+    where = "boot" if target.boot else "disk_controller/nic"
+    for kind, name, known in (("controller", boot.controller, devices.controllers),
+                              ("NIC", boot.nic, devices.nics)):  # fmt: skip
+        if name not in known:
+            raise ParameterError(
+                f"{path}: {where}: {kind} {name!r} is not one the boot check knows "
+                f"(parameters/qemu.yaml: {', '.join(sorted(known))})"
+            )
+    carried = {_norm(m) for m in [*target.initrd_modules, *target.initrd_required]}
+    drivers = devices.controllers[boot.controller].modules
+    if not carried & {_norm(m) for m in drivers}:
+        raise ParameterError(
+            f"{path}: the boot check's {boot.controller} disk needs {' or '.join(drivers)} in initrd_modules"
+        )
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -241,9 +350,15 @@ def default_target(fmt: str) -> str:
     return defaults.target_by_format.get(check_format(fmt), defaults.target)
 
 
-def check_target_format(target: str, fmt: str) -> None:
-    """A format may only go with a target that boots it: an error before anything runs."""
+def check_target_format(target: str, fmt: str, subformat: str = "") -> None:
+    """A format (and its variant) may only go with a target that boots it: an error before
+    anything runs."""
     tgt, image_format = load_target(target), check_format(fmt)
+    wanted = tgt.subformat(image_format)
+    if subformat and wanted and subformat != wanted:
+        raise ParameterError(
+            f"target {tgt.name} takes {image_format.value} as {wanted} only, not {subformat}"
+        )
     if image_format not in tgt.formats:
         fits = [name for name in available("targets") if image_format in load_target(name).formats]
         raise ParameterError(

@@ -154,9 +154,27 @@ def run(
     env: dict[str, str] | None = None,
     on_output: Callable[[str], Any] | None = None,
     record: bool = True,
+    stdin_fd: int | None = None,
+    stdout_fd: int | None = None,
 ) -> CommandResult:
     """Run a command to completion and return its result; raise CommandError unless its exit code
-    is in ``ok_codes``. ``on_output`` receives stdout as it arrives (for progress)."""
+    is in ``ok_codes``. ``on_output`` receives stdout as it arrives (for progress).
+
+    ``stdin_fd``/``stdout_fd``: file descriptors (a pipe's end, a file) the tool reads from or
+    writes to directly, for tools that stream into each other; they become the tool's, and are
+    closed here once it started (or failed to), so a pipe sees its end when the tool exits."""
+    given = [fd for fd in (stdin_fd, stdout_fd) if fd is not None]
+    try:
+        return _run(argv, ok_codes, input, timeout, cwd, env, on_output, record, stdin_fd, stdout_fd, given)
+    finally:
+        for fd in given:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _run(argv: Sequence[Arg], ok_codes: Sequence[int], input: bytes | str | None, timeout: float | None,
+         cwd: Path | None, env: dict[str, str] | None, on_output: Callable[[str], Any] | None, record: bool,
+         stdin_fd: int | None, stdout_fd: int | None, given: list[int]) -> CommandResult:  # fmt: skip
     args = _argv(argv)
     exe = which(args[0]) if "/" not in args[0] else args[0]
     if exe is None:
@@ -174,6 +192,10 @@ def run(
     )
     if input is not None:
         kwargs["_in"] = input
+    if stdin_fd is not None:
+        kwargs["_in"] = stdin_fd
+    if stdout_fd is not None:
+        kwargs["_out"] = stdout_fd
     if cwd is not None:
         kwargs["_cwd"] = os.fspath(cwd)
     reading: threading.Thread | None = None
@@ -206,6 +228,10 @@ def run(
     finally:
         if reading is not None:
             kwargs["_out"].close()  # the child holds its own copy: EOF when it exits
+        for fd in given:  # likewise
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        given.clear()
     # Our own timer, not sh's _timeout: sh polls that in 0.1 s steps, which every command pays.
     timed_out = threading.Event()
     timer = None

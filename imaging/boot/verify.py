@@ -15,7 +15,9 @@ KVM is used where it works, TCG otherwise (:mod:`imaging.boot.qemu`); either way
 time limit. The artifact is attached with ``snapshot=on``: booting never changes the file whose
 sha256 was recorded. An OVA is not a disk: its disk is taken out of the tar (into the log
 directory, removed after the boot) and booted on the SATA AHCI controller and e1000 NIC its
-descriptor declares.
+descriptor declares. A GCE image (``disk.raw`` in a gzipped tar) is extracted by GNU tar the
+same way. Where QEMU has not got the target's own devices (ENA, VMBus, gVNIC), the target names
+the machine the boot check uses instead (``boot:`` in its YAML); the verdict says so.
 
 The VM's screen is saved as ``screen.png`` beside the serial log (QEMU's QMP ``screendump`` in
 PNG, on a socket in a private directory): every second during the boot and once more when it has
@@ -45,7 +47,7 @@ from imaging.boot import evidence
 from imaging.boot.qemu import Accel, choose_accel, option_value
 from imaging.disk.images import image_info
 from imaging.errors import BootFailed, ParameterError
-from imaging.formats import ova
+from imaging.formats import gce, ova, vhd
 from imaging.records import Record
 from imaging.tables import Table
 from imaging.workspace import Workspace
@@ -63,7 +65,8 @@ def qemu_argv(
     pcap: Path | None = None,
 ) -> list[str]:
     """The QEMU command line for booting ``image`` like the target would, headless; with ``qmp``,
-    a QMP socket there (for the screenshot)."""
+    a QMP socket there (for the screenshot). The disk controller and NIC are the target's boot
+    check machine, attached as parameters/qemu.yaml says."""
     drive = f"file={option_value(image.resolve())},format={fmt},if=none,id=disk0,snapshot=on"
     argv = [
         "qemu-system-x86_64", "-accel", accel, "-M", "pc", "-m", str(target.memory_mib),
@@ -72,18 +75,17 @@ def qemu_argv(
     ]  # fmt: skip
     if qmp is not None:
         argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
-    if target.disk_controller == "ahci":
-        argv += ["-device", "ahci,id=ahci0", "-device", "ide-hd,drive=disk0,bus=ahci0.0"]
-    elif target.disk_controller == "ide":
-        argv += ["-device", "ide-hd,drive=disk0,bus=ide.0"]
-    else:
-        argv += ["-device", "virtio-blk-pci,drive=disk0"]
-    # The guest sees the target's NIC on QEMU's user network with restrict=on: its DHCP server
-    # answers, nothing outside QEMU is reachable, and only the forwarded port reaches in (sshd).
+    machine, devices = target.boot_check, config.load_qemu_devices()
+    for device in devices.controllers[machine.controller].devices:
+        argv += ["-device", device.format(drive="disk0")]
+    # The guest sees the NIC on QEMU's user network with restrict=on: its DHCP server answers,
+    # nothing outside QEMU is reachable, and only the forwarded port reaches in (sshd).
     netdev = "user,id=net0,restrict=on"
     if ssh_port is not None:
         netdev += f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22"
-    argv += ["-netdev", netdev, "-device", f"{target.nic},netdev=net0"]
+    argv += ["-netdev", netdev]
+    for device in devices.nics[machine.nic].devices:
+        argv += ["-device", device.format(netdev="net0")]
     if pcap is not None:  # the NIC's traffic, to see the DHCP exchange from outside the guest
         argv += ["-object", f"filter-dump,id=dump0,netdev=net0,file={option_value(pcap)}"]
     return argv
@@ -103,6 +105,7 @@ class Boot(Record):
     format: str
     screen: str = ""  # screen.png at the end of the boot; empty if QEMU never showed one
     nic: str = ""
+    machine_note: str = ""  # why QEMU's machine is not quite the target's (QEMU has no ENA, no VMBus)
     reasons: list[str] = field(default_factory=list)  # why not booted: each failed check, each failed unit
     dhcp: str = ""  # the address the guest was given by DHCP, seen on the wire
     ssh: str = ""  # the banner of the guest's sshd, on the forwarded port
@@ -185,12 +188,36 @@ def boot(
     if ova.is_ova(path):
         extracted = ova.extract_disk(path, log_dir)
         try:
-            appliance = tgt.model_copy(update={"disk_controller": "ahci", "nic": "e1000"})
+            machine = config.BootCheck(
+                controller="ahci", nic="e1000", note="the machine the OVA's descriptor declares"
+            )
+            appliance = tgt.model_copy(update={"boot": machine})
             result = _boot(extracted, appliance, marker_re, timeout, log_dir, accel, expect)
         finally:
             extracted.unlink(missing_ok=True)
         return dataclasses.replace(result, image=str(path), format=f"ova ({result.format} inside)")
+    if gce.is_gce(path):
+        try:
+            extracted = gce.extract(path, log_dir)  # by GNU tar, as a user would
+        except gce.GceError as e:
+            raise ParameterError(str(e)) from None
+        try:
+            result = _boot(extracted, tgt, marker_re, timeout, log_dir, accel, expect)
+        finally:
+            extracted.unlink(missing_ok=True)
+        return dataclasses.replace(
+            result, image=str(path), format=f"gce ({gce.MEMBER} extracted by GNU tar)"
+        )
     return _boot(path, tgt, marker_re, timeout, log_dir, accel, expect)
+
+
+def disk_format(path: Path) -> str:
+    """qemu's name for the disk's format. qemu-img probes a fixed VHD as raw (its footer is just
+    a last sector): the footer says it is one, and QEMU is told so."""
+    fmt = image_info(path).format
+    if fmt == "raw" and vhd.read_footer(path) is not None:
+        return "vpc"
+    return fmt
 
 
 # After everything required has been seen, the console is watched a little longer: a unit that
@@ -243,7 +270,7 @@ class _Watch:
 
 def _boot(path: Path, tgt: config.Target, marker_re: re.Pattern[str] | None, timeout: float, log_dir: Path,
           accel: Accel, expect: evidence.Expect) -> Boot:  # fmt: skip
-    fmt = image_info(path).format
+    fmt = disk_format(path)
     serial, pcap = log_dir / "serial.log", log_dir / "net.pcap"
     for stale in (serial, pcap, log_dir / "screen.png"):
         stale.unlink(missing_ok=True)
@@ -292,14 +319,15 @@ def _boot(path: Path, tgt: config.Target, marker_re: re.Pattern[str] | None, tim
         reason=reason,
         matched=(watch.fatal or watch.evidence)[:200],
         target=tgt.name,
-        controller=tgt.disk_controller,
+        controller=tgt.boot_check.controller,
         accel=accel.accel,
         seconds=round(seconds, 2),
         serial_log=str(serial),
         image=str(path),
         format=fmt,
         screen=str(screen.png) if screen.saved else "",
-        nic=tgt.nic,
+        nic=tgt.boot_check.nic,
+        machine_note=tgt.boot_check.note,
         reasons=reasons,
         dhcp=watch.dhcp,
         ssh=watch.banner,

@@ -23,8 +23,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from imaging import config
 from imaging.errors import ParameterError
 
 ENV = "IMAGING_CLOUDS"
@@ -44,6 +54,21 @@ _USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Publishes(_Strict):
+    """A cloud images are published to: what they are made for unless a request says."""
+
+    image_target: str
+    image_format: str
+
+    @model_validator(mode="after")
+    def _image_machine(self) -> _Publishes:
+        try:
+            config.check_target_format(config.load_target(self.image_target).name, self.image_format)
+        except ParameterError as e:
+            raise ValueError(f"image_target/image_format: {e}") from None
+        return self
 
 
 def _users_map(v: dict[str, str], what: str, pattern: re.Pattern[str] | None = None) -> dict[str, str]:
@@ -90,7 +115,7 @@ class Eucalyptus(_Strict):
         return v.rstrip("/") or "/"
 
 
-class EC2(_Strict):
+class EC2(_Publishes):
     """AWS, or Eucalyptus by its endpoints: EC2 for instances, volumes, snapshots and images; EBS
     direct for the snapshots' blocks."""
 
@@ -107,6 +132,11 @@ class EC2(_Strict):
     architecture: Literal["x86_64", "i386", "arm64"] = "x86_64"
     root_device: str = "/dev/xvda"
     accounts: dict[str, str] = {}  # service user -> account id, for launch permissions (vis selected)
+    # What an image published here is made for when the request names no target or format: EC2's
+    # instances are Nitro machines (NVMe, ENA), and EBS takes a raw disk's blocks. A Eucalyptus
+    # cloud reached through its EC2 API runs KVM or Xen guests: it sets ``image_target: kvm``.
+    image_target: str = "aws"
+    image_format: str = "raw"
 
     @field_validator("accounts")
     @classmethod
@@ -114,7 +144,7 @@ class EC2(_Strict):
         return _users_map(v, "a 12-digit account id", _ACCOUNT)
 
 
-class OpenStack(_Strict):
+class OpenStack(_Publishes):
     """Nova (compute) for the snapshot, Glance (image) for the download and for publishing.
 
     ``auth`` is what openstacksdk takes for ``auth_type`` (for ``password``: auth_url, username,
@@ -131,6 +161,9 @@ class OpenStack(_Strict):
     poll_seconds: float = Field(default=2.0, gt=0, le=300)
     keep_snapshot: bool = False  # the server's snapshot image stays in Glance after the download
     projects: dict[str, str] = {}  # service user -> project id, the image's members (vis selected)
+    # What an image published here is made for when the request names no target or format.
+    image_target: str = "openstack"
+    image_format: str = "qcow2"
 
     @field_validator("projects")
     @classmethod
@@ -178,6 +211,19 @@ def dump_clouds(clouds: dict[str, Eucalyptus | EC2 | OpenStack]) -> str:
         return value
 
     return json.dumps({name: reveal(dict(c)) for name, c in clouds.items()})
+
+
+def image_machine(
+    clouds: dict[str, Eucalyptus | EC2 | OpenStack], destination: str | None
+) -> tuple[str, str]:
+    """The target and format an image published to ``destination`` is made for unless its request
+    names them: the cloud's ``image_target`` and ``image_format``; ``("", "qcow2")`` for the object
+    store, an export or an unknown name (the format's default target; the unknown name is reported
+    where it is checked)."""
+    cloud = clouds.get(destination or "")
+    if cloud is None or isinstance(cloud, Eucalyptus):
+        return "", "qcow2"
+    return cloud.image_target, cloud.image_format
 
 
 def from_environment(environ: dict[str, str] | None = None) -> dict[str, Eucalyptus | EC2 | OpenStack]:

@@ -9,9 +9,11 @@ qcow2       ``qemu-img convert``; compressed: :mod:`imaging.formats.qcow2` (clus
 vmdk        streamOptimized: :mod:`imaging.formats.vmdk` (grains deflated on every core);
             monolithicSparse: ``qemu-img convert``
 vdi         ``qemu-img convert`` (dynamic, qemu-img's default)
-vhd         ``qemu-img convert -O vpc`` (dynamic, exact size: ``force_size``)
+vhd         ``qemu-img convert -O vpc`` (dynamic, exact size: ``force_size``); fixed for a target that
+            takes only fixed VHDs (Azure): :mod:`imaging.formats.vhd` (size rounded up to a MiB)
 vhdx        ``qemu-img convert`` (dynamic)
 ova         :mod:`imaging.formats.vmdk` then :mod:`imaging.formats.ova` (descriptor, disk, manifest)
+gce         :mod:`imaging.formats.gce`: disk.raw in a gzipped GNU tar (GNU tar, pigz on every core)
 ==========  ==========================================================================
 
 qemu-img's random identities (UUIDs, CIDs, timestamps) are replaced by ones derived from the
@@ -37,7 +39,7 @@ from imaging import sparse, tools
 from imaging.config import ImageFormat, OvfVersion, VmdkSubformat, check_format, check_name, load_target
 from imaging.disk import images
 from imaging.errors import ParameterError, SourceError
-from imaging.formats import identity, limits, ova, qcow2, vmdk
+from imaging.formats import gce, identity, limits, ova, qcow2, vhd, vmdk
 from imaging.records import Record
 from imaging.samples import catalog
 from imaging.workspace import Workspace
@@ -154,6 +156,7 @@ def export(ws: Workspace, name: str, fmt: str, out: str | Path, *, disk: InputDi
     path = artifact_path(out_dir, name, image_format)
     if path == src.resolve():
         raise ParameterError(f"{path} is the input disk itself: choose another --out or --name")
+    fixed_vhd = image_format is ImageFormat.vhd and load_target(target).subformat(image_format) == "fixed"
     sparse.check_space(out_dir, space_needed(disk.data_bytes), f"write {path.name}")
     t0 = time.monotonic()
     details: dict[str, Any] = {}
@@ -161,6 +164,13 @@ def export(ws: Workspace, name: str, fmt: str, out: str | Path, *, disk: InputDi
         if image_format is ImageFormat.raw and disk.format == "raw":
             tool = "hard link or sparse copy"
             _link_or_copy(src, part)
+        elif fixed_vhd:
+            tool = "qemu-img convert -O vpc -n into a fixed VHD (imaging.formats.vhd)"
+            details = vhd.write_fixed(src, disk.format, disk.virtual_size, part, identity.fingerprint(src, disk.format),
+                                      desc=f"convert to fixed {image_format.value}")  # fmt: skip
+        elif image_format is ImageFormat.gce:
+            tool = f"GNU tar --format=oldgnu --sparse | pigz -{gce.LEVEL} ({os.cpu_count()} threads)"
+            details = _write_gce(ws, src, disk, part, path)
         elif ours_to_write(image_format, subformat, compress):
             module = "imaging.formats.qcow2" if image_format is ImageFormat.qcow2 else "imaging.formats.vmdk"
             tool = f"{module} ({vmdk.DEFLATE}, {os.cpu_count()} threads)"
@@ -216,7 +226,23 @@ def ours_to_write(fmt: ImageFormat, subformat: VmdkSubformat, compress: bool) ->
     """The formats whose compression we do on every core instead of qemu-img on one."""
     if fmt is ImageFormat.vmdk:
         return subformat is VmdkSubformat.stream_optimized
-    return fmt.is_archive or (fmt is ImageFormat.qcow2 and compress)
+    return fmt is ImageFormat.ova or (fmt is ImageFormat.qcow2 and compress)
+
+
+def _write_gce(ws: Workspace, src: Path, disk: InputDisk, part: Path, final: Path) -> dict[str, Any]:
+    """disk.raw in GCE's tar.gz; a disk that is not raw is unpacked first (qemu-img, fast)."""
+    raw = src
+    converted = ws.work / ".input.raw.part"
+    try:
+        if disk.format != "raw":
+            sparse.check_space(ws.work, disk.data_bytes + _MARGIN, f"unpack the {disk.format} disk")
+            images.qemu_convert(src, disk.format, converted, "raw", desc=f"unpack {disk.format}")
+            raw = converted
+        packed = gce.write(raw, disk.virtual_size, part, ws.work, desc=f"tar.gz {final.name}")
+    finally:
+        converted.unlink(missing_ok=True)
+    return {"capacity": packed.capacity, "padded_bytes": packed.padded_bytes, "tar_bytes": packed.tar_bytes,
+            "members": [gce.MEMBER], "gce_seconds": packed.seconds}  # fmt: skip
 
 
 def _write_ours(ws: Workspace, src: Path, src_format: str, part: Path, final: Path, name: str,
@@ -273,6 +299,8 @@ def _flush_and_check(path: Path, fmt: ImageFormat, details: dict[str, Any]) -> s
 def _check(path: Path, fmt: ImageFormat, details: dict[str, Any]) -> str:
     if fmt is ImageFormat.raw:
         return "raw (nothing to check)"
+    if fmt is ImageFormat.gce:
+        return gce.check(path, int(details["capacity"]))
     if fmt.is_archive:
         found = ova.members(path)
         if [m.name for m in found] != details.get("members"):
@@ -286,6 +314,13 @@ def _check(path: Path, fmt: ImageFormat, details: dict[str, Any]) -> str:
         return f"members in order {', '.join(m.name for m in found)}; descriptor checked; disk: {disk}"
     if fmt is ImageFormat.vhd:
         images.image_info(path, "vpc")  # qemu-img has no check for vpc: at least it must open
+        footer = vhd.read_footer(path)
+        if footer is None or not footer.checksum_ok:
+            raise vhd.VhdError(f"{path.name}: no VHD footer with a good checksum at its end")
+        if footer.kind == "fixed":
+            vhd.check_fixed(path)
+        return (f"VHD footer read back: {footer.kind} (disk type {footer.disk_type}), {footer.current_size} bytes"
+                f"{' (a whole number of MiB)' if footer.mib_aligned else ''}, checksum good")  # fmt: skip
     return _qemu_check(path, fmt.qemu_format)
 
 

@@ -102,7 +102,7 @@ def _stamp_vdi(path: Path, seed: str) -> list[str]:
     return [f"image uuid {image}", f"modification uuid {modified}"]
 
 
-def _vhd_checksum(footer: bytes | bytearray) -> int:
+def vhd_checksum(footer: bytes | bytearray) -> int:
     return ~(sum(footer[:64]) + sum(footer[68:])) & 0xFFFFFFFF
 
 
@@ -119,7 +119,7 @@ def _stamp_vhd(path: Path, seed: str) -> list[str]:
                 continue
             struct.pack_into(">I", footer, 24, FIXED_TIME - 946_684_800)  # seconds since 2000
             footer[68:84] = ident.bytes  # big-endian, as the VHD specification stores it
-            struct.pack_into(">I", footer, 64, _vhd_checksum(footer))
+            struct.pack_into(">I", footer, 64, vhd_checksum(footer))
             os.pwrite(fd, bytes(footer), offset)
             stamped += 1
         if not stamped:

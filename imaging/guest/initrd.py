@@ -14,7 +14,7 @@ import io
 import lzma
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import zstandard
@@ -238,6 +238,64 @@ class Initrd(Record):
     bytes: int
     sha256: str
     modules: str  # the driver modules it carries, comma-separated
+    # Where each of the target's drivers is: in the initrd, built into the kernel, or a module of
+    # the kernel that the initrd does not carry (loaded from the root filesystem, if at all).
+    drivers: dict[str, str] = field(default_factory=dict)
+
+
+# Where a driver is, as the 20-migrate record says it.
+IN_INITRD = "initrd"
+BUILT_IN = "built into the kernel"
+ON_ROOT = "kernel module, not in the initrd"
+MISSING = "missing"
+UNLISTED = "unknown: the initrd could not be listed"
+
+
+def _norm(module: str) -> str:
+    return module.replace("-", "_")
+
+
+def builtin_modules(guest: Guest, version: str) -> set[str]:
+    text = guest.read_text(f"/lib/modules/{version}/modules.builtin") or ""
+    return {_norm(line.rsplit("/", 1)[-1].split(".ko")[0]) for line in text.split()}
+
+
+def driver_places(
+    guest: Guest, kernel: GuestKernel, target: Target, carried: list[str], listed: bool = True
+) -> dict[str, str]:
+    """Where each driver the target names is, for the record (and the check that follows).
+    ``listed``: whether the initrd's files could be listed at all."""
+    inside, builtin = {_norm(m) for m in carried}, builtin_modules(guest, kernel.version)
+    places = {}
+    for module in dict.fromkeys([*target.initrd_required, *target.initrd_modules, target.nic_module]):
+        if _norm(module) in inside:
+            places[module] = IN_INITRD
+        elif _norm(module) in builtin:
+            places[module] = BUILT_IN
+        elif not listed:
+            places[module] = UNLISTED
+        else:
+            places[module] = ON_ROOT if module_available(guest, kernel.version, module) else MISSING
+    return places
+
+
+def check_required(image: str, target: Target, described: Initrd) -> None:
+    """The drivers the target needs in the initrd (its disk and NIC where QEMU cannot show them:
+    NVMe and ENA, the Hyper-V drivers, gVNIC) must be in its listing, or built into the kernel."""
+    missing = [m for m in target.initrd_required if described.drivers.get(m) not in (IN_INITRD, BUILT_IN)]
+    if not missing:
+        return
+    needs = f"which target {target.name} needs in it ({target.disk_controller} disk, {target.nic} NIC)"
+    if not image:
+        raise GuestError(f"kernel {described.kernel} has no initrd to carry {', '.join(missing)}, {needs}")
+    if any(described.drivers.get(m) == UNLISTED for m in missing):
+        raise GuestError(
+            f"the initrd {image} could not be listed to check that it carries {', '.join(missing)}, {needs}"
+        )
+    raise GuestError(
+        f"the initrd {image} does not carry {', '.join(missing)}, {needs}; the kernel "
+        f"{described.kernel} has {'them' if len(missing) > 1 else 'it'} only as a module on the root filesystem"
+    )
 
 
 def check_drivers(guest: Guest, profile: Profile, kernel: GuestKernel, target: Target) -> None:
@@ -261,7 +319,9 @@ def rebuild(guest: Guest, profile: Profile, kernel: GuestKernel, target: Target)
     the disk, through one of the target's storage drivers built in or carried."""
     tool = profile.initrd
     if tool is None:
-        return _check_only(guest, kernel, target.storage_modules)
+        described = _check_only(guest, kernel, target)
+        check_required(described.image, target, described)
+        return described
     modules = target.initrd_modules
     check_drivers(guest, profile, kernel, target)
     if not guest.exists(tool.tool):
@@ -286,17 +346,24 @@ def rebuild(guest: Guest, profile: Profile, kernel: GuestKernel, target: Target)
     st = guest.lstat(image)
     if st is None or st.st_size == 0 or st.st_mtime < before - 2:
         raise GuestError(f"{tool.tool} ran but did not write {image}")
-    return _describe(guest, kernel, image, True, " ".join(argv))
+    described = _describe(guest, kernel, image, True, " ".join(argv), target)
+    check_required(image, target, described)
+    return described
 
 
-def _describe(guest: Guest, kernel: GuestKernel, image: str, rebuilt: bool, tool: str) -> Initrd:
+def _describe(
+    guest: Guest, kernel: GuestKernel, image: str, rebuilt: bool, tool: str, target: Target
+) -> Initrd:
     data = guest.read_bytes(image, limit=512 << 20) or b""
-    carried = initrd_modules(list_initrd(data))
+    names = list_initrd(data)
+    carried = initrd_modules(names)
     return Initrd(kernel.version, image, rebuilt, tool, sandbox.describe() if rebuilt else "", len(data),
-                  hashlib.sha256(data).hexdigest(), ", ".join(carried))  # fmt: skip
+                  hashlib.sha256(data).hexdigest(), ", ".join(carried),
+                  driver_places(guest, kernel, target, carried, listed=bool(names)))  # fmt: skip
 
 
-def _check_only(guest: Guest, kernel: GuestKernel, storage: list[str]) -> Initrd:
+def _check_only(guest: Guest, kernel: GuestKernel, target: Target) -> Initrd:
+    storage = target.storage_modules
     names = set(guest.listdir("/boot"))
     image = next(
         (
@@ -306,19 +373,20 @@ def _check_only(guest: Guest, kernel: GuestKernel, storage: list[str]) -> Initrd
         ),
         None,
     )
-    builtin = (guest.read_text(f"/lib/modules/{kernel.version}/modules.builtin") or "").split()
-    builtin_names = {b.rsplit("/", 1)[-1].split(".ko")[0].replace("-", "_") for b in builtin}
-    wanted = {m.replace("-", "_") for m in storage}
+    builtin_names = builtin_modules(guest, kernel.version)
+    wanted = {_norm(m) for m in storage}
     if image is None:
         # A kernel with its disk driver built in needs no initrd to find its root.
         if builtin_names & wanted:
             return Initrd(kernel.version, "", False, "(none: the storage driver is built into the kernel)",
-                          "", 0, "", "")  # fmt: skip
+                          "", 0, "", "", driver_places(guest, kernel, target, []))  # fmt: skip
         raise GuestError(
             f"kernel {kernel.version} has no initrd nor any of {', '.join(storage)} built in, "
             "and this profile cannot make an initrd"
         )
-    described = _describe(guest, kernel, image, False, "(not rebuilt: the profile has no initrd tool)")
+    described = _describe(
+        guest, kernel, image, False, "(not rebuilt: the profile has no initrd tool)", target
+    )
     carried = set(described.modules.split(", "))
     # An initrd we cannot list (zstd, say) gets the benefit of the doubt; the boot test decides.
     if described.modules and not (carried | builtin_names) & wanted:

@@ -241,6 +241,7 @@ class Migrated(Record):
     initrd: str
     initrd_modules: str
     initrd_bytes: int
+    drivers: dict[str, str]  # each of the target's drivers: in the initrd, built in, on the root fs
     sandbox: str
     kernel_args: str
     grub_dir: str
@@ -275,6 +276,7 @@ def apply(
         initrd=made.image + (" (rebuilt)" if made.rebuilt else " (kept)") if made.image else made.tool,
         initrd_modules=made.modules,
         initrd_bytes=made.bytes,
+        drivers=made.drivers,
         sandbox=made.sandbox,
         kernel_args=done.kernel_args,
         grub_dir=done.grub_dir,

@@ -208,7 +208,9 @@ class Request(BaseModel):
 
     @model_validator(mode="after")
     def _format_options(self) -> Request:
-        config.check_target_format(self.target, self.format)
+        config.check_target_format(
+            self.target, self.format, self.vmdk_subformat.value if self.format == "vmdk" else ""
+        )
         if self.compress and self.format != "qcow2":
             raise ParameterError(f"compress applies to qcow2 only, not {self.format}")
         if self.format == "ova" and self.vmdk_subformat is not VmdkSubformat.stream_optimized:

@@ -86,6 +86,17 @@ def _migrate(r: dict[str, Any]) -> str:
         f"{text(r['files_changed'])} files changed ({changed}).\n\n"
         f"Kernel {code(r['kernel'])}; initrd {text(r['initrd'])}, {_size(r.get('initrd_bytes'))}, "
         f"with {text(r['initrd_modules'])}. Packages: {text(r['packages'])}."
+        + _drivers(r.get("drivers") or {})
+    )
+
+
+def _drivers(drivers: dict[str, str]) -> str:
+    if not drivers:
+        return ""
+    return (
+        "\n\nThe target's drivers: "
+        + ", ".join(f"{code(m)} ({text(where)})" for m, where in drivers.items())
+        + "."
     )
 
 
@@ -140,6 +151,7 @@ def _verify(r: dict[str, Any]) -> str:
         f"{head}, after {text(r['seconds'])} s on target {code(r['target'])} "
         f"({text(r['controller'])} disk controller, {text(r['accel'])}); {screen}.\n\n"
         f"Image {code(r['image'])} ({text(r['format'])})."
+        + (f" {text(r['machine_note'])}." if r.get("machine_note") else "")
     )
 
 

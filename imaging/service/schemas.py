@@ -214,12 +214,20 @@ def validated(body: CreateRequest, settings: Settings, store: Store) -> dict[str
     clouds, and then by the run's own Request model: the same checks and one-line errors as the
     CLI's, before anyone is asked to approve."""
     config.check_display_name(body.name)
-    disk_format = check_disk_format(body.disk_format) if body.disk_format is not None else "qcow2"
-    target = config.load_target(body.target or config.default_target(disk_format)).name
+    destination = None
+    if body.disk_format is None:  # an image request: made for where it is published
+        if not settings.publishing():
+            raise ParameterError(
+                "this service does not publish images: ask for an export (with disk_format)"
+            )
+        destination = settings.check_destination(body.destination or settings.default_destination())
+    image_target, image_format = settings.image_machine(destination)
+    disk_format = check_disk_format(body.disk_format) if body.disk_format is not None else image_format
+    target = config.load_target(body.target or image_target or config.default_target(disk_format)).name
     config.check_target_format(target, disk_format)
     source = settings.source_of(body.instance)
     options = {k: getattr(body, k) for k in OPTIONS if getattr(body, k) is not None}
-    if body.disk_format is not None:
+    if destination is None:
         if body.vis is not None or body.shared_with is not None or body.destination is not None:
             raise ParameterError(
                 "vis, shared_with and destination belong to image requests (those without disk_format)"
@@ -228,18 +236,16 @@ def validated(body: CreateRequest, settings: Settings, store: Store) -> dict[str
         fields: dict[str, Any] = dict(instance=body.instance, name=body.name, kind="export", vis=None, shared_with=[],
                       disk_format=disk_format, target=target)  # fmt: skip
     else:
-        fields = _image_fields(body, settings, store, target)
-        options["destination"] = settings.check_destination(
-            body.destination or settings.default_destination()
-        )
+        fields = _image_fields(body, settings, store, target, disk_format)
+        options["destination"] = destination
     Request.create(source=source, name=body.name, kind=fields["kind"], format=fields["disk_format"], target=target,
                    vis=fields["vis"] or "private", shared_with=fields["shared_with"], **options)  # fmt: skip
     return {**fields, "options": options}
 
 
-def _image_fields(body: CreateRequest, settings: Settings, store: Store, target: str) -> dict[str, Any]:
-    if not settings.publishing():
-        raise ParameterError("this service does not publish images: ask for an export (with disk_format)")
+def _image_fields(
+    body: CreateRequest, settings: Settings, store: Store, target: str, disk_format: str
+) -> dict[str, Any]:
     if body.vis is None:
         raise ParameterError("vis: required for an image request (public, private or selected)")
     shared = list(dict.fromkeys(body.shared_with or []))
@@ -255,9 +261,9 @@ def _image_fields(body: CreateRequest, settings: Settings, store: Store, target:
         unknown = sorted(set(shared) - {u.name for u in store.users(shared)})
         if unknown:
             raise ParameterError(f"shared_with: unknown users {', '.join(map(repr, unknown))}")
-    check_limits(settings.source_of(body.instance), body.name, "image", "qcow2", target)
+    check_limits(settings.source_of(body.instance), body.name, "image", disk_format, target)
     return dict(instance=body.instance, name=body.name, kind="image", vis=body.vis, shared_with=shared,
-                disk_format="qcow2", target=target)  # fmt: skip
+                disk_format=disk_format, target=target)  # fmt: skip
 
 
 def check_limits(source: str, name: str, kind: str, disk_format: str, target: str) -> None:

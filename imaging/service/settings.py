@@ -155,6 +155,10 @@ class Settings(_Strict):
     def default_destination(self) -> str:
         return self.publish.cloud or "s3"
 
+    def image_machine(self, destination: str | None) -> tuple[str, str]:
+        """The target and format an image published to ``destination`` is made for."""
+        return cloud_settings.image_machine(self.clouds, destination)
+
     def clouds_used(self, source: str, destination: str | None) -> dict[str, Any]:
         """The clouds a run of this source (and destination) needs: all it gets to see."""
         names = set()

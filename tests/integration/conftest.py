@@ -19,7 +19,7 @@ import pytest
 from imaging.samples import catalog
 
 REQUIRED = ["qemu-img", "qemu-system-x86_64", "grub-mkimage", "mke2fs", "e2fsck", "resize2fs", "debugfs", "sfdisk",
-            "blkid", "rsync", "mount", "cpio", "depmod"]  # fmt: skip
+            "blkid", "rsync", "mount", "cpio", "depmod", "tar", "pigz"]  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)

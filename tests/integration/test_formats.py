@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from imaging.formats import ova, vmdk
+from imaging.formats import ova, vhd, vmdk
 
 from .conftest import Cli, last_json, leftovers
 
@@ -179,6 +179,23 @@ def test_convert_any_input_format_and_verify(cli: Cli, bootable: Path, tmp_path:
     image = ova.extract_disk(Path(stream["path"]), tmp_path / "x")
     same_content(bootable, image, "vmdk")
     assert not list((cli.runs / stream["run"] / "work").glob("*"))  # the unpacked input is gone
+
+
+def test_convert_for_azure_and_gce(cli: Cli, bootable: Path, tmp_path: Path) -> None:
+    """A disk one already has, as Azure's fixed VHD (qemu-img alone probes it as raw: named as
+    vpc, it holds the disk) and as GCE's tar.gz, whose disk.raw GNU tar extracts and the boot
+    check boots on virtio-scsi. (The Debian exports of test_public_clouds boot both clouds'
+    artifacts; this one covers convert's own path: any input disk, the format's own target.)"""
+    fixed = last_json(cli("convert", str(bootable), "--format", "vhd", "--target", "azure",
+                          "--out", str(tmp_path / "azure")))  # fmt: skip
+    footer = vhd.check_fixed(Path(fixed["path"]))
+    assert footer.disk_type == 2 and footer.current_size == vhd.fixed_size(bootable.stat().st_size)
+    same_content(bootable, Path(fixed["path"]), "vpc")
+    packed = last_json(cli("convert", str(bootable), "--format", "gce", "--verify", "--boot-marker",
+                           "IMAGING-SAMPLE-OK", "--out", str(tmp_path / "gce")))  # fmt: skip
+    assert packed["target"] == "gce" and packed["verified"] is True  # gce: the format's own target
+    assert (packed["boot"]["controller"], Path(packed["path"]).name) == ("virtio-scsi", "base.tar.gz")
+    assert not list((tmp_path / "gce").glob("*.raw")) and leftovers(tmp_path) == []
 
 
 def refused(cli: Cli, *args: str, out: Path) -> str:

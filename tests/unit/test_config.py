@@ -56,10 +56,73 @@ def test_unknown_key_in_yaml_is_an_error(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_bad_value_in_yaml_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _params(tmp_path, monkeypatch, "name: odd\ndescription: x\ndisk_controller: floppy\nnic: e1000\n")
-    with pytest.raises(ParameterError, match="disk_controller: Input should be 'ahci', 'ide' or 'virtio'"):
+    _params(tmp_path, monkeypatch, "name: odd\ndescription: x\ndisk_controller: 'a b'\nnic: e1000\n")
+    with pytest.raises(ParameterError, match="odd.yaml: disk_controller: String should match pattern"):
         config.load_target("odd")
     config.load_target.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("disk_controller: floppy\nnic: e1000\n",
+         r"disk_controller/nic: controller 'floppy' is not one the boot check knows \(parameters/qemu.yaml: "
+         r"ahci, ide, nvme, virtio, virtio-scsi\)"),
+        ("disk_controller: nvme\nnic: ena\n", r"disk_controller/nic: NIC 'ena' is not one the boot check knows"),
+        ("disk_controller: nvme\nnic: ena\nboot: {controller: virtio, nic: ena}\n",
+         r"boot: NIC 'ena' is not one the boot check knows"),
+        ("disk_controller: nvme\nnic: ena\nboot: {controller: ide, nic: e1000}\n",
+         r"the boot check's ide disk needs ata_piix in initrd_modules"),
+        ("disk_controller: virtio\nnic: e1000\ninitrd_required: [ena]\n",
+         r"initrd_required names ena, which initrd_modules does not ask the initrd tool for"),
+        ("disk_controller: virtio\nnic: e1000\nsubformats: {vhd: fixed}\n",
+         r"subformats names vhd, which is not among its formats"),
+        ("disk_controller: virtio\nnic: e1000\nsubformats: {raw: fixed}\n", r"raw has no subformat 'fixed'"),
+        ("disk_controller: virtio\nnic: e1000\nsubformats: {vhd: sparse}\n",
+         r"vhd has no subformat 'sparse' \(known: dynamic, fixed\)"),
+    ],
+)  # fmt: skip
+def test_a_targets_machine_must_be_one_the_boot_check_can_make(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, yaml_text: str, message: str
+) -> None:
+    _params(tmp_path, monkeypatch, "name: odd\ndescription: x\n" + yaml_text)
+    with pytest.raises(ParameterError, match=message):
+        config.load_target("odd")
+    config.load_target.cache_clear()
+
+
+def test_the_public_clouds_targets() -> None:
+    aws, azure, gce = (config.load_target(t) for t in ("aws", "azure", "gce"))
+    # The machine in the cloud, and the one QEMU boots instead where it has not got the device.
+    assert (aws.disk_controller, aws.nic, aws.boot_check.controller, aws.boot_check.nic) == (
+        "nvme", "ena", "nvme", "virtio-net-pci",
+    )  # fmt: skip
+    assert (azure.boot_check.controller, gce.boot_check.controller) == ("ide", "virtio-scsi")
+    assert "QEMU has no ENA" in aws.boot_check.note
+    assert aws.initrd_required == ["nvme", "ena"]
+    assert azure.initrd_required == ["hv_vmbus", "hv_storvsc", "hv_netvsc"]
+    assert gce.initrd_required == ["virtio_scsi", "gve", "virtio_net"]
+    assert [f.value for f in aws.formats] == ["raw", "vmdk", "vhd"]
+    assert azure.subformat(config.ImageFormat.vhd) == "fixed"
+    assert config.load_target("kvm").subformat(config.ImageFormat.vhd) == ""
+    assert config.default_target("gce") == "gce" and config.default_target("vhd") == "kvm"
+    # A target without boot: boots on its own controller and NIC.
+    assert config.load_target("virtualbox").boot_check == config.BootCheck(controller="ahci", nic="e1000")
+
+
+def test_a_format_variant_the_target_does_not_take_is_refused_before_anything_runs() -> None:
+    config.check_target_format("aws", "vmdk", "streamOptimized")
+    with pytest.raises(
+        ParameterError, match="target aws takes vmdk as streamOptimized only, not monolithicSparse"
+    ):
+        Request.create(
+            source="/x.img", name="a", format="vmdk", target="aws", vmdk_subformat="monolithicSparse"
+        )
+    with pytest.raises(
+        ParameterError, match=r"format qcow2 does not boot on target gce .*use a target for qcow2"
+    ):
+        Request.create(source="/x.img", name="a", format="qcow2", target="gce")
+    assert Request.create(source="/x.img", name="a", format="gce").target == "gce"
 
 
 def test_broken_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

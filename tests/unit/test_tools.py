@@ -81,3 +81,21 @@ def test_a_failing_progress_callback_does_not_stall_the_tool() -> None:
     # More output than a pipe holds: the tool would block forever if nobody kept reading.
     result = tools.run(["sh", "-c", "head -c 300000 /dev/zero | tr '\\0' x"], on_output=broken, timeout=20)
     assert result.exit_code == 0 and len(result.stdout) == 300000
+
+
+def test_tools_stream_into_each_other_through_fds(tmp_path: Path) -> None:
+    """printf | tr > file, each tool in its own run(): the fds become the tools', and are closed."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    read_end, write_end = os.pipe()
+    out = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o644)
+    with ThreadPoolExecutor(1) as side:
+        upper = side.submit(contextvars.copy_context().run, tools.run, ["tr", "a-z", "A-Z"], stdin_fd=read_end,
+                            stdout_fd=out)  # fmt: skip
+        tools.run(["printf", "streamed"], stdout_fd=write_end)
+        upper.result(timeout=10)
+    assert (tmp_path / "out").read_text() == "STREAMED"
+    for fd in (read_end, write_end, out):
+        with pytest.raises(OSError):
+            os.fstat(fd)

@@ -45,3 +45,20 @@ def test_qemu_argv_follows_the_target(tmp_path: Path) -> None:
     # sshd reachable on loopback only; the capture's path escaped the same way.
     assert odd[odd.index("-netdev") + 1] == "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22"
     assert "filter-dump,id=dump0,netdev=net0,file=/srv/a,,b/net.pcap" in odd
+
+
+def test_the_clouds_boot_on_qemus_stand_ins(tmp_path: Path) -> None:
+    """QEMU has no ENA, VMBus or gVNIC: each cloud target boots on the devices its YAML names."""
+    from imaging import config
+
+    def devices(target: str) -> list[str]:
+        argv = verify.qemu_argv(Path("/a.raw"), "raw", config.load_target(target), "tcg", tmp_path / "s.log")
+        return [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+
+    assert devices("aws") == ["nvme,drive=disk0,serial=imaging0", "virtio-net-pci,netdev=net0"]
+    assert devices("azure") == ["ide-hd,drive=disk0,bus=ide.0", "virtio-net-pci,netdev=net0"]
+    assert devices("gce") == [
+        "virtio-scsi-pci,id=scsi0",
+        "scsi-hd,drive=disk0,bus=scsi0.0",
+        "virtio-net-pci,netdev=net0",
+    ]

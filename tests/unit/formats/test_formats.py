@@ -12,11 +12,13 @@ from imaging.run.request import Request
 
 
 def test_every_format_knows_its_file_and_qemu_names() -> None:
-    assert [f.value for f in ImageFormat] == ["raw", "qcow2", "vmdk", "vdi", "vhd", "vhdx", "ova"]
+    assert [f.value for f in ImageFormat] == ["raw", "qcow2", "vmdk", "vdi", "vhd", "vhdx", "ova", "gce"]
     assert {f.value: f.qemu_format for f in ImageFormat} == {
         "raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk", "vdi": "vdi", "vhd": "vpc", "vhdx": "vhdx", "ova": "vmdk",
+        "gce": "raw",
     }  # fmt: skip
     assert ImageFormat.vhd.extension == "vhd" and ImageFormat.ova.is_archive
+    assert ImageFormat.gce.extension == "tar.gz" and ImageFormat.gce.is_archive
 
 
 def test_qemu_options_per_format() -> None:
@@ -37,11 +39,12 @@ def test_what_we_write_ourselves() -> None:
     assert ours(ImageFormat.qcow2, VmdkSubformat.stream_optimized, True)
     assert not ours(ImageFormat.qcow2, VmdkSubformat.stream_optimized, False)
     assert not ours(ImageFormat.vdi, VmdkSubformat.stream_optimized, False)
+    assert not ours(ImageFormat.gce, VmdkSubformat.stream_optimized, False)  # GNU tar and pigz write it
 
 
 def test_unknown_format_lists_the_known_ones() -> None:
     with pytest.raises(
-        ParameterError, match=r"unknown format 'iso' \(known: raw, qcow2, vmdk, vdi, vhd, vhdx, ova\)"
+        ParameterError, match=r"unknown format 'iso' \(known: raw, qcow2, vmdk, vdi, vhd, vhdx, ova, gce\)"
     ):
         config.check_format("iso")
 
@@ -86,10 +89,10 @@ def test_crc32c_and_vhd_checksum() -> None:
     assert identity.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     footer = bytearray(512)
     footer[:8] = b"conectix"
-    checksum = identity._vhd_checksum(footer)
+    checksum = identity.vhd_checksum(footer)
     assert checksum == ~sum(b"conectix") & 0xFFFFFFFF
     footer[64:68] = b"\xff\xff\xff\xff"  # the checksum field itself does not count
-    assert identity._vhd_checksum(footer) == checksum
+    assert identity.vhd_checksum(footer) == checksum
 
 
 def test_derived_identities_are_stable_and_distinct() -> None:

@@ -111,3 +111,43 @@ def test_a_decompression_bomb_is_refused(tmp_path: Path) -> None:
     bomb = gzip.compress(header + bytes(64 << 20), compresslevel=1)
     with pytest.raises(GuestError, match="decompresses to more than"):
         initrd.list_initrd(bomb, cap=16 << 20)
+
+
+def _nitro_guest(tmp_path: Path, *, ena: bool, ena_in_initrd: bool) -> Path:
+    """A kernel with nvme built in (as Debian's are) and ena as a module, or without ena at all."""
+    root = tmp_path / "nitro"
+    mods = root / "lib" / "modules" / "6.1"
+    (mods / "kernel").mkdir(parents=True)
+    (mods / "modules.builtin").write_text(
+        "kernel/drivers/nvme/host/nvme-core.ko\nkernel/drivers/nvme/host/nvme.ko\n"
+    )
+    (mods / "modules.dep").write_text("kernel/drivers/net/ethernet/amazon/ena/ena.ko.xz:\n" if ena else "")
+    (root / "boot").mkdir()
+    (root / "boot" / "vmlinuz-6.1").write_bytes(b"k")
+    names = "lib\nlib/modules\nlib/modules/6.1\n" + (
+        "lib/modules/6.1/kernel/ena.ko.xz\n" if ena_in_initrd else ""
+    )
+    (mods / "kernel" / "ena.ko.xz").write_bytes(b"x")
+    archive = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], input=names.encode(), cwd=root,
+                             capture_output=True, check=True).stdout  # fmt: skip
+    (root / "boot" / "initrd.img-6.1").write_bytes(gzip.compress(archive))
+    return root
+
+
+def test_a_clouds_drivers_must_be_in_the_initrd_or_built_in(tmp_path: Path) -> None:
+    aws, generic = load_target("aws"), load_profile("generic")
+    with Guest(_nitro_guest(tmp_path / "a", ena=True, ena_in_initrd=True)) as g:
+        kept = initrd.rebuild(g, generic, initrd.choose_kernel(g), aws)
+        assert kept.drivers == {"nvme": "built into the kernel", "ena": "initrd"}
+    with Guest(_nitro_guest(tmp_path / "b", ena=True, ena_in_initrd=False)) as g:
+        with pytest.raises(GuestError) as e:
+            initrd.rebuild(g, generic, initrd.choose_kernel(g), aws)
+        assert str(e.value) == (
+            "the initrd /boot/initrd.img-6.1 does not carry ena, which target aws needs in it (nvme disk, ena NIC); "
+            "the kernel 6.1 has it only as a module on the root filesystem"
+        )
+    # A kernel without the driver at all: the one line that names the package which has it.
+    with Guest(_nitro_guest(tmp_path / "c", ena=False, ena_in_initrd=False)) as g:
+        with pytest.raises(GuestError, match=r"^kernel 6.1 in the guest has no module ena, which target aws needs "
+                           r"\(nvme disk, ena NIC\): install a kernel that has them: --install linux-image-amd64$"):  # fmt: skip
+            initrd.rebuild(g, load_profile("debian"), initrd.choose_kernel(g), aws)

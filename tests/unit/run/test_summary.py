@@ -50,7 +50,8 @@ def test_bootable_summary_has_the_partition_table_and_its_arithmetic() -> None:
 
 def test_hostile_values_stay_text_in_tables_and_lines() -> None:
     migrated = {"profile": HOSTILE, "target": "kvm", "kernel": HOSTILE, "files_changed": 1, "packages": HOSTILE,
-                "initrd": HOSTILE, "initrd_modules": HOSTILE, "initrd_bytes": 10, "changes": [{"path": HOSTILE}]}  # fmt: skip
+                "initrd": HOSTILE, "initrd_modules": HOSTILE, "initrd_bytes": 10, "changes": [{"path": HOSTILE}],
+                "drivers": {HOSTILE: HOSTILE}}  # fmt: skip
     hostile_layout = {**BOOTABLE, "disk": {**BOOTABLE["disk"], "label": HOSTILE, "fsck": "a\n\n| b | c |"}}
     for stage, result in (("20-migrate", migrated), ("30-bootable", hostile_layout)):
         rendered = html_of(summary.completed(stage, result))
@@ -140,3 +141,18 @@ def test_cloud_copies_and_cloud_images_are_summarised_without_markup() -> None:
     text = html_of(summary.completed("60-publish", published))
     assert "Published" in text and "0b1c" in text and "proj-bob" in text
     assert "<script" not in text and "&lt;script&gt;" in text
+
+
+def test_the_targets_drivers_and_the_boot_checks_machine_are_said() -> None:
+    migrated = {"profile": "debian", "target": "aws", "kernel": "6.12", "files_changed": 3, "packages": "(none)",
+                "initrd": "/boot/initrd.img-6.12 (rebuilt)", "initrd_modules": "ena, nvme", "initrd_bytes": 10,
+                "changes": [], "drivers": {"nvme": "built into the kernel", "ena": "initrd"}}  # fmt: skip
+    assert (
+        "The target's drivers: <code>nvme</code> (built into the kernel), <code>ena</code> (initrd)."
+        in summary.completed("20-migrate", migrated)
+    )
+    note = "QEMU has no ENA; the boot check's NIC is virtio-net"
+    text = summary.completed(
+        "50-verify", {**VERIFY, "target": "aws", "controller": "nvme", "machine_note": note}
+    )
+    assert "(nvme disk controller, tcg)" in text and text.rstrip().endswith(f"{note}.")

@@ -97,7 +97,7 @@ def test_image_request(svc: Service) -> None:
         ),
         (
             {"disk_format": "iso"},
-            "unknown disk_format 'iso' (supported: raw, qcow2, vmdk, vdi, vhd, vhdx, ova)",
+            "unknown disk_format 'iso' (supported: raw, qcow2, vmdk, vdi, vhd, vhdx, ova, gce)",
         ),
         ({"disk_format": "qcow2", "target": "vmware"}, "unknown target 'vmware'"),
         ({"disk_format": "qcow2", "target": "../defaults"}, "unknown target '../defaults'"),

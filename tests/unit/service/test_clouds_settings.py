@@ -60,3 +60,33 @@ def test_a_run_sees_only_the_clouds_its_request_uses(tmp_path: Path) -> None:
                          disk_format="raw", target="kvm", options={})  # fmt: skip
     assert cs.ENV not in worker.child_env(s, local)
     assert cs.ENV in settings.secret_env_names()
+
+
+def test_an_image_is_made_for_the_cloud_it_is_published_to(tmp_path: Path) -> None:
+    """EC2 registers Nitro machines from raw blocks; Glance serves OpenStack's KVM; the object store
+    and exports keep the format's default target; a request naming its target or format wins."""
+    from imaging.service import schemas
+
+    s = make(tmp_path, instances={"i-1": "sample:kvm"}, publish={"cloud": "os", "bucket": "b"})
+    store = Store(s.sqlalchemy_url)
+
+    def made(**body: object) -> tuple[str, str]:
+        fields = schemas.validated(schemas.CreateRequest(instance="i-1", name="n", **body), s, store)  # type: ignore[arg-type]
+        return fields["target"], fields["disk_format"]
+
+    assert made(vis="public", destination="aws") == ("aws", "raw")
+    assert made(vis="public") == ("openstack", "qcow2")  # the service's default cloud
+    assert made(vis="public", destination="s3") == ("kvm", "qcow2")
+    assert made(vis="public", destination="aws", target="kvm") == ("kvm", "raw")
+    assert made(disk_format="vmdk") == ("kvm", "vmdk")
+    with pytest.raises(ParameterError, match="aws"):  # Glance's qcow2 is not what target aws takes
+        made(vis="public", target="aws")
+    # A Eucalyptus behind its EC2 API runs KVM guests: its settings say so, and are checked on load.
+    euca = settings.Settings(
+        state_dir=tmp_path, clouds={"euca": {"kind": "ec2", "image_target": "kvm", "image_format": "qcow2"}}
+    )  # type: ignore[dict-item]
+    assert euca.image_machine("euca") == ("kvm", "qcow2")
+    with pytest.raises(ValueError, match="image_target/image_format: unknown target 'nitro'"):
+        settings.Settings(state_dir=tmp_path, clouds={"x": {"kind": "ec2", "image_target": "nitro"}})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="image_target/image_format: .*qcow2"):
+        settings.Settings(state_dir=tmp_path, clouds={"x": {"kind": "ec2", "image_format": "qcow2"}})  # type: ignore[dict-item]
