@@ -46,6 +46,16 @@ def _exporter() -> Any:
     )
 
 
+def warm() -> None:
+    """Make the exporter and compile its templates now (a notebook of one cell of each kind),
+    on a thread while the pipeline waits for a kernel, not when a stage's page is due."""
+    import nbformat
+
+    v4 = nbformat.v4
+    cell = v4.new_code_cell("1", outputs=[v4.new_output("execute_result", data={"text/plain": "1"})])
+    render(v4.new_notebook(cells=[v4.new_markdown_cell("#"), cell]), "warm")
+
+
 def render(nb: Any, title: str) -> str:
     """The HTML page of the notebook ``nb`` (an ``nbformat.NotebookNode``), titled ``title``."""
     with _lock, warnings.catch_warnings():
