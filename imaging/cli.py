@@ -73,6 +73,8 @@ def _export(args: argparse.Namespace) -> int:
         shared_with=args.shared_with,
         destination=args.destination,
     )
+    if args.run is not None:
+        config.check_run_id(args.run)
     if args.run is None or not (config.runs_dir() / args.run).exists():
         # Everything that can be told before a run exists fails here, leaving nothing behind.
         src = acquire.inspect(request.source)
@@ -178,9 +180,11 @@ def _verify(args: argparse.Namespace) -> int:
 
     # An OVA pins its machine, a GCE tarball is GCE's; any other disk boots where the default says.
     path = Path(args.path)
-    target = args.target or config.default_target(
-        "ova" if ova.is_ova(path) else "gce" if gce.is_gce(path) else "raw"
-    )
+    if args.format:
+        kind = args.format
+    else:
+        kind = "ova" if ova.is_ova(path) else "gce" if gce.is_gce(path) else "raw"
+    target = args.target or config.default_target(kind if kind in ("ova", "gce") else "raw")
     result = verify.boot(
         args.path,
         target,
@@ -191,6 +195,7 @@ def _verify(args: argparse.Namespace) -> int:
         expect=evidence.Expect(
             ssh=True if "ssh" in args.require else None, dhcp=True if "dhcp" in args.require else None
         ),  # fmt: skip
+        fmt=args.format or "",
     )
     _print_json(result.to_dict())
     verify.require_booted(result)
@@ -407,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="boot any artifact on a target's hardware")
     v.add_argument("path")
+    v.add_argument("--format", help=f"the artifact's format ({FORMATS}; default: what qemu-img finds, once the "
+                   "image is known to refer to no other file)")  # fmt: skip
     v.add_argument(
         "--target", help="target machine (default: virtualbox for an OVA, gce for a GCE tar.gz, else kvm)"
     )

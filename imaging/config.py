@@ -191,8 +191,47 @@ class Target(_Strict):
         return self.subformats.get(fmt, "")
 
 
+# A host name, or a pattern of them (*.archive.ubuntu.com): what a package install may reach.
+MirrorHost = Annotated[
+    str,
+    Field(
+        pattern=r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
+    ),
+]
+
+
+class SandboxLimits(_Strict):
+    """What the guest's own tools (mkinitrd, apt, yum) may use, each command with its children."""
+
+    memory: str = "2G"
+    processes: int = Field(default=1024, ge=16, le=65536)
+    seconds: int = Field(default=1800, ge=1, le=86400)
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        if parse_disk_size(v)[0] != "absolute" or parse_disk_size(v)[1] < 64 << 20:
+            raise ValueError(f"memory {v!r} is not a size of at least 64M")
+        return v
+
+
+class StageTime(_Strict):
+    """A stage's time limit: ``seconds``, plus ``per_gib`` for each GiB of the source's data."""
+
+    seconds: float = Field(ge=0.1)
+    per_gib: float = Field(0, ge=0)
+
+    def limit(self, data_bytes: int) -> float:
+        return self.seconds + self.per_gib * data_bytes / (1 << 30)
+
+
 class Defaults(_Strict):
     pipelines: dict[str, list[str]]
+    # Site policy, not request parameters: the guest's tools' limits, the hosts a package
+    # install may reach besides the profile's mirrors, and each stage's time limit.
+    sandbox: SandboxLimits = SandboxLimits()
+    package_mirrors: list[MirrorHost] = []
+    stage_time: dict[str, StageTime] = {}
     # The target when a request names none: by its format, else the default.
     target: str = "kvm"
     target_by_format: dict[ImageFormat, str] = {}
@@ -286,7 +325,7 @@ def load_qemu_devices() -> QemuDevices:
 
 @cache
 def load_target(name: str) -> Target:
-    if not _SLUG.match(name) or not (parameters_dir() / "targets" / f"{name}.yaml").is_file():
+    if not _SLUG.fullmatch(name) or not (parameters_dir() / "targets" / f"{name}.yaml").is_file():
         raise ParameterError(f"unknown target {name!r} (known: {', '.join(available('targets'))})")
     path = parameters_dir() / "targets" / f"{name}.yaml"
     try:
@@ -336,12 +375,22 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 
 def check_name(name: str) -> str:
     """A request's name becomes a file name: letters, digits, '.', '_', '-', no '..'."""
-    if not _NAME.match(name) or ".." in name:
+    if not _NAME.fullmatch(name) or ".." in name:
         raise ParameterError(
             f"name {name!r} is not allowed: use 1-80 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no '/', '..', spaces or shell characters)"
         )
     return name
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id names a directory under the runs directory, and nothing else (no path)."""
+    if not _NAME.fullmatch(run_id) or ".." in run_id:
+        raise ParameterError(
+            f"run id {run_id!r} is not allowed: a run is named by 1-80 letters, digits, '.', '_' or '-' "
+            f"and lives under the runs directory ({runs_dir()}), never at another path"
+        )
+    return run_id
 
 
 def default_target(fmt: str) -> str:
@@ -386,7 +435,7 @@ def slug(name: str) -> str:
     when it is one already, else its letters and digits joined by '-', shortened, with a short
     hash of the whole name so that two names never share a slug."""
     check_display_name(name)
-    if _NAME.match(name) and ".." not in name and len(name) <= 60:
+    if _NAME.fullmatch(name) and ".." not in name and len(name) <= 60:
         return name
     import hashlib
     import unicodedata
@@ -411,7 +460,7 @@ _KERNEL_ARG = re.compile(r"^[A-Za-z0-9_.,:/=+@-]+$")
 def check_kernel_args(value: str) -> str:
     """Kernel arguments end up in grub.cfg: plain words only, no quotes, braces or ';'."""
     for word in value.split():
-        if not _KERNEL_ARG.match(word):
+        if not _KERNEL_ARG.fullmatch(word):
             raise ParameterError(f"kernel argument {word!r} has characters GRUB would interpret")
     return value
 
@@ -424,7 +473,7 @@ def parse_disk_size(value: str) -> tuple[str, int]:
     """'auto' -> ('auto', 0); '10G' -> ('absolute', bytes); '+1G' -> ('extra', bytes)."""
     if value.strip().lower() == "auto":
         return "auto", 0
-    m = _SIZE.match(value.strip())
+    m = _SIZE.fullmatch(value.strip())
     if not m:
         raise ParameterError(f"disk size {value!r} is not 'auto', a size like 10G, or extra room like +1G")
     amount = int(float(m.group(2)) * _UNITS[m.group(3).upper()])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
@@ -124,6 +125,24 @@ def copy_range(
     return CopyStats(total, time.monotonic() - t0)
 
 
+_FICLONE = 0x40049409
+
+
+def clone_or_copy(src: Path, dst: Path, *, desc: str = "copy") -> str:
+    """``dst`` (new) with ``src``'s content, as its own file: a copy-on-write clone where the
+    filesystem has them, else a sparse copy; says which."""
+    with open(src, "rb") as s, open(dst, "wb") as d:
+        try:
+            fcntl.ioctl(d.fileno(), _FICLONE, s.fileno())
+            return "copy-on-write clone"
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EPERM):
+                raise
+    create_sparse(dst, src.stat().st_size)
+    copy_range(src, dst, desc=desc)
+    return "sparse copy"
+
+
 def create_sparse(path: Path, size: int) -> None:
     """A new file of ``size`` bytes, all hole."""
     with open(path, "wb") as f:
@@ -236,34 +255,66 @@ def content_digest(path: Path, *, workers: int = 2) -> str:
     return f"{DIGEST_NAME}:{top.hexdigest()}"
 
 
-def write_sha256_file(path: Path, digest: str, beside: Path | None = None) -> Path:
-    """``<file>.sha256`` beside the file (or at ``beside``), in the format ``sha256sum -c`` reads."""
+def write_sha256_file(path: Path, digest: str, beside: Path | None = None, *, tag: str = "") -> Path:
+    """``<file>.sha256`` beside the file (or at ``beside``), in the format ``sha256sum -c`` reads;
+    on disk, under its name, before this returns."""
     side = beside or path.with_name(path.name + ".sha256")
-    with atomic_path(side) as tmp:
+    with atomic_path(side, durable=True, tag=tag) as tmp:
         tmp.write_text(f"{digest}  {path.name}\n", encoding="utf-8")
     return side
 
 
-def part_path(path: Path) -> Path:
-    """The in-progress name of ``path``: hidden, same directory (so the rename is atomic)."""
-    return path.with_name(f".{path.name}.part")
+def part_path(path: Path, tag: str = "") -> Path:
+    """The in-progress name of ``path``: hidden, same directory (so the rename is atomic). With
+    ``tag`` (a run id) it is that run's own: ``.<name>~<tag>.part``, which no other run's
+    can be (names and run ids hold no '~'), so a run cleans up after itself alone."""
+    return path.with_name(f".{path.name}~{tag}.part" if tag else f".{path.name}.part")
+
+
+def fsync_dir(directory: Path) -> None:
+    """Put ``directory``'s entries on disk: a rename is durable only once its directory is."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_durable(path: Path) -> None:
+    """``path``'s data and its name in its directory on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, *, durable: bool = False, tag: str = "") -> Iterator[Path]:
     """Write to a temporary name and rename over ``path`` only if the block completes.
 
     On any exception (including Ctrl-C) the temporary file is removed: nothing half-written is
-    ever left at a final path.
+    ever left at a final path. ``durable``: the data is on disk before the rename, and the
+    rename before this returns (a power cut leaves the old file or the new one, never an
+    empty one). ``tag``: see :func:`part_path`.
     """
-    tmp = part_path(path)
+    tmp = part_path(path, tag)
     tmp.unlink(missing_ok=True)
     try:
         yield tmp
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if durable:
+        fsync_dir(path.parent)
 
 
 def check_space(directory: Path, need: int, what: str) -> None:

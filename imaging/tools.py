@@ -17,6 +17,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,8 +25,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import sh
 
 from imaging.errors import CommandError, ImagingError, ToolMissing
 
@@ -144,6 +143,64 @@ def _failure_message(result: CommandResult) -> str:
     return f"{name} failed with exit code {result.exit_code}: {detail}".rstrip(": ")
 
 
+# What a command may put on stdout before it is stopped: the largest real output we parse
+# (qemu-img map of a fragmented image, debugfs listing a directory of 100 000 files) is a few
+# MiB; a hostile image (a 1 TiB sparse file debugfs would cat) must not fill this process.
+MAX_OUTPUT = 64 << 20
+# stderr is kept as its last part only: what a failure message and the command log show.
+STDERR_KEPT = 1 << 20
+
+
+class _Collector:
+    """Reads one pipe to its end on a thread: keeps at most ``cap`` bytes (the first ones, or
+    with ``tail`` the last ones); ``over`` says when more came than were kept."""
+
+    def __init__(self, fd: int, name: str, cap: int, *, tail: bool = False,
+                 on_output: Callable[[str], Any] | None = None, on_over: Callable[[], None] | None = None) -> None:  # fmt: skip
+        self.cap, self.tail, self.over, self.size = cap, tail, False, 0
+        self.chunks: list[bytes] = []
+        self._kept = 0
+        self._show, self._on_over = on_output, on_over
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.thread = threading.Thread(target=self._read, args=(fd,), name=name, daemon=True)
+        self.thread.start()
+
+    def _read(self, fd: int) -> None:
+        with open(fd, "rb", buffering=0) as pipe:
+            while block := pipe.read(65536):
+                self.size += len(block)
+                self._keep(block)
+                if self._show is not None:
+                    try:
+                        self._show(self._decoder.decode(block))
+                    except Exception:  # a broken progress display must not stall the tool's pipe
+                        self._show = None
+
+    def _keep(self, block: bytes) -> None:
+        if self.tail:
+            self.chunks.append(block)
+            self._kept += len(block)
+            while self._kept - len(self.chunks[0]) >= self.cap:
+                self._kept -= len(self.chunks.pop(0))
+            self.over = self.size > self._kept
+            return
+        if self.over:
+            return  # drained, not kept, until the tool is gone
+        if self._kept + len(block) > self.cap:
+            self.over = True
+            if self._on_over is not None:
+                self._on_over()
+            return
+        self.chunks.append(block)
+        self._kept += len(block)
+
+    def text(self) -> str:
+        data = b"".join(self.chunks)
+        if self.tail and len(data) > self.cap:
+            data = data[-self.cap :]
+        return data.decode("utf-8", errors="replace")
+
+
 def run(
     argv: Sequence[Arg],
     *,
@@ -154,18 +211,25 @@ def run(
     env: dict[str, str] | None = None,
     on_output: Callable[[str], Any] | None = None,
     record: bool = True,
+    max_output: int = MAX_OUTPUT,
+    pass_fds: Sequence[int] = (),
+    setup: Callable[[], None] | None = None,
     stdin_fd: int | None = None,
     stdout_fd: int | None = None,
 ) -> CommandResult:
     """Run a command to completion and return its result; raise CommandError unless its exit code
-    is in ``ok_codes``. ``on_output`` receives stdout as it arrives (for progress).
+    is in ``ok_codes``. ``on_output`` receives stdout as it arrives (for progress). More than
+    ``max_output`` bytes on stdout stop the command (its whole process group) with an error;
+    stderr keeps its last MiB. ``setup`` runs in the child just before the command (joining a
+    cgroup, say); ``pass_fds`` stay open in it.
 
     ``stdin_fd``/``stdout_fd``: file descriptors (a pipe's end, a file) the tool reads from or
     writes to directly, for tools that stream into each other; they become the tool's, and are
     closed here once it started (or failed to), so a pipe sees its end when the tool exits."""
     given = [fd for fd in (stdin_fd, stdout_fd) if fd is not None]
     try:
-        return _run(argv, ok_codes, input, timeout, cwd, env, on_output, record, stdin_fd, stdout_fd, given)
+        return _run(argv, ok_codes, input, timeout, cwd, env, on_output, record, max_output, pass_fds, setup,
+                    stdin_fd, stdout_fd, given)  # fmt: skip
     finally:
         for fd in given:
             with contextlib.suppress(OSError):
@@ -174,155 +238,147 @@ def run(
 
 def _run(argv: Sequence[Arg], ok_codes: Sequence[int], input: bytes | str | None, timeout: float | None,
          cwd: Path | None, env: dict[str, str] | None, on_output: Callable[[str], Any] | None, record: bool,
+         max_output: int, pass_fds: Sequence[int], setup: Callable[[], None] | None,
          stdin_fd: int | None, stdout_fd: int | None, given: list[int]) -> CommandResult:  # fmt: skip
     args = _argv(argv)
     exe = which(args[0]) if "/" not in args[0] else args[0]
     if exe is None:
         raise ToolMissing(f"could not find {args[0]}")
-    kwargs: dict[str, Any] = dict(
-        _return_cmd=True,
-        _bg=True,
-        _tty_out=False,
-        _truncate_exc=False,
-        _ok_code=list(range(-64, 256)),
-        _env={**tool_env(), **(env or {})},
-        _new_session=True,
-        _preexec_fn=_die_with_parent,
-        _decode_errors="replace",
-    )
-    if input is not None:
-        kwargs["_in"] = input
-    if stdin_fd is not None:
-        kwargs["_in"] = stdin_fd
-    if stdout_fd is not None:
-        kwargs["_out"] = stdout_fd
-    if cwd is not None:
-        kwargs["_cwd"] = os.fspath(cwd)
-    reading: threading.Thread | None = None
-    if on_output is not None:
-        # Our own pipe and reader, not sh's _out callback: sh's output thread polls in 0.1 s
-        # steps, which a one-second qemu-img conversion would pay as 10 % (measured).
-        chunks: list[str] = []
-        read_end, write_end = os.pipe()
 
-        def _read() -> None:
-            decoder = codecs.getincrementaldecoder("utf-8")("replace")
-            show: Callable[[str], Any] | None = on_output
-            with open(read_end, "rb", buffering=0) as pipe:
-                while block := pipe.read(65536):
-                    text = decoder.decode(block)
-                    chunks.append(text)
-                    try:
-                        if show is not None:
-                            show(text)
-                    except Exception:  # a broken progress display must not stall the tool's pipe
-                        show = None
+    def prepare() -> None:
+        _die_with_parent()
+        if setup is not None:
+            setup()
 
-        reading = threading.Thread(target=_read, name=f"{Path(args[0]).name} output", daemon=True)
-        reading.start()
-        kwargs["_out"] = open(write_end, "wb", buffering=0)  # noqa: SIM115 (closed once started)
     started = datetime.now(UTC).isoformat(timespec="seconds")
     t0 = time.monotonic()
+    # stdout goes to our pipe (collected, capped) unless the caller gave the tool a file or pipe.
+    out_r, out_w = os.pipe() if stdout_fd is None else (os.open(os.devnull, os.O_RDONLY), stdout_fd)
+    err_r, err_w = os.pipe()
+    stdin: int = (
+        stdin_fd if stdin_fd is not None else subprocess.PIPE if input is not None else subprocess.DEVNULL
+    )
     try:
-        proc = sh.Command(exe)(*args[1:], **kwargs)
+        proc = subprocess.Popen(
+            [exe, *args[1:]], executable=exe, stdin=stdin, stdout=out_w, stderr=err_w, cwd=cwd,
+            env={**tool_env(), **(env or {})}, start_new_session=True, preexec_fn=prepare, pass_fds=tuple(pass_fds),
+        )  # fmt: skip
+    except BaseException:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        raise
     finally:
-        if reading is not None:
-            kwargs["_out"].close()  # the child holds its own copy: EOF when it exits
-        for fd in given:  # likewise
+        # The child holds its own copies: EOF on our ends when it (and its children) are gone.
+        if stdout_fd is None:
+            os.close(out_w)
+        os.close(err_w)
+        for fd in given:  # likewise: a pipe given to the tool sees its end when the tool exits
             with contextlib.suppress(OSError):
                 os.close(fd)
         given.clear()
-    # Our own timer, not sh's _timeout: sh polls that in 0.1 s steps, which every command pays.
-    timed_out = threading.Event()
+    stopped = threading.Event()  # by the timer or by too much output
+
+    def stop() -> None:
+        stopped.set()
+        _kill_group(proc.pid)
+
+    stdout = _Collector(out_r, f"{Path(args[0]).name} stdout", max_output, on_output=on_output, on_over=stop)
+    stderr = _Collector(err_r, f"{Path(args[0]).name} stderr", STDERR_KEPT, tail=True)
+    if input is not None:
+        data = input.encode() if isinstance(input, str) else input
+        threading.Thread(target=_feed, args=(proc, data), daemon=True).start()
     timer = None
     if timeout is not None:
-
-        def expire() -> None:
-            timed_out.set()
-            _signal_group(proc, signal.SIGKILL)
-
-        timer = threading.Timer(timeout, expire)
+        timer = threading.Timer(timeout, stop)
         timer.daemon = True
         timer.start()
     try:
         proc.wait()
     except BaseException:
         # Ctrl-C, SIGTERM or a kernel interrupt: the tool must not outlive us.
-        _kill(proc)
+        _kill_group(proc.pid)
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=10)
         raise
     finally:
         if timer is not None:
             timer.cancel()
-        if reading is not None:
-            reading.join(timeout=10)  # EOF once the tool is gone (unless a child of it keeps the pipe)
-    if timed_out.is_set():
-        result = CommandResult(
-            args, -9, "", f"timed out after {timeout:.0f} s", started, time.monotonic() - t0
-        )
-        if record:
-            _record(result)
-        raise CommandError(f"{Path(args[0]).name} timed out after {timeout:.0f} s", result)
-    stdout = "".join(chunks) if on_output is not None else _decode(proc.stdout)
+        # EOF once the tool is gone (unless a child of it keeps the pipe)
+        stdout.thread.join(timeout=10)
+        stderr.thread.join(timeout=10)
+    name = Path(args[0]).name
+    if stopped.is_set() and stdout.over:
+        message = f"{name} wrote more than {max_output >> 20} MiB to its output: stopped"
+    elif stopped.is_set():
+        message = f"{name} timed out after {timeout:.0f} s"
+    else:
+        message = ""
     result = CommandResult(
-        args, proc.exit_code, stdout, _decode(proc.stderr), started, time.monotonic() - t0
-    )
+        args, proc.returncode if not stopped.is_set() else -9, stdout.text(),
+        (stderr.text() + ("\n" + message if message else "")).lstrip("\n"), started, time.monotonic() - t0,
+    )  # fmt: skip
     if record:
         _record(result)
+    if message:
+        raise CommandError(message, result)
     if result.exit_code not in ok_codes:
         raise CommandError(_failure_message(result), result)
     return result
 
 
-def _signal_group(proc: Any, sig: int) -> None:
-    with contextlib.suppress(Exception):
-        proc.signal_group(sig)
+def _feed(proc: subprocess.Popen[bytes], data: bytes) -> None:
+    assert proc.stdin is not None
+    with contextlib.suppress(OSError):  # a tool that exits without reading all of it
+        proc.stdin.write(data)
+    with contextlib.suppress(OSError):
+        proc.stdin.close()
 
 
-def _kill(proc: Any) -> None:
-    with contextlib.suppress(Exception):
-        proc.kill_group()
-    with contextlib.suppress(Exception):
-        proc.wait()
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 class Spawned:
-    """A command running in the background (QEMU); record it with :meth:`finish`."""
+    """A command running in the background (QEMU); record it with :meth:`finish`. Its output
+    is kept as its last MiB on each stream: a guest may make QEMU print for as long as it runs."""
 
-    def __init__(self, argv: tuple[str, ...], proc: Any, started: str) -> None:
+    def __init__(self, argv: tuple[str, ...], proc: subprocess.Popen[bytes], started: str,
+                 out: tuple[int, int]) -> None:  # fmt: skip
         self.argv = argv
         self._proc = proc
         self._started = started
         self._t0 = time.monotonic()
+        name = Path(argv[0]).name
+        self._stdout = _Collector(out[0], f"{name} stdout", STDERR_KEPT, tail=True)
+        self._stderr = _Collector(out[1], f"{name} stderr", STDERR_KEPT, tail=True)
 
     @property
     def pid(self) -> int:
         return int(self._proc.pid)
 
     def alive(self) -> bool:
-        return bool(self._proc.is_alive())
+        return self._proc.poll() is None
 
     def stop(self, grace: float = 3.0) -> None:
         if not self.alive():
             return
-        with contextlib.suppress(Exception):
-            self._proc.signal_group(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while self.alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self.alive():
-            _kill(self._proc)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, signal.SIGTERM)
+        try:
+            self._proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            _kill_group(self._proc.pid)
+            self._proc.wait()
 
     def finish(self) -> CommandResult:
-        with contextlib.suppress(Exception):
-            self._proc.wait()
+        self._proc.wait()
+        self._stdout.thread.join(timeout=10)
+        self._stderr.thread.join(timeout=10)
         result = CommandResult(
-            self.argv,
-            int(self._proc.exit_code if self._proc.exit_code is not None else -9),
-            _decode(self._proc.stdout),
-            _decode(self._proc.stderr),
-            self._started,
+            self.argv, self._proc.returncode, self._stdout.text(), self._stderr.text(), self._started,
             time.monotonic() - self._t0,
-        )
+        )  # fmt: skip
         _record(result)
         return result
 
@@ -335,19 +391,19 @@ def spawn(argv: Sequence[Arg]) -> Iterator[Spawned]:
     if exe is None:
         raise ToolMissing(f"could not find {args[0]}")
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    proc = sh.Command(exe)(
-        *args[1:],
-        _bg=True,
-        _bg_exc=False,
-        _return_cmd=True,
-        _tty_out=False,
-        _ok_code=list(range(-64, 256)),
-        _env=tool_env(),
-        _new_session=True,
-        _preexec_fn=_die_with_parent,
-        _decode_errors="replace",
-    )
-    handle = Spawned(args, proc, started)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        proc = subprocess.Popen([exe, *args[1:]], executable=exe, stdin=subprocess.DEVNULL, stdout=out_w,
+                                stderr=err_w, env=tool_env(), start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    handle = Spawned(args, proc, started, (out_r, err_r))
     try:
         yield handle
     finally:

@@ -26,7 +26,9 @@ from imaging.sparse import atomic_path
 
 
 def write_json(path: Path, data: Any) -> None:
-    with atomic_path(path) as tmp:
+    """``path`` replaced whole, on disk under its name when this returns: the run's records are
+    what the audit chain and a resumed run rely on, after a power cut too."""
+    with atomic_path(path, durable=True) as tmp:
         tmp.write_text(json.dumps(plain(data), indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 

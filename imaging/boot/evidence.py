@@ -61,24 +61,55 @@ _PCAP_HEADER = 24
 _RECORD = struct.Struct("<IIII")
 
 
+# The DHCP exchange is among a boot's first packets; a guest flooding its NIC makes QEMU's
+# capture grow for as long as the boot lasts: it is read a bounded step at a time, once, and not
+# past this much.
+PCAP_CAP = 64 << 20
+_PCAP_STEP = 4 << 20
+
+
+class DhcpWatch:
+    """Reads QEMU's capture as it grows, each byte once, and says when the guest got a lease."""
+
+    def __init__(self, pcap: Path) -> None:
+        self.pcap, self.offset, self.address = pcap, _PCAP_HEADER, ""
+
+    def poll(self) -> str | None:
+        """The address a DHCP server acknowledged to the guest (DHCPACK), or None (yet). A
+        truncated last record is read again once it is complete."""
+        if self.address or self.offset >= PCAP_CAP:
+            return self.address or None
+        try:
+            with open(self.pcap, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(min(_PCAP_STEP, PCAP_CAP - self.offset))
+        except FileNotFoundError:
+            return None
+        pos = 0
+        while pos + _RECORD.size <= len(data):
+            _, _, length, _ = _RECORD.unpack_from(data, pos)
+            frame = data[pos + _RECORD.size : pos + _RECORD.size + length]
+            if len(frame) < length:
+                if length > _PCAP_STEP:  # no frame is that long (QEMU's snaplen is 64 KiB)
+                    self.offset = PCAP_CAP
+                break
+            pos += _RECORD.size + length
+            if address := _dhcp_ack(frame):
+                self.address = address
+                break
+        self.offset += pos
+        return self.address or None
+
+
 def dhcp_lease(pcap: Path) -> str | None:
-    """The address a DHCP server acknowledged to the guest (DHCPACK), or None. Reads QEMU's
-    capture as it grows; a truncated last record is ignored until it is complete."""
-    try:
-        data = pcap.read_bytes()
-    except FileNotFoundError:
-        return None
-    pos = _PCAP_HEADER
-    while pos + _RECORD.size <= len(data):
-        _, _, length, _ = _RECORD.unpack_from(data, pos)
-        frame = data[pos + _RECORD.size : pos + _RECORD.size + length]
-        if len(frame) < length:
-            break
-        pos += _RECORD.size + length
-        address = _dhcp_ack(frame)
-        if address:
-            return address
-    return None
+    """The address a DHCP server acknowledged to the guest in the capture so far, or None."""
+    watch = DhcpWatch(pcap)
+    while True:
+        before = watch.offset
+        if (found := watch.poll()) is not None:
+            return found
+        if watch.offset == before:
+            return None
 
 
 def _dhcp_ack(frame: bytes) -> str | None:

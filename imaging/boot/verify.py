@@ -45,7 +45,7 @@ from typing import Any
 from imaging import config, tools
 from imaging.boot import evidence
 from imaging.boot.qemu import Accel, choose_accel, option_value
-from imaging.disk.images import image_info
+from imaging.disk.images import check_self_contained, image_info
 from imaging.errors import BootFailed, ParameterError
 from imaging.formats import gce, ova, vhd
 from imaging.records import Record
@@ -160,12 +160,18 @@ def boot(
     log_dir: Path | None = None,
     prefer_accel: str = "auto",
     expect: evidence.Expect | None = None,
+    fmt: str = "",
 ) -> Boot:
     """Boot ``image`` on ``target``'s hardware and judge it as a user would: it must reach the
     marker or a login prompt, no unit or init script may fail, and (where the guest is set up
     for them) it must get an address by DHCP and its sshd must answer, with a host key that is
     not one of the source's. ``booted`` when all hold, ``degraded`` with the reasons when it
-    booted but something did not, ``failed`` otherwise (a panic, a power-off, the time limit)."""
+    booted but something did not, ``failed`` otherwise (a panic, a power-off, the time limit).
+
+    ``fmt`` (raw, qcow2, vmdk, vdi, vhd, vhdx, ova) is the artifact's format; when not given,
+    qemu-img's guess is taken only after the checks every source gets (no backing file, data
+    file or other extents: an image naming /dev/sda would hand the host's disk to the guest).
+    Either way QEMU is told the format and never guesses."""
     expect = expect or evidence.Expect()
     tools.require_tools(
         "qemu-system-x86_64",
@@ -185,39 +191,44 @@ def boot(
     accel = choose_accel(prefer_accel)
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="imaging-verify-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    if ova.is_ova(path):
+    image_format = config.check_format(fmt) if fmt else None
+    if image_format is config.ImageFormat.ova or (image_format is None and ova.is_ova(path)):
         extracted = ova.extract_disk(path, log_dir)
         try:
             machine = config.BootCheck(
                 controller="ahci", nic="e1000", note="the machine the OVA's descriptor declares"
             )
             appliance = tgt.model_copy(update={"boot": machine})
-            result = _boot(extracted, appliance, marker_re, timeout, log_dir, accel, expect)
+            result = _boot(extracted, "vmdk", appliance, marker_re, timeout, log_dir, accel, expect)
         finally:
             extracted.unlink(missing_ok=True)
         return dataclasses.replace(result, image=str(path), format=f"ova ({result.format} inside)")
-    if gce.is_gce(path):
+    if image_format is config.ImageFormat.gce or (image_format is None and gce.is_gce(path)):
         try:
             extracted = gce.extract(path, log_dir)  # by GNU tar, as a user would
         except gce.GceError as e:
             raise ParameterError(str(e)) from None
         try:
-            result = _boot(extracted, tgt, marker_re, timeout, log_dir, accel, expect)
+            result = _boot(extracted, "raw", tgt, marker_re, timeout, log_dir, accel, expect)
         finally:
             extracted.unlink(missing_ok=True)
         return dataclasses.replace(
             result, image=str(path), format=f"gce ({gce.MEMBER} extracted by GNU tar)"
         )
-    return _boot(path, tgt, marker_re, timeout, log_dir, accel, expect)
+    qemu_format = image_format.qemu_format if image_format else None
+    return _boot(path, qemu_format, tgt, marker_re, timeout, log_dir, accel, expect)
 
 
-def disk_format(path: Path) -> str:
-    """qemu's name for the disk's format. qemu-img probes a fixed VHD as raw (its footer is just
-    a last sector): the footer says it is one, and QEMU is told so."""
-    fmt = image_info(path).format
-    if fmt == "raw" and vhd.read_footer(path) is not None:
+def disk_format(path: Path, fmt: str | None = None) -> str:
+    """qemu's name for the disk's format, after the checks every source gets (no backing file,
+    data file or other extents). Given ``fmt``, qemu-img reads it as that and nothing else;
+    otherwise its guess is taken, except that qemu-img probes a fixed VHD as raw (its footer is
+    just a last sector): the footer says it is one, and QEMU is told so."""
+    info = image_info(path, fmt)
+    check_self_contained(info)
+    if fmt is None and info.format == "raw" and vhd.read_footer(path) is not None:
         return "vpc"
-    return fmt
+    return info.format
 
 
 # After everything required has been seen, the console is watched a little longer: a unit that
@@ -233,6 +244,7 @@ class _Watch:
 
     def __init__(self, serial: Path, pcap: Path, port: int, marker_re: re.Pattern[str] | None) -> None:
         self.serial, self.pcap, self.port, self.marker_re = serial, pcap, port, marker_re
+        self._dhcp = evidence.DhcpWatch(pcap)
         self.text = ""
         self._offset = 0
         self.fatal: str = ""
@@ -262,15 +274,15 @@ class _Watch:
                 self.evidence, self.evidence_at = found.group(0).strip(), now
                 self.evidence_kind = "marker" if self.marker_re else "login prompt"
         if not self.dhcp:
-            self.dhcp = evidence.dhcp_lease(self.pcap) or ""
+            self.dhcp = self._dhcp.poll() or ""
         if want_ssh and not self.banner and self.evidence and now >= self._next_ssh:
             self._next_ssh = now + 1.0
             self.banner = evidence.ssh_banner(self.port) or ""
 
 
-def _boot(path: Path, tgt: config.Target, marker_re: re.Pattern[str] | None, timeout: float, log_dir: Path,
-          accel: Accel, expect: evidence.Expect) -> Boot:  # fmt: skip
-    fmt = disk_format(path)
+def _boot(path: Path, qemu_format: str | None, tgt: config.Target, marker_re: re.Pattern[str] | None,
+          timeout: float, log_dir: Path, accel: Accel, expect: evidence.Expect) -> Boot:  # fmt: skip
+    fmt = disk_format(path, qemu_format)
     serial, pcap = log_dir / "serial.log", log_dir / "net.pcap"
     for stale in (serial, pcap, log_dir / "screen.png"):
         stale.unlink(missing_ok=True)

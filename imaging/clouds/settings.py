@@ -73,9 +73,9 @@ class _Publishes(_Strict):
 
 def _users_map(v: dict[str, str], what: str, pattern: re.Pattern[str] | None = None) -> dict[str, str]:
     for user, value in v.items():
-        if not _USER.match(user):
+        if not _USER.fullmatch(user):
             raise ValueError(f"{user!r} is not a user name")
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             raise ValueError(f"user {user}: {value!r} is not {what}")
     return v
 
@@ -177,7 +177,7 @@ _CLOUDS: TypeAdapter[dict[str, Cloud]] = TypeAdapter(dict[str, Cloud])
 
 def check_clouds(clouds: dict[str, Any]) -> dict[str, Any]:
     for name in clouds:
-        if not CLOUD_NAME.match(name):
+        if not CLOUD_NAME.fullmatch(name):
             raise ValueError(f"cloud name {name!r}: use 1-40 lower-case letters, digits and '-'")
     return clouds
 
@@ -270,15 +270,15 @@ def is_cloud_source(source: str) -> bool:
 
 def parse_source(source: str) -> CloudSource:
     """``ec2://aws/i-0123...`` -> CloudSource; one-line errors for anything else."""
-    m = _URI.match(source)
+    m = _URI.fullmatch(source)
     if not m:
         raise ParameterError(f"source {source!r} is not KIND://CLOUD/INSTANCE (kinds: {', '.join(KINDS)})")
     kind, cloud, instance = m["kind"], m["cloud"], m["instance"]
     if kind not in KINDS:
         raise ParameterError(f"source {source!r}: unknown cloud kind {kind!r} (known: {', '.join(KINDS)})")
-    if not CLOUD_NAME.match(cloud):
+    if not CLOUD_NAME.fullmatch(cloud):
         raise ParameterError(f"source {source!r}: {cloud!r} is not a cloud name")
-    if not INSTANCE_ID[kind].match(instance):
+    if not INSTANCE_ID[kind].fullmatch(instance):
         raise ParameterError(f"source {source!r}: {instance!r} is not a {kind} instance id")
     return CloudSource(kind, cloud, instance)
 

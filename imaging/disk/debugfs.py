@@ -17,18 +17,22 @@ from pathlib import Path
 from imaging import tools
 from imaging.disk import ext
 from imaging.errors import GuestError
+from imaging.records import human_bytes
 
+# What read_text reads of a guest file: configuration files are KiB; a hostile grub.cfg or
+# os-release can be a 1 TiB sparse file that debugfs would stream whole.
+READ_LIMIT = 8 << 20
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._+@/-]*$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._+@-]+$")
 
 
 def safe_name(name: str) -> bool:
     """A file name we are willing to put into a debugfs request or a grub.cfg."""
-    return bool(_SAFE_NAME.match(name)) and name not in (".", "..")
+    return bool(_SAFE_NAME.fullmatch(name)) and name not in (".", "..")
 
 
 def _check(path: str) -> str:
-    if not _SAFE_PATH.match(path) or "/../" in f"{path}/" or "//" in path:
+    if not _SAFE_PATH.fullmatch(path) or "/../" in f"{path}/" or "//" in path:
         raise GuestError(f"refusing guest path {path!r}: only plain absolute paths are used")
     return path
 
@@ -81,8 +85,8 @@ class ExtGuest:
         self.offset = offset
         self.device = ext.device(image, offset)
 
-    def _request(self, request: str) -> tools.CommandResult:
-        return tools.run(["debugfs", "-R", request, self.device], timeout=300)
+    def _request(self, request: str, max_output: int = tools.MAX_OUTPUT) -> tools.CommandResult:
+        return tools.run(["debugfs", "-R", request, self.device], timeout=300, max_output=max_output)
 
     def exists(self, path: str) -> bool:
         result = self._request(f"stat {_check(path)}")
@@ -95,10 +99,19 @@ class ExtGuest:
         return parse_ls(result.stdout)
 
     def read_text(self, path: str) -> str | None:
-        """The file's text, or None if there is no such file."""
-        if not self.exists(path):
+        """The file's text, or None if there is no such regular file (a symlink, FIFO or device
+        is not followed or read); a file over READ_LIMIT is refused by name."""
+        found = self._request(f"stat {_check(path)}").stdout
+        kind = re.search(r"\bType: (\S+)", found)
+        size = re.search(r"\bSize: (\d+)", found)
+        if kind is None or kind.group(1) != "regular" or size is None:
             return None
-        return self._request(f"cat {_check(path)}").stdout
+        if int(size.group(1)) > READ_LIMIT:
+            raise GuestError(
+                f"{path} in the guest is {human_bytes(int(size.group(1)))}: more than the "
+                f"{human_bytes(READ_LIMIT)} read from a guest file: refused"
+            )
+        return self._request(f"cat {path}", max_output=READ_LIMIT).stdout
 
     def install_files(self, files: dict[str, bytes], directories: list[str]) -> None:
         """Create ``directories`` (if missing) and write ``files`` (replacing any old ones), all

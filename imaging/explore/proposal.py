@@ -112,18 +112,18 @@ def _consoles(g: Guest) -> tuple[list[str], list[str]]:
     levels = []
     for line in _text(g, "/etc/inittab").splitlines():
         if m := _GETTY.match(line.strip()):
-            ttys |= {w for w in m.group(4).split() if _TTY.match(w)}
+            ttys |= {w for w in m.group(4).split() if _TTY.fullmatch(w)}
             levels.append(m.group(2))
     for unit in g.listdir("/etc/systemd/system/getty.target.wants"):
         if m := re.fullmatch(r"(?:serial-)?getty@(.+)\.service", unit):
-            ttys |= {m.group(1)} if _TTY.match(m.group(1)) else set()
+            ttys |= {m.group(1)} if _TTY.fullmatch(m.group(1)) else set()
     return sorted(ttys), levels
 
 
 def _add_init(out: _Yaml, g: Guest) -> None:
     init = _init_system(g)
     ttys, levels = _consoles(g)
-    xen = [t for t in ttys if _XEN_TTY.match(t)]
+    xen = [t for t in ttys if _XEN_TTY.fullmatch(t)]
     out.note(f"init system: {init}; consoles with a getty: {', '.join(ttys) or 'none found'}")
     if init == "sysvinit":
         out.put("inittab", "/etc/inittab", "found: its getty lines are what 20-migrate edits")

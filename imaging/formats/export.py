@@ -4,7 +4,7 @@ Every format comes from the same disk (the run's ``work/disk.raw``, or for ``con
 the user already has, in any format qemu-img reads):
 
 ==========  ==========================================================================
-raw         the disk itself (hard link, or sparse copy); qemu-img from other formats
+raw         the disk itself (the run's: hard link; a user's: clone or sparse copy); qemu-img from other formats
 qcow2       ``qemu-img convert``; compressed: :mod:`imaging.formats.qcow2` (clusters deflated on every core)
 vmdk        streamOptimized: :mod:`imaging.formats.vmdk` (grains deflated on every core);
             monolithicSparse: ``qemu-img convert``
@@ -126,17 +126,19 @@ class Artifact(Record):
         return self.sha256, self.path
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """A raw artifact is the disk itself: a hard link when out/ shares the filesystem, else a
-    sparse copy. Nothing writes to work/disk.raw after stage 30, so sharing the inode is safe."""
-    try:
-        os.link(src, dst)
-        return
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-            raise
-    sparse.create_sparse(dst, src.stat().st_size)
-    sparse.copy_range(src, dst, desc="copy raw")
+def _link_or_copy(src: Path, dst: Path, *, ours: bool) -> str:
+    """A raw artifact is the disk itself. The run's own disk (nothing writes to it after stage
+    30, and it goes with work/) is hard-linked when out/ shares its filesystem. A disk the user
+    gave (``convert``) is never linked, or writing to one would change the other: it is cloned
+    where the filesystem shares blocks copy-on-write (btrfs, XFS), else copied sparse."""
+    if ours:
+        try:
+            os.link(src, dst)
+            return "hard link of the run's disk"
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+    return sparse.clone_or_copy(src, dst, desc="copy raw")
 
 
 def export(ws: Workspace, name: str, fmt: str, out: str | Path, *, disk: InputDisk | None = None,
@@ -160,10 +162,10 @@ def export(ws: Workspace, name: str, fmt: str, out: str | Path, *, disk: InputDi
     sparse.check_space(out_dir, space_needed(disk.data_bytes), f"write {path.name}")
     t0 = time.monotonic()
     details: dict[str, Any] = {}
-    with sparse.atomic_path(path) as part:
+    tag = ws.id  # this run's own partial files, none of another's
+    with sparse.atomic_path(path, tag=tag) as part:
         if image_format is ImageFormat.raw and disk.format == "raw":
-            tool = "hard link or sparse copy"
-            _link_or_copy(src, part)
+            tool = _link_or_copy(src, part, ours=disk.origin == "30-bootable")
         elif fixed_vhd:
             tool = "qemu-img convert -O vpc -n into a fixed VHD (imaging.formats.vhd)"
             details = vhd.write_fixed(src, disk.format, disk.virtual_size, part, identity.fingerprint(src, disk.format),
@@ -205,7 +207,8 @@ def export(ws: Workspace, name: str, fmt: str, out: str | Path, *, disk: InputDi
             if listing is not None:
                 details["content_digest"] = listing.result()
     seconds = time.monotonic() - t0
-    sparse.write_sha256_file(path, digest)
+    sparse.fsync_dir(path.parent)  # the artifact's name is on disk too, before its .sha256 says so
+    sparse.write_sha256_file(path, digest, tag=tag)
     virtual = details.get("capacity") or _virtual_size(path, image_format)
     return Artifact(
         sha256=digest, path=str(path), format=image_format.value, size_bytes=path.stat().st_size,

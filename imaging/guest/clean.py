@@ -12,6 +12,7 @@ Which operations run: the profile's list, changed by the request's, in virt-sysp
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass, field
 
 from imaging.errors import GuestError, ParameterError
@@ -63,9 +64,11 @@ class CleanPlan(Record):
     actions: list[Action] = field(repr=False)
     # The source's SSH host keys (SHA256 fingerprints): 50-verify checks none comes back.
     ssh_host_keys: list[str] = field(default_factory=list)
+    # Paths the guest's own links make unreachable (a symlink loop): left alone, said here.
+    skipped: list[str] = field(default_factory=list)
 
     def table(self) -> Table:
-        rows = [(a.op, a.path, a.action, a.bytes) for a in self.actions]
+        rows = [(a["op"], a["path"], a["action"], a["bytes"]) for a in folded(self.actions)]
         return Table(rows, ["operation", "path", "action", "bytes"])
 
     def diff(self) -> str:
@@ -80,13 +83,36 @@ class CleanPlan(Record):
             "profile_reason": self.profile_reason,
             "operations": self.operations,
             "platforms": self.platforms,
-            "actions": [
-                {"op": a.op, "path": a.path, "action": a.action, "bytes": a.bytes, "diff": a.diff}
-                for a in self.actions
-            ],
+            "actions": folded(self.actions),
             "removed_bytes": sum(a.bytes for a in self.actions if a.action != "edit"),
             "ssh_host_keys": self.ssh_host_keys,
+            "skipped": self.skipped,
         }
+
+
+# A directory with more actions of one kind than this (a /var/log of 100 000 files) is one row
+# in the record: the files are named by their directory, counted, and their bytes summed.
+FOLD = 100
+
+
+def folded(actions: list[Action]) -> list[dict[str, object]]:
+    """The actions as the record lists them: one row each, or one per directory where a
+    directory holds more than FOLD of one operation's kind (``count`` says how many)."""
+    groups: dict[tuple[str, str, str], list[Action]] = {}
+    for a in actions:
+        groups.setdefault((a.op, a.action, posixpath.dirname(a.path)), []).append(a)
+    rows: list[dict[str, object]] = []
+    done: set[tuple[str, str, str]] = set()
+    for a in actions:
+        key = (a.op, a.action, posixpath.dirname(a.path))
+        group = groups[key]
+        if len(group) <= FOLD:
+            rows.append({"op": a.op, "path": a.path, "action": a.action, "bytes": a.bytes, "diff": a.diff})
+        elif key not in done:
+            done.add(key)
+            rows.append({"op": a.op, "path": f"{key[2].rstrip('/')}/* ({len(group)} files)", "action": a.action,
+                         "bytes": sum(g.bytes for g in group), "diff": "", "count": len(group)})  # fmt: skip
+    return rows
 
 
 def _plan(
@@ -104,7 +130,9 @@ def _plan(
     gone = [a.path + "/" for a in actions if a.action == "remove"]
     actions = [a for a in actions if not any(a.path.startswith(g) for g in gone)]
     keys = firstboot.host_key_fingerprints(guest)
-    return CleanPlan(detected.profile.name, detected.reason, names, platforms, actions, keys)
+    return CleanPlan(
+        detected.profile.name, detected.reason, names, platforms, actions, keys, list(guest.skipped)
+    )
 
 
 def plan(ws: Workspace, spec: list[str], *, profile: str = "auto", platforms: list[str] | None = None,

@@ -57,7 +57,7 @@ def operation(name: str, heading: str, *, default: bool = True, order: int = 50)
     trailing period)."""
 
     def register(find: Callable[[Context], list[Action]]) -> Callable[[Context], list[Action]]:
-        if not _NAME.match(name) or name in REGISTRY or name in ("defaults", "all", "none"):
+        if not _NAME.fullmatch(name) or name in REGISTRY or name in ("defaults", "all", "none"):
             raise ValueError(f"bad or duplicate clean operation name {name!r}")
         if not heading or heading.endswith("."):
             raise ValueError(f"clean operation {name}: heading must be non-empty without a trailing period")
@@ -109,24 +109,8 @@ def _remove(op: str, g: Guest, path: str) -> list[Action]:
     st = g.lstat(path)
     if st is None:
         return []
-    size = (
-        st.st_size if stat.S_ISREG(st.st_mode) else _tree_bytes(g, path) if stat.S_ISDIR(st.st_mode) else 0
-    )
+    size = st.st_size if stat.S_ISREG(st.st_mode) else g.tree_bytes(path) if stat.S_ISDIR(st.st_mode) else 0
     return [Action(op, path, "remove", size)]
-
-
-def _tree_bytes(g: Guest, path: str) -> int:
-    total = 0
-    for name in g.listdir(path):
-        child = posixpath.join(path, name)
-        st = g.lstat(child)
-        if st is None:
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            total += _tree_bytes(g, child)
-        elif stat.S_ISREG(st.st_mode):
-            total += st.st_size
-    return total
 
 
 def _contents(op: str, g: Guest, directory: str) -> list[Action]:

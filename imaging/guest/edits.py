@@ -154,7 +154,7 @@ def without_hooks(text: str, patterns: list[str]) -> str:
 
 def check_crypt_hash(value: str) -> str:
     value = value.strip()
-    if not _CRYPT.match(value):
+    if not _CRYPT.fullmatch(value):
         raise ParameterError(
             "the root password must be given as a crypt(3) hash ($6$..., $5$..., $y$...), not as text"
         )

@@ -12,6 +12,7 @@ return a unified diff for the record.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import difflib
 import errno
@@ -25,12 +26,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imaging.errors import GuestError
+from imaging.records import human_bytes
 
 _SYS_OPENAT2 = 437  # x86_64 and aarch64 share it
 _RESOLVE_NO_XDEV = 0x01
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_IN_ROOT = 0x10
 _LIBC = ctypes.CDLL(None, use_errno=True)
+
+# What a guest file read whole may hold: configuration files and module indexes are KiB, a few
+# MiB at most; a hostile /etc/os-release can be a 1 TiB sparse file.
+CONFIG_LIMIT = 8 << 20
+# How deep a directory tree we walk or remove: real trees stop at a few dozen levels; a hostile
+# one thousands of levels deep would otherwise exhaust the stack or the file descriptors.
+MAX_DEPTH = 256
+# Errors that mean a path cannot be followed inside the guest (a symlink loop, a path longer
+# than the kernel resolves): it is skipped, with a line in the record, like a missing file.
+_UNREACHABLE = {errno.ELOOP: "a symlink loop", errno.ENAMETOOLONG: "a path too long to resolve"}
+_SKIPPED_KEPT = 100
 
 
 class _OpenHow(ctypes.Structure):
@@ -50,12 +63,36 @@ class Removed:
     kind: str  # "file", "directory", "symlink", "other"
 
 
+def kind(mode: int) -> str:
+    """What a file is, in words (for errors that name what was refused)."""
+    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):  # fmt: skip
+        if test(mode):
+            return name
+    return "not a file"
+
+
 class Guest:
-    """A guest filesystem mounted at ``root``."""
+    """A guest filesystem mounted at ``root``.
+
+    Paths the guest's own links make unreachable (loops, paths too long) read as missing; each
+    one is noted in :attr:`skipped` for the stage's record."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+        self.skipped: list[str] = []
+
+    def _unreachable(self, path: str, e: OSError) -> bool:
+        """True (and noted) when ``e`` says ``path`` cannot be followed inside the guest."""
+        why = _UNREACHABLE.get(e.errno or 0)
+        if why is None:
+            return False
+        line = f"{path}: {why} in the guest, skipped"
+        if line not in self.skipped and len(self.skipped) < _SKIPPED_KEPT:
+            self.skipped.append(line)
+        return True
 
     def close(self) -> None:
         if self._root_fd >= 0:
@@ -103,10 +140,12 @@ class Guest:
         try:
             with self._parent(path) as (fd, name):
                 return os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        except NotADirectoryError:
-            return None
+        except OSError as e:
+            if self._unreachable(path, e):
+                return None
+            raise
 
     def stat(self, path: str) -> os.stat_result | None:
         """What ``path`` leads to, symlinks followed the guest's way; None when it leads nowhere
@@ -144,6 +183,10 @@ class Guest:
                 host = os.readlink(f"/proc/self/fd/{fd}")
         except (FileNotFoundError, NotADirectoryError):
             return _norm(path)
+        except OSError as e:
+            if self._unreachable(path, e):
+                return _norm(path)
+            raise
         root = os.path.realpath(self.root)
         return "/" + os.path.relpath(host, root).removeprefix(".")
 
@@ -153,6 +196,10 @@ class Guest:
                 return sorted(os.listdir(fd))
         except (FileNotFoundError, NotADirectoryError):
             return []
+        except OSError as e:
+            if self._unreachable(path, e):
+                return []
+            raise
 
     def glob(self, pattern: str) -> list[str]:
         """Guest paths matching a pattern whose components may hold shell wildcards."""
@@ -171,26 +218,54 @@ class Guest:
 
     # -- reading and editing -----------------------------------------------------------------
 
-    def read_bytes(self, path: str, limit: int = 64 << 20) -> bytes | None:
+    def _open_regular(self, path: str, flags: int) -> int:
+        """Open ``path`` only if it leads to a regular file: looked at first (O_PATH opens
+        anything without touching it), then opened through that very descriptor. A FIFO,
+        device or socket is refused by name, never opened (a FIFO would block, a device on a
+        nodev mount would fail with the kernel's words, a socket cannot be opened at all)."""
+        look = self._open(path, os.O_PATH)
         try:
-            with self._fd(path, os.O_RDONLY) as fd:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise GuestError(f"{path} in the guest is not a regular file")
-                data = os.read(fd, limit + 1)
-        except FileNotFoundError:
+            mode = os.fstat(look).st_mode
+            if not stat.S_ISREG(mode):
+                raise GuestError(f"{path} in the guest is {kind(mode)}, not a regular file: refused")
+            return os.open(f"/proc/self/fd/{look}", flags | os.O_CLOEXEC)
+        finally:
+            os.close(look)
+
+    def read_bytes(self, path: str, limit: int = CONFIG_LIMIT) -> bytes | None:
+        """The whole file, or None when there is none; a FIFO, device or socket, or a file
+        larger than ``limit``, is refused by name (never opened, never read past the limit)."""
+        try:
+            fd = self._open_regular(path, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        if len(data) > limit:
-            raise GuestError(f"{path} in the guest is larger than {limit} bytes")
-        return data
+        except OSError as e:
+            if self._unreachable(path, e):
+                return None
+            raise
+        try:
+            _check_size(path, os.fstat(fd).st_size, limit)
+            chunks, size = [], 0
+            while chunk := os.read(fd, min(1 << 20, limit + 1 - size)):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:  # it grew while we read
+                    _check_size(path, size, limit)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def open_file(self, path: str) -> int:
+        """A file descriptor of a regular file (for streaming a large one); the caller closes it."""
+        return self._open_regular(path, os.O_RDONLY)
 
     def read_head(self, path: str, size: int) -> tuple[bytes, int]:
         """The first ``size`` bytes of a regular file, and the file's whole size."""
-        # O_NONBLOCK: opening a FIFO of the guest must not wait for a writer.
-        with self._fd(path, os.O_RDONLY | os.O_NONBLOCK) as fd:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise GuestError(f"{path} in the guest is not a regular file")
-            return os.pread(fd, size, 0), st.st_size
+        fd = self.open_file(path)  # a FIFO, device or socket is refused without waiting
+        try:
+            return os.pread(fd, size, 0), os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     def read_text(self, path: str) -> str | None:
         data = self.read_bytes(path)
@@ -219,14 +294,44 @@ class Guest:
 
     def write_text(self, path: str, text: str, mode: int = 0o644) -> None:
         """Replace the content in place (same inode, owner, mode); create the file (and its
-        missing directories) if missing."""
+        missing directories) if missing. A file with other hard links gets a new inode with
+        the same owner, mode and xattrs instead: the other names keep their bytes."""
         data = text.encode("utf-8", errors="surrogateescape")
         self._parents(path)
-        with self._fd(path, os.O_WRONLY | os.O_CREAT, mode) as fd:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise GuestError(f"{path} in the guest is not a regular file")
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, data, 0)
+        try:
+            fd = self._open_regular(path, os.O_WRONLY)
+        except FileNotFoundError:
+            fd = self._open(path, os.O_WRONLY | os.O_CREAT, mode)  # through a dangling guest link too
+        try:
+            st = os.fstat(fd)
+            if st.st_nlink <= 1:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, data, 0)
+            else:
+                self._replace(self.realpath(path), fd, data)
+        finally:
+            os.close(fd)
+
+    def _replace(self, real: str, old_fd: int, data: bytes) -> None:
+        """Give ``real`` (a hard-linked file, open as ``old_fd``) a new inode holding ``data``."""
+        st = os.fstat(old_fd)
+        with self._parent(real) as (dir_fd, name):
+            tmp = f".{name[:200]}.imaging-part"
+            new = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+            try:
+                try:
+                    for attr in os.listxattr(old_fd):  # SELinux labels and ACLs stay
+                        os.setxattr(new, attr, os.getxattr(old_fd, attr))
+                    os.fchown(new, st.st_uid, st.st_gid)
+                    os.fchmod(new, stat.S_IMODE(st.st_mode))  # after chown, which clears setuid bits
+                    os.pwrite(new, data, 0)
+                finally:
+                    os.close(new)
+                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                raise
 
     def edit(
         self, path: str, change: Callable[[str], str], *, redact: Callable[[str], str] | None = None
@@ -249,8 +354,11 @@ class Guest:
         st = self.lstat(path)
         if st is None or not stat.S_ISREG(st.st_mode):
             return 0
-        with self._fd(path, os.O_WRONLY | os.O_NOFOLLOW) as fd:
-            os.ftruncate(fd, 0)
+        with self._fd(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK) as fd:
+            if st.st_nlink > 1:  # the other names keep their bytes
+                self._replace(path, fd, b"")
+            else:
+                os.ftruncate(fd, 0)
         return st.st_size
 
     def remove(self, path: str) -> Removed | None:
@@ -260,11 +368,19 @@ class Guest:
             return None
         with self._parent(path) as (fd, name):
             if stat.S_ISDIR(st.st_mode):
-                size = _remove_tree(fd, name)
+                size = _remove_tree(fd, name, path)
                 return Removed(path, size, "directory")
             os.unlink(name, dir_fd=fd)
         kind = "file" if stat.S_ISREG(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) else "other"
         return Removed(path, st.st_size if kind == "file" else 0, kind)
+
+    def tree_bytes(self, path: str) -> int:
+        """The bytes of the regular files under a directory (0 when it is none)."""
+        st = self.lstat(path)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            return 0
+        with self._parent(path) as (fd, name):
+            return tree_bytes(fd, name, path)
 
     def remove_contents(self, path: str) -> list[Removed]:
         """Empty a directory, keeping the directory itself (its owner and mode)."""
@@ -283,21 +399,82 @@ class Guest:
             os.symlink(target, name, dir_fd=fd)
 
 
-def _remove_tree(parent_fd: int, name: str) -> int:
-    size = 0
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+def _walk(
+    parent_fd: int,
+    name: str,
+    path: str,
+    visit_file: Callable[[int, str, os.stat_result], None],
+    leave_dir: Callable[[int, str], None] | None = None,
+) -> None:
+    """Depth-first over a directory tree, never following a symlink, one open directory per
+    level (each listed once): ``visit_file(dir_fd, name, st)`` for every non-directory,
+    ``leave_dir(parent_fd, name)`` after a directory's contents. A tree deeper than MAX_DEPTH
+    is refused by name."""
+    top = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+    stack: list[tuple[int, str, list[tuple[str, os.stat_result]]]] = [(top, name, _entries(top))]
     try:
-        for entry in os.scandir(fd):
-            st = entry.stat(follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                size += _remove_tree(fd, entry.name)
-            else:
-                size += st.st_size if stat.S_ISREG(st.st_mode) else 0
-                os.unlink(entry.name, dir_fd=fd)
+        while stack:
+            fd, dname, entries = stack[-1]
+            if not entries:
+                stack.pop()
+                os.close(fd)
+                if leave_dir is not None:
+                    leave_dir(stack[-1][0] if stack else parent_fd, dname)
+                continue
+            entry, st = entries.pop()
+            if not stat.S_ISDIR(st.st_mode):
+                visit_file(fd, entry, st)
+                continue
+            if len(stack) >= MAX_DEPTH:
+                raise GuestError(
+                    f"{path} in the guest is more than {MAX_DEPTH} directories deep: refused "
+                    "(no real system nests so deep; remove it from the image first)"
+                )
+            child = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            stack.append((child, entry, _entries(child)))
     finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=parent_fd)
+        for fd, _, _ in stack:
+            os.close(fd)
+
+
+def _entries(fd: int) -> list[tuple[str, os.stat_result]]:
+    with os.scandir(fd) as it:
+        return [(e.name, e.stat(follow_symlinks=False)) for e in it]
+
+
+def _remove_tree(parent_fd: int, name: str, path: str) -> int:
+    """Remove a directory tree; return its files' bytes. Its depth is checked before anything
+    goes, so a refused tree is left whole."""
+    _walk(parent_fd, name, path, lambda fd, n, st: None)
+    size = 0
+
+    def unlink(fd: int, entry: str, st: os.stat_result) -> None:
+        nonlocal size
+        size += st.st_size if stat.S_ISREG(st.st_mode) else 0
+        os.unlink(entry, dir_fd=fd)
+
+    _walk(parent_fd, name, path, unlink, lambda fd, d: os.rmdir(d, dir_fd=fd))
     return size
+
+
+def tree_bytes(parent_fd: int, name: str, path: str) -> int:
+    """The bytes of the regular files under a directory."""
+    size = 0
+
+    def add(fd: int, entry: str, st: os.stat_result) -> None:
+        nonlocal size
+        size += st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+    _walk(parent_fd, name, path, add)
+    return size
+
+
+def _check_size(path: str, size: int, limit: int) -> None:
+    if size > limit:
+        raise GuestError(
+            f"{path} in the guest is {human_bytes(size)}: more than the {human_bytes(limit)} read from a "
+            "guest file: refused"
+        )
 
 
 def unified_diff(path: str, old: str, new: str, real: str | None = None) -> str:

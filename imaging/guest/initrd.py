@@ -12,10 +12,11 @@ import gzip
 import hashlib
 import io
 import lzma
+import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import zstandard
 
@@ -25,7 +26,7 @@ from imaging.errors import CommandError, GuestError, ParameterError
 from imaging.guest import sandbox
 from imaging.guest.files import Guest
 from imaging.guest.profiles import Profile
-from imaging.records import Record
+from imaging.records import Record, human_bytes
 
 if TYPE_CHECKING:
     from imaging.config import Target
@@ -44,7 +45,7 @@ class GuestKernel:
 def kernels(guest: Guest) -> list[GuestKernel]:
     found = []
     for name in guest.listdir("/boot"):
-        m = _VMLINUZ.match(name)
+        m = _VMLINUZ.fullmatch(name)
         if m and safe_name(name) and not name.endswith((".sig", ".hmac")):
             version = m.group(2)
             found.append(
@@ -122,7 +123,7 @@ class _Capped(io.RawIOBase):
     """A decompressing reader that refuses to produce more than ``cap`` bytes."""
 
     def __init__(self, inner: _Reader, cap: int, what: str) -> None:
-        self.inner, self.left, self.what = inner, cap, what
+        self.inner, self.left, self.cap, self.what = inner, cap, cap, what
 
     def readable(self) -> bool:
         return True
@@ -130,7 +131,7 @@ class _Capped(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         data = self.inner.read(min(len(buffer), self.left + 1))
         if len(data) > self.left:
-            raise GuestError(f"{self.what} decompresses to more than {LIST_CAP >> 20} MiB: refused")
+            raise GuestError(f"{self.what} decompresses to more than {self.cap >> 20} MiB: refused")
         self.left -= len(data)
         buffer[: len(data)] = data
         return len(data)
@@ -172,8 +173,13 @@ def _cpio_names(stream: _Reader, names: list[str]) -> bytes:
         header = _read(stream, 110)
         if len(header) < 110 or header[:6] not in _CPIO:
             return b""
-        namesize = int(header[94:102], 16)
-        filesize = int(header[54:62], 16)
+        try:
+            namesize = int(header[94:102], 16)
+            filesize = int(header[54:62], 16)
+        except ValueError:
+            return b""
+        if namesize > 4096:  # PATH_MAX: a longer name is no real archive's
+            return b""
         name = _read(stream, namesize)[:-1].decode(errors="replace")
         _skip(stream, (-(110 + namesize)) % 4)
         if name == "TRAILER!!!":
@@ -185,12 +191,13 @@ def _cpio_names(stream: _Reader, names: list[str]) -> bytes:
         _skip(stream, filesize + (-filesize) % 4)
 
 
-def list_initrd(data: bytes, cap: int = LIST_CAP) -> list[str]:
-    """The file names in an initrd: newc cpio archives one after another (an uncompressed one
-    first for early microcode, as Debian's are), plain or compressed with gzip, xz, zstd or
-    bzip2, read as streams with a cap on the bytes decompressed."""
+def list_initrd(data: bytes | BinaryIO, cap: int = LIST_CAP) -> list[str]:
+    """The file names in an initrd (its bytes, or a file to stream): newc cpio archives one after
+    another (an uncompressed one first for early microcode, as Debian's are), plain or
+    compressed with gzip, xz, zstd or bzip2, read as streams with a cap on the bytes
+    decompressed."""
     names: list[str] = []
-    stream: _Reader = io.BytesIO(data)
+    stream: _Reader = io.BytesIO(data) if isinstance(data, bytes) else data
     head = _read(stream, 6)
     while head:
         kind = next((k for magic, k in _COMPRESSED.items() if head.startswith(magic)), None)
@@ -198,7 +205,7 @@ def list_initrd(data: bytes, cap: int = LIST_CAP) -> list[str]:
         if kind:
             stream = io.BufferedReader(_Capped(_decompressing(kind, rest), cap, "the initrd"), _CHUNK)
         elif head[:6] in _CPIO:
-            stream = rest
+            stream = io.BufferedReader(_Capped(rest, cap, "the initrd"), _CHUNK)
         else:
             break
         head = _cpio_names(stream, names)
@@ -354,11 +361,20 @@ def rebuild(guest: Guest, profile: Profile, kernel: GuestKernel, target: Target)
 def _describe(
     guest: Guest, kernel: GuestKernel, image: str, rebuilt: bool, tool: str, target: Target
 ) -> Initrd:
-    data = guest.read_bytes(image, limit=512 << 20) or b""
-    names = list_initrd(data)
+    # Streamed from the file, hashed then listed: an initrd is tens of MiB, a hostile one any size.
+    with open(guest.open_file(image), "rb") as f:
+        if (size := os.fstat(f.fileno()).st_size) > LIST_CAP:
+            raise GuestError(
+                f"the initrd {image} in the guest is {human_bytes(size)}: more than the {LIST_CAP >> 20} MiB "
+                "an initrd may be: refused"
+            )
+        digest = hashlib.file_digest(f, "sha256")
+        size = f.tell()
+        f.seek(0)
+        names = list_initrd(f)
     carried = initrd_modules(names)
-    return Initrd(kernel.version, image, rebuilt, tool, sandbox.describe() if rebuilt else "", len(data),
-                  hashlib.sha256(data).hexdigest(), ", ".join(carried),
+    return Initrd(kernel.version, image, rebuilt, tool, sandbox.describe() if rebuilt else "", size,
+                  digest.hexdigest(), ", ".join(carried),
                   driver_places(guest, kernel, target, carried, listed=bool(names)))  # fmt: skip
 
 
@@ -417,15 +433,14 @@ def run_packages(guest: Guest, profile: Profile, install: list[str], remove: lis
             check_package(name)
         manager = profile.packages
         if verb == "install" and manager.refresh:
-            _package_tool(
-                guest, manager.refresh, manager.env, "the guest's package index could not be fetched"
-            )
-            done.append(" ".join(manager.refresh))
+            went = _package_tool(guest, manager.refresh, manager.env, "the guest's package index could not be fetched",
+                                 mirror_list=manager.mirrors)  # fmt: skip
+            done.append(" ".join(manager.refresh) + went)
         prefix = manager.remove if verb == "remove" else manager.install
         # Installing needs the network (the guest's own repositories); removing does not.
-        _package_tool(guest, [*prefix, *names], manager.env, f"{verb} {' '.join(names)} failed in the guest",
-                      network=verb == "install")  # fmt: skip
-        done.append(f"{verb} {' '.join(names)}")
+        went = _package_tool(guest, [*prefix, *names], manager.env, f"{verb} {' '.join(names)} failed in the guest",
+                             network=verb == "install", mirror_list=manager.mirrors)  # fmt: skip
+        done.append(f"{verb} {' '.join(names)}" + went)
         if verb == "install" and manager.cleanup:
             _package_tool(guest, manager.cleanup, manager.env, "the downloaded packages could not be removed",
                           network=False)  # fmt: skip
@@ -439,11 +454,17 @@ _PACKAGE_ERROR = re.compile(
 )
 
 
-def _package_tool(
-    guest: Guest, argv: list[str], env: dict[str, str], what: str, *, network: bool = True
-) -> None:
+def _package_tool(guest: Guest, argv: list[str], env: dict[str, str], what: str, *, network: bool = True,
+                  mirror_list: list[str] | None = None) -> str:  # fmt: skip
+    """Run the package manager in the sandbox; return where it went (" (mirrors reached: ...)")."""
+    reached: list[str] = []
     try:
-        sandbox.run(guest.root, argv, network=network, env=env)
+        sandbox.run(
+            guest.root, argv, network=network, env=env, mirror_list=mirror_list or [], reached=reached
+        )
+        return f" ({reached[0]})" if reached else ""
+    except sandbox.LimitReached as e:
+        raise GuestError(f"{what} ({' '.join(argv)}: {e})") from None
     except CommandError as e:
         output = f"{getattr(e.result, 'stdout', '')}\n{getattr(e.result, 'stderr', '')}"
         found = _PACKAGE_ERROR.findall(output)

@@ -247,6 +247,7 @@ class Migrated(Record):
     grub_dir: str
     grub_legacy_conf: str
     first_boot: dict[str, object]  # what 50-verify requires of the boot: sshd, DHCP (and why)
+    skipped: list[str] = field(default_factory=list)  # paths a symlink loop made unreachable
 
 
 def apply(
@@ -267,6 +268,7 @@ def apply(
         made = initrd.rebuild(g, profile, kernel, tgt)
         if not g.exists(kernel.vmlinuz):
             raise GuestError(f"the kernel {kernel.vmlinuz} vanished during migration")
+        skipped = list(g.skipped)
     return done, Migrated(
         profile=done.profile,
         target=done.target,
@@ -282,6 +284,7 @@ def apply(
         grub_dir=done.grub_dir,
         grub_legacy_conf=profile.grub_legacy_conf or "",
         first_boot=done.first_boot,
+        skipped=skipped,
     )
 
 

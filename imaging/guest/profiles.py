@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imaging import config
+from imaging.config import MirrorHost
 from imaging.errors import GuestError, ParameterError
 from imaging.guest.files import Guest
 
@@ -54,6 +55,9 @@ class Packages(_Strict):
     refresh: list[str] = []  # fetches the package index first (cloud images ship without one)
     cleanup: list[str] = []  # drops the downloaded packages afterwards (they would travel in the image)
     env: dict[Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")], str] = {}
+    # The only hosts an install reaches (through the sandbox's proxy), with package_mirrors of
+    # parameters/defaults.yaml: the distro's own mirrors, whatever the guest's sources name.
+    mirrors: list[MirrorHost] = []
 
 
 class Profile(_Strict):

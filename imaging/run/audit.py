@@ -71,6 +71,8 @@ def append(ws: Workspace, path: Path, kind: str, digest: str | None = None) -> s
     """Chain one file onto the run's audit record; return the new head."""
     chain = load(ws.root)
     name = _name(ws, path)
+    # What the chain names must be on disk first (a notebook renamed into place, a render).
+    sparse.make_durable(path)
     digest = digest or sparse.sha256(path, desc=None)
     head = link(chain["head"], name, digest)
     chain["entries"].append({"n": len(chain["entries"]), "kind": kind, "file": name, "sha256": digest,

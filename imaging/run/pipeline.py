@@ -31,10 +31,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from imaging import config
+from imaging import config, sparse
 from imaging.clouds.settings import is_cloud_source
 from imaging.disk import mounts
 from imaging.errors import ImagingError, ParameterError
+from imaging.guest import limits
 from imaging.run import audit, pages, scraps, summary
 from imaging.run.request import Request
 from imaging.samples import catalog
@@ -271,14 +272,26 @@ class Kernel:
             shutil.rmtree(self.sockets, ignore_errors=True)
 
 
-def sweep(ws: Workspace, out: Path | None) -> list[str]:
-    """Remove what a failed or killed stage may have left: partial files and mounts."""
-    removed = mounts.release_leftovers(ws.root / "mounts.json")
-    for directory in (ws.work, ws.notebooks, out):
-        if directory and directory.is_dir():
-            for part in [*directory.glob(".*.part"), *directory.glob(".*.part.ipynb")]:
-                part.unlink(missing_ok=True)
-                removed.append(str(part))
+def sweep(ws: Workspace, out: Path | None, request: Request | None = None) -> list[str]:
+    """Remove what a failed or killed stage may have left: partial files, mounts, and the
+    control groups of sandboxed tools. In the run's own directories every partial file is the
+    run's; in ``out``, which other runs (and the user) share, only this run's artifact's."""
+    removed = mounts.release_leftovers(ws.root / "mounts.json") + limits.release_leftovers()
+    parts: list[Path] = []
+    for directory in (ws.work, ws.notebooks):
+        if directory.is_dir():
+            parts += [*directory.glob(".*.part"), *directory.glob(".*.part.ipynb")]
+    if out is not None and request is not None:
+        # Named as 40-export names it: after the name's slug, not the name as the user wrote it.
+        artifact = out / f"{request.slug}.{config.check_format(request.format).extension}"
+        parts += [
+            sparse.part_path(artifact, ws.id),
+            sparse.part_path(artifact.with_name(artifact.name + ".sha256"), ws.id),
+        ]
+    for part in parts:
+        if part.exists():
+            part.unlink(missing_ok=True)
+            removed.append(str(part))
     return removed
 
 
@@ -316,6 +329,8 @@ def run_stage(
     t0 = time.monotonic()
     kernel = kernel or Kernel(ws, stage)
     km = kernel.km
+    limit = stage_limit(stage, ws, request)
+    clock = _StageClock(km, limit)
     try:
         pm.execute_notebook(
             str(notebook_path(stage)),
@@ -330,18 +345,26 @@ def run_stage(
             request_save_on_cell_execute=True,
             cwd=str(config.PROJECT),
         )
-    except KeyboardInterrupt:
-        kernel.kill()
-        _keep_failed(ws, stage, tmp, "interrupted")
-        raise
-    except pm.PapermillExecutionError as e:
+    except BaseException as e:
+        clock.cancel()
+        if clock.expired.is_set():  # the kernel was stopped (cleaning up as on SIGTERM) by the clock
+            kernel.kill()
+            shown = f"{limit:.0f}" if limit >= 1 else f"{limit:.1f}"
+            message = (f"took longer than its time limit of {shown} s (stage_time in parameters/defaults.yaml, "
+                       "which grows with the source's size); resume runs it again")  # fmt: skip
+            _keep_failed(ws, stage, tmp, message)
+            raise StageFailed(stage, message, ws.id) from None
+        if isinstance(e, KeyboardInterrupt):
+            kernel.kill()
+            _keep_failed(ws, stage, tmp, "interrupted")
+            raise
         kernel.shutdown()
-        _keep_failed(ws, stage, tmp, _one_line(e.ename, e.evalue))
-        raise StageFailed(stage, _one_line(e.ename, e.evalue), ws.id) from None
-    except BaseException:
-        kernel.shutdown()
+        if isinstance(e, pm.PapermillExecutionError):
+            _keep_failed(ws, stage, tmp, _one_line(e.ename, e.evalue))
+            raise StageFailed(stage, _one_line(e.ename, e.evalue), ws.id) from None
         raise
     else:
+        clock.cancel()
         kernel.shutdown(wait=False)
     wall = time.monotonic() - t0
     recorded = scraps.read(tmp)
@@ -355,6 +378,70 @@ def run_stage(
     timing = {"seconds": round(wall, 3), "overhead": round(wall - cells + first, 3)}
     print(f"imaging: [{index}/{total}] {stage} done in {wall:.1f} s", file=err, flush=True)
     return {"result": recorded[stage], "timing": timing}
+
+
+def stage_limit(stage: str, ws: Workspace, request: Request) -> float:
+    """The stage's time limit in seconds: its ``stage_time`` (parameters/defaults.yaml) for the
+    source's size; 50-verify also gets the boot check's own time limit."""
+    rule = config.load_defaults().stage_time.get(stage, config.StageTime(seconds=3600, per_gib=120))
+    extra = request.boot_timeout if stage == "50-verify" else 0
+    return rule.limit(_source_bytes(ws, request)) + extra
+
+
+def _source_bytes(ws: Workspace, request: Request) -> int:
+    """The source's data: as 00-acquire measured it, or the blocks its file takes."""
+    if ws.has_result("00-acquire"):
+        return int(ws.result("00-acquire").get("data_bytes") or 0)
+    if is_cloud_source(request.source):
+        # 00-acquire copies a cloud's disk over the network: its limit grows with the disk's
+        # size as the cloud tells it (its data is known only once it is here).
+        from imaging.clouds import acquire
+
+        try:
+            return acquire.inspect(request.source).virtual_size
+        except ImagingError:
+            return 0
+    try:
+        st = catalog.resolve(request.source).stat()
+    except (OSError, ImagingError):
+        return 0
+    return st.st_blocks * 512 if st.st_blocks else st.st_size
+
+
+class _StageClock:
+    """Stops a stage that runs past its limit the way SIGTERM stops it: the running cell raises,
+    its with-blocks stop the tools, unmount and remove partial files, and the kernel exits; a
+    kernel that has not gone after the grace is killed with its process group."""
+
+    def __init__(self, km: Any, limit: float) -> None:
+        self.km = km
+        self.expired = threading.Event()
+        self._timers = [
+            threading.Timer(limit, self._term),
+            threading.Timer(limit + _CLEANUP_GRACE + 5, self._kill),
+        ]
+        for timer in self._timers:
+            timer.daemon = True
+            timer.start()
+
+    def _pid(self) -> int | None:
+        process = getattr(self.km.provisioner, "process", None)
+        return None if process is None or process.poll() is not None else int(process.pid)
+
+    def _term(self) -> None:
+        self.expired.set()
+        if (pid := self._pid()) is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    def _kill(self) -> None:
+        if (pid := self._pid()) is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+    def cancel(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
 
 
 def _one_line(ename: str, evalue: str) -> str:
@@ -509,8 +596,12 @@ def open_run(run_id: str | None, request: Request | None) -> tuple[Workspace, Re
     if run_id is None:
         assert request is not None
         run_id = _fresh_run_id(request.name)
-    config.check_name(run_id)
+    config.check_run_id(run_id)
     root = config.runs_dir() / run_id
+    if root.is_symlink():  # a completed run removes <run>/work: it must be the run's own
+        raise ParameterError(
+            f"{root} is a symbolic link: a run is a directory of its own under {config.runs_dir()}"
+        )
     if root.exists() and (root / "request.json").exists():
         stored = Request(**json.loads((root / "request.json").read_text()))
         if request is not None and request != stored:
@@ -656,7 +747,7 @@ class Runner:
         if self._source_digest is not None:
             self._source_digest.stop()
             self._source_digest = None
-        sweep(self.ws, self.out)
+        sweep(self.ws, self.out, self.request)
         self.state.set("error", stage, error)
 
     def finish(self) -> dict[str, Any]:
@@ -674,7 +765,7 @@ class Runner:
             write_json(self.ws.result_file, summary)
             audit.seal(self.ws, summary)
             self.state.set("completed")
-            if not self.request.keep_work:
+            if not self.request.keep_work and _own_work(self.ws):
                 shutil.rmtree(self.ws.work, ignore_errors=True)
         return summary
 
@@ -691,6 +782,13 @@ class Runner:
         write_json(self.ws.request_file, request.model_dump(mode="json"))
         self.request = request
         return request
+
+
+def _own_work(ws: Workspace) -> bool:
+    """``work/`` of a run under the runs directory, a directory of its own (what a completed
+    run may remove): never a path a request or a link leads elsewhere."""
+    runs = config.runs_dir().resolve()
+    return ws.root.resolve().parent == runs and ws.work.is_dir() and not ws.work.is_symlink()
 
 
 def execute(ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> dict[str, Any]:

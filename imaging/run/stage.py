@@ -31,7 +31,9 @@ _stopping = False
 
 
 def _exit_after_cell(*_: Any) -> None:
-    os._exit(143)
+    # A moment later, not here: the kernel sends the cell's reply (its error) after this hook,
+    # and whoever runs the notebook must get it rather than wait for a reply that never comes.
+    threading.Timer(0.5, os._exit, (143,)).start()
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -68,15 +68,28 @@ def _fetched(f: dict[str, Any] | None) -> str:
 
 def _clean(r: dict[str, Any]) -> str:
     counts: dict[str, int] = {}
-    for action in r.get("actions", []):
-        counts[str(action.get("action"))] = counts.get(str(action.get("action")), 0) + 1
+    for action in r.get("actions", []):  # a folded row (a directory's many files) counts them all
+        counts[str(action.get("action"))] = counts.get(str(action.get("action")), 0) + int(
+            action.get("count", 1)
+        )
     what = ", ".join(f"{n} {text(kind)}" for kind, n in sorted(counts.items())) or "nothing to do"
     return (
         f"**Cleaned** with profile {code(r['profile'])} ({text(r['profile_reason'])}): "
-        f"{len(r.get('operations', []))} operations, {len(r.get('actions', []))} files acted on "
+        f"{len(r.get('operations', []))} operations, {sum(counts.values())} files acted on "
         f"({what}), {_size(r.get('removed_bytes', 0))} removed.\n\n"
-        f"Operations: {text(', '.join(r.get('operations', [])))}."
+        f"Operations: {text(', '.join(r.get('operations', [])))}." + _skipped(r)
     )
+
+
+def _skipped(r: dict[str, Any]) -> str:
+    """Paths the guest's own links made unreachable (loops), which the stage left alone."""
+    skipped = r.get("skipped") or []
+    if not skipped:
+        return ""
+    shown = "; ".join(text(s) for s in skipped[:5]) + (
+        f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    )
+    return f"\n\nSkipped {len(skipped)} paths the guest's own links make unreachable: {shown}."
 
 
 def _migrate(r: dict[str, Any]) -> str:
@@ -87,6 +100,7 @@ def _migrate(r: dict[str, Any]) -> str:
         f"Kernel {code(r['kernel'])}; initrd {text(r['initrd'])}, {_size(r.get('initrd_bytes'))}, "
         f"with {text(r['initrd_modules'])}. Packages: {text(r['packages'])}."
         + _drivers(r.get("drivers") or {})
+        + _skipped(r)
     )
 
 

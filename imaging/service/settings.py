@@ -105,7 +105,7 @@ class Settings(_Strict):
     @model_validator(mode="after")
     def _instances(self) -> Settings:
         for key, source in self.instances.items():
-            if not _INSTANCE_ID.match(key):
+            if not _INSTANCE_ID.fullmatch(key):
                 raise ValueError(
                     f"instance id {key!r} has characters other than letters, digits, '.', '_', '-'"
                 )
@@ -197,7 +197,7 @@ _EMAIL = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+$")
 
 
 def check_email(address: str) -> str:
-    if not _EMAIL.match(address) or len(address) > 254:
+    if not _EMAIL.fullmatch(address) or len(address) > 254:
         raise ParameterError(f"{address!r} is not an e-mail address")
     return address
 

@@ -171,8 +171,7 @@ class Worker:
                 self.run(req, name)
             except Exception:
                 log.exception("worker %s: request %s", name, req.id)
-                with contextlib.suppress(StoreError):
-                    self.finish(req.id, name, "fail", "the worker failed: see the service log")
+                self.finish(req.id, name, "fail", "the worker failed: see the service log")
         if claim:
             log.info("worker %s stopped", name)
 
@@ -200,18 +199,31 @@ class Worker:
                 preexec_fn=_term_with_parent,
             )
             stage, beat, lost = req.stage, time.monotonic(), False
+            renewed = beat  # when the database last renewed our lease
             while proc.poll() is None:
                 if self.stop.wait(0.5) or lost:
                     break
                 # Only a running run's stage: a resumed run's state.json names the old failure first.
                 now = _read_json(run_dir / "state.json")
                 if now.get("state") == "running" and now.get("stage") not in (None, stage):
-                    stage = self._moved(req.id, name, str(now["stage"]))
+                    stage = self._moved(req.id, name, str(now["stage"]), stage)
                 # The lease is renewed well before it runs out, and often enough that a request
                 # cancelled while it runs stops within seconds (the renewal is refused then).
                 if time.monotonic() - beat > min(lease / 3, 5.0):
                     beat = time.monotonic()
-                    lost = not self.store.heartbeat(req.id, name, lease)
+                    try:
+                        lost = not self.store.heartbeat(req.id, name, lease)
+                        renewed = beat
+                    except Exception as e:  # the database is away (a restart): keep supervising...
+                        log.warning(
+                            "request %s: cannot renew the lease (%s); the run goes on", req.id, _brief(e)
+                        )
+                        # ...until the lease has run out: the request is then no longer ours (the
+                        # service moves it to error, an approval may resume it elsewhere).
+                        if time.monotonic() - renewed >= lease:
+                            log.error("request %s: the lease ran out while the database was away: "
+                                      "stopping the run", req.id)  # fmt: skip
+                            lost = True
             code = self._wait_or_stop(proc)
         state = _read_json(run_dir / "state.json")
         if state.get("stage") not in (None, stage) and not lost:  # a stage too short to be seen
@@ -241,23 +253,51 @@ class Worker:
                 proc.wait()
         return int(proc.returncode)
 
-    def _moved(self, request_id: str, name: str, stage: str) -> str:
-        with contextlib.suppress(StoreError):
+    def _moved(self, request_id: str, name: str, stage: str, before: str | None = None) -> str:
+        """The request follows the run to ``stage``; if the database is away, it is tried again
+        on the next look (the stage the request is known to be in is returned)."""
+        try:
             self.store.transition(request_id, "stage", Actor(name, "worker"), f"stage {stage}", worker=name,
                                   stage=stage)  # fmt: skip
+        except StoreError:
+            pass
+        except Exception as e:
+            log.warning("request %s: cannot record stage %s yet (%s)", request_id, stage, _brief(e))
+            return before or stage
         return stage
 
     def finish(self, request_id: str, name: str, action: str, message: str, *,
                result: dict[str, Any] | None = None) -> None:  # fmt: skip
+        """The request's end as the run's: tried again while the database is away, for as long
+        as our lease holds; after that the lease's expiry says the worker was lost, which is
+        what happened, and approving again finds the run as it is."""
         error = None if action == "complete" else message
-        try:
-            req = self.store.transition(request_id, action, Actor(name, "worker"), message, worker=name,
-                                        error=error, result=result)  # fmt: skip
-        except StoreError as e:
-            log.warning("request %s: %s", request_id, e)
-            return
+        deadline = time.monotonic() + self.settings.worker.lease_seconds
+        while True:
+            try:
+                req = self.store.transition(request_id, action, Actor(name, "worker"), message, worker=name,
+                                            error=error, result=result)  # fmt: skip
+                break
+            except StoreError as e:
+                log.warning("request %s: %s", request_id, e)
+                return
+            except Exception as e:
+                if time.monotonic() >= deadline:
+                    log.error("request %s: could not record %r (%s): its lease will expire into error",
+                              request_id, message, _brief(e))  # fmt: skip
+                    return
+                log.warning(
+                    "request %s: cannot record its end yet (%s); trying again", request_id, _brief(e)
+                )
+                time.sleep(1.0)
         log.info("request %s: %s", request_id, message)
         self.mailer.request_finished(req)
+
+
+def _brief(e: BaseException) -> str:
+    """A database error in one line (SQLAlchemy's own run over many)."""
+    text = " ".join(str(getattr(e, "orig", None) or e).split())
+    return f"{type(e).__name__}: {text[:200]}"
 
 
 def serve_forever(settings: Settings, store: Store, concurrency: int | None = None) -> int:

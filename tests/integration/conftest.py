@@ -79,7 +79,9 @@ def cli(tmp_path: Path) -> Cli:
 
 
 def leftovers(under: Path) -> list[str]:
-    """Loop devices, mounts and QEMU processes that refer to anything under ``under``."""
+    """Loop devices, mounts, processes and partial files that refer to anything under ``under``,
+    and sandbox control groups whose process is gone. Mounts and processes of other work on
+    this machine (other runs, other tests) are not ours to count."""
     found = []
     loops = subprocess.run(
         ["losetup", "--list", "--noheadings", "-O", "NAME,BACK-FILE"], capture_output=True, text=True
@@ -87,18 +89,33 @@ def leftovers(under: Path) -> list[str]:
     ours = [line.split(None, 1) for line in loops.stdout.splitlines() if str(under) in line]
     found += [f"loop: {' '.join(parts)}" for parts in ours]
     # A guest mount is a loop device's: ours are those whose loop is backed by a file under
-    # ``under`` (other runs on this host, a parallel test or another checkout's, are not ours).
+    # ``under`` (other runs on this host, a parallel test or another checkout's, are not ours),
+    # and any mount whose mount point is under ``under``.
     devices = {parts[0] for parts in ours}
-    found += [
-        f"mount: {line}"
-        for line in Path("/proc/self/mountinfo").read_text().splitlines()
-        if "imaging-mnt" in line and any(f" {dev} " in line for dev in devices)
-    ]
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        source = fields[fields.index("-") + 2] if "-" in fields else ""
+        if str(under) in fields[4] or ("imaging-mnt" in fields[4] and source in devices):
+            found.append(f"mount: {line}")
     ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True)
+    work = (
+        "qemu-system",
+        "bwrap",
+        "-m imaging export",
+        "-m imaging resume",
+        "-m imaging convert",
+        "idle_hash",
+    )
     found += [
-        f"process: {line}" for line in ps.stdout.splitlines() if "qemu-system" in line and str(under) in line
+        f"process: {line}"
+        for line in ps.stdout.splitlines()[1:]
+        if str(under) in line and any(w in line for w in work) and int(line.split()[0]) != os.getpid()
     ]
     found += [f"partial: {p}" for p in under.rglob(".*.part*")]
+    for group in Path("/sys/fs/cgroup").rglob("imaging-sandbox-*"):
+        owner = group.name.split("-")[-2]
+        if not Path(f"/proc/{owner}").exists():
+            found.append(f"control group: {group}")
     return found
 
 

@@ -165,6 +165,42 @@ def test_raw_image_dressed_as_qcow2_cannot_read_host_files(cli: Cli, tmp_path: P
 
 
 @pytest.mark.parametrize(
+    ("backing", "fmt"), [("/dev/sda", ""), ("/etc/shadow", ""), ("/etc/shadow", "qcow2"), ("json:{}", "")]
+)
+def test_verify_boots_nothing_that_names_other_files(
+    cli: Cli, tmp_path: Path, backing: str, fmt: str
+) -> None:
+    # `verify` takes any file a user hands it: one naming /dev/sda as its backing file would
+    # hand the host's disk to the guest. Refused before QEMU starts, as every source is.
+    evil = tmp_path / "evil.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", evil, "64M"],
+                   check=True)  # fmt: skip
+    proc = cli("verify", str(evil), *(["--format", fmt] if fmt else []), "--boot-timeout", "5", check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == (
+        f"imaging: error: {evil}: qcow2 image has a backing file ({backing}); refusing: a source must be "
+        "self-contained (flatten it with qemu-img convert first)"
+    )
+    assert leftovers(tmp_path) == []
+
+
+def test_verify_takes_the_format_it_is_told(cli: Cli, tmp_path: Path) -> None:
+    # With --format raw, a raw disk whose first sector reads as a qcow2 header is a raw disk:
+    # nothing is probed (its "backing file" is no more than bytes in sector 0).
+    disk = tmp_path / "disk.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "/dev/sda", "-F", "raw", disk, "64M"],
+                   check=True)  # fmt: skip
+    with open(disk, "r+b") as f:
+        f.truncate(64 << 20)
+    proc = cli("verify", str(disk), "--format", "raw", "--boot-timeout", "5", "--accel", "tcg", check=False)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (result["format"], result["verdict"]) == ("raw", "failed"), (
+        result
+    )  # no boot sector: nothing boots
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
     ("name", "message"),
     [
         ("x\n", "name 'x\\n' has a control or unprintable character ('\\n')"),
@@ -181,6 +217,25 @@ def test_bad_names(cli: Cli, kvm_sample: Path, name: str, message: str) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"imaging: error: {message}"
     assert list(cli.runs.iterdir()) == []
+
+
+def test_a_run_is_a_name_under_the_runs_directory(cli: Cli, tmp_path: Path) -> None:
+    # A completed run removes <run>/work: --run must never lead to a user's directory.
+    victim = tmp_path / "victim"
+    (victim / "work").mkdir(parents=True)
+    (victim / "work" / "precious").write_text("mine\n")
+    (victim / "request.json").write_text("{}")
+    for run in (str(victim), "../victim", "a/b", "x\n"):
+        for args in (["export", "sample:kvm", "--name", "x", "--run", run], ["resume", run]):
+            proc = cli(*args, check=False)
+            assert proc.returncode == 2 and proc.stderr.startswith(
+                f"imaging: error: run id {run!r} is not allowed"
+            )
+    (cli.runs / "linked").symlink_to(victim)
+    for args in (["export", "sample:kvm", "--name", "x", "--run", "linked"], ["resume", "linked"]):
+        proc = cli(*args, check=False)
+        assert proc.returncode == 2 and "is a symbolic link: a run is a directory of its own" in proc.stderr
+    assert (victim / "work" / "precious").read_text() == "mine\n"
 
 
 @pytest.fixture

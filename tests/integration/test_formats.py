@@ -140,6 +140,14 @@ def test_convert_twice_gives_the_same_bytes(cli: Cli, bootable: Path, tmp_path: 
         assert header.gd_offset == vmdk.GD_AT_END and f'SPARSE "{first.name}"' in text
     if fmt == "vmdk" and extra:
         assert qemu_info(first, "vmdk")["format-specific"]["data"]["create-type"] == "monolithicSparse"
+    if fmt == "raw":  # the user's disk is copied, never linked: writing to one leaves the other alone
+        assert first.stat().st_ino != bootable.stat().st_ino and bootable.stat().st_nlink == 1
+        with open(bootable, "rb") as f:
+            head = f.read(4096)
+        with open(first, "r+b") as f:
+            f.write(b"\xff" * 4096)
+        with open(bootable, "rb") as f:
+            assert f.read(4096) == head
     # convert mounts nothing and boots nothing: only partial files could be left (the mount
     # and process checks of leftovers() also see other suites running on the machine).
     assert list(tmp_path.rglob(".*.part*")) == []

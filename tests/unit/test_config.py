@@ -17,7 +17,24 @@ def test_good_names(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["", "a/b", "../x", "a..b", ".hidden", "-rf", "a b", "a;rm -rf", "$(id)", "`id`", "a|b", "x" * 81, "é"],
+    [
+        "",
+        "a/b",
+        "../x",
+        "a..b",
+        ".hidden",
+        "-rf",
+        "a b",
+        "a;rm -rf",
+        "$(id)",
+        "`id`",
+        "a|b",
+        "x" * 81,
+        "é",
+        "x\n",
+        "x\r\n",
+        "x\nBcc: y",
+    ],  # fmt: skip
 )
 def test_bad_names(name: str) -> None:
     with pytest.raises(ParameterError, match="not allowed"):
@@ -192,3 +209,13 @@ def test_a_format_gets_the_target_that_boots_it() -> None:
         Request.create(source="x.img", name="n", format="qcow2", target="virtualbox")
     for name in config.available("targets"):
         assert config.load_target(name).formats, name
+
+
+def test_a_name_with_a_trailing_newline_is_refused_everywhere_a_name_goes() -> None:
+    # `$` in a pattern accepts "x\n"; every name check must match the whole string.
+    with pytest.raises(ParameterError, match=r"^name 'x\\n' has a control or unprintable character"):
+        Request.create(source="sample:kvm", name="x\n")
+    with pytest.raises(ParameterError, match="not allowed"):
+        Request.create(source="sample:kvm", name="x", shared_with=["bob\n"], vis="selected")
+    with pytest.raises(ParameterError, match="unknown target"):
+        config.load_target("kvm\n")

@@ -113,3 +113,62 @@ def test_content_digest_reads_the_data_not_the_holes(
     )
     sparse.content_digest(path)
     assert sum(read) == 1 << 20
+
+
+def test_records_reach_the_disk_before_their_name_and_their_name_before_the_return(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A power cut must leave the old file or the new one, never an empty one under the name:
+    # the data is synced before the rename, the directory (the rename) before the write returns.
+    from imaging.workspace import write_json
+
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def record_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def record_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(("rename", os.fspath(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "replace", record_replace)
+    write_json(tmp_path / "result.json", {"verdict": "booted"})
+    sparse.write_sha256_file(tmp_path / "a.qcow2", "ab" * 32, tag="run-1")
+    assert events == [
+        ("fsync", str(tmp_path / ".result.json.part")),
+        ("rename", str(tmp_path / "result.json")),
+        ("fsync", str(tmp_path)),
+        ("fsync", str(tmp_path / ".a.qcow2.sha256~run-1.part")),
+        ("rename", str(tmp_path / "a.qcow2.sha256")),
+        ("fsync", str(tmp_path)),
+    ]
+
+
+def test_a_run_sweeps_its_own_partial_files_only(tmp_path: Path) -> None:
+    from imaging.run import pipeline
+    from imaging.run.request import Request
+    from imaging.workspace import Workspace
+
+    ws = Workspace.open(tmp_path / "runs" / "demo-1")
+    out = tmp_path / "out"
+    out.mkdir()
+    request = Request.create(source="/nonexistent.img", name="demo", format="qcow2", out=str(out))
+    mine = [
+        sparse.part_path(out / "demo.qcow2", "demo-1"),
+        sparse.part_path(out / "demo.qcow2.sha256", "demo-1"),
+    ]
+    others = [sparse.part_path(out / "demo.qcow2", "demo-2"), sparse.part_path(out / "demo.qcow2", "x.demo-1"),
+              out / ".notes.txt.part", out / ".demo.qcow2.part"]  # fmt: skip
+    for p in [*mine, *others, ws.work / ".instance.raw.part"]:
+        p.write_bytes(b"partial")
+    removed = pipeline.sweep(ws, out, request)
+    assert sorted(removed) == sorted(str(p) for p in [*mine, ws.work / ".instance.raw.part"])
+    assert all(p.exists() for p in others)
+    # A name as users write it: the artifact, and so its partial file, is named after its slug.
+    named = Request.create(source="/nonexistent.img", name="My image (v2)", format="qcow2", out=str(out))
+    slugged = sparse.part_path(out / f"{named.slug}.qcow2", "demo-1")
+    slugged.write_bytes(b"partial")
+    assert named.slug != named.name and pipeline.sweep(ws, out, named) == [str(slugged)]

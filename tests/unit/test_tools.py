@@ -83,6 +83,35 @@ def test_a_failing_progress_callback_does_not_stall_the_tool() -> None:
     assert result.exit_code == 0 and len(result.stdout) == 300000
 
 
+def test_output_beyond_the_cap_stops_the_tool() -> None:
+    # /dev/zero would stream forever (as debugfs would cat a 1 TiB sparse guest file): the
+    # tool is stopped once the cap is passed, and what was kept stays within it.
+    with pytest.raises(CommandError, match=r"^cat wrote more than 1 MiB to its output: stopped$") as e:
+        tools.run(["cat", "/dev/zero"], max_output=1 << 20, timeout=60)
+    assert len(e.value.result.stdout) <= 1 << 20  # type: ignore[attr-defined]
+
+
+def test_stderr_keeps_its_last_part() -> None:
+    result = tools.run(["sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x >&2; printf '\\nlast\\n' >&2"])
+    assert len(result.stderr) <= tools.STDERR_KEPT and result.stderr_tail(1) == "last"
+
+
+def test_input_reaches_the_tool() -> None:
+    assert tools.run(["cat"], input="hello").stdout == "hello"
+
+
+def test_a_background_command_keeps_the_end_of_its_output() -> None:
+    with tools.spawn(["sh", "-c", "head -c 5000000 /dev/zero | tr '\\0' x; echo; echo last"]) as proc:
+        while proc.alive():
+            time.sleep(0.05)
+    result = proc.finish()
+    assert (
+        len(result.stdout) <= tools.STDERR_KEPT
+        and result.stdout.endswith("last\n")
+        and result.exit_code == 0
+    )
+
+
 def test_tools_stream_into_each_other_through_fds(tmp_path: Path) -> None:
     """printf | tr > file, each tool in its own run(): the fds become the tools', and are closed."""
     import contextvars

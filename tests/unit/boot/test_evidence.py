@@ -65,6 +65,19 @@ def test_the_dhcp_lease_is_seen_on_the_wire(tmp_path: Path) -> None:
     assert evidence.dhcp_lease(pcap) is None
 
 
+def test_a_flooded_capture_is_read_in_bounded_steps_and_not_past_its_cap(tmp_path: Path) -> None:
+    pcap = tmp_path / "net.pcap"
+    noise = _frame(2, 2, bytes([10, 0, 2, 15]))  # offers, 5 MiB of them: more than one step
+    _pcap(pcap, [noise] * (5 * 1024 * 1024 // (len(noise) + 16)) + [_frame(2, 5, bytes([10, 0, 2, 15]))])
+    watch = evidence.DhcpWatch(pcap)
+    assert watch.poll() is None and 0 < watch.offset <= 4 << 20  # one step read, the rest next time
+    assert watch.poll() == "10.0.2.15"
+    # A record claiming a frame longer than any QEMU writes ends the watch (no waiting for it).
+    pcap.write_bytes(pcap.read_bytes()[:24] + struct.pack("<IIII", 0, 0, 1 << 30, 1 << 30) + bytes(100))
+    watch = evidence.DhcpWatch(pcap)
+    assert watch.poll() is None and watch.offset == evidence.PCAP_CAP
+
+
 def _serve(reply: bytes) -> int:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

@@ -4,6 +4,7 @@ import pytest
 
 from imaging.errors import ParameterError
 from imaging.guest import clean, clean_ops
+from imaging.guest.clean_ops import Action
 
 
 def test_registry_is_well_formed() -> None:
@@ -35,3 +36,17 @@ def test_bad_registrations_are_refused() -> None:
         clean_ops.operation("Bad_Name", "Heading")(lambda ctx: [])
     with pytest.raises(ValueError):
         clean_ops.operation("fine-name", "Ends with a period.")(lambda ctx: [])
+
+
+def test_a_directory_of_many_files_is_one_row_of_the_record() -> None:
+    from imaging.guest.clean import FOLD, folded
+
+    many = [Action("logfiles", f"/var/log/app/{i}.log", "truncate", 10) for i in range(FOLD + 1)]
+    few = [
+        Action("logfiles", "/var/log/messages", "truncate", 7),
+        Action("tmp-files", "/tmp/x", "remove", 1),
+    ]
+    rows = folded([few[0], *many, few[1]])
+    assert [r["path"] for r in rows] == ["/var/log/messages", f"/var/log/app/* ({FOLD + 1} files)", "/tmp/x"]
+    assert rows[1]["count"] == FOLD + 1 and rows[1]["bytes"] == 10 * (FOLD + 1)
+    assert len(folded(many[:FOLD])) == FOLD  # up to FOLD, each file by name

@@ -85,3 +85,90 @@ def test_glob_and_relative_paths(guest: Guest) -> None:
     )
     with pytest.raises(GuestError, match="absolute"):
         guest.read_text("etc/passwd")
+
+
+def test_files_that_are_not_files_are_refused_by_name_without_blocking(tmp_path: Path) -> None:
+    root = tmp_path / "g"
+    (root / "etc").mkdir(parents=True)
+    os.mkfifo(root / "etc" / "inittab")  # no writer: a blocking open would wait forever
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(root / "etc" / "fstab"))
+    with Guest(root) as g:
+        with pytest.raises(
+            GuestError, match=r"^/etc/inittab in the guest is a FIFO, not a regular file: refused$"
+        ):
+            g.read_text("/etc/inittab")
+        with pytest.raises(GuestError, match="is a socket, not a regular file"):
+            g.read_text("/etc/fstab")
+        with pytest.raises(GuestError, match="is a FIFO, not a regular file"):
+            g.write_text("/etc/inittab", "x")
+        assert g.truncate("/etc/inittab") == 0  # only regular files are emptied
+
+
+def test_a_huge_sparse_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    with open(tmp_path / "etc" / "os-release", "wb") as f:
+        f.truncate(1 << 40)
+    with Guest(tmp_path) as g, pytest.raises(GuestError) as e:
+        g.read_text("/etc/os-release")
+    assert str(e.value) == (
+        "/etc/os-release in the guest is 1.0 TiB: more than the 8.0 MiB read from a guest file: refused"
+    )
+
+
+def test_symlink_loops_read_as_missing_and_are_noted(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "sysconfig").symlink_to("/etc/sysconfig")
+    (tmp_path / "etc" / "a").symlink_to("b")
+    (tmp_path / "etc" / "b").symlink_to("a")
+    with Guest(tmp_path) as g:
+        assert g.listdir("/etc/sysconfig") == [] and g.glob("/etc/sysconfig/network-scripts/ifcfg-*") == []
+        assert g.read_text("/etc/a") is None and g.stat("/etc/a") is None
+        assert g.lstat("/etc/sysconfig/selinux") is None
+        assert g.realpath("/etc/b") == "/etc/b"
+        assert "/etc/sysconfig: a symlink loop in the guest, skipped" in g.skipped
+        assert "/etc/a: a symlink loop in the guest, skipped" in g.skipped
+
+
+def test_a_tree_too_deep_is_refused_whole(tmp_path: Path) -> None:
+    deep = tmp_path / "tmp" / "d"
+    deep.mkdir(parents=True)
+    fd = os.open(deep, os.O_RDONLY)
+    for _ in range(400):  # each level made in the last one: a path can only be so long
+        os.mkdir("d", dir_fd=fd)
+        nxt = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    os.close(fd)
+    (tmp_path / "tmp" / "shallow").mkdir()
+    (tmp_path / "tmp" / "shallow" / "f").write_bytes(b"12345")
+    with Guest(tmp_path) as g:
+        assert g.tree_bytes("/tmp/shallow") == 5 and g.remove("/tmp/shallow") is not None
+        with pytest.raises(
+            GuestError, match=r"^/tmp/d in the guest is more than 256 directories deep: refused"
+        ):
+            g.remove("/tmp/d")
+        with pytest.raises(GuestError, match="more than 256 directories deep"):
+            g.tree_bytes("/tmp/d")
+    assert deep.is_dir()  # refused before anything went
+
+
+def test_editing_a_hard_linked_file_leaves_its_other_names_alone(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "home").mkdir()
+    notes = tmp_path / "home" / "notes"
+    notes.write_text("the user's own words\n")
+    os.chmod(notes, 0o640)
+    os.link(notes, tmp_path / "etc" / "inittab")
+    os.link(notes, tmp_path / "home" / "log")
+    os.setxattr(notes, "user.label", b"kept")
+    with Guest(tmp_path) as g:
+        g.write_text("/etc/inittab", "id:3:initdefault:\n")
+        assert g.truncate("/home/log") == len("the user's own words\n")
+    assert notes.read_text() == "the user's own words\n" and notes.stat().st_nlink == 1
+    inittab = tmp_path / "etc" / "inittab"
+    assert inittab.read_text() == "id:3:initdefault:\n" and (tmp_path / "home" / "log").read_bytes() == b""
+    assert oct(inittab.stat().st_mode & 0o7777) == "0o640" and os.getxattr(inittab, "user.label") == b"kept"
+    assert [p.name for p in (tmp_path / "etc").iterdir()] == ["inittab"]  # no temporary file left

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from imaging.config import load_target
+from imaging.disk.debugfs import safe_name
 from imaging.errors import GuestError
 from imaging.guest import initrd
 from imaging.guest.files import Guest
@@ -111,6 +112,16 @@ def test_a_decompression_bomb_is_refused(tmp_path: Path) -> None:
     bomb = gzip.compress(header + bytes(64 << 20), compresslevel=1)
     with pytest.raises(GuestError, match="decompresses to more than"):
         initrd.list_initrd(bomb, cap=16 << 20)
+
+
+def test_a_kernel_file_name_with_a_newline_is_not_a_kernel(tmp_path: Path) -> None:
+    # "vmlinuz-6.1\n" would reach grub.cfg as two lines.
+    (tmp_path / "boot").mkdir()
+    (tmp_path / "boot" / "vmlinuz-6.1\n").write_bytes(b"k")
+    (tmp_path / "boot" / "vmlinuz-6.2").write_bytes(b"k")
+    with Guest(tmp_path) as g:
+        assert [k.version for k in initrd.kernels(g)] == ["6.2"]
+    assert not safe_name("vmlinuz-6.1\n") and safe_name("vmlinuz-6.1")
 
 
 def _nitro_guest(tmp_path: Path, *, ena: bool, ena_in_initrd: bool) -> Path:

@@ -137,6 +137,8 @@ def test_names_as_users_write_them(svc: Service, name: str) -> None:
         ("bell\x07", "control or unprintable character"),
         (" lead", "starts or ends with white space"),
         ("x" * 256, "at most 255 characters"),
+        # would break the approval mail's headers, the .sha256 file and the published metadata
+        ("x\r\nBcc: y", "control or unprintable character"),
     ],
 )
 def test_names_with_control_characters_are_refused(svc: Service, name: str, message: str) -> None:

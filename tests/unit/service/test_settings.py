@@ -85,3 +85,14 @@ def test_the_signing_key_is_made_once_and_private(tmp_path: Path) -> None:
     key = s.signing_key()
     assert len(key) > 40 and s.signing_key() == key
     assert stat.S_IMODE((tmp_path / "state" / "secret.key").stat().st_mode) == 0o600
+
+
+def test_a_trailing_newline_is_no_part_of_an_address_or_an_instance_id(tmp_path: Path) -> None:
+    # A mail header would end at the newline; "x@y\nBcc: z" must never reach one.
+    for address in ("root@example.org\n", "root@example.org\nBcc: x@y"):
+        with pytest.raises(ParameterError, match="is not an e-mail address"):
+            settings.check_email(address)
+    with pytest.raises(ParameterError, match="has characters other than"):
+        settings.load(
+            write(tmp_path, 'instances: {"i-1\\n": sample:kvm}\n'), {"IMAGING_STATE": str(tmp_path)}
+        )
