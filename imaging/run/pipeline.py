@@ -12,7 +12,6 @@ summary of what the stage did (or of how it failed) goes in under its title (``s
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import fcntl
 import functools
@@ -196,28 +195,12 @@ def _engine() -> str:
     return "imaging"
 
 
-def stage_imports(stage: str) -> str:
-    """The import statements of a stage notebook's code cells, as one line of code."""
-    nb = json.loads(notebook_path(stage).read_text(encoding="utf-8"))
-    found: list[str] = []
-    for cell in nb["cells"]:
-        if cell["cell_type"] != "code":
-            continue
-        try:
-            tree = ast.parse("".join(cell["source"]))
-        except SyntaxError:
-            continue
-        found += [ast.unparse(n) for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
-    return "; ".join(dict.fromkeys(found))
-
-
 _KERNELS = itertools.count(1)
 
 
 class Kernel:
-    """A stage's Jupyter kernel, started ahead of its stage: while the stage before it works,
-    the kernel process starts and imports what the stage's notebook imports (its import
-    statements run as the kernel's ``exec_lines``), so the stage itself begins at once.
+    """A stage's Jupyter kernel; once the stage is done, it shuts down while the next stage
+    starts (:meth:`shutdown` with ``wait=False``; the run waits for it before it ends).
 
     IPC sockets in the run directory, not TCP on loopback: nothing for other local users to
     reach. A socket's path holds 107 bytes at most: for a deep run directory, a private one
@@ -236,16 +219,13 @@ class Kernel:
         self.km = KernelManager(kernel_name=KERNEL_NAME, transport="ipc",
                                 ip=str(self.sockets / f".kernel{next(_KERNELS)}"))  # fmt: skip
         # independent: no ipykernel parent poller, which would os._exit() the kernel without
-        # cleanup when we die; the stage's own watchdog (stage.py, started first thing) cleans
-        # up first, then exits. An idle kernel started ahead exits the same way.
+        # cleanup when we die; the stage's own watchdog (stage.py) cleans up first, then exits.
         env = {k: v for k, v in os.environ.items() if k != "JPY_PARENT_PID"}
-        ahead = f"import imaging.run.stage as _stage; _stage.guard(); {stage_imports(stage)}"
         # A kernel without a parent handle prints how to connect to it on our stdout; CRITICAL quiets it.
         # No IPython history: a stage's cells are in its notebook, and the SQLite file shared by
         # every kernel on the host cost each start 0.1 s.
         self.km.start_kernel(cwd=str(config.PROJECT), env=env, independent=True,
-                             extra_arguments=["--IPKernelApp.log_level=CRITICAL", "--HistoryManager.enabled=False",
-                                              f"--IPKernelApp.exec_lines={ahead}"])  # fmt: skip
+                             extra_arguments=["--IPKernelApp.log_level=CRITICAL", "--HistoryManager.enabled=False"])  # fmt: skip
         self._stopper: threading.Thread | None = None
 
     def shutdown(self, *, wait: bool = True) -> None:
@@ -314,9 +294,9 @@ def run_stage(
     index: int,
     total: int,
     err: TextIO,
-    kernel: Kernel | None = None,
 ) -> dict[str, Any]:
-    """Execute one stage's notebook in ``kernel`` (one started ahead), or in a new kernel."""
+    """Execute one stage's notebook in a kernel of its own; its result, timing and kernel
+    (shutting down: :meth:`Kernel.join` waits for it)."""
     import papermill as pm
 
     declared = declared_parameters(stage)
@@ -327,7 +307,7 @@ def run_stage(
     tmp = ws.notebooks / f".{stage}.part.ipynb"  # papermill wants .ipynb
     print(f"imaging: [{index}/{total}] {stage} ...", file=err, flush=True)
     t0 = time.monotonic()
-    kernel = kernel or Kernel(ws, stage)
+    kernel = Kernel(ws, stage)
     km = kernel.km
     limit = stage_limit(stage, ws, request)
     clock = _StageClock(km, limit)
@@ -377,7 +357,7 @@ def run_stage(
     cells, first = _cells_seconds(final)
     timing = {"seconds": round(wall, 3), "overhead": round(wall - cells + first, 3)}
     print(f"imaging: [{index}/{total}] {stage} done in {wall:.1f} s", file=err, flush=True)
-    return {"result": recorded[stage], "timing": timing}
+    return {"result": recorded[stage], "timing": timing, "kernel": kernel}
 
 
 def stage_limit(stage: str, ws: Workspace, request: Request) -> float:
@@ -658,7 +638,6 @@ class Runner:
         self.results: dict[str, Any] = {}
         self.timings: dict[str, Any] = dict(self.state.data.get("timings", {}))
         self._source_digest: SourceDigest | None = None
-        self._ahead: Kernel | None = None  # the next stage's kernel, started while a stage runs
         self._stopping: list[Kernel] = []
         self._held = False
         os.environ["IMAGING_MOUNT_LEDGER"] = str(ws.root / "mounts.json")
@@ -703,10 +682,8 @@ class Runner:
                 self._source_digest = SourceDigest(self.ws, self.request.source)
             self.state.set("running", stage)
             try:
-                kernel = self._kernel_for(stage)
-                self._start_ahead(index)
-                done = run_stage(self.ws, stage, self.request, index, len(self.stages), self.err, kernel)
-                self._stopping.append(kernel)
+                done = run_stage(self.ws, stage, self.request, index, len(self.stages), self.err)
+                self._stopping.append(done["kernel"])
             except KeyboardInterrupt:
                 self._failed(stage, "interrupted")
                 raise
@@ -719,25 +696,8 @@ class Runner:
         self.state.data["timings"] = self.timings
         return stage
 
-    def _kernel_for(self, stage: str) -> Kernel:
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.stage == stage:
-            return ahead
-        if ahead is not None:
-            ahead.kill()
-        return Kernel(self.ws, stage)
-
-    def _start_ahead(self, index: int) -> None:
-        """The kernel of the stage after this one (``index`` counts from 1), started now."""
-        if index < len(self.stages) and os.environ.get("IMAGING_KERNEL_AHEAD", "1") != "0":
-            self._ahead = Kernel(self.ws, self.stages[index])
-
     def stop_kernels(self) -> None:
-        """No kernel of this run outlives it: the one started ahead (when no stage will use it)
-        is stopped, and the finished stages' kernels are waited for."""
-        if self._ahead is not None:
-            self._ahead.kill()
-            self._ahead = None
+        """No kernel of this run outlives it: the finished stages' kernels are waited for."""
         for kernel in self._stopping:
             kernel.join()
         self._stopping.clear()

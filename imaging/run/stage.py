@@ -65,12 +65,6 @@ def _watch_parent(parent: int) -> None:
 _watching = False
 
 
-def guard() -> None:
-    """SIGTERM cleans up, and the kernel goes when the pipeline does: run first thing in a stage
-    kernel (also when it is started ahead of its stage, before any cell)."""
-    _guard_kernel()
-
-
 def _guard_kernel() -> None:
     global _watching
     if threading.current_thread() is not threading.main_thread():
