@@ -5,8 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Host tools the pipeline and its tests run (see README, "What runs each step"); PostgreSQL for
-# the store's tests against a real server (each test starts its own cluster on loopback);
+# Host tools the pipeline and its tests run (see README, "What runs each step"); PostgreSQL: the
+# request service's database (`serve` alone starts a private cluster of it under state/; the
+# tests start theirs, on a Unix socket or on loopback, with the same code);
 # Chromium, a font and tesseract to look at the audit reports the way a person does; virt-v2v
 # to read our OVAs the way VMware-exported appliances are read (tests/integration/test_big_ova.py).
 # The test clouds: OpenSSH's server as a Eucalyptus node (and its client's ssh-keygen and

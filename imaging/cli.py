@@ -1,4 +1,4 @@
-"""Command line: ``python -m imaging export|convert|resume|verify|sample|audit|report|serve|worker|users``.
+"""Command line: ``python -m imaging export|convert|resume|verify|sample|audit|report|serve|worker|db|users``.
 
 ``export`` and ``convert`` print, as their last line on stdout, one JSON object describing the
 result (``path``, ``sha256``, ``format``, ``target``, ``run``, ``verified``, ...); everything
@@ -140,12 +140,16 @@ def _execute(ws: Any, request: Any) -> int:
         result = pipeline.execute(ws, request)
     except pipeline.StageFailed as e:
         _write_report(ws.root)
+        pipeline.push_record(ws)
         print(
             f"imaging: error: {e} (run {ws.id}; resume with: python -m imaging resume {ws.id})",
             file=sys.stderr,
         )
         return 1
     _write_report(ws.root)
+    unpushed = pipeline.push_record(ws)
+    if unpushed:
+        raise ImagingError(f"run {ws.id} completed, but its record is not all in the store: {unpushed}")
     _print_json(result)
     if (result.get("boot") or {}).get("verdict") == "degraded":
         # The artifact is made, but a user could not rely on it: say so, and exit non-zero.
@@ -250,56 +254,137 @@ def _service_logging() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Every migration step Alembic looks at: not what an operator reads.
+    for chatty in ("alembic",):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import signal
+
     import uvicorn
 
-    from imaging.service import api, settings
+    from imaging.service import api, schema, settings
 
     loaded = settings.load(args.config)
     changes = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if args.no_worker:
         changes["worker"] = loaded.worker.model_copy(update={"embedded": False})
     loaded = loaded.model_copy(update=changes)
+    loaded.signing_key()  # refused now, not at the first mail, when hosts would not share it
     _service_logging()
-    app = api.create_app(loaded)
-    workers = loaded.worker.concurrency if loaded.worker.embedded else 0
-    print(
-        f"imaging: serving on http://{loaded.host}:{loaded.port} ({workers} embedded workers)",
-        file=sys.stderr,
-        flush=True,
-    )
-    # Our own access log (api.py): uvicorn's would write approval tokens from query strings.
-    uvicorn.run(app, host=loaded.host, port=loaded.port, access_log=False, log_config=None)
+    with schema.database(loaded, stop=True):
+        app = api.create_app(loaded)
+        worker = _embedded_worker(args.config) if loaded.worker.embedded else None
+        workers = loaded.worker.concurrency if worker else 0
+        where = "private PostgreSQL in the state directory" if loaded.private_database else "shared database"
+        print(f"imaging: serving on http://{loaded.host}:{loaded.port} ({where}, {workers} embedded workers)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        # uvicorn stops on SIGTERM, then raises it again with the handler that was there before:
+        # this one, so that the worker and the private cluster are stopped below.
+        signal.signal(signal.SIGTERM, _terminated)
+        try:
+            # Our own access log (api.py): uvicorn's would write approval tokens from query strings.
+            uvicorn.run(app, host=loaded.host, port=loaded.port, access_log=False, log_config=None)
+        except _Terminated:
+            pass
+        finally:
+            if worker is not None:
+                _stop(worker)
     return 0
 
 
+class _Terminated(Exception):
+    pass
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _embedded_worker(config_file: str | None) -> Any:
+    """``serve``'s own worker: ``python -m imaging worker`` in a process of its own, which the
+    kernel stops should ``serve`` die (PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+    import subprocess
+
+    def die_with_parent() -> None:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+
+    argv = [sys.executable, "-m", "imaging", "worker", *(["--config", config_file] if config_file else [])]
+    return subprocess.Popen(argv, cwd=config.PROJECT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+
+
+def _stop(proc: Any) -> None:
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=150)  # its runs get 60 s each to clean up
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _worker(args: argparse.Namespace) -> int:
-    from imaging.service import settings, store, worker
+    from imaging.service import schema, settings, store, worker
 
     loaded = settings.load(args.config)
+    loaded.signing_key()
     _service_logging()
-    return worker.serve_forever(loaded, store.Store(loaded.sqlalchemy_url), args.concurrency)
+    with schema.database(loaded, start=False) as url:
+        return worker.serve_forever(loaded, store.Store(url), args.concurrency)
 
 
 def _users(args: argparse.Namespace) -> int:
-    from imaging.service import settings, store
+    from imaging.service import schema, settings, store
 
-    db = store.Store(settings.load(args.config).sqlalchemy_url)
-    if args.action == "list":
-        for u in db.users():
-            print(f"{u.name}\t{u.role}\t{u.email or '-'}")
-        return 0
-    config.check_name(args.name)
-    if args.action == "add":
-        if args.email:
+    loaded = settings.load(args.config)
+    if args.action != "list":
+        config.check_name(args.name)
+        if args.action == "add" and args.email:
             settings.check_email(args.email)
-        token = db.add_user(args.name, admin=args.admin, email=args.email)
-    else:
-        token = db.new_token(args.name)
+    with schema.database(loaded) as url:
+        db = store.Store(url)
+        try:
+            if args.action == "list":
+                for u in db.users():
+                    print(f"{u.name}\t{u.role}\t{u.email or '-'}")
+                return 0
+            if args.action == "add":
+                token = db.add_user(args.name, admin=args.admin, email=args.email)
+            else:
+                token = db.new_token(args.name)
+        finally:
+            db.close()
     # The only time the token is shown: the store keeps its hash.
     print(token)
+    return 0
+
+
+def _db(args: argparse.Namespace) -> int:
+    from sqlalchemy import create_engine
+
+    from imaging.service import postgres, schema, settings
+
+    loaded = settings.load(args.config)
+    cluster = postgres.running(loaded.cluster()) if loaded.private_database else contextlib.nullcontext()
+    with cluster:
+        engine = create_engine(loaded.sqlalchemy_url)
+        try:
+            if args.action == "upgrade":
+                before, after = schema.upgrade(engine)
+                print(f"imaging: database schema {before or 'none'} -> {after}", file=sys.stderr)
+            else:
+                revision, _ = schema.current(engine)
+                print(f"imaging: database schema {revision or 'none'} (this imaging: {schema.head()})",
+                      file=sys.stderr)  # fmt: skip
+                schema.require_current(engine)
+        finally:
+            engine.dispose()
     return 0
 
 
@@ -457,10 +542,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.set_defaults(func=_serve)
 
-    w = sub.add_parser("worker", help="claim approved requests and run them (until SIGTERM)")
+    w = sub.add_parser("worker", help="run approved requests' jobs from the shared database (until SIGTERM)")
     w.add_argument("--config", help="settings file")
     w.add_argument("--concurrency", type=int, help="requests run at once (default: the settings')")
     w.set_defaults(func=_worker)
+
+    d = sub.add_parser(
+        "db", help="the service's database schema: upgrade it (migrations), or show its status"
+    )
+    d.add_argument("action", choices=["upgrade", "status"])
+    d.add_argument("--config", help="settings file")
+    d.set_defaults(func=_db)
 
     u = sub.add_parser("users", help="the service's users: add (prints the token once), token, list")
     u.add_argument("action", choices=["add", "token", "list"])

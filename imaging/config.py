@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imaging.errors import ParameterError
 
@@ -191,6 +191,9 @@ class Target(_Strict):
         return self.subformats.get(fmt, "")
 
 
+StageInput = Literal["work/instance.raw", "work/disk.raw", "artifact"]
+
+
 # A host name, or a pattern of them (*.archive.ubuntu.com): what a package install may reach.
 MirrorHost = Annotated[
     str,
@@ -227,6 +230,8 @@ class StageTime(_Strict):
 
 class Defaults(_Strict):
     pipelines: dict[str, list[str]]
+    # What a stage starts from that an earlier one made (see defaults.yaml).
+    stage_inputs: dict[str, list[StageInput]] = {}
     # Site policy, not request parameters: the guest's tools' limits, the hosts a package
     # install may reach besides the profile's mirrors, and each stage's time limit.
     sandbox: SandboxLimits = SandboxLimits()
@@ -261,6 +266,14 @@ class Defaults(_Strict):
     vmdk_subformat: VmdkSubformat = VmdkSubformat.stream_optimized
     compress: bool = False
     ovf_version: OvfVersion = OvfVersion.v1
+
+    @model_validator(mode="after")
+    def _known_stages(self) -> Defaults:
+        known = {s for stages in self.pipelines.values() for s in stages}
+        unknown = sorted(set(self.stage_inputs) - known)
+        if unknown:
+            raise ValueError(f"stage_inputs names stages no pipeline runs: {', '.join(unknown)}")
+        return self
 
     @field_validator("kernel_args")
     @classmethod
@@ -478,6 +491,10 @@ def parse_disk_size(value: str) -> tuple[str, int]:
         raise ParameterError(f"disk size {value!r} is not 'auto', a size like 10G, or extra room like +1G")
     amount = int(float(m.group(2)) * _UNITS[m.group(3).upper()])
     return ("extra" if m.group(1) else "absolute"), amount
+
+
+def stage_inputs(stage: str) -> list[str]:
+    return list(load_defaults().stage_inputs.get(stage, []))
 
 
 def pipeline_stages(kind: str) -> list[str]:

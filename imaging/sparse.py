@@ -15,7 +15,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,13 +149,17 @@ def create_sparse(path: Path, size: int) -> None:
         f.truncate(size)
 
 
-def flush(path: Path) -> None:
-    """Put ``path``'s data on disk (fdatasync)."""
-    fd = os.open(path, os.O_RDONLY)
+def _sync(path: Path, sync: Callable[[int], None], flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
     try:
-        os.fdatasync(fd)
+        sync(fd)
     finally:
         os.close(fd)
+
+
+def flush(path: Path) -> None:
+    """Put ``path``'s data on disk (fdatasync)."""
+    _sync(path, os.fdatasync)
 
 
 def sha256(path: Path, desc: str | None = "sha256") -> str:
@@ -255,6 +259,27 @@ def content_digest(path: Path, *, workers: int = 2) -> str:
     return f"{DIGEST_NAME}:{top.hexdigest()}"
 
 
+def sha256_of(chunks: Iterable[bytes]) -> str:
+    """:func:`sha256` of a stream of bytes."""
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def content_digest_of(chunks: Iterable[bytes]) -> str:
+    """:func:`content_digest` of a stream of bytes (a zero block hashes as a hole does)."""
+    top, block = hashlib.sha256(), bytearray()
+    for chunk in chunks:
+        block += chunk
+        while len(block) >= DIGEST_BLOCK:
+            top.update(hashlib.sha256(memoryview(block)[:DIGEST_BLOCK]).digest())
+            del block[:DIGEST_BLOCK]
+    if block:
+        top.update(hashlib.sha256(block).digest())
+    return f"{DIGEST_NAME}:{top.hexdigest()}"
+
+
 def write_sha256_file(path: Path, digest: str, beside: Path | None = None, *, tag: str = "") -> Path:
     """``<file>.sha256`` beside the file (or at ``beside``), in the format ``sha256sum -c`` reads;
     on disk, under its name, before this returns."""
@@ -273,20 +298,12 @@ def part_path(path: Path, tag: str = "") -> Path:
 
 def fsync_dir(directory: Path) -> None:
     """Put ``directory``'s entries on disk: a rename is durable only once its directory is."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _sync(directory, os.fsync, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def make_durable(path: Path) -> None:
     """``path``'s data and its name in its directory on disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _sync(path, os.fsync)
     fsync_dir(path.parent)
 
 

@@ -7,12 +7,19 @@ breaks its entry; editing ``audit.json`` to match breaks the chain from there on
 later hash is recomputed too, which the head (the last hash, stored by the service with the
 request and sent in the completion mail) then gives away. ``python -m imaging audit RUN``
 verifies a run and names the file that changed.
+
+A run started again from its first stage on another host (its first attempt's disks were not
+kept) renames that attempt's notebooks (``00-acquire.ipynb`` -> ``00-acquire.attempt-1.ipynb``)
+with a ``moved`` entry each: ``hash = sha256(prev + "\n" + "old -> new" + "\n" + sha256)``; the
+entries before it that named the old file are then checked against the file under its new name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,12 +43,24 @@ def render_html(notebook: Path) -> Path:
     return page
 
 
-def file_digest(path: Path, like: str) -> str:
-    """The digest of ``path`` of the kind ``like`` is: a plain sha256 (hex), or a named one
+def _kind(like: str) -> str:
+    """A recorded digest's kind: a plain sha256 (hex), or a named one before its colon
     (``sha256-1MiB-list:<hex>``, :func:`imaging.sparse.content_digest`)."""
-    if like.startswith(sparse.DIGEST_NAME + ":"):
+    return like.partition(":")[0] if ":" in like else "sha256"
+
+
+def file_digest(path: Path, like: str) -> str:
+    """The digest of ``path`` of the kind ``like`` is (see :func:`_kind`)."""
+    if _kind(like) == sparse.DIGEST_NAME:
         return sparse.content_digest(path)
     return sparse.sha256(path, desc=None)
+
+
+def stream_digest(chunks: Iterable[bytes], like: str) -> str:
+    """:func:`file_digest` of a file read as a stream (from the record's object store)."""
+    return (
+        sparse.content_digest_of(chunks) if _kind(like) == sparse.DIGEST_NAME else sparse.sha256_of(chunks)
+    )
 
 
 def link(prev: str, name: str, digest: str) -> str:
@@ -77,6 +96,20 @@ def append(ws: Workspace, path: Path, kind: str, digest: str | None = None) -> s
     head = link(chain["head"], name, digest)
     chain["entries"].append({"n": len(chain["entries"]), "kind": kind, "file": name, "sha256": digest,
                              "prev": chain["head"], "hash": head})  # fmt: skip
+    chain["head"] = head
+    write_json(ws.root / "audit.json", chain)
+    return head
+
+
+def move(ws: Workspace, old: Path, new: Path) -> str:
+    """Rename a recorded file, and chain the rename (see the module); return the new head."""
+    chain = load(ws.root)
+    digest = sparse.sha256(old, desc=None)
+    os.replace(old, new)
+    src, dst = _name(ws, old), _name(ws, new)
+    head = link(chain["head"], f"{src} -> {dst}", digest)
+    chain["entries"].append({"n": len(chain["entries"]), "kind": "moved", "file": dst, "from": src,
+                             "sha256": digest, "prev": chain["head"], "hash": head})  # fmt: skip
     chain["head"] = head
     write_json(ws.root / "audit.json", chain)
     return head
@@ -122,23 +155,54 @@ def verify(root: Path, expected_head: str | None = None) -> Report:
     """Check the chain's links, every recorded file's sha256, and the head if one is given."""
     if not (root / "audit.json").exists():
         return Report(root.name, False, 0, GENESIS, [f"{root / 'audit.json'} does not exist"])
-    chain = load(root)
+
+    def digest(name: str, like: str) -> str | None:
+        path = _path(root, name)
+        return file_digest(path, like) if path.is_file() else None
+
+    return verify_chain(root.name, load(root), digest, expected_head)
+
+
+def _where_now(entries: list[dict[str, Any]]) -> list[str]:
+    """Each entry's file under the name it has now: a later ``moved`` entry renamed it."""
+    renamed: dict[str, str] = {}
+    found = []
+    for entry in reversed(entries):
+        name = entry["file"]
+        found.append(renamed.get(name, name))
+        if entry.get("kind") == "moved":
+            renamed[entry["from"]] = renamed.get(name, name)
+            renamed.pop(name, None)
+    return found[::-1]
+
+
+def verify_chain(
+    run: str,
+    chain: dict[str, Any],
+    digest: Callable[[str, str], str | None],
+    expected_head: str | None = None,
+) -> Report:
+    """:func:`verify` over any store: ``digest(name, like)`` is the digest of a file of the run
+    as it is now, of the kind the recorded ``like`` is (:func:`file_digest`; None: not there)."""
     problems: list[str] = []
     prev = GENESIS
-    for entry in chain["entries"]:
-        name, digest = entry["file"], entry["sha256"]
-        if entry["prev"] != prev or entry["hash"] != link(prev, name, digest):
+    entries = chain["entries"]
+    hashed: dict[tuple[str, str], str | None] = {}
+    for entry, now in zip(entries, _where_now(entries), strict=True):
+        name, sha = entry["file"], entry["sha256"]
+        linked = f"{entry['from']} -> {name}" if entry.get("kind") == "moved" else name
+        if entry["prev"] != prev or entry["hash"] != link(prev, linked, sha):
             problems.append(f"audit.json was altered at entry {entry['n']} ({name})")
         prev = entry["hash"]
-        path = _path(root, name)
-        if not path.is_file():
-            problems.append(f"{name} is missing")
-            continue
-        actual = file_digest(path, digest)
-        if actual != digest:
-            problems.append(f"{name} changed since it was recorded (sha256 {actual}, recorded {digest})")
+        if (now, _kind(sha)) not in hashed:
+            hashed[now, _kind(sha)] = digest(now, sha)
+        actual = hashed[now, _kind(sha)]
+        if actual is None:
+            problems.append(f"{now} is missing")
+        elif actual != sha:
+            problems.append(f"{now} changed since it was recorded (sha256 {actual}, recorded {sha})")
     if chain["head"] != prev:
         problems.append("audit.json was altered: its head does not match its last entry")
     if expected_head is not None and expected_head != chain["head"]:
         problems.append(f"the chain's head {chain['head']} is not the expected {expected_head}")
-    return Report(root.name, not problems, len(chain["entries"]), chain["head"], problems)
+    return Report(run, not problems, len(entries), chain["head"], problems)

@@ -35,7 +35,7 @@ from imaging.clouds.settings import is_cloud_source
 from imaging.disk import mounts
 from imaging.errors import ImagingError, ParameterError
 from imaging.guest import limits
-from imaging.run import audit, pages, scraps, summary
+from imaging.run import audit, pages, record, scraps, summary
 from imaging.run.request import Request
 from imaging.samples import catalog
 from imaging.workspace import Workspace, write_json
@@ -68,7 +68,8 @@ class State:
         )
 
     def set(self, state: str, stage: str | None = None, error: str | None = None) -> None:
-        self.data.update(state=state, stage=stage, error=error, updated=_now())
+        # root: where this host keeps the run (another host relocates its results from it)
+        self.data.update(state=state, stage=stage, error=error, updated=_now(), root=str(self.ws.root))
         self.data["history"].append({"time": _now(), "state": state, "stage": stage, "error": error})
         write_json(self.ws.state_file, self.data)
 
@@ -102,9 +103,16 @@ def _run_lock(ws: Workspace) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler stopping us) takes the same path as Ctrl-C."""
+    """SIGTERM (a scheduler stopping us) takes the same path as Ctrl-C. Once: a second SIGTERM
+    must not cut short the clean-up the first started (the interrupted notebook's render, the
+    audit chain, the record's last files in its store), as the stage kernel's does not."""
+    stopping = False
 
     def handler(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
         raise KeyboardInterrupt(f"signal {signum}")
 
     if threading.current_thread() is threading.main_thread():
@@ -204,7 +212,7 @@ class Kernel:
 
     IPC sockets in the run directory, not TCP on loopback: nothing for other local users to
     reach. A socket's path holds 107 bytes at most: for a deep run directory, a private one
-    (0700) in the temporary directory instead.
+    (0700) in /tmp instead (not $TMPDIR, which may be as deep).
     """
 
     def __init__(self, ws: Workspace, stage: str) -> None:
@@ -212,7 +220,9 @@ class Kernel:
 
         self.stage = stage
         self.private = len(str(ws.root / ".kernel-0000000000")) > 100
-        self.sockets = Path(tempfile.mkdtemp(prefix="imaging-kernel-")) if self.private else ws.root
+        self.sockets = (
+            Path(tempfile.mkdtemp(prefix="imaging-kernel-", dir="/tmp")) if self.private else ws.root
+        )
         # Each kernel its own socket names: jupyter_client numbers IPC sockets from 1 up to the
         # first name not taken on disk, and a kernel makes its sockets only once it runs, so two
         # kernels started together under one name would bind the same sockets.
@@ -220,7 +230,8 @@ class Kernel:
                                 ip=str(self.sockets / f".kernel{next(_KERNELS)}"))  # fmt: skip
         # independent: no ipykernel parent poller, which would os._exit() the kernel without
         # cleanup when we die; the stage's own watchdog (stage.py) cleans up first, then exits.
-        env = {k: v for k, v in os.environ.items() if k != "JPY_PARENT_PID"}
+        # Nor the record store's keys: a stage has no business with them.
+        env = {k: v for k, v in os.environ.items() if k not in ("JPY_PARENT_PID", record.ENV)}
         # A kernel without a parent handle prints how to connect to it on our stdout; CRITICAL quiets it.
         # No IPython history: a stage's cells are in its notebook, and the SQLite file shared by
         # every kernel on the host cost each start 0.1 s.
@@ -294,6 +305,7 @@ def run_stage(
     index: int,
     total: int,
     err: TextIO,
+    pusher: record.Pusher | None = None,
 ) -> dict[str, Any]:
     """Execute one stage's notebook in a kernel of its own; its result, timing and kernel
     (shutting down: :meth:`Kernel.join` waits for it)."""
@@ -332,15 +344,15 @@ def run_stage(
             shown = f"{limit:.0f}" if limit >= 1 else f"{limit:.1f}"
             message = (f"took longer than its time limit of {shown} s (stage_time in parameters/defaults.yaml, "
                        "which grows with the source's size); resume runs it again")  # fmt: skip
-            _keep_failed(ws, stage, tmp, message)
+            _keep_failed(ws, stage, tmp, message, pusher)
             raise StageFailed(stage, message, ws.id) from None
         if isinstance(e, KeyboardInterrupt):
             kernel.kill()
-            _keep_failed(ws, stage, tmp, "interrupted")
+            _keep_failed(ws, stage, tmp, "interrupted", pusher)
             raise
         kernel.shutdown()
         if isinstance(e, pm.PapermillExecutionError):
-            _keep_failed(ws, stage, tmp, _one_line(e.ename, e.evalue))
+            _keep_failed(ws, stage, tmp, _one_line(e.ename, e.evalue), pusher)
             raise StageFailed(stage, _one_line(e.ename, e.evalue), ws.id) from None
         raise
     else:
@@ -349,7 +361,7 @@ def run_stage(
     wall = time.monotonic() - t0
     recorded = scraps.read(tmp)
     if stage not in recorded:
-        _keep_failed(ws, stage, tmp, "the notebook did not record its result")
+        _keep_failed(ws, stage, tmp, "the notebook did not record its result", pusher)
         raise StageFailed(stage, "the notebook did not record its result", ws.id)
     # The summary goes in before the notebook takes its final name, is rendered and hashed.
     summary.insert(tmp, summary.completed(stage, recorded[stage]))
@@ -430,7 +442,9 @@ def _one_line(ename: str, evalue: str) -> str:
     return text if ename.endswith(known) or ename in ("ImagingError",) else f"{ename}: {text}"
 
 
-def _keep_failed(ws: Workspace, stage: str, tmp: Path, error: str) -> None:
+def _keep_failed(
+    ws: Workspace, stage: str, tmp: Path, error: str, pusher: record.Pusher | None = None
+) -> None:
     """The executed notebook of a failed attempt stays, numbered, for the record, with the error
     as its summary."""
     if not tmp.exists():
@@ -443,12 +457,13 @@ def _keep_failed(ws: Workspace, stage: str, tmp: Path, error: str) -> None:
     n = 1 + len(list(ws.notebooks.glob(f"{stage}.failed-*.ipynb")))
     failed = ws.notebooks / f"{stage}.failed-{n}.ipynb"
     os.replace(tmp, failed)
-    _record(ws, failed)
+    _record(ws, failed, pusher)
 
 
-def _record(ws: Workspace, notebook: Path) -> None:
-    """The executed notebook's HTML render, and both onto the run's audit chain. A render that
-    fails must not hide the stage's own outcome: the chain then says so."""
+def _record(ws: Workspace, notebook: Path, pusher: record.Pusher | None = None) -> None:
+    """The executed notebook's HTML render, and both onto the run's audit chain, then the
+    record to its store, if it has one. A render that fails must not hide the stage's own
+    outcome: the chain then says so."""
     _wait_records(ws)  # the chain stays in stage order
     try:
         audit.record_notebook(ws, notebook)
@@ -456,18 +471,20 @@ def _record(ws: Workspace, notebook: Path) -> None:
         audit.append(ws, notebook, "notebook")
         print(f"imaging: no HTML render of {notebook.name}: {_one_line(type(e).__name__, str(e))}",
               file=sys.stderr, flush=True)  # fmt: skip
+    if pusher is not None:
+        pusher.push()
 
 
 # Runs whose last stage's HTML render is still running (see _record_later).
 _rendering: dict[Path, threading.Thread] = {}
 
 
-def _record_later(ws: Workspace, notebook: Path) -> None:
+def _record_later(ws: Workspace, notebook: Path, pusher: record.Pusher | None = None) -> None:
     """:func:`_record` on a thread of its own: the render (0.4 s, and nbconvert's imports on
     the first) then overlaps the next stage's kernel start, or the wait for the source's hash
     after the last stage. Waited for before anything else goes onto the chain."""
     _wait_records(ws)
-    thread = threading.Thread(target=_record, args=(ws, notebook), name=f"render {notebook.name}")
+    thread = threading.Thread(target=_record, args=(ws, notebook, pusher), name=f"render {notebook.name}")
     _rendering[ws.root] = thread
     thread.start()
 
@@ -640,6 +657,8 @@ class Runner:
         self._source_digest: SourceDigest | None = None
         self._stopping: list[Kernel] = []
         self._held = False
+        # The record's copy in the object store, when the run is given one (IMAGING_RECORDS).
+        self.pusher = record.pusher(ws)
         os.environ["IMAGING_MOUNT_LEDGER"] = str(ws.root / "mounts.json")
         os.environ["IMAGING_PIPELINE"] = "1"
         # nbconvert renders every stage's notebook and the report: imported (0.3 s) and its
@@ -681,8 +700,12 @@ class Runner:
             if self._source_digest is None:
                 self._source_digest = SourceDigest(self.ws, self.request.source)
             self.state.set("running", stage)
-            try:
-                done = run_stage(self.ws, stage, self.request, index, len(self.stages), self.err)
+            try:  # an interrupt while the record goes to its store fails the stage too
+                if self.pusher is not None:
+                    self.pusher.push(wait=False)
+                done = run_stage(
+                    self.ws, stage, self.request, index, len(self.stages), self.err, self.pusher
+                )
                 self._stopping.append(done["kernel"])
             except KeyboardInterrupt:
                 self._failed(stage, "interrupted")
@@ -690,7 +713,14 @@ class Runner:
             except ImagingError as e:
                 self._failed(stage, str(e))
                 raise
-            _record_later(self.ws, self.ws.notebooks / f"{stage}.ipynb")
+            _record_later(self.ws, self.ws.notebooks / f"{stage}.ipynb", self.pusher)
+            following = self.next_stage()
+            if self.pusher is not None:
+                try:
+                    self.pusher.keep_inputs(following)
+                except KeyboardInterrupt:  # the stage is done; the next one was about to start
+                    self._failed(following or stage, "interrupted")
+                    raise
         self.results[stage] = done["result"]
         self.timings[stage] = done["timing"]
         self.state.data["timings"] = self.timings
@@ -709,6 +739,9 @@ class Runner:
             self._source_digest = None
         sweep(self.ws, self.out, self.request)
         self.state.set("error", stage, error)
+        if self.pusher is not None:
+            _wait_records(self.ws)
+            self.pusher.push()
 
     def finish(self) -> dict[str, Any]:
         """Once every stage is done: the run's result (result.json), the audit chain sealed."""
@@ -727,6 +760,12 @@ class Runner:
             self.state.set("completed")
             if not self.request.keep_work and _own_work(self.ws):
                 shutil.rmtree(self.ws.work, ignore_errors=True)
+        if self.pusher is not None:
+            self.pusher.keep_inputs(None)  # the kept disks go: nothing is left to resume
+            if not self.pusher.push():
+                raise ImagingError(
+                    f"run {self.ws.id} completed, but its record is not all in the store: {self.pusher.error}"
+                )
         return summary
 
     def amend(self, **fields: Any) -> Request:
@@ -744,6 +783,38 @@ class Runner:
         return request
 
 
+def restart(ws: Workspace, reason: str) -> int:
+    """Start a run again from its first stage (another host abandoned it, and the disk of the
+    stage it was in is gone with that host), keeping the abandoned attempt in the record: each
+    completed stage's notebook and render renamed ``<stage>.attempt-N`` (chained as moves),
+    failed attempts as they are, results, work disks and artifacts dropped. Returns N."""
+    attempts = {p.stem.rpartition(".attempt-")[2] for p in ws.notebooks.glob("*.attempt-*.ipynb")}
+    n = 1 + len(attempts)
+    for notebook in sorted(ws.notebooks.glob("[0-9][0-9]-*.ipynb")):
+        if "." in notebook.stem:  # a failed attempt, or an earlier attempt's
+            continue
+        for path in (notebook, notebook.with_suffix(".html")):
+            if path.exists():
+                audit.move(ws, path, path.with_name(f"{notebook.stem}.attempt-{n}{path.suffix}"))
+    for path in [*ws.results.glob("*.json"), ws.result_file]:
+        path.unlink(missing_ok=True)
+    for directory in (ws.work, ws.root / "out"):
+        shutil.rmtree(directory, ignore_errors=True)
+    ws.work.mkdir()
+    state = State(ws)
+    state.data.pop("timings", None)
+    state.set("restarted", None, f"{reason}: attempt {n} is kept in the record, the run starts again")
+    return n
+
+
+def push_record(ws: Workspace) -> str | None:
+    """Put what changed in the run's record into its store, if it has one; the error if not."""
+    pusher = record.pusher(ws)
+    if pusher is None or pusher.push():
+        return None
+    return pusher.error
+
+
 def _own_work(ws: Workspace) -> bool:
     """``work/`` of a run under the runs directory, a directory of its own (what a completed
     run may remove): never a path a request or a link leads elsewhere."""
@@ -759,6 +830,8 @@ def execute(ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> dic
     runner = Runner(ws, request, err=err)
     try:
         with runner.holding():
+            if runner.pusher is not None:
+                runner.pusher.push()
             for index, stage in enumerate(runner.stages, 1):
                 if runner.done(stage):
                     runner.results[stage] = ws.result(stage)

@@ -31,7 +31,9 @@ from imaging.errors import ParameterError
 from imaging.run import audit, pages, scraps, summary
 from imaging.sparse import atomic_path
 
-_NOTEBOOK = re.compile(r"(?P<stage>[0-9]{2}-[a-z0-9-]+?)(?:\.failed-(?P<n>[0-9]+))?\.ipynb")
+# A completed stage, a failed attempt of it (.failed-N), or the notebook of an earlier attempt of
+# the whole run that another host abandoned and started again (.attempt-N, see audit.move).
+_NOTEBOOK = re.compile(r"(?P<stage>[0-9]{2}-[a-z0-9-]+?)(?:\.(?P<tag>(?:failed|attempt)-[0-9]+))?\.ipynb")
 _STYLE = """<style>
 .imaging-report table { border-collapse: collapse; margin: 0.5em 0 1em; }
 .imaging-report th, .imaging-report td { border: 1px solid #ccc; padding: 2px 8px;
@@ -65,24 +67,35 @@ def _code(value: Any) -> str:
     return f"<code>{e(value)}</code>" if value not in (None, "") else "-"
 
 
-def stage_notebooks(root: Path) -> list[tuple[str, int | None, Path]]:
-    """(stage, failed attempt number or None, notebook), in pipeline order, each stage's failed
-    attempts before its completed run."""
+def _label(tag: str | None) -> str:
+    """How a notebook's tag reads: ``failed attempt 2``, ``attempt 1 (abandoned)``."""
+    if tag is None:
+        return "completed"
+    what, _, n = tag.partition("-")
+    return (
+        f"failed attempt {n}" if what == "failed" else f"attempt {n} (abandoned, run again from the start)"
+    )
+
+
+def stage_notebooks(root: Path) -> list[tuple[str, str | None, Path]]:
+    """(stage, tag or None, notebook), in pipeline order, each stage's earlier attempts and
+    failed attempts before its completed run."""
     found = []
     for path in (root / "notebooks").glob("*.ipynb"):
         m = _NOTEBOOK.fullmatch(path.name)
         if m:
-            found.append((m["stage"], int(m["n"]) if m["n"] else None, path))
+            found.append((m["stage"], m["tag"], path))
     kind = str(_json(root / "request.json").get("kind") or "export")
     try:
         order = config.pipeline_stages(kind)
     except Exception:  # a run of a kind no longer configured: by stage number
         order = []
 
-    def key(item: tuple[str, int | None, Path]) -> tuple[int, str, int]:
-        stage, n, _ = item
+    def key(item: tuple[str, str | None, Path]) -> tuple[int, str, int, int]:
+        stage, tag, _ = item
         position = order.index(stage) if stage in order else len(order)
-        return (position, stage, n if n is not None else 1 << 30)
+        what, _, n = (tag or "").partition("-")
+        return (position, stage, {"attempt": 0, "failed": 1}.get(what, 2), int(n or 0))
 
     return sorted(found, key=key)
 
@@ -121,14 +134,14 @@ def _read(path: Path) -> nbformat.NotebookNode | str:
         return f"{path.name} cannot be read as a notebook: {type(exc).__name__}: {exc}"
 
 
-def _summaries(notebooks: list[tuple[str, int | None, Path]]) -> str:
+def _summaries(notebooks: list[tuple[str, str | None, Path]]) -> str:
     """Each notebook's summary cell (see summary.py), rendered: what every stage did, first."""
     from nbconvert.filters import markdown2html
 
     parts = []
     for stage, n, path in notebooks:
         nb = _read(path)
-        title = f"{e(stage)}" + (f" (failed attempt {n})" if n else "")
+        title = f"{e(stage)}" + (f" ({e(_label(n))})" if n else "")
         if isinstance(nb, str):
             body = f"<p class='bad'>{e(nb)}</p>"
         else:
@@ -143,7 +156,7 @@ def _summaries(notebooks: list[tuple[str, int | None, Path]]) -> str:
     return "".join(parts)
 
 
-def _header(root: Path, notebooks: list[tuple[str, int | None, Path]], chain: str) -> str:
+def _header(root: Path, notebooks: list[tuple[str, str | None, Path]], chain: str) -> str:
     request = _json(root / "request.json")
     state = _json(root / "state.json")
     result = _json(root / "result.json")
@@ -163,7 +176,7 @@ def _header(root: Path, notebooks: list[tuple[str, int | None, Path]], chain: st
     stages = []
     for stage, n, path in notebooks:
         anchor = _anchor(stage, n)
-        status = f"<span class='bad'>failed attempt {n}</span>" if n else "<span class='ok'>completed</span>"
+        status = f"<span class='bad'>{e(_label(n))}</span>" if n else "<span class='ok'>completed</span>"
         seconds = (timings.get(stage) or {}).get("seconds") if n is None else None
         stages.append((f"<a href='#{e(anchor)}'>{e(stage)}</a>", status, e(seconds) if seconds else "-",
                        _code(f"notebooks/{path.name}")))  # fmt: skip
@@ -178,8 +191,8 @@ def _header(root: Path, notebooks: list[tuple[str, int | None, Path]], chain: st
     )
 
 
-def _anchor(stage: str, n: int | None) -> str:
-    return f"stage-{stage}" + (f"-failed-{n}" if n else "")
+def _anchor(stage: str, n: str | None) -> str:
+    return f"stage-{stage}" + (f"-{n}" if n else "")
 
 
 def _html_cell(body: str) -> nbformat.NotebookNode:
@@ -189,11 +202,14 @@ def _html_cell(body: str) -> nbformat.NotebookNode:
     return cell
 
 
-def _stage_heading(stage: str, n: int | None) -> str:
-    title = f"Stage {e(stage)}" + (f": failed attempt {n}" if n else "")
-    note = (
-        "<p class='bad'>This attempt failed; the run went on from here when it was resumed.</p>" if n else ""
-    )
+def _stage_heading(stage: str, n: str | None) -> str:
+    title = f"Stage {e(stage)}" + (f": {e(_label(n))}" if n else "")
+    note = ""
+    if n and n.startswith("failed"):
+        note = "<p class='bad'>This attempt failed; the run went on from here when it was resumed.</p>"
+    elif n:
+        note = ("<p class='bad'>This stage completed in an attempt whose host was lost before the run "
+                "ended; the run was started again from its first stage on another host.</p>")  # fmt: skip
     return f"<div class='imaging-report'><hr><h1 id='{e(_anchor(stage, n))}'>{title}</h1>{note}</div>"
 
 

@@ -63,7 +63,15 @@ class Request(BaseModel):
     def create(cls, **fields: Any) -> Request:
         """A request from explicit fields, the rest from the defaults; one-line errors."""
         defaults = config.load_defaults().model_dump(
-            exclude={"pipelines", "target", "target_by_format", "sandbox", "package_mirrors", "stage_time"}
+            exclude={
+                "pipelines",
+                "stage_inputs",
+                "target",
+                "target_by_format",
+                "sandbox",
+                "package_mirrors",
+                "stage_time",
+            }
         )
         given = {k: v for k, v in fields.items() if v is not None}
         if "boot_marker" not in given and str(given.get("source", "")).startswith("sample:"):

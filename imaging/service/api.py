@@ -1,7 +1,9 @@
 """The HTTP API (``python -m imaging serve``): request_image create, list, show and approve.
 
 Users ask, admins approve (by PATCH, or by the link in their mail, which opens a confirmation
-page whose button approves), a worker runs the notebooks, and each run leaves its audit record.
+page whose button approves), a worker on any conversion host runs the notebooks, and each run
+leaves its audit record, read here from the record store (or, on one machine without one, from
+the runs directory) whichever host ran it.
 Authentication is a bearer token per user; roles are ``user`` and ``admin``. Every error is a
 JSON body ``{"detail": "<one line>"}`` with its 4xx code. The access log names method, path and
 status only: no query string (approval tokens), no header (bearer tokens).
@@ -12,26 +14,28 @@ status only: no query string (approval tokens), no header (bearer tokens).
 # runtime, and Auth, RequestId and Token are local to create_app.
 
 import html
+import json
 import logging
+import re
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import BackgroundTasks, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
-from imaging import __version__, config
-from imaging.errors import ParameterError, StoreError
-from imaging.run import audit
-from imaging.service import approvals
+from imaging import __version__
+from imaging.errors import ImagingError, ParameterError, StoreError
+from imaging.run import audit, record
+from imaging.service import approvals, worker
 from imaging.service.notify import Mailer, options
 from imaging.service.schemas import (
     API_PREFIX,
@@ -51,7 +55,6 @@ from imaging.service.schemas import (
 )
 from imaging.service.settings import Settings
 from imaging.service.store import Actor, ImageRequest, Store
-from imaging.service.worker import Worker
 
 log = logging.getLogger("imaging.service.api")
 API = API_PREFIX  # short, for the routes below
@@ -73,20 +76,37 @@ def fail(status: int, message: str) -> HTTPException:
     return HTTPException(status, message)
 
 
-def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
+# Rendered records are static: no script of them runs (a guest's file names are in them).
+CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+
+
+def _recovering(store: Store, mailer: Mailer, settings: Settings, stop: threading.Event) -> None:
+    """The API too queues again the requests of lost workers, so their state tells the truth
+    even while no other worker runs."""
+    while not stop.wait(settings.worker.heartbeat_seconds):
+        try:
+            worker.recover(store, mailer, settings)
+        except StoreError as e:
+            log.warning("recovering stalled requests: %s", e)
+
+
+def create_app(settings: Settings, *, recover: bool = True) -> FastAPI:
     store = Store(settings.sqlalchemy_url)
     mailer = Mailer(settings, store)
+    records = record.reader(settings.records if settings.records.bucket else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Without an embedded worker, the service still expires the leases of lost workers.
-        embedded = embedded_worker and settings.worker.embedded
-        worker = Worker(settings, store, mailer, concurrency=settings.worker.concurrency if embedded else 0)
-        worker.start()
+        stop = threading.Event()
+        thread = threading.Thread(target=_recovering, args=(store, mailer, settings, stop), daemon=True)
+        if recover:
+            thread.start()
         try:
             yield
         finally:
-            worker.shutdown()
+            stop.set()
+            if recover:
+                thread.join()
             store.close()
 
     app = FastAPI(
@@ -168,14 +188,26 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
     )
     def patch(request_id: RequestId, body: Patch, actor: Auth) -> RequestDetail:
         store.get(request_id, actor)
-        store.expire_leases()  # a lost worker's request can be approved again at once
         req = store.transition(request_id, body.status, actor, body.reason)
         log.info("request %s: %s by %s", request_id, body.status, actor.name)
         return RequestDetail.of(req, base)
 
+    def stream(
+        req: ImageRequest, name: str, media_type: str, headers: dict[str, str]
+    ) -> StreamingResponse | None:
+        try:
+            found = records.open(req.id, name)
+        except ImagingError as e:
+            raise fail(503, str(e)) from None
+        if found is None:
+            return None
+        chunks, size = found
+        return StreamingResponse(chunks, media_type=media_type,
+                                 headers={**headers, "Content-Length": str(size)})  # fmt: skip
+
     @app.get(
         f"{API}/request_image/{{request_id}}/artifact",
-        response_class=FileResponse,
+        response_class=StreamingResponse,
         responses={
             200: {"content": {"application/octet-stream": {}}, "description": "the artifact"},
             **_errors(401, 404, 409, 422),
@@ -183,16 +215,19 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
         operation_id="download_artifact",
         summary="Download the artifact (its owner and admins)",
     )
-    def artifact(request_id: RequestId, actor: Auth) -> FileResponse:
+    def artifact(request_id: RequestId, actor: Auth) -> StreamingResponse:
         req = store.get(request_id, actor)
-        path = Path((req.result or {}).get("path") or "")
         if req.state != "completed":
             raise fail(409, f"request {req.id} is {req.state}: no artifact to download")
-        if not path.is_file():
+        result = req.result or {}
+        name = _artifact_name(result)
+        sha = str(result.get("sha256", ""))
+        filename = name.rpartition("/")[2] if name else ""
+        found = name and stream(req, name, "application/octet-stream", {
+            "X-Checksum-Sha256": sha, "Content-Disposition": f'attachment; filename="{filename}"'})  # fmt: skip
+        if not found:
             raise fail(404, f"the artifact of {req.id} is no longer there")
-        sha = str((req.result or {}).get("sha256", ""))
-        return FileResponse(path, media_type="application/octet-stream", filename=path.name,
-                            headers={"X-Checksum-Sha256": sha})  # fmt: skip
+        return found
 
     @app.get(
         f"{API}/request_image/{{request_id}}/notebooks",
@@ -203,20 +238,23 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
     )
     def notebooks(request_id: RequestId, actor: Auth) -> list[NotebookOut]:
         req = store.get(request_id, actor)
-        found = sorted((config.runs_dir() / req.id / "notebooks").glob("[0-9][0-9]-*.ipynb"))
-        return [
-            NotebookOut(
-                name=p.stem,
-                stage=p.stem.split(".")[0],
-                failed=".failed-" in p.stem,
-                html=f"{base}/{req.id}/notebooks/{p.stem}" if p.with_suffix(".html").exists() else None,
-            )
-            for p in found
-        ]
+        try:
+            names = records.names(req.id, "notebooks/")
+        except ImagingError as e:
+            raise fail(503, str(e)) from None
+        found = []
+        for name in names:
+            stem = name.removeprefix("notebooks/").removesuffix(".ipynb")
+            if name.endswith(".ipynb") and re.fullmatch(NOTEBOOK, stem):
+                html_ = f"notebooks/{stem}.html" in names
+                found.append(NotebookOut(name=stem, stage=stem.split(".")[0], failed=".failed-" in stem,
+                                         abandoned=".attempt-" in stem,
+                                         html=f"{base}/{req.id}/notebooks/{stem}" if html_ else None))  # fmt: skip
+        return sorted(found, key=lambda n: n.name)
 
     @app.get(
         f"{API}/request_image/{{request_id}}/notebooks/{{notebook}}",
-        response_class=HTMLResponse,
+        response_class=StreamingResponse,
         responses={
             200: {"content": {"text/html": {}}, "description": "the notebook as HTML"},
             **_errors(401, 404, 422),
@@ -225,18 +263,17 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
         summary="An executed notebook, as HTML",
     )
     def notebook(request_id: RequestId, notebook: Annotated[str, PathParam(pattern=NOTEBOOK)],
-                 actor: Auth) -> HTMLResponse:  # fmt: skip
+                 actor: Auth) -> StreamingResponse:  # fmt: skip
         req = store.get(request_id, actor)
-        path = config.runs_dir() / req.id / "notebooks" / f"{notebook}.html"
-        if not path.is_file():
+        found = stream(req, f"notebooks/{notebook}.html", "text/html; charset=utf-8",
+                       {"Content-Security-Policy": CSP})  # fmt: skip
+        if found is None:
             raise fail(404, f"request {req.id} has no notebook {notebook}")
-        # The render is static: no script of it runs (a guest's file names are in it).
-        csp = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
-        return HTMLResponse(path.read_text(encoding="utf-8"), headers={"Content-Security-Policy": csp})
+        return found
 
     @app.get(
         f"{API}/request_image/{{request_id}}/report",
-        response_class=HTMLResponse,
+        response_class=StreamingResponse,
         responses={
             200: {"content": {"text/html": {}}, "description": "the run's report.html"},
             **_errors(401, 404, 409, 422),
@@ -244,26 +281,33 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
         operation_id="read_report",
         summary="The run's report for an auditor (written when the run ends, completed or failed)",
     )
-    def run_report(request_id: RequestId, actor: Auth) -> HTMLResponse:
+    def run_report(request_id: RequestId, actor: Auth) -> StreamingResponse:
         req = store.get(request_id, actor)
-        path = config.runs_dir() / req.id / "report.html"
-        if not path.is_file():  # the request is there; its report is not yet
+        found = stream(req, "report.html", "text/html; charset=utf-8", {"Content-Security-Policy": CSP})
+        if found is None:  # the request is there; its report is not yet
             raise fail(409, f"request {req.id} has no report yet: its run has not ended")
-        csp = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
-        return HTMLResponse(path.read_text(encoding="utf-8"), headers={"Content-Security-Policy": csp})
+        return found
 
     @app.get(
         f"{API}/request_image/{{request_id}}/audit",
         response_model=AuditOut,
         responses=_errors(401, 404, 422),
         operation_id="audit_record",
-        summary="The run's audit chain, verified now",
+        summary="The run's audit chain, verified now (every file read back from the record)",
     )
     def audit_record(request_id: RequestId, actor: Auth) -> AuditOut:
         req = store.get(request_id, actor)
-        root = config.runs_dir() / req.id
-        report = audit.verify(root, (req.result or {}).get("audit_head"))
-        entries = audit.load(root)["entries"] if (root / "audit.json").exists() else []
+        try:
+            found = records.open(req.id, "audit.json")
+            chain = json.loads(b"".join(found[0])) if found else None
+            if chain is None:
+                report = audit.Report(req.id, False, 0, audit.GENESIS, [f"run {req.id} has no audit.json"])
+            else:
+                report = audit.verify_chain(req.id, chain, lambda name, like: records.digest(req.id, name, like),
+                                            (req.result or {}).get("audit_head"))  # fmt: skip
+        except (ImagingError, ValueError) as e:
+            raise fail(503, f"the audit record of {req.id} cannot be read: {e}") from None
+        entries = chain["entries"] if chain else []
         return AuditOut(
             run=req.id, ok=report.ok, head=report.head, problems=report.problems, entries=entries
         )
@@ -320,6 +364,15 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
         return UserOut(name=found.name, role=found.role, email=found.email)  # type: ignore[arg-type]
 
     return app
+
+
+def _artifact_name(result: dict[str, Any]) -> str:
+    """The artifact's name in its run's record: its path inside the run directory it was made in."""
+    path, run_dir = str(result.get("path") or ""), str(result.get("run_dir") or "")
+    if not path or not run_dir or not path.startswith(run_dir.rstrip("/") + "/"):
+        return ""
+    name = path[len(run_dir.rstrip("/")) + 1 :]
+    return "" if ".." in name.split("/") else name
 
 
 def _approval(store: Store, settings: Settings, token: str, *, consume: bool) -> tuple[ImageRequest, Any]:

@@ -18,7 +18,7 @@ from imaging.service.store import ImageRequest, Store, Transition
 
 API_PREFIX = "/api/v1"
 REQUEST_ID = r"^ir-[0-9a-f]{12}$"
-NOTEBOOK = r"^[0-9]{2}-[a-z0-9-]{1,40}(\.failed-[0-9]{1,4})?$"
+NOTEBOOK = r"^[0-9]{2}-[a-z0-9-]{1,40}(\.(failed|attempt)-[0-9]{1,4})?$"
 Vis = Literal["public", "private", "selected"]
 StateName = Literal["pending", "approved", "running", "completed", "error", "denied", "cancelled"]
 
@@ -124,6 +124,7 @@ class RequestOut(BaseModel):
     options: dict[str, Any] = Field(description="profile, clean, packages, layout, destination: as asked")
     state: StateName
     stage: str | None = Field(description="the stage it is in (running) or failed at (error)")
+    worker: str | None = Field(default=None, description="the worker (host:pid) that runs or last ran it")
     error: str | None
     created: datetime
     updated: datetime
@@ -168,6 +169,7 @@ def _fields(req: ImageRequest, base: str) -> dict[str, Any]:
         options=dict(req.options or {}),
         state=req.state,
         stage=req.stage,
+        worker=req.worker,
         error=req.error,
         created=req.created,
         updated=req.updated,
@@ -180,6 +182,10 @@ class NotebookOut(BaseModel):
     name: str
     stage: str
     failed: bool = Field(description="an attempt that failed (kept for the record)")
+    abandoned: bool = Field(
+        default=False,
+        description="a stage of an earlier attempt of the whole run, abandoned with its host and run again",
+    )
     html: str | None = Field(description="URL of its HTML render")
 
 
@@ -189,6 +195,9 @@ class AuditEntry(BaseModel):
     file: str
     sha256: str
     prev: str
+    from_: str | None = Field(
+        default=None, alias="from", description="moved entries: the file's name before"
+    )
     hash: str
 
 

@@ -2,6 +2,8 @@
 
 Where the file is: ``--config FILE``, else ``$IMAGING_CONFIG``, else ``<state dir>/service.yaml``
 when it exists (the state directory is ``$IMAGING_STATE``, default ``state/`` in the checkout).
+Hosts that share a database read the same settings (the same file, or the same environment):
+the database, the record store, the signing key of approve links, the clouds, SMTP.
 Any field can come from the environment instead: ``IMAGING_DATABASE_URL``, ``IMAGING_PORT``,
 ``IMAGING_SMTP__HOST``, ``IMAGING_WORKER__CONCURRENCY`` (``__`` between a section and its field).
 Only names that match a field are read, so the pipeline's own variables (``IMAGING_RUNS``,
@@ -34,6 +36,8 @@ from pydantic import (
 from imaging import config
 from imaging.clouds import settings as cloud_settings
 from imaging.errors import ParameterError
+from imaging.run import record
+from imaging.service import postgres
 
 ENV_PREFIX = "IMAGING_"
 
@@ -58,10 +62,26 @@ class Worker(_Strict):
     # `serve` runs a worker in its own process, so one command gives a working service; false:
     # run `python -m imaging worker` (on this host or others) beside it.
     embedded: bool = True
-    poll_seconds: float = Field(default=2.0, gt=0, le=60)
-    # A claimed request whose worker stops renewing this lease (killed, host gone) goes to
-    # `error` when it expires, so an admin can approve it again to resume.
-    lease_seconds: float = Field(default=60.0, ge=3, le=3600)
+    # How often an idle worker looks for jobs besides PostgreSQL's notifications.
+    poll_seconds: float = Field(default=5.0, gt=0, le=60)
+    # Every worker writes a heartbeat this often; one whose heartbeat is older than
+    # stalled_seconds (killed, its host gone, cut off from the database) has its requests queued
+    # again by any other worker or the API, to resume elsewhere.
+    heartbeat_seconds: float = Field(default=10.0, ge=0.5, le=300)
+    stalled_seconds: float = Field(default=30.0, ge=2, le=3600)
+    # How often a running request is checked (cancelled? still this worker's?).
+    check_seconds: float = Field(default=2.0, ge=0.2, le=60)
+    # Lost workers in a row after which a request goes to error rather than run again.
+    max_lost: int = Field(default=3, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _beats(self) -> Worker:
+        if self.stalled_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError(
+                f"stalled_seconds ({self.stalled_seconds:g}) must be at least twice heartbeat_seconds "
+                f"({self.heartbeat_seconds:g}): a live worker would be taken for lost"
+            )
+        return self
 
 
 class Publish(_Strict):
@@ -82,11 +102,15 @@ _INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 
 class Settings(_Strict):
     state_dir: Path
-    database_url: SecretStr = SecretStr("")  # empty: SQLite in the state directory
+    # PostgreSQL, shared by every host; empty: a private cluster in the state directory, reached
+    # by its Unix socket only (one machine: serve starts and stops it).
+    database_url: SecretStr = SecretStr("")
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     base_url: str = ""  # for links in mails; empty: http://<host>:<port>
-    secret_key: SecretStr = SecretStr("")  # signs approval links; empty: <state dir>/secret.key
+    # Signs approval links; every host that mails or checks them needs the same. Empty: made
+    # once in <state dir>/secret.key, for a one-machine service only (no database_url).
+    secret_key: SecretStr = SecretStr("")
     approval_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     # Instance ids a request may name, and the image each stands for (a path, sample:<name>, or
     # a cloud's instance, KIND://CLOUD/INSTANCE). A request may also name CLOUD/INSTANCE directly.
@@ -96,6 +120,9 @@ class Settings(_Strict):
     smtp: SMTP = SMTP()
     worker: Worker = Worker()
     publish: Publish = Publish()
+    # Where run records live (notebooks, audit chains, artifacts...): an S3-compatible store
+    # every host reads and writes; no bucket: each run stays in its host's runs directory.
+    records: record.StoreConfig = record.StoreConfig()
 
     @field_validator("clouds")
     @classmethod
@@ -169,18 +196,31 @@ class Settings(_Strict):
         return {n: self.clouds[n] for n in sorted(names) if n in self.clouds}
 
     @property
+    def private_database(self) -> bool:
+        return not self.database_url.get_secret_value()
+
+    def cluster(self) -> postgres.Cluster:
+        """The private cluster (used when no database_url is set)."""
+        return postgres.Cluster(self.state_dir / "postgres")
+
+    @property
     def sqlalchemy_url(self) -> str:
-        url = self.database_url.get_secret_value()
-        return url or f"sqlite:///{self.state_dir / 'imaging.db'}"
+        return self.database_url.get_secret_value() or self.cluster().url
 
     @property
     def public_url(self) -> str:
         return (self.base_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     def signing_key(self) -> str:
-        """The key approval links are signed with: configured, or made once in the state directory."""
+        """The key approval links are signed with: configured (the same on every host), or, for
+        a one-machine service, made once in the state directory."""
         if self.secret_key.get_secret_value():
             return self.secret_key.get_secret_value()
+        if not self.private_database:
+            raise ParameterError(
+                "secret_key is not set: hosts that share a database must sign approve links with the "
+                "same key (set secret_key, or IMAGING_SECRET_KEY, to the same long random string on each)"
+            )
         path = self.state_dir / "secret.key"
         if not path.exists():
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -211,7 +251,7 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for name, field in Settings.model_fields.items():
         section = field.annotation
-        if isinstance(section, type) and issubclass(section, _Strict):
+        if isinstance(section, type) and issubclass(section, BaseModel):
             for sub in section.model_fields:
                 key = f"{ENV_PREFIX}{name}__{sub}".upper()
                 if key in environ:
@@ -268,9 +308,9 @@ def load(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | N
 
 def secret_env_names() -> set[str]:
     """Environment variables that may hold secrets: never passed on to a pipeline run."""
-    names = {"IMAGING_DATABASE_URL", "IMAGING_SECRET_KEY", "IMAGING_CONFIG", cloud_settings.ENV}
-    for section in ("SMTP", "PUBLISH"):
+    names = {"IMAGING_DATABASE_URL", "IMAGING_SECRET_KEY", "IMAGING_CONFIG", cloud_settings.ENV, record.ENV}
+    for section in ("SMTP", "PUBLISH", "RECORDS"):
         model = Settings.model_fields[section.lower()].annotation
-        assert isinstance(model, type) and issubclass(model, _Strict)
+        assert isinstance(model, type) and issubclass(model, BaseModel)
         names |= {f"{ENV_PREFIX}{section}__{f}".upper() for f in model.model_fields}
     return names

@@ -1,17 +1,23 @@
-"""Image requests, their state machine, and the service's users, in SQL through SQLAlchemy.
+"""Image requests, their state machine, and the service's users, in PostgreSQL through SQLAlchemy.
 
-SQLite in the state directory by default, PostgreSQL by URL, with the same code. Every change
-of a request's state goes through :meth:`Store.transition`, which holds the rules (:data:`RULES`:
-which action leads from which states to which, and who may take it), makes the change with one
-conditional UPDATE (so of two racing workers or admins exactly one wins), and stores the
-transition (time, actor, from, to, stage, reason) in the same database transaction.
+Every change of a request's state goes through :meth:`Store.transition`, which holds the rules
+(:data:`RULES`: which action leads from which states to which, and who may take it), makes the
+change with one conditional UPDATE (so of two racing workers or admins exactly one wins), and
+stores the transition (time, actor, from, to, stage, reason) in the same database transaction.
+A request runs as a Procrastinate job in the same database (:mod:`imaging.service.jobs`):
+approving it queues its job in that same transaction, cancelling it cancels (or asks to abort)
+the job, and a request whose worker was lost is queued again with a new job, so a request is
+never approved without a job, nor a job queued for a request that is not approved.
 
 ::
 
     pending --approve--> approved --claim--> running(stage) --complete--> completed
-       |                    ^                   |
-       +--deny--> denied    +------approve------+--fail/lease expired--> error
+       |                   ^  ^                  |
+       |                   |  +----requeue-------+  (its worker lost or stopped: queued again)
+       +--deny--> denied   +------approve------ error <--fail--+
     pending | approved | running | error --cancel--> cancelled
+
+The schema is made and upgraded by Alembic (:mod:`imaging.service.schema`), not here.
 """
 
 from __future__ import annotations
@@ -20,19 +26,18 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, String, Text, create_engine, event, select, update
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy import JSON, BigInteger, ForeignKey, String, Text, create_engine, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 from sqlalchemy.types import DateTime, TypeDecorator
 
 from imaging.errors import StoreError
-from imaging.service import approvals
+from imaging.service import approvals, jobs
 
 
 class State(StrEnum):
@@ -46,7 +51,8 @@ class State(StrEnum):
 
 
 # action: (states it applies to, the state it leads to, who may take it). "owner" is the user who
-# made the request; "worker" a scheduler; "system" the service itself (an expired lease).
+# made the request; "worker" a conversion host's worker; "system" the service itself (a worker
+# whose heartbeat stopped, found by any other worker or the API).
 RULES: dict[str, tuple[frozenset[State], State, frozenset[str]]] = {
     "approve": (frozenset({State.pending, State.error}), State.approved, frozenset({"admin"})),
     "deny": (frozenset({State.pending, State.error}), State.denied, frozenset({"admin"})),
@@ -56,9 +62,12 @@ RULES: dict[str, tuple[frozenset[State], State, frozenset[str]]] = {
     "stage": (frozenset({State.running}), State.running, frozenset({"worker"})),
     "complete": (frozenset({State.running}), State.completed, frozenset({"worker"})),
     "fail": (frozenset({State.running}), State.error, frozenset({"worker", "system"})),
+    "requeue": (frozenset({State.running}), State.approved, frozenset({"worker", "system"})),
 }  # fmt: skip
 PAST = {"approve": "approved", "deny": "denied", "cancel": "cancelled", "claim": "claimed",
-        "stage": "moved", "complete": "completed", "fail": "failed"}  # fmt: skip
+        "stage": "moved", "complete": "completed", "fail": "failed", "requeue": "queued again"}  # fmt: skip
+# Actions after which the request has a job queued for it (a new one each time).
+_QUEUES = frozenset({"approve", "requeue"})
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,7 @@ SYSTEM = Actor("system", "system")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """Aware UTC datetimes on every backend (SQLite keeps no time zone)."""
+    """Aware UTC datetimes, kept as UTC without a zone (the first schema's columns)."""
 
     impl = DateTime
     cache_ok = True
@@ -122,7 +131,7 @@ class ImageRequest(Base):
     error: Mapped[str | None] = mapped_column(Text)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     worker: Mapped[str | None] = mapped_column(String(120))
-    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    job_id: Mapped[int | None] = mapped_column(BigInteger)  # its latest Procrastinate job
     version: Mapped[int] = mapped_column(default=0)  # transitions so far; approval links name it
     created: Mapped[datetime] = mapped_column(UTCDateTime)
     updated: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
@@ -150,49 +159,28 @@ class UsedApproval(Base):
     used: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
-def _sqlite_engine(url: str) -> Engine:
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi: Any, record: Any) -> None:
-        # pysqlite's own BEGIN is deferred: a reader that later writes can fail at once with
-        # "database is locked". BEGIN IMMEDIATE (below) waits for the lock instead.
-        dbapi.isolation_level = None
-        dbapi.execute("PRAGMA journal_mode=WAL")
-        dbapi.execute("PRAGMA foreign_keys=ON")
-        dbapi.execute("PRAGMA busy_timeout=30000")
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    return engine
-
-
 def _request_id() -> str:
     return "ir-" + secrets.token_hex(6)
 
 
 class Store:
+    """The requests and users in a PostgreSQL database whose schema is current (the commands
+    check it first: :func:`imaging.service.schema.require_current`)."""
+
     def __init__(self, url: str) -> None:
-        parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite":
-            if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = _sqlite_engine(url)
-        else:
-            self.engine = create_engine(url, pool_pre_ping=True)
-        try:
-            Base.metadata.create_all(self.engine)
-        except SQLAlchemyError as e:
-            where = parsed.render_as_string(hide_password=True)
-            reason = " ".join(str(getattr(e, "orig", None) or e).split())
-            raise StoreError(f"cannot use the database {where}: {reason}", 503) from None
+        if make_url(url).get_backend_name() != "postgresql":
+            raise StoreError(f"the database must be PostgreSQL, not {make_url(url).get_backend_name()}", 503)
+        # connect_timeout: a host cut off from the database learns it in seconds, not minutes.
+        self.engine = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as s, s.begin():
-            yield s
+        try:
+            with Session(self.engine, expire_on_commit=False) as s, s.begin():
+                yield s
+        except (OperationalError, InterfaceError) as e:  # the database went away: one line, a 503
+            reason = " ".join(str(e.orig or e).split())
+            raise StoreError(f"the database is unreachable: {reason}", 503) from None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -273,99 +261,155 @@ class Store:
         reason: str = "",
         *,
         worker: str | None = None,
+        job: int | None = None,
         stage: str | None = None,
         error: str | None = None,
         result: dict[str, Any] | None = None,
         approval: approvals.Approval | None = None,
-        lease_seconds: float | None = None,
     ) -> ImageRequest:
-        """Take ``action`` on a request, or refuse (StoreError 403/404/409). The only place
-        where a request's state changes."""
-        sources, target, who = RULES[action]
+        """Take ``action`` on a request, or refuse (StoreError 403/404/409; 503 when the
+        database is away). The only place where a request's state changes. ``worker`` names the
+        worker that must still hold the request (all but claim), or that claims it; ``job``, the
+        Procrastinate job it runs the request for, which must still be the request's (a worker
+        restarted under the same name, or a job that was queued again, cannot act on another
+        job's run)."""
         with self.session() as s:
             req = s.get(ImageRequest, request_id)
             if req is None or not _may_see(actor, req):
                 raise StoreError(f"no image request {request_id}", 404)
-            if not _may(actor, req, who):
-                raise StoreError(f"only {' or '.join(sorted(who))}s may {action} a request", 403)
-            if approval is not None:  # a used or stale link says so, whatever the state
-                _use_approval(s, req, approval)
-            if req.state not in sources:
-                raise StoreError(f"cannot {action} a request that is {req.state}", 409)
-            values: dict[str, Any] = {"state": target, "version": ImageRequest.version + 1, "updated": now()}
-            if action in ("claim", "stage"):
-                values["stage"] = stage
-            if action == "claim":
-                values.update(
-                    worker=worker, error=None, lease_until=now() + timedelta(seconds=lease_seconds or 60)
-                )
-            if action in ("fail", "complete", "cancel", "deny"):
-                values.update(error=error, lease_until=None)
-            if result is not None:
-                values["result"] = result
-            before, before_stage = req.state, req.stage  # the UPDATE below refreshes req
-            condition = [ImageRequest.id == request_id, ImageRequest.state == req.state,
-                         ImageRequest.version == req.version]  # fmt: skip
-            if worker is not None and action != "claim":
-                condition.append(ImageRequest.worker == worker)
-            done = s.execute(update(ImageRequest).where(*condition).values(**values))
-            if done.rowcount != 1:  # type: ignore[attr-defined]
-                raise StoreError(f"request {request_id} changed meanwhile; {action} not done", 409)
-            s.add(Transition(request_id=request_id, time=now(), actor=actor.name, from_state=before,
-                             to_state=target, stage=stage if action in ("claim", "stage") else before_stage,
-                             reason=reason or PAST[action]))  # fmt: skip
+            _transition(s, req, action, actor, reason, worker=worker, job=job, stage=stage, error=error,
+                        result=result, approval=approval)  # fmt: skip
         return self.get(request_id)
 
-    # scheduling
+    # the job engine's side
 
-    def claim(self, worker: str, lease_seconds: float) -> ImageRequest | None:
-        """The oldest approved request, now running for ``worker``; None when there is none.
-        The conditional UPDATE in :meth:`transition` makes it atomic: two workers never both win."""
+    def held_by(self, request_id: str, worker: str, job: int | None = None) -> bool:
+        """Whether ``worker`` still runs the request (for ``job``, if given): not cancelled,
+        nor taken over."""
         with self.session() as s:
-            ids = list(s.scalars(select(ImageRequest.id).where(ImageRequest.state == State.approved)
-                                 .order_by(ImageRequest.updated).limit(8)))  # fmt: skip
-        for request_id in ids:
-            try:
-                return self.transition(request_id, "claim", Actor(worker, "worker"), worker=worker,
-                                       lease_seconds=lease_seconds)  # fmt: skip
-            except StoreError:
-                continue  # another worker won this one
-        return None
-
-    def heartbeat(self, request_id: str, worker: str, lease_seconds: float) -> bool:
-        """Extend ``worker``'s lease on a running request; False when the request is no longer
-        running for it (cancelled, or its lease expired and it went to error)."""
-        with self.session() as s:
-            done = s.execute(
-                update(ImageRequest)
-                .where(
-                    ImageRequest.id == request_id,
-                    ImageRequest.worker == worker,
-                    ImageRequest.state == State.running,
-                )  # fmt: skip
-                .values(lease_until=now() + timedelta(seconds=lease_seconds))
-            )
-            return bool(done.rowcount == 1)  # type: ignore[attr-defined]
-
-    def expire_leases(self) -> list[str]:
-        """Running requests whose worker stopped renewing its lease go to error."""
-        with self.session() as s:
-            stale = list(s.scalars(select(ImageRequest.id).where(
-                ImageRequest.state == State.running, ImageRequest.lease_until < now())))  # fmt: skip
-        expired = []
-        for request_id in stale:
-            try:
-                self.transition(
-                    request_id,
-                    "fail",
-                    SYSTEM,
-                    "worker lost (its lease expired); approve again to resume",
-                    error="the worker running this request stopped",
+            row = s.execute(
+                select(ImageRequest.state, ImageRequest.worker, ImageRequest.job_id).where(
+                    ImageRequest.id == request_id
                 )
-            except StoreError:
-                continue
-            expired.append(request_id)
-        return expired
+            ).one_or_none()
+        return row is not None and tuple(row[:2]) == (State.running, worker) and job in (None, row[2])
+
+    def recover_stalled(self, seconds: float, max_lost: int) -> list[ImageRequest]:
+        """Requests whose worker stopped its heartbeats ``seconds`` ago (killed, its host gone):
+        each is queued again with a new job (its old job failed), to resume on any host; after
+        ``max_lost`` such losses in a row it goes to error instead. Jobs and requests change in
+        one transaction; of two hosts recovering at once, one does it (SKIP LOCKED)."""
+        changed = []
+        with self.session() as s:
+            stalled = s.execute(text(_STALLED), {"task": jobs.TASK, "seconds": seconds}).all()
+            for job_id, request_id, worker_id in stalled:
+                s.execute(text("SELECT procrastinate_finish_job_v1(:id, 'failed', false)"), {"id": job_id})
+                req = s.get(ImageRequest, request_id)
+                if req is not None and req.state == State.approved and req.job_id == job_id:
+                    # Its worker was lost before it could record the claim: the request waits
+                    # for a job again, first in line.
+                    req.job_id = jobs.defer(s.connection().connection.driver_connection, req.id, first=True)
+                    s.add(Transition(request_id=req.id, time=now(), actor=SYSTEM.name, from_state=req.state,
+                                     to_state=req.state, stage=req.stage,
+                                     reason=f"the worker of job {job_id} was lost before it claimed the "
+                                     "request; queued again"))  # fmt: skip
+                    changed.append(request_id)
+                    continue
+                if req is None or req.state != State.running or req.job_id != job_id:
+                    continue  # the job of a request that moved on (cancelled): only the job ends
+                lost = 1 + _lost_in_a_row(req)
+                who = (
+                    f"worker {req.worker} (Procrastinate worker {worker_id})"
+                    if worker_id
+                    else f"worker {req.worker}"
+                )
+                if lost > max_lost:
+                    _transition(s, req, "fail", SYSTEM, f"{who} lost: no heartbeat for {seconds:g} s, "
+                                f"the {lost}th time in a row; approve again to resume",
+                                error=f"its worker was lost {lost} times in a row (killed, or its host gone)")  # fmt: skip
+                else:
+                    _transition(s, req, "requeue", SYSTEM,
+                                f"{who} lost: no heartbeat for {seconds:g} s; queued again")  # fmt: skip
+                changed.append(request_id)
+        return [self.get(r) for r in changed]
+
+
+# Jobs running for a worker whose heartbeat is older than :seconds (or whose worker row was
+# pruned): Procrastinate's own select_stalled_jobs_by_heartbeat, locked for this transaction.
+_STALLED = """
+SELECT job.id, job.args->>'request_id', job.worker_id
+  FROM procrastinate_jobs job
+  LEFT JOIN procrastinate_workers w ON w.id = job.worker_id
+ WHERE job.status = 'doing' AND job.task_name = :task
+   AND (job.worker_id IS NULL OR w.last_heartbeat < now() - make_interval(secs => :seconds))
+   FOR UPDATE OF job SKIP LOCKED
+"""
+
+
+def _lost_in_a_row(req: ImageRequest) -> int:
+    """How many times in a row the request's worker was lost (since it was last approved)."""
+    count = 0
+    for t in reversed(req.transitions):
+        if t.actor == SYSTEM.name and t.to_state == State.approved:
+            count += 1
+        elif t.to_state == State.approved:
+            break
+    return count
+
+
+def _transition(
+    s: Session,
+    req: ImageRequest,
+    action: str,
+    actor: Actor,
+    reason: str = "",
+    *,
+    worker: str | None = None,
+    job: int | None = None,
+    stage: str | None = None,
+    error: str | None = None,
+    result: dict[str, Any] | None = None,
+    approval: approvals.Approval | None = None,
+) -> None:
+    sources, target, who = RULES[action]
+    if not _may(actor, req, who):
+        raise StoreError(f"only {' or '.join(sorted(who))}s may {action} a request", 403)
+    if approval is not None:  # a used or stale link says so, whatever the state
+        _use_approval(s, req, approval)
+    if req.state not in sources:
+        raise StoreError(f"cannot {action} a request that is {req.state}", 409)
+    values: dict[str, Any] = {"state": target, "version": ImageRequest.version + 1, "updated": now()}
+    if action in ("claim", "stage"):
+        # A claim starts with no stage: the run says where it goes on (resumed, or from the start).
+        values["stage"] = stage
+    if action == "claim":
+        values.update(worker=worker, error=None)
+    if action in ("fail", "complete", "cancel", "deny"):
+        values["error"] = error
+    if result is not None:
+        values["result"] = result
+    if action in _QUEUES:  # its job, in this same transaction (one still queued is stale: it goes)
+        s.execute(text("SELECT procrastinate_cancel_job_v1(id, false, false) FROM procrastinate_jobs "
+                       "WHERE queueing_lock = :r AND status = 'todo'"), {"r": req.id})  # fmt: skip
+        values["job_id"] = jobs.defer(s.connection().connection.driver_connection, req.id,
+                                      first=action == "requeue")  # fmt: skip
+    elif action == "cancel" and req.job_id is not None:
+        # A queued job is cancelled; a running one is asked to abort (its worker also sees the
+        # request cancelled, and stops the run).
+        s.execute(text("SELECT procrastinate_cancel_job_v1(:id, true, false)"), {"id": req.job_id})
+    before, before_stage = req.state, req.stage
+    condition = [ImageRequest.id == req.id, ImageRequest.state == req.state,
+                 ImageRequest.version == req.version]  # fmt: skip
+    if worker is not None and action != "claim":
+        condition.append(ImageRequest.worker == worker)
+    if job is not None:
+        condition.append(ImageRequest.job_id == job)
+    done = s.execute(update(ImageRequest).where(*condition).values(**values))
+    if done.rowcount != 1:  # type: ignore[attr-defined]
+        raise StoreError(f"request {req.id} changed meanwhile; {action} not done", 409)
+    s.add(Transition(request_id=req.id, time=now(), actor=actor.name, from_state=before, to_state=target,
+                     stage=values.get("stage", before_stage), reason=reason or PAST[action]))  # fmt: skip
+    s.expire(req)
 
 
 def _may_see(actor: Actor, req: ImageRequest) -> bool:

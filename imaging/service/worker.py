@@ -1,22 +1,32 @@
-"""The scheduler: claims approved requests and runs each one's pipeline in a child process.
+"""The worker of a conversion host (``python -m imaging worker``): Procrastinate's worker takes
+requests' jobs from the shared database, and each request's pipeline runs in a child process
+that this module supervises.
 
 A request runs as ``python -m imaging export SOURCE ... --run <request id>`` (or ``resume <id>``
-when its run exists: approving a failed request again resumes it at the failed stage), so a run
-that crashes or is killed is isolated from the worker. While it runs, the worker renews its lease
-on the request and copies the stage the run's ``state.json`` names into the request.
+when its run exists), so the run id is the request id and a run that crashes or is killed is
+isolated from the worker. Before it starts, the run's record is brought from the record store
+when another host made its latest state (``takeover.py``). While it runs, the request's stage
+follows the run's ``state.json``, and every few seconds the worker checks that the request is
+still its own: a request cancelled, or taken over by another host (this worker's heartbeats
+stopped reaching the database for longer than ``stalled_seconds``), has its run stopped.
 
-Stopping: SIGTERM to the worker stops its children the way the CLI stops on SIGTERM (tools
-killed, mounts released, partial files removed) and leaves the request in ``error``; a worker
-killed outright takes its children along (PR_SET_PDEATHSIG sends them SIGTERM) and stops renewing
-its lease, which then expires into ``error``. Either way, approving again resumes.
+Stopping: SIGTERM (or Ctrl-C) stops the worker's runs the way the CLI stops (tools killed,
+mounts released, partial files removed, the interrupted attempt kept in the record) and queues
+their requests again, for another worker or this one restarted. A worker killed outright takes
+its runs along (they get SIGTERM from the kernel, PR_SET_PDEATHSIG) and its heartbeats stop:
+``stalled_seconds`` later any other worker (or the API) queues its requests again.
 
-One worker process runs ``concurrency`` requests at once (threads; the work is in the children).
-More hosts run more workers against a PostgreSQL store; the claim is one conditional UPDATE.
-Celery (DESIGN's scale-out) can replace the claim loop later without touching the rest.
+A database that stops answering mid-run (a restart, a failover, a cut network) does not stop
+the worker: its runs go on, supervised, for as long as no other host may take their requests
+over (``stalled_seconds`` after the last heartbeat, less a heartbeat: the lease); past that
+they are stopped. The worker goes on sending heartbeats, listening and fetching, and records
+how each run ended (completed, failed, stopped and queued again) once the database answers:
+a request never says ``running`` on a worker that is not running it for longer than its lease.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -26,14 +36,19 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import procrastinate
+from procrastinate.job_context import AbortReason
+from procrastinate.worker import Worker
+
 from imaging import config
 from imaging.clouds import settings as cloud_settings
-from imaging.errors import ParameterError, StoreError
+from imaging.errors import ImagingError, ParameterError, StoreError
+from imaging.service import jobs, takeover
 from imaging.service.notify import Mailer
 from imaging.service.settings import Settings, secret_env_names
 from imaging.service.store import Actor, ImageRequest, Store
@@ -84,13 +99,16 @@ def command(settings: Settings, req: ImageRequest) -> list[str]:
 
 def child_env(settings: Settings, req: ImageRequest) -> dict[str, str]:
     """The run's environment: no secret of the service but those of the clouds the request uses
-    (its source's, its destination's) and the object store's keys for a run that publishes there
-    (boto3 reads them); none of them is a notebook parameter."""
+    (its source's, its destination's), the object store's keys for a run that publishes there
+    (boto3 reads them) and the record store's (``IMAGING_RECORDS``); none of them is a notebook
+    parameter, and the stage kernels do not get the record store's."""
     hidden = secret_env_names()
     env = {k: v for k, v in os.environ.items() if k not in hidden}
     env.update(IMAGING_RUNS=str(config.runs_dir()), IMAGING_PROGRESS="0")
     env.pop("AWS_ACCESS_KEY_ID", None)
     env.pop("AWS_SECRET_ACCESS_KEY", None)
+    if settings.records.bucket:
+        env["IMAGING_RECORDS"] = settings.records.env()
     destination = (req.options or {}).get("destination") if req.kind == "image" else None
     with contextlib.suppress(ParameterError):
         used = settings.clouds_used(settings.source_of(req.instance), destination)
@@ -126,67 +144,58 @@ def _last_error(log_path: Path) -> str:
     return ""
 
 
-class Worker:
-    def __init__(self, settings: Settings, store: Store, mailer: Mailer | None = None, *,
-                 concurrency: int | None = None) -> None:  # fmt: skip
+class RequestRunner:
+    """What a job of :data:`imaging.service.jobs.TASK` does, on a thread of the worker.
+
+    The database may go away while a request runs (a restart, a failover, a cut network). The
+    run goes on meanwhile, supervised as before, for as long as no other host may take the
+    request over: ``stalled_seconds`` after this worker's last heartbeat, less one heartbeat
+    for the margin (its *lease*). Past that it is stopped, since another host may be starting it
+    again. Either way the job does not end before the request says how its run ended (claimed,
+    completed, failed, queued again): a job that ended while its request still said ``running``
+    would leave the request running on no worker, or approved with no job.
+    """
+
+    def __init__(self, settings: Settings, store: Store, mailer: Mailer, name: str) -> None:
         self.settings = settings
         self.store = store
-        self.mailer = mailer or Mailer(settings, store)
-        # 0: no claiming, only the housekeeping of leases (a `serve` without its own worker).
-        self.concurrency = settings.worker.concurrency if concurrency is None else concurrency
-        self.stop = threading.Event()
-        self.threads: list[threading.Thread] = []
+        self.mailer = mailer
+        self.name = name
+        self.actor = Actor(name, "worker")
         self.logs = settings.state_dir / "logs"
+        w = settings.worker
+        self.lease = w.stalled_seconds - w.heartbeat_seconds
 
-    def start(self) -> None:
-        """Start the claim loops; with a concurrency of 0, only the lease housekeeping."""
-        self.logs.mkdir(parents=True, exist_ok=True)
-        for slot in range(max(self.concurrency, 1)):
-            name = f"{socket.gethostname()}:{os.getpid()}:{slot}"
-            t = threading.Thread(target=self.loop, args=(name, self.concurrency > 0), name=f"worker-{slot}",
-                                 daemon=True)  # fmt: skip
-            t.start()
-            self.threads.append(t)
+    def run(self, context: procrastinate.JobContext, request_id: str) -> None:
+        job = context.job.id
+        try:
+            req = self._recorded(context, request_id, "claim",
+                                 lambda: self.store.transition(request_id, "claim", self.actor, worker=self.name, job=job))  # fmt: skip
+        except StoreError as e:  # cancelled, or queued again meanwhile: this job has nothing to do
+            log.info("request %s: not claimed: %s", request_id, e)
+            return
+        if req is None:
+            return
+        log.info("request %s claimed by %s (job %s)", request_id, self.name, job)
+        try:
+            self._run(context, req)
+        except Exception as e:
+            log.exception("request %s: the worker failed", request_id)
+            self.finish(context, request_id, "fail", f"the worker failed: {' '.join(str(e).split())[:300]}")
 
-    def shutdown(self) -> None:
-        """Stop claiming, stop the running children (they clean up), wait for them."""
-        self.stop.set()
-        for t in self.threads:
-            t.join()
-
-    def loop(self, name: str, claim: bool = True) -> None:
-        if claim:
-            log.info("worker %s started", name)
-        while not self.stop.is_set():
-            try:
-                self.housekeeping()
-                req = self.store.claim(name, self.settings.worker.lease_seconds) if claim else None
-            except Exception:  # the database may be away for a moment: keep trying
-                log.exception("worker %s: cannot claim", name)
-                req = None
-            if req is None:
-                self.stop.wait(self.settings.worker.poll_seconds)
-                continue
-            try:
-                self.run(req, name)
-            except Exception:
-                log.exception("worker %s: request %s", name, req.id)
-                self.finish(req.id, name, "fail", "the worker failed: see the service log")
-        if claim:
-            log.info("worker %s stopped", name)
-
-    def housekeeping(self) -> None:
-        """Requests whose worker was lost go to error, and the admins hear of it."""
-        for request_id in self.store.expire_leases():
-            log.warning("request %s: its worker was lost; it is in error now", request_id)
-            self.mailer.request_finished(self.store.get(request_id))
-
-    def run(self, req: ImageRequest, name: str) -> None:
-        lease = self.settings.worker.lease_seconds
+    def _run(self, context: procrastinate.JobContext, req: ImageRequest) -> None:
         run_dir = config.runs_dir() / req.id
+        if self.settings.records.bucket:
+            try:
+                how = takeover.prepare(self.settings.records, req.id)
+            except (ImagingError, OSError) as e:
+                self.finish(context, req.id, "fail", f"cannot bring the run's record to this host: {e}")
+                return
+            log.info("request %s: run %s (%s)", req.id, req.id, how)
+        self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{req.id}.log"
         argv = command(self.settings, req)
-        log.info("request %s: %s (worker %s)", req.id, " ".join(argv[3:5]), name)
+        log.info("request %s: %s (worker %s)", req.id, " ".join(argv[3:5]), self.name)
         with open(log_path, "a", encoding="utf-8") as log_file:
             proc = subprocess.Popen(
                 argv,
@@ -198,122 +207,362 @@ class Worker:
                 start_new_session=True,
                 preexec_fn=_term_with_parent,
             )
-            stage, beat, lost = req.stage, time.monotonic(), False
-            renewed = beat  # when the database last renewed our lease
-            while proc.poll() is None:
-                if self.stop.wait(0.5) or lost:
-                    break
-                # Only a running run's stage: a resumed run's state.json names the old failure first.
-                now = _read_json(run_dir / "state.json")
-                if now.get("state") == "running" and now.get("stage") not in (None, stage):
-                    stage = self._moved(req.id, name, str(now["stage"]), stage)
-                # The lease is renewed well before it runs out, and often enough that a request
-                # cancelled while it runs stops within seconds (the renewal is refused then).
-                if time.monotonic() - beat > min(lease / 3, 5.0):
-                    beat = time.monotonic()
-                    try:
-                        lost = not self.store.heartbeat(req.id, name, lease)
-                        renewed = beat
-                    except Exception as e:  # the database is away (a restart): keep supervising...
-                        log.warning(
-                            "request %s: cannot renew the lease (%s); the run goes on", req.id, _brief(e)
-                        )
-                        # ...until the lease has run out: the request is then no longer ours (the
-                        # service moves it to error, an approval may resume it elsewhere).
-                        if time.monotonic() - renewed >= lease:
-                            log.error("request %s: the lease ran out while the database was away: "
-                                      "stopping the run", req.id)  # fmt: skip
-                            lost = True
-            code = self._wait_or_stop(proc)
+            stage, why = self._supervise(context, req, proc, run_dir)
+            code = _wait_or_stop(proc)
         state = _read_json(run_dir / "state.json")
-        if state.get("stage") not in (None, stage) and not lost:  # a stage too short to be seen
-            self._moved(req.id, name, str(state["stage"]))
-        if lost:
-            log.info("request %s was cancelled or lost: run stopped", req.id)
+        if why is None and state.get("stage") not in (None, stage):  # a stage too short to be seen
+            with contextlib.suppress(StoreError):
+                stage = self._moved(context, req.id, str(state["stage"]))
+        if why == "lost":
+            log.info("request %s is no longer this worker's (cancelled, or taken over): run stopped", req.id)
+        elif why in ("shutdown", "database"):
+            self._requeue(context, req.id, why, state.get("stage") or stage)
         elif code in (0, 3) and (run_dir / "result.json").exists():  # 3: made, but its boot was degraded
             result = _read_json(run_dir / "result.json")
             result["audit_head"] = _read_json(run_dir / "audit.json").get("head")
-            self.finish(req.id, name, "complete", f"completed ({(result.get('boot') or {}).get('verdict')})",
-                        result=result)  # fmt: skip
-        elif self.stop.is_set():
-            self.finish(req.id, name, "fail", "interrupted: the worker was stopped; approve again to resume")
+            verdict = (result.get("boot") or {}).get("verdict")
+            self.finish(context, req.id, "complete", f"completed ({verdict})", result=result)
         else:
-            error = state.get("error") if code == 1 else _last_error(log_path)
-            self.finish(req.id, name, "fail", error or f"the run exited with code {code} (see {log_path})")
+            error = state.get("error") if code == 1 else ""
+            error = error or _last_error(log_path) or f"the run exited with code {code} (see {log_path})"
+            self.finish(context, req.id, "fail", error)
 
-    def _wait_or_stop(self, proc: subprocess.Popen[bytes]) -> int:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+    def _supervise(
+        self,
+        context: procrastinate.JobContext,
+        req: ImageRequest,
+        proc: subprocess.Popen[bytes],
+        run_dir: Path,
+    ) -> tuple[str | None, str | None]:
+        """Follow the run until it exits, or until it must stop: returns (its stage, why it was
+        stopped: ``shutdown``, ``lost``, ``database``, or None when it ended by itself)."""
+        stage, checked = req.stage, 0.0
+        reached, away, away_since = time.monotonic(), False, 0.0  # when the database last answered
+        while proc.poll() is None:
+            time.sleep(0.5)
+            if _stopping(context):  # the worker stops; a cancelled job's request is seen below
+                return stage, "shutdown"
+            now = _read_json(run_dir / "state.json")
             try:
-                proc.wait(timeout=_STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        return int(proc.returncode)
+                # Only a running run's stage: a resumed run's state.json names the old failure first.
+                if now.get("state") == "running" and now.get("stage") not in (None, stage):
+                    stage = self._moved(context, req.id, str(now["stage"]))
+                    reached = time.monotonic()
+                if time.monotonic() - checked > self.settings.worker.check_seconds:
+                    checked = time.monotonic()
+                    if not self.store.held_by(req.id, self.name, context.job.id):
+                        return stage, "lost"
+                    reached = time.monotonic()
+                if away and reached > away_since:
+                    log.info("request %s: the database answers again; the run went on", req.id)
+                    away = False
+            except StoreError as e:
+                if e.status < 500:  # the request moved on (the stage could not be recorded)
+                    return stage, "lost"
+                if not away:
+                    away, away_since = True, time.monotonic()
+                    log.warning("request %s: %s; the run goes on for up to %g s", req.id, e, self.lease)
+                if time.monotonic() - reached > self.lease:
+                    log.warning("request %s: the database was away for %.0f s, past this worker's lease: "
+                                "run stopped", req.id, time.monotonic() - reached)  # fmt: skip
+                    return stage, "database"
+        return stage, None
 
-    def _moved(self, request_id: str, name: str, stage: str, before: str | None = None) -> str:
-        """The request follows the run to ``stage``; if the database is away, it is tried again
-        on the next look (the stage the request is known to be in is returned)."""
-        try:
-            self.store.transition(request_id, "stage", Actor(name, "worker"), f"stage {stage}", worker=name,
-                                  stage=stage)  # fmt: skip
-        except StoreError:
-            pass
-        except Exception as e:
-            log.warning("request %s: cannot record stage %s yet (%s)", request_id, stage, _brief(e))
-            return before or stage
+    def _moved(self, context: procrastinate.JobContext, request_id: str, stage: str) -> str:
+        self.store.transition(request_id, "stage", self.actor, f"stage {stage}", worker=self.name,
+                              job=context.job.id, stage=stage)  # fmt: skip
         return stage
 
-    def finish(self, request_id: str, name: str, action: str, message: str, *,
-               result: dict[str, Any] | None = None) -> None:  # fmt: skip
-        """The request's end as the run's: tried again while the database is away, for as long
-        as our lease holds; after that the lease's expiry says the worker was lost, which is
-        what happened, and approving again finds the run as it is."""
-        error = None if action == "complete" else message
-        deadline = time.monotonic() + self.settings.worker.lease_seconds
+    def _recorded(
+        self,
+        context: procrastinate.JobContext,
+        request_id: str,
+        what: str,
+        change: Callable[[], ImageRequest],
+    ) -> ImageRequest | None:
+        """``change`` made, tried again while the database is away (see the class); StoreError
+        when refused (the request moved on). None only when the worker stops and the database
+        has been away for ``stalled_seconds``: the request is then left to the recovery of this
+        worker's stalled job by the first host that reaches the database."""
+        since = None
         while True:
             try:
-                req = self.store.transition(request_id, action, Actor(name, "worker"), message, worker=name,
-                                            error=error, result=result)  # fmt: skip
-                break
+                return change()
             except StoreError as e:
-                log.warning("request %s: %s", request_id, e)
-                return
-            except Exception as e:
-                if time.monotonic() >= deadline:
-                    log.error("request %s: could not record %r (%s): its lease will expire into error",
-                              request_id, message, _brief(e))  # fmt: skip
-                    return
-                log.warning(
-                    "request %s: cannot record its end yet (%s); trying again", request_id, _brief(e)
-                )
-                time.sleep(1.0)
+                if e.status < 500:
+                    raise
+                if since is None:
+                    since = time.monotonic()
+                    log.warning("request %s: cannot record %s yet (%s); trying again", request_id, what, e)
+                if _stopping(context) and time.monotonic() - since > self.settings.worker.stalled_seconds:
+                    log.warning("request %s: %s not recorded: the database is still away; another host "
+                                "will find this worker's job stalled", request_id, what)  # fmt: skip
+                    return None
+            time.sleep(2)
+
+    def _requeue(
+        self, context: procrastinate.JobContext, request_id: str, why: str, stage: str | None
+    ) -> None:
+        at = stage or "the start"
+        reason = {
+            "shutdown": f"worker {self.name} stopped: its run was interrupted at {at}; queued again",
+            "database": f"the database was unreachable from worker {self.name} for over {self.lease:g} s: "
+            f"its run was stopped at {at}; queued again",
+        }[why]  # fmt: skip
+        try:
+            done = self._recorded(context, request_id, "its requeue", lambda: self.store.transition(
+                request_id, "requeue", self.actor, reason, worker=self.name, job=context.job.id))  # fmt: skip
+        except StoreError as e:  # taken over already
+            log.warning("request %s: not queued again by this worker: %s", request_id, e)
+            return
+        if done is not None:
+            log.info("request %s: %s", request_id, reason)
+
+    def finish(
+        self,
+        context: procrastinate.JobContext,
+        request_id: str,
+        action: str,
+        message: str,
+        *,
+        result: dict[str, Any] | None = None,
+    ) -> None:
+        error = None if action == "complete" else message
+        try:
+            req = self._recorded(context, request_id, f"its end ({message})", lambda: self.store.transition(
+                request_id, action, self.actor, message, worker=self.name, job=context.job.id, error=error,
+                result=result))  # fmt: skip
+        except StoreError as e:
+            log.warning("request %s: %s", request_id, e)
+            return
+        if req is None:
+            return
         log.info("request %s: %s", request_id, message)
-        self.mailer.request_finished(req)
+        try:
+            self.mailer.request_finished(req)
+        except StoreError as e:
+            log.warning("request %s: no mail sent: %s", request_id, e)
+
+
+def _stopping(context: procrastinate.JobContext) -> bool:
+    return context.should_abort() and context.abort_reason() == AbortReason.SHUTDOWN
+
+
+def _wait_or_stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=_STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return int(proc.returncode)
+
+
+def recover(store: Store, mailer: Mailer, settings: Settings) -> None:
+    """Queue again the requests of workers whose heartbeats stopped (see Store.recover_stalled);
+    the admins hear of those that went to error."""
+    for req in store.recover_stalled(settings.worker.stalled_seconds, settings.worker.max_lost):
+        log.warning("request %s: %s", req.id, req.transitions[-1].reason)
+        if req.state == "error":
+            mailer.request_finished(req)
+
+
+async def _recovery_loop(store: Store, mailer: Mailer, settings: Settings) -> None:
+    said = _Once()
+    while True:
+        try:
+            await asyncio.to_thread(recover, store, mailer, settings)
+            said.clear()
+        except Exception as e:  # the database is away: the next round tries again
+            said.warn("recovering stalled requests: %s", _brief(e))
+        await asyncio.sleep(settings.worker.heartbeat_seconds)
+
+
+class _Once:
+    """A warning said once while a problem lasts (and again each minute), not at every try."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+
+    def warn(self, message: str, *args: Any) -> None:
+        if self.last is None or time.monotonic() - self.last > 60:
+            self.last = time.monotonic()
+            log.warning(message, *args)
+
+    def clear(self) -> None:
+        self.last = None
 
 
 def _brief(e: BaseException) -> str:
-    """A database error in one line (SQLAlchemy's own run over many)."""
-    text = " ".join(str(getattr(e, "orig", None) or e).split())
-    return f"{type(e).__name__}: {text[:200]}"
+    """An error in one line (a database's run over several)."""
+    return " ".join(str(e.__cause__ or e).split())[:300] or type(e).__name__
+
+
+def _database_away(e: BaseException) -> bool:
+    """Whether ``e`` says the database could not be reached (as Procrastinate wraps psycopg's)."""
+    import psycopg
+
+    return isinstance(e, psycopg.OperationalError) or isinstance(e.__cause__, psycopg.OperationalError)
+
+
+# Procrastinate's own heartbeat query, told whether this worker's row is still there (another
+# worker starting prunes the rows of workers whose heartbeats stopped for stalled_seconds).
+_HEARTBEAT = "UPDATE procrastinate_workers SET last_heartbeat = now() WHERE id = %(worker_id)s RETURNING id"
+
+
+class _Worker(Worker):
+    """Procrastinate's worker, made to outlive a database that goes away for a while.
+
+    As it comes (3.10), a failed fetch stops the worker, which aborts every running job, and a
+    failed heartbeat ends its heartbeats for good (the side-task monitor stops watching once
+    the periodic deferrer, which has nothing to do here, returns): a worker still running its
+    jobs would then be taken for lost. Here the heartbeat, the listener and the fetch try again
+    instead, the end of a job is recorded once the database is back, and a worker whose row was
+    pruned meanwhile (taken for lost: its requests were queued again elsewhere) starts again.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fetching = _Once()
+
+    async def _update_heartbeat(self) -> None:
+        away = False
+        while True:
+            await asyncio.sleep(self.update_heartbeat_interval)
+            try:
+                rows = await self.app.connector.execute_query_all_async(_HEARTBEAT, worker_id=self.worker_id)
+            except Exception as e:
+                if not away:
+                    log.warning("worker %s: no heartbeat written (%s); its runs go on", self.worker_name,
+                                _brief(e))  # fmt: skip
+                away = True
+                continue
+            if away:
+                log.info("worker %s: heartbeats written again", self.worker_name)
+                away = False
+            if not rows:
+                log.warning("worker %s was taken for lost while the database was away: starting again",
+                            self.worker_name)  # fmt: skip
+                self.stop()
+                return
+
+    async def _listen(self) -> None:
+        said = _Once()
+        while True:
+            try:
+                await self.app.job_manager.listen_for_jobs(
+                    on_notification=self._handle_notification, queues=self.queues
+                )
+            except Exception as e:
+                said.warn("worker %s: not listening for jobs (%s); polling", self.worker_name, _brief(e))
+            await asyncio.sleep(self.fetch_job_polling_interval)
+            self._new_job_event.set()  # a job may have been queued while nobody listened
+
+    def _start_side_tasks(self) -> list[asyncio.Task[Any]]:
+        # No periodic deferrer: there are no periodic tasks.
+        return [
+            asyncio.create_task(self._update_heartbeat(), name="update_heartbeats"),
+            asyncio.create_task(self._poll_jobs_to_abort(), name="poll_jobs_to_abort"),
+            asyncio.create_task(self._listen(), name="listener"),
+        ]
+
+    async def _fetch_and_process_jobs(self) -> None:
+        try:
+            await super()._fetch_and_process_jobs()
+        except Exception as e:
+            if not _database_away(e):
+                log.exception("worker %s: cannot fetch jobs", self.worker_name)
+            self._fetching.warn("worker %s: cannot fetch jobs (%s); trying again every %g s", self.worker_name,
+                                _brief(e), self.fetch_job_polling_interval)  # fmt: skip
+        else:
+            self._fetching.clear()
+
+    async def _persist_job_status(self, *args: Any, **kwargs: Any) -> None:
+        delay, since = 1.0, time.monotonic()
+        while True:
+            try:
+                await super()._persist_job_status(*args, **kwargs)
+                return
+            except Exception as e:
+                if not _database_away(e):  # ended already (a recovery that found it stalled)
+                    log.warning("worker %s: a job's end not recorded: %s", self.worker_name, _brief(e))
+                    return
+                if self._stop_event.is_set() and time.monotonic() - since > self.stalled_worker_timeout:
+                    log.warning("worker %s: a job's end not recorded, the database is away: it will be "
+                                "found stalled", self.worker_name)  # fmt: skip
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+async def _serve(settings: Settings, store: Store, concurrency: int, stopping: asyncio.Event) -> None:
+    """One Procrastinate worker, and the recovery of other workers' stalled requests beside it,
+    until asked to stop (returns), taken for lost (returns, to start again), or it cannot start
+    (raises: the database is away)."""
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    mailer = Mailer(settings, store)
+    runner = RequestRunner(settings, store, mailer, name)
+    w = settings.worker
+    app = jobs.connect(settings.sqlalchemy_url, concurrency)
+    async with app.open_async():
+        worker = _Worker(
+            app,
+            queues=[jobs.QUEUE],
+            name=name,
+            concurrency=concurrency,
+            additional_context={"runner": runner},
+            install_signal_handlers=False,  # ours (serve_forever) outlive one worker
+            shutdown_graceful_timeout=0,  # on stop, running jobs are told at once (they requeue)
+            update_heartbeat_interval=w.heartbeat_seconds,
+            stalled_worker_timeout=w.stalled_seconds,
+            fetch_job_polling_interval=w.poll_seconds,
+            abort_job_polling_interval=w.check_seconds,
+            delete_jobs="successful",
+        )
+        run = asyncio.create_task(worker.run())
+        recovery = asyncio.create_task(_recovery_loop(store, mailer, settings))
+        stop = asyncio.create_task(stopping.wait())
+        log.info("worker %s started (%d at once)", name, concurrency)
+        try:
+            await asyncio.wait([run, stop], return_when=asyncio.FIRST_COMPLETED)
+            if not run.done():
+                worker.stop()
+            await run  # raises what stopped it, if not us
+        finally:
+            recovery.cancel()
+            stop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recovery
 
 
 def serve_forever(settings: Settings, store: Store, concurrency: int | None = None) -> int:
-    """``python -m imaging worker``: run until SIGTERM or Ctrl-C, then stop cleanly."""
-    if concurrency is not None and not 1 <= concurrency <= 16:
+    """``python -m imaging worker``: run until SIGTERM or Ctrl-C; a database that cannot be
+    reached when the worker starts is waited for."""
+    concurrency = settings.worker.concurrency if concurrency is None else concurrency
+    if not 1 <= concurrency <= 16:
         raise ParameterError(f"--concurrency must be 1 to 16, not {concurrency}")
-    worker = Worker(settings, store, concurrency=concurrency)
 
-    def stop(signum: int, frame: Any) -> None:
-        log.info("signal %d: stopping (running requests are interrupted and go to error)", signum)
-        worker.stop.set()
+    async def main() -> None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        delay = 2.0
+        while not stopping.is_set():
+            try:
+                await _serve(settings, store, concurrency, stopping)
+                delay = 2.0
+            except Exception as e:  # the database is away (psycopg's, procrastinate's, ours)
+                log.warning(
+                    "worker stopped: %s; starting again in %.0f s", " ".join(str(e).split())[:300], delay
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), delay)
+                delay = min(delay * 2, 60.0)
+        log.info("worker stopped")
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    worker.start()
-    while any(t.is_alive() for t in worker.threads):
-        for t in worker.threads:
-            t.join(timeout=0.5)
+    asyncio.run(main())
     return 0

@@ -169,6 +169,10 @@ class Service:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=120)
+        # serve without a database_url stops the private PostgreSQL it started
+        assert not (self.state / "postgres" / "data" / "postmaster.pid").exists(), (
+            "the private cluster runs on"
+        )
 
     def worker_argv(self, *extra: str) -> list[str]:
         return [sys.executable, "-m", "imaging", "worker", "--config", str(self.config_file), *extra]
@@ -176,6 +180,11 @@ class Service:
     def worker(self, *extra: str) -> subprocess.Popen[bytes]:
         with open(self.root / "worker.log", "ab") as log:
             return subprocess.Popen(self.worker_argv(*extra), stdout=log, stderr=log, env=self.env)
+
+    def history(self, request_id: str) -> list[dict[str, Any]]:
+        with self.client("root") as c:
+            found: list[dict[str, Any]] = c.get(f"/api/v1/request_image/{request_id}").json()["history"]
+        return found
 
     def client(self, user: str) -> httpx.Client:
         return httpx.Client(
@@ -221,15 +230,15 @@ def assert_no_secrets(service: Service, mailbox: Mailbox, extra: list[str]) -> N
     secrets = [*service.tokens.values(), SMTP_PASSWORD, *extra]
     for m in mailbox.messages:
         secrets += [approve_link(m).split("token=")[1]] if "token=" in m.get_content() else []
-    # Everything but the artifacts, the signing key and the settings file (which holds the passwords);
-    # the database too: it keeps tokens only as their hashes.
+    # Everything but the artifacts, the signing key, the settings file (which holds the passwords)
+    # and the database's own files (it keeps tokens only as their hashes).
     files = [
         p
         for p in service.root.rglob("*")
-        if p.is_file() and p.suffix not in (".raw", ".qcow2", ".key", ".yaml")
+        if p.is_file() and p.suffix not in (".raw", ".qcow2", ".key", ".yaml") and "postgres" not in p.parts
     ]
     assert any(p.name == "commands.jsonl" for p in files) and any(p.suffix == ".ipynb" for p in files)
-    assert any(p.name == "server.log" for p in files) and any(p.name == "imaging.db" for p in files)
+    assert any(p.name == "server.log" for p in files)
     assert any(p.name == "report.html" for p in files)
     for path in files:
         text = path.read_text(errors="replace")

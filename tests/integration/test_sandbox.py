@@ -65,7 +65,8 @@ def host_address() -> str:
 
 
 def no_leftovers() -> list[str]:
-    groups = [str(p) for p in Path("/sys/fs/cgroup").rglob("imaging-sandbox-*")]
+    # This process's groups only: another xdist worker's run may hold its own at the same time.
+    groups = [str(p) for p in Path("/sys/fs/cgroup").rglob(f"imaging-sandbox-{os.getpid()}-*")]
     procs = [
         p.info["cmdline"]
         for p in psutil.process_iter(["cmdline"])

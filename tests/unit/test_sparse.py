@@ -92,6 +92,9 @@ def test_content_digest_is_the_content_alone(tmp_path: Path, size: int) -> None:
     dense.write_bytes(sparse_file.read_bytes())  # the same content, every byte written
     digest = sparse.content_digest(sparse_file)
     assert digest == _list_digest(sparse_file.read_bytes()) == sparse.content_digest(dense)
+    # Read as a stream (the record's object store), in chunks that do not fall on its blocks.
+    data = sparse_file.read_bytes()
+    assert sparse.content_digest_of(data[i : i + 700_001] for i in range(0, len(data), 700_001)) == digest
     with open(dense, "r+b") as f:  # one byte changed anywhere, even in a hole, changes it
         f.seek(size // 2)
         f.write(b"\1")

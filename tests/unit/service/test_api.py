@@ -39,17 +39,18 @@ class Service:
         return approvals.sign_approval(self.settings.signing_key(), request_id, user.id, version, **kw)
 
 
-def make_settings(tmp_path: Path, **extra: Any) -> settings.Settings:
-    return settings.Settings(state_dir=tmp_path, instances={"i-1": "sample:kvm"}, **extra)
+def make_settings(tmp_path: Path, database: str, **extra: Any) -> settings.Settings:
+    return settings.Settings(**{"state_dir": tmp_path, "instances": {"i-1": "sample:kvm"}, "database_url": database,
+                                "secret_key": "the-test-signing-key", **extra})  # fmt: skip
 
 
 @pytest.fixture
-def svc(tmp_path: Path) -> Iterator[Service]:
-    conf = make_settings(tmp_path, publish={"bucket": "images"})
+def svc(tmp_path: Path, database: str) -> Iterator[Service]:
+    conf = make_settings(tmp_path, database, publish={"bucket": "images"})
     store = Store(conf.sqlalchemy_url)
     tokens = {"alice": store.add_user("alice"), "bob": store.add_user("bob"),
               "root": store.add_user("root", admin=True, email="root@example.org")}  # fmt: skip
-    with TestClient(api.create_app(conf, embedded_worker=False)) as client:
+    with TestClient(api.create_app(conf, recover=False)) as client:
         yield Service(client, store, conf, tokens)
     store.close()
 
@@ -153,17 +154,17 @@ def test_body_that_is_not_json(svc: Service) -> None:
     assert error(r, 400) == "the body is not valid JSON"
 
 
-def test_no_image_requests_where_nothing_is_published(tmp_path: Path) -> None:
-    conf = make_settings(tmp_path)
+def test_no_image_requests_where_nothing_is_published(tmp_path: Path, database: str) -> None:
+    conf = make_settings(tmp_path, database)
     store = Store(conf.sqlalchemy_url)
     token = store.add_user("alice")
-    with TestClient(api.create_app(conf, embedded_worker=False)) as client:
+    with TestClient(api.create_app(conf, recover=False)) as client:
         r = client.post(URL, json={"instance": "i-1", "name": "x", "vis": "public"},
                         headers={"Authorization": f"Bearer {token}"})  # fmt: skip
     assert "does not publish images" in error(r, 422)
 
 
-def test_a_disk_over_its_formats_limit_is_refused_at_once(tmp_path: Path) -> None:
+def test_a_disk_over_its_formats_limit_is_refused_at_once(tmp_path: Path, database: str) -> None:
     # A 2045 GiB instance: its bootable disk (2046 GiB with the default +1G) is over what a VHD
     # holds; the request is refused now, not when its run ends. A broken source is the run's to
     # report, as before.
@@ -171,11 +172,11 @@ def test_a_disk_over_its_formats_limit_is_refused_at_once(tmp_path: Path) -> Non
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard",
                     big, "2045G"], check=True, capture_output=True)  # fmt: skip
     broken.write_bytes(b"not an image")
-    conf = settings.Settings(state_dir=tmp_path, instances={"i-big": str(big), "i-broken": str(broken)},
-                             publish={"bucket": "images"})  # fmt: skip
+    conf = make_settings(tmp_path, database, instances={"i-big": str(big), "i-broken": str(broken)},
+                         publish={"bucket": "images"})  # fmt: skip
     store = Store(conf.sqlalchemy_url)
     token = store.add_user("alice")
-    with TestClient(api.create_app(conf, embedded_worker=False)) as client:
+    with TestClient(api.create_app(conf, recover=False)) as client:
 
         def create(instance: str, **body: Any) -> Any:
             return client.post(URL, json={"instance": instance, "name": "x", **body},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
@@ -44,13 +43,13 @@ def test_another_key_is_refused() -> None:
         approvals.check_approval("other" * 8, token, 60)
 
 
-def test_a_link_works_once_and_only_for_the_state_it_was_made_in(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'db'}")
+def test_a_link_works_once_and_only_for_the_state_it_was_made_in(database: str) -> None:
+    store = Store(database)
     store.add_user("alice")
     store.add_user("root", admin=True)
     alice, root = store.users()
     rid = store.create(Actor("alice", "user", alice.id), instance="i", name="n", kind="export", vis=None,
-                       shared_with=[], disk_format="raw", target="kvm").id  # fmt: skip
+                       shared_with=[], disk_format="raw", target="kvm", options={}).id  # fmt: skip
     admin = Actor("root", "admin", root.id)
     token = approvals.sign_approval(KEY, rid, root.id, store.get(rid).version)
     stale = approvals.sign_approval(KEY, rid, root.id, store.get(rid).version)

@@ -39,9 +39,9 @@ def test_instances_destinations_and_sources(tmp_path: Path) -> None:
         make(tmp_path, instances={"i-2": "ec2://gcp/i-0123456789abcdef0"})
 
 
-def test_a_run_sees_only_the_clouds_its_request_uses(tmp_path: Path) -> None:
+def test_a_run_sees_only_the_clouds_its_request_uses(tmp_path: Path, database: str) -> None:
     s = make(tmp_path, instances={"i-1": "eucalyptus://euca/i-0123abcd", "i-2": "sample:kvm"})
-    store = Store(s.sqlalchemy_url)
+    store = Store(database)
     store.add_user("alice")
     (alice,) = store.users(["alice"])
     owner = Actor("alice", "user", alice.id)
@@ -60,15 +60,16 @@ def test_a_run_sees_only_the_clouds_its_request_uses(tmp_path: Path) -> None:
                          disk_format="raw", target="kvm", options={})  # fmt: skip
     assert cs.ENV not in worker.child_env(s, local)
     assert cs.ENV in settings.secret_env_names()
+    store.close()
 
 
-def test_an_image_is_made_for_the_cloud_it_is_published_to(tmp_path: Path) -> None:
+def test_an_image_is_made_for_the_cloud_it_is_published_to(tmp_path: Path, database: str) -> None:
     """EC2 registers Nitro machines from raw blocks; Glance serves OpenStack's KVM; the object store
     and exports keep the format's default target; a request naming its target or format wins."""
     from imaging.service import schemas
 
     s = make(tmp_path, instances={"i-1": "sample:kvm"}, publish={"cloud": "os", "bucket": "b"})
-    store = Store(s.sqlalchemy_url)
+    store = Store(database)
 
     def made(**body: object) -> tuple[str, str]:
         fields = schemas.validated(schemas.CreateRequest(instance="i-1", name="n", **body), s, store)  # type: ignore[arg-type]
@@ -90,3 +91,4 @@ def test_an_image_is_made_for_the_cloud_it_is_published_to(tmp_path: Path) -> No
         settings.Settings(state_dir=tmp_path, clouds={"x": {"kind": "ec2", "image_target": "nitro"}})  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="image_target/image_format: .*qcow2"):
         settings.Settings(state_dir=tmp_path, clouds={"x": {"kind": "ec2", "image_format": "qcow2"}})  # type: ignore[dict-item]
+    store.close()

@@ -20,7 +20,11 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults(tmp_path: Path) -> None:
     s = settings.load(None, {"IMAGING_STATE": str(tmp_path)})
     assert s.state_dir == tmp_path and s.host == "127.0.0.1" and s.port == 8080
-    assert s.sqlalchemy_url == f"sqlite:///{tmp_path / 'imaging.db'}"
+    # No database_url: the private cluster in the state directory, by its socket.
+    assert (
+        s.private_database
+        and s.sqlalchemy_url == f"postgresql+psycopg://imaging@/postgres?host={tmp_path / 'postgres'}"
+    )
     assert s.public_url == "http://127.0.0.1:8080"
     assert (s.worker.concurrency, s.worker.embedded, s.smtp.host, s.publishing()) == (1, True, "", False)
 
@@ -66,8 +70,12 @@ def test_bad_settings_are_one_line_errors(tmp_path: Path, text: str, message: st
 
 
 def test_bad_environment_value(tmp_path: Path) -> None:
-    with pytest.raises(ParameterError, match="worker.lease_seconds"):
-        settings.load(None, {"IMAGING_STATE": str(tmp_path), "IMAGING_WORKER__LEASE_SECONDS": "soon"})
+    with pytest.raises(ParameterError, match="worker.stalled_seconds"):
+        settings.load(None, {"IMAGING_STATE": str(tmp_path), "IMAGING_WORKER__STALLED_SECONDS": "soon"})
+    with pytest.raises(
+        ParameterError, match=r"stalled_seconds \(3\) must be at least twice heartbeat_seconds"
+    ):
+        settings.load(None, {"IMAGING_STATE": str(tmp_path), "IMAGING_WORKER__STALLED_SECONDS": "3"})
 
 
 def test_secrets_do_not_print(tmp_path: Path) -> None:
@@ -77,7 +85,27 @@ def test_secrets_do_not_print(tmp_path: Path) -> None:
     assert "hunter2" not in text and "s3cr3t" not in text and "signing-key" not in text
     assert s.smtp.password.get_secret_value() == "hunter2" and s.signing_key() == "signing-key"
     assert {"IMAGING_SMTP__PASSWORD", "IMAGING_PUBLISH__SECRET_ACCESS_KEY", "IMAGING_SECRET_KEY",
-            "IMAGING_DATABASE_URL"} <= settings.secret_env_names()  # fmt: skip
+            "IMAGING_DATABASE_URL", "IMAGING_RECORDS", "IMAGING_RECORDS__SECRET_ACCESS_KEY"} <= settings.secret_env_names()  # fmt: skip
+
+
+def test_the_record_store_keys_reach_a_run_and_print_as_stars(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "records: {bucket: runs, endpoint_url: 'http://127.0.0.1:9', secret_access_key: s3cr3t}\n"
+    )
+    s = settings.load(path, {"IMAGING_STATE": str(tmp_path), "IMAGING_RECORDS__KEEP_INPUTS": "true"})
+    assert s.records.keep_inputs and "s3cr3t" not in repr(s) + s.model_dump_json()
+    assert '"secret_access_key": "s3cr3t"' in s.records.env()  # a run's environment: the key itself
+    with pytest.raises(ParameterError, match="records.colour: Extra inputs are not permitted"):
+        settings.load(write(tmp_path, "records: {colour: red}\n"), {"IMAGING_STATE": str(tmp_path)})
+
+
+def test_hosts_that_share_a_database_need_the_signing_key_set(tmp_path: Path) -> None:
+    s = settings.load(
+        None, {"IMAGING_STATE": str(tmp_path), "IMAGING_DATABASE_URL": "postgresql+psycopg://h/db"}
+    )
+    with pytest.raises(ParameterError, match="secret_key is not set: hosts that share a database"):
+        s.signing_key()
+    assert not (tmp_path / "secret.key").exists()
 
 
 def test_the_signing_key_is_made_once_and_private(tmp_path: Path) -> None:
