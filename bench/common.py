@@ -12,9 +12,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from imaging import sparse
 from imaging.samples import catalog
 
 WORK = Path(os.environ.get("IMAGING_BENCH_DIR", "/var/tmp/imaging-bench"))
+
+
+def load() -> float:
+    """The machine's 1-minute load average (other work shares its two cores)."""
+    return os.getloadavg()[0]
 
 
 def run(*argv: object, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -183,6 +189,74 @@ def mixed_disk(path: Path, random_bytes: int = 600 << 20) -> Path:
     tmp = path.with_suffix(".tmp")
     run("mke2fs", "-q", "-F", "-t", "ext3", "-b", "4096", "-d", tree, tmp, "3G")
     shutil.rmtree(tree)
+    tmp.rename(path)
+    return path
+
+
+# Where the real-files disk's files come from, in this order, until REAL_BYTES are taken: what an
+# installed system is made of (programs, shared libraries, then docs, locales, icons, data).
+REAL_SOURCES = ("/usr/bin", "/usr/sbin", "/usr/lib/x86_64-linux-gnu", "/usr/share", "/usr/lib")
+REAL_BYTES = 1200 * 1000 * 1000
+
+
+def _real_tree(tree: Path, budget: int) -> int:
+    """Hard links (copies across filesystems) of the host's own files under ``tree``, walked in
+    sorted order from REAL_SOURCES until ``budget`` bytes: the same host gives the same tree."""
+    taken = 0
+    seen: set[tuple[int, int]] = set()
+    for top in REAL_SOURCES:
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames.sort()
+            for name in sorted(filenames):
+                src = Path(dirpath, name)
+                try:
+                    st = src.lstat()
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) in seen or not (src.is_symlink() or src.is_file()):
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                dst = tree / src.relative_to("/")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if src.is_symlink():
+                    dst.symlink_to(os.readlink(src))
+                    continue
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst)
+                taken += st.st_size
+                if taken >= budget:
+                    return taken
+    return taken
+
+
+def real_disk(path: Path, fs_size: str = "4G", disk_size: int = 5 << 30) -> Path:
+    """A disk of real OS files (cached): about 1.2 GB of this host's /usr (programs, libraries,
+    docs, locales) in a ``fs_size`` ext3, placed in partition 1 (at 1 MiB) of a ``disk_size``
+    sparse raw disk with an MBR, as ``imaging export ... --format raw`` leaves an instance.
+    Images people convert are made of such files, not of random bytes."""
+    if path.exists():
+        return path
+    tree = path.with_suffix(".tree")
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
+    fs = path.with_suffix(".fs")
+    try:
+        _real_tree(tree, REAL_BYTES)
+        run("mke2fs", "-q", "-F", "-t", "ext3", "-b", "4096", "-d", tree, fs, fs_size)
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+    tmp = path.with_suffix(".tmp")
+    sparse.create_sparse(tmp, disk_size)
+    run(
+        "sfdisk",
+        "-q",
+        tmp,
+        input=f"label: dos\nstart=2048, size={fs.stat().st_size // 512}, type=83, bootable\n",
+    )
+    sparse.copy_range(fs, tmp, dst_offset=1 << 20, desc=None)
+    fs.unlink()
     tmp.rename(path)
     return path
 

@@ -5,7 +5,7 @@ import sys
 # a format no notebook schema uses. Without the module jsonschema just skips that format.
 sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
 
-from imaging.cli import main  # noqa: E402
+from imaging.cli import exit_now, main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -1,4 +1,4 @@
-"""Results that read well in three places: a notebook (a pandas table), a terminal, and JSON."""
+"""Results that read well in three places: a notebook (a table), a terminal, and JSON."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import dataclasses
 import enum
 import html
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import pandas as pd
+from imaging.tables import Table
 
 
 def plain(value: Any) -> Any:
@@ -44,18 +43,16 @@ class Record:
         assert isinstance(data, dict)
         return data
 
-    def table(self) -> pd.DataFrame:
-        import pandas as pd  # only where tables are shown: the pipeline process never needs it
-
+    def table(self) -> Table:
         rows = [
             (k, _cell(k, v))
             for k, v in self.to_dict().items()
             if not isinstance(v, dict | list) and not (isinstance(v, str) and "\n" in v)
         ]
-        return pd.DataFrame(rows, columns=["", "value"]).set_index("")
+        return Table(rows, ["", "value"], index="")
 
     def _repr_html_(self) -> str:
-        return str(self.table()._repr_html_())
+        return self.table().to_html()
 
     def __str__(self) -> str:
         return self.table().to_string()

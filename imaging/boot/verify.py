@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from imaging import config, tools
 from imaging.boot import evidence
@@ -49,10 +49,8 @@ from imaging.disk.images import check_self_contained, image_info
 from imaging.errors import BootFailed, ParameterError
 from imaging.formats import gce, ova, vhd
 from imaging.records import Record
+from imaging.tables import Table
 from imaging.workspace import Workspace
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 
 def qemu_argv(
@@ -115,10 +113,8 @@ class Boot(Record):
     failed_units: list[str] = field(default_factory=list)
     expected: dict[str, object] = field(default_factory=dict)
 
-    def checks(self) -> pd.DataFrame:
+    def checks(self) -> Table:
         """One row per thing a user would look at, and how it went."""
-        import pandas as pd
-
         want = self.expected
         source_keys = want.get("source_host_keys")
         compared = len(source_keys) if isinstance(source_keys, list) else 0
@@ -131,7 +127,7 @@ class Boot(Record):
             ("host keys not the source's", ", ".join(k.split()[-1] for k in self.ssh_host_keys) or "-",
              f"{compared} source keys compared"),
         ]  # fmt: skip
-        return pd.DataFrame(rows, columns=["check", "result", "detail"]).set_index("check")
+        return Table(rows, ["check", "result", "detail"], index="check")
 
 
 def _wanted(value: object) -> str:

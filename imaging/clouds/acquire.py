@@ -72,7 +72,7 @@ class Instance(Record):
     fsck: str
     fsck_exit: int
     copy_seconds: float
-    source_sha256: str | None  # None under the pipeline: it is in the run's source.sha256
+    source_digest: str | None  # None under the pipeline: it is in the run's source.digest
     fetched: Fetched | None = None  # what was copied out of a cloud, and how it was checked
 
 
@@ -224,10 +224,9 @@ def fetch(source: str, ws: Workspace) -> Fetched:
 def acquire(src: Source, ws: Workspace, *, hash_source: bool = True) -> Instance:
     """Copy the source's root filesystem to ``work/instance.raw``, check it (on the copy), describe it.
 
-    ``hash_source``: compute the source's sha256 here, on the other core while copying. The
-    pipeline passes False and hashes the source itself for the whole length of the run: hashing
-    costs the source's *virtual* size (1.8 GB/s here, 11 s for 20 GiB of mostly holes), the only
-    cost of a run that does, so it must not sit on any stage's path.
+    ``hash_source``: compute the source's content digest here (:func:`imaging.sparse.content_digest`:
+    it reads the data, not the holes), on the other core while copying. The pipeline passes False
+    and digests the source itself, beside the stages.
     """
     tools.require_tools(
         "e2fsck", "dumpe2fs", reason="check the instance's filesystem", hint="apt install e2fsprogs"
@@ -236,8 +235,8 @@ def acquire(src: Source, ws: Workspace, *, hash_source: bool = True) -> Instance
         return _acquire_remote(src, ws)
     # The copy, then the bootable disk: about twice the data, on the work filesystem.
     sparse.check_space(ws.work, 2 * src.data_bytes + _MARGIN, "hold the instance and the bootable disk")
-    digest: dict[str, str | None] = {"sha256": None}
-    hasher = threading.Thread(target=lambda: digest.update(sha256=sparse.sha256(Path(src.path), desc=None)))
+    digest: dict[str, str | None] = {"digest": None}
+    hasher = threading.Thread(target=lambda: digest.update(digest=sparse.content_digest(Path(src.path))))
     if hash_source:
         hasher.start()
     try:
@@ -245,12 +244,12 @@ def acquire(src: Source, ws: Workspace, *, hash_source: bool = True) -> Instance
     finally:
         if hash_source:
             hasher.join()
-    return dataclasses.replace(instance, source_sha256=digest["sha256"])
+    return dataclasses.replace(instance, source_digest=digest["digest"])
 
 
 def _acquire_remote(src: Source, ws: Workspace) -> Instance:
     """The cloud's disk into work/, then taken like a local image; the download goes afterwards.
-    Its sha256 (computed as it arrived) is the run's source.sha256."""
+    Its digest (computed as it arrived) is the run's source.digest."""
     # How much of the disk is data is known only once it is here (a sparse download holds only
     # that): a full disk says so in one line.
     try:
@@ -269,8 +268,9 @@ def _acquire_remote(src: Source, ws: Workspace) -> Instance:
         instance = _acquire(local, ws)
     finally:
         Path(fetched.path).unlink(missing_ok=True)
-    sparse.write_sha256_file(Path(fetched.path), fetched.sha256, beside=ws.root / "source.sha256")
-    return dataclasses.replace(instance, source_sha256=fetched.sha256, fetched=fetched)
+    with sparse.atomic_path(ws.root / "source.digest") as part:
+        part.write_text(fetched.digest + "\n", encoding="utf-8")
+    return dataclasses.replace(instance, source_digest=fetched.digest, fetched=fetched)
 
 
 def _acquire(src: Source, ws: Workspace) -> Instance:
@@ -320,5 +320,5 @@ def _acquire(src: Source, ws: Workspace) -> Instance:
         fsck=str(verdict),
         fsck_exit=verdict.exit_code,
         copy_seconds=round(seconds, 3),
-        source_sha256=None,
+        source_digest=None,
     )

@@ -36,7 +36,7 @@ from imaging.clouds.transfer import Fetched, sparse_download
 from imaging.errors import ImagingError, ParameterError, SourceError
 from imaging.progress import bytes_bar
 from imaging.records import Record
-from imaging.sparse import data_extents, sha256
+from imaging.sparse import content_digest, data_extents
 
 GIB = 1 << 30
 EBS_BLOCK = 512 << 10  # what EBS direct writes and reads: 512 KiB blocks
@@ -249,7 +249,7 @@ def fetch(src: CloudSource, cloud: EC2, dest: Path) -> Fetched:
             if fetched[0] != len(blocks):
                 raise CloudError(f"{src.cloud}: {len(blocks) - fetched[0]} blocks of {snapshot_id} missing")
             data_bytes = out.data_bytes
-        whole = sha256(dest, desc=None)
+        whole = content_digest(dest)  # the data only: unlisted blocks are holes
     finally:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -259,7 +259,7 @@ def fetch(src: CloudSource, cloud: EC2, dest: Path) -> Fetched:
             pass
     return Fetched(
         source=str(src), cloud=src.cloud, kind="ec2", path=str(dest), format="raw", size_bytes=size,
-        data_bytes=data_bytes, sha256=whole,
+        data_bytes=data_bytes, digest=whole,
         verified=f"{len(blocks)} blocks of {block_size} bytes, each against its SHA256 from EBS",
         seconds=round(time.monotonic() - t0, 3), where=f"{volume_id} via {snapshot_id}", snapshot=snapshot_id,
     )  # fmt: skip

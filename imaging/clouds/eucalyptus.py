@@ -239,6 +239,6 @@ def fetch(src: CloudSource, cloud: Eucalyptus, dest: Path) -> Fetched:
         client.close()
     return Fetched(
         source=str(src), cloud=src.cloud, kind="eucalyptus", path=str(dest), format="raw", size_bytes=size,
-        data_bytes=data, sha256=digest.hexdigest(), verified="size and sha256 computed on the node",
+        data_bytes=data, digest=f"sha256:{digest.hexdigest()}", verified="size and sha256 computed on the node",
         seconds=round(time.monotonic() - t0, 3), where=f"{node}:{path}",
     )  # fmt: skip

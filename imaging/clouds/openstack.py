@@ -177,7 +177,7 @@ def fetch(src: CloudSource, cloud: OpenStack, work: Path) -> Fetched:
     checked = "size, MD5" + (f" and {image.hash_algo}" if multi else "") + " from Glance"
     return Fetched(
         source=str(src), cloud=src.cloud, kind="openstack", path=str(dest), format=fmt, size_bytes=size,
-        data_bytes=data, sha256=whole.hexdigest(), verified=checked, seconds=round(time.monotonic() - t0, 3),
+        data_bytes=data, digest=f"sha256:{whole.hexdigest()}", verified=checked, seconds=round(time.monotonic() - t0, 3),
         where=f"server {server.id} via image {image.id}", snapshot=image.id,
     )  # fmt: skip
 

@@ -27,7 +27,7 @@ class Fetched(Record):
     format: str  # raw or qcow2 (what the cloud gave)
     size_bytes: int
     data_bytes: int  # bytes written (holes are what the cloud said is empty, or zeros)
-    sha256: str  # of the whole disk as received, holes as zeros
+    digest: str  # of the whole disk as received: "sha256:<hex>" as it arrived, or sparse.content_digest
     verified: str  # what the copy was checked against
     seconds: float
     where: str  # the node, snapshot or image it came from

@@ -16,13 +16,12 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from imaging import sparse, tools
 from imaging.config import Layout, Placement, parse_disk_size
 from imaging.disk import ext, images, mounts
 from imaging.errors import ParameterError
 from imaging.records import Record, human_bytes
+from imaging.tables import Table
 from imaging.workspace import Workspace
 
 SECTOR = 512
@@ -62,7 +61,7 @@ class DiskLayout(Record):
     def grows(self) -> bool:
         return self.block_count > self.fs_block_count
 
-    def arithmetic(self) -> pd.DataFrame:
+    def arithmetic(self) -> Table:
         """The numbers of the original procedure's step 2, each with how it is worked out."""
         s, e, bs = self.start_sector, self.end_sector, self.block_size
         rows = [
@@ -84,7 +83,7 @@ class DiskLayout(Record):
              f"{self.block_count - self.fs_block_count:,} blocks "
              f"({human_bytes((self.block_count - self.fs_block_count) * bs)})"),
         ]  # fmt: skip
-        return pd.DataFrame(rows, columns=["quantity", "meaning", "formula", "value"]).set_index("quantity")
+        return Table(rows, ["quantity", "meaning", "formula", "value"], index="quantity")
 
 
 def _round_up(n: int, unit: int) -> int:
@@ -243,7 +242,7 @@ def place_filesystem(
     )
 
 
-def partition_table(disk: Path) -> pd.DataFrame:
+def partition_table(disk: Path) -> Table:
     """``fdisk -l`` of a disk image as a table (read from sfdisk's JSON, not scraped)."""
     table = images.read_partition_table(disk)
     rows = []
@@ -260,7 +259,11 @@ def partition_table(disk: Path) -> pd.DataFrame:
                 "Type": _TYPE_NAMES.get(p.type.lower(), p.type),
             }
         )
-    return pd.DataFrame(rows, columns=["Device", "Boot", "Start", "End", "Sectors", "Size", "Id", "Type"])
+    return (
+        Table.from_dicts(rows)
+        if rows
+        else Table([], ["Device", "Boot", "Start", "End", "Sectors", "Size", "Id", "Type"])
+    )
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from imaging import tools
 from imaging.config import check_kernel_args
 from imaging.disk.debugfs import ExtGuest, safe_name
 from imaging.errors import GuestError
 from imaging.records import Record
 from imaging.sparse import part_path
+from imaging.tables import Table
 from imaging.workspace import Workspace
 
 GRUB_PC = Path("/usr/lib/grub/i386-pc")
@@ -72,12 +71,10 @@ def find_kernels(guest: ExtGuest) -> list[Kernel]:
     return [k for k in kernels if not k.xen] or kernels
 
 
-def kernel_table(kernels: list[Kernel]) -> pd.DataFrame:
-    return pd.DataFrame(
-        [
-            {"version": k.version, "kernel": k.vmlinuz, "initrd": k.initrd or "(none)", "xen": k.xen}
-            for k in kernels
-        ]
+def kernel_table(kernels: list[Kernel]) -> Table:
+    return Table(
+        [(k.version, k.vmlinuz, k.initrd or "(none)", k.xen) for k in kernels],
+        ["version", "kernel", "initrd", "xen"],
     )
 
 

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as w
-import pandas as pd
 from IPython.display import display
 
 from imaging import config
@@ -23,15 +22,15 @@ from imaging.errors import GuestError, ImagingError
 from imaging.explore import steps
 from imaging.guest import clean
 from imaging.run import scraps
+from imaging.tables import Table
 
 
 def _pre(text: str) -> str:
     return f"<pre style='white-space: pre-wrap; max-height: 30em; overflow: auto'>{html.escape(text)}</pre>"
 
 
-def _table(rows: list[dict[str, Any]] | pd.DataFrame) -> str:
-    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
-    return str(frame.to_html(index=False, escape=True))
+def _table(rows: list[dict[str, Any]] | Table) -> str:
+    return (rows if isinstance(rows, Table) else Table.from_dicts(rows)).to_html()
 
 
 def _error(e: Exception) -> str:
@@ -257,7 +256,7 @@ class CleanPanel(Panel):
         table = clean.operations_table()
         self.boxes = {
             op: w.Checkbox(description=f"{op}: {heading}", indent=False, layout=w.Layout(width="32em"))
-            for op, heading in zip(table.operation, table.heading, strict=True)
+            for op, heading in zip(table.column("operation"), table.column("heading"), strict=True)
         }
         for box in self.boxes.values():
             box.observe(lambda _: self._toggled(), names="value")

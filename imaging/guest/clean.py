@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from imaging.errors import GuestError, ParameterError
 from imaging.guest import access, clean_ops, firstboot
@@ -22,21 +21,17 @@ from imaging.guest.clean_ops import Action, Context
 from imaging.guest.files import Guest
 from imaging.guest.profiles import load_platform, resolve
 from imaging.records import Record, human_bytes
+from imaging.tables import Table
 from imaging.workspace import Workspace
 
-if TYPE_CHECKING:
-    import pandas as pd
 
-
-def operations_table() -> pd.DataFrame:
+def operations_table() -> Table:
     """Every operation, ``*`` when it runs by default (like ``virt-sysprep --list-operations``)."""
-    import pandas as pd
-
     rows = [
         (o.name, "*" if o.default else "", o.heading)
         for o in sorted(clean_ops.REGISTRY.values(), key=lambda o: o.name)
     ]
-    return pd.DataFrame(rows, columns=["operation", "default", "heading"])
+    return Table(rows, ["operation", "default", "heading"])
 
 
 def select(spec: list[str]) -> list[str]:
@@ -72,16 +67,14 @@ class CleanPlan(Record):
     # Paths the guest's own links make unreachable (a symlink loop): left alone, said here.
     skipped: list[str] = field(default_factory=list)
 
-    def table(self) -> pd.DataFrame:
-        import pandas as pd
-
+    def table(self) -> Table:
         rows = [(a["op"], a["path"], a["action"], a["bytes"]) for a in folded(self.actions)]
-        return pd.DataFrame(rows, columns=["operation", "path", "action", "bytes"])
+        return Table(rows, ["operation", "path", "action", "bytes"])
 
     def diff(self) -> str:
         return "".join(a.diff for a in self.actions if a.diff)
 
-    def summary(self) -> pd.DataFrame:
+    def summary(self) -> Table:
         return Record.table(self)
 
     def to_dict(self) -> dict[str, object]:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,10 +28,8 @@ from imaging.guest import access, edits, firstboot, initrd
 from imaging.guest.files import Guest, unified_diff
 from imaging.guest.profiles import Profile, load_platform, resolve
 from imaging.records import Record
+from imaging.tables import Table
 from imaging.workspace import Workspace
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 
 class MigrateOptions(BaseModel):
@@ -71,16 +69,14 @@ class MigrationPlan(Record):
     first_boot: dict[str, object]
     changes: list[Change] = field(repr=False)
 
-    def table(self) -> pd.DataFrame:
-        import pandas as pd
-
+    def table(self) -> Table:
         rows = [(c.path, c.what, _count(c.diff, "-"), _count(c.diff, "+")) for c in self.changes]
-        return pd.DataFrame(rows, columns=["path", "change", "lines removed", "lines added"])
+        return Table(rows, ["path", "change", "lines removed", "lines added"])
 
     def diff(self) -> str:
         return "".join(c.diff for c in self.changes)
 
-    def summary(self) -> pd.DataFrame:
+    def summary(self) -> Table:
         return Record.table(self)
 
     def to_dict(self) -> dict[str, object]:

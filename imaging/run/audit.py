@@ -19,31 +19,48 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from imaging import sparse
 from imaging.records import Record
+from imaging.run import pages
 from imaging.workspace import Workspace, write_json
 
 GENESIS = "0" * 64
 
 
 def render_html(notebook: Path) -> Path:
-    """``<notebook>.html`` beside the executed notebook (nbconvert's HTML exporter)."""
-    from nbconvert import HTMLExporter
+    """``<notebook>.html`` beside the executed notebook (:mod:`imaging.run.html`)."""
+    import nbformat
 
-    with warnings.catch_warnings():
-        # The stage's recorded result (scraps.MIME) has no HTML form, by design: its tables show it.
-        warnings.filterwarnings("ignore", message=".*scrapbook.scrap.json.*not able to be represented")
-        body, _ = HTMLExporter().from_filename(str(notebook))
-    html = notebook.with_suffix(".html")
-    with sparse.atomic_path(html) as part:
+    body = pages.render(nbformat.read(notebook, as_version=4), notebook.stem)
+    page = notebook.with_suffix(".html")
+    with sparse.atomic_path(page) as part:
         part.write_text(body, encoding="utf-8")
-    return html
+    return page
+
+
+def _kind(like: str) -> str:
+    """A recorded digest's kind: a plain sha256 (hex), or a named one before its colon
+    (``sha256-1MiB-list:<hex>``, :func:`imaging.sparse.content_digest`)."""
+    return like.partition(":")[0] if ":" in like else "sha256"
+
+
+def file_digest(path: Path, like: str) -> str:
+    """The digest of ``path`` of the kind ``like`` is (see :func:`_kind`)."""
+    if _kind(like) == sparse.DIGEST_NAME:
+        return sparse.content_digest(path)
+    return sparse.sha256(path, desc=None)
+
+
+def stream_digest(chunks: Iterable[bytes], like: str) -> str:
+    """:func:`file_digest` of a file read as a stream (from the record's object store)."""
+    return (
+        sparse.content_digest_of(chunks) if _kind(like) == sparse.DIGEST_NAME else sparse.sha256_of(chunks)
+    )
 
 
 def link(prev: str, name: str, digest: str) -> str:
@@ -106,10 +123,14 @@ def record_notebook(ws: Workspace, notebook: Path) -> None:
 
 
 def seal(ws: Workspace, summary: dict[str, Any]) -> str:
-    """At the end of a run: result.json and the artifact (its sha256 as stage 40 computed it)."""
+    """At the end of a run: result.json and the artifact, with the digest stage 40 computed: its
+    sha256, or for a raw artifact (sparse) its content digest, which checking costs the data
+    only (a sha256 would cost the disk's virtual size every time the chain is verified)."""
     append(ws, ws.result_file, "result")
     if summary.get("path"):
-        return append(ws, Path(summary["path"]), "artifact", summary.get("sha256"))
+        exported = ws.result("40-export") if ws.has_result("40-export") else {}
+        digest = (exported.get("details") or {}).get("content_digest") or summary.get("sha256")
+        return append(ws, Path(summary["path"]), "artifact", digest)
     return str(load(ws.root)["head"])
 
 
@@ -135,9 +156,9 @@ def verify(root: Path, expected_head: str | None = None) -> Report:
     if not (root / "audit.json").exists():
         return Report(root.name, False, 0, GENESIS, [f"{root / 'audit.json'} does not exist"])
 
-    def digest(name: str) -> str | None:
+    def digest(name: str, like: str) -> str | None:
         path = _path(root, name)
-        return sparse.sha256(path, desc=None) if path.is_file() else None
+        return file_digest(path, like) if path.is_file() else None
 
     return verify_chain(root.name, load(root), digest, expected_head)
 
@@ -156,23 +177,26 @@ def _where_now(entries: list[dict[str, Any]]) -> list[str]:
 
 
 def verify_chain(
-    run: str, chain: dict[str, Any], digest: Callable[[str], str | None], expected_head: str | None = None
+    run: str,
+    chain: dict[str, Any],
+    digest: Callable[[str, str], str | None],
+    expected_head: str | None = None,
 ) -> Report:
-    """:func:`verify` over any store: ``digest(name)`` is the sha256 of a file of the run as it
-    is now (None: not there)."""
+    """:func:`verify` over any store: ``digest(name, like)`` is the digest of a file of the run
+    as it is now, of the kind the recorded ``like`` is (:func:`file_digest`; None: not there)."""
     problems: list[str] = []
     prev = GENESIS
     entries = chain["entries"]
-    hashed: dict[str, str | None] = {}
+    hashed: dict[tuple[str, str], str | None] = {}
     for entry, now in zip(entries, _where_now(entries), strict=True):
         name, sha = entry["file"], entry["sha256"]
         linked = f"{entry['from']} -> {name}" if entry.get("kind") == "moved" else name
         if entry["prev"] != prev or entry["hash"] != link(prev, linked, sha):
             problems.append(f"audit.json was altered at entry {entry['n']} ({name})")
         prev = entry["hash"]
-        if now not in hashed:
-            hashed[now] = digest(now)
-        actual = hashed[now]
+        if (now, _kind(sha)) not in hashed:
+            hashed[now, _kind(sha)] = digest(now, sha)
+        actual = hashed[now, _kind(sha)]
         if actual is None:
             problems.append(f"{now} is missing")
         elif actual != sha:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import itertools
 import json
 import os
 import shutil
@@ -33,7 +35,7 @@ from imaging.clouds.settings import is_cloud_source
 from imaging.disk import mounts
 from imaging.errors import ImagingError, ParameterError
 from imaging.guest import limits
-from imaging.run import audit, record, scraps, summary
+from imaging.run import audit, pages, record, scraps, summary
 from imaging.run.request import Request
 from imaging.samples import catalog
 from imaging.workspace import Workspace, write_json
@@ -152,6 +154,115 @@ def _shutdown(km: Any) -> None:
         km.shutdown_kernel(now=False)
 
 
+# While cells run, the executed notebook is saved at most this often (and always at its start
+# and end): papermill saves it at every cell's start and end, 27 saves of a serialized and
+# schema-validated notebook for 40-export, about a third of a stage's fixed cost.
+SAVE_EVERY = 1.0
+
+
+@functools.cache
+def _engine() -> str:
+    """papermill's nbclient engine, saving the notebook as SAVE_EVERY says; its name."""
+    from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
+
+    class Saves(NotebookExecutionManager):
+        _force = False
+
+        def save(self, **kwargs: Any) -> None:
+            if self._force or (self.now() - self.last_save_time).total_seconds() >= SAVE_EVERY:
+                super().save(**kwargs)
+
+        def notebook_start(self, **kwargs: Any) -> None:
+            self._force = True
+            try:
+                super().notebook_start(**kwargs)
+            finally:
+                self._force = False
+
+        def notebook_complete(self, **kwargs: Any) -> None:
+            self._force = True
+            super().notebook_complete(**kwargs)
+
+    class Engine(NBClientEngine):
+        @classmethod
+        def execute_notebook(cls, nb: Any, kernel_name: str, output_path: str | None = None,
+                             progress_bar: bool = True, log_output: bool = False, autosave_cell_every: int = 30,
+                             **kwargs: Any) -> Any:  # fmt: skip
+            # papermill's Engine.execute_notebook, with Saves for its execution manager.
+            nb_man = Saves(nb, output_path=output_path, progress_bar=progress_bar, log_output=log_output,
+                           autosave_cell_every=autosave_cell_every)  # fmt: skip
+            nb_man.notebook_start()
+            try:
+                cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kwargs)
+            finally:
+                nb_man.cleanup_pbar()
+                nb_man.notebook_complete()
+            return nb_man.nb
+
+    papermill_engines.register("imaging", Engine)
+    return "imaging"
+
+
+_KERNELS = itertools.count(1)
+
+
+class Kernel:
+    """A stage's Jupyter kernel; once the stage is done, it shuts down while the next stage
+    starts (:meth:`shutdown` with ``wait=False``; the run waits for it before it ends).
+
+    IPC sockets in the run directory, not TCP on loopback: nothing for other local users to
+    reach. A socket's path holds 107 bytes at most: for a deep run directory, a private one
+    (0700) in /tmp instead (not $TMPDIR, which may be as deep).
+    """
+
+    def __init__(self, ws: Workspace, stage: str) -> None:
+        from jupyter_client.manager import KernelManager
+
+        self.stage = stage
+        self.private = len(str(ws.root / ".kernel-0000000000")) > 100
+        self.sockets = (
+            Path(tempfile.mkdtemp(prefix="imaging-kernel-", dir="/tmp")) if self.private else ws.root
+        )
+        # Each kernel its own socket names: jupyter_client numbers IPC sockets from 1 up to the
+        # first name not taken on disk, and a kernel makes its sockets only once it runs, so two
+        # kernels started together under one name would bind the same sockets.
+        self.km = KernelManager(kernel_name=KERNEL_NAME, transport="ipc",
+                                ip=str(self.sockets / f".kernel{next(_KERNELS)}"))  # fmt: skip
+        # independent: no ipykernel parent poller, which would os._exit() the kernel without
+        # cleanup when we die; the stage's own watchdog (stage.py) cleans up first, then exits.
+        # Nor the record store's keys: a stage has no business with them.
+        env = {k: v for k, v in os.environ.items() if k not in ("JPY_PARENT_PID", record.ENV)}
+        # A kernel without a parent handle prints how to connect to it on our stdout; CRITICAL quiets it.
+        # No IPython history: a stage's cells are in its notebook, and the SQLite file shared by
+        # every kernel on the host cost each start 0.1 s.
+        self.km.start_kernel(cwd=str(config.PROJECT), env=env, independent=True,
+                             extra_arguments=["--IPKernelApp.log_level=CRITICAL", "--HistoryManager.enabled=False"])  # fmt: skip
+        self._stopper: threading.Thread | None = None
+
+    def shutdown(self, *, wait: bool = True) -> None:
+        """Shut the kernel down; ``wait=False`` lets it exit while the next stage starts (the
+        stage's work is complete and recorded; only the process is left to go)."""
+
+        def stop() -> None:
+            _shutdown(self.km)
+            if self.private:  # after the kernel is gone: it talks through them
+                shutil.rmtree(self.sockets, ignore_errors=True)
+
+        self._stopper = threading.Thread(target=stop, name=f"stop kernel {self.stage}", daemon=True)
+        self._stopper.start()
+        if wait:
+            self.join()
+
+    def join(self) -> None:
+        if self._stopper is not None:
+            self._stopper.join()
+
+    def kill(self) -> None:
+        _stop_kernel(self.km)
+        if self.private:
+            shutil.rmtree(self.sockets, ignore_errors=True)
+
+
 def sweep(ws: Workspace, out: Path | None, request: Request | None = None) -> list[str]:
     """Remove what a failed or killed stage may have left: partial files, mounts, and the
     control groups of sandboxed tools. In the run's own directories every partial file is the
@@ -196,30 +307,20 @@ def run_stage(
     err: TextIO,
     pusher: record.Pusher | None = None,
 ) -> dict[str, Any]:
+    """Execute one stage's notebook in a kernel of its own; its result, timing and kernel
+    (shutting down: :meth:`Kernel.join` waits for it)."""
     import papermill as pm
-    from jupyter_client.manager import KernelManager
 
     declared = declared_parameters(stage)
-    # The pipeline hashes the source itself, beside all the stages (see SourceHash).
+    # The pipeline digests the source itself, beside all the stages (see SourceDigest).
     values = {**request.notebook_parameters(), "RUN_DIR": str(ws.root), "HASH_SOURCE": False}
     params = {k: v for k, v in values.items() if k in declared}
     final = ws.notebooks / f"{stage}.ipynb"
     tmp = ws.notebooks / f".{stage}.part.ipynb"  # papermill wants .ipynb
     print(f"imaging: [{index}/{total}] {stage} ...", file=err, flush=True)
     t0 = time.monotonic()
-    # IPC sockets in the run directory, not TCP on loopback: nothing for other local users to reach.
-    # A socket's path holds 107 bytes at most: for a deep run directory, a private one (0700) in
-    # /tmp instead (not $TMPDIR, which may be as deep).
-    private = len(str(ws.root / ".kernel-0000000000")) > 100
-    sockets = Path(tempfile.mkdtemp(prefix="imaging-kernel-", dir="/tmp")) if private else ws.root
-    km = KernelManager(kernel_name=KERNEL_NAME, transport="ipc", ip=str(sockets / ".kernel"))
-    # independent: no ipykernel parent poller, which would os._exit() the kernel without cleanup
-    # when we die; the stage's own watchdog (stage.py) cleans up first, then exits.
-    # Nor the record store's keys: a stage has no business with them.
-    env = {k: v for k, v in os.environ.items() if k not in ("JPY_PARENT_PID", record.ENV)}
-    # A kernel without a parent handle prints how to connect to it on our stdout; CRITICAL quiets it.
-    km.start_kernel(cwd=str(config.PROJECT), env=env, independent=True,
-                    extra_arguments=["--IPKernelApp.log_level=CRITICAL"])  # fmt: skip
+    kernel = Kernel(ws, stage)
+    km = kernel.km
     limit = stage_limit(stage, ws, request)
     clock = _StageClock(km, limit)
     try:
@@ -229,6 +330,7 @@ def run_stage(
             parameters=params,
             km=km,
             kernel_name=KERNEL_NAME,
+            engine_name=_engine(),
             progress_bar=False,
             stderr_file=err,
             coalesce_streams=True,
@@ -238,27 +340,24 @@ def run_stage(
     except BaseException as e:
         clock.cancel()
         if clock.expired.is_set():  # the kernel was stopped (cleaning up as on SIGTERM) by the clock
-            _stop_kernel(km)
+            kernel.kill()
             shown = f"{limit:.0f}" if limit >= 1 else f"{limit:.1f}"
             message = (f"took longer than its time limit of {shown} s (stage_time in parameters/defaults.yaml, "
                        "which grows with the source's size); resume runs it again")  # fmt: skip
             _keep_failed(ws, stage, tmp, message, pusher)
             raise StageFailed(stage, message, ws.id) from None
         if isinstance(e, KeyboardInterrupt):
-            _stop_kernel(km)
+            kernel.kill()
             _keep_failed(ws, stage, tmp, "interrupted", pusher)
             raise
-        _shutdown(km)
+        kernel.shutdown()
         if isinstance(e, pm.PapermillExecutionError):
             _keep_failed(ws, stage, tmp, _one_line(e.ename, e.evalue), pusher)
             raise StageFailed(stage, _one_line(e.ename, e.evalue), ws.id) from None
         raise
     else:
         clock.cancel()
-        _shutdown(km)
-    finally:
-        if private:  # after the kernel is gone: it talks through them
-            shutil.rmtree(sockets, ignore_errors=True)
+        kernel.shutdown(wait=False)
     wall = time.monotonic() - t0
     recorded = scraps.read(tmp)
     if stage not in recorded:
@@ -270,7 +369,7 @@ def run_stage(
     cells, first = _cells_seconds(final)
     timing = {"seconds": round(wall, 3), "overhead": round(wall - cells + first, 3)}
     print(f"imaging: [{index}/{total}] {stage} done in {wall:.1f} s", file=err, flush=True)
-    return {"result": recorded[stage], "timing": timing}
+    return {"result": recorded[stage], "timing": timing, "kernel": kernel}
 
 
 def stage_limit(stage: str, ws: Workspace, request: Request) -> float:
@@ -398,23 +497,24 @@ def _wait_records(ws: Workspace) -> None:
     del _rendering[ws.root]
 
 
-class SourceHash:
-    """The source's sha256, computed beside the whole run, on CPU the stages leave idle
-    (``imaging/run/idle_hash.py``). Hashing costs the source's virtual size (holes hash as zeros).
-    Kept in ``source.sha256`` beside the run, so a resumed run does not hash again.
+class SourceDigest:
+    """The source's content digest (``sha256-1MiB-list:...``, :func:`imaging.sparse.content_digest`),
+    computed beside the whole run (``imaging/run/source_digest.py``); it costs the source's data,
+    not its virtual size. Kept in ``source.digest`` beside the run, so a resumed run does not
+    digest again. For a cloud's instance, 00-acquire writes the digest of the disk as it arrived.
     """
 
     def __init__(self, ws: Workspace, source: str) -> None:
-        self.file = ws.root / "source.sha256"
+        self.file = ws.root / "source.digest"
         self.digest: str | None = None
         self.error: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
         if self.file.exists():
             self.digest = self.file.read_text().split()[0]
         elif is_cloud_source(source):
-            pass  # 00-acquire writes it: the sha256 of the disk as it came out of the cloud
+            pass  # 00-acquire writes it: the digest of the disk as it came out of the cloud
         else:
-            argv = [sys.executable, "-m", "imaging.run.idle_hash", str(catalog.resolve(source)), str(self.file),
+            argv = [sys.executable, "-m", "imaging.run.source_digest", str(catalog.resolve(source)), str(self.file),
                     str(os.getpid())]  # fmt: skip
             self._process = subprocess.Popen(argv, cwd=config.PROJECT, stdin=subprocess.DEVNULL,
                                              stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
@@ -427,7 +527,7 @@ class SourceHash:
             if self.file.exists():
                 self.digest = self.file.read_text().split()[0]
             else:
-                self.error = f"cannot hash the source (exit code {code})"
+                self.error = f"cannot digest the source (exit code {code})"
             self._process = None
         return self.digest
 
@@ -442,7 +542,7 @@ def _summary(
     request: Request,
     results: dict[str, Any],
     timings: dict[str, Any],
-    source_sha256: str | None,
+    source_digest: str | None,
 ) -> dict[str, Any]:
     artifact = results.get("40-export", {})
     boot = results.get("50-verify", {})
@@ -476,7 +576,7 @@ def _summary(
             )
         },  # fmt: skip
         "source": request.source,
-        "source_sha256": source_sha256,
+        "source_digest": source_digest,
         **(
             {"fetched": results["00-acquire"]["fetched"]}
             if (results.get("00-acquire") or {}).get("fetched")
@@ -532,6 +632,11 @@ def out_dir(ws: Workspace, request: Request) -> Path:
     return Path(request.out).resolve() if request.out else ws.root / "out"
 
 
+def _warm_pages() -> None:
+    with contextlib.suppress(Exception):  # the render itself will say what is wrong
+        pages.warm()
+
+
 class Runner:
     """One run's stages, one at a time: ``execute`` runs them all, explore.ipynb one per click.
 
@@ -549,12 +654,16 @@ class Runner:
         self.out = out_dir(ws, request)
         self.results: dict[str, Any] = {}
         self.timings: dict[str, Any] = dict(self.state.data.get("timings", {}))
-        self._source_hash: SourceHash | None = None
+        self._source_digest: SourceDigest | None = None
+        self._stopping: list[Kernel] = []
         self._held = False
         # The record's copy in the object store, when the run is given one (IMAGING_RECORDS).
         self.pusher = record.pusher(ws)
         os.environ["IMAGING_MOUNT_LEDGER"] = str(ws.root / "mounts.json")
         os.environ["IMAGING_PIPELINE"] = "1"
+        # nbconvert renders every stage's notebook and the report: imported (0.3 s) and its
+        # templates compiled (0.4 s) while the first kernel starts, when this process only waits.
+        threading.Thread(target=_warm_pages, name="warm nbconvert", daemon=True).start()
 
     def done(self, stage: str) -> bool:
         return (self.ws.notebooks / f"{stage}.ipynb").exists()
@@ -574,6 +683,9 @@ class Runner:
                 yield
             finally:
                 _wait_records(self.ws)  # nothing of the run goes on once its lock is let go
+                for kernel in self._stopping:
+                    kernel.join()
+                self._stopping.clear()
                 self._held = False
 
     def step(self) -> str:
@@ -585,8 +697,8 @@ class Runner:
         for earlier in self.stages[: index - 1]:
             self.results.setdefault(earlier, self.ws.result(earlier))
         with self.holding():
-            if self._source_hash is None:
-                self._source_hash = SourceHash(self.ws, self.request.source)
+            if self._source_digest is None:
+                self._source_digest = SourceDigest(self.ws, self.request.source)
             self.state.set("running", stage)
             try:  # an interrupt while the record goes to its store fails the stage too
                 if self.pusher is not None:
@@ -594,6 +706,7 @@ class Runner:
                 done = run_stage(
                     self.ws, stage, self.request, index, len(self.stages), self.err, self.pusher
                 )
+                self._stopping.append(done["kernel"])
             except KeyboardInterrupt:
                 self._failed(stage, "interrupted")
                 raise
@@ -613,10 +726,17 @@ class Runner:
         self.state.data["timings"] = self.timings
         return stage
 
+    def stop_kernels(self) -> None:
+        """No kernel of this run outlives it: the finished stages' kernels are waited for."""
+        for kernel in self._stopping:
+            kernel.join()
+        self._stopping.clear()
+
     def _failed(self, stage: str, error: str) -> None:
-        if self._source_hash is not None:
-            self._source_hash.stop()
-            self._source_hash = None
+        self.stop_kernels()
+        if self._source_digest is not None:
+            self._source_digest.stop()
+            self._source_digest = None
         sweep(self.ws, self.out, self.request)
         self.state.set("error", stage, error)
         if self.pusher is not None:
@@ -632,8 +752,8 @@ class Runner:
         for stage in self.stages:
             self.results.setdefault(stage, self.ws.result(stage))
         with self.holding():
-            source_hash = self._source_hash or SourceHash(self.ws, self.request.source)
-            summary = _summary(self.ws, self.request, self.results, self.timings, source_hash.result())
+            source_digest = self._source_digest or SourceDigest(self.ws, self.request.source)
+            summary = _summary(self.ws, self.request, self.results, self.timings, source_digest.result())
             _wait_records(self.ws)
             write_json(self.ws.result_file, summary)
             audit.seal(self.ws, summary)
@@ -708,13 +828,18 @@ def execute(ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> dic
     if state.state == "completed" and ws.result_file.exists():
         return dict(json.loads(ws.result_file.read_text()))
     runner = Runner(ws, request, err=err)
-    with runner.holding():
-        if runner.pusher is not None:
-            runner.pusher.push()
-        for index, stage in enumerate(runner.stages, 1):
-            if runner.done(stage):
-                runner.results[stage] = ws.result(stage)
-                print(f"imaging: [{index}/{len(runner.stages)}] {stage} already done", file=err, flush=True)
-        while runner.next_stage() is not None:
-            runner.step()
-        return runner.finish()
+    try:
+        with runner.holding():
+            if runner.pusher is not None:
+                runner.pusher.push()
+            for index, stage in enumerate(runner.stages, 1):
+                if runner.done(stage):
+                    runner.results[stage] = ws.result(stage)
+                    print(
+                        f"imaging: [{index}/{len(runner.stages)}] {stage} already done", file=err, flush=True
+                    )
+            while runner.next_stage() is not None:
+                runner.step()
+            return runner.finish()
+    finally:
+        runner.stop_kernels()

@@ -74,7 +74,7 @@ class Reader(Protocol):
 
     def open(self, run: str, name: str) -> tuple[Iterator[bytes], int] | None: ...
 
-    def sha256(self, run: str, name: str) -> str | None: ...
+    def digest(self, run: str, name: str, like: str) -> str | None: ...
 
 
 class LocalReader:
@@ -107,11 +107,12 @@ class LocalReader:
 
         return chunks(), path.stat().st_size
 
-    def sha256(self, run: str, name: str) -> str | None:
-        from imaging import sparse
+    def digest(self, run: str, name: str, like: str) -> str | None:
+        """The file's digest of the kind ``like`` is (:func:`imaging.run.audit.file_digest`)."""
+        from imaging.run import audit
 
         path = self._path(run, name)
-        return sparse.sha256(path, desc=None) if path.is_file() else None
+        return audit.file_digest(path, like) if path.is_file() else None
 
 
 class ObjectStore:
@@ -205,14 +206,12 @@ class ObjectStore:
         found = self.open(run, name)
         return b"".join(found[0]) if found else None
 
-    def sha256(self, run: str, name: str) -> str | None:
+    def digest(self, run: str, name: str, like: str) -> str | None:
+        """The object's digest of the kind ``like`` is (:func:`imaging.run.audit.stream_digest`)."""
+        from imaging.run import audit
+
         found = self.open(run, name)
-        if found is None:
-            return None
-        h = hashlib.sha256()
-        for block in found[0]:
-            h.update(block)
-        return h.hexdigest()
+        return None if found is None else audit.stream_digest(found[0], like)
 
     def download(self, run: str, name: str, dest: Path) -> None:
         """``name`` to ``dest``, under a ``.part`` name until complete; a ``.zst`` object is

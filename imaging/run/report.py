@@ -10,7 +10,7 @@ report.
 
 Everything a request or an image can put on these pages (names, paths, errors, file names from
 the guest) is HTML-escaped here; the notebooks' own outputs are escaped where they are made
-(pandas tables, ``records.Text``, ``summary.text``) and by nbconvert (streams, tracebacks).
+(``tables.Table``, ``records.Text``, ``summary.text``) and by nbconvert (streams, tracebacks).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import html
 import json
 import re
+import secrets
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -26,17 +28,9 @@ import nbformat
 
 from imaging import config
 from imaging.errors import ParameterError
-from imaging.run import audit, scraps, summary
+from imaging.run import audit, pages, scraps, summary
 from imaging.sparse import atomic_path
 
-# The lab template without its scripts: require.js, MathJax and mermaid come from CDNs, and an
-# auditor's copy must read the same offline.
-_TEMPLATE = """{%- extends 'index.html.j2' -%}
-{%- block html_head_js -%}{%- endblock html_head_js -%}
-{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
-{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
-"""
-_TAG = "imaging-report"
 # A completed stage, a failed attempt of it (.failed-N), or the notebook of an earlier attempt of
 # the whole run that another host abandoned and started again (.attempt-N, see audit.move).
 _NOTEBOOK = re.compile(r"(?P<stage>[0-9]{2}-[a-z0-9-]+?)(?:\.(?P<tag>(?:failed|attempt)-[0-9]+))?\.ipynb")
@@ -162,22 +156,21 @@ def _summaries(notebooks: list[tuple[str, str | None, Path]]) -> str:
     return "".join(parts)
 
 
-def _header(root: Path, notebooks: list[tuple[str, str | None, Path]]) -> str:
+def _header(root: Path, notebooks: list[tuple[str, str | None, Path]], chain: str) -> str:
     request = _json(root / "request.json")
     state = _json(root / "state.json")
     result = _json(root / "result.json")
     boot = result.get("boot") or _json(root / "results" / "50-verify.json")
-    chain = audit.verify(root)
     timings = result.get("timings") or state.get("timings") or {}
     overview = _table([
         ("run", _code(root.name)),
         ("state", f"{e(state.get('state', 'unknown'))}" + (f" at {e(state['stage'])}" if state.get("stage") else "")),
         ("error", e(state.get("error")) if state.get("error") else "-"),
         ("boot check", _boot_verdict(boot if isinstance(boot, dict) else {})),
-        ("audit chain", _audit_verdict(chain)),
+        ("audit chain", chain),
         ("artifact", _code(result.get("path"))),
         ("sha256", _code(result.get("sha256"))),
-        ("source", f"{_code(request.get('source'))}, sha256 {_code(result.get('source_sha256'))}"),
+        ("source", f"{_code(request.get('source'))}, {_code(result.get('source_digest'))}"),
         ("format, target", f"{e(request.get('format'))}, {e(request.get('target'))}"),
     ])  # fmt: skip
     stages = []
@@ -204,7 +197,7 @@ def _anchor(stage: str, n: str | None) -> str:
 
 def _html_cell(body: str) -> nbformat.NotebookNode:
     """A cell that shows ``body`` (already escaped HTML) and hides its (empty) source."""
-    cell = nbformat.v4.new_code_cell("", metadata={"tags": [_TAG]})
+    cell = nbformat.v4.new_code_cell("", metadata={"tags": [pages.HIDDEN]})
     cell.outputs = [nbformat.v4.new_output("display_data", data={"text/html": body})]
     return cell
 
@@ -218,7 +211,6 @@ def _stage_heading(stage: str, n: str | None) -> str:
         note = ("<p class='bad'>This stage completed in an attempt whose host was lost before the run "
                 "ended; the run was started again from its first stage on another host.</p>")  # fmt: skip
     return f"<div class='imaging-report'><hr><h1 id='{e(_anchor(stage, n))}'>{title}</h1>{note}</div>"
-    return f"<div class='imaging-report'><hr><h1 id='{e(_anchor(stage, n))}'>{title}</h1>{note}</div>"
 
 
 def _shown(cell: nbformat.NotebookNode) -> nbformat.NotebookNode:
@@ -228,11 +220,13 @@ def _shown(cell: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return cell
 
 
-def assemble(root: Path) -> nbformat.NotebookNode:
-    """One notebook: the run's header, then every stage's executed notebook in order."""
+def assemble(root: Path, chain: str | None = None) -> nbformat.NotebookNode:
+    """One notebook: the run's header, then every stage's executed notebook in order. ``chain``
+    is what the header says of the audit chain (HTML); by default, its check made here."""
     notebooks = stage_notebooks(root)
     merged = nbformat.v4.new_notebook()
-    merged.cells.append(_html_cell(_header(root, notebooks)))
+    verdict = _audit_verdict(audit.verify(root)) if chain is None else chain
+    merged.cells.append(_html_cell(_header(root, notebooks, verdict)))
     for stage, n, path in notebooks:
         merged.cells.append(_html_cell(_stage_heading(stage, n)))
         nb = _read(path)
@@ -251,25 +245,14 @@ def assemble(root: Path) -> nbformat.NotebookNode:
 
 def render(root: Path) -> str:
     """The run's report as one HTML document."""
-    import jinja2
-    from nbconvert import HTMLExporter
-    from traitlets.config import Config
-
-    settings = Config()
-    settings.TagRemovePreprocessor.enabled = True
-    settings.TagRemovePreprocessor.remove_input_tags = {_TAG}
-    exporter = HTMLExporter(
-        config=settings,
-        template_name="lab",
-        template_file="imaging-report.html.j2",
-        extra_loaders=[jinja2.DictLoader({"imaging-report.html.j2": _TEMPLATE})],
-        embed_images=True,
-        exclude_anchor_links=True,
-    )
-    body, _ = exporter.from_notebook_node(
-        assemble(root), resources={"metadata": {"name": f"Run {root.name}"}}
-    )
-    return str(body)
+    # The chain's check re-reads every file on it, the artifact too (hashing releases the GIL):
+    # it runs beside the render, whose page holds a random marker where its verdict goes.
+    marker = f"imaging-audit-verdict-{secrets.token_hex(16)}"
+    with ThreadPoolExecutor(1) as side:
+        checking = side.submit(audit.verify, root)
+        body = pages.render(assemble(root, marker), f"Run {root.name}")
+        verdict = _audit_verdict(checking.result())
+    return body.replace(marker, verdict, 1)
 
 
 def write(root: Path) -> Path:

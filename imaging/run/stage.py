@@ -18,12 +18,11 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
-import pandas as pd
-
 from imaging import tools
 from imaging.errors import Interrupted
 from imaging.records import Record, plain
 from imaging.run import scraps
+from imaging.tables import Table
 from imaging.workspace import Workspace
 
 # Time a stage gets to clean up after SIGTERM before the kernel exits regardless.
@@ -100,18 +99,18 @@ def header(ws: Workspace, stage: str) -> StageHeader:
     return StageHeader(ws, stage)
 
 
-def commands() -> pd.DataFrame:
+def commands() -> Table:
     """The commands this stage ran: argv, exit code, duration, last line of stderr."""
     rows = [
-        {
-            "command": r.command if len(r.command) < 160 else r.command[:157] + "...",
-            "exit": r.exit_code,
-            "seconds": round(r.duration, 3),
-            "stderr (last line)": r.stderr_tail(1)[:120],
-        }
+        (
+            r.command if len(r.command) < 160 else r.command[:157] + "...",
+            r.exit_code,
+            round(r.duration, 3),
+            r.stderr_tail(1)[:120],
+        )
         for r in tools.recorded()
     ]
-    return pd.DataFrame(rows, columns=["command", "exit", "seconds", "stderr (last line)"])
+    return Table(rows, ["command", "exit", "seconds", "stderr (last line)"])
 
 
 def record(ws: Workspace, stage: str, result: Any) -> dict[str, Any]:

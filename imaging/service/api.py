@@ -303,7 +303,7 @@ def create_app(settings: Settings, *, recover: bool = True) -> FastAPI:
             if chain is None:
                 report = audit.Report(req.id, False, 0, audit.GENESIS, [f"run {req.id} has no audit.json"])
             else:
-                report = audit.verify_chain(req.id, chain, lambda name: records.sha256(req.id, name),
+                report = audit.verify_chain(req.id, chain, lambda name, like: records.digest(req.id, name, like),
                                             (req.result or {}).get("audit_head"))  # fmt: skip
         except (ImagingError, ValueError) as e:
             raise fail(503, f"the audit record of {req.id} cannot be read: {e}") from None

@@ -92,7 +92,7 @@ class Mailer:
                 f"  sha256      {result.get('sha256') or '-'}",
                 f"  boot check  {boot}",
                 *[f"    why       {why}" for why in ((result.get("boot") or {}).get("reasons") or [])[:8]],
-                f"  source      sha256 {result.get('source_sha256') or '-'}",
+                f"  source      {result.get('source_digest') or '-'}",
                 f"  audit head  {result.get('audit_head') or '-'}",
             ]  # fmt: skip
             if req.error:

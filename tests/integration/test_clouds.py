@@ -83,7 +83,10 @@ def test_eucalyptus_copy_is_sparse_and_checked(
 ) -> None:
     src, cloud = euca(node, compress=compress)
     got = eucalyptus.fetch(src, cloud, dest / "source.raw")
-    assert got.sha256 == sparse.sha256(kvm_sample, desc=None) and got.size_bytes == kvm_sample.stat().st_size
+    assert (
+        got.digest == "sha256:" + sparse.sha256(kvm_sample, desc=None)
+        and got.size_bytes == kvm_sample.stat().st_size
+    )
     assert got.verified == "size and sha256 computed on the node" and got.where.endswith(
         "/admin/i-0123abcd/root"
     )

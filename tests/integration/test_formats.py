@@ -19,7 +19,7 @@ from .conftest import Cli, last_json, leftovers
 
 QEMU = {"raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk", "vdi": "vdi", "vhd": "vpc", "vhdx": "vhdx"}
 KEYS = {"path", "sha256", "format", "target", "run", "verified", "name", "kind", "size_bytes", "boot", "source",
-        "source_sha256", "run_dir", "timings"}  # fmt: skip
+        "source_digest", "run_dir", "timings"}  # fmt: skip
 
 
 def qemu_info(path: Path, fmt: str) -> dict[str, Any]:

@@ -132,10 +132,10 @@ def test_exports_from_three_clouds_and_images_into_two(world: World, kvm_sample:
 
     # What each export copied out of its cloud, and how it was checked.
     fetched = {rid: done[rid]["result"]["fetched"] for rid in (euca, aws, ostack)}
-    assert fetched[euca]["kind"] == "eucalyptus" and fetched[euca]["sha256"] == sparse.sha256(
+    assert fetched[euca]["kind"] == "eucalyptus" and fetched[euca]["digest"] == "sha256:" + sparse.sha256(
         kvm_sample, desc=None
     )
-    assert done[euca]["result"]["source_sha256"] == fetched[euca]["sha256"]
+    assert done[euca]["result"]["source_digest"] == fetched[euca]["digest"]
     assert fetched[aws]["kind"] == "ec2" and fetched[aws]["verified"].endswith(
         "each against its SHA256 from EBS"
     )

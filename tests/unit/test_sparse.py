@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,52 @@ def test_sha256_file_is_what_sha256sum_reads(tmp_path: Path) -> None:
     path.write_bytes(b"data")
     sparse.write_sha256_file(path, sparse.sha256(path))
     subprocess.run(["sha256sum", "-c", "a.raw.sha256"], cwd=tmp_path, check=True, capture_output=True)
+
+
+def _list_digest(data: bytes) -> str:
+    """The content digest as its definition reads, from every byte."""
+    top = hashlib.sha256()
+    for start in range(0, len(data), sparse.DIGEST_BLOCK):
+        top.update(hashlib.sha256(data[start : start + sparse.DIGEST_BLOCK]).digest())
+    return f"{sparse.DIGEST_NAME}:{top.hexdigest()}"
+
+
+@pytest.mark.parametrize("size", [0, 1, 5000, 3 * sparse.DIGEST_BLOCK + 77, 8 * sparse.DIGEST_BLOCK])
+def test_content_digest_is_the_content_alone(tmp_path: Path, size: int) -> None:
+    rng = random.Random(size)
+    sparse_file, dense = tmp_path / "sparse.raw", tmp_path / "dense.raw"
+    with open(sparse_file, "wb") as f:
+        f.truncate(size)
+        for _ in range(3 if size else 0):  # data here and there, holes between, a short tail
+            f.seek(rng.randrange(size))
+            f.write(rng.randbytes(9000))
+    dense.write_bytes(sparse_file.read_bytes())  # the same content, every byte written
+    digest = sparse.content_digest(sparse_file)
+    assert digest == _list_digest(sparse_file.read_bytes()) == sparse.content_digest(dense)
+    # Read as a stream (the record's object store), in chunks that do not fall on its blocks.
+    data = sparse_file.read_bytes()
+    assert sparse.content_digest_of(data[i : i + 700_001] for i in range(0, len(data), 700_001)) == digest
+    with open(dense, "r+b") as f:  # one byte changed anywhere, even in a hole, changes it
+        f.seek(size // 2)
+        f.write(b"\1")
+    assert size == 0 or sparse.content_digest(dense) != digest
+
+
+def test_content_digest_reads_the_data_not_the_holes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "big.raw"
+    with open(path, "wb") as f:
+        f.truncate(64 << 30)  # 64 GiB of hole, 1 MiB of data
+        f.seek(40 << 30)
+        f.write(b"x" * (1 << 20))
+    read: list[int] = []
+    real = os.preadv
+    monkeypatch.setattr(
+        sparse.os, "preadv", lambda fd, bufs, pos: read.append(len(bufs[0])) or real(fd, bufs, pos)
+    )
+    sparse.content_digest(path)
+    assert sum(read) == 1 << 20
 
 
 def test_records_reach_the_disk_before_their_name_and_their_name_before_the_return(

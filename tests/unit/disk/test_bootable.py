@@ -24,8 +24,8 @@ def test_original_procedure_numbers() -> None:
     assert layout.cylinders == 1305
     assert layout.block_count == (20964824 - 63 + 1) * 512 // 4096 == 2620595
     table = layout.arithmetic()
-    assert table.loc["offset", "value"] == "32,256 bytes"
-    assert table.loc["block_total", "value"] == "2,620,595 blocks"
+    assert table.cell("offset", "value") == "32,256 bytes"
+    assert table.cell("block_total", "value") == "2,620,595 blocks"
 
 
 def test_aligned_auto_fits_the_filesystem_exactly() -> None:
@@ -104,7 +104,7 @@ def test_the_mbr_addresses_at_most_2_tib(tmp_path: Path) -> None:
     with open(disk, "wb") as f:
         f.truncate(largest.disk_bytes)
     bootable.write_partition_table(disk, largest, "0x12345678")
-    assert bootable.partition_table(disk)["Sectors"].iloc[0] == largest.partition_sectors
+    assert bootable.partition_table(disk).column("Sectors")[0] == largest.partition_sectors
     for fs_bytes, size in ((2048 * GIB - (1 << 20), "auto"), (GIB, "3T"), (GIB, "+2T")):
         with pytest.raises(ParameterError, match="over what its MBR partition table addresses"):
             bootable.plan_layout(fs_bytes, 4096, disk_size=size)

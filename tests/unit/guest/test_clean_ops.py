@@ -11,9 +11,9 @@ def test_registry_is_well_formed() -> None:
     table = clean.operations_table()
     assert len(table) >= 15
     assert {"logfiles", "ssh-hostkeys", "machine-id", "net-hwaddr", "cloud-init", "platform-files"} <= set(
-        table.operation
+        table.column("operation")
     )
-    for heading in table.heading:
+    for heading in table.column("heading"):
         assert heading and not heading.endswith(".")
 
 

@@ -118,9 +118,36 @@ def test_a_restart_moves_the_abandoned_attempt_on_the_chain(tmp_path: Path) -> N
     assert "notebooks/10-clean.attempt-1.ipynb changed" in audit.verify(ws.root).problems[0]
     chain = audit.load(ws.root)
     chain["entries"][moved[0]["n"]]["from"] = "notebooks/other.ipynb"
-    assert any("altered" in p for p in audit.verify_chain(ws.id, chain, lambda n: None).problems)
+    assert any("altered" in p for p in audit.verify_chain(ws.id, chain, lambda name, like: None).problems)
     # The report lists the abandoned attempt before the stage's run, and says what it was.
     shown = [(stage, tag) for stage, tag, _ in report.stage_notebooks(ws.root)]
     assert shown == [("00-acquire", "attempt-1"), ("00-acquire", None), ("10-clean", "attempt-1"),
                      ("20-migrate", "failed-1")]  # fmt: skip
     assert report._label("attempt-1").startswith("attempt 1 (abandoned")
+
+
+def test_a_raw_artifact_is_chained_by_its_content_digest_locally_and_in_a_store(tmp_path: Path) -> None:
+    # A raw artifact's entry holds its content digest (holes not read); the chain is checked
+    # the same way on the run directory and on a stream of its bytes (the object store).
+    ws = Workspace.open(tmp_path / "run-1")
+    (ws.root / "out").mkdir()
+    raw = ws.root / "out" / "demo.raw"
+    with open(raw, "wb") as f:
+        f.truncate(5 << 20)
+        f.seek(3 << 20)
+        f.write(b"data" * 1000)
+    head = audit.append(ws, raw, "artifact", audit.sparse.content_digest(raw))
+    chain = audit.load(ws.root)
+    assert chain["entries"][0]["sha256"].startswith("sha256-1MiB-list:")
+    assert audit.verify(ws.root, head).ok
+
+    def from_store(name: str, like: str) -> str | None:
+        data = (ws.root / name).read_bytes()
+        return audit.stream_digest((data[i : i + 65536] for i in range(0, len(data), 65536)), like)
+
+    assert audit.verify_chain(ws.id, chain, from_store, head).ok
+    with open(raw, "r+b") as f:  # a byte written into a hole
+        f.seek(1 << 20)
+        f.write(b"\1")
+    assert audit.verify(ws.root).problems[0].startswith("out/demo.raw changed since it was recorded")
+    assert not audit.verify_chain(ws.id, chain, from_store).ok
