@@ -687,7 +687,15 @@ def out_dir(ws: Workspace, request: Request) -> Path:
     return Path(request.out).resolve() if request.out else ws.root / "out"
 
 
-def _warm_pages() -> None:
+@functools.cache
+def _warm() -> None:
+    """papermill imported (0.7 s), nbconvert's exporter made and its templates compiled (0.7 s):
+    done once, while the first kernel starts, when this process would only wait for it. In this
+    thread, not beside it: two threads importing at once can deadlock inside Python's import
+    system (IPython, which both nbconvert's lexers and jupyter_client's kernel specs import, then
+    vanished from under the other: ``KeyError: 'IPython'`` ended two runs of the test suite)."""
+    import papermill  # noqa: F401
+
     with contextlib.suppress(Exception):  # the render itself will say what is wrong
         pages.warm()
 
@@ -717,9 +725,6 @@ class Runner:
         self.pusher = record.pusher(ws)
         os.environ["IMAGING_MOUNT_LEDGER"] = str(ws.root / "mounts.json")
         os.environ["IMAGING_PIPELINE"] = "1"
-        # nbconvert renders every stage's notebook and the report: imported (0.3 s) and its
-        # templates compiled (0.4 s) while the first kernel starts, when this process only waits.
-        threading.Thread(target=_warm_pages, name="warm nbconvert", daemon=True).start()
 
     def done(self, stage: str) -> bool:
         return (self.ws.notebooks / f"{stage}.ipynb").exists()
@@ -759,6 +764,7 @@ class Runner:
                     self.pusher.push(wait=False)
                 kernel = self._kernel_for(stage)
                 self._start_ahead(index)
+                _warm()
                 done = run_stage(
                     self.ws, stage, self.request, index, len(self.stages), self.err, self.pusher, kernel
                 )
