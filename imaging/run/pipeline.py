@@ -12,6 +12,7 @@ summary of what the stage did (or of how it failed) goes in under its title (``s
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
 import functools
@@ -203,19 +204,36 @@ def _engine() -> str:
     return "imaging"
 
 
+def stage_imports(stage: str) -> str:
+    """The import statements of a stage notebook's code cells, as one line of code."""
+    nb = json.loads(notebook_path(stage).read_text(encoding="utf-8"))
+    found: list[str] = []
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        try:
+            tree = ast.parse("".join(cell["source"]))
+        except SyntaxError:
+            continue
+        found += [ast.unparse(n) for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    return "; ".join(dict.fromkeys(found))
+
+
 _KERNELS = itertools.count(1)
 
 
 class Kernel:
-    """A stage's Jupyter kernel; once the stage is done, it shuts down while the next stage
-    starts (:meth:`shutdown` with ``wait=False``; the run waits for it before it ends).
+    """A stage's Jupyter kernel, started ahead of its stage: while the stage before it works,
+    the kernel process starts and imports what the stage's notebook imports (its import
+    statements run as the kernel's ``exec_lines``), so the stage itself begins at once.
 
     IPC sockets in the run directory, not TCP on loopback: nothing for other local users to
     reach. A socket's path holds 107 bytes at most: for a deep run directory, a private one
     (0700) in /tmp instead (not $TMPDIR, which may be as deep).
     """
 
-    def __init__(self, ws: Workspace, stage: str) -> None:
+    def __init__(self, ws: Workspace, stage: str, live: list[Kernel] | None = None) -> None:
+        """Start the kernel; it joins ``live`` (the run's kernels, which it stops) as it starts."""
         from jupyter_client.manager import KernelManager
 
         self.stage = stage
@@ -229,15 +247,27 @@ class Kernel:
         self.km = KernelManager(kernel_name=KERNEL_NAME, transport="ipc",
                                 ip=str(self.sockets / f".kernel{next(_KERNELS)}"))  # fmt: skip
         # independent: no ipykernel parent poller, which would os._exit() the kernel without
-        # cleanup when we die; the stage's own watchdog (stage.py) cleans up first, then exits.
+        # cleanup when we die; the stage's own watchdog (stage.py, started first thing) cleans
+        # up first, then exits. An idle kernel started ahead exits the same way.
         # Nor the record store's keys: a stage has no business with them.
         env = {k: v for k, v in os.environ.items() if k not in ("JPY_PARENT_PID", record.ENV)}
+        ahead = f"import imaging.run.stage as _stage; _stage.guard(); {stage_imports(stage)}"
         # A kernel without a parent handle prints how to connect to it on our stdout; CRITICAL quiets it.
         # No IPython history: a stage's cells are in its notebook, and the SQLite file shared by
         # every kernel on the host cost each start 0.1 s.
-        self.km.start_kernel(cwd=str(config.PROJECT), env=env, independent=True,
-                             extra_arguments=["--IPKernelApp.log_level=CRITICAL", "--HistoryManager.enabled=False"])  # fmt: skip
         self._stopper: threading.Thread | None = None
+        # The kernel runs in a session of its own, out of reach of the terminal's Ctrl-C: an
+        # interrupt between its fork and the moment it is in ``live`` would leave it running
+        # (holding our stderr, which a scheduler then waits on). Ctrl-C and SIGTERM wait till then.
+        with _signals_held() as held:
+            self.km.start_kernel(cwd=str(config.PROJECT), env=env, independent=True,
+                                 extra_arguments=["--IPKernelApp.log_level=CRITICAL", "--HistoryManager.enabled=False",
+                                                  f"--IPKernelApp.exec_lines={ahead}"])  # fmt: skip
+            if live is not None:
+                live.append(self)
+        if held:
+            self.kill()
+            signal.raise_signal(held[0])
 
     def shutdown(self, *, wait: bool = True) -> None:
         """Shut the kernel down; ``wait=False`` lets it exit while the next stage starts (the
@@ -261,6 +291,31 @@ class Kernel:
         _stop_kernel(self.km)
         if self.private:
             shutil.rmtree(self.sockets, ignore_errors=True)
+
+    def stop(self) -> None:
+        """Gone for good: a kernel shutting down waited for, any other killed (again: harmless)."""
+        if self._stopper is not None:
+            self.join()
+        else:
+            self.kill()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM noted rather than acted on inside the block (the main thread's
+    handlers; elsewhere signals never run): the caller delivers them once it is safe."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    old = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in old:
+        signal.signal(signum, lambda signum, frame: held.append(signum))
+    try:
+        yield held
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
 
 
 def sweep(ws: Workspace, out: Path | None, request: Request | None = None) -> list[str]:
@@ -306,9 +361,9 @@ def run_stage(
     total: int,
     err: TextIO,
     pusher: record.Pusher | None = None,
+    kernel: Kernel | None = None,
 ) -> dict[str, Any]:
-    """Execute one stage's notebook in a kernel of its own; its result, timing and kernel
-    (shutting down: :meth:`Kernel.join` waits for it)."""
+    """Execute one stage's notebook in ``kernel`` (one started ahead), or in a new kernel."""
     import papermill as pm
 
     declared = declared_parameters(stage)
@@ -319,7 +374,7 @@ def run_stage(
     tmp = ws.notebooks / f".{stage}.part.ipynb"  # papermill wants .ipynb
     print(f"imaging: [{index}/{total}] {stage} ...", file=err, flush=True)
     t0 = time.monotonic()
-    kernel = Kernel(ws, stage)
+    kernel = kernel or Kernel(ws, stage)
     km = kernel.km
     limit = stage_limit(stage, ws, request)
     clock = _StageClock(km, limit)
@@ -369,7 +424,7 @@ def run_stage(
     cells, first = _cells_seconds(final)
     timing = {"seconds": round(wall, 3), "overhead": round(wall - cells + first, 3)}
     print(f"imaging: [{index}/{total}] {stage} done in {wall:.1f} s", file=err, flush=True)
-    return {"result": recorded[stage], "timing": timing, "kernel": kernel}
+    return {"result": recorded[stage], "timing": timing}
 
 
 def stage_limit(stage: str, ws: Workspace, request: Request) -> float:
@@ -632,7 +687,15 @@ def out_dir(ws: Workspace, request: Request) -> Path:
     return Path(request.out).resolve() if request.out else ws.root / "out"
 
 
-def _warm_pages() -> None:
+@functools.cache
+def _warm() -> None:
+    """papermill imported (0.7 s), nbconvert's exporter made and its templates compiled (0.7 s):
+    done once, while the first kernel starts, when this process would only wait for it. In this
+    thread, not beside it: two threads importing at once can deadlock inside Python's import
+    system (IPython, which both nbconvert's lexers and jupyter_client's kernel specs import, then
+    vanished from under the other: ``KeyError: 'IPython'`` ended two runs of the test suite)."""
+    import papermill  # noqa: F401
+
     with contextlib.suppress(Exception):  # the render itself will say what is wrong
         pages.warm()
 
@@ -655,15 +718,13 @@ class Runner:
         self.results: dict[str, Any] = {}
         self.timings: dict[str, Any] = dict(self.state.data.get("timings", {}))
         self._source_digest: SourceDigest | None = None
-        self._stopping: list[Kernel] = []
+        self._ahead: Kernel | None = None  # the next stage's kernel, started while a stage runs
+        self._kernels: list[Kernel] = []  # every kernel of the run not yet gone
         self._held = False
         # The record's copy in the object store, when the run is given one (IMAGING_RECORDS).
         self.pusher = record.pusher(ws)
         os.environ["IMAGING_MOUNT_LEDGER"] = str(ws.root / "mounts.json")
         os.environ["IMAGING_PIPELINE"] = "1"
-        # nbconvert renders every stage's notebook and the report: imported (0.3 s) and its
-        # templates compiled (0.4 s) while the first kernel starts, when this process only waits.
-        threading.Thread(target=_warm_pages, name="warm nbconvert", daemon=True).start()
 
     def done(self, stage: str) -> bool:
         return (self.ws.notebooks / f"{stage}.ipynb").exists()
@@ -683,9 +744,7 @@ class Runner:
                 yield
             finally:
                 _wait_records(self.ws)  # nothing of the run goes on once its lock is let go
-                for kernel in self._stopping:
-                    kernel.join()
-                self._stopping.clear()
+                self._reap(keep=self._ahead)
                 self._held = False
 
     def step(self) -> str:
@@ -703,10 +762,12 @@ class Runner:
             try:  # an interrupt while the record goes to its store fails the stage too
                 if self.pusher is not None:
                     self.pusher.push(wait=False)
+                kernel = self._kernel_for(stage)
+                self._start_ahead(index)
+                _warm()
                 done = run_stage(
-                    self.ws, stage, self.request, index, len(self.stages), self.err, self.pusher
+                    self.ws, stage, self.request, index, len(self.stages), self.err, self.pusher, kernel
                 )
-                self._stopping.append(done["kernel"])
             except KeyboardInterrupt:
                 self._failed(stage, "interrupted")
                 raise
@@ -726,11 +787,30 @@ class Runner:
         self.state.data["timings"] = self.timings
         return stage
 
+    def _kernel_for(self, stage: str) -> Kernel:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.stage == stage:
+            return ahead
+        if ahead is not None:
+            ahead.kill()
+        return Kernel(self.ws, stage, self._kernels)
+
+    def _start_ahead(self, index: int) -> None:
+        """The kernel of the stage after this one (``index`` counts from 1), started now."""
+        if index < len(self.stages) and os.environ.get("IMAGING_KERNEL_AHEAD", "1") != "0":
+            self._ahead = Kernel(self.ws, self.stages[index], self._kernels)
+
     def stop_kernels(self) -> None:
-        """No kernel of this run outlives it: the finished stages' kernels are waited for."""
-        for kernel in self._stopping:
-            kernel.join()
-        self._stopping.clear()
+        """No kernel of this run outlives it: the finished stages' kernels are waited for, any
+        other (the one started ahead, an interrupted stage's) is stopped."""
+        self._ahead = None
+        self._reap(keep=None)
+
+    def _reap(self, keep: Kernel | None) -> None:
+        for kernel in self._kernels:
+            if kernel is not keep:
+                kernel.stop()
+        self._kernels = [keep] if keep is not None and keep in self._kernels else []
 
     def _failed(self, stage: str, error: str) -> None:
         self.stop_kernels()

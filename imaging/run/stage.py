@@ -44,7 +44,11 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     if _stopping:
         return
     _stopping = True
-    threading.Timer(_CLEANUP_GRACE, os._exit, (128 + signum,)).start()
+    # A daemon: the backstop must not itself keep a kernel alive whose main thread has ended
+    # (an idle kernel, the one started ahead of its stage, ends as the exception leaves its loop).
+    backstop = threading.Timer(_CLEANUP_GRACE, os._exit, (128 + signum,))
+    backstop.daemon = True
+    backstop.start()
     if _in_kernel():
         from IPython import get_ipython
 
@@ -63,6 +67,12 @@ def _watch_parent(parent: int) -> None:
 
 
 _watching = False
+
+
+def guard() -> None:
+    """SIGTERM cleans up, and the kernel goes when the pipeline does: run first thing in a stage
+    kernel (also when it is started ahead of its stage, before any cell)."""
+    _guard_kernel()
 
 
 def _guard_kernel() -> None:

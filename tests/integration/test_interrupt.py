@@ -152,3 +152,46 @@ def test_a_failed_stage_resumes_where_it_failed(cli: Cli, tmp_path: Path) -> Non
     assert started_stages(run) == [*config.pipeline_stages("export"), "50-verify"]
     # Resuming a completed run prints its result again and does nothing else.
     assert last_json(cli("resume", "again")) == result
+
+
+def kernels_of(runs: Path) -> list[int]:
+    """Stage kernels started for runs under ``runs`` that are still alive."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"ipykernel_launcher" not in (proc / "cmdline").read_bytes():
+                continue
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not a process
+            continue
+        if f"IMAGING_RUNS={runs}".encode() in environ and alive(int(proc.name)):
+            found.append(int(proc.name))
+    return found
+
+
+def test_ctrl_c_in_the_first_moments_of_a_stage(cli: Cli, tmp_path: Path) -> None:
+    # Each stage's kernel starts while the stage before it runs, in a session of its own (the
+    # terminal's Ctrl-C never reaches it): an interrupt as a stage begins, while its kernel or
+    # the next one is being started, must still stop every kernel, at once, and give back the
+    # terminal (stderr closed: a scheduler reading it would otherwise wait on a kernel).
+    start = ("export", "sample:kvm", "--name", "early", "--run", "early")
+    for stage, delay in (("20-migrate", 0.05), ("30-bootable", 0.0), ("40-export", 0.3)):
+        proc = cli.popen(*(start if stage == "20-migrate" else ("resume", "early")))
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if f"] {stage} ..." in line:
+                break
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert time.monotonic() - started < 20, (
+            f"{stage}: the interrupt took {time.monotonic() - started:.1f} s"
+        )
+        assert kernels_of(cli.runs) == [], stage
+        assert stage_of(cli.runs / "early") == stage
+        assert leftovers(tmp_path) == []
+    result = last_json(cli("resume", "early"))
+    assert result["verified"]
+    assert kernels_of(cli.runs) == [] and leftovers(tmp_path) == []
