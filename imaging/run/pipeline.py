@@ -151,8 +151,10 @@ def _stop_kernel(km: Any) -> None:
 
 
 def _shutdown(km: Any) -> None:
+    from jupyter_core.utils import run_sync
+
     with contextlib.suppress(Exception):
-        km.shutdown_kernel(now=False)
+        run_sync(km.shutdown_kernel)(now=False)
 
 
 # While cells run, the executed notebook is saved at most this often (and always at its start
@@ -234,7 +236,8 @@ class Kernel:
 
     def __init__(self, ws: Workspace, stage: str, live: list[Kernel] | None = None) -> None:
         """Start the kernel; it joins ``live`` (the run's kernels, which it stops) as it starts."""
-        from jupyter_client.manager import KernelManager
+        from jupyter_client.manager import AsyncKernelManager
+        from jupyter_core.utils import run_sync
 
         self.stage = stage
         self.private = len(str(ws.root / ".kernel-0000000000")) > 100
@@ -244,7 +247,11 @@ class Kernel:
         # Each kernel its own socket names: jupyter_client numbers IPC sockets from 1 up to the
         # first name not taken on disk, and a kernel makes its sockets only once it runs, so two
         # kernels started together under one name would bind the same sockets.
-        self.km = KernelManager(kernel_name=KERNEL_NAME, transport="ipc",
+        # The asynchronous manager: nbclient's client of a synchronous one waits for the kernel's
+        # output in a blocking call that never returns once the kernel is gone (a kernel stopped
+        # by its stage's time limit while idle hung the run), where the asynchronous one lets
+        # nbclient see that the kernel died.
+        self.km = AsyncKernelManager(kernel_name=KERNEL_NAME, transport="ipc",
                                 ip=str(self.sockets / f".kernel{next(_KERNELS)}"))  # fmt: skip
         # independent: no ipykernel parent poller, which would os._exit() the kernel without
         # cleanup when we die; the stage's own watchdog (stage.py, started first thing) cleans
@@ -260,7 +267,7 @@ class Kernel:
         # interrupt between its fork and the moment it is in ``live`` would leave it running
         # (holding our stderr, which a scheduler then waits on). Ctrl-C and SIGTERM wait till then.
         with _signals_held() as held:
-            self.km.start_kernel(cwd=str(config.PROJECT), env=env, independent=True,
+            run_sync(self.km.start_kernel)(cwd=str(config.PROJECT), env=env, independent=True,
                                  extra_arguments=["--IPKernelApp.log_level=CRITICAL", "--HistoryManager.enabled=False",
                                                   f"--IPKernelApp.exec_lines={ahead}"])  # fmt: skip
             if live is not None:

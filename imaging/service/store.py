@@ -382,6 +382,10 @@ def _transition(
     if action in ("claim", "stage"):
         # A claim starts with no stage: the run says where it goes on (resumed, or from the start).
         values["stage"] = stage
+    elif action == "requeue" and stage is not None:
+        # Where the run was stopped, as it says: a stage of half a second may never have reached
+        # the database through the worker's heartbeat.
+        values["stage"] = stage
     if action == "claim":
         values.update(worker=worker, error=None)
     if action in ("fail", "complete", "cancel", "deny"):

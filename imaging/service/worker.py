@@ -311,7 +311,7 @@ class RequestRunner:
         }[why]  # fmt: skip
         try:
             done = self._recorded(context, request_id, "its requeue", lambda: self.store.transition(
-                request_id, "requeue", self.actor, reason, worker=self.name, job=context.job.id))  # fmt: skip
+                request_id, "requeue", self.actor, reason, worker=self.name, job=context.job.id, stage=stage))  # fmt: skip
         except StoreError as e:  # taken over already
             log.warning("request %s: not queued again by this worker: %s", request_id, e)
             return

@@ -185,7 +185,7 @@ def test_ctrl_c_in_the_first_moments_of_a_stage(cli: Cli, tmp_path: Path) -> Non
         proc.send_signal(signal.SIGINT)
         started = time.monotonic()
         _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130, err
+        assert proc.returncode == 130, f"{stage}, {delay} s in: exit {proc.returncode}\n{err}"
         assert time.monotonic() - started < 20, (
             f"{stage}: the interrupt took {time.monotonic() - started:.1f} s"
         )
