@@ -70,7 +70,7 @@ lab: setup
 # Both cores: a QEMU boot under TCG uses one, and most of the suite is boots.
 TEST_JOBS ?= 2
 test: setup
-	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -m "not integration"
