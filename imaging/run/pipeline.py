@@ -234,7 +234,7 @@ class Kernel:
     (0700) in /tmp instead (not $TMPDIR, which may be as deep).
     """
 
-    def __init__(self, ws: Workspace, stage: str, live: list[Kernel] | None = None) -> None:
+    def __init__(self, ws: Workspace, stage: str, live: list[Kernel]) -> None:
         """Start the kernel; it joins ``live`` (the run's kernels, which it stops) as it starts."""
         from jupyter_client.manager import AsyncKernelManager
         from jupyter_core.utils import run_sync
@@ -270,8 +270,7 @@ class Kernel:
             run_sync(self.km.start_kernel)(cwd=str(config.PROJECT), env=env, independent=True,
                                  extra_arguments=["--IPKernelApp.log_level=CRITICAL", "--HistoryManager.enabled=False",
                                                   f"--IPKernelApp.exec_lines={ahead}"])  # fmt: skip
-            if live is not None:
-                live.append(self)
+            live.append(self)
         if held:
             self.kill()
             signal.raise_signal(held[0])
@@ -367,10 +366,10 @@ def run_stage(
     index: int,
     total: int,
     err: TextIO,
+    kernel: Kernel,
     pusher: record.Pusher | None = None,
-    kernel: Kernel | None = None,
 ) -> dict[str, Any]:
-    """Execute one stage's notebook in ``kernel`` (one started ahead), or in a new kernel."""
+    """Execute one stage's notebook in ``kernel`` (started for it, usually ahead of it)."""
     import papermill as pm
 
     declared = declared_parameters(stage)
@@ -381,7 +380,6 @@ def run_stage(
     tmp = ws.notebooks / f".{stage}.part.ipynb"  # papermill wants .ipynb
     print(f"imaging: [{index}/{total}] {stage} ...", file=err, flush=True)
     t0 = time.monotonic()
-    kernel = kernel or Kernel(ws, stage)
     km = kernel.km
     limit = stage_limit(stage, ws, request)
     clock = _StageClock(km, limit)
@@ -773,7 +771,7 @@ class Runner:
                 self._start_ahead(index)
                 _warm()
                 done = run_stage(
-                    self.ws, stage, self.request, index, len(self.stages), self.err, self.pusher, kernel
+                    self.ws, stage, self.request, index, len(self.stages), self.err, kernel, self.pusher
                 )
             except KeyboardInterrupt:
                 self._failed(stage, "interrupted")
