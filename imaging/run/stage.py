@@ -72,10 +72,6 @@ _watching = False
 def guard() -> None:
     """SIGTERM cleans up, and the kernel goes when the pipeline does: run first thing in a stage
     kernel (also when it is started ahead of its stage, before any cell)."""
-    _guard_kernel()
-
-
-def _guard_kernel() -> None:
     global _watching
     if threading.current_thread() is not threading.main_thread():
         return
@@ -101,7 +97,7 @@ def open(stage: str, run_dir: str) -> Workspace:  # noqa: A001 - reads as stage.
     """Open (or create) the run directory for ``stage`` and start recording its commands."""
     ws = Workspace.open(run_dir)
     tools.set_command_log(ws.commands_log)
-    _guard_kernel()
+    guard()
     return ws
 
 
