@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +175,26 @@ def test_editing_a_hard_linked_file_leaves_its_other_names_alone(tmp_path: Path)
     assert inittab.read_text() == "id:3:initdefault:\n" and (tmp_path / "home" / "log").read_bytes() == b""
     assert oct(inittab.stat().st_mode & 0o7777) == "0o640" and os.getxattr(inittab, "user.label") == b"kept"
     assert [p.name for p in (tmp_path / "etc").iterdir()] == ["inittab"]  # no temporary file left
+
+
+def test_dotdot_links_resolve_while_the_host_renames_files(tmp_path: Path) -> None:
+    # A rename anywhere on the host while openat2 walks a ".." makes the kernel answer EAGAIN
+    # (it cannot prove the ".." stayed in the root). Debian's /var/spool/mail -> ../mail meets
+    # this whenever another job renames files: a CI run failed 10-clean on it.
+    (tmp_path / "g/var/mail").mkdir(parents=True)
+    (tmp_path / "g/var/spool").mkdir()
+    (tmp_path / "g/var/spool/mail").symlink_to("../mail")
+    storm = "import os,sys\nd=sys.argv[1]\nopen(d+'/a','w').close()\nwhile True:\n os.rename(d+'/a',d+'/b'); os.rename(d+'/b',d+'/a')"
+    renamers = []
+    for i in range(3):
+        (tmp_path / f"r{i}").mkdir()
+        renamers.append(subprocess.Popen([sys.executable, "-c", storm, str(tmp_path / f"r{i}")]))
+    try:
+        time.sleep(0.3)
+        with Guest(tmp_path / "g") as g:
+            for _ in range(5000):  # about 300 of them meet a rename without the retry
+                assert g.is_dir("/var/spool/mail")
+    finally:
+        for p in renamers:
+            p.kill()
+            p.wait()
