@@ -294,6 +294,11 @@ class Store:
             ).one_or_none()
         return row is not None and tuple(row[:2]) == (State.running, worker) and job in (None, row[2])
 
+    def heartbeat(self, worker_id: int) -> None:
+        """A Procrastinate worker's heartbeat, written for it (see ``RequestRunner._beating``)."""
+        with self.session() as s:
+            s.execute(text("SELECT procrastinate_update_heartbeat_v1(:id)"), {"id": worker_id})
+
     def recover_stalled(self, seconds: float, max_lost: int) -> list[ImageRequest]:
         """Requests whose worker stopped its heartbeats ``seconds`` ago (killed, its host gone):
         each is queued again with a new job (its old job failed), to resume on any host; after

@@ -36,8 +36,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +197,7 @@ class RequestRunner:
         log_path = self.logs / f"{req.id}.log"
         argv = command(self.settings, req)
         log.info("request %s: %s (worker %s)", req.id, " ".join(argv[3:5]), self.name)
-        with open(log_path, "a", encoding="utf-8") as log_file:
+        with contextlib.ExitStack() as stack, open(log_path, "a", encoding="utf-8") as log_file:
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -208,7 +209,22 @@ class RequestRunner:
                 preexec_fn=_term_with_parent,
             )
             stage, why = self._supervise(context, req, proc, run_dir)
+            if why == "shutdown":
+                stack.enter_context(self._beating(context))
             code = _wait_or_stop(proc)
+            self._end(context, req, run_dir, log_path, stage, why, code)
+
+    def _end(
+        self,
+        context: procrastinate.JobContext,
+        req: ImageRequest,
+        run_dir: Path,
+        log_path: Path,
+        stage: str | None,
+        why: str | None,
+        code: int,
+    ) -> None:
+        """Record how the run ended: completed, failed, stopped and queued again."""
         state = _read_json(run_dir / "state.json")
         if why is None and state.get("stage") not in (None, stage):  # a stage too short to be seen
             with contextlib.suppress(StoreError):
@@ -267,6 +283,34 @@ class RequestRunner:
                                 "run stopped", req.id, time.monotonic() - reached)  # fmt: skip
                     return stage, "database"
         return stage, None
+
+    @contextlib.contextmanager
+    def _beating(self, context: procrastinate.JobContext) -> Iterator[None]:
+        """This worker's heartbeat, kept alive while its stopped run cleans up and its request is
+        queued again. Procrastinate stops the heartbeat as soon as the worker is told to stop,
+        then waits for its jobs: a run whose clean-up outlasted ``stalled_seconds`` had its
+        request queued again by the API as a *lost* worker's, at the stage the database last
+        knew, and counted against ``max_lost``."""
+        if context.job.worker_id is None:
+            yield
+            return
+        worker_id: int = context.job.worker_id
+        stop = threading.Event()
+
+        def beat() -> None:
+            while True:
+                with contextlib.suppress(StoreError):  # the database away: the lease runs out
+                    self.store.heartbeat(worker_id)
+                if stop.wait(self.settings.worker.heartbeat_seconds):
+                    return
+
+        thread = threading.Thread(target=beat, name="heartbeat while stopping", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def _moved(self, context: procrastinate.JobContext, request_id: str, stage: str) -> str:
         self.store.transition(request_id, "stage", self.actor, f"stage {stage}", worker=self.name,

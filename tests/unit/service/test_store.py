@@ -262,6 +262,15 @@ def test_requests_of_lost_workers_are_queued_again_then_fail(store: Store) -> No
     assert store.transition(rid, "approve", root).state == State.approved  # approving resumes
 
 
+def test_a_heartbeat_written_for_a_worker_keeps_its_requests(store: Store) -> None:
+    # The worker writes its stopping worker's heartbeat itself (Procrastinate stops its own).
+    alice, _, root = users(store)
+    rid = in_state(store, alice, root, State.approved)
+    worker = _take_job(store, rid, heartbeat_age=60)
+    store.heartbeat(worker)
+    assert store.recover_stalled(30, max_lost=2) == [] and store.get(rid).state == State.running
+
+
 def test_a_worker_acts_for_the_request_s_current_job_only(store: Store) -> None:
     alice, _, root = users(store)
     rid = in_state(store, alice, root, State.approved)

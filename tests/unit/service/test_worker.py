@@ -17,6 +17,7 @@ from imaging.service.worker import RequestRunner
 
 class Job:
     id = 7
+    worker_id = 3
 
 
 class Context:
@@ -41,6 +42,11 @@ class Store:
         if isinstance(answer, Exception):
             raise answer
         return answer
+
+    def heartbeat(self, worker_id: int) -> None:
+        assert worker_id == Job.worker_id
+        self._answer()
+        self.changes.append(("heartbeat", "", {"at": time.monotonic()}))
 
     def held_by(self, request_id: str, worker: str, job: int | None = None) -> bool:
         assert job == Job.id
@@ -110,3 +116,17 @@ def test_how_a_run_ended_is_recorded_once_the_database_answers(tmp_path: Path) -
     store = Store([StoreError("cannot complete a request that is approved", 409)])
     runner(tmp_path, store).finish(Context(), Request.id, "complete", "completed (booted)")  # type: ignore[arg-type]
     assert store.changes == []
+
+
+def test_a_stopping_worker_keeps_its_heartbeat_until_its_run_is_recorded(tmp_path: Path) -> None:
+    # Procrastinate stops the heartbeat when told to stop; a run cleaning up for longer than
+    # stalled_seconds would have its request taken for a lost worker's.
+    away = StoreError("the database is unreachable: connection refused", 503)
+    store = Store([True, away, True])
+    t0 = time.monotonic()
+    with runner(tmp_path, store)._beating(Context()):  # type: ignore[arg-type]
+        time.sleep(3.5)
+    beats = [kw["at"] - t0 for _, _, kw in store.changes]
+    assert len(beats) == 3 and beats[0] < 0.5 and 3 <= beats[-1] < 3.5  # one lost to the database
+    time.sleep(1.2)
+    assert len(store.changes) == 3  # and no more once the run is recorded
