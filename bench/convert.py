@@ -134,8 +134,9 @@ def identical(disk: Path, artifact: Path, fmt: str) -> bool | None:
                                            "file": {"driver": "file", "filename": str(artifact)}}}  # fmt: skip
         target = ["json:" + json.dumps(spec)]
     else:
-        info = json.loads(run("qemu-img", "info", "--output=json", artifact).stdout)
-        target = ["-F", info["format"], str(artifact)]
+        # The format we wrote, not qemu-img's probe: a fixed VHD is a raw disk with a footer at
+        # its end, which the probe takes for raw (and the footer for data past the disk's end).
+        target = ["-F", config.check_format(fmt).qemu_format, str(artifact)]
     return (
         subprocess.run(
             ["qemu-img", "compare", "-f", "raw", str(disk), *target], capture_output=True

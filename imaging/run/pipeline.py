@@ -768,6 +768,10 @@ class Runner:
                 if self.pusher is not None:
                     self.pusher.push(wait=False)
                 kernel = self._kernel_for(stage)
+                # The stage before's kernel gone (its shutdown began as that stage ended) before
+                # another starts: two kernels at most, or three overlapped now and then (the
+                # pipeline's peak memory went from 275 to 320 MiB on a loaded machine).
+                self._reap(keep=kernel)
                 self._start_ahead(index)
                 _warm()
                 done = run_stage(

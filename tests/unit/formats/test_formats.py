@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from imaging import config
+from imaging import config, sparse
 from imaging.config import ImageFormat, VmdkSubformat
 from imaging.errors import ParameterError
 from imaging.formats import export, identity
@@ -100,3 +103,33 @@ def test_derived_identities_are_stable_and_distinct() -> None:
     assert a == identity.derived_uuid("seed", "vdi-image") and a != b
     assert identity.derived_uuid("other", "vdi-image") != a
     assert identity.derived_cid("seed") == identity.derived_cid("seed") != 0xFFFFFFFF
+
+
+def test_the_fingerprint_follows_content_not_the_page_cache(tmp_path: Path) -> None:
+    # An extent the filesystem preallocated reads as zeros, but SEEK_DATA calls it data while
+    # its pages are cached and a hole once they are not: the same disk gave other identities.
+    disk = tmp_path / "disk.raw"
+    fd = os.open(disk, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(fd, 64 << 20)
+        os.posix_fallocate(fd, 8 << 20, 16 << 20)  # unwritten, as mke2fs leaves its zeroed ranges
+        os.pwrite(fd, b"superblock", 1024)
+        os.pwrite(fd, b"x" * 12288, 30 << 20)
+        os.fsync(fd)
+
+        def state() -> tuple[list[tuple[int, int]], str]:
+            return list(sparse.data_extents(fd)), identity.fingerprint(disk)
+
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        cold = state()
+        os.pread(fd, 16 << 20, 8 << 20)
+        warm = state()
+    finally:
+        os.close(fd)
+    assert cold[0] != warm[0], "this filesystem does not show the case (tmp_path on ext4 does)"
+    assert cold[1] == warm[1]
+    # What it samples still tells disks apart: a byte changed on the grid changes it.
+    with open(disk, "r+b") as f:
+        f.seek((30 << 20) + 1)
+        f.write(b"y")
+    assert identity.fingerprint(disk) != cold[1]
