@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,12 @@ from pathlib import Path
 import pytest
 
 DATA = Path(__file__).parent / "data"
+
+# A suite started in the background by a non-interactive shell (`cmd &` in a script, nohup) has
+# SIGINT ignored, and so would every CLI the tests start (an ignored signal stays ignored across
+# exec): the Ctrl-C tests then failed, the CLI never seeing the interrupt. Ctrl-C as a user's.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
