@@ -38,6 +38,7 @@ INSTANCE_DIRS = ("work/*/{instance}", "*/{instance}")
 DISK_NAMES = ("root", "disk")
 _CHUNK = 1 << 20
 _WINDOW = 32 << 20  # SFTP reads in flight and buffered at most
+_REQUEST = 32 << 10  # paramiko's SFTP read request (SFTPFile.MAX_REQUEST_SIZE)
 
 
 def _address(node: str) -> tuple[str, int]:
@@ -153,18 +154,33 @@ def _stream(client: Any, cloud: Eucalyptus, path: str, size: int) -> Iterator[It
 
             def read() -> Iterator[bytes]:
                 # A window at a time: paramiko's prefetch of the whole file keeps whatever has
-                # arrived and not been read in memory (2.2 GB for a 2 GiB disk here).
+                # arrived and not been read in memory (2.2 GB for a 2 GiB disk here). Within the
+                # window every request goes out at once: with max_concurrent_requests the request
+                # thread sleeps 10 ms whenever the limit is reached, and when the reader catches up
+                # with it paramiko takes the prefetch for done and reads the rest of the window one
+                # synchronous 32 KiB request at a time (paramiko PR #2519): 3.6x slower.
                 for start in range(0, size, _WINDOW):
                     end = min(size, start + _WINDOW)
                     f.seek(start)
-                    f.prefetch(end, max_concurrent_requests=64)
+                    f.prefetch(end)
                     done = start
                     while done < end:
-                        chunk = f.read(min(_CHUNK, end - done))
-                        if not chunk:
+                        # In paramiko's own request size: a larger read() joins 32 KiB pieces by
+                        # repeated bytes concatenation, and each piece scans every buffered one.
+                        want = min(_CHUNK, end - done)
+                        pieces = []
+                        got = 0
+                        while got < want:
+                            piece = f.read(min(_REQUEST, want - got))
+                            if not piece:
+                                break
+                            pieces.append(piece)
+                            got += len(piece)
+                        if got:
+                            yield b"".join(pieces)
+                        if got < want:
                             return
-                        done += len(chunk)
-                        yield chunk
+                        done += got
 
             yield read()
         return
