@@ -35,7 +35,7 @@ def fsync(path: Path) -> None:
 def main() -> list[tuple[str, str, str]]:
     WORK.mkdir(parents=True, exist_ok=True)
     instance = ext3_with_files(WORK / "files-1g.img", "2G", GIB)
-    info = ext.info(ext.device(instance))
+    info = ext.read_superblock(ext.device(instance))
     layout = bootable.plan_layout(info.size_bytes, info.block_size, disk_size="+1G")
     target = WORK / "disk.raw"
     offset = layout.offset_bytes

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import posixpath
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,9 @@ from pathlib import Path
 from imaging import sparse, tools
 from imaging.clouds import settings as cloud_settings
 from imaging.clouds.transfer import Fetched
-from imaging.disk import debugfs, ext, images
-from imaging.errors import SourceError, SpaceError
+from imaging.disk import btrfs, ext, filesystems, images
+from imaging.disk.files import Guest
+from imaging.errors import ParameterError, SourceError, SpaceError
 from imaging.records import Record
 from imaging.samples import catalog
 from imaging.workspace import Workspace
@@ -74,6 +76,8 @@ class Instance(Record):
     copy_seconds: float
     source_digest: str | None  # None under the pipeline: it is in the run's source.digest
     fetched: Fetched | None = None  # what was copied out of a cloud, and how it was checked
+    subvolume: str = ""  # btrfs: the root subvolume's path from the top level ("" = the top level)
+    snapshots_dropped: list[str] = dataclasses.field(default_factory=list)  # btrfs snapshots not kept
 
 
 def _check_fs(path: Path, offset: int, length: int, where: str) -> images.Probe:
@@ -82,16 +86,17 @@ def _check_fs(path: Path, offset: int, length: int, where: str) -> images.Probe:
         raise SourceError(
             f"{where} is neither a filesystem nor a partitioned disk image (blkid finds neither)"
         )
-    if found.type not in ext.EXT_TYPES:
+    if found.type not in filesystems.TYPES:
         raise SourceError(
-            f"{where} holds a {found.type} filesystem, which cannot be placed (supported: ext2, ext3, ext4)"
+            f"{where} holds a {found.type} filesystem, which cannot be placed "
+            f"(supported: {', '.join(filesystems.TYPES)})"
         )
     return found
 
 
 def _find_root_partition(path: Path, table: images.PartitionTable) -> tuple[images.Partition, images.Probe]:
     ss = table.sector_size
-    size = path.stat().st_size
+    size = path.stat().st_size if path.is_file() else images.image_info(path, "raw").virtual_size
     found: list[tuple[images.Partition, images.Probe]] = []
     others: list[str] = []
     for part in table.partitions:
@@ -100,21 +105,27 @@ def _find_root_partition(path: Path, table: images.PartitionTable) -> tuple[imag
                 f"{path}: partition {part.number} ends beyond the end of the image: truncated?"
             )
         p = images.probe(path, part.start * ss, part.size * ss)
-        if p.type in ext.EXT_TYPES:
+        if p.type in filesystems.TYPES:
             found.append((part, p))
         elif p.type:
             others.append(f"{p.type} on partition {part.number}")
     if not found:
         detail = f" (found {', '.join(others)})" if others else ""
-        raise SourceError(f"{path}: no ext2/3/4 partition to use as the root filesystem{detail}")
+        raise SourceError(
+            f"{path}: no {', '.join(filesystems.TYPES)} partition to use as the root filesystem{detail}"
+        )
     if len(found) > 1:
-        # Several Linux filesystems: the root is the one with /etc/fstab and an init.
+        # Several Linux filesystems (a separate /boot, /home): the root is the one with /etc/fstab.
         roots = [
-            (part, p) for part, p in found if debugfs.ExtGuest(path, part.start * ss).exists("/etc/fstab")
+            (part, p)
+            for part, p in found
+            if filesystems.exists(
+                path, str(p.type), "/etc/fstab", offset=part.start * ss, size=part.size * ss
+            )
         ]
         if len(roots) != 1:
             raise SourceError(
-                f"{path}: {len(found)} ext partitions and cannot tell which is the root filesystem"
+                f"{path}: {len(found)} Linux filesystems and cannot tell which is the root filesystem"
             )
         return roots[0]
     return found[0]
@@ -127,7 +138,7 @@ class _Root:
     length: int
     partition: int | None
     probe: images.Probe
-    fs: ext.ExtInfo
+    fs: filesystems.FsInfo
 
 
 def _locate_root(path: Path) -> _Root:
@@ -145,14 +156,15 @@ def _locate_root(path: Path) -> _Root:
     else:
         probe = _check_fs(path, 0, size, str(path))
         layout, offset, length = "filesystem", 0, size
+    fs_type = str(probe.type)
     try:
-        fs = ext.info(ext.device(path, offset))
-    except SourceError:
-        # Let e2fsck (read-only) say what is wrong: its words are what a person can act on.
-        verdict = ext.fsck(ext.device(path, offset), repair=False, check=False)
-        raise SourceError(
-            f"{path}: the {probe.type} filesystem cannot be opened: e2fsck: {verdict.summary}"
-        ) from None
+        fs = filesystems.of(fs_type).info(path, offset)
+    except SourceError as e:
+        detail = str(e)
+        if fs_type in ext.TYPES:
+            # Let e2fsck (read-only) say what is wrong: its words are what a person can act on.
+            detail = "e2fsck: " + ext.fsck(ext.device(path, offset), repair=False, check=False).summary
+        raise SourceError(f"{path}: the {fs_type} filesystem cannot be opened: {detail}") from None
     if fs.size_bytes > length:
         where = f"partition {number}" if number else "image"
         raise SourceError(
@@ -221,18 +233,21 @@ def fetch(source: str, ws: Workspace) -> Fetched:
     return openstack.fetch(src, cloud, ws.work)
 
 
-def acquire(src: Source, ws: Workspace, *, hash_source: bool = True) -> Instance:
+def acquire(src: Source, ws: Workspace, *, hash_source: bool = True, snapshots: str = "drop") -> Instance:
     """Copy the source's root filesystem to ``work/instance.raw``, check it (on the copy), describe it.
 
     ``hash_source``: compute the source's content digest here (:func:`imaging.sparse.content_digest`:
     it reads the data, not the holes), on the other core while copying. The pipeline passes False
-    and digests the source itself, beside the stages.
+    and digests the source itself, beside the stages. ``snapshots``: a btrfs guest's snapshots
+    are dropped, or kept (``keep``); see btrfs.py for why dropping is the default.
     """
+    if snapshots not in ("drop", "keep"):
+        raise ParameterError(f"snapshots must be drop or keep, not {snapshots!r}")
     tools.require_tools(
         "e2fsck", "dumpe2fs", reason="check the instance's filesystem", hint="apt install e2fsprogs"
     )
     if cloud_settings.is_cloud_source(src.source):
-        return _acquire_remote(src, ws)
+        return _acquire_remote(src, ws, snapshots)
     # The copy, then the bootable disk: about twice the data, on the work filesystem.
     sparse.check_space(ws.work, 2 * src.data_bytes + _MARGIN, "hold the instance and the bootable disk")
     digest: dict[str, str | None] = {"digest": None}
@@ -240,14 +255,14 @@ def acquire(src: Source, ws: Workspace, *, hash_source: bool = True) -> Instance
     if hash_source:
         hasher.start()
     try:
-        instance = _acquire(src, ws)
+        instance = _acquire(src, ws, snapshots)
     finally:
         if hash_source:
             hasher.join()
     return dataclasses.replace(instance, source_digest=digest["digest"])
 
 
-def _acquire_remote(src: Source, ws: Workspace) -> Instance:
+def _acquire_remote(src: Source, ws: Workspace, snapshots: str) -> Instance:
     """The cloud's disk into work/, then taken like a local image; the download goes afterwards.
     Its digest (computed as it arrived) is the run's source.digest."""
     # How much of the disk is data is known only once it is here (a sparse download holds only
@@ -265,7 +280,7 @@ def _acquire_remote(src: Source, ws: Workspace) -> Instance:
         sparse.check_space(
             ws.work, 2 * local.data_bytes + _MARGIN, "hold the instance and the bootable disk"
         )
-        instance = _acquire(local, ws)
+        instance = _acquire(local, ws, snapshots)
     finally:
         Path(fetched.path).unlink(missing_ok=True)
     with sparse.atomic_path(ws.root / "source.digest") as part:
@@ -273,7 +288,7 @@ def _acquire_remote(src: Source, ws: Workspace) -> Instance:
     return dataclasses.replace(instance, source_digest=fetched.digest, fetched=fetched)
 
 
-def _acquire(src: Source, ws: Workspace) -> Instance:
+def _acquire(src: Source, ws: Workspace, snapshots: str = "drop") -> Instance:
     converted = ws.work / ".source.raw.part"
     with sparse.atomic_path(ws.instance) as part:
         try:
@@ -297,11 +312,12 @@ def _acquire(src: Source, ws: Workspace) -> Instance:
                 ).seconds
         finally:
             converted.unlink(missing_ok=True)
-        fs = ext.info(ext.device(part))
-        if fs.size_bytes < root.length:
-            os.truncate(part, fs.size_bytes)  # bytes past the filesystem's end are not the instance's
-        verdict = ext.fsck(ext.device(part), repair=True, discard=True)
-        fs = ext.info(ext.device(part))
+        fsmod = filesystems.of(root.fs.fs_type)
+        if root.fs.size_bytes < root.length:
+            os.truncate(part, root.fs.size_bytes)  # bytes past the filesystem's end are not the instance's
+        verdict = fsmod.tidy(part)
+        subvolume, dropped = _btrfs_root(part, snapshots) if fsmod is btrfs else ("", [])
+        fs = fsmod.info(part)
         data = sparse.data_bytes(part)
     return Instance(
         path=str(ws.instance),
@@ -321,4 +337,22 @@ def _acquire(src: Source, ws: Workspace) -> Instance:
         fsck_exit=verdict.exit_code,
         copy_seconds=round(seconds, 3),
         source_digest=None,
+        subvolume=subvolume,
+        snapshots_dropped=dropped,
     )
+
+
+def _btrfs_root(image: Path, snapshots: str) -> tuple[str, list[str]]:
+    """The root subvolume of our btrfs copy, and the snapshots dropped from it (see btrfs.py)."""
+    root = btrfs.find_root(image)
+    if root is None:
+        raise SourceError(
+            "no subvolume of the btrfs filesystem holds an /etc/fstab that mounts it at /: "
+            "cannot tell which is the root"
+        )
+    if snapshots == "keep":
+        return root, []
+    with btrfs.top_level(image, writable=False) as top, Guest(top) as g:
+        fstab = g.read_text(posixpath.join("/", root, "etc/fstab")) or ""
+    keep = {root, *btrfs.fstab_subvolumes(fstab).values()}
+    return root, btrfs.drop_snapshots(image, keep)

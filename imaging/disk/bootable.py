@@ -18,7 +18,7 @@ from pathlib import Path
 
 from imaging import sparse, tools
 from imaging.config import Layout, Placement, parse_disk_size
-from imaging.disk import ext, images, mounts
+from imaging.disk import ext, filesystems, images, mounts
 from imaging.errors import ParameterError
 from imaging.records import Record, human_bytes
 from imaging.tables import Table
@@ -183,9 +183,14 @@ class Placed(Record):
 def instance_now(ws: Workspace) -> dict[str, object]:
     """What 00-acquire recorded of the instance, with its filesystem's size as it is now (20-migrate
     grows it to install packages)."""
-    fs = ext.info(ext.device(ws.instance))
-    return {**ws.result("00-acquire"), "size_bytes": fs.size_bytes, "block_size": fs.block_size,
-            "block_count": fs.block_count}  # fmt: skip
+    instance = ws.result("00-acquire")
+    fs = filesystems.of(str(instance["fs_type"])).info(ws.instance)
+    return {
+        **instance,
+        "size_bytes": fs.size_bytes,
+        "block_size": fs.block_size,
+        "block_count": fs.block_count,
+    }
 
 
 def place_filesystem(
@@ -197,37 +202,43 @@ def place_filesystem(
 ) -> Placed:
     """Build ``work/disk.raw`` (as its in-progress name): partition table + the instance's filesystem.
 
-    The disk stays under its ``.part`` name until :func:`finish_disk` renames it; the bootloader
-    goes in between.
+    Placement copy: a sparse copy into the partition, the filesystem's own check (on our copy;
+    e2fsck may repair it, xfs_repair and btrfs check only read) and its own way to grow into the
+    partition. The disk stays under its ``.part`` name until :func:`finish_disk` renames it; the
+    bootloader goes in between.
     """
     placement = Placement(placement)
-    tools.require_tools("sfdisk", "e2fsck", "resize2fs", reason="partition the disk and place the filesystem",
-                        hint="apt install fdisk e2fsprogs")  # fmt: skip
+    tools.require_tools("sfdisk", reason="partition the disk", hint="apt install fdisk")
     import time
 
     t0 = time.monotonic()
+    kind = str(instance["fs_type"])
+    fs = filesystems.of(kind)
     part = sparse.part_path(ws.disk)
     part.unlink(missing_ok=True)
     sparse.create_sparse(part, layout.disk_bytes)
     write_partition_table(part, layout, disk_id(str(instance["uuid"])))
-    dev = ext.device(part, layout.offset_bytes)
+    offset, size = layout.offset_bytes, layout.partition_bytes
     if placement is Placement.copy:
-        if fs_type not in ("keep", instance["fs_type"]):
+        if fs_type not in ("keep", kind):
             raise ParameterError(
-                f"fs_type {fs_type} needs placement mkfs (copy keeps the instance's {instance['fs_type']})"
+                f"fs_type {fs_type} needs placement mkfs (copy keeps the instance's {kind})"
             )
-        stats = sparse.copy_range(ws.instance, part, dst_offset=layout.offset_bytes, desc="place filesystem")
-        verdict = ext.fsck(dev, repair=True)
-        grown = ext.resize_in_disk(
-            part, layout.offset_bytes, layout.block_count, layout.block_size, layout.fs_block_count
-        )
-        copied, copy_seconds, kind = stats.bytes, stats.seconds, str(instance["fs_type"])
+        stats = sparse.copy_range(ws.instance, part, dst_offset=offset, desc="place filesystem")
+        verdict = fs.check(part, offset, size, repair=True)
+        grown = fs.grow(part, offset, size)
+        copied, copy_seconds = stats.bytes, stats.seconds
     else:
-        kind = str(instance["fs_type"]) if fs_type == "keep" else fs_type
-        copied, copy_seconds = mounts.copy_files_to_new_fs(ws.instance, part, layout.offset_bytes, layout.block_count,
+        if kind not in ext.TYPES:
+            raise ParameterError(
+                f"placement mkfs makes ext filesystems; the instance's {kind} is placed by copy"
+            )
+        kind = kind if fs_type == "keep" else fs_type
+        copied, copy_seconds = mounts.copy_files_to_new_fs(ws.instance, part, offset, layout.block_count,
                                                            layout.block_size, kind, str(instance["uuid"]),
                                                            str(instance.get("label", "")))  # fmt: skip
-        verdict = ext.fsck(dev, repair=True)
+        fs = filesystems.of(kind)
+        verdict = fs.check(part, offset, size, repair=True)
         grown = False
     return Placed(
         placement=placement.value,
@@ -237,7 +248,7 @@ def place_filesystem(
         copy_seconds=round(copy_seconds, 3),
         fsck=str(verdict),
         grown=grown,
-        block_count=ext.info(dev).block_count,
+        block_count=fs.info(part, offset).block_count,
         seconds=round(time.monotonic() - t0, 3),
     )
 
@@ -287,9 +298,9 @@ def finish_disk(ws: Workspace, layout: DiskLayout) -> Disk:
     part = sparse.part_path(ws.disk)
     if not part.exists():
         raise ParameterError("there is no disk being built: run place_filesystem first")
-    dev = ext.device(part, layout.offset_bytes)
-    verdict = ext.fsck(dev, repair=False)
-    fs = ext.info(dev)
+    fs = filesystems.of(str(images.probe(part, layout.offset_bytes, layout.partition_bytes).type))
+    verdict = fs.check(part, layout.offset_bytes, layout.partition_bytes)
+    found = fs.info(part, layout.offset_bytes)
     table = images.read_partition_table(part)
     assert table is not None
     os.replace(part, ws.disk)
@@ -301,9 +312,9 @@ def finish_disk(ws: Workspace, layout: DiskLayout) -> Disk:
         disk_id=table.id,
         start_sector=layout.start_sector,
         offset_bytes=layout.offset_bytes,
-        fs_type=fs.fs_type,
-        uuid=fs.uuid,
-        block_size=fs.block_size,
-        block_count=fs.block_count,
+        fs_type=found.fs_type,
+        uuid=found.uuid,
+        block_size=found.block_size,
+        block_count=found.block_count,
         fsck=str(verdict),
     )

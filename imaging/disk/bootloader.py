@@ -19,7 +19,9 @@ from pathlib import Path
 
 from imaging import tools
 from imaging.config import check_kernel_args
+from imaging.disk import filesystems
 from imaging.disk.debugfs import ExtGuest, safe_name
+from imaging.disk.filesystems import MountedFiles
 from imaging.errors import GuestError
 from imaging.records import Record
 from imaging.sparse import part_path
@@ -27,9 +29,11 @@ from imaging.tables import Table
 from imaging.workspace import Workspace
 
 GRUB_PC = Path("/usr/lib/grub/i386-pc")
-# Built into the core image: enough to read the partition and find the root filesystem; the
-# rest (normal, linux, ...) loads from the guest's /boot/grub/i386-pc.
-CORE_MODULES = ["biosdisk", "part_msdos", "ext2", "search_fs_uuid"]
+# Built into the core image: enough to read the partition and find the root filesystem (with
+# the filesystem's own module, filesystems.py); the rest (normal, linux, ...) loads from the
+# guest's /boot/grub/i386-pc.
+CORE_MODULES = ["biosdisk", "part_msdos", "search_fs_uuid"]
+_SAFE_PREFIX = re.compile(r"(/[A-Za-z0-9._+@-]+)+")
 INITRD_PATTERNS = ("initrd.img-{v}", "initrd-{v}.img", "initramfs-{v}.img", "initrd-{v}", "initrd-{v}.gz")
 
 
@@ -49,10 +53,10 @@ def version_key(version: str) -> list[tuple[int, int | str]]:
     return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-_+~]", version)]
 
 
-def find_kernels(guest: ExtGuest) -> list[Kernel]:
+def find_kernels(guest: ExtGuest | MountedFiles) -> list[Kernel]:
     """Kernels and their initrds in the guest's /boot, newest first, Xen-only kernels last."""
     try:
-        entries = guest.listdir("/boot")
+        entries = guest.entries("/boot")
     except GuestError:
         raise GuestError("the guest has no /boot directory, so no kernel to boot") from None
     names = {e.name for e in entries if (e.is_file or e.is_symlink) and safe_name(e.name)}
@@ -78,7 +82,15 @@ def kernel_table(kernels: list[Kernel]) -> Table:
     )
 
 
-def _title(guest: ExtGuest) -> str:
+def instance_kernels(ws: Workspace) -> list[Kernel]:
+    """:func:`find_kernels` of the acquired instance, read-only."""
+    instance = ws.result("00-acquire")
+    with filesystems.files(ws.instance, str(instance["fs_type"]), subvolume=str(instance.get("subvolume") or ""),
+                           writable=False) as guest:  # fmt: skip
+        return find_kernels(guest)
+
+
+def _title(guest: ExtGuest | MountedFiles) -> str:
     text = guest.read_text("/etc/os-release") or ""
     m = re.search(r'^PRETTY_NAME="?([^"\n]*)"?', text, re.MULTILINE)
     name = re.sub(r"[^A-Za-z0-9 ._()+/-]", "", m.group(1) if m else "")[:60].strip()
@@ -93,8 +105,11 @@ def grub_config(
     timeout: int = 1,
     kernel_args: str = "",
     legacy_menu: str | None = None,
+    prefix: str = "",
 ) -> str:
-    """grub.cfg for the kernels, root by UUID, menu and kernel consoles on both screen and serial."""
+    """grub.cfg for the kernels, root by UUID, menu and kernel consoles on both screen and serial.
+    ``prefix``: where the guest's / is as GRUB reads the filesystem (a btrfs root subvolume's
+    path from the top level, which GRUB starts from)."""
     if not re.fullmatch(r"[0-9a-fA-F-]{36}", uuid):
         raise GuestError(f"filesystem UUID {uuid!r} is not a UUID")
     check_kernel_args(kernel_args)
@@ -114,16 +129,16 @@ def grub_config(
         lines += [
             f"menuentry '{title} ({k.version})' {{",
             f"\tsearch --no-floppy --fs-uuid --set=root {uuid}",
-            f"\tlinux {k.vmlinuz} root=UUID={uuid} {args}",
+            f"\tlinux {prefix}{k.vmlinuz} root=UUID={uuid} {args}",
         ]
         if k.initrd:
-            lines.append(f"\tinitrd {k.initrd}")
+            lines.append(f"\tinitrd {prefix}{k.initrd}")
         lines += ["}", ""]
     if legacy_menu:
         # The menu the guest's own tools keep (GRUB legacy syntax, which GRUB 2 can read).
         lines += [
             f"menuentry 'Boot menu of the guest ({legacy_menu})' {{",
-            f"\tlegacy_configfile {legacy_menu}",
+            f"\tlegacy_configfile {prefix}{legacy_menu}",
             "}",
             "",
         ]
@@ -164,44 +179,67 @@ def install_grub(
     if not (GRUB_PC / "boot.img").exists():
         raise GuestError(f"{GRUB_PC}/boot.img is missing (apt install grub-pc-bin)")
     disk = part_path(ws.disk)
-    guest = ExtGuest(disk, start_sector * 512)
-    kernels = find_kernels(guest)
+    instance = ws.result("00-acquire") if ws.has_result("00-acquire") else {}
+    fs_type = str(instance.get("fs_type") or "ext4")
+    subvolume = str(instance.get("subvolume") or "")
+    prefix = f"/{subvolume}" if subvolume else ""
+    if prefix and not _SAFE_PREFIX.fullmatch(prefix):
+        raise GuestError(f"the btrfs root subvolume {subvolume!r} has a name GRUB's menu cannot carry")
     # 20-migrate (when it ran) says where the guest wants GRUB 2 and which arguments it needs.
     migration = ws.result("20-migrate") if ws.has_result("20-migrate") else {}
     grub_dir = str(migration.get("grub_dir") or "/boot/grub")
     legacy = migration.get("grub_legacy_conf") or None
-    args = " ".join(a for a in (str(migration.get("kernel_args") or ""), kernel_args) if a)
+    root_args = (
+        [f"rootflags=subvol={subvolume}"] if subvolume and not instance.get("subvolume_is_default") else []
+    )
+    args = " ".join(a for a in (*root_args, str(migration.get("kernel_args") or ""), kernel_args) if a)
     # The kernel 20-migrate chose for the target (it has the target's drivers) boots by default.
     chosen = str(migration.get("kernel") or "")
-    kernels.sort(key=lambda k: k.version != chosen)
-    config = grub_config(
-        kernels, uuid, title=_title(guest), timeout=timeout, kernel_args=args, legacy_menu=legacy
-    )
     cfg_path = f"{grub_dir}/grub.cfg"
-    old = guest.read_text(cfg_path)
     with tempfile.TemporaryDirectory(prefix="grub-") as tmp:
         early = Path(tmp) / "early.cfg"
-        early.write_text(f"search.fs_uuid {uuid} root\nset prefix=($root){grub_dir}\n")
+        early.write_text(f"search.fs_uuid {uuid} root\nset prefix=($root){prefix}{grub_dir}\n")
         core = Path(tmp) / "core.img"
+        modules_in_core = [*CORE_MODULES, filesystems.of(fs_type).GRUB_MODULE]
         tools.run(
-            ["grub-mkimage", "-O", "i386-pc", "-o", core, "-c", early, "-p", grub_dir, *CORE_MODULES],
+            [
+                "grub-mkimage",
+                "-O",
+                "i386-pc",
+                "-o",
+                core,
+                "-c",
+                early,
+                "-p",
+                f"{prefix}{grub_dir}",
+                *modules_in_core,
+            ],
             timeout=120,
         )
         core_bytes = core.read_bytes()
     room = (start_sector - 1) * 512
     if len(core_bytes) > room:
         raise GuestError(
-            f"GRUB's core image ({len(core_bytes)} bytes) does not fit in the {room} bytes before partition 1"
+            f"GRUB's core image for {fs_type} ({len(core_bytes)} bytes) does not fit in the {room} bytes "
+            "before partition 1 (the aligned layout has room for it)"
         )
     modules = {
         f"{grub_dir}/i386-pc/{p.name}": p.read_bytes()
         for p in sorted(GRUB_PC.iterdir())
         if p.suffix in (".mod", ".lst") and safe_name(p.name)
     }
-    guest.install_files(
-        {**modules, cfg_path: config.encode()},
-        directories=[grub_dir, f"{grub_dir}/i386-pc"],
-    )
+    with filesystems.files(
+        disk, fs_type, offset=start_sector * 512, subvolume=subvolume, writable=True
+    ) as guest:
+        kernels = find_kernels(guest)
+        kernels.sort(key=lambda k: k.version != chosen)
+        config = grub_config(kernels, uuid, title=_title(guest), timeout=timeout, kernel_args=args,
+                             legacy_menu=legacy, prefix=prefix)  # fmt: skip
+        old = guest.read_text(cfg_path)
+        guest.install_files(
+            {**modules, cfg_path: config.encode()},
+            directories=[grub_dir, f"{grub_dir}/i386-pc"],
+        )
     boot = (GRUB_PC / "boot.img").read_bytes()
     with open(disk, "r+b") as f:
         f.write(boot[:440])  # code only: disk signature and partition table follow at 440

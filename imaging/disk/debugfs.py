@@ -98,6 +98,8 @@ class ExtGuest:
             raise GuestError(f"the guest has no {path}")
         return parse_ls(result.stdout)
 
+    entries = listdir  # what filesystems.MountedFiles calls it
+
     def read_text(self, path: str) -> str | None:
         """The file's text, or None if there is no such regular file (a symlink, FIFO or device
         is not followed or read); a file over READ_LIMIT is refused by name."""

@@ -11,9 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imaging import tools
+from imaging.disk.common import FsInfo
 from imaging.errors import SourceError
 
-EXT_TYPES = ("ext2", "ext3", "ext4")
+TYPES: tuple[str, ...] = ("ext2", "ext3", "ext4")
+GRUB_MODULE = "ext2"  # GRUB's one driver reads all three
+KERNEL_MODULE = "ext4"  # serves ext2 and ext3 too
+READ_ONLY_OPTIONS: list[str] = ["noload"]  # a read-only look replays no journal (that writes)
 
 
 def device(path: Path, offset: int = 0) -> str:
@@ -83,7 +87,7 @@ class ExtInfo:
             raise SourceError(f"dumpe2fs output lacks {e}: not an ext2/3/4 superblock") from None
 
 
-def info(dev: str) -> ExtInfo:
+def read_superblock(dev: str) -> ExtInfo:
     result = tools.run(["dumpe2fs", "-h", dev], ok_codes=range(256), timeout=120)
     if result.exit_code != 0:
         raise SourceError(f"dumpe2fs cannot read the superblock: {result.stderr_tail(1)}")
@@ -147,17 +151,6 @@ def fsck(dev: str, *, repair: bool, check: bool = True, discard: bool = False) -
     return verdict
 
 
-def grow(image: Path, extra: int) -> int:
-    """Grow the partitionless filesystem ``image`` (a file we own) by about ``extra`` bytes, sparse:
-    the new blocks cost nothing until written. Returns the new size in bytes."""
-    fs = info(device(image))
-    blocks = fs.block_count + extra // fs.block_size
-    os.truncate(image, blocks * fs.block_size)
-    fsck(device(image), repair=True)  # resize2fs wants a checked filesystem
-    tools.run(["resize2fs", image, str(blocks)], timeout=3600)
-    return blocks * fs.block_size
-
-
 def resize_in_disk(disk: Path, offset: int, blocks: int, block_size: int, old_blocks: int) -> bool:
     """Grow the filesystem at ``offset`` inside ``disk`` to ``blocks``; return whether it grew.
 
@@ -178,3 +171,41 @@ def resize_in_disk(disk: Path, offset: int, blocks: int, block_size: int, old_bl
     finally:
         os.truncate(disk, size)
     return True
+
+
+# -- the filesystem interface (imaging.disk.filesystems) -----------------------------------------
+
+
+def info(image: Path, offset: int = 0) -> FsInfo:
+    fs = read_superblock(device(image, offset))
+    return FsInfo(fs.fs_type, fs.uuid, fs.label, fs.block_size, fs.block_count, fs.used_bytes)
+
+
+def check(image: Path, offset: int = 0, size: int | None = None, *, repair: bool = False) -> FsckVerdict:
+    """e2fsck -f: read-only (-n), or answering yes to every fix on a copy that is ours."""
+    return fsck(device(image, offset), repair=repair)
+
+
+def tidy(image: Path) -> FsckVerdict:
+    """Our partitionless copy: journal replayed, repaired, free blocks punched out as holes."""
+    return fsck(device(image), repair=True, discard=True)
+
+
+def grow(image: Path, offset: int, size: int) -> bool:
+    """Grow the filesystem at ``offset`` to fill ``size`` bytes. Partitionless (offset 0), the
+    file is cut to whole blocks and checked first; in a disk, the caller checked it just before
+    (placement), as resize2fs requires."""
+    fs = read_superblock(device(image, offset))
+    blocks = size // fs.block_size
+    if blocks <= fs.block_count:
+        return False
+    if offset == 0:
+        os.truncate(image, blocks * fs.block_size)
+        fsck(device(image), repair=True)  # resize2fs wants a checked filesystem
+        tools.run(["resize2fs", image, str(blocks)], timeout=3600)
+        return True
+    return resize_in_disk(image, offset, blocks, fs.block_size, fs.block_count)
+
+
+def mount_options() -> list[str]:
+    return []

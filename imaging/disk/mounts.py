@@ -24,6 +24,7 @@ from imaging.disk import ext
 from imaging.errors import ImagingError
 
 _LEDGER_ENV = "IMAGING_MOUNT_LEDGER"
+_LOOP = "loop:"  # ledger keys of attached loop devices (the others are mountpoints)
 
 
 def _ledger() -> Path | None:
@@ -72,13 +73,29 @@ def _umount(mountpoint: Path) -> None:
     tools.run(["umount", "--lazy", mountpoint], ok_codes=range(256), timeout=60)
 
 
+def _detach(device: str, image: str) -> None:
+    """Detach loop ``device`` if it still holds ``image`` (a dead run's device may be reused)."""
+    found = tools.run(["losetup", "--list", "--noheadings", "--output", "BACK-FILE", device],
+                      ok_codes=range(256), timeout=60)  # fmt: skip
+    if found.exit_code == 0 and found.stdout.strip() == image:
+        tools.run(["losetup", "--detach", device], ok_codes=range(256), timeout=60)
+
+
 def release_leftovers(ledger: Path) -> list[str]:
     """Unmount whatever a dead stage left behind; return what was released."""
     if not ledger.exists():
         return []
     released = []
     with _locked(ledger) as entries:
-        # Deepest first: bind mounts inside a guest before the guest itself.
+        # Loop devices after the mounts that use them; deepest mounts first (bind mounts inside
+        # a guest before the guest itself).
+        for key in [k for k in entries if not k.startswith(_LOOP)] + [
+            k for k in entries if k.startswith(_LOOP)
+        ]:
+            if key.startswith(_LOOP):
+                _detach(key.removeprefix(_LOOP), entries[key].rpartition("@")[0])
+                released.append(key)
+                entries.pop(key)
         for mountpoint in sorted(entries, key=len, reverse=True):
             mp = Path(mountpoint)
             if is_mounted(mp):
@@ -99,13 +116,17 @@ def mounted(
     readonly: bool,
     fstype: str,
     extra: list[str] | None = None,
+    at: Path | None = None,
 ) -> Iterator[Path]:
-    """Mount the filesystem at ``offset`` in ``image`` on a fresh directory; always unmount."""
+    """Mount the filesystem at ``offset`` in ``image`` on a fresh directory (or on ``at``, a
+    directory the caller resolved, inside a guest mounted before); always unmount."""
     if os.geteuid() != 0:
         raise ImagingError("mounting a guest filesystem needs root (placement copy does not)")
-    mountpoint = Path(tempfile.mkdtemp(prefix="imaging-mnt-"))
-    opts = ["loop", f"offset={offset}", "nodev", "nosuid"]
-    if size is not None:
+    mountpoint = at or Path(tempfile.mkdtemp(prefix="imaging-mnt-"))
+    # A loop device already attached (several mounts of one btrfs share it) is mounted as it is.
+    opts = [] if image.is_block_device() else ["loop", f"offset={offset}"]
+    opts += ["nodev", "nosuid"]
+    if size is not None and opts[0] == "loop":
         opts.append(f"sizelimit={size}")
     opts.append("ro" if readonly else "rw")
     opts += extra or []
@@ -115,9 +136,31 @@ def mounted(
         yield mountpoint
     finally:
         _umount(mountpoint)
-        with contextlib.suppress(OSError):
-            mountpoint.rmdir()
+        if at is None:
+            with contextlib.suppress(OSError):
+                mountpoint.rmdir()
         _strike(mountpoint)
+
+
+@contextlib.contextmanager
+def attached(image: Path, *, offset: int = 0, size: int | None = None, readonly: bool) -> Iterator[Path]:
+    """A loop device for the bytes [offset, offset+size) of ``image``, for the tools that take no
+    offset (xfs_repair, btrfs check) and for several mounts of one btrfs; always detached."""
+    if os.geteuid() != 0:
+        raise ImagingError("attaching a loop device needs root")
+    argv: list[str | Path] = ["losetup", "--find", "--show", "--offset", str(offset)]
+    if size is not None:
+        argv += ["--sizelimit", str(size)]
+    if readonly:
+        argv.append("--read-only")
+    device = tools.run([*argv, image.resolve()], timeout=60).stdout.strip()
+    key = f"{_LOOP}{device}"
+    _note(Path(key), f"{image.resolve()}@{offset}")
+    try:
+        yield Path(device)
+    finally:
+        _detach(device, str(image.resolve()))
+        _strike(Path(key))
 
 
 def copy_files_to_new_fs(
@@ -142,7 +185,9 @@ def copy_files_to_new_fs(
     if label:
         argv += ["-L", label]
     tools.run([*argv, disk, str(blocks)], timeout=3600)
-    src_fs = ext.info(ext.device(instance))
+    src_fs = ext.read_superblock(ext.device(instance))
+    if fs_type not in ext.TYPES or src_fs.fs_type not in ext.TYPES:
+        raise ImagingError(f"placement mkfs makes ext filesystems only, not {fs_type}: use placement copy")
     t0 = time.monotonic()
     with (
         mounted(instance, readonly=True, fstype=src_fs.fs_type) as src,

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from imaging.disk.files import Guest
 from imaging.guest import initrd
-from imaging.guest.files import Guest
 from imaging.guest.profiles import Profile
 
 _GETTY = re.compile(r"^([A-Za-z0-9]{1,4}):([0-9sS]*):respawn:(\S*getty)\s+(.*)$")

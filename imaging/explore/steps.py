@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from imaging import config
+from imaging.disk.files import Guest
 from imaging.errors import ImagingError, ParameterError
 from imaging.explore import proposal
 from imaging.guest import access, clean, migrate
-from imaging.guest.files import Guest
 from imaging.guest.profiles import Detected, RuleCheck, check_rules, resolve
 from imaging.run import pipeline
 from imaging.run.request import Request

@@ -15,10 +15,10 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass, field
 
+from imaging.disk.files import Guest
 from imaging.errors import GuestError, ParameterError
 from imaging.guest import access, clean_ops, firstboot
 from imaging.guest.clean_ops import Action, Context
-from imaging.guest.files import Guest
 from imaging.guest.profiles import load_platform, resolve
 from imaging.records import Record, human_bytes
 from imaging.tables import Table

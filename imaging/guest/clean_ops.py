@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from imaging.disk.files import Guest, unified_diff
 from imaging.guest import firstboot
 from imaging.guest.edits import redact_shadow
-from imaging.guest.files import Guest, unified_diff
 from imaging.guest.profiles import Block, Platform, Profile
 
 

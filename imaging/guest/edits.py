@@ -94,8 +94,12 @@ def modprobe_conf(text: str, storage: list[str], nic: str, extra: list[str], tar
 
 def fstab(text: str, root_uuid: str, root_label: str, target: str) -> str:
     """The root entry by UUID; entries for devices the target does not have (the Xen disks, the
-    cloud's ephemeral and swap disks) commented out, so the boot does not wait for them."""
+    cloud's ephemeral and swap disks, LVM volumes other than the root) commented out, so the boot
+    does not wait for them. Other entries on the root's own filesystem (btrfs subvolumes) stay."""
     out = []
+    ours_too = {f"UUID={root_uuid}", f"UUID={root_uuid.upper()}"} | (
+        {f"LABEL={root_label}"} if root_label else set()
+    )
     for line in _lines(text):
         fields = line.split()
         if not fields or fields[0].startswith("#") or len(fields) < 3:
@@ -110,8 +114,9 @@ def fstab(text: str, root_uuid: str, root_label: str, target: str) -> str:
             fstype in _PSEUDO_FS
             or device in _PSEUDO_FS
             or not device.startswith(("/dev/", "UUID=", "LABEL="))
+            or device in ours_too
         ):
-            pass
+            pass  # kept: not a disk, or the root's own filesystem (btrfs subvolumes: /home)
         else:
             line = f"# not on the {target} target (imaging, 20-migrate): {line}"
         out.append(line)

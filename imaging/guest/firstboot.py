@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from imaging.guest.files import Guest
+from imaging.disk.files import Guest
 
 SSH_KEYGEN_UNIT = "/etc/systemd/system/imaging-ssh-host-keys.service"
 SSH_KEYGEN_UNIT_TEXT = """\

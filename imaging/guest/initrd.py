@@ -22,9 +22,9 @@ import zstandard
 
 from imaging.disk.bootloader import INITRD_PATTERNS, version_key
 from imaging.disk.debugfs import safe_name
+from imaging.disk.files import Guest
 from imaging.errors import CommandError, GuestError, ParameterError
 from imaging.guest import sandbox
-from imaging.guest.files import Guest
 from imaging.guest.profiles import Profile
 from imaging.records import Record, human_bytes
 

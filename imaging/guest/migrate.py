@@ -22,10 +22,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from imaging import config
+from imaging.disk import ext, filesystems
 from imaging.disk.bootloader import INITRD_PATTERNS, version_key
+from imaging.disk.files import Guest, unified_diff
 from imaging.errors import GuestError, ParameterError
 from imaging.guest import access, edits, firstboot, initrd
-from imaging.guest.files import Guest, unified_diff
 from imaging.guest.profiles import Profile, load_platform, resolve
 from imaging.records import Record
 from imaging.tables import Table
@@ -202,8 +203,17 @@ def _changes(g: Guest, profile: Profile, target: config.Target, options: Migrate
     return changes, args
 
 
+def _with_root_module(target: config.Target, ws: Workspace) -> config.Target:
+    """The target's initrd modules and the root filesystem's (xfs, btrfs), which initrd tools
+    only add when they see the root mounted, and a sandbox's root is not the guest's device."""
+    fs = filesystems.of(str(ws.result("00-acquire").get("fs_type") or "ext4"))
+    if fs.KERNEL_MODULE in ext.TYPES or fs.KERNEL_MODULE in target.initrd_modules:
+        return target
+    return target.model_copy(update={"initrd_modules": [*target.initrd_modules, fs.KERNEL_MODULE]})
+
+
 def _plan(g: Guest, ws: Workspace, target_name: str, options: MigrateOptions) -> MigrationPlan:
-    target = config.load_target(target_name)
+    target = _with_root_module(config.load_target(target_name), ws)
     detected = resolve(g, options.profile)
     profile = detected.profile
     kernel = initrd.choose_kernel(g, options.kernel, [*target.initrd_modules, target.nic_module])
@@ -255,7 +265,7 @@ def apply(
 ) -> tuple[MigrationPlan, Migrated]:
     """Migrate a copy of the instance and put it in the instance's place."""
     options = options or MigrateOptions()
-    tgt = config.load_target(target)
+    tgt = _with_root_module(config.load_target(target), ws)
     room = config.parse_disk_size(options.packages_room)[1] if options.packages_install else 0
     with access.editing(ws, grow=room) as g:
         profile = resolve(g, options.profile).profile

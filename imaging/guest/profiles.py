@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from imaging import config
 from imaging.config import MirrorHost
+from imaging.disk.files import Guest
 from imaging.errors import GuestError, ParameterError
-from imaging.guest.files import Guest
 
 _GUEST_PATH = r"^/[A-Za-z0-9._+@/*-]*$"
 GuestPath = Annotated[str, Field(pattern=_GUEST_PATH)]

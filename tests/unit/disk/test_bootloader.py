@@ -13,7 +13,7 @@ class FakeGuest:
     def __init__(self, names: list[str]) -> None:
         self.names = names
 
-    def listdir(self, path: str) -> list[Entry]:
+    def entries(self, path: str) -> list[Entry]:
         assert path == "/boot"
         return [Entry(n, i + 12, 0o100644, 0, 0, 1) for i, n in enumerate(self.names)]
 

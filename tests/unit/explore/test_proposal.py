@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from imaging.disk.files import Guest
 from imaging.errors import GuestError
 from imaging.explore import proposal
 from imaging.guest import profiles
-from imaging.guest.files import Guest
 
 
 def tree(root: Path, files: dict[str, str], links: dict[str, str] | None = None) -> Guest:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from imaging import config
+from imaging.disk.files import Guest
 from imaging.errors import ParameterError
 from imaging.explore import steps
-from imaging.guest.files import Guest
 from imaging.run import pipeline
 from imaging.run.request import Request
 from imaging.workspace import Workspace

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from imaging.disk.files import Guest
 from imaging.guest import clean_ops, firstboot
 from imaging.guest.clean_ops import Context
-from imaging.guest.files import Guest
 from imaging.guest.profiles import load_profile
 
 

@@ -10,9 +10,9 @@ import pytest
 
 from imaging.config import load_target
 from imaging.disk.debugfs import safe_name
+from imaging.disk.files import Guest
 from imaging.errors import GuestError
 from imaging.guest import initrd
-from imaging.guest.files import Guest
 from imaging.guest.profiles import load_profile
 
 

@@ -309,7 +309,10 @@ class Guest:
         """Replace the content in place (same inode, owner, mode); create the file (and its
         missing directories) if missing. A file with other hard links gets a new inode with
         the same owner, mode and xattrs instead: the other names keep their bytes."""
-        data = text.encode("utf-8", errors="surrogateescape")
+        self.write_bytes(path, text.encode("utf-8", errors="surrogateescape"), mode)
+
+    def write_bytes(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        """As :meth:`write_text`, for bytes."""
         self._parents(path)
         try:
             fd = self._open_regular(path, os.O_WRONLY)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from imaging.disk.files import Guest
 from imaging.errors import GuestError
-from imaging.guest.files import Guest
 
 
 @pytest.fixture
