@@ -84,8 +84,13 @@ class Guest:
     Paths the guest's own links make unreachable (loops, paths too long) read as missing; each
     one is noted in :attr:`skipped` for the stage's record."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, mounts_inside: bool = False) -> None:
+        """``mounts_inside``: the guest's own filesystems are mounted under ``root`` (a btrfs
+        guest's /home subvolume) and paths may cross into them; otherwise no path crosses a mount."""
         self.root = root
+        self._resolve = (
+            _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS | (0 if mounts_inside else _RESOLVE_NO_XDEV)
+        )
         self._root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
         self.skipped: list[str] = []
 
@@ -115,7 +120,7 @@ class Guest:
     def _open(self, path: str, flags: int, mode: int = 0o644) -> int:
         """openat2 relative to the guest root; ``path`` may be absolute (guest-absolute)."""
         how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0,
-                       _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS | _RESOLVE_NO_XDEV)  # fmt: skip
+                       self._resolve)  # fmt: skip
         rel = _norm(path).lstrip("/").encode() or b"."
         for attempt in range(_EAGAIN_TRIES):
             fd = _LIBC.syscall(_SYS_OPENAT2, self._root_fd, rel, ctypes.byref(how), ctypes.sizeof(how))

@@ -71,7 +71,10 @@ def _mounted_guest(image: Path, instance: dict[str, object], *, writable: bool) 
         mounted(device, readonly=not writable, fstype=fs_type, extra=options) as root,
     ):
         others = [o for o in options if not o.startswith(("subvol=", "subvolid="))]
-        with _subvolumes(device, root, subvolume, others, writable=writable), Guest(root) as g:
+        with (
+            _subvolumes(device, root, subvolume, others, writable=writable),
+            Guest(root, mounts_inside=True) as g,
+        ):
             yield g
 
 
