@@ -44,6 +44,7 @@ def _export(args: argparse.Namespace) -> int:
         format=args.format or fmt,
         target=args.target or target or None,
         out=str(Path(args.out).resolve()) if args.out else "",
+        snapshots=args.snapshots,
         layout=args.layout,
         placement=args.placement,
         disk_size=args.disk_size,
@@ -413,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--out", help="directory for the artifact (default: the run's out/)")
     e.add_argument("--run", help="run id (default: <name>-<UTC time>); an existing failed run resumes")
+    e.add_argument(
+        "--snapshots",
+        choices=["drop", "keep"],
+        help="a btrfs guest's snapshots (default drop: they predate cleaning)",
+    )
     e.add_argument("--layout", choices=["aligned", "legacy"], help="partition 1 at 1 MiB, or at sector 63")
     e.add_argument(
         "--placement", choices=["copy", "mkfs"], help="block-copy the filesystem, or mkfs + copy files"

@@ -240,6 +240,7 @@ class Defaults(_Strict):
     # The target when a request names none: by its format, else the default.
     target: str = "kvm"
     target_by_format: dict[ImageFormat, str] = {}
+    snapshots: Literal["drop", "keep"] = "drop"
     layout: Layout = Layout.aligned
     placement: Placement = Placement.copy
     disk_size: str = "auto"

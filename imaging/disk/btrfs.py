@@ -34,6 +34,7 @@ KERNEL_MODULE = "btrfs"
 SUPERBLOCK = 0x10000
 _MAGIC = b"_BHRfS_M"
 # A read-only look never replays the log tree (it would write; the source is read-only anyway).
+TOOLS: tuple[str, str] = ("btrfs check --readonly", "btrfs filesystem resize max")  # check, grow
 READ_ONLY_OPTIONS: list[str] = ["rescue=nologreplay"]
 # Subvolumes we look at for a root: a real system has a handful, a snapper one some hundreds.
 _MAX_SUBVOLUMES = 4096

@@ -17,6 +17,7 @@ from imaging.errors import SourceError
 TYPES: tuple[str, ...] = ("ext2", "ext3", "ext4")
 GRUB_MODULE = "ext2"  # GRUB's one driver reads all three
 KERNEL_MODULE = "ext4"  # serves ext2 and ext3 too
+TOOLS: tuple[str, str] = ("e2fsck -f", "resize2fs")  # check, grow
 READ_ONLY_OPTIONS: list[str] = ["noload"]  # a read-only look replays no journal (that writes)
 
 

@@ -21,6 +21,7 @@ from imaging.disk import btrfs, debugfs, ext, mounts, xfs
 from imaging.disk.common import FsInfo, Verdict
 from imaging.disk.files import Guest
 from imaging.errors import SourceError
+from imaging.tables import Table
 
 __all__ = ["FsInfo", "Verdict", "FILESYSTEMS", "TYPES", "of", "files", "Filesystem"]
 
@@ -30,6 +31,7 @@ class Filesystem(Protocol):
     GRUB_MODULE: str
     KERNEL_MODULE: str
     READ_ONLY_OPTIONS: list[str]
+    TOOLS: tuple[str, str]
 
     def info(self, image: Path, offset: int = 0) -> FsInfo: ...
 
@@ -57,6 +59,28 @@ def of(fs_type: str) -> Filesystem:
         raise SourceError(
             f"a {fs_type} filesystem cannot be placed (supported: {', '.join(TYPES)})"
         ) from None
+
+
+def table(instance: dict[str, object]) -> Table:
+    """The instance's filesystem and what each step of placing it runs, for 30-bootable."""
+    fs_type = str(instance["fs_type"])
+    fs = of(fs_type)
+    rows = [
+        ("type", fs_type, "blkid, then the superblock"),
+        ("UUID", str(instance["uuid"]), "kept: fstab and the boot menu find the root by it"),
+        ("label", str(instance.get("label") or "(none)"), "kept"),
+        ("block size", f"{instance['block_size']:,} bytes", "the unit of the arithmetic"),
+        ("check", fs.TOOLS[0], "on our copy, read-only where the tool cannot repair safely"),
+        ("grow", fs.TOOLS[1], "to fill partition 1; the filesystem never shrinks"),
+        ("GRUB reads it with", fs.GRUB_MODULE, "built into GRUB's core image"),
+        ("the initrd mounts it with", fs.KERNEL_MODULE, "added to the initrd's modules (20-migrate)"),
+    ]
+    if fs_type in btrfs.TYPES:
+        sub = str(instance.get("subvolume") or "")
+        dropped = ", ".join(instance.get("snapshots_dropped") or []) or "(none)"  # type: ignore[arg-type]
+        rows += [("root subvolume", sub or "(the top level)", "GRUB reads paths from the top level"),
+                 ("snapshots dropped", dropped, "they predate cleaning (--snapshots keep keeps them)")]  # fmt: skip
+    return Table(rows, ["quantity", "value", "why"], index="quantity")
 
 
 class MountedFiles(Guest):

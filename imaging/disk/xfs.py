@@ -24,6 +24,7 @@ TYPES: tuple[str, ...] = ("xfs",)
 GRUB_MODULE = "xfs"
 KERNEL_MODULE = "xfs"
 # A read-only look must not replay a log (that writes).
+TOOLS: tuple[str, str] = ("xfs_repair -n", "xfs_growfs")  # check, grow
 READ_ONLY_OPTIONS: list[str] = ["norecovery"]
 _DIRTY_LOG = "valuable metadata changes in a log"
 

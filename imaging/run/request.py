@@ -27,6 +27,7 @@ class Request(BaseModel):
     format: str = "qcow2"
     target: str = ""  # "" = the default target for the format (parameters/defaults.yaml)
     out: str = ""
+    snapshots: str
     layout: Layout
     placement: Placement
     disk_size: str
