@@ -1,16 +1,16 @@
-"""LVM2 volume groups read from a disk image in user space, and linear volumes copied out by offset.
+"""LVM2 volume groups read from a disk image in user space; linear volumes copied out by offset.
 
-A physical volume's label (one of its first four sectors) gives its uuid and its metadata areas; each
-area's header points at the volume group's metadata text in a circular buffer; that text maps every
-logical volume's segments to extents of named PVs, which the labels place on the disk. A linear volume
-is then plain byte ranges of the image. No LVM tool runs and nothing is activated: the host may have no
-device-mapper, and a guest's volume group may share its name with the host's. Everything read is
-hostile: checksums are checked, and no size or count from the image is used without a bound.
+A PV's label (in its first four sectors) gives its uuid and metadata areas; an area's header points at
+the VG's metadata text in a circular buffer; the text maps each LV segment to extents of named PVs,
+which the labels place on the disk. No LVM tool runs and nothing is activated (the host may lack
+device-mapper; a guest's VG name may be the host's). Checksums are checked; every size, offset and count
+read from the image is bounded before use.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 import struct
@@ -34,12 +34,13 @@ _RAW_LOCN_IGNORED = 1
 _MAX_TEXT = 4 << 20
 _MAX_DEPTH = 8  # real metadata nests 4 deep (vg / logical_volumes / lv / segment)
 _MAX_PVS, _MAX_LVS, _MAX_SEGMENTS = 256, 4096, 4096
-_MAX_VALUES = 250_000  # about 60,000 in the largest text an LVM metadata area of the default size holds
+_MAX_VALUES = 250_000  # real texts hold about 50,000 per MiB, more than a default metadata area takes
 _MAX_INT = 1 << 63
 _INT = re.compile(r"-?[0-9]{1,19}\Z")
 _NAME = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}\Z")
-_TOKENS = re.compile(
-    r'\s+|#[^\n]*|(?P<str>"[^"\\]*+(?:\\.[^"\\]*+)*+")|(?P<word>[A-Za-z0-9_+.-]+)|(?P<punct>[={}\[\],])|(?P<bad>.)',
+_TOKENS = re.compile(  # possessive: a 4 MiB string is matched without a 4 MiB-deep backtracking stack
+    r'\s+|#[^\n]*|(?P<str>"[^"\\]*+(?:\\.[^"\\]*+)*+")'
+    r"|(?P<word>[A-Za-z0-9_+.-]+)|(?P<punct>[={}\[\],])|(?P<bad>.)",
     re.S,
 )
 
@@ -339,6 +340,12 @@ def _volume_group(top: dict[str, Any], labels: dict[str, _Label], where: str) ->
             expected += s.extent_count
         visible = "VISIBLE" in lv.get("status", []) if isinstance(lv.get("status"), list) else False
         lvs.append(LogicalVolume(key, name, expected * extent, tuple(segments), visible))
+    # LVM gives each extent to one volume at most: extents given twice would let a hostile text make a
+    # volume (and its copy) many times the disk.
+    used = sorted((s.pv_name, s.pv_start_extent, s.extent_count, lv.name) for lv in lvs for s in lv.segments)
+    for (pv_a, start_a, count_a, lv_a), (pv_b, start_b, _, lv_b) in itertools.pairwise(used):
+        if pv_a and pv_a == pv_b and start_a + count_a > start_b:
+            raise SourceError(f"{here}: logical volumes {lv_a} and {lv_b} share extents of {pv_a}: corrupt")
     lvs = [dataclasses.replace(lv, snapshot_of=snapshots.get(lv.name)) for lv in lvs]
     uuid, seqno = _dashed(_uuid(_get(vg, "id", str, here), here)), _get(vg, "seqno", int, here, 0)
     return VolumeGroup(name, uuid, extent, tuple(p for p, _ in pvs.values()), tuple(lvs), seqno)

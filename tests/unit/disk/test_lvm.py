@@ -441,6 +441,11 @@ HOSTILE = [
     ("extent_size = 8192", "extent_size = 0", "volume group base: extent size 0 is out of bounds: corrupt"),
     ("extent_count = 10", "extent_count = 99999999999999999999", "LVM metadata has no valid extent_count"),
     ("start_extent = 0\nextent_count = 10", "start_extent = 1\nextent_count = 10", "overlapping or missing"),
+    (
+        '"pv0", 4',
+        '"pv0", 0',
+        "volume group base: logical volumes root and home share extents of pv0: corrupt",
+    ),
     ("flags = []\ndev_size", 'flags = ["MISSING"]\ndev_size', "volume group base marks its physical volume"),
     ("seqno =", "flags = []\nseqno =", "cannot parse the metadata text: flags given twice on line"),
     (
