@@ -12,11 +12,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # to read our OVAs the way VMware-exported appliances are read (tests/integration/test_big_ova.py).
 # The test clouds: OpenSSH's server as a Eucalyptus node (and its client's ssh-keygen and
 # ssh-keyscan, which the boot check uses too), the real Glance; mmdebstrap builds the real Debian
-# samples.
+# samples. xfsprogs, btrfs-progs: the XFS and btrfs roots are checked and grown with their own
+# tools; lvm2 only builds the tests' volume groups (guests' LVM metadata is read in Python);
+# acl's setfacl plants ACLs for the tests to find.
 APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdisk util-linux \
 	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap pigz \
 	postgresql chromium fonts-dejavu-core tesseract-ocr tesseract-ocr-eng virt-v2v \
-	openssh-server openssh-client glance-api mmdebstrap
+	openssh-server openssh-client glance-api mmdebstrap xfsprogs btrfs-progs lvm2 acl
 
 .PHONY: setup apt venv demo lab test test-fast lint bench clean
 

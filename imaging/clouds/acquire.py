@@ -17,6 +17,7 @@ import dataclasses
 import errno
 import os
 import posixpath
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,12 @@ from pathlib import Path
 from imaging import sparse, tools
 from imaging.clouds import settings as cloud_settings
 from imaging.clouds.transfer import Fetched
-from imaging.disk import btrfs, ext, filesystems, images
+from imaging.disk import btrfs, ext, filesystems, images, lvm
 from imaging.disk.files import Guest
 from imaging.errors import ParameterError, SourceError, SpaceError
 from imaging.records import Record
 from imaging.samples import catalog
+from imaging.tables import Table
 from imaging.workspace import Workspace
 
 # Headroom on top of the estimate: metadata, the journal replay of e2fsck, rounding.
@@ -78,6 +80,20 @@ class Instance(Record):
     fetched: Fetched | None = None  # what was copied out of a cloud, and how it was checked
     subvolume: str = ""  # btrfs: the root subvolume's path from the top level ("" = the top level)
     snapshots_dropped: list[str] = dataclasses.field(default_factory=list)  # btrfs snapshots not kept
+    volume: str = ""  # LVM: the root's volume group/logical volume, copied out by its segments
+    volumes: list[dict[str, object]] = dataclasses.field(default_factory=list)  # the LVM metadata read
+
+
+def _rows(table: Table) -> list[dict[str, object]]:
+    return [dict(zip(table.columns, row, strict=True)) for row in table.rows]
+
+
+def volume_table(instance: Instance | dict[str, object]) -> Table:
+    """The LVM metadata 00-acquire read (volume groups, volumes, segments); empty without LVM."""
+    rows = instance.volumes if isinstance(instance, Instance) else instance.get("volumes") or []
+    if not rows:
+        return Table([], ["volume group", "volume", "size", "segment", "type"])
+    return Table.from_dicts(rows)  # type: ignore[arg-type]
 
 
 def _check_fs(path: Path, offset: int, length: int, where: str) -> images.Probe:
@@ -94,36 +110,81 @@ def _check_fs(path: Path, offset: int, length: int, where: str) -> images.Probe:
     return found
 
 
-def _find_root_partition(path: Path, table: images.PartitionTable) -> tuple[images.Partition, images.Probe]:
-    ss = table.sector_size
+@dataclass(frozen=True)
+class _Candidate:
+    """A filesystem that may be the root: on a partition, or in a logical volume."""
+
+    where: str  # "partition 2", "logical volume vg/root"
+    offset: int  # of its first byte in the disk
+    length: int
+    probe: images.Probe
+    partition: int | None = None
+    volume: lvm.LogicalVolume | None = None
+
+
+def _volumes(path: Path, table: images.PartitionTable | None, refused: list[str]) -> list[_Candidate]:
+    """The filesystems in the disk's LVM volume groups, read from their metadata (never activated)."""
+    found = []
+    for vg in lvm.read_volume_groups(path, table):
+        for lv in vg.lvs:
+            if not lv.visible:
+                continue
+            try:
+                lvm.check_linear(lv)
+            except SourceError as e:
+                refused.append(str(e))
+                continue
+            first = lv.segments[0]
+            p = images.probe(path, first.disk_offset, first.length)
+            if p.type in filesystems.TYPES:
+                where = f"logical volume {vg.name}/{lv.name}"
+                found.append(_Candidate(where, first.disk_offset, lv.size_bytes, p, volume=lv))
+    return found
+
+
+def _is_root(path: Path, c: _Candidate, scratch: Path) -> bool:
+    """Whether ``c`` holds /etc/fstab, read-only; a volume in several pieces is read from a copy."""
+    if c.volume is None or len(c.volume.segments) == 1:
+        return filesystems.exists(path, str(c.probe.type), "/etc/fstab", offset=c.offset, size=c.length)
+    with tempfile.TemporaryDirectory(prefix="volume-", dir=scratch) as tmp:
+        copy = Path(tmp) / "volume.raw"
+        lvm.copy_volume(path, c.volume, copy, desc=f"read {c.where}")
+        return filesystems.exists(copy, str(c.probe.type), "/etc/fstab")
+
+
+def _find_root(path: Path, table: images.PartitionTable | None, scratch: Path) -> _Candidate:
+    ss = table.sector_size if table else 512
     size = path.stat().st_size if path.is_file() else images.image_info(path, "raw").virtual_size
-    found: list[tuple[images.Partition, images.Probe]] = []
+    found: list[_Candidate] = []
     others: list[str] = []
-    for part in table.partitions:
+    refused: list[str] = []
+    for part in table.partitions if table else ():
         if (part.start + part.size) * ss > size:
             raise SourceError(
                 f"{path}: partition {part.number} ends beyond the end of the image: truncated?"
             )
         p = images.probe(path, part.start * ss, part.size * ss)
         if p.type in filesystems.TYPES:
-            found.append((part, p))
-        elif p.type:
+            found.append(
+                _Candidate(f"partition {part.number}", part.start * ss, part.size * ss, p, part.number)
+            )
+        elif p.type and p.type != lvm.BLKID_TYPE:
             others.append(f"{p.type} on partition {part.number}")
+    found += _volumes(path, table, refused)
     if not found:
+        if refused:
+            raise SourceError(f"{path}: {refused[0]}")
         detail = f" (found {', '.join(others)})" if others else ""
         raise SourceError(
-            f"{path}: no {', '.join(filesystems.TYPES)} partition to use as the root filesystem{detail}"
+            f"{path}: no {', '.join(filesystems.TYPES)} partition or logical volume to use as the root "
+            f"filesystem{detail}"
         )
     if len(found) > 1:
         # Several Linux filesystems (a separate /boot, /home): the root is the one with /etc/fstab.
-        roots = [
-            (part, p)
-            for part, p in found
-            if filesystems.exists(
-                path, str(p.type), "/etc/fstab", offset=part.start * ss, size=part.size * ss
-            )
-        ]
+        roots = [c for c in found if _is_root(path, c, scratch)]
         if len(roots) != 1:
+            if not roots and refused:
+                raise SourceError(f"{path}: {refused[0]}")
             raise SourceError(
                 f"{path}: {len(found)} Linux filesystems and cannot tell which is the root filesystem"
             )
@@ -133,26 +194,33 @@ def _find_root_partition(path: Path, table: images.PartitionTable) -> tuple[imag
 
 @dataclass(frozen=True)
 class _Root:
-    layout: str  # "filesystem" or "partitioned"
+    layout: str  # "filesystem", "partitioned" or "lvm"
     offset: int
     length: int
     partition: int | None
     probe: images.Probe
     fs: filesystems.FsInfo
+    volume: lvm.LogicalVolume | None = None
+    groups: tuple[lvm.VolumeGroup, ...] = ()
 
 
-def _locate_root(path: Path) -> _Root:
-    """Where the root filesystem is in a raw image, refusing what cannot be placed."""
+def _locate_root(path: Path, scratch: Path | None = None) -> _Root:
+    """Where the root filesystem is in a raw image (a partition, a logical volume, or the whole
+    image), refusing what cannot be placed. ``scratch``: where a volume in pieces may be read."""
     size = path.stat().st_size if path.is_file() else images.image_info(path, "raw").virtual_size
     first = images.probe(path)
+    volume: lvm.LogicalVolume | None = None
+    groups: tuple[lvm.VolumeGroup, ...] = ()
     number: int | None = None
-    if first.type is None and first.pttype:
-        table = images.read_partition_table(path)
-        if table is None or not table.partitions:
+    if (first.type is None and first.pttype) or first.type == lvm.BLKID_TYPE:
+        table = images.read_partition_table(path) if first.pttype else None
+        if first.pttype and (table is None or not table.partitions):
             raise SourceError(f"{path}: has a {first.pttype} partition table with no partitions")
-        part, probe = _find_root_partition(path, table)
-        layout, number = "partitioned", part.number
-        offset, length = part.start * table.sector_size, part.size * table.sector_size
+        found = _find_root(path, table, scratch or Path(tempfile.gettempdir()))
+        probe, number, volume = found.probe, found.partition, found.volume
+        layout, offset, length = "lvm" if volume else "partitioned", found.offset, found.length
+        if volume:
+            groups = tuple(lvm.read_volume_groups(path, table))
     else:
         probe = _check_fs(path, 0, size, str(path))
         layout, offset, length = "filesystem", 0, size
@@ -166,12 +234,12 @@ def _locate_root(path: Path) -> _Root:
             detail = "e2fsck: " + ext.fsck(ext.device(path, offset), repair=False, check=False).summary
         raise SourceError(f"{path}: the {fs_type} filesystem cannot be opened: {detail}") from None
     if fs.size_bytes > length:
-        where = f"partition {number}" if number else "image"
+        where = f"partition {number}" if number else f"logical volume {volume.name}" if volume else "image"
         raise SourceError(
             f"{path} is truncated: its {fs.fs_type} filesystem needs {fs.size_bytes:,} bytes, "
             f"the {where} has {length:,}"
         )
-    return _Root(layout, offset, length, number, probe, fs)
+    return _Root(layout, offset, length, number, probe, fs, volume, groups)
 
 
 def inspect(source: str) -> Source:
@@ -300,10 +368,14 @@ def _acquire(src: Source, ws: Workspace, snapshots: str = "drop") -> Instance:
                     Path(src.path), src.format, converted, "raw", desc=f"convert {src.format}"
                 )
                 whole = converted
-            root = _locate_root(whole)
+            root = _locate_root(whole, ws.work)
             if whole == converted and root.layout == "filesystem":
                 os.replace(converted, part)
                 os.truncate(part, root.length)
+            elif root.volume:
+                # The volume's segments, each from its place on its physical volume.
+                what = f"copy {root.volume.vg}/{root.volume.name}"
+                seconds += lvm.copy_volume(whole, root.volume, part, desc=what)
             else:
                 sparse.create_sparse(part, root.length)
                 what = "copy root partition" if root.partition else "copy instance"
@@ -339,6 +411,8 @@ def _acquire(src: Source, ws: Workspace, snapshots: str = "drop") -> Instance:
         source_digest=None,
         subvolume=subvolume,
         snapshots_dropped=dropped,
+        volume=f"{root.volume.vg}/{root.volume.name}" if root.volume else "",
+        volumes=[row for vg in root.groups for row in _rows(lvm.volume_table(vg))],
     )
 
 

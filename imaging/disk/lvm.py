@@ -27,6 +27,7 @@ from imaging.records import human_bytes
 from imaging.tables import Table
 
 SECTOR = 512
+BLKID_TYPE = "LVM2_member"  # what blkid calls a physical volume
 _LABEL_MAGIC, _LABEL_TYPE = b"LABELONE", b"LVM2 001"
 _MDA_MAGIC = b" LVM2 x[5A%r0N*>"
 _INITIAL_CRC = 0xF597A6CF

@@ -19,7 +19,8 @@ import pytest
 from imaging.samples import catalog
 
 REQUIRED = ["qemu-img", "qemu-system-x86_64", "grub-mkimage", "mke2fs", "e2fsck", "resize2fs", "debugfs", "sfdisk",
-            "blkid", "rsync", "mount", "cpio", "depmod", "tar", "pigz"]  # fmt: skip
+            "blkid", "rsync", "mount", "cpio", "depmod", "tar", "pigz", "losetup", "mkfs.xfs", "xfs_repair",
+            "xfs_growfs", "mkfs.btrfs", "btrfs", "fstrim", "pvcreate", "setfacl"]  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,6 +9,7 @@ snapshots) is written by ``vgcfgrestore --force`` from an edited ``vgcfgbackup``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -30,10 +31,7 @@ from imaging.errors import SourceError
 
 MIB = 1 << 20
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("pvcreate") or not shutil.which("losetup"),
-    reason="needs root, lvm2 and loop devices",
-)
+# Root, lvm2 and loop devices: the integration conftest fails the run without them.
 
 
 def sh(*argv: str, env: dict[str, str] | None = None) -> str:
@@ -551,3 +549,100 @@ def test_parse_metadata() -> None:
         with pytest.raises(SourceError) as e:
             lvm.parse_metadata(bad)
         assert str(e.value) == f"LVM metadata: cannot parse the metadata text: {what}"
+
+
+# --- acquire: the root found in a volume group and copied out by its segments ------------------
+
+
+def _installer_disk(tools: Lvm, tmp_path: Path) -> tuple[Path, lvm.LogicalVolume]:
+    """Debian's "use the entire disk and set up LVM": /boot on p1, root and swap in debian-vg on
+    p5, the root ext4 made by mke2fs at the volume's offset, fstab as the installer writes it."""
+    script = "label: dos\nstart=2048, size=65536, type=83\nstart=67584, type=5\nstart=69632, type=8e\n"
+    path = disk(tmp_path / "installed.img", 512 * MIB, script)
+    p5 = 69632 * 512
+    dev = tools.attach(path, p5, 512 * MIB - p5, name="p5")
+    tools("pvcreate", "-q", dev)
+    tools("vgcreate", "-q", "debian-vg", dev)
+    tools("lvcreate", "-q", "-an", "-Zn", "-L", "16M", "-n", "swap_1", "debian-vg")
+    tools("lvcreate", "-q", "-an", "-Zn", "-L", "200M", "-n", "root", "debian-vg")
+    tools.detach()
+    (vg,) = read(path)
+    root = next(lv for lv in vg.lvs if lv.name == "root")
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "fstab").write_text(
+        "/dev/mapper/debian--vg-root / ext4 errors=remount-ro 0 1\n"
+        "UUID=2b1f5d0c-3b1a-4a53-9d0e-6f6b0f2b7c11 /boot ext2 defaults 0 2\n"
+        "/dev/mapper/debian--vg-swap_1 none swap sw 0 0\n"
+    )
+    (tree / "home" / "debian").mkdir(parents=True)
+    (tree / "home" / "debian" / "data").write_bytes(secrets.token_bytes(MIB))
+    offset = root.segments[0].disk_offset
+    sh(
+        "mke2fs",
+        "-q",
+        "-F",
+        "-t",
+        "ext4",
+        "-L",
+        "root",
+        "-d",
+        str(tree),
+        "-E",
+        f"offset={offset}",
+        str(path),
+        "200M",
+    )
+    sh("mke2fs", "-q", "-F", "-t", "ext2", "-E", f"offset={2048 * 512}", str(path), "32M")
+    return path, root
+
+
+def test_acquire_finds_the_root_volume_and_copies_it_out(tools: Lvm, tmp_path: Path) -> None:
+    from imaging.clouds import acquire
+    from imaging.workspace import Workspace
+
+    path, root = _installer_disk(tools, tmp_path)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    src = acquire.inspect(str(path))
+    assert (src.layout, src.fs_type) == ("lvm", "ext4")
+    ws = Workspace.open(tmp_path / "run")
+    instance = acquire.acquire(src, ws, hash_source=False)
+    assert (instance.volume, instance.fs_type, instance.label) == ("debian-vg/root", "ext4", "root")
+    assert instance.source_layout == "lvm" and instance.partition is None
+    table = acquire.volume_table(instance)
+    assert sorted(table.column("volume")) == ["root", "swap_1"] and table.column("volume group") == ["debian-vg"] * 2
+    offset = root.segments[0].disk_offset
+    assert instance.uuid == images.probe(path, offset, root.size_bytes).uuid
+    sh("e2fsck", "-fn", str(ws.instance))
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert str(tmp_path) not in sh("losetup", "-a")
+
+
+def test_a_root_only_on_a_thin_volume_is_refused_in_one_line(tools: Lvm, tmp_path: Path) -> None:
+    from imaging.clouds import acquire
+
+    path = disk(tmp_path / "thin.img", 64 * MIB, "label: dos\nstart=2048, type=8e\n")
+    dev = tools.attach(path, 2048 * 512, 64 * MIB - 2048 * 512, name="p1")
+    tools("pvcreate", "-q", dev)
+    tools("vgcreate", "-q", "rhel", dev)
+    tools("lvcreate", "-q", "-an", "-Zn", "-L", "4M", "-n", "swap", "rhel")
+    backup = tmp_path / "rhel.vg"
+    tools("vgcfgbackup", "-q", "-f", str(backup), "rhel")
+    extra = (
+        _lv("pool00", True, "start_extent = 0", "extent_count = 4", 'type = "thin-pool"',
+            'metadata = "pool00_tmeta"', 'pool = "pool00_tdata"', "transaction_id = 1", "chunk_size = 128",
+            'discards = "passdown"', "zero_new_blocks = 0")
+        + _lv("root", True, "start_extent = 0", "extent_count = 8", 'type = "thin"', 'thin_pool = "pool00"',
+              "transaction_id = 0", "device_id = 1")
+        + _lv("pool00_tmeta", False, *_linear(1, 2)) + _lv("pool00_tdata", False, *_linear(4, 3))
+    )  # fmt: skip
+    text = backup.read_text()
+    at = text.index("logical_volumes {") + len("logical_volumes {")
+    backup.write_text(text[:at] + "\n" + extra + text[at:])
+    tools("vgcfgrestore", "-q", "--force", "-f", str(backup), "rhel")
+    tools.detach()
+    with pytest.raises(SourceError) as e:
+        acquire.inspect(str(path))
+    message = str(e.value)
+    assert "\n" not in message and "logical volume rhel/" in message and "thin" in message
+    assert "only linear volumes can be read without activating them" in message
