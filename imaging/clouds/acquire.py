@@ -25,7 +25,7 @@ from pathlib import Path
 from imaging import sparse, tools
 from imaging.clouds import settings as cloud_settings
 from imaging.clouds.transfer import Fetched
-from imaging.disk import btrfs, ext, filesystems, images, lvm
+from imaging.disk import btrfs, ext, filesystems, flatten, images, lvm
 from imaging.disk.files import Guest
 from imaging.errors import ParameterError, SourceError, SpaceError
 from imaging.records import Record
@@ -81,6 +81,7 @@ class Instance(Record):
     subvolume: str = ""  # btrfs: the root subvolume's path from the top level ("" = the top level)
     snapshots_dropped: list[str] = dataclasses.field(default_factory=list)  # btrfs snapshots not kept
     volume: str = ""  # LVM: the root's volume group/logical volume, copied out by its segments
+    merged: list[str] = dataclasses.field(default_factory=list)  # other filesystems merged in (flatten.py)
     volumes: list[dict[str, object]] = dataclasses.field(default_factory=list)  # the LVM metadata read
 
 
@@ -110,19 +111,7 @@ def _check_fs(path: Path, offset: int, length: int, where: str) -> images.Probe:
     return found
 
 
-@dataclass(frozen=True)
-class _Candidate:
-    """A filesystem that may be the root: on a partition, or in a logical volume."""
-
-    where: str  # "partition 2", "logical volume vg/root"
-    offset: int  # of its first byte in the disk
-    length: int
-    probe: images.Probe
-    partition: int | None = None
-    volume: lvm.LogicalVolume | None = None
-
-
-def _volumes(path: Path, table: images.PartitionTable | None, refused: list[str]) -> list[_Candidate]:
+def _volumes(path: Path, table: images.PartitionTable | None, refused: list[str]) -> list[flatten.Found]:
     """The filesystems in the disk's LVM volume groups, read from their metadata (never activated)."""
     found = []
     for vg in lvm.read_volume_groups(path, table):
@@ -137,25 +126,28 @@ def _volumes(path: Path, table: images.PartitionTable | None, refused: list[str]
             first = lv.segments[0]
             p = images.probe(path, first.disk_offset, first.length)
             if p.type in filesystems.TYPES:
-                where = f"logical volume {vg.name}/{lv.name}"
-                found.append(_Candidate(where, first.disk_offset, lv.size_bytes, p, volume=lv))
+                found.append(flatten.Found(f"logical volume {vg.name}/{lv.name}", first.disk_offset, lv.size_bytes,
+                                           p.type, p.uuid or "", p.label or "", volume=lv))  # fmt: skip
     return found
 
 
-def _is_root(path: Path, c: _Candidate, scratch: Path) -> bool:
+def _is_root(path: Path, c: flatten.Found, scratch: Path) -> bool:
     """Whether ``c`` holds /etc/fstab, read-only; a volume in several pieces is read from a copy."""
     if c.volume is None or len(c.volume.segments) == 1:
-        return filesystems.exists(path, str(c.probe.type), "/etc/fstab", offset=c.offset, size=c.length)
+        return filesystems.exists(path, c.fs_type, "/etc/fstab", offset=c.offset, size=c.length)
     with tempfile.TemporaryDirectory(prefix="volume-", dir=scratch) as tmp:
         copy = Path(tmp) / "volume.raw"
         lvm.copy_volume(path, c.volume, copy, desc=f"read {c.where}")
-        return filesystems.exists(copy, str(c.probe.type), "/etc/fstab")
+        return filesystems.exists(copy, c.fs_type, "/etc/fstab")
 
 
-def _find_root(path: Path, table: images.PartitionTable | None, scratch: Path) -> _Candidate:
+def _find_root(
+    path: Path, table: images.PartitionTable | None, scratch: Path
+) -> tuple[flatten.Found, list[flatten.Found]]:
+    """The root filesystem among the disk's partitions and logical volumes, and the others."""
     ss = table.sector_size if table else 512
     size = path.stat().st_size if path.is_file() else images.image_info(path, "raw").virtual_size
-    found: list[_Candidate] = []
+    found: list[flatten.Found] = []
     others: list[str] = []
     refused: list[str] = []
     for part in table.partitions if table else ():
@@ -165,8 +157,9 @@ def _find_root(path: Path, table: images.PartitionTable | None, scratch: Path) -
             )
         p = images.probe(path, part.start * ss, part.size * ss)
         if p.type in filesystems.TYPES:
+            where, offset, length = f"partition {part.number}", part.start * ss, part.size * ss
             found.append(
-                _Candidate(f"partition {part.number}", part.start * ss, part.size * ss, p, part.number)
+                flatten.Found(where, offset, length, p.type, p.uuid or "", p.label or "", part.number)
             )
         elif p.type and p.type != lvm.BLKID_TYPE:
             others.append(f"{p.type} on partition {part.number}")
@@ -188,8 +181,8 @@ def _find_root(path: Path, table: images.PartitionTable | None, scratch: Path) -
             raise SourceError(
                 f"{path}: {len(found)} Linux filesystems and cannot tell which is the root filesystem"
             )
-        return roots[0]
-    return found[0]
+        return roots[0], [c for c in found if c is not roots[0]]
+    return found[0], []
 
 
 @dataclass(frozen=True)
@@ -202,6 +195,7 @@ class _Root:
     fs: filesystems.FsInfo
     volume: lvm.LogicalVolume | None = None
     groups: tuple[lvm.VolumeGroup, ...] = ()
+    others: tuple[flatten.Found, ...] = ()  # the disk's other filesystems (a separate /boot)
 
 
 def _locate_root(path: Path, scratch: Path | None = None) -> _Root:
@@ -211,13 +205,15 @@ def _locate_root(path: Path, scratch: Path | None = None) -> _Root:
     first = images.probe(path)
     volume: lvm.LogicalVolume | None = None
     groups: tuple[lvm.VolumeGroup, ...] = ()
+    others: list[flatten.Found] = []
     number: int | None = None
     if (first.type is None and first.pttype) or first.type == lvm.BLKID_TYPE:
         table = images.read_partition_table(path) if first.pttype else None
         if first.pttype and (table is None or not table.partitions):
             raise SourceError(f"{path}: has a {first.pttype} partition table with no partitions")
-        found = _find_root(path, table, scratch or Path(tempfile.gettempdir()))
-        probe, number, volume = found.probe, found.partition, found.volume
+        found, others = _find_root(path, table, scratch or Path(tempfile.gettempdir()))
+        probe = images.Probe(found.fs_type, None, found.uuid, found.label)
+        number, volume = found.partition, found.volume
         layout, offset, length = "lvm" if volume else "partitioned", found.offset, found.length
         if volume:
             groups = tuple(lvm.read_volume_groups(path, table))
@@ -239,7 +235,7 @@ def _locate_root(path: Path, scratch: Path | None = None) -> _Root:
             f"{path} is truncated: its {fs.fs_type} filesystem needs {fs.size_bytes:,} bytes, "
             f"the {where} has {length:,}"
         )
-    return _Root(layout, offset, length, number, probe, fs, volume, groups)
+    return _Root(layout, offset, length, number, probe, fs, volume, groups, tuple(others))
 
 
 def inspect(source: str) -> Source:
@@ -382,13 +378,16 @@ def _acquire(src: Source, ws: Workspace, snapshots: str = "drop") -> Instance:
                 seconds += sparse.copy_range(
                     whole, part, src_offset=root.offset, length=root.length, desc=what
                 ).seconds
+            fsmod = filesystems.of(root.fs.fs_type)
+            if root.fs.size_bytes < root.length:
+                os.truncate(
+                    part, root.fs.size_bytes
+                )  # bytes past the filesystem's end are not the instance's
+            verdict = fsmod.tidy(part)
+            subvolume, dropped = _btrfs_root(part, snapshots) if fsmod is btrfs else ("", [])
+            merged = _flatten(whole, part, root, subvolume, ws.work)
         finally:
             converted.unlink(missing_ok=True)
-        fsmod = filesystems.of(root.fs.fs_type)
-        if root.fs.size_bytes < root.length:
-            os.truncate(part, root.fs.size_bytes)  # bytes past the filesystem's end are not the instance's
-        verdict = fsmod.tidy(part)
-        subvolume, dropped = _btrfs_root(part, snapshots) if fsmod is btrfs else ("", [])
         fs = fsmod.info(part)
         data = sparse.data_bytes(part)
     return Instance(
@@ -412,7 +411,19 @@ def _acquire(src: Source, ws: Workspace, snapshots: str = "drop") -> Instance:
         subvolume=subvolume,
         snapshots_dropped=dropped,
         volume=f"{root.volume.vg}/{root.volume.name}" if root.volume else "",
+        merged=merged,
         volumes=[row for vg in root.groups for row in _rows(lvm.volume_table(vg))],
+    )
+
+
+def _flatten(disk: Path, image: Path, root: _Root, subvolume: str, scratch: Path) -> list[str]:
+    """The disk's other filesystems that the root's fstab mounts, merged into our copy."""
+    if not root.others:
+        return []
+    with filesystems.files(image, root.fs.fs_type, subvolume=subvolume, writable=False) as g:
+        fstab = g.read_text("/etc/fstab") or ""
+    return flatten.merge(
+        image, root.fs.fs_type, subvolume, disk, flatten.to_merge(fstab, list(root.others)), scratch
     )
 
 

@@ -18,7 +18,9 @@ TYPES: tuple[str, ...] = ("ext2", "ext3", "ext4")
 GRUB_MODULE = "ext2"  # GRUB's one driver reads all three
 KERNEL_MODULE = "ext4"  # serves ext2 and ext3 too
 TOOLS: tuple[str, str] = ("e2fsck -f", "resize2fs")  # check, grow
-READ_ONLY_OPTIONS: list[str] = ["noload"]  # a read-only look replays no journal (that writes)
+# None: ext is only mounted once e2fsck has replayed its journal on our copy (noload, the way to
+# skip a replay, is refused for ext2), and a read-only loop device could not be written anyway.
+READ_ONLY_OPTIONS: list[str] = []
 
 
 def device(path: Path, offset: int = 0) -> str:

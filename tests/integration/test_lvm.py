@@ -554,6 +554,9 @@ def test_parse_metadata() -> None:
 # --- acquire: the root found in a volume group and copied out by its segments ------------------
 
 
+BOOT_UUID = "2b1f5d0c-3b1a-4a53-9d0e-6f6b0f2b7c11"
+
+
 def _installer_disk(tools: Lvm, tmp_path: Path) -> tuple[Path, lvm.LogicalVolume]:
     """Debian's "use the entire disk and set up LVM": /boot on p1, root and swap in debian-vg on
     p5, the root ext4 made by mke2fs at the volume's offset, fstab as the installer writes it."""
@@ -572,7 +575,7 @@ def _installer_disk(tools: Lvm, tmp_path: Path) -> tuple[Path, lvm.LogicalVolume
     (tree / "etc").mkdir(parents=True)
     (tree / "etc" / "fstab").write_text(
         "/dev/mapper/debian--vg-root / ext4 errors=remount-ro 0 1\n"
-        "UUID=2b1f5d0c-3b1a-4a53-9d0e-6f6b0f2b7c11 /boot ext2 defaults 0 2\n"
+        f"UUID={BOOT_UUID} /boot ext2 defaults 0 2\n"
         "/dev/mapper/debian--vg-swap_1 none swap sw 0 0\n"
     )
     (tree / "home" / "debian").mkdir(parents=True)
@@ -593,7 +596,12 @@ def _installer_disk(tools: Lvm, tmp_path: Path) -> tuple[Path, lvm.LogicalVolume
         str(path),
         "200M",
     )
-    sh("mke2fs", "-q", "-F", "-t", "ext2", "-E", f"offset={2048 * 512}", str(path), "32M")
+    boot = tmp_path / "boot-tree"
+    (boot / "grub").mkdir(parents=True)
+    (boot / "vmlinuz-6.1.0-9-amd64").write_bytes(b"kernel")
+    (boot / "initrd.img-6.1.0-9-amd64").write_bytes(b"initrd")
+    sh("mke2fs", "-q", "-F", "-t", "ext2", "-U", BOOT_UUID, "-d", str(boot), "-E", f"offset={2048 * 512}",
+       str(path), "32M")  # fmt: skip
     return path, root
 
 
@@ -610,10 +618,17 @@ def test_acquire_finds_the_root_volume_and_copies_it_out(tools: Lvm, tmp_path: P
     assert (instance.volume, instance.fs_type, instance.label) == ("debian-vg/root", "ext4", "root")
     assert instance.source_layout == "lvm" and instance.partition is None
     table = acquire.volume_table(instance)
-    assert sorted(table.column("volume")) == ["root", "swap_1"] and table.column("volume group") == ["debian-vg"] * 2
+    assert (
+        sorted(table.column("volume")) == ["root", "swap_1"]
+        and table.column("volume group") == ["debian-vg"] * 2
+    )
     offset = root.segments[0].disk_offset
     assert instance.uuid == images.probe(path, offset, root.size_bytes).uuid
     sh("e2fsck", "-fn", str(ws.instance))
+    # The separate /boot is merged into the root where fstab mounts it: the kernel is there now.
+    assert [m.split(" (")[0] for m in instance.merged] == ["/boot: partition 1"]
+    boot = sh("debugfs", "-R", "ls -p /boot", str(ws.instance))
+    assert "vmlinuz-6.1.0-9-amd64" in boot and "initrd.img-6.1.0-9-amd64" in boot
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert str(tmp_path) not in sh("losetup", "-a")
 
