@@ -7,6 +7,7 @@ settings of ifcfg-eth0) stays as it was.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Iterable
 
@@ -92,10 +93,11 @@ def modprobe_conf(text: str, storage: list[str], nic: str, extra: list[str], tar
     return new
 
 
-def fstab(text: str, root_uuid: str, root_label: str, target: str) -> str:
+def fstab(text: str, root_uuid: str, root_label: str, target: str, merged: tuple[str, ...] = ()) -> str:
     """The root entry by UUID; entries for devices the target does not have (the Xen disks, the
     cloud's ephemeral and swap disks, LVM volumes other than the root) commented out, so the boot
-    does not wait for them. Other entries on the root's own filesystem (btrfs subvolumes) stay."""
+    does not wait for them. Other entries on the root's own filesystem (btrfs subvolumes) stay;
+    those ``merged`` into the root (a separate /boot, flatten.py) are commented out as such."""
     out = []
     ours_too = {f"UUID={root_uuid}", f"UUID={root_uuid.upper()}"} | (
         {f"LABEL={root_label}"} if root_label else set()
@@ -117,6 +119,8 @@ def fstab(text: str, root_uuid: str, root_label: str, target: str) -> str:
             or device in ours_too
         ):
             pass  # kept: not a disk, or the root's own filesystem (btrfs subvolumes: /home)
+        elif posixpath.normpath(mountpoint) in merged:
+            line = f"# merged into the root filesystem (imaging, 00-acquire): {line}"
         else:
             line = f"# not on the {target} target (imaging, 20-migrate): {line}"
         out.append(line)

@@ -183,6 +183,7 @@ def _changes(g: Guest, profile: Profile, target: config.Target, options: Migrate
              instance: dict[str, object], kernel: initrd.GuestKernel,
              found: firstboot.Facts) -> tuple[list[Change], str]:  # fmt: skip
     uuid, label = str(instance["uuid"]), str(instance.get("label", ""))
+    merged = tuple(str(m).split(":", 1)[0] for m in instance.get("merged") or [])  # type: ignore[attr-defined]
     args = " ".join(["ro", "console=tty0", "console=ttyS0,115200n8", *_kernel_args(options, found)])
     hooks = [h for p in options.platforms for h in load_platform(p).boot_hooks]
     getty = profile.serial_getty if options.xen_console == "serial" else None
@@ -193,7 +194,7 @@ def _changes(g: Guest, profile: Profile, target: config.Target, options: Migrate
         *_edit(g, profile.modprobe_conf, f"Xen aliases replaced by {target.name}'s drivers",
                lambda t: edits.modprobe_conf(t, target.storage_modules, target.nic_module, target.modprobe_extra, target.name)),
         *_edit(g, profile.fstab, "root by UUID; the cloud's other disks commented out",
-               lambda t: edits.fstab(t, uuid, label, target.name)),
+               lambda t: edits.fstab(t, uuid, label, target.name, merged)),
         *_edit(g, profile.selinux_config, f"SELinux {options.selinux}", lambda t: edits.selinux(t, options.selinux)),
         *_edit(g, profile.rc_local, "the cloud's boot hooks removed", lambda t: edits.without_hooks(t, hooks)),
         *_grub_legacy(g, profile, kernel, uuid, args),

@@ -62,6 +62,23 @@ def test_fstab() -> None:
     assert edits.fstab(labelled, UUID, "root", "kvm") == labelled
 
 
+def test_fstab_keeps_the_roots_subvolumes_and_names_what_was_merged() -> None:
+    # Fedora's btrfs (/home a subvolume of the root's filesystem) and a RHEL install whose /boot
+    # partition and swap volume were beside an LVM root.
+    fedora = (
+        f"UUID={UUID} / btrfs subvol=root,compress=zstd:1 0 0\nUUID={UUID} /home btrfs subvol=home 0 0\n"
+    )
+    assert edits.fstab(fedora, UUID, "fedora", "kvm") == fedora
+    rhel = (
+        "/dev/mapper/rhel-root / xfs defaults 0 0\nUUID=0b8c1f2e-7d5a-4c3b-9e1f-2a3b4c5d6e7f /boot xfs defaults 0 0\n"
+        "/dev/mapper/rhel-swap none swap defaults 0 0\n"
+    )
+    new = edits.fstab(rhel, UUID, "", "virtualbox", ("/boot",)).splitlines()
+    assert new[0] == f"UUID={UUID} / xfs defaults 0 0"
+    assert new[1].startswith("# merged into the root filesystem (imaging, 00-acquire): UUID=0b8c1f2e")
+    assert new[2].startswith("# not on the virtualbox target (imaging, 20-migrate): /dev/mapper/rhel-swap")
+
+
 @pytest.mark.parametrize("mode", ["disabled", "permissive"])
 def test_selinux(mode: str) -> None:
     text = "# comment SELINUX=enforcing stays\nSELINUX=enforcing\nSELINUXTYPE=targeted\n"
