@@ -5,28 +5,36 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
 import tempfile
 from pathlib import Path
 
 from imaging import config, tools
 from imaging.errors import ParameterError
-from imaging.samples import debian, kvm, packages, xen
+from imaging.samples import debian, kvm, layouts, packages, xen
 from imaging.sparse import atomic_path
 
 MARKER = kvm.MARKER
 # kvm and xen are busybox guests (seconds to build and boot); xen-nogrub is the Xen one without
 # /boot/grub, as clouds that boot their own kernel leave it; debian12 and debian13 are real
-# Debian cloud instances (about a minute each to build, from Debian's mirror).
-SAMPLES = ("kvm", "xen", "xen-nogrub", "debian12", "debian13")
+# Debian cloud instances (about a minute each to build, from Debian's mirror); debian12-xfs,
+# -btrfs and -lvm are debian12 on the partitioned disks of RHEL's, Fedora's and the LVM
+# installers' layouts (layouts.py).
+SAMPLES = ("kvm", "xen", "xen-nogrub", "debian12", "debian13", *layouts.LAYOUTS)
 _BUILDER_VERSION = "1"
 
 
 def _key(name: str) -> str:
     """What a sample is made of: any change to its builder or its packages makes a new one."""
 
-    if name in debian.RELEASES:
+    if name in debian.RELEASES or name in layouts.LAYOUTS:
         parts = [_BUILDER_VERSION, name, debian.MIRROR, " ".join(debian.PACKAGES), debian.CHECK, debian.CHECK_UNIT,
                  debian.INSTANCE_ID, debian.INJECTED_KEY, debian.DATA]  # fmt: skip
+        if name in layouts.LAYOUTS:
+            # The layout's packages, fstab and checks, and all the code that stages and lays it out.
+            layout = layouts.LAYOUTS[name]
+            parts += [layout.release, " ".join(layout.packages), layout.fstab, layout.checks,
+                      inspect.getsource(debian), inspect.getsource(layouts)]  # fmt: skip
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
     parts = [
         _BUILDER_VERSION,
@@ -63,6 +71,8 @@ def ensure_sample(name: str = "kvm", size_mib: int = 512) -> Path:
 def _build(name: str, dest: Path, size_mib: int) -> Path:
     if name in debian.RELEASES:
         return _build_debian(name, dest)
+    if name in layouts.LAYOUTS:
+        return layouts.build(name, dest)
     tools.require_tools(
         "mke2fs",
         "cpio",

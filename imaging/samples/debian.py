@@ -25,6 +25,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from imaging import tools
@@ -43,6 +44,8 @@ INJECTED_KEY = (
 )
 DATA = "run,temperature,yield\n1,300,0.41\n2,310,0.47\n3,320,0.52\n"
 DATA_PATH = "/home/debian/results/experiment-7.csv"
+# As the cloud's image builder wrote it (a sample on another layout gives its own).
+FSTAB = "# written by the cloud's image builder\n/dev/xvda1\t/\text4\trw,discard,errors=remount-ro\t0 1\n"
 
 CHECK = r"""#!/bin/sh
 # imaging sample check: what cleaning and migration promise, seen from inside the booted guest.
@@ -86,12 +89,20 @@ def _host_keys(root: Path) -> list[str]:
     return sorted(p.read_text().split()[1] for p in (root / "etc" / "ssh").glob("ssh_host_*_key.pub"))
 
 
-def stage_debian_root(root: Path, name: str) -> None:
-    """Build the instance's tree in ``root`` (empty): mmdebstrap, then what running left."""
+# Where a sample's own checks go: before the verdict line.
+_VERDICT = 'if [ -z "$fail" ]; then'
+
+
+def stage_debian_root(
+    root: Path, name: str, *, packages: Sequence[str] = (), fstab: str = FSTAB, checks: str = ""
+) -> None:
+    """Build the instance's tree in ``root`` (empty): mmdebstrap, then what running left.
+    ``packages`` are installed besides PACKAGES, ``fstab`` is the instance's /etc/fstab, and
+    ``checks`` (``check "what" command...`` lines) run in the guest's check before its verdict."""
     release = RELEASES[name]
     tools.require_tools("mmdebstrap", reason="build a real Debian guest", hint="apt install mmdebstrap")
     tools.run(
-        ["mmdebstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", "--aptopt=Acquire::Retries \"3\"",
+        ["mmdebstrap", "--variant=minbase", f"--include={','.join([*PACKAGES, *packages])}", "--aptopt=Acquire::Retries \"3\"",
          "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
          "--dpkgopt=path-exclude=/usr/share/locale/*", release, root, MIRROR],
         timeout=1800,
@@ -104,7 +115,7 @@ def stage_debian_root(root: Path, name: str) -> None:
     files = {
         "/etc/hostname": f"{host}\n",
         "/etc/hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-        "/etc/fstab": "# written by the cloud's image builder\n/dev/xvda1\t/\text4\trw,discard,errors=remount-ro\t0 1\n",
+        "/etc/fstab": fstab,
         "/etc/network/interfaces.d/50-cloud-init": "# written by cloud-init\nauto lo\niface lo inet loopback\n\n"
                                                    "auto eth0\niface eth0 inet dhcp\n",
         "/etc/machine-id": f"{MACHINE_ID}\n",
@@ -138,7 +149,7 @@ def stage_debian_root(root: Path, name: str) -> None:
         for entry in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
             os.chown(entry, 1000, 1000, follow_symlinks=False)
     (home / ".ssh").chmod(0o700)
-    check = CHECK
+    check = CHECK.replace(_VERDICT, checks + _VERDICT)
     for key, value in {"__MACHINE_ID__": MACHINE_ID, "__INSTANCE_ID__": INSTANCE_ID, "__DATA_PATH__": DATA_PATH,
                        "__DATA_SHA256__": hashlib.sha256(DATA.encode()).hexdigest(), "__MARKER__": MARKER,
                        "__HOST_KEYS__": " -e ".join(_host_keys(root))}.items():  # fmt: skip
@@ -153,11 +164,22 @@ def stage_debian_root(root: Path, name: str) -> None:
 def make_filesystem(root: Path, dest: Path, label: str, uuid: str) -> None:
     """A partitionless ext4 image of ``root`` in ``dest``, made by the guest's own mke2fs with
     its own mke2fs.conf (its release's defaults), run with the guest's /usr in a sandbox."""
-    tools.require_tools("bwrap", reason="run the guest's mke2fs", hint="apt install bubblewrap")
     used = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink())
     size_mib = (int(used * 1.4) >> 20) + 384
-    # The guest's own top level (its /usr, /etc and the links into /usr of a merged-/usr system),
-    # read-only, with the tree to copy at /src and the output at /out.
+    with tempfile.TemporaryDirectory(prefix="mkfs-", dir=dest.parent) as out:
+        image = Path(out) / "root.img"
+        guest_tool(root, ["/usr/sbin/mke2fs", "-q", "-F", "-t", "ext4", "-L", label, "-U", uuid,
+                          "-E", "root_owner=0:0", "-d", "/src", "/out/root.img", f"{size_mib}M"],
+                   binds=["--ro-bind", root, "/src", "--bind", out, "/out"])  # fmt: skip
+        shutil.move(image, dest)
+
+
+def guest_tool(root: Path, argv: Sequence[str | Path], *, binds: Sequence[str | Path] = ()) -> None:
+    """Run one of the guest's own tools (``argv``, a path in the guest) from the built tree in
+    ``root``, in a sandbox: the guest's own top level (its /usr, /etc and the links into /usr of a
+    merged-/usr system) read-only, a minimal /dev, its own /proc, no network, no host /sys.
+    ``binds`` are more bwrap arguments, after /dev: the tree to copy, the output, a device."""
+    tools.require_tools("bwrap", reason="run the guest's own tools", hint="apt install bubblewrap")
     view: list[str | Path] = []
     for entry in sorted(root.iterdir()):
         if entry.name in ("dev", "proc", "sys", "run", "tmp"):
@@ -166,13 +188,8 @@ def make_filesystem(root: Path, dest: Path, label: str, uuid: str) -> None:
             view += ["--symlink", os.readlink(entry), f"/{entry.name}"]
         elif entry.is_dir():
             view += ["--ro-bind", entry, f"/{entry.name}"]
-    with tempfile.TemporaryDirectory(prefix="mkfs-", dir=dest.parent) as out:
-        image = Path(out) / "root.img"
-        tools.run(
-            ["bwrap", *view, "--ro-bind", root, "/src", "--bind", out, "/out", "--dev", "/dev", "--proc", "/proc",
-             "--tmpfs", "/tmp", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--die-with-parent", "--",
-             "/usr/sbin/mke2fs", "-q", "-F", "-t", "ext4", "-L", label, "-U", uuid, "-E", "root_owner=0:0",
-             "-d", "/src", "/out/root.img", f"{size_mib}M"],
-            timeout=1800,
-        )  # fmt: skip
-        shutil.move(image, dest)
+    tools.run(
+        ["bwrap", *view, "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", *binds,
+         "--unshare-pid", "--unshare-net", "--unshare-ipc", "--die-with-parent", "--", *argv],
+        timeout=1800,
+    )  # fmt: skip
