@@ -7,12 +7,14 @@ import random
 import shutil
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from imaging import sparse
+from imaging.disk import images, lvm
 from imaging.samples import catalog
 
 WORK = Path(os.environ.get("IMAGING_BENCH_DIR", "/var/tmp/imaging-bench"))
@@ -281,5 +283,75 @@ def incompressible_disk(path: Path, size: int, extents: list[tuple[int, int]], s
                 os.pwrite(fd, memoryview(block)[:n], pos)
     finally:
         os.close(fd)
+    tmp.rename(path)
+    return path
+
+
+def real_tree(tree: Path) -> Path:
+    """The real-files disk's files (this host's /usr, about 1.2 GB) as a directory (cached)."""
+    if not tree.exists():
+        part = tree.with_suffix(".part")
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        _real_tree(part, REAL_BYTES)
+        part.rename(tree)
+    return tree
+
+
+def filesystem_of(tree: Path, path: Path, fs_type: str, size: str = "3G") -> Path:
+    """A partitionless ``fs_type`` filesystem holding ``tree`` (cached): made by the host's own
+    mkfs, filled through a mount with rsync -aHAX, as an installer would leave it."""
+    if path.exists():
+        return path
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    run("truncate", "-s", size, tmp)
+    mkfs = {
+        "ext4": ["mke2fs", "-q", "-F", "-t", "ext4"],
+        "xfs": ["mkfs.xfs", "-q", "-f"],
+        "btrfs": ["mkfs.btrfs", "-q", "-f"],
+    }
+    run(*mkfs[fs_type], tmp)
+    mnt = path.with_suffix(".mnt")
+    mnt.mkdir(exist_ok=True)
+    run("mount", "-o", "loop", tmp, mnt)
+    try:
+        run("rsync", "-aHAX", f"{tree}/", f"{mnt}/")
+    finally:
+        run("umount", mnt)
+        mnt.rmdir()
+    tmp.rename(path)
+    return path
+
+
+def lvm_disk(path: Path, disk_size: int, fs: Path) -> Path:
+    """A ``disk_size`` sparse disk (cached): one LVM partition, VG ``bench`` with a swap volume and
+    a root volume holding the bytes of ``fs``, made by lvm2 under a private configuration that
+    sees only this disk's loop device (nothing activated)."""
+    if path.exists():
+        return path
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    sparse.create_sparse(tmp, disk_size)
+    run("sfdisk", "-q", tmp, input="label: dos\nstart=2048, type=8e\n")
+    conf = Path(tempfile.mkdtemp(prefix="lvm-"))
+    dev = run("losetup", "--find", "--show", "-o", str(1 << 20), tmp).stdout.strip()
+    try:
+        (conf / "lvm.conf").write_text(
+            f'devices {{ filter = [ "a|^{dev}$|", "r|.*|" ] obtain_device_list_from_udev = 0 hints = "none" '
+            "use_devicesfile = 0 }\nactivation { udev_sync = 0 udev_rules = 0 }\n"
+            f'global {{ activation = 0 locking_dir = "{conf}" }}\nbackup {{ backup = 0 archive = 0 }}\n'
+        )
+        env = {**os.environ, "LVM_SYSTEM_DIR": str(conf)}
+        run("pvcreate", "-q", dev, env=env)
+        run("vgcreate", "-q", "bench", dev, env=env)
+        run("lvcreate", "-q", "-an", "-Zn", "-L", "1G", "-n", "swap", "bench", env=env)
+        run("lvcreate", "-q", "-an", "-Zn", "-L", f"{fs.stat().st_size}b", "-n", "root", "bench", env=env)
+    finally:
+        run("losetup", "--detach", dev)
+        shutil.rmtree(conf)
+    (vg,) = lvm.read_volume_groups(tmp, images.read_partition_table(tmp))
+    root = next(lv for lv in vg.lvs if lv.name == "root")
+    sparse.copy_range(fs, tmp, dst_offset=root.segments[0].disk_offset, desc=None)
     tmp.rename(path)
     return path

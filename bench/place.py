@@ -3,6 +3,11 @@
 ours      sparse block copy into the partition + e2fsck -fy + resize2fs to fill it (no mount)
 original  mkfs.ext3 in the partition + mount both + rsync --inplace -a + umount (the readme's step 2)
 copy      our sparse copy against ``cp --sparse=always`` of the same image
+by filesystem  the same real files (1.2 GB of this host's /usr) in ext4, XFS and btrfs made by the
+          host's own mkfs, each placed the same way with its own tools (copy + check + grow):
+          XFS and btrfs against ext4, whose placement is the reference
+LVM       the root volume of a volume group read out of a 20 GiB and a 200 GiB disk holding the
+          same data: what it costs against the disk's size, and against cp of the bare filesystem
 
 Same instance (~1 GiB of files in a 2 GiB ext3), same 3 GiB partition, page cache warm for all;
 every placement ends with the disk file fsync'ed (umount flushes the original's, so we flush ours).
@@ -17,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import WORK, ext3_with_files, run, timed  # noqa: E402
+from bench.common import WORK, ext3_with_files, filesystem_of, lvm_disk, real_tree, run, timed  # noqa: E402
 from imaging import sparse  # noqa: E402
-from imaging.disk import bootable, ext
+from imaging.disk import bootable, ext, filesystems, images, lvm  # noqa: E402
 
 GIB = 1 << 30
 
@@ -107,6 +112,75 @@ def main() -> list[tuple[str, str, str]]:
         ),
         ("cp --sparse=always", f"{t_cp:.2f} s", f"ours runs at {t_cp / t_copy:.2f}x cp's speed"),
     ]
+    return rows + by_filesystem() + volumes()
+
+
+def _place(kind: str, image: Path, target: Path) -> float:
+    """Median time to place ``image`` (a ``kind`` filesystem) into a fresh disk, by its own tools."""
+    fs = filesystems.of(kind)
+    info = fs.info(image)
+    layout = bootable.plan_layout(info.size_bytes, info.block_size, disk_size="+1G")
+
+    def fresh_disk() -> None:
+        target.unlink(missing_ok=True)
+        sparse.create_sparse(target, layout.disk_bytes)
+
+    def place() -> None:
+        sparse.copy_range(image, target, dst_offset=layout.offset_bytes, desc=None)
+        fs.check(target, layout.offset_bytes, layout.partition_bytes, repair=True)
+        fs.grow(target, layout.offset_bytes, layout.partition_bytes)
+        fsync(target)
+
+    sparse.sha256(image, desc=None)  # warm the page cache
+    return timed(place, setup=fresh_disk)
+
+
+def by_filesystem() -> list[tuple[str, str, str]]:
+    """Placement of the same real files in each filesystem, by its own tools, against ext4's."""
+    tree = real_tree(WORK / "real-usr.tree")
+    target = WORK / "disk.raw"
+    rows, base = [], 0.0
+    for kind in ("ext4", "xfs", "btrfs"):
+        image = filesystem_of(tree, WORK / f"real-usr.{kind}", kind)
+        t = _place(kind, image, target)
+        base = base or t
+        check, grow = filesystems.of(kind).TOOLS
+        data = f"{sparse.data_bytes(image) / (1 << 20):.0f} MiB of data"
+        rows.append((f"place {kind}: copy + {check} + {grow}", f"{t:.2f} s",
+                     f"{data}; {t / base:.2f}x ext4's" if kind != "ext4" else f"{data}; the reference"))  # fmt: skip
+    target.unlink(missing_ok=True)
+    return rows
+
+
+def _read_volume(disk: Path, out: Path) -> float:
+    def read_out() -> None:
+        out.unlink(missing_ok=True)
+        (vg,) = lvm.read_volume_groups(disk, images.read_partition_table(disk))
+        lvm.copy_volume(disk, next(lv for lv in vg.lvs if lv.name == "root"), out, desc=None)
+
+    read_out()  # warm the page cache
+    return timed(read_out)
+
+
+def volumes() -> list[tuple[str, str, str]]:
+    """A root volume read out of its volume group: cost follows the data, not the disk."""
+    fs = filesystem_of(real_tree(WORK / "real-usr.tree"), WORK / "real-usr.ext4", "ext4")
+    out = WORK / "volume.raw"
+    rows, times = [], {}
+    for size in (20, 200):
+        disk = lvm_disk(WORK / f"lvm-{size}g.img", size << 30, fs)
+        times[size] = _read_volume(disk, out)
+        rows.append((f"LVM: root volume out of a {size} GiB disk", f"{times[size]:.2f} s",
+                     f"{sparse.data_bytes(disk) / (1 << 20):.0f} MiB of data on the disk"))  # fmt: skip
+
+    def cp() -> None:
+        out.unlink(missing_ok=True)
+        run("cp", "--sparse=always", fs, out)
+
+    t_cp = timed(cp)
+    out.unlink(missing_ok=True)
+    rows.append(("cp --sparse=always of the bare filesystem", f"{t_cp:.2f} s",
+                 f"200 GiB disk / 20 GiB disk: {times[200] / times[20]:.2f}x; ours / cp: {times[20] / t_cp:.2f}x"))  # fmt: skip
     return rows
 
 

@@ -169,8 +169,8 @@ def _find_root(
             raise SourceError(f"{path}: {refused[0]}")
         detail = f" (found {', '.join(others)})" if others else ""
         raise SourceError(
-            f"{path}: no {', '.join(filesystems.TYPES)} partition or logical volume to use as the root "
-            f"filesystem{detail}"
+            f"{path}: no partition or logical volume holds a filesystem to use as the root "
+            f"(ext2/3/4, XFS, btrfs){detail}"
         )
     if len(found) > 1:
         # Several Linux filesystems (a separate /boot, /home): the root is the one with /etc/fstab.

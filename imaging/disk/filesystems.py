@@ -137,8 +137,11 @@ def files(
 
 
 def exists(image: Path, fs_type: str, path: str, *, offset: int = 0, size: int | None = None) -> bool:
-    """Whether the guest has ``path`` (a root has /etc/fstab), looked at read-only."""
-    if fs_type in btrfs.TYPES:
-        return btrfs.find_root(image, offset=offset, size=size) is not None
-    with files(image, fs_type, offset=offset, size=size, writable=False) as g:
-        return g.exists(path)
+    """Whether the guest has ``path`` (a root has /etc/fstab), read in user space: a source is
+    never mounted. ext through debugfs, XFS through ``xfs_db``; btrfs has no such reader, so a
+    btrfs answers yes and the root subvolume is then looked for on our copy (btrfs.find_root)."""
+    if fs_type in ext.TYPES:
+        return debugfs.ExtGuest(image, offset).exists(path)
+    if fs_type in xfs.TYPES:
+        return xfs.exists(image, path, offset=offset, size=size)
+    return True

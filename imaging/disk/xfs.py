@@ -11,6 +11,7 @@ replay is an error, as is anything ``xfs_repair -n`` finds after that.
 
 from __future__ import annotations
 
+import re
 import struct
 import uuid as uuidlib
 from pathlib import Path
@@ -95,6 +96,15 @@ def grow(image: Path, offset: int, size: int) -> bool:
     ) as root:
         tools.run(["xfs_growfs", "-d", root], timeout=3600)
     return info(image, offset).block_count > fs.block_count
+
+
+def exists(image: Path, path: str, *, offset: int = 0, size: int | None = None) -> bool:
+    """Whether ``path`` is in the XFS at ``offset``, looked up by ``xfs_db`` (user space, no mount)."""
+    if not re.fullmatch(r"(/[A-Za-z0-9._-]+)+", path):
+        raise ValueError(f"not a plain path: {path!r}")
+    with mounts.attached(image, offset=offset, size=size, readonly=True) as device:
+        found = tools.run(["xfs_db", "-r", "-c", f"path {path}", device], ok_codes=range(256), timeout=120)
+    return found.exit_code == 0 and not found.stderr.strip()
 
 
 def mount_options() -> list[str]:

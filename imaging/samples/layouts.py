@@ -9,7 +9,8 @@ the partitioned disks other families' installers and image builders make.
   subvolume, files zstd-compressed, and a read-only snapshot ``snapshots/root-1`` as a user's
   snapper or timeshift leaves one.
 - ``debian12-lvm``, as Debian's and RHEL's installers do with "use entire disk and set up LVM":
-  MBR, partition 1 (type 8e) a PV of VG ``debian-vg`` with LVs ``root`` (ext4) and ``swap_1``.
+  MBR, partition 1 ``/boot`` (ext2), partition 2 (type 8e) a PV of VG ``debian-vg`` with LVs
+  ``root`` (ext4) and ``swap_1``; fstab as debian-installer writes it.
 
 Every filesystem is made by the guest's own tools (mkfs.xfs, mkfs.btrfs and btrfs, mke2fs,
 mkswap, run from the built tree in a sandbox); the host only mounts where a tool needs a mounted
@@ -42,6 +43,7 @@ RESULTS = "/home/debian/results"
 SELINUX_LABEL = "system_u:object_r:user_home_t:s0"
 SPARSE_SIZE = 1 << 30
 SWAP_MIB = 128
+BOOT_MIB = 256
 BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
 LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 EXTRA = ["attr", "acl"]  # getfattr and getfacl, for the check
@@ -111,28 +113,47 @@ def _btrfs(tree: Path, disk: Path, name: str) -> None:
 
 
 def _lvm(tree: Path, disk: Path, name: str) -> None:
-    """MBR, partition 1 (8e) a PV from 1 MiB: VG debian-vg, LVs root (ext4) and swap_1 after it."""
+    """MBR: partition 1 /boot (ext2, as debian-installer's LVM recipes make it), partition 2 (8e)
+    a PV from 1 MiB: VG debian-vg, LVs root (ext4) and swap_1 after it."""
     tools.require_tools("pvcreate", reason="write the sample's LVM metadata", hint="apt install lvm2")
     root_mib = -(-_fs_bytes(tree) // (4 * MIB)) * 4  # whole 4 MiB extents
+    boot = BOOT_MIB * MIB
     part = MIB + (root_mib + SWAP_MIB) * MIB  # pe_start at 1 MiB, then the extents, all used
-    create_sparse(disk, MIB + part)
-    _partition(disk, f"label: dos\nlabel-id: {_mbr_id(name)}\nstart=2048, size={part // 512}, type=8e\n")
-    with loop(disk, MIB, part) as dev, lvm_env(dev) as env:
+    pv = MIB + boot
+    create_sparse(disk, pv + part)
+    _partition(disk, f"label: dos\nlabel-id: {_mbr_id(name)}\nstart=2048, size={boot // 512}, type=83, bootable\n"
+                     f"start={pv // 512}, size={part // 512}, type=8e\n")  # fmt: skip
+    with loop(disk, pv, part) as dev, lvm_env(dev) as env:
         for argv in (["pvcreate", dev], ["vgcreate", "debian-vg", dev],
                      ["lvcreate", "-an", "-Zn", "-L", f"{root_mib}m", "-n", "root", "debian-vg"],
                      ["lvcreate", "-an", "-Zn", "-L", f"{SWAP_MIB}m", "-n", "swap_1", "debian-vg"]):  # fmt: skip
             tools.run(argv, env=env)
-        offsets = {lv: MIB + start for lv, start in lv_offsets(dev, env).items()}
-    debian.guest_tool(tree, ["/usr/sbin/mke2fs", "-q", "-F", "-t", "ext4", "-U", sample_uuid(name),
-                             "-E", f"offset={offsets['root']},root_owner=0:0,nodiscard", "-d", "/src",
-                             "/disk.img", f"{root_mib}M"],
-                      binds=["--ro-bind", tree, "/src", "--bind", disk, "/disk.img"])  # fmt: skip
+        offsets = {lv: pv + start for lv, start in lv_offsets(dev, env).items()}
+    # /boot's files go to partition 1 only: the root's /boot is the empty mount point.
+    kernels = tree.parent / "boot-files"
+    os.rename(tree / "boot", kernels)
+    (tree / "boot").mkdir(mode=0o755)
+    try:
+        debian.guest_tool(tree, ["/usr/sbin/mke2fs", "-q", "-F", "-t", "ext4", "-U", sample_uuid(name),
+                                 "-E", f"offset={offsets['root']},root_owner=0:0,nodiscard", "-d", "/src",
+                                 "/disk.img", f"{root_mib}M"],
+                          binds=["--ro-bind", tree, "/src", "--bind", disk, "/disk.img"])  # fmt: skip
+        debian.guest_tool(tree, ["/usr/sbin/mke2fs", "-q", "-F", "-t", "ext2", "-U", LVM_BOOT_UUID,
+                                 "-E", f"offset={MIB},root_owner=0:0,nodiscard", "-d", "/src",
+                                 "/disk.img", f"{BOOT_MIB}M"],
+                          binds=["--ro-bind", kernels, "/src", "--bind", disk, "/disk.img"])  # fmt: skip
+    finally:
+        (tree / "boot").rmdir()
+        os.rename(kernels, tree / "boot")
     with loop(disk, offsets["swap_1"], SWAP_MIB * MIB) as dev:
         debian.guest_tool(tree, ["/usr/sbin/mkswap", "-U", _uuid(name, "swap"), dev],
                           binds=["--dev-bind", dev, dev])  # fmt: skip
 
 
 XFS_UUID, BTRFS_UUID, EXT4_UUID = (sample_uuid(f"debian12-{fs}") for fs in ("xfs", "btrfs", "lvm"))
+LVM_BOOT_UUID = str(
+    uuid.uuid5(uuid.NAMESPACE_URL, "imaging-sample:debian12-lvm:boot")
+)  # as _uuid() makes them
 # As each family's installer writes it: anaconda (RHEL), Fedora's image builders, debian-installer.
 XFS_FSTAB = f"""
 #
@@ -145,18 +166,22 @@ BTRFS_FSTAB = f"""\
 UUID={BTRFS_UUID} /                       btrfs   subvol=root,compress=zstd:1 0 0
 UUID={BTRFS_UUID} /home                   btrfs   subvol=home,compress=zstd:1 0 0
 """
-LVM_FSTAB = """\
+LVM_FSTAB = f"""\
 # /etc/fstab: static file system information.
 #
 # <file system> <mount point>   <type>  <options>       <dump>  <pass>
 /dev/mapper/debian--vg-root /               ext4    errors=remount-ro 0       1
+# /boot was on /dev/sda1 during installation
+UUID={LVM_BOOT_UUID} /boot           ext2    defaults        0       2
 /dev/mapper/debian--vg-swap_1 none            swap    sw              0       0
 """
 BTRFS_CHECKS = r"""check "/ is the root subvolume" sh -c 'findmnt -no OPTIONS / | tr , "\n" | grep -qx subvol=/root'
 check "/home is the home subvolume" sh -c 'findmnt -no OPTIONS /home | tr , "\n" | grep -qx subvol=/home'
 """
-LVM_CHECKS = r"""check "/ is on LV debian-vg/root" sh -c 'test "$(findmnt -no SOURCE /)" = /dev/mapper/debian--vg-root'
-check "swap on LV debian-vg/swap_1" sh -c 'swapon --noheadings --show=NAME | grep -qx "$(readlink -f /dev/mapper/debian--vg-swap_1)"'
+# What the conversion promises an LVM guest: its root flattened onto a plain partition, the
+# separate /boot merged into it (the kernel there), nothing left waiting for a volume.
+LVM_CHECKS = r"""check "/ is a plain partition, not a logical volume" sh -c 'findmnt -no SOURCE / | grep -qv ^/dev/mapper/'
+check "/boot merged into the root" sh -c 'test "$(findmnt -no TARGET -T /boot)" = / && ls /boot/vmlinuz-*'
 """
 LAYOUTS = {
     "debian12-xfs": Layout("debian12", ("xfsprogs", *EXTRA), XFS_FSTAB, _is("/", "xfs") + DATA_CHECKS, _xfs),

@@ -77,7 +77,7 @@ def test_filesystem_we_cannot_place(cli: Cli, tmp_path: Path) -> None:
     subprocess.run([packages.busybox(), "mkdosfs", fat], check=True, capture_output=True)
     assert (
         refused(cli, str(fat))
-        == f"{fat} holds a vfat filesystem, which cannot be placed (supported: ext2, ext3, ext4)"
+        == f"{fat} holds a vfat filesystem, which cannot be placed (supported: ext2, ext3, ext4, xfs, btrfs)"
     )
 
 
@@ -100,7 +100,8 @@ def test_partitioned_disk_without_a_linux_filesystem(cli: Cli, tmp_path: Path) -
     )
     assert (
         refused(cli, str(disk))
-        == f"{disk}: no ext2/3/4 partition to use as the root filesystem (found vfat on partition 1)"
+        == f"{disk}: no partition or logical volume holds a filesystem to use as the root (ext2/3/4, XFS, btrfs) "
+        "(found vfat on partition 1)"
     )
 
 

@@ -35,6 +35,14 @@ CASES = [
 def test_a_real_debian_instance_boots_as_a_working_server(
     cli: Cli, tmp_path: Path, sample: str, fmt: str, target: str, extra: list[str]
 ) -> None:
+    export_and_boot(cli, tmp_path, sample, fmt, target, extra)
+
+
+def export_and_boot(
+    cli: Cli, tmp_path: Path, sample: str, fmt: str, target: str, extra: list[str]
+) -> Workspace:
+    """Export ``sample`` and require a working server: the verdict ``booted``, the guest's own
+    check passed inside it, new host keys, DHCP, the target's drivers; returns the run."""
     source = catalog.ensure_sample(sample)
     args = [
         "export",
@@ -58,10 +66,11 @@ def test_a_real_debian_instance_boots_as_a_working_server(
     serial = (run / "verify" / "serial.log").read_text(errors="replace")
     assert "imaging-check FAILED" not in serial and "[FAILED]" not in serial
     # The host keys sshd offers are new: none is one 10-clean removed from the source.
-    source_keys = set(Workspace.open(run).result("10-clean")["ssh_host_keys"])
+    ws = Workspace.open(run)
+    source_keys = set(ws.result("10-clean")["ssh_host_keys"])
     assert len(source_keys) >= 2 and boot["ssh_host_keys"]
     assert not {k.split()[-1] for k in boot["ssh_host_keys"]} & source_keys
-    migrated = Workspace.open(run).result("20-migrate")
+    migrated = ws.result("20-migrate")
     assert migrated["first_boot"]["ssh"] is True and migrated["first_boot"]["dhcp"] == ["eth0"]
     assert "net.ifnames=0" in migrated["kernel_args"]
     if fmt == "ova":
@@ -70,6 +79,7 @@ def test_a_real_debian_instance_boots_as_a_working_server(
         assert (boot["controller"], boot["nic"]) == ("ahci", "e1000")
         assert "apt-get --error-on=any update" in migrated["packages"]
     assert source.exists() and leftovers(tmp_path) == []
+    return ws
 
 
 def _acquired(tmp_path: Path, sample: str) -> Workspace:

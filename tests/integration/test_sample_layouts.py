@@ -55,11 +55,11 @@ def _user_files_kept(home: Path) -> None:
     assert (results / "experiment-7.csv").stat().st_uid == 1000
 
 
-def _guest_root_ok(root: Path, name: str) -> None:
+def _guest_root_ok(root: Path, name: str, boot: Path | None = None) -> None:
     check = (root / "usr" / "local" / "sbin" / "imaging-sample-check").read_text()
     assert all(line in check for line in layouts.LAYOUTS[name].checks.splitlines())
     assert (root / "etc" / "fstab").read_text() == layouts.LAYOUTS[name].fstab
-    assert list((root / "boot").glob("vmlinuz-*-cloud-amd64"))
+    assert list((boot or root / "boot").glob("vmlinuz-*-cloud-amd64"))
 
 
 def _nothing_left(disk: Path, mounts: list[Path]) -> None:
@@ -144,8 +144,11 @@ def test_lvm_sample_is_laid_out_as_the_installers_do() -> None:
     disk = catalog.ensure_sample("debian12-lvm")
     table = _table(disk)
     assert table["label"] == "dos"
-    (part,) = table["partitions"]
-    assert (part["start"], part["type"]) == (2048, "8e")
+    boot, part = table["partitions"]
+    assert (boot["start"], boot["type"], boot.get("bootable")) == (2048, "83", True)
+    assert (part["start"], part["type"]) == (2048 + layouts.BOOT_MIB * 2048, "8e")
+    probe = _blkid(disk, boot["start"] * 512)
+    assert (probe["TYPE"], probe["UUID"]) == ("ext2", layouts.LVM_BOOT_UUID)
     start, size = part["start"] * 512, part["size"] * 512
     assert _blkid(disk, start)["TYPE"] == "LVM2_member"
     with layouts.loop(disk, start, size, read_only=True) as dev, layouts.lvm_env(dev) as lvm:
@@ -176,11 +179,16 @@ def test_lvm_sample_is_laid_out_as_the_installers_do() -> None:
     with layouts.loop(disk, offsets["root"], sizes["root"], read_only=True) as dev:
         with layouts.mounted(dev, "ro") as mnt:
             mounts.append(mnt)
-            _guest_root_ok(mnt, "debian12-lvm")
+            with layouts.loop(disk, boot["start"] * 512, boot["size"] * 512, read_only=True) as bdev:
+                with layouts.mounted(bdev, "ro") as kernels:
+                    mounts.append(kernels)
+                    _guest_root_ok(mnt, "debian12-lvm", kernels)
+            assert list((mnt / "boot").iterdir()) == []  # the mount point of the /boot partition
             fstab = (mnt / "etc" / "fstab").read_text()
             assert re.search(
                 r"^/dev/mapper/debian--vg-root\s+/\s+ext4\s+errors=remount-ro\s+0\s+1$", fstab, re.M
             )
             assert re.search(r"^/dev/mapper/debian--vg-swap_1\s+none\s+swap\s+sw\s+0\s+0$", fstab, re.M)
+            assert re.search(rf"^UUID={layouts.LVM_BOOT_UUID}\s+/boot\s+ext2\s", fstab, re.M)
             _user_files_kept(mnt / "home")
     _nothing_left(disk, mounts)
