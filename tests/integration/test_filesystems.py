@@ -249,3 +249,25 @@ def test_every_filesystem_module_has_the_whole_interface() -> None:
                      "grow", "mount_options"):  # fmt: skip
             assert hasattr(module, attr), (name, attr)
         assert name in module.TYPES
+
+
+def test_a_corrupt_btrfs_is_refused_by_its_read_only_check(tmp_path: Path) -> None:
+    image = tmp_path / "btrfs.img"
+    run("truncate", "-s", "300M", image)
+    run("mkfs.btrfs", "-q", "-m", "single", image)  # one copy of the metadata: nothing to heal from
+    with mounted(image) as top:
+        (top / "etc").mkdir()
+        (top / "etc" / "fstab").write_text("LABEL=x / btrfs defaults 0 0\n")
+        for i in range(200):
+            (top / "etc" / f"f{i}").write_text(str(i))
+    tree = run("btrfs", "inspect-internal", "dump-tree", "-t", "fs", image).split()
+    logical = int(tree[tree.index("node" if "node" in tree else "leaf") + 1])
+    physical = int(run("btrfs-map-logical", "-l", logical, image).split("physical ")[1].split()[0])
+    with open(image, "r+b") as f:  # the filesystem tree's root block, past its header
+        f.seek(physical + 300)
+        f.write(b"\xff" * 64)
+    before = digest(image)
+    with pytest.raises(SourceError) as e:
+        acquired(tmp_path, image)
+    assert "\n" not in str(e.value) and "btrfs" in str(e.value)
+    assert digest(image) == before and leftovers(tmp_path) == []
