@@ -21,7 +21,7 @@ from pathlib import Path
 
 from imaging import tools
 from imaging.disk import ext
-from imaging.errors import ImagingError
+from imaging.errors import CommandError, ImagingError, SourceError
 
 _LEDGER_ENV = "IMAGING_MOUNT_LEDGER"
 _LOOP = "loop:"  # ledger keys of attached loop devices (the others are mountpoints)
@@ -161,6 +161,19 @@ def attached(image: Path, *, offset: int = 0, size: int | None = None, readonly:
     finally:
         _detach(device, str(image.resolve()))
         _strike(Path(key))
+
+
+def trim(image: Path, fstype: str, extra: list[str], what: str) -> None:
+    """Mount our copy ``image`` read-write (which replays an XFS or btrfs log: nothing in user
+    space does) and give its free space back as holes (fstrim: the loop device punches them);
+    a filesystem that will not mount is one line naming ``what`` was being done."""
+    try:
+        with mounted(image, readonly=False, fstype=fstype, extra=extra) as root:
+            tools.run(["fstrim", root], timeout=3600)
+    except CommandError as e:
+        detail = e.result.stderr_tail(1) if isinstance(e.result, tools.CommandResult) else str(e)
+        name = {"xfs": "XFS"}.get(fstype, fstype)
+        raise SourceError(f"the {name} filesystem cannot be mounted {what}: {detail}") from None
 
 
 def copy_files_to_new_fs(

@@ -19,7 +19,7 @@ from pathlib import Path
 from imaging import tools
 from imaging.disk import mounts
 from imaging.disk.common import CheckVerdict, FsInfo
-from imaging.errors import CommandError, SourceError
+from imaging.errors import SourceError
 
 TYPES: tuple[str, ...] = ("xfs",)
 GRUB_MODULE = "xfs"
@@ -76,12 +76,7 @@ def tidy(image: Path) -> CheckVerdict:
     """Our copy: its log replayed by a mount (when dirty), free space trimmed into holes, checked."""
     tools.require_tools("xfs_repair", "fstrim", reason="check an XFS filesystem",
                         hint="apt install xfsprogs util-linux")  # fmt: skip
-    try:
-        with mounts.mounted(image, readonly=False, fstype="xfs", extra=mount_options()) as root:
-            tools.run(["fstrim", root], timeout=3600)
-    except CommandError as e:
-        detail = e.result.stderr_tail(1) if isinstance(e.result, tools.CommandResult) else str(e)
-        raise SourceError(f"the XFS filesystem cannot be mounted to replay its log: {detail}") from None
+    mounts.trim(image, "xfs", mount_options(), "to replay its log")
     return check(image)
 
 
