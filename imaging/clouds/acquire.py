@@ -47,7 +47,9 @@ class Source(Record):
     virtual_size: int
     file_bytes: int
     data_bytes: int
-    layout: str  # "filesystem" (partitionless) or "partitioned", or "" until a non-raw source is converted
+    layout: (
+        str  # "filesystem" (partitionless), "partitioned" or "lvm"; "" until a non-raw source is converted
+    )
     fs_type: str
     uuid: str
     # The root filesystem's size and block size, from its superblock; 0 until a non-raw source
@@ -79,6 +81,7 @@ class Instance(Record):
     source_digest: str | None  # None under the pipeline: it is in the run's source.digest
     fetched: Fetched | None = None  # what was copied out of a cloud, and how it was checked
     subvolume: str = ""  # btrfs: the root subvolume's path from the top level ("" = the top level)
+    subvolume_is_default: bool = False  # and whether it is the default one (no rootflags needed)
     snapshots_dropped: list[str] = dataclasses.field(default_factory=list)  # btrfs snapshots not kept
     volume: str = ""  # LVM: the root's volume group/logical volume, copied out by its segments
     merged: list[str] = dataclasses.field(default_factory=list)  # other filesystems merged in (flatten.py)
@@ -380,11 +383,12 @@ def _acquire(src: Source, ws: Workspace, snapshots: str = "drop") -> Instance:
                 ).seconds
             fsmod = filesystems.of(root.fs.fs_type)
             if root.fs.size_bytes < root.length:
-                os.truncate(
-                    part, root.fs.size_bytes
-                )  # bytes past the filesystem's end are not the instance's
+                # Bytes past the filesystem's end are not the instance's.
+                os.truncate(part, root.fs.size_bytes)
             verdict = fsmod.tidy(part)
-            subvolume, dropped = _btrfs_root(part, snapshots) if fsmod is btrfs else ("", [])
+            subvolume, is_default, dropped = (
+                _btrfs_root(part, snapshots) if fsmod is btrfs else ("", False, [])
+            )
             merged = _flatten(whole, part, root, subvolume, ws.work)
         finally:
             converted.unlink(missing_ok=True)
@@ -409,6 +413,7 @@ def _acquire(src: Source, ws: Workspace, snapshots: str = "drop") -> Instance:
         copy_seconds=round(seconds, 3),
         source_digest=None,
         subvolume=subvolume,
+        subvolume_is_default=is_default,
         snapshots_dropped=dropped,
         volume=f"{root.volume.vg}/{root.volume.name}" if root.volume else "",
         merged=merged,
@@ -427,17 +432,19 @@ def _flatten(disk: Path, image: Path, root: _Root, subvolume: str, scratch: Path
     )
 
 
-def _btrfs_root(image: Path, snapshots: str) -> tuple[str, list[str]]:
-    """The root subvolume of our btrfs copy, and the snapshots dropped from it (see btrfs.py)."""
+def _btrfs_root(image: Path, snapshots: str) -> tuple[str, bool, list[str]]:
+    """The root subvolume of our btrfs copy, whether it is the default one, and the snapshots
+    dropped from it (see btrfs.py)."""
     root = btrfs.find_root(image)
     if root is None:
         raise SourceError(
             "no subvolume of the btrfs filesystem holds an /etc/fstab that mounts it at /: "
             "cannot tell which is the root"
         )
-    if snapshots == "keep":
-        return root, []
     with btrfs.top_level(image, writable=False) as top, Guest(top) as g:
         fstab = g.read_text(posixpath.join("/", root, "etc/fstab")) or ""
+        is_default = btrfs.default_subvolume(top) == root
+    if snapshots == "keep":
+        return root, is_default, []
     keep = {root, *btrfs.fstab_subvolumes(fstab).values()}
-    return root, btrfs.drop_snapshots(image, keep)
+    return root, is_default, btrfs.drop_snapshots(image, keep)

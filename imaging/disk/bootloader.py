@@ -82,6 +82,16 @@ def kernel_table(kernels: list[Kernel]) -> Table:
     )
 
 
+def root_args(instance: dict[str, object]) -> list[str]:
+    """What the kernel needs to mount the root: a btrfs root in a subvolume that is not the default
+    one is named (Fedora's ``root``); the default one is not, so a rollback that changes the
+    default (snapper on openSUSE) still chooses what boots."""
+    subvolume = str(instance.get("subvolume") or "")
+    return (
+        [f"rootflags=subvol={subvolume}"] if subvolume and not instance.get("subvolume_is_default") else []
+    )
+
+
 def instance_kernels(ws: Workspace) -> list[Kernel]:
     """:func:`find_kernels` of the acquired instance, read-only."""
     instance = ws.result("00-acquire")
@@ -189,10 +199,9 @@ def install_grub(
     migration = ws.result("20-migrate") if ws.has_result("20-migrate") else {}
     grub_dir = str(migration.get("grub_dir") or "/boot/grub")
     legacy = migration.get("grub_legacy_conf") or None
-    root_args = (
-        [f"rootflags=subvol={subvolume}"] if subvolume and not instance.get("subvolume_is_default") else []
+    args = " ".join(
+        a for a in (*root_args(instance), str(migration.get("kernel_args") or ""), kernel_args) if a
     )
-    args = " ".join(a for a in (*root_args, str(migration.get("kernel_args") or ""), kernel_args) if a)
     # The kernel 20-migrate chose for the target (it has the target's drivers) boots by default.
     chosen = str(migration.get("kernel") or "")
     cfg_path = f"{grub_dir}/grub.cfg"

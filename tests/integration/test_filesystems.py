@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from imaging.clouds import acquire
-from imaging.disk import bootable, btrfs, filesystems, xfs
+from imaging.disk import bootable, bootloader, btrfs, filesystems, xfs
 from imaging.errors import SourceError
 from imaging.guest import access
 from imaging.workspace import Workspace
@@ -271,3 +271,29 @@ def test_a_corrupt_btrfs_is_refused_by_its_read_only_check(tmp_path: Path) -> No
         acquired(tmp_path, image)
     assert "\n" not in str(e.value) and "btrfs" in str(e.value)
     assert digest(image) == before and leftovers(tmp_path) == []
+
+
+def test_a_root_that_is_the_default_subvolume_is_not_pinned(tmp_path: Path) -> None:
+    # openSUSE: the root is a snapshot made the default subvolume; fstab names no subvol for /,
+    # and snapper's rollback works by changing the default.
+    image = tmp_path / "suse.img"
+    run("truncate", "-s", "300M", image)
+    run("mkfs.btrfs", "-q", image)
+    with mounted(image) as top:
+        run("btrfs", "subvolume", "create", top / "@")
+        (top / "@" / ".snapshots").mkdir()
+        run("btrfs", "subvolume", "create", top / "@" / ".snapshots" / "1")
+        run("btrfs", "subvolume", "create", top / "@" / ".snapshots" / "1" / "snapshot")
+        root = top / "@" / ".snapshots" / "1" / "snapshot"
+        plant(root)
+        (root / "etc" / "fstab").write_text(f"UUID={btrfs.info(image).uuid} / btrfs defaults 0 0\n")
+        run("btrfs", "subvolume", "set-default", root)
+    ws, instance = acquired(tmp_path, image)
+    assert (instance.subvolume, instance.subvolume_is_default) == ("@/.snapshots/1/snapshot", True)
+    assert bootloader.root_args(instance.to_dict()) == []
+    assert bootloader.root_args({"subvolume": "root", "subvolume_is_default": False}) == [
+        "rootflags=subvol=root"
+    ]
+    with access.reading(ws) as g:
+        assert g.read_text("/home/debian/results/a.csv") == "run,yield\n1,0.4\n"
+    assert leftovers(tmp_path) == []
