@@ -82,6 +82,7 @@ class Instance(Record):
     fetched: Fetched | None = None  # what was copied out of a cloud, and how it was checked
     subvolume: str = ""  # btrfs: the root subvolume's path from the top level ("" = the top level)
     subvolume_is_default: bool = False  # and whether it is the default one (no rootflags needed)
+    write_options: list[str] = dataclasses.field(default_factory=list)  # the guest's own (btrfs compression)
     snapshots_dropped: list[str] = dataclasses.field(default_factory=list)  # btrfs snapshots not kept
     volume: str = ""  # LVM: the root's volume group/logical volume, copied out by its segments
     merged: list[str] = dataclasses.field(default_factory=list)  # other filesystems merged in (flatten.py)
@@ -386,9 +387,8 @@ def _acquire(src: Source, ws: Workspace, snapshots: str = "drop") -> Instance:
                 # Bytes past the filesystem's end are not the instance's.
                 os.truncate(part, root.fs.size_bytes)
             verdict = fsmod.tidy(part)
-            subvolume, is_default, dropped = (
-                _btrfs_root(part, snapshots) if fsmod is btrfs else ("", False, [])
-            )
+            found = _btrfs_root(part, snapshots) if fsmod is btrfs else ("", False, [], [])
+            subvolume, is_default, dropped, options = found
             merged = _flatten(whole, part, root, subvolume, ws.work)
         finally:
             converted.unlink(missing_ok=True)
@@ -414,6 +414,7 @@ def _acquire(src: Source, ws: Workspace, snapshots: str = "drop") -> Instance:
         source_digest=None,
         subvolume=subvolume,
         subvolume_is_default=is_default,
+        write_options=options,
         snapshots_dropped=dropped,
         volume=f"{root.volume.vg}/{root.volume.name}" if root.volume else "",
         merged=merged,
@@ -432,9 +433,9 @@ def _flatten(disk: Path, image: Path, root: _Root, subvolume: str, scratch: Path
     )
 
 
-def _btrfs_root(image: Path, snapshots: str) -> tuple[str, bool, list[str]]:
-    """The root subvolume of our btrfs copy, whether it is the default one, and the snapshots
-    dropped from it (see btrfs.py)."""
+def _btrfs_root(image: Path, snapshots: str) -> tuple[str, bool, list[str], list[str]]:
+    """The root subvolume of our btrfs copy, whether it is the default one, the snapshots dropped
+    from it (see btrfs.py), and the compression the guest writes with."""
     root = btrfs.find_root(image)
     if root is None:
         raise SourceError(
@@ -444,7 +445,8 @@ def _btrfs_root(image: Path, snapshots: str) -> tuple[str, bool, list[str]]:
     with btrfs.top_level(image, writable=False) as top, Guest(top) as g:
         fstab = g.read_text(posixpath.join("/", root, "etc/fstab")) or ""
         is_default = btrfs.default_subvolume(top) == root
+    options = btrfs.compression(fstab)
     if snapshots == "keep":
-        return root, is_default, []
+        return root, is_default, [], options
     keep = {root, *btrfs.fstab_subvolumes(fstab).values()}
-    return root, is_default, btrfs.drop_snapshots(image, keep)
+    return root, is_default, btrfs.drop_snapshots(image, keep), options

@@ -237,9 +237,9 @@ def install_grub(
         for p in sorted(GRUB_PC.iterdir())
         if p.suffix in (".mod", ".lst") and safe_name(p.name)
     }
-    with filesystems.files(
-        disk, fs_type, offset=start_sector * 512, subvolume=subvolume, writable=True
-    ) as guest:
+    written = [str(o) for o in instance.get("write_options") or []]
+    with filesystems.files(disk, fs_type, offset=start_sector * 512, subvolume=subvolume, options=written,
+                           writable=True) as guest:  # fmt: skip
         kernels = find_kernels(guest)
         kernels.sort(key=lambda k: k.version != chosen)
         config = grub_config(kernels, uuid, title=_title(guest), timeout=timeout, kernel_args=args,

@@ -36,6 +36,7 @@ _MAGIC = b"_BHRfS_M"
 # A read-only look never replays the log tree (it would write; the source is read-only anyway).
 TOOLS: tuple[str, str] = ("btrfs check --readonly", "btrfs filesystem resize max")  # check, grow
 READ_ONLY_OPTIONS: list[str] = ["rescue=nologreplay"]
+_COMPRESS = re.compile(r"compress(-force)?=(zlib|lzo|zstd)(:[0-9]{1,2})?")
 # Subvolumes we look at for a root: a real system has a handful, a snapper one some hundreds.
 _MAX_SUBVOLUMES = 4096
 
@@ -157,6 +158,16 @@ def fstab_subvolumes(fstab: str) -> dict[str, str]:
                 if option.startswith("subvol="):
                     found[fields[1]] = posixpath.normpath("/" + option.removeprefix("subvol=")).lstrip("/")
     return found
+
+
+def compression(fstab: str) -> list[str]:
+    """The root entry's compression (``compress=zstd:1`` on Fedora), so that what we write into
+    the guest is stored as the guest's own writes are: GRUB then reads compressed extents too."""
+    for line in fstab.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and not fields[0].startswith("#") and fields[1] == "/":
+            return [o for o in fields[3].split(",") if _COMPRESS.fullmatch(o)][:1]
+    return []
 
 
 def _root_in(top: Path) -> str | None:

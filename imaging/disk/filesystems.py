@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -116,17 +116,18 @@ def files(
     offset: int = 0,
     size: int | None = None,
     subvolume: str = "",
+    options: Sequence[str] = (),
     writable: bool,
 ) -> Iterator[debugfs.ExtGuest | MountedFiles]:
     """The guest's files in the filesystem at ``offset``: ext through debugfs (no mount), the
-    others mounted (read-only unless ``writable``), ``subvolume`` being btrfs's root."""
+    others mounted (read-only unless ``writable``), ``subvolume`` being btrfs's root and
+    ``options`` the guest's own for writing (btrfs compression)."""
     if fs_type in ext.TYPES:
         yield debugfs.ExtGuest(image, offset)
         return
     fs = of(fs_type)
     extra = [*fs.mount_options(), *([f"subvol={subvolume}"] if subvolume else [])]
-    if not writable:
-        extra += ["noexec", *fs.READ_ONLY_OPTIONS]
+    extra += [*options] if writable else ["noexec", *fs.READ_ONLY_OPTIONS]
     with (
         mounts.mounted(
             image, offset=offset, size=size, readonly=not writable, fstype=fs_type, extra=extra

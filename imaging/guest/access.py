@@ -59,7 +59,8 @@ def _subvolumes(
 def _mounted_guest(image: Path, instance: dict[str, object], *, writable: bool) -> Iterator[Guest]:
     fs_type = str(instance.get("fs_type", "ext4"))
     fs = filesystems.of(fs_type)
-    options = [*fs.mount_options(), *([] if writable else [*fs.READ_ONLY_OPTIONS, "noexec"])]
+    written = [str(o) for o in instance.get("write_options") or []]  # type: ignore[attr-defined]
+    options = [*fs.mount_options(), *(written if writable else [*fs.READ_ONLY_OPTIONS, "noexec"])]
     if fs is not btrfs:
         with mounted(image, readonly=not writable, fstype=fs_type, extra=options) as root, Guest(root) as g:
             yield g

@@ -9,6 +9,7 @@ loadfile sends it to the other worker than test_real_guests.py."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.timeout(1800)
 CASES = [
     ("debian12-xfs", "qcow2", "openstack", []),
     ("debian12-xfs", "ova", "", ["--install", "linux-image-amd64"]),
-    ("debian12-btrfs", "qcow2", "openstack", []),
+    ("debian12-btrfs", "qcow2", "openstack", ["--keep-work"]),
     ("debian12-btrfs", "ova", "", ["--install", "linux-image-amd64"]),
     ("debian12-lvm", "qcow2", "openstack", []),
     ("debian12-lvm", "ova", "", ["--install", "linux-image-amd64"]),
@@ -49,6 +50,19 @@ def test_a_root_on_xfs_btrfs_or_lvm_boots_as_a_working_server(
         assert acquired["snapshots_dropped"] == ["snapshots/root-1"]
         # GRUB reads from the top level; the kernel mounts the root subvolume, not the default one.
         assert "linux /root/boot/vmlinuz-" in grub and "rootflags=subvol=root" in grub
+        assert acquired["write_options"] == ["compress=zstd:1"]
+        if "--keep-work" in extra:
+            # GRUB's modules were written as the guest writes (zstd), and GRUB read them to boot.
+            offset = placed["layout"]["offset_bytes"]
+            mnt = tmp_path / "placed"
+            mnt.mkdir()
+            subprocess.run(["mount", "-o", f"loop,ro,offset={offset},subvolid=5", ws.disk, mnt], check=True)
+            try:
+                extents = subprocess.run(["filefrag", "-v", mnt / "root/boot/grub/i386-pc/normal.mod"],
+                                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+            finally:
+                subprocess.run(["umount", mnt], check=True)
+            assert "encoded" in extents, extents
     else:
         assert (acquired["fs_type"], acquired["volume"], acquired["source_layout"]) == (
             "ext4",
