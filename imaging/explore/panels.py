@@ -200,8 +200,8 @@ def _label(e: steps.Entry) -> str:
 
 
 class ProfilePanel(Panel):
-    """The profile the stages will use and why; a proposed new one when no profile knows the guest
-    (or generic was asked for)."""
+    """The profile the stages will use and why; a proposed new one when no profile knows the guest,
+    or one only assumed it (or generic was asked for)."""
 
     def __init__(self, explorer: Explorer) -> None:
         super().__init__(explorer)
@@ -224,13 +224,18 @@ class ProfilePanel(Panel):
             rows = [
                 {"profile": r.profile, "rule": r.rule, "holds": "yes" if r.holds else "no"} for r in rules
             ]
+            warning = f"<p><b>Warning</b>: profile assumed: {html.escape(detected.assumed)}</p>" * bool(
+                detected.assumed
+            )
             self.found.value = (
                 f"<p>profile <b>{detected.profile.name}</b> ({html.escape(detected.profile.description)}): "
-                f"{html.escape(detected.reason)}</p>" + _table(rows)
+                f"{html.escape(detected.reason)}</p>" + warning + _table(rows)
             )
-            self.explorer.seen["profile"] = {"name": detected.profile.name, "reason": detected.reason}
+            self.explorer.seen["profile"] = {"name": detected.profile.name, "reason": detected.reason,
+                                             "assumed": detected.assumed}  # fmt: skip
             self.proposal.value = ""
-            if detected.profile.name == "generic":
+            # A guest the profile only half knows gets a profile of its own to review, built on it.
+            if detected.profile.name == "generic" or detected.assumed:
                 self.propose()
 
         self.attempt(detect)

@@ -1,11 +1,13 @@
 """A new distro profile proposed from what an unknown guest holds, for a person to review.
 
-When no profile's ``detect`` rules match a guest, detection falls back to ``generic``, which
-migrates nothing distro-specific. :func:`propose` looks where 20-migrate would look (init system
-and its consoles, module configuration, the initrd tool, kernels, GRUB legacy, the package
-manager, SELinux, rc.local) and writes a profile YAML whose every line says what it was based on
-or that it is a guess. It validates against :class:`~imaging.guest.profiles.Profile` before it is
-returned; it is never saved or used by itself.
+When no profile knows a guest, 10-clean stops and says so. :func:`propose` looks where 20-migrate
+would look (init system and its consoles, module configuration, the initrd tool, kernels, GRUB
+legacy, the package manager, SELinux, rc.local) and writes a profile YAML whose every line says
+what it was based on or that it is a guess. A guest a family's profile only half knows (a new
+release, a rebuild known by its ID_LIKE) gets a short profile built on that family's instead
+(``base: rhel``), naming the guest's os-release ID and version, so that it is known from then on.
+It validates against :class:`~imaging.guest.profiles.Profile` before it is returned; it is never
+saved or used by itself.
 
 Text from the guest reaches the YAML only as JSON-quoted scalars or after matching a strict
 pattern: an image cannot add keys or lines to the proposal.
@@ -19,33 +21,38 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from imaging import config
 from imaging.disk.files import Guest
-from imaging.guest import initrd
-from imaging.guest.profiles import Profile
+from imaging.errors import GuestError
+from imaging.guest import initrd, osrelease, profiles
 
 _GETTY = re.compile(r"^([A-Za-z0-9]{1,4}):([0-9sS]*):respawn:(\S*getty)\s+(.*)$")
 _TTY = re.compile(r"^(tty[A-Za-z]*\d+|xvc\d+|hvc\d+|console)$")
 _XEN_TTY = re.compile(r"^(xvc|hvc)\d+$")
 _WORD = re.compile(r"[^a-z0-9]+")
 
-# (tool, argv template, image templates the tool writes by default, modules file)
+# (tool, argv template, image templates the tool writes by default, modules file); dracut as the
+# rhel profile runs it (a generic initrd; see there), /sbin/dracut as RHEL 6's (no --no-hostonly).
+_DRACUT = ["--force", "--no-hostonly", "--add-drivers", "{modules}", "{image}", "{version}"]
 _INITRD_TOOLS = [
     ("/usr/sbin/update-initramfs", ["{tool}", "-u", "-k", "{version}"], "/boot/initrd.img-{version}",
      "/etc/initramfs-tools/modules"),
-    ("/usr/bin/dracut", ["{tool}", "-f", "--add-drivers={module}", "{image}", "{version}"],
-     "/boot/initramfs-{version}.img", None),
-    ("/sbin/dracut", ["{tool}", "-f", "--add-drivers={module}", "{image}", "{version}"],
+    ("/usr/bin/dracut", ["{tool}", *_DRACUT], "/boot/initramfs-{version}.img", None),
+    ("/sbin/dracut", ["{tool}", "-f", "--add-drivers", "{modules}", "{image}", "{version}"],
      "/boot/initramfs-{version}.img", None),
     ("/sbin/mkinitrd", ["{tool}", "-f", "--with={module}", "{image}", "{version}"], "/boot/initrd-{version}.img",
      None),
 ]  # fmt: skip
-_IMAGE_NAMES = ["/boot/initrd-{version}.img", "/boot/initramfs-{version}.img", "/boot/initrd.img-{version}"]
+_IMAGE_NAMES = ["/boot/initrd-{version}.img", "/boot/initramfs-{version}.img", "/boot/initrd.img-{version}",
+                "/boot/initrd-{version}"]  # fmt: skip
+# (path, argv prefix, refresh, cleanup)
 _PACKAGE_MANAGERS = [
-    ("/usr/bin/dnf", ["dnf", "-y"]),
-    ("/usr/bin/yum", ["yum", "-y"]),
-    ("/usr/bin/apt-get", ["apt-get", "-y"]),
-    ("/usr/bin/zypper", ["zypper", "--non-interactive"]),
-]
+    ("/usr/bin/dnf", ["dnf", "-y"], ["dnf", "-y", "makecache"], ["dnf", "clean", "packages"]),
+    ("/usr/bin/yum", ["yum", "-y"], ["yum", "-y", "makecache"], ["yum", "clean", "packages"]),
+    ("/usr/bin/apt-get", ["apt-get", "-y"], ["apt-get", "update"], ["apt-get", "clean"]),
+    ("/usr/bin/zypper", ["zypper", "--non-interactive"], ["zypper", "--non-interactive", "refresh"],
+     ["zypper", "--non-interactive", "clean"]),
+]  # fmt: skip
 
 
 @dataclass
@@ -62,27 +69,32 @@ class _Yaml:
         self.lines.append(f"# {why}")
 
 
-def _release(g: Guest) -> tuple[str, str, list[dict[str, str]]]:
-    """(profile name, description, detect rules) from the guest's release files."""
+def _release(g: Guest) -> tuple[str, str, str, object]:
+    """(profile name, description, "detect" or "os_release", its value) from the guest's own
+    word for what it is: os-release's ID and major version (detection's first choice), else the
+    release files of the distros before os-release."""
+    info = osrelease.read(g)
+    if info.id:
+        version = info.version.split(".")[0]
+        ids = {info.id: [version] if version else []}  # no VERSION_ID: a rolling release
+        return (
+            _slug(f"{info.id}-{version}" if version else info.id),
+            info.name or info.id,
+            "os_release",
+            {"ids": ids},
+        )
     text = _text(g, "/etc/redhat-release")
     if text and (m := re.search(r"^([A-Za-z][A-Za-z ]*?) (?:Linux )?release (\d+)", text)):
         rules = [{"file": "/etc/redhat-release", "matches": f"release {m.group(2)}"}]
-        return _slug(f"{m.group(1)}-{m.group(2)}"), text.splitlines()[0].strip(), rules
-    os_release = dict(re.findall(r'^([A-Z_]+)="?([^"\n]*)"?$', _text(g, "/etc/os-release"), re.MULTILINE))
-    distro = os_release.get("ID", "")
-    version = os_release.get("VERSION_ID", "").split(".")[0]
-    if re.fullmatch(r"[a-z0-9._-]{1,30}", distro):
-        rules = [{"file": "/etc/os-release", "matches": f'^ID="?{re.escape(distro)}"?$'}]
-        if re.fullmatch(r"\d{1,4}", version):
-            rules.append({"file": "/etc/os-release", "matches": f'^VERSION_ID="?{version}([."]|$)'})
-        return (
-            _slug(f"{distro}-{version}" if version else distro),
-            str(os_release.get("PRETTY_NAME", distro)),
-            rules,
-        )
+        return _slug(f"{m.group(1)}-{m.group(2)}"), text.splitlines()[0].strip(), "detect", rules
     if g.is_file("/etc/debian_version"):
-        return "debian-like", "Debian-like (/etc/debian_version)", [{"file": "/etc/debian_version"}]
-    return "proposed", "Unknown Linux", [{"file": "/etc/fstab"}]
+        return (
+            "debian-like",
+            "Debian-like (/etc/debian_version)",
+            "detect",
+            [{"file": "/etc/debian_version"}],
+        )
+    return "proposed", "Unknown Linux", "detect", [{"file": "/etc/fstab"}]
 
 
 def _slug(text: str) -> str:
@@ -194,28 +206,62 @@ def _add_initrd(out: _Yaml, g: Guest) -> None:
 
 
 def _add_packages(out: _Yaml, g: Guest) -> None:
-    for path, prefix in _PACKAGE_MANAGERS:
+    for path, prefix, refresh, cleanup in _PACKAGE_MANAGERS:
         if g.is_file(path):
-            spec = {"install": [*prefix, "install"], "remove": [*prefix, "remove"]}
+            spec = {"install": [*prefix, "install"], "remove": [*prefix, "remove"], "refresh": refresh,
+                    "cleanup": cleanup}  # fmt: skip
             out.put("packages", spec, f"found {path}")
+            out.note(
+                "no mirrors: an install reaches only package_mirrors (defaults.yaml) until you name the distro's"
+            )
             return
     out.note("no package manager found (dnf, yum, apt-get, zypper): packages cannot be changed")
 
 
+def _half_known(g: Guest) -> profiles.Detected | None:
+    """The family's profile detection takes for the guest, with what it assumed; None when the
+    guest is one a profile knows, or none takes it."""
+    try:
+        detected = profiles.detect(g)
+    except GuestError:
+        return None
+    return detected if detected.assumed and detected.profile.name != "generic" else None
+
+
+def _based_on(out: _Yaml, family: profiles.Detected, key: str, value: object) -> None:
+    out.note(f"Detection took this guest for {family.profile.name} and warns: {family.assumed}")
+    out.put("base", family.profile.name, f"{family.profile.name}'s files and tools; add what differs below")
+    out.put(key, value, "the guest's os-release: detection's first choice from now on "
+                        f"(or add this to {family.profile.name}'s os_release instead)")  # fmt: skip
+
+
 def propose(g: Guest, name: str = "") -> str:
     """A profile YAML for the guest, every line commented with what it is based on."""
-    found, description, rules = _release(g)
+    found, description, key, value = _release(g)
+    family = _half_known(g) if key == "os_release" else None
+    if found in config.available("profiles"):  # Debian sid is "debian": not to be saved over it
+        found = f"{found}-guest"
     out = _Yaml()
     out.note("Proposed by imaging from what the guest holds: review every line, then save it as")
     out.note(f"parameters/profiles/{name or found}.yaml (20-migrate acts on exactly what it names).")
     out.put("name", name or found, "from the guest's release file")
     out.put("description", description[:100], "the guest's own name for itself")
-    out.put("detect", rules, "the release file and version: make sure no other distro matches them")
+    if family is not None:
+        _based_on(out, family, key, value)
+        return _checked(out)
+    if key == "os_release":
+        out.put(key, value, "the guest's os-release ID and major version: no other distro gives them")
+    else:
+        out.put(key, value, "the release file and version: make sure no other distro matches them")
     _add_init(out, g)
     _add_files(out, g)
     _add_initrd(out, g)
     _add_packages(out, g)
     out.put("clean", ["defaults"], "the default clean operations")
+    return _checked(out)
+
+
+def _checked(out: _Yaml) -> str:
     text = "\n".join(out.lines) + "\n"
-    Profile(**yaml.safe_load(text))  # a proposal that would not load is our bug, not the guest's
+    profiles.build(yaml.safe_load(text))  # a proposal that would not load is our bug, not the guest's
     return text

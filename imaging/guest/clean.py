@@ -66,6 +66,8 @@ class CleanPlan(Record):
     ssh_host_keys: list[str] = field(default_factory=list)
     # Paths the guest's own links make unreachable (a symlink loop): left alone, said here.
     skipped: list[str] = field(default_factory=list)
+    # What detection took for granted (a version or distro the profile was not written for).
+    profile_assumed: str = ""
 
     def table(self) -> Table:
         rows = [(a["op"], a["path"], a["action"], a["bytes"]) for a in folded(self.actions)]
@@ -81,6 +83,7 @@ class CleanPlan(Record):
         return {
             "profile": self.profile,
             "profile_reason": self.profile_reason,
+            "profile_assumed": self.profile_assumed,
             "operations": self.operations,
             "platforms": self.platforms,
             "actions": folded(self.actions),
@@ -131,7 +134,14 @@ def _plan(
     actions = [a for a in actions if not any(a.path.startswith(g) for g in gone)]
     keys = firstboot.host_key_fingerprints(guest)
     return CleanPlan(
-        detected.profile.name, detected.reason, names, platforms, actions, keys, list(guest.skipped)
+        detected.profile.name,
+        detected.reason,
+        names,
+        platforms,
+        actions,
+        keys,
+        list(guest.skipped),
+        detected.assumed,
     )
 
 

@@ -331,8 +331,12 @@ def rebuild(guest: Guest, profile: Profile, kernel: GuestKernel, target: Target)
         return described
     modules = target.initrd_modules
     check_drivers(guest, profile, kernel, target)
-    if not guest.exists(tool.tool):
-        raise GuestError(f"the guest has no {tool.tool} to rebuild its initrd (profile {profile.name})")
+    path = next((p for p in (tool.tool, *tool.alternatives) if guest.exists(p)), None)
+    if path is None:
+        also = f" (nor {', '.join(tool.alternatives)})" if tool.alternatives else ""
+        raise GuestError(
+            f"the guest has no {tool.tool}{also} to rebuild its initrd (profile {profile.name})"
+        )
     image = tool.image.format(version=kernel.version)
     if tool.modules_file:
         old = guest.read_text(tool.modules_file) or ""
@@ -347,12 +351,14 @@ def rebuild(guest: Guest, profile: Profile, kernel: GuestKernel, target: Target)
         if "{module}" in item:
             argv += [item.format(module=m) for m in modules]
         else:
-            argv.append(item.format(version=kernel.version, image=image))
+            argv.append(
+                item.format(version=kernel.version, image=image, tool=path, modules=" ".join(modules))
+            )
     before = time.time()
     sandbox.run(guest.root, argv)
     st = guest.lstat(image)
     if st is None or st.st_size == 0 or st.st_mtime < before - 2:
-        raise GuestError(f"{tool.tool} ran but did not write {image}")
+        raise GuestError(f"{path} ran but did not write {image}")
     described = _describe(guest, kernel, image, True, " ".join(argv), target)
     check_required(image, target, described)
     return described

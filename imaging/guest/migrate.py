@@ -69,6 +69,8 @@ class MigrationPlan(Record):
     packages: list[str]
     first_boot: dict[str, object]
     changes: list[Change] = field(repr=False)
+    # What detection took for granted (a version or distro the profile was not written for).
+    profile_assumed: str = ""
 
     def table(self) -> Table:
         rows = [(c.path, c.what, _count(c.diff, "-"), _count(c.diff, "+")) for c in self.changes]
@@ -233,6 +235,7 @@ def _plan(g: Guest, ws: Workspace, target_name: str, options: MigrateOptions) ->
         packages=packages,
         first_boot={"ssh": found.sshd, "dhcp": found.dhcp, "why": found.why},
         changes=changes,
+        profile_assumed=detected.assumed,
     )
 
 
@@ -259,6 +262,7 @@ class Migrated(Record):
     grub_legacy_conf: str
     first_boot: dict[str, object]  # what 50-verify requires of the boot: sshd, DHCP (and why)
     skipped: list[str] = field(default_factory=list)  # paths a symlink loop made unreachable
+    profile_assumed: str = ""  # as the plan's: what detection took for granted
 
 
 def apply(
@@ -296,6 +300,7 @@ def apply(
         grub_legacy_conf=profile.grub_legacy_conf or "",
         first_boot=done.first_boot,
         skipped=skipped,
+        profile_assumed=done.profile_assumed,
     )
 
 

@@ -1,7 +1,10 @@
 """Distro profiles and cloud platforms: what differs between guests, as validated YAML.
 
 ``parameters/profiles/<name>.yaml`` says where a distro keeps what 20-migrate edits, how its
-initrd is rebuilt, which clean operations it runs by default, and how to recognise it.
+initrd is rebuilt, which clean operations it runs by default, and how to recognise it: by the
+ids its os-release gives (``os_release``), or by files (``detect``) for the releases before
+os-release. A profile may name a ``base`` and say only where it differs from it (``ubuntu`` from
+``debian``); how it is recognised is always its own.
 ``parameters/platforms/<name>.yaml`` says what a cloud platform leaves in an instance (agent
 files, config blocks, boot hooks) for 10-clean and 20-migrate to remove.
 """
@@ -11,17 +14,31 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cache
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imaging import config
 from imaging.config import MirrorHost
 from imaging.disk.files import Guest
 from imaging.errors import GuestError, ParameterError
+from imaging.guest import osrelease
+from imaging.guest.osrelease import OsInfo
 
 _GUEST_PATH = r"^/[A-Za-z0-9._+@/*-]*$"
-GuestPath = Annotated[str, Field(pattern=_GUEST_PATH)]
+
+
+def _plain(path: str) -> str:
+    # Each one resolves inside the guest anyway; a "..", "." or "//" here would only say
+    # something other than what is meant.
+    if path != "/" and (path.endswith("/") or any(p in ("", ".", "..") for p in path.split("/")[1:])):
+        raise ValueError(f"{path!r} is not a plain guest path (no '.', '..', '//' or trailing '/')")
+    return path
+
+
+GuestPath = Annotated[str, Field(pattern=_GUEST_PATH), AfterValidator(_plain)]
+OsId = Annotated[str, Field(pattern=r"^[a-z0-9._-]{1,40}$")]
+OsVersion = Annotated[str, Field(pattern=r"^[A-Za-z0-9._~-]{1,40}$")]
 
 
 class _Strict(BaseModel):
@@ -39,12 +56,26 @@ class DetectRule(_Strict):
         return v
 
 
+class OsRelease(_Strict):
+    """The guest's own word for what it is (os-release(5)), which this profile is written for."""
+
+    # Each ID with the VERSION_IDs the profile was written for ("9" takes 9.4, not 90); an empty
+    # list takes every version (a rolling release). Another version is converted with a warning.
+    ids: dict[OsId, list[OsVersion]] = {}
+    # ID_LIKE words (besides the ids) for which this profile stands in when no profile names the
+    # guest's ID: converted with a warning.
+    like: list[OsId] = []
+
+
 class InitrdTool(_Strict):
     """How the guest's own tool rebuilds an initrd, run inside the guest (sandboxed)."""
 
     tool: GuestPath
+    # Where older releases keep the same tool: the first of tool and these the guest has is {tool}.
+    alternatives: list[GuestPath] = []
     image: str  # guest path template, {version}
-    # argv templates: {version}, {image}; an item holding {module} repeats once per module.
+    # argv templates: {tool}, {version}, {image}, {modules} (all, space-separated, in one
+    # argument); an item holding {module} repeats once per module.
     argv: list[str]
     modules_file: GuestPath | None = None  # written with one module per line first (initramfs-tools)
 
@@ -63,7 +94,9 @@ class Packages(_Strict):
 class Profile(_Strict):
     name: str
     description: str
-    detect: list[DetectRule]
+    base: str | None = None  # the profile this one says only its differences from
+    detect: list[DetectRule] = []
+    os_release: OsRelease | None = None
     inittab: GuestPath | None = None
     securetty: GuestPath | None = None
     serial_getty: str | None = None  # the inittab line that gives a login on ttyS0
@@ -100,24 +133,63 @@ class Platform(_Strict):
     boot_hooks: list[str] = []  # regular expressions of rc.local lines that are the platform's
 
 
-def _load(kind: str, name: str, model: type[BaseModel]) -> BaseModel:
+def _data(kind: str, name: str) -> dict[str, Any]:
     if (
         not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,39}", name)
         or not (config.parameters_dir() / kind / f"{name}.yaml").is_file()
     ):
         raise ParameterError(f"unknown {kind[:-1]} {name!r} (known: {', '.join(config.available(kind))})")
+    return config._load_yaml(config.parameters_dir() / kind / f"{name}.yaml")
+
+
+def _load(kind: str, name: str, model: type[BaseModel], data: dict[str, Any] | None = None) -> BaseModel:
     path = config.parameters_dir() / kind / f"{name}.yaml"
     try:
-        return model(**config._load_yaml(path))
+        return model(**(_data(kind, name) if data is None else data))
     except ValidationError as e:
         raise ParameterError(config._one_line(e, str(path))) from None
 
 
+# How a profile is recognised is its own: a base's rules would make it claim the base's guests.
+_OWN = frozenset({"name", "description", "base", "detect", "os_release"})
+
+
+def _merge(base: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """``own`` over ``base``: mappings key by key (ubuntu changes only packages' mirrors), lists
+    and values whole (null unsets)."""
+    out = dict(base)
+    for key, value in own.items():
+        old = out.get(key)
+        out[key] = _merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return out
+
+
+def _profile_data(name: str, below: tuple[str, ...] = ()) -> dict[str, Any]:
+    data = _data("profiles", name)
+    base = data.get("base")
+    if base is None:
+        return data
+    if not isinstance(base, str) or base in (*below, name) or len(below) >= 4:
+        raise ParameterError(
+            f"profile {name}: base {base!r} is not a profile it can build on (a loop, or too deep)"
+        )
+    inherited = {k: v for k, v in _profile_data(base, (*below, name)).items() if k not in _OWN}
+    return _merge(inherited, data)
+
+
 @cache
 def load_profile(name: str) -> Profile:
-    profile = _load("profiles", name, Profile)
+    profile = _load("profiles", name, Profile, _profile_data(name))
     assert isinstance(profile, Profile)
     return profile
+
+
+def build(data: dict[str, Any]) -> Profile:
+    """A profile not saved yet (a proposal), on its base as loading would put it."""
+    base = data.get("base")
+    if isinstance(base, str):
+        data = _merge({k: v for k, v in _profile_data(base).items() if k not in _OWN}, data)
+    return Profile(**data)
 
 
 @cache
@@ -131,6 +203,9 @@ def load_platform(name: str) -> Platform:
 class Detected:
     profile: Profile
     reason: str
+    # What was taken for granted, one line: a version or a distro the profile was not written
+    # for ("" when the guest is one it knows). The records and notebooks show it as a warning.
+    assumed: str = ""
 
 
 @dataclass(frozen=True)
@@ -156,32 +231,94 @@ def _in_order() -> list[str]:
     return [n for n in config.available("profiles") if n != "generic"] + ["generic"]
 
 
+def _ids(profile: Profile) -> dict[str, list[str]]:
+    return profile.os_release.ids if profile.os_release else {}
+
+
+def _likes(profile: Profile, word: str) -> bool:
+    return word in _ids(profile) or (profile.os_release is not None and word in profile.os_release.like)
+
+
 def check_rules(guest: Guest) -> list[RuleCheck]:
     """Every detect rule of every profile, in detection order, and whether it holds: why the
     detected profile was chosen, and why the others were not."""
-    return [
-        RuleCheck(name, _describe(rule), _holds(guest, rule))
-        for name in _in_order()
-        for rule in load_profile(name).detect
-    ]
+    info = osrelease.read(guest)
+    checks = []
+    for name in _in_order():
+        profile = load_profile(name)
+        if ids := _ids(profile):
+            known = "; ".join(f"{i} {', '.join(v) or 'any version'}" for i, v in ids.items())
+            holds = info.id in ids and osrelease.known(info.version, ids[info.id])
+            checks.append(RuleCheck(name, f"/etc/os-release ID and VERSION_ID: {known}", holds))
+        if profile.os_release and profile.os_release.like:
+            likes = ", ".join(profile.os_release.like)
+            checks.append(
+                RuleCheck(
+                    name, f"/etc/os-release ID_LIKE: {likes}", any(_likes(profile, w) for w in info.like)
+                )
+            )
+        checks += [RuleCheck(name, _describe(rule), _holds(guest, rule)) for rule in profile.detect]
+    return checks
 
 
-def _os_name(guest: Guest) -> str:
-    text = guest.read_text("/etc/os-release") if guest.is_file("/etc/os-release") else None
-    m = re.search(r'^PRETTY_NAME="?([^"\n]*)', text or "", re.MULTILINE)
-    name = re.sub(r"[^A-Za-z0-9 ._()/+-]", "", m.group(1) if m else "")[:60].strip()
-    return f" ({name})" if name else ""
+def _choose(profiles: list[Profile], ident: str, version: str) -> tuple[Profile, str, bool]:
+    """Of the profiles that take ``ident``: (the one written for ``version``, or else the one
+    for the nearest version below it, or else the first; that version; whether it is known)."""
+    best: tuple[tuple[int, ...], Profile, str] | None = None
+    for p in profiles:
+        versions = _ids(p).get(ident)
+        if versions is not None and osrelease.known(version, versions):
+            return p, version, True
+        below = [v for v in versions or [] if osrelease.version_key(v) <= osrelease.version_key(version)]
+        if below:
+            top = max(below, key=osrelease.version_key)
+            if best is None or osrelease.version_key(top) > best[0]:
+                best = (osrelease.version_key(top), p, top)
+    return (best[1], best[2], False) if best else (profiles[0], "", False)
+
+
+def _by_os_release(info: OsInfo, ordered: list[Profile]) -> Detected | None:
+    seen = f"os-release: ID {info.id}, VERSION_ID {info.version or '(none)'}"
+    if claiming := [p for p in ordered if info.id in _ids(p)]:
+        profile, near, known = _choose(claiming, info.id, info.version)
+        if known:
+            return Detected(profile, seen)
+        written = ", ".join(_ids(profile)[info.id])
+        treated = f"treated as {info.id} {near}" if near else f"treated as profile {profile.name}"
+        return Detected(profile, seen, f"{info}: profile {profile.name} is written for {info.id} {written}, not "
+                                       f"{info.version or 'one without a VERSION_ID'}; {treated}")  # fmt: skip
+    for word in info.like:
+        if claiming := [p for p in ordered if _likes(p, word)]:
+            profile = _choose(claiming, word, info.version)[0]
+            return Detected(profile, f"os-release: ID_LIKE {' '.join(info.like)}",
+                            f"{info}: no profile is written for {info.id or 'its ID'}; treated as {profile.name}, "
+                            f"the profile for its ID_LIKE {word}")  # fmt: skip
+    return None
 
 
 def detect(guest: Guest) -> Detected:
-    """The first distro profile (in name order) whose every rule holds for the guest. ``generic``
-    is never guessed: a guest no profile knows is an error that says how to make one."""
-    for name in _in_order():
-        profile = load_profile(name)
+    """The profile for the guest, in this order, each in profile name order (``generic`` last):
+
+    1. the one whose os-release ``ids`` name the guest's ID (at a version it lists, else the one
+       for the nearest version below, with a warning);
+    2. one whose ``like`` or ids name a word of the guest's ID_LIKE (with a warning);
+    3. the first whose every ``detect`` rule holds: the releases before os-release (CentOS 5 and
+       6), which need no warning; a guest whose os-release names an ID no profile knows gets one.
+
+    ``generic`` is never guessed: a guest no profile knows is an error that says how to go on."""
+    info = osrelease.read(guest)
+    ordered = [load_profile(name) for name in _in_order()]
+    if found := _by_os_release(info, ordered):
+        return found
+    for profile in ordered:
         if profile.detect and all(_holds(guest, rule) for rule in profile.detect):
-            return Detected(profile, "; ".join(_describe(rule) for rule in profile.detect))
+            reason = "; ".join(_describe(rule) for rule in profile.detect)
+            assumed = (f"{info}: no profile is written for {info.id}; treated as {profile.name}, whose files it has "
+                       f"({reason})") if info.id else ""  # fmt: skip
+            return Detected(profile, reason, assumed)
+    named = f" ({info.name})" if info.name else ""
     raise GuestError(
-        f"no profile knows this guest{_os_name(guest)}: propose one from the guest with notebooks/explore.ipynb "
+        f"no profile knows this guest{named}: propose one from the guest with notebooks/explore.ipynb "
         "(make lab) and save it under parameters/profiles/, or name one with --profile (generic: a KVM-style "
         "guest that needs no migration)"
     )

@@ -77,7 +77,16 @@ def _clean(r: dict[str, Any]) -> str:
         f"**Cleaned** with profile {code(r['profile'])} ({text(r['profile_reason'])}): "
         f"{len(r.get('operations', []))} operations, {sum(counts.values())} files acted on "
         f"({what}), {_size(r.get('removed_bytes', 0))} removed.\n\n"
-        f"Operations: {text(', '.join(r.get('operations', [])))}." + _skipped(r)
+        f"Operations: {text(', '.join(r.get('operations', [])))}." + _assumed(r) + _skipped(r)
+    )
+
+
+def _assumed(r: dict[str, Any]) -> str:
+    """Detection's warning: the guest is a version or a distro the profile was not written for."""
+    return (
+        f"\n\n**Warning**: profile assumed: {text(r['profile_assumed'])}."
+        if r.get("profile_assumed")
+        else ""
     )
 
 
@@ -100,6 +109,7 @@ def _migrate(r: dict[str, Any]) -> str:
         f"Kernel {code(r['kernel'])}; initrd {text(r['initrd'])}, {_size(r.get('initrd_bytes'))}, "
         f"with {text(r['initrd_modules'])}. Packages: {text(r['packages'])}."
         + _drivers(r.get("drivers") or {})
+        + _assumed(r)
         + _skipped(r)
     )
 

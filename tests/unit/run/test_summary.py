@@ -156,3 +156,13 @@ def test_the_targets_drivers_and_the_boot_checks_machine_are_said() -> None:
         "50-verify", {**VERIFY, "target": "aws", "controller": "nvme", "machine_note": note}
     )
     assert "(nvme disk controller, tcg)" in text and text.rstrip().endswith(f"{note}.")
+
+
+def test_an_assumed_profile_is_a_warning_in_the_summary() -> None:
+    assumed = (
+        "Rocky Linux 10.1 (rocky 10.1): profile rhel is written for rocky 8, 9, not 10.1; treated as rocky 9"
+    )
+    result = {"profile": "rhel", "profile_reason": "os-release: ID rocky, VERSION_ID 10.1", "profile_assumed": assumed,
+              "operations": [], "actions": []}  # fmt: skip
+    assert f"**Warning**: profile assumed: {assumed}." in summary.completed("10-clean", result)
+    assert "Warning" not in summary.completed("10-clean", {**result, "profile_assumed": ""})
