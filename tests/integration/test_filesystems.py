@@ -190,7 +190,8 @@ def test_a_btrfs_root_keeps_its_subvolumes_and_drops_its_snapshots(tmp_path: Pat
     before = digest(image)
     ws, instance = acquired(tmp_path, image)
     assert (instance.fs_type, instance.label, instance.subvolume) == ("btrfs", "fedora", "root")
-    assert instance.snapshots_dropped == ["snapshots/root-1"] and instance.write_options == ["compress=zstd:1"]
+    assert instance.snapshots_dropped == ["snapshots/root-1"]
+    assert instance.write_options == ["compress=zstd:1"]
     # 10-clean and 20-migrate see the guest as it sees itself: /home is the home subvolume.
     with access.editing(ws) as g:
         assert g.read_text("/home/debian/results/a.csv") == "run,yield\n1,0.4\n"

@@ -31,6 +31,8 @@ def test_the_subvolumes_fstab_mounts() -> None:
 def test_the_compression_the_guest_writes_with() -> None:
     assert btrfs.compression(FEDORA) == ["compress=zstd:1"]
     assert btrfs.compression(SUSE) == []  # only the root entry's counts
-    assert btrfs.compression("UUID=x / btrfs compress-force=zlib:3,noatime 0 0\n") == ["compress-force=zlib:3"]
+    assert btrfs.compression("UUID=x / btrfs compress-force=zlib:3,noatime 0 0\n") == [
+        "compress-force=zlib:3"
+    ]
     # Anything else in the options never reaches a mount.
     assert btrfs.compression("UUID=x / btrfs compress=zstd;reboot,ssd 0 0\n") == []
