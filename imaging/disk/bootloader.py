@@ -20,7 +20,7 @@ from pathlib import Path
 from imaging import tools
 from imaging.config import check_kernel_args
 from imaging.disk import filesystems
-from imaging.disk.debugfs import ExtGuest, safe_name
+from imaging.disk.debugfs import READ_LIMIT, ExtGuest, safe_name
 from imaging.disk.filesystems import MountedFiles
 from imaging.errors import GuestError
 from imaging.records import Record
@@ -33,6 +33,8 @@ GRUB_PC = Path("/usr/lib/grub/i386-pc")
 # the filesystem's own module, filesystems.py); the rest (normal, linux, ...) loads from the
 # guest's /boot/grub/i386-pc.
 CORE_MODULES = ["biosdisk", "part_msdos", "search_fs_uuid"]
+# What read_back reads of a kernel or an initrd: real ones are tens of MiB, a few hundred at most.
+BOOT_FILE_LIMIT = 1 << 30
 _SAFE_PREFIX = re.compile(r"(/[A-Za-z0-9._+@-]+)+")
 INITRD_PATTERNS = ("initrd.img-{v}", "initrd-{v}.img", "initramfs-{v}.img", "initrd-{v}", "initrd-{v}.gz")
 
@@ -165,6 +167,29 @@ class GrubInstall(Record):
     entries: int
     default_kernel: str
     config_diff: str
+    read_back: str = ""  # what GRUB's own filesystem driver read of the placed disk (read_back)
+
+
+def read_back(disk: Path, paths: list[str], config_path: str, config: str) -> str:
+    """Read the boot files of partition 1 through GRUB's own filesystem drivers (grub-fstest, in
+    user space): a filesystem feature this host's GRUB cannot read (an XFS or btrfs newer than
+    it) is one line here, not a disk that stops at GRUB's prompt in the boot check."""
+    tools.require_tools("grub-fstest", reason="read the disk as GRUB does", hint="apt install grub-common")
+    found = []
+    for path in paths:
+        result = tools.run(
+            ["grub-fstest", disk, "crc", f"(loop0,msdos1){path}"], ok_codes=range(256), timeout=300
+        )
+        crc = result.stdout.strip()
+        if result.exit_code != 0 or not re.fullmatch(r"[0-9a-f]{8}", crc):
+            detail = result.stderr_tail(1).removeprefix("grub-fstest: ") or f"exit {result.exit_code}"
+            raise GuestError(f"this host's GRUB cannot read {path} from the placed filesystem: {detail}")
+        found.append(f"{path} (crc {crc})")
+    written = tools.run(["grub-fstest", disk, "cat", f"(loop0,msdos1){config_path}"], ok_codes=range(256),
+                        timeout=60, max_output=READ_LIMIT)  # fmt: skip
+    if written.exit_code != 0 or written.stdout != config:
+        raise GuestError(f"GRUB does not read back {config_path} as it was written")
+    return "; ".join([*found, f"{config_path} as written"])
 
 
 def _grub_version() -> str:
@@ -241,6 +266,7 @@ def install_grub(
     with filesystems.files(disk, fs_type, offset=start_sector * 512, subvolume=subvolume, options=written,
                            writable=True) as guest:  # fmt: skip
         kernels = find_kernels(guest)
+        sizes = {f"/boot/{e.name}": e.size for e in guest.entries("/boot") if e.is_file}
         kernels.sort(key=lambda k: k.version != chosen)
         config = grub_config(kernels, uuid, title=_title(guest), timeout=timeout, kernel_args=args,
                              legacy_menu=legacy, prefix=prefix)  # fmt: skip
@@ -262,6 +288,14 @@ def install_grub(
             f"b{cfg_path}",
         )
     )
+    default = kernels[0]
+    boot_files = [default.vmlinuz, *([default.initrd] if default.initrd else [])]
+    for path in boot_files:
+        if sizes.get(path, 0) > BOOT_FILE_LIMIT:
+            raise GuestError(
+                f"{path} in the guest is {sizes[path]:,} bytes: more than a kernel or initrd can be"
+            )
+    read = read_back(disk, [f"{prefix}{p}" for p in boot_files], f"{prefix}{cfg_path}", config)
     return GrubInstall(
         grub=_grub_version(),
         core_image_bytes=len(core_bytes),
@@ -271,4 +305,5 @@ def install_grub(
         entries=len(kernels),
         default_kernel=kernels[0].vmlinuz,
         config_diff=diff,
+        read_back=read,
     )

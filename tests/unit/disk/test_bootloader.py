@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import subprocess
+import zlib
+from pathlib import Path
+
 import pytest
 
 from imaging.disk import bootloader
@@ -77,3 +81,31 @@ def test_grub_config_refuses_injection() -> None:
         bootloader.grub_config(found, "x' ; reboot")
     with pytest.raises(ParameterError):
         bootloader.grub_config(found, UUID, kernel_args="}; menuentry x {")
+
+
+def test_grub_reads_back_what_is_on_the_disk(tmp_path: Path) -> None:
+    # A partition 1 at 1 MiB holding an ext4 made with its files, as placement leaves it.
+    tree = tmp_path / "tree"
+    (tree / "boot" / "grub").mkdir(parents=True)
+    kernel = bytes(range(256)) * 4096
+    (tree / "boot" / "vmlinuz-6.1.0-9-amd64").write_bytes(kernel)
+    (tree / "boot" / "grub" / "grub.cfg").write_text("set default=0\n")
+    disk = tmp_path / "disk.raw"
+    with open(disk, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["sfdisk", "-q", disk], input="label: dos\nstart=2048, type=83\n", text=True, check=True)
+    subprocess.run(
+        ["mke2fs", "-q", "-t", "ext4", "-d", tree, "-E", "offset=1048576", disk, "32M"], check=True
+    )
+    read = bootloader.read_back(
+        disk, ["/boot/vmlinuz-6.1.0-9-amd64"], "/boot/grub/grub.cfg", "set default=0\n"
+    )
+    assert (
+        read == f"/boot/vmlinuz-6.1.0-9-amd64 (crc {zlib.crc32(kernel):08x}); /boot/grub/grub.cfg as written"
+    )
+    with pytest.raises(
+        GuestError, match=r"^this host's GRUB cannot read /boot/vmlinuz-9 from the placed filesystem: "
+    ):
+        bootloader.read_back(disk, ["/boot/vmlinuz-9"], "/boot/grub/grub.cfg", "set default=0\n")
+    with pytest.raises(GuestError, match="does not read back /boot/grub/grub.cfg as it was written"):
+        bootloader.read_back(disk, [], "/boot/grub/grub.cfg", "set default=1\n")
