@@ -280,6 +280,28 @@ def _linear(count: int, pe: int) -> tuple[str, ...]:
             f'stripes = ["pv0", {pe}]')  # fmt: skip
 
 
+def _thin_pool(pool: str, count: int, meta_pe: int) -> str:
+    """A thin pool's volumes as lvm2 writes them (lvcreate --type thin-pool on a host that has
+    device-mapper): the pool, and its hidden metadata and data volumes from extent ``meta_pe``."""
+    return (
+        _lv(pool, True, "start_extent = 0", f"extent_count = {count}", 'type = "thin-pool"',
+            f'metadata = "{pool}_tmeta"', f'pool = "{pool}_tdata"', "transaction_id = 1", "chunk_size = 128",
+            'discards = "passdown"', "zero_new_blocks = 0")
+        + _lv(f"{pool}_tmeta", False, *_linear(1, meta_pe)) + _lv(f"{pool}_tdata", False, *_linear(count, meta_pe + 1))
+    )  # fmt: skip
+
+
+def _restore_with(tools: Lvm, vg: str, tmp_path: Path, volumes: str) -> None:
+    """Add ``volumes`` to ``vg``'s metadata: lvm2 creates no thin pool or snapshot without
+    device-mapper, but vgcfgrestore writes what a backup says."""
+    backup = tmp_path / f"{vg}.vg"
+    tools("vgcfgbackup", "-q", "-f", str(backup), vg)
+    text = backup.read_text()
+    at = text.index("logical_volumes {") + len("logical_volumes {")
+    backup.write_text(text[:at] + "\n" + volumes + text[at:])
+    tools("vgcfgrestore", "-q", "--force", "-f", str(backup), vg)
+
+
 def test_only_linear_volumes_are_taken(tools: Lvm, tmp_path: Path) -> None:
     path = disk(
         tmp_path / "d.img", 96 * MIB, "label: dos\nstart=2048, size=90112, type=8e\nstart=92160, type=8e\n"
@@ -292,25 +314,16 @@ def test_only_linear_volumes_are_taken(tools: Lvm, tmp_path: Path) -> None:
     tools(
         "lvcreate", "-q", "-an", "-Zn", "--type", "striped", "-i", "2", "-L", "8M", "-n", "stripes", "mixed"
     )
-    # lvm2 creates no thin pool or snapshot without device-mapper: restored from edited metadata instead.
-    backup = tmp_path / "mixed.vg"
-    tools("vgcfgbackup", "-q", "-f", str(backup), "mixed")
     # What lvm2 writes for them (lvcreate --type thin-pool / thin / --snapshot on a host that has it).
     extra = (
-        _lv("pool", True, "start_extent = 0", "extent_count = 2", 'type = "thin-pool"',
-            'metadata = "pool_tmeta"', 'pool = "pool_tdata"', "transaction_id = 1", "chunk_size = 128",
-            'discards = "passdown"', "zero_new_blocks = 0")
+        _thin_pool("pool", 2, 3)
         + _lv("thin", True, "start_extent = 0", "extent_count = 4", 'type = "thin"', 'thin_pool = "pool"',
               "transaction_id = 0", "device_id = 1")
-        + _lv("pool_tmeta", False, *_linear(1, 3)) + _lv("pool_tdata", False, *_linear(2, 4))
         + _lv("lvol0_pmspare", False, *_linear(1, 6)) + _lv("snap", False, *_linear(1, 7))
         + _lv("snapshot0", False, "start_extent = 0", "extent_count = 2", 'type = "snapshot"',
               "chunk_size = 8", 'origin = "root"', 'cow_store = "snap"')
     )  # fmt: skip
-    text = backup.read_text()
-    at = text.index("logical_volumes {") + len("logical_volumes {")
-    backup.write_text(text[:at] + "\n" + extra + text[at:])
-    tools("vgcfgrestore", "-q", "--force", "-f", str(backup), "mixed")
+    _restore_with(tools, "mixed", tmp_path, extra)
     listed = tools("lvs", "-a", "--noheadings", "-o", "lv_name,segtype", "mixed")
     assert re.search(r"thin\s+thin\s*\n", listed) and re.search(r"pool\s+thin-pool\s*\n", listed)
     tools.detach()
@@ -641,20 +654,9 @@ def test_a_root_only_on_a_thin_volume_is_refused_in_one_line(tools: Lvm, tmp_pat
     tools("pvcreate", "-q", dev)
     tools("vgcreate", "-q", "rhel", dev)
     tools("lvcreate", "-q", "-an", "-Zn", "-L", "4M", "-n", "swap", "rhel")
-    backup = tmp_path / "rhel.vg"
-    tools("vgcfgbackup", "-q", "-f", str(backup), "rhel")
-    extra = (
-        _lv("pool00", True, "start_extent = 0", "extent_count = 4", 'type = "thin-pool"',
-            'metadata = "pool00_tmeta"', 'pool = "pool00_tdata"', "transaction_id = 1", "chunk_size = 128",
-            'discards = "passdown"', "zero_new_blocks = 0")
-        + _lv("root", True, "start_extent = 0", "extent_count = 8", 'type = "thin"', 'thin_pool = "pool00"',
-              "transaction_id = 0", "device_id = 1")
-        + _lv("pool00_tmeta", False, *_linear(1, 2)) + _lv("pool00_tdata", False, *_linear(4, 3))
-    )  # fmt: skip
-    text = backup.read_text()
-    at = text.index("logical_volumes {") + len("logical_volumes {")
-    backup.write_text(text[:at] + "\n" + extra + text[at:])
-    tools("vgcfgrestore", "-q", "--force", "-f", str(backup), "rhel")
+    thin = _lv("root", True, "start_extent = 0", "extent_count = 8", 'type = "thin"', 'thin_pool = "pool00"',
+               "transaction_id = 0", "device_id = 1")  # fmt: skip
+    _restore_with(tools, "rhel", tmp_path, _thin_pool("pool00", 4, 2) + thin)
     tools.detach()
     with pytest.raises(SourceError) as e:
         acquire.inspect(str(path))
