@@ -81,6 +81,9 @@ MAC_KEY = re.compile(
 )  # systemd-networkd [Match]
 NM_MAC = re.compile(r"^\s*mac-address\s*=.*\n?", re.MULTILINE)  # NetworkManager [ethernet]
 DHCP_LEASES = ("/var/lib/dhcp", "/var/lib/dhclient", "/var/lib/NetworkManager/dhclient", "/var/lib/dhcpcd")
+# NetworkManager's own DHCP client (the default on RHEL 8+, Fedora, Amazon Linux 2023) keeps its
+# leases beside the rest of its state (internal-<uuid>-eth0.lease), which must stay.
+NM_LEASES = "/var/lib/NetworkManager/*.lease"
 CLOUD_INIT = (
     "/var/lib/cloud/instance",
     "/var/lib/cloud/instances",
@@ -234,7 +237,9 @@ def net_hwaddr(ctx: Context) -> list[Action]:
 
 @operation("dhcp-client-state", "Remove DHCP clients' leases, which name the old network and address")
 def dhcp_client_state(ctx: Context) -> list[Action]:
-    return [a for d in DHCP_LEASES for a in _contents("dhcp-client-state", ctx.guest, d)]
+    g = ctx.guest
+    return [*(a for d in DHCP_LEASES for a in _contents("dhcp-client-state", g, d)),
+            *(a for p in g.glob(NM_LEASES) for a in _remove("dhcp-client-state", g, p))]  # fmt: skip
 
 
 @operation("cloud-init", "Remove cloud-init's state of this instance, so the next boot is a first boot")

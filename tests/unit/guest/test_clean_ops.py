@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from imaging.disk.files import Guest
 from imaging.errors import ParameterError
 from imaging.guest import clean, clean_ops
 from imaging.guest.clean_ops import Action
@@ -50,3 +53,16 @@ def test_a_directory_of_many_files_is_one_row_of_the_record() -> None:
     assert [r["path"] for r in rows] == ["/var/log/messages", f"/var/log/app/* ({FOLD + 1} files)", "/tmp/x"]
     assert rows[1]["count"] == FOLD + 1 and rows[1]["bytes"] == 10 * (FOLD + 1)
     assert len(folded(many[:FOLD])) == FOLD  # up to FOLD, each file by name
+
+
+def test_networkmanagers_own_leases_go_and_its_state_stays(tmp_path: Path) -> None:
+    nm = tmp_path / "var" / "lib" / "NetworkManager"
+    nm.mkdir(parents=True)
+    (nm / "internal-9f3c0d4e-1b2a-4c5d-8e6f-7a8b9c0d1e2f-eth0.lease").write_text("ADDRESS=10.31.7.19\n")
+    (nm / "NetworkManager.state").write_text("[main]\nNetworkingEnabled=true\n")
+    (nm / "secret_key").write_bytes(b"k" * 32)
+    with Guest(tmp_path) as g:
+        actions = clean_ops.dhcp_client_state(clean_ops.Context(g, None, [], []))  # type: ignore[arg-type]
+    assert [a.path for a in actions] == [
+        "/var/lib/NetworkManager/internal-9f3c0d4e-1b2a-4c5d-8e6f-7a8b9c0d1e2f-eth0.lease"
+    ]
