@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from imaging import tools
@@ -43,7 +44,7 @@ INJECTED_KEY = (
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMrbQXl6cbD1Zxt0zUeo0Kfp3vOWq/fM8wqRgkE0qmGn alice@laptop"
 )
 DATA = "run,temperature,yield\n1,300,0.41\n2,310,0.47\n3,320,0.52\n"
-DATA_PATH = "/home/debian/results/experiment-7.csv"
+DATA_PATH = "/home/debian/results/experiment-7.csv"  # debian12's; an Instance's own is data_path
 # As the cloud's image builder wrote it (a sample on another layout gives its own).
 FSTAB = "# written by the cloud's image builder\n/dev/xvda1\t/\text4\trw,discard,errors=remount-ro\t0 1\n"
 
@@ -56,15 +57,15 @@ check() {
 }
 check "a new machine-id" sh -c 'grep -qE "^[0-9a-f]{32}$" /etc/machine-id && ! grep -q __MACHINE_ID__ /etc/machine-id'
 check "new SSH host keys" sh -c 'ls /etc/ssh/ssh_host_*_key.pub && ! cat /etc/ssh/ssh_host_*_key.pub | grep -qF -e __HOST_KEYS__'
-check "no injected SSH key" sh -c '! grep -rqsF alice@laptop /root/.ssh /home/debian/.ssh'
-check "no shell histories" sh -c '! ls /root/.bash_history /home/debian/.bash_history /home/debian/.python_history'
+check "no injected SSH key" sh -c '! grep -rqsF alice@laptop /root/.ssh /home/__USER__/.ssh'
+check "no shell histories" sh -c '! ls /root/.bash_history /home/__USER__/.bash_history /home/__USER__/.python_history'
 check "no cloud-init instance state" test ! -e /var/lib/cloud/instances/__INSTANCE_ID__
-check "no old logs" sh -c '! grep -qs "Accepted publickey for debian" /var/log/auth.log'
-check "no old DHCP leases" sh -c '! grep -qs 10.31.7.19 /var/lib/dhcp/dhclient.eth0.leases'
+check "no old logs" sh -c '! grep -qs "Accepted publickey for __USER__" __AUTH_LOG__'
+check "no old DHCP leases" sh -c '! grep -qs 10.31.7.19 __LEASE__'
 check "user data intact" sh -c 'echo "__DATA_SHA256__  __DATA_PATH__" | sha256sum -c'
 check "user data keeps its owner" sh -c 'test "$(stat -c %u:%g __DATA_PATH__)" = 1000:1000'
 check "eth0 has an address" sh -c 'ip -4 -o addr show dev eth0 | grep -q inet'
-check "sshd running" systemctl is-active ssh.service
+check "sshd running" sh -c 'for u in ssh sshd; do systemctl cat $u.service && exec systemctl is-active $u.service; done; exit 1'
 check "no failed unit" sh -c 'test -z "$(systemctl --failed --no-legend --plain)"'
 if [ -z "$fail" ]; then echo "__MARKER__ $(hostname)"; else echo "IMAGING-SAMPLE-FAILED:$fail"; fi
 """
@@ -73,7 +74,7 @@ CHECK_UNIT = """\
 [Unit]
 Description=imaging sample check (what cleaning and migration promise)
 Wants=network-online.target
-After=network-online.target ssh.service
+After=network-online.target ssh.service sshd.service
 
 [Service]
 Type=oneshot
@@ -85,6 +86,33 @@ WantedBy=multi-user.target
 """
 
 
+IFUPDOWN = (("/etc/network/interfaces.d/50-cloud-init", "# written by cloud-init\nauto lo\niface lo inet loopback\n\n"
+             "auto eth0\niface eth0 inet dhcp\n", 0o644),)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Instance:
+    """Where the instance's distro keeps what the cloud and its user left (Debian's by default):
+    another family's sample names its own cloud user, logs, network configuration and lease, and
+    the check looks for each where that family keeps it."""
+
+    user: str = "debian"  # the cloud user, uid 1000
+    gecos: str = "Debian"
+    base: tuple[str, ...] = tuple(PACKAGES)  # installed besides stage_debian_root's packages
+    auth_log: str = "/var/log/auth.log"
+    network: tuple[tuple[str, str, int], ...] = IFUPDOWN  # (path, text, mode) as cloud-init writes them
+    lease: tuple[str, str] = ("/var/lib/dhcp/dhclient.eth0.leases",
+                              'lease {\n  interface "eth0";\n  fixed-address 10.31.7.19;\n}\n')  # fmt: skip
+
+    @property
+    def home(self) -> str:
+        return f"/home/{self.user}"
+
+    @property
+    def data_path(self) -> str:
+        return f"{self.home}/results/experiment-7.csv"
+
+
 def _host_keys(root: Path) -> list[str]:
     return sorted(p.read_text().split()[1] for p in (root / "etc" / "ssh").glob("ssh_host_*_key.pub"))
 
@@ -93,16 +121,28 @@ def _host_keys(root: Path) -> list[str]:
 _VERDICT = 'if [ -z "$fail" ]; then'
 
 
+def check_script(root: Path, checks: str = "", instance: Instance = Instance()) -> str:
+    """The guest's check with ``checks`` before its verdict, for ``instance``'s user and files."""
+    check = CHECK.replace(_VERDICT, checks + _VERDICT)
+    for key, value in {"__MACHINE_ID__": MACHINE_ID, "__INSTANCE_ID__": INSTANCE_ID, "__DATA_PATH__": instance.data_path,
+                       "__DATA_SHA256__": hashlib.sha256(DATA.encode()).hexdigest(), "__MARKER__": MARKER,
+                       "__HOST_KEYS__": " -e ".join(_host_keys(root)), "__USER__": instance.user,
+                       "__AUTH_LOG__": instance.auth_log, "__LEASE__": instance.lease[0]}.items():  # fmt: skip
+        check = check.replace(key, value)
+    return check
+
+
 def stage_debian_root(
-    root: Path, name: str, *, packages: Sequence[str] = (), fstab: str = FSTAB, checks: str = ""
-) -> None:
+    root: Path, name: str, *, packages: Sequence[str] = (), fstab: str = FSTAB, checks: str = "",
+    instance: Instance = Instance(),
+) -> None:  # fmt: skip
     """Build the instance's tree in ``root`` (empty): mmdebstrap, then what running left.
-    ``packages`` are installed besides PACKAGES, ``fstab`` is the instance's /etc/fstab, and
-    ``checks`` (``check "what" command...`` lines) run in the guest's check before its verdict."""
+    ``packages`` are installed besides ``instance.base``, ``fstab`` is the instance's /etc/fstab,
+    and ``checks`` (``check "what" command...`` lines) run in the guest's check before its verdict."""
     release = RELEASES[name]
     tools.require_tools("mmdebstrap", reason="build a real Debian guest", hint="apt install mmdebstrap")
     tools.run(
-        ["mmdebstrap", "--variant=minbase", f"--include={','.join([*PACKAGES, *packages])}", "--aptopt=Acquire::Retries \"3\"",
+        ["mmdebstrap", "--variant=minbase", f"--include={','.join([*instance.base, *packages])}", "--aptopt=Acquire::Retries \"3\"",
          "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
          "--dpkgopt=path-exclude=/usr/share/locale/*", release, root, MIRROR],
         timeout=1800,
@@ -112,49 +152,47 @@ def stage_debian_root(
             f"mmdebstrap built {release} without SSH host keys (openssh-server not configured?)"
         )
     host = f"{INSTANCE_ID}"
+    user = instance.user
     files = {
         "/etc/hostname": f"{host}\n",
         "/etc/hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
         "/etc/fstab": fstab,
-        "/etc/network/interfaces.d/50-cloud-init": "# written by cloud-init\nauto lo\niface lo inet loopback\n\n"
-                                                   "auto eth0\niface eth0 inet dhcp\n",
         "/etc/machine-id": f"{MACHINE_ID}\n",
         "/etc/cloud/cloud.cfg.d/90_dpkg.cfg": "datasource_list: [ Ec2, OpenStack, NoCloud, None ]\n",
         "/var/lib/cloud/data/instance-id": f"{INSTANCE_ID}\n",
         f"/var/lib/cloud/instances/{INSTANCE_ID}/user-data.txt": "#cloud-config\npackages: [htop]\n",
         f"/var/lib/cloud/instances/{INSTANCE_ID}/sem/config_ssh": "",
-        "/var/log/auth.log": "Nov 20 10:01:02 i-0c10 sshd[812]: Accepted publickey for debian from 10.31.7.1\n",
+        instance.auth_log: f"Nov 20 10:01:02 i-0c10 sshd[812]: Accepted publickey for {user} from 10.31.7.1\n",
         "/var/log/cloud-init.log": f"2026-11-20 10:00:41 - util.py[DEBUG]: Cloud-init v. 22.4 running 'init' ({INSTANCE_ID})\n",
         "/var/log/cloud-init-output.log": "Cloud-init v. 22.4 finished\n",
-        "/var/lib/dhcp/dhclient.eth0.leases": "lease {\n  interface \"eth0\";\n  fixed-address 10.31.7.19;\n}\n",
+        instance.lease[0]: instance.lease[1],
         "/root/.bash_history": "sudo -i\ncat /etc/shadow\n",
-        "/root/.ssh/authorized_keys": 'no-port-forwarding,command="echo \'Please login as the user \\"debian\\"\'" '
+        "/root/.ssh/authorized_keys": f'no-port-forwarding,command="echo \'Please login as the user \\"{user}\\"\'" '
                                       f"{INJECTED_KEY}\n",
     }  # fmt: skip
     for path, text in files.items():
         write(root / path.lstrip("/"), text, 0o600 if path.startswith("/root") else 0o644)
+    for path, text, mode in instance.network:
+        write(root / path.lstrip("/"), text, mode)
     (root / "var" / "lib" / "cloud" / "instance").symlink_to(f"/var/lib/cloud/instances/{INSTANCE_ID}")
     # The cloud user, uid 1000, with the key cloud-init injected, its history and its data.
     with open(root / "etc" / "passwd", "a") as f:
-        f.write("debian:x:1000:1000:Debian:/home/debian:/bin/bash\n")
+        f.write(f"{user}:x:1000:1000:{instance.gecos}:{instance.home}:/bin/bash\n")
     with open(root / "etc" / "group", "a") as f:
-        f.write("debian:x:1000:\n")
+        f.write(f"{user}:x:1000:\n")
     with open(root / "etc" / "shadow", "a") as f:
-        f.write("debian:*:20400:0:99999:7:::\n")
-    home = root / "home" / "debian"
+        f.write(f"{user}:*:20400:0:99999:7:::\n")
+    home = root / instance.home.lstrip("/")
     for path, text in {".ssh/authorized_keys": f"{INJECTED_KEY}\n", ".bash_history": "ls\npython3 analyse.py\n",
-                       ".python_history": "import csv\n", DATA_PATH.removeprefix("/home/debian/"): DATA}.items():  # fmt: skip
+                       ".python_history": "import csv\n", instance.data_path.removeprefix(f"{instance.home}/"): DATA}.items():  # fmt: skip
         write(home / path, text, 0o600 if path.startswith(".") else 0o644)
     for dirpath, dirnames, filenames in os.walk(home):
         for entry in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
             os.chown(entry, 1000, 1000, follow_symlinks=False)
     (home / ".ssh").chmod(0o700)
-    check = CHECK.replace(_VERDICT, checks + _VERDICT)
-    for key, value in {"__MACHINE_ID__": MACHINE_ID, "__INSTANCE_ID__": INSTANCE_ID, "__DATA_PATH__": DATA_PATH,
-                       "__DATA_SHA256__": hashlib.sha256(DATA.encode()).hexdigest(), "__MARKER__": MARKER,
-                       "__HOST_KEYS__": " -e ".join(_host_keys(root))}.items():  # fmt: skip
-        check = check.replace(key, value)
-    write(root / "usr" / "local" / "sbin" / "imaging-sample-check", check, 0o755)
+    write(
+        root / "usr" / "local" / "sbin" / "imaging-sample-check", check_script(root, checks, instance), 0o755
+    )
     write(root / "etc" / "systemd" / "system" / "imaging-sample-check.service", CHECK_UNIT)
     wants = root / "etc" / "systemd" / "system" / "multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)

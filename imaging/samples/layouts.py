@@ -70,7 +70,7 @@ class Layout:
     make_disk: Callable[[Path, Path, str], None]  # (tree, disk, name)
 
 
-def _xfs(tree: Path, disk: Path, name: str) -> None:
+def xfs_disk(tree: Path, disk: Path, name: str) -> None:
     """GPT: BIOS boot partition at 1 MiB (1 MiB), root from 2 MiB; mkfs.xfs on a loop device."""
     size = _fs_bytes(tree)
     create_sparse(disk, 2 * MIB + size + MIB)  # and GPT's backup at the end
@@ -184,7 +184,7 @@ LVM_CHECKS = r"""check "/ is a plain partition, not a logical volume" sh -c 'fin
 check "/boot merged into the root" sh -c 'test "$(findmnt -no TARGET -T /boot)" = / && ls /boot/vmlinuz-*'
 """
 LAYOUTS = {
-    "debian12-xfs": Layout("debian12", ("xfsprogs", *EXTRA), XFS_FSTAB, _is("/", "xfs") + DATA_CHECKS, _xfs),
+    "debian12-xfs": Layout("debian12", ("xfsprogs", *EXTRA), XFS_FSTAB, _is("/", "xfs") + DATA_CHECKS, xfs_disk),
     "debian12-btrfs": Layout("debian12", ("btrfs-progs", *EXTRA), BTRFS_FSTAB,
                              _is("/", "btrfs") + _is("/home", "btrfs") + BTRFS_CHECKS + DATA_CHECKS, _btrfs),
     "debian12-lvm": Layout("debian12", ("lvm2", *EXTRA), LVM_FSTAB, _is("/", "ext4") + LVM_CHECKS + DATA_CHECKS,
