@@ -4,9 +4,10 @@ The original procedure's biggest headache was GRUB legacy's stage files, which a
 never had. We use the host's GRUB 2 instead: ``grub-mkimage`` builds a core image that finds the
 root filesystem by UUID; the MBR gets boot.img's first 440 bytes (the partition table and disk
 signature after them stay), the core image goes into the gap before partition 1 (sector 1, where
-boot.img looks for it by default), and GRUB's modules and a grub.cfg go into the guest's
-/boot/grub through debugfs. The menu lists every kernel found in the guest's /boot, newest first,
-with root=UUID and consoles on tty0 and ttyS0.
+boot.img looks for it by default), and GRUB's modules and a grub.cfg go into a directory of
+their own in the guest's /boot (through debugfs, or a mount for XFS and btrfs). The menu's
+default entry follows the guest's kernel updates (kernel_links.py); then one entry per kernel
+found in the guest's /boot, with root=UUID and consoles on tty0 and ttyS0.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ from imaging.tables import Table
 from imaging.workspace import Workspace
 
 GRUB_PC = Path("/usr/lib/grub/i386-pc")
+# This GRUB's own directory, which no tool of the guest writes: its update-grub or grub2-mkconfig
+# rewrite /boot/grub/grub.cfg or /boot/grub2/grub.cfg for the guest's own GRUB build (RHEL's with
+# a blscfg command the host's lacks; Ubuntu's with the source disk's PARTUUID), so the menu this
+# GRUB reads must not be there. The guest's kernel updates reach it through kernel_links.py.
+GRUB_DIR = "/boot/imaging-grub"
 # Built into the core image: enough to read the partition and find the root filesystem (with
 # the filesystem's own module, filesystems.py); the rest (normal, linux, ...) loads from the
 # guest's /boot/grub/i386-pc.
@@ -118,16 +124,26 @@ def grub_config(
     kernel_args: str = "",
     legacy_menu: str | None = None,
     prefix: str = "",
+    follow: tuple[str, str] | None = None,
 ) -> str:
     """grub.cfg for the kernels, root by UUID, menu and kernel consoles on both screen and serial.
     ``prefix``: where the guest's / is as GRUB reads the filesystem (a btrfs root subvolume's
-    path from the top level, which GRUB starts from)."""
+    path from the top level, which GRUB starts from). The default entry is the one that follows
+    the guest's own kernel updates: ``follow``'s (kernel, initrd) links, else the guest's GRUB
+    legacy menu (which its grubby keeps), else the first kernel."""
     if not re.fullmatch(r"[0-9a-fA-F-]{36}", uuid):
         raise GuestError(f"filesystem UUID {uuid!r} is not a UUID")
     check_kernel_args(kernel_args)
+    for path in follow or ():
+        if not _SAFE_PREFIX.fullmatch(path):
+            raise GuestError(f"the kernel link {path!r} has a name GRUB's menu cannot carry")
     args = " ".join(["ro", "console=tty0", "console=ttyS0,115200n8", *kernel_args.split()])
     lines = [
-        "# Written by imaging (30-bootable): one entry per kernel found in /boot, newest first.",
+        "# Written by imaging (30-bootable) for the GRUB it installed, which reads this file only: the",
+        "# guest's own /boot/grub or /boot/grub2 is not read. The first entry boots the kernel the guest",
+        "# installed last (through the links its kernel tools keep, or its own GRUB legacy menu); then",
+        "# one entry per kernel found in /boot at conversion, the one chosen for the target first.",
+        "# Kernel arguments: edit the linux lines here.",
         "# Root is found by filesystem UUID, so the disk boots on any controller (IDE, SATA, virtio).",
         "serial --unit=0 --speed=115200 --word=8 --parity=no --stop=1",
         "terminal_input serial console",
@@ -137,23 +153,29 @@ def grub_config(
         f"search --no-floppy --fs-uuid --set=root {uuid}",
         "",
     ]
-    for k in kernels:
+    entries = [(f"{title} ({k.version})", k.vmlinuz, k.initrd) for k in kernels]
+    if follow:
+        entries.insert(0, (f"{title} (newest installed kernel: {follow[0]})", *follow))
+    for name, vmlinuz, initrd in entries:
         lines += [
-            f"menuentry '{title} ({k.version})' {{",
+            f"menuentry '{name}' {{",
             f"\tsearch --no-floppy --fs-uuid --set=root {uuid}",
-            f"\tlinux {prefix}{k.vmlinuz} root=UUID={uuid} {args}",
+            f"\tlinux {prefix}{vmlinuz} root=UUID={uuid} {args}",
         ]
-        if k.initrd:
-            lines.append(f"\tinitrd {prefix}{k.initrd}")
+        if initrd:
+            lines.append(f"\tinitrd {prefix}{initrd}")
         lines += ["}", ""]
     if legacy_menu:
-        # The menu the guest's own tools keep (GRUB legacy syntax, which GRUB 2 can read).
-        lines += [
+        # The menu the guest's own tools keep (GRUB legacy syntax, which GRUB 2 can read): first
+        # when nothing else follows the guest's kernel updates.
+        legacy = [
             f"menuentry 'Boot menu of the guest ({legacy_menu})' {{",
             f"\tlegacy_configfile {prefix}{legacy_menu}",
             "}",
             "",
         ]
+        at = len(lines) if follow else lines.index("") + 1
+        lines[at:at] = legacy
     return "\n".join(lines)
 
 
@@ -170,21 +192,31 @@ class GrubInstall(Record):
     read_back: str = ""  # what GRUB's own filesystem driver read of the placed disk (read_back)
 
 
-def read_back(disk: Path, paths: list[str], config_path: str, config: str) -> str:
+def _crc(disk: Path, path: str) -> str:
+    result = tools.run(
+        ["grub-fstest", disk, "crc", f"(loop0,msdos1){path}"], ok_codes=range(256), timeout=300
+    )
+    crc = result.stdout.strip()
+    if result.exit_code != 0 or not re.fullmatch(r"[0-9a-f]{8}", crc):
+        detail = result.stderr_tail(1).removeprefix("grub-fstest: ") or f"exit {result.exit_code}"
+        raise GuestError(f"this host's GRUB cannot read {path} from the placed filesystem: {detail}")
+    return crc
+
+
+def read_back(
+    disk: Path, paths: list[str], config_path: str, config: str, follow: list[str] | None = None
+) -> str:
     """Read the boot files of partition 1 through GRUB's own filesystem drivers (grub-fstest, in
     user space): a filesystem feature this host's GRUB cannot read (an XFS or btrfs newer than
-    it) is one line here, not a disk that stops at GRUB's prompt in the boot check."""
+    it) is one line here, not a disk that stops at GRUB's prompt in the boot check. ``follow``:
+    links GRUB must resolve, each to the same bytes as the path of ``paths`` at its place."""
     tools.require_tools("grub-fstest", reason="read the disk as GRUB does", hint="apt install grub-common")
-    found = []
-    for path in paths:
-        result = tools.run(
-            ["grub-fstest", disk, "crc", f"(loop0,msdos1){path}"], ok_codes=range(256), timeout=300
-        )
-        crc = result.stdout.strip()
-        if result.exit_code != 0 or not re.fullmatch(r"[0-9a-f]{8}", crc):
-            detail = result.stderr_tail(1).removeprefix("grub-fstest: ") or f"exit {result.exit_code}"
-            raise GuestError(f"this host's GRUB cannot read {path} from the placed filesystem: {detail}")
-        found.append(f"{path} (crc {crc})")
+    crcs = [_crc(disk, path) for path in paths]
+    found = [f"{path} (crc {crc})" for path, crc in zip(paths, crcs, strict=True)]
+    for link, path, crc in zip(follow or [], paths, crcs, strict=False):
+        if _crc(disk, link) != crc:
+            raise GuestError(f"GRUB does not read {link} as {path}: the link leads elsewhere")
+        found.append(f"{link} = {path}")
     written = tools.run(["grub-fstest", disk, "cat", f"(loop0,msdos1){config_path}"], ok_codes=range(256),
                         timeout=60, max_output=READ_LIMIT)  # fmt: skip
     if written.exit_code != 0 or written.stdout != config:
@@ -220,15 +252,18 @@ def install_grub(
     prefix = f"/{subvolume}" if subvolume else ""
     if prefix and not _SAFE_PREFIX.fullmatch(prefix):
         raise GuestError(f"the btrfs root subvolume {subvolume!r} has a name GRUB's menu cannot carry")
-    # 20-migrate (when it ran) says where the guest wants GRUB 2 and which arguments it needs.
+    # 20-migrate (when it ran) says which arguments the guest needs and what GRUB follows.
     migration = ws.result("20-migrate") if ws.has_result("20-migrate") else {}
-    grub_dir = str(migration.get("grub_dir") or "/boot/grub")
+    grub_dir = GRUB_DIR
     legacy = migration.get("grub_legacy_conf") or None
     args = " ".join(
         a for a in (*root_args(instance), str(migration.get("kernel_args") or ""), kernel_args) if a
     )
     # The kernel 20-migrate chose for the target (it has the target's drivers) boots by default.
     chosen = str(migration.get("kernel") or "")
+    links = migration.get("kernel_links") or {}
+    assert isinstance(links, dict)
+    follow = (str(links["kernel"]), str(links["initrd"])) if links.get("kernel") else None
     cfg_path = f"{grub_dir}/grub.cfg"
     with tempfile.TemporaryDirectory(prefix="grub-") as tmp:
         early = Path(tmp) / "early.cfg"
@@ -269,7 +304,7 @@ def install_grub(
         sizes = {f"/boot/{e.name}": e.size for e in guest.entries("/boot") if e.is_file}
         kernels.sort(key=lambda k: k.version != chosen)
         config = grub_config(kernels, uuid, title=_title(guest), timeout=timeout, kernel_args=args,
-                             legacy_menu=legacy, prefix=prefix)  # fmt: skip
+                             legacy_menu=legacy, prefix=prefix, follow=follow)  # fmt: skip
         old = guest.read_text(cfg_path)
         guest.install_files(
             {**modules, cfg_path: config.encode()},
@@ -295,7 +330,8 @@ def install_grub(
             raise GuestError(
                 f"{path} in the guest is {sizes[path]:,} bytes: more than a kernel or initrd can be"
             )
-    read = read_back(disk, [f"{prefix}{p}" for p in boot_files], f"{prefix}{cfg_path}", config)
+    read = read_back(disk, [f"{prefix}{p}" for p in boot_files], f"{prefix}{cfg_path}", config,
+                     [f"{prefix}{p}" for p in follow or ()])  # fmt: skip
     return GrubInstall(
         grub=_grub_version(),
         core_image_bytes=len(core_bytes),
@@ -303,7 +339,7 @@ def install_grub(
         modules=len(modules),
         config_path=cfg_path,
         entries=len(kernels),
-        default_kernel=kernels[0].vmlinuz,
+        default_kernel=f"{follow[0]} (now {kernels[0].vmlinuz})" if follow else kernels[0].vmlinuz,
         config_diff=diff,
         read_back=read,
     )

@@ -11,6 +11,7 @@ the instance's place only when all went well.
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 import re
 import time
@@ -26,7 +27,7 @@ from imaging.disk import ext, filesystems
 from imaging.disk.bootloader import INITRD_PATTERNS, version_key
 from imaging.disk.files import Guest, unified_diff
 from imaging.errors import GuestError, ParameterError
-from imaging.guest import access, edits, firstboot, initrd
+from imaging.guest import access, edits, firstboot, initrd, kernel_links
 from imaging.guest.profiles import Profile, load_platform, resolve
 from imaging.records import Record
 from imaging.tables import Table
@@ -69,6 +70,8 @@ class MigrationPlan(Record):
     packages: list[str]
     first_boot: dict[str, object]
     changes: list[Change] = field(repr=False)
+    # The links GRUB's default entry follows to the kernel the guest installs next (kernel_links.py).
+    kernel_links: dict[str, str] = field(default_factory=dict)
     # What detection took for granted (a version or distro the profile was not written for).
     profile_assumed: str = ""
 
@@ -122,7 +125,9 @@ def _grub_legacy(
     names = set(g.listdir("/boot"))
     entries = []
     usable = [k for k in initrd.kernels(g) if not k.xen and k.modules]
-    for k in sorted(usable, key=lambda k: version_key(k.version), reverse=True):
+    # The kernel chosen for the target first: grub.conf's default=0 is what boots.
+    newest_first = sorted(usable, key=lambda k: version_key(k.version), reverse=True)
+    for k in sorted(newest_first, key=lambda k: k.version != kernel.version):
         found = (f"/boot/{p.format(v=k.version)}" for p in INITRD_PATTERNS if p.format(v=k.version) in names)
         image = next(found, None)
         if profile.initrd and k.version == kernel.version:  # the initrd this stage rebuilds
@@ -176,6 +181,21 @@ def _first_boot(g: Guest, profile: Profile, found: firstboot.Facts) -> list[Chan
     return changes
 
 
+def _initrd_of(g: Guest, profile: Profile, kernel: initrd.GuestKernel) -> str | None:
+    """The initrd the chosen kernel boots with after 20-migrate: the one the profile's tool
+    rebuilds, else the one the guest has."""
+    if profile.initrd:
+        return profile.initrd.image.format(version=kernel.version)
+    names = set(g.listdir("/boot"))
+    return next((f"/boot/{p.format(v=kernel.version)}" for p in INITRD_PATTERNS if p.format(v=kernel.version) in names),
+                None)  # fmt: skip
+
+
+def _follow(g: Guest, profile: Profile, kernel: initrd.GuestKernel) -> tuple[list[Change], dict[str, str]]:
+    edits, followed = kernel_links.plan(g, profile, kernel.vmlinuz, _initrd_of(g, profile, kernel))
+    return [Change(e.path, e.what, e.diff, e.apply) for e in edits], dataclasses.asdict(followed)
+
+
 def _kernel_args(options: MigrateOptions, found: firstboot.Facts) -> list[str]:
     """Arguments for every kernel line: SELinux as asked, NIC names that match the configuration."""
     return (["enforcing=0"] if options.enforcing_arg else []) + firstboot.kernel_args(found)
@@ -222,6 +242,7 @@ def _plan(g: Guest, ws: Workspace, target_name: str, options: MigrateOptions) ->
     kernel = initrd.choose_kernel(g, options.kernel, [*target.initrd_modules, target.nic_module])
     found = firstboot.facts(g)
     changes, args = _changes(g, profile, target, options, ws.result("00-acquire"), kernel, found)
+    follow, followed = _follow(g, profile, kernel)
     packages = [f"remove {' '.join(options.packages_remove)}"] * bool(options.packages_remove)
     packages += [f"install {' '.join(options.packages_install)}"] * bool(options.packages_install)
     return MigrationPlan(
@@ -234,7 +255,8 @@ def _plan(g: Guest, ws: Workspace, target_name: str, options: MigrateOptions) ->
         grub_dir=profile.grub_dir,
         packages=packages,
         first_boot={"ssh": found.sshd, "dhcp": found.dhcp, "why": found.why},
-        changes=changes,
+        changes=[*changes, *follow],
+        kernel_links=followed,
         profile_assumed=detected.assumed,
     )
 
@@ -263,6 +285,7 @@ class Migrated(Record):
     first_boot: dict[str, object]  # what 50-verify requires of the boot: sshd, DHCP (and why)
     skipped: list[str] = field(default_factory=list)  # paths a symlink loop made unreachable
     profile_assumed: str = ""  # as the plan's: what detection took for granted
+    kernel_links: dict[str, str] = field(default_factory=dict)  # as the plan's
 
 
 def apply(
@@ -301,6 +324,7 @@ def apply(
         first_boot=done.first_boot,
         skipped=skipped,
         profile_assumed=done.profile_assumed,
+        kernel_links=done.kernel_links,
     )
 
 

@@ -91,6 +91,15 @@ class Packages(_Strict):
     mirrors: list[MirrorHost] = []
 
 
+class KernelLinks(_Strict):
+    """Links to the kernel and initrd the guest boots next, which the default entry of
+    30-bootable's menu follows (guest/kernel_links.py)."""
+
+    # (kernel, initrd) pairs the guest's own kernel scripts keep on the kernel installed last;
+    # the first the guest has is followed. None of them there: imaging's hook keeps its own.
+    kept: list[tuple[GuestPath, GuestPath]] = []
+
+
 class Profile(_Strict):
     name: str
     description: str
@@ -116,6 +125,8 @@ class Profile(_Strict):
     # Who makes new SSH host keys on the first boot: systemd (a one-shot unit 20-migrate writes),
     # distro (its sshd start-up does, as CentOS's), auto (the unit if the guest runs systemd).
     ssh_host_keys: Literal["systemd", "distro", "auto"] = "auto"
+    # null: the menu does not follow kernel updates (the guest's own grub.conf does, GRUB legacy).
+    kernel_links: KernelLinks | None = KernelLinks()
     clean: list[str] = ["defaults"]
 
 

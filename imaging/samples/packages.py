@@ -66,6 +66,47 @@ def generic_kernel_package() -> str:
     return m.group(1)
 
 
+def release_kernel_deb(release: str, mirror: str, flavour: str = "cloud-amd64") -> Path:
+    """The .deb of Debian ``release``'s kernel (``linux-image-<flavour>``'s versioned package):
+    the newer kernel a guest of an older release installs from a local file, as its next kernel
+    update. apt-get fetches it from ``mirror`` with a state directory of its own
+    (the host's sources are left as they are); cached like the others."""
+    if not (re.fullmatch(r"[a-z]+", release) and re.fullmatch(r"[a-z0-9-]+", flavour)
+            and re.fullmatch(r"https?://[^\s]+", mirror)):  # fmt: skip
+        raise ImagingError(
+            f"not a Debian release, mirror and kernel flavour: {release!r} {mirror!r} {flavour!r}"
+        )
+    found = sorted(_debs().glob(f"linux-image-*+deb*-{flavour}_*.deb"))
+    if found:
+        return found[-1]
+    state = config.cache_dir() / f"apt-{release}"
+    (state / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    (state / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    (state / "sources.list").write_text(f"deb {mirror} {release} main\n")
+    opts = [f"-oDir::Etc::SourceList={state / 'sources.list'}", "-oDir::Etc::SourceParts=/nonexistent",
+            f"-oDir::State::Lists={state / 'lists'}", f"-oDir::Cache={state}", "-oDir::Cache::pkgcache=",
+            "-oDir::Cache::srcpkgcache=", "-oDebug::NoLocking=1", "-oAPT::Architecture=amd64"]  # fmt: skip
+    try:
+        tools.run(["apt-get", *opts, "update"], timeout=900)
+        depends = tools.check_output(["apt-cache", *opts, "depends", f"linux-image-{flavour}"], timeout=120)
+    except tools.CommandError as e:
+        raise ImagingError(f"cannot read Debian {release}'s package index from {mirror}: {e}") from None
+    m = re.search(rf"Depends:\s*(linux-image-[0-9]\S*-{re.escape(flavour)})\b", depends)
+    if not m:
+        raise ImagingError(f"Debian {release} has no linux-image-{flavour} kernel package")
+    tmp = _debs() / ".download"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tools.run(["apt-get", *opts, "download", m.group(1)], cwd=tmp, timeout=900)
+        got = sorted(tmp.glob(f"{m.group(1)}_*.deb"))
+        if not got:
+            raise ImagingError(f"apt-get download {m.group(1)} produced no .deb")
+        return got[-1].replace(_debs() / got[-1].name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class KernelTree:
     """An unpacked kernel package: ``root/boot/vmlinuz-<version>`` and ``root/lib/modules/<version>``."""

@@ -70,7 +70,7 @@ def test_qcow2_for_kvm_boots_and_leaves_a_record(cli: Cli, kvm_sample: Path, tmp
         "Linux",
         "resize2fs",
         "grub-mkimage",
-        "+++ b/boot/grub/grub.cfg",
+        "+++ b/boot/imaging-grub/grub.cfg",
     ):
         assert text in bootable, text
     assert json.loads((run / "state.json").read_text())["state"] == "completed"

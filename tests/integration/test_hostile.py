@@ -456,7 +456,7 @@ def _check_the_lot(m: Measured, runs: Path, out: Path, host: tuple[str, int]) ->
         guest.read_text("/root/notes") == "UUID=00000000-0000-0000-0000-000000000000 / ext3 defaults 0 1\n"
     )
     assert "UUID=" in (guest.read_text("/etc/fstab") or "")
-    grub = guest.read_text("/boot/grub/grub.cfg") or ""
+    grub = guest.read_text("/boot/imaging-grub/grub.cfg") or ""
     assert "not a kernel" not in grub and grub.count("menuentry") == 1
     assert [e.size for e in guest.listdir("/root") if e.name == "data.img"] == [1 << 40]
 

@@ -19,10 +19,11 @@ import pytest
 from imaging.disk.files import Guest
 from imaging.guest import profiles
 from imaging.guest.initrd import initrd_modules, list_initrd
-from imaging.samples import catalog, debian, layouts, rhel
+from imaging.samples import catalog, debian, layouts, packages, rhel
 from imaging.workspace import Workspace
 
 from .conftest import Cli, last_json, leftovers
+from .kernel_update import update_kernel
 
 # Building the sample is several minutes of mmdebstrap and dracut (cached afterwards).
 pytestmark = pytest.mark.timeout(2400)
@@ -166,4 +167,18 @@ def test_a_rhel_like_instance_boots_as_a_working_server(
     assert not {k.split()[-1] for k in boot["ssh_host_keys"]} & source_keys
     if target == "virtualbox":
         assert (boot["controller"], boot["nic"]) == ("ahci", "e1000") and "cloud" not in migrated["kernel"]
+    else:
+        # Its next kernel update boots. RHEL's kernel tools keep no link, so 20-migrate installed
+        # the hook that keeps /boot/vmlinuz; here the guest's dpkg runs it from postinst.d after
+        # the guest's dracut made the new initrd (on RHEL, kernel-install runs it as a plugin).
+        assert (
+            migrated["kernel_links"]["kernel"] == "/boot/vmlinuz"
+            and "hook" in migrated["kernel_links"]["kept_by"]
+        )
+        deb = packages.release_kernel_deb("trixie", debian.MIRROR)
+        version = deb.name.split("_")[0].removeprefix("linux-image-")
+        artifact = Path(ws.result("40-export")["path"])
+        updated = update_kernel(artifact, target, deb, tmp_path / "update", install="dpkg -i")
+        assert updated.before == migrated["kernel"] and updated.after == version, updated
+        assert f"/boot/vmlinuz -> vmlinuz-{version}" in updated.links
     assert leftovers(tmp_path) == []

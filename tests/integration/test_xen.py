@@ -150,7 +150,7 @@ def test_xen_to_openstack_with_packages_and_password(cli: Cli, tmp_path: Path) -
 
     assert cat("/etc/shadow").startswith(f"root:{ROOT_HASH}:")
     assert cat("/usr/bin/htop").startswith("#!/bin/sh") and cat("/usr/sbin/slapd") == ""
-    assert "legacy_configfile /boot/grub/grub.conf" in cat("/boot/grub2/grub.cfg")
+    assert "legacy_configfile /boot/grub/grub.conf" in cat("/boot/imaging-grub/grub.cfg")
     # The hash never appears in the record: not in a notebook, a result, the command log.
     for path in run.rglob("*"):
         if path.is_file() and path.suffix in (".ipynb", ".json", ".jsonl", ".log"):

@@ -43,9 +43,28 @@ def test_xen_only_kernels_are_left_out_when_another_exists() -> None:
     assert [k.xen for k in kernels(["vmlinuz-2.6.18-400.el5xen"])] == [True]
 
 
-def test_grub_config_offers_the_guests_legacy_menu() -> None:
+def _entries(cfg: str) -> list[str]:
+    return [line.split("'")[1] for line in cfg.splitlines() if line.startswith("menuentry ")]
+
+
+def test_grub_config_offers_the_guests_legacy_menu_first() -> None:
+    # The guest's grubby keeps its grub.conf: that menu is what follows its kernel updates.
     cfg = bootloader.grub_config(kernels(["vmlinuz-6.1"]), UUID, legacy_menu="/boot/grub/grub.conf")
     assert "legacy_configfile /boot/grub/grub.conf" in cfg
+    assert _entries(cfg) == ["Boot menu of the guest (/boot/grub/grub.conf)", "Linux (6.1)"]
+
+
+def test_the_default_entry_follows_the_guests_kernel_links() -> None:
+    found = kernels(["vmlinuz-6.1.0-9-amd64", "initrd.img-6.1.0-9-amd64"])
+    cfg = bootloader.grub_config(found, UUID, title="Debian", follow=("/vmlinuz", "/initrd.img"), prefix="/@",
+                                 legacy_menu="/boot/grub/grub.conf")  # fmt: skip
+    assert _entries(cfg) == ["Debian (newest installed kernel: /vmlinuz)", "Debian (6.1.0-9-amd64)",
+                             "Boot menu of the guest (/boot/grub/grub.conf)"]  # fmt: skip
+    first = cfg.split("menuentry ")[1]
+    assert f"\tlinux /@/vmlinuz root=UUID={UUID} ro " in first and "\tinitrd /@/initrd.img\n" in first
+    assert "set default=0" in cfg
+    with pytest.raises(GuestError, match="kernel link"):
+        bootloader.grub_config(found, UUID, follow=("/boot/vmlinuz*", "/initrd.img"))
 
 
 def test_unsafe_names_are_never_offered_to_grub() -> None:
