@@ -199,8 +199,13 @@ def udev_persistent_net(ctx: Context) -> list[Action]:
 
 
 def _without_mac_match(text: str) -> str:
-    """netplan: drop ``match: {macaddress: ...}`` (and the ``set-name`` that goes with it), so an
-    interface is found by its name on a NIC with another MAC address."""
+    """netplan: a file that pins one interface to its MAC address (cloud-init's, on every cloud)
+    matches any Ethernet NIC by name instead (``e*``: eth0, ens3, enp0s3, eno1), keeping its
+    ``set-name``: an instance whose NIC was ``ens3`` on OpenStack gets its network, under the same
+    name, on VirtualBox's ``enp0s3``. Several pinned interfaces: their ``match: {macaddress}``
+    and ``set-name`` go, and each is found by its name."""
+    if len(re.findall(r"^\s*macaddress\s*:", text, re.MULTILINE)) == 1:
+        return re.sub(r"^(\s*)macaddress\s*:.*$", r'\1name: "e*"', text, flags=re.MULTILINE)
     out: list[str] = []
     for line in text.splitlines(keepends=True):
         if re.match(r"^\s*(macaddress|set-name)\s*:", line):

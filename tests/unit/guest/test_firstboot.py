@@ -106,9 +106,9 @@ def test_network_configurations_lose_their_mac_addresses(tmp_path: Path) -> None
     }
     with Guest(_tree(tmp_path, files)) as g:
         edited = {a.path: a.new_text for a in clean_ops.net_hwaddr(_ctx(g))}
-    assert (
-        edited["/etc/netplan/50-cloud-init.yaml"]
-        == "network:\n  version: 2\n  ethernets:\n    eth0:\n      dhcp4: true\n"
+    # The one pinned NIC is any Ethernet NIC now, renamed to its old name.
+    assert edited["/etc/netplan/50-cloud-init.yaml"] == netplan.replace(
+        "macaddress: 06:aa:bb:cc:dd:ee", 'name: "e*"'
     )
     assert edited["/etc/systemd/network/10-eth0.network"] == "[Match]\nName=eth0\n[Network]\nDHCP=yes\n"
     assert (
@@ -116,6 +116,19 @@ def test_network_configurations_lose_their_mac_addresses(tmp_path: Path) -> None
         == "[ethernet]\ncloned-mac-address=preserve\n"
     )
     assert edited["/etc/sysconfig/network-scripts/ifcfg-eth0"] == "DEVICE=eth0\nONBOOT=yes\n"
+
+
+def test_several_pinned_netplan_interfaces_are_each_found_by_name(tmp_path: Path) -> None:
+    two = "".join(
+        f"    {n}:\n      dhcp4: true\n      match:\n        macaddress: 06:aa:bb:cc:dd:0{i}\n      set-name: {n}\n"
+        for i, n in enumerate(["ens3", "ens4"])
+    )
+    files = {"/etc/netplan/50-cloud-init.yaml": f"network:\n  version: 2\n  ethernets:\n{two}"}
+    with Guest(_tree(tmp_path, files)) as g:
+        (action,) = clean_ops.net_hwaddr(_ctx(g))
+    assert action.new_text == (
+        "network:\n  version: 2\n  ethernets:\n    ens3:\n      dhcp4: true\n    ens4:\n      dhcp4: true\n"
+    )
 
 
 def test_dhcp_leases_go(tmp_path: Path) -> None:
