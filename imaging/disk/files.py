@@ -205,8 +205,9 @@ class Guest:
             if self._unreachable(path, e):
                 return _norm(path)
             raise
-        root = os.path.realpath(self.root)
-        return "/" + os.path.relpath(host, root).removeprefix(".")
+        relative = os.path.relpath(host, os.path.realpath(self.root))
+        # "." is the root itself; a name at the top may start with a dot (openSUSE's /.snapshots).
+        return "/" if relative == "." else "/" + relative
 
     def listdir(self, path: str) -> list[str]:
         try:

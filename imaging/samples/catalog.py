@@ -11,7 +11,7 @@ from pathlib import Path
 
 from imaging import config, tools
 from imaging.errors import ParameterError
-from imaging.samples import debian, kvm, layouts, packages, rhel, ubuntu, xen
+from imaging.samples import debian, kvm, layouts, packages, rhel, suse, ubuntu, xen
 from imaging.sparse import atomic_path
 
 MARKER = kvm.MARKER
@@ -22,19 +22,23 @@ MARKER = kvm.MARKER
 # installers' layouts (layouts.py); rocky9-like is Debian 12's userland with Rocky Linux 9's
 # layout, files and tools (rhel.py: dracut, NetworkManager, /boot/grub2, BLS, XFS on GPT);
 # ubuntu24-like is Debian 13's with Ubuntu 24.04's cloud image's (ubuntu.py: netplan for
-# networkd, Ubuntu's /boot links, a separate /boot and an ESP on GPT).
-SAMPLES = ("kvm", "xen", "xen-nogrub", "debian12", "debian13", *layouts.LAYOUTS, rhel.NAME, ubuntu.NAME)
+# networkd, Ubuntu's /boot links, a separate /boot and an ESP on GPT); opensuse-like is Debian
+# 12's with openSUSE Leap 16's (suse.py: btrfs subvolumes with the system in snapper's first
+# snapshot, dracut at SUSE's names, NetworkManager, /boot/grub2, ESP on GPT).
+# The other families' samples, each with the modules all of it is code and text in (packages,
+# files, checks, the disk); the SUSE-like one takes cloud-init's NetworkManager keyfile from rhel.
+FAMILIES = {rhel.NAME: (rhel, rhel), ubuntu.NAME: (ubuntu, ubuntu), suse.NAME: (suse, rhel, suse)}
+SAMPLES = ("kvm", "xen", "xen-nogrub", "debian12", "debian13", *layouts.LAYOUTS, *FAMILIES)
 _BUILDER_VERSION = "1"
 
 
 def _key(name: str) -> str:
     """What a sample is made of: any change to its builder or its packages makes a new one."""
 
-    if name in (rhel.NAME, ubuntu.NAME):
-        # All of it is code and text in these three modules (packages, files, checks, the disk).
-        module = rhel if name == rhel.NAME else ubuntu
+    if name in FAMILIES:
+        modules = (debian, layouts, *FAMILIES[name][1:])
         parts = [_BUILDER_VERSION, name, debian.MIRROR, debian.CHECK, debian.CHECK_UNIT,
-                 *(inspect.getsource(m) for m in (debian, layouts, module))]  # fmt: skip
+                 *(inspect.getsource(m) for m in modules)]  # fmt: skip
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
     if name in debian.RELEASES or name in layouts.LAYOUTS:
         parts = [_BUILDER_VERSION, name, debian.MIRROR, " ".join(debian.PACKAGES), debian.CHECK, debian.CHECK_UNIT,
@@ -84,8 +88,8 @@ def _build(name: str, dest: Path, size_mib: int) -> Path:
         return layouts.build(name, dest)
     if name == rhel.NAME:
         return rhel.build(dest)
-    if name == ubuntu.NAME:
-        return ubuntu.build(dest)
+    if name in FAMILIES:
+        return FAMILIES[name][0].build(dest)
     tools.require_tools(
         "mke2fs",
         "cpio",

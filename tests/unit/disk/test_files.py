@@ -60,6 +60,15 @@ def test_edits_follow_guest_symlinks_to_their_targets(guest: Guest) -> None:
     assert guest.realpath("/etc/rc.local") == "/etc/rc.d/rc.local"
 
 
+def test_realpath_keeps_a_leading_dot_at_the_top(guest: Guest) -> None:
+    # openSUSE mounts its snapshots' subvolume on /.snapshots.
+    (guest.root / ".snapshots").mkdir()
+    (guest.root / "snaps").symlink_to(".snapshots")
+    assert guest.realpath("/.snapshots") == "/.snapshots"
+    assert guest.realpath("/snaps") == "/.snapshots"
+    assert guest.realpath("/") == "/" and guest.realpath("/etc/..") == "/"
+
+
 def test_removal_never_follows_a_symlink(guest: Guest, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -304,8 +304,10 @@ KNOWN = [
     ("ubuntu-22.04", {"/etc/os-release": UBUNTU_2204, **DEBIAN_FILES}, "ubuntu"),
     ("ubuntu-24.04", {"/etc/os-release": UBUNTU_2404, **DEBIAN_FILES}, "ubuntu"),
     ("leap-15.5", {"/etc/os-release": LEAP_155}, "suse"),
+    ("leap-16.0", {"/usr/lib/os-release": LEAP_155.replace("15.5", "16.0")}, "suse"),
     ("tumbleweed", {"/usr/lib/os-release": TUMBLEWEED}, "suse"),
     ("sles-15-sp5", {"/etc/os-release": SLES_15_SP5}, "suse"),
+    ("sles-16.0", {"/etc/os-release": SLES_15_SP5.replace("15-SP5", "16.0").replace("15.5", "16.0")}, "suse"),
     ("debian-12", {"/etc/os-release": DEBIAN_12, **DEBIAN_FILES}, "debian"),
     ("centos-5.11", {"/etc/redhat-release": "CentOS release 5.11 (Final)\n"}, "centos5"),
 ]  # fmt: skip
@@ -515,8 +517,8 @@ def test_a_base_loop_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def test_the_rules_table_shows_os_release_rows(tmp_path: Path) -> None:
     checks = profiles.check_rules(guest(tmp_path, {"/etc/os-release": SLES_15_SP5}))
     held = {(c.profile, c.rule) for c in checks if c.holds}
-    assert ("suse", "/etc/os-release ID and VERSION_ID: opensuse-leap 15; opensuse-tumbleweed any version; "
-                    "sles 12, 15") in held  # fmt: skip
+    assert ("suse", "/etc/os-release ID and VERSION_ID: opensuse-leap 15, 16; opensuse-tumbleweed any version; "
+                    "sles 12, 15, 16") in held  # fmt: skip
     assert ("suse", "/etc/os-release ID_LIKE: suse, opensuse") in held
     assert not any(p == "rhel" for p, _ in held)
 
