@@ -11,7 +11,7 @@ from pathlib import Path
 
 from imaging import config, tools
 from imaging.errors import ParameterError
-from imaging.samples import debian, kvm, layouts, packages, rhel, xen
+from imaging.samples import amazon, debian, kvm, layouts, packages, rhel, xen
 from imaging.sparse import atomic_path
 
 MARKER = kvm.MARKER
@@ -20,18 +20,21 @@ MARKER = kvm.MARKER
 # Debian cloud instances (about a minute each to build, from Debian's mirror); debian12-xfs,
 # -btrfs and -lvm are debian12 on the partitioned disks of RHEL's, Fedora's and the LVM
 # installers' layouts (layouts.py); rocky9-like is Debian 12's userland with Rocky Linux 9's
-# layout, files and tools (rhel.py: dracut, NetworkManager, /boot/grub2, BLS, XFS on GPT).
-SAMPLES = ("kvm", "xen", "xen-nogrub", "debian12", "debian13", *layouts.LAYOUTS, rhel.NAME)
+# layout, files and tools (rhel.py: dracut, NetworkManager, /boot/grub2, BLS, XFS on GPT);
+# amazon2023-like is the same with Amazon Linux 2023's (amazon.py: systemd-networkd configured
+# for EC2's NICs only, the AMIs' GPT with an ESP, one kernel).
+SAMPLES = ("kvm", "xen", "xen-nogrub", "debian12", "debian13", *layouts.LAYOUTS, rhel.NAME, amazon.NAME)
 _BUILDER_VERSION = "1"
 
 
 def _key(name: str) -> str:
     """What a sample is made of: any change to its builder or its packages makes a new one."""
 
-    if name == rhel.NAME:
-        # All of it is code and text in these three modules (packages, files, checks, the disk).
+    if name in (rhel.NAME, amazon.NAME):
+        # All of it is code and text in these modules (packages, files, checks, the disk).
+        modules = (debian, layouts, rhel) + ((amazon,) if name == amazon.NAME else ())
         parts = [_BUILDER_VERSION, name, debian.MIRROR, debian.CHECK, debian.CHECK_UNIT,
-                 *(inspect.getsource(m) for m in (debian, layouts, rhel))]  # fmt: skip
+                 *(inspect.getsource(m) for m in modules)]  # fmt: skip
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
     if name in debian.RELEASES or name in layouts.LAYOUTS:
         parts = [_BUILDER_VERSION, name, debian.MIRROR, " ".join(debian.PACKAGES), debian.CHECK, debian.CHECK_UNIT,
@@ -81,6 +84,8 @@ def _build(name: str, dest: Path, size_mib: int) -> Path:
         return layouts.build(name, dest)
     if name == rhel.NAME:
         return rhel.build(dest)
+    if name == amazon.NAME:
+        return amazon.build(dest)
     tools.require_tools(
         "mke2fs",
         "cpio",
