@@ -12,6 +12,11 @@ rather than rewriting configurations to a predicted name, which depends on the P
 hypervisor picks (``ens3`` on QEMU's pc, ``enp0s3`` on VirtualBox, ``ens5`` on EC2) and cannot be
 known for every target; configurations pinned to a MAC address are un-pinned by 10-clean.
 
+A guest may configure its NICs by driver instead: Amazon Linux 2023's only systemd-networkd
+configuration is amazon-ec2-net-utils' ``80-ec2.network`` (``Driver=ena ixgbevf vif``), which no
+NIC of KVM's or VirtualBox's matches. Such a guest gets ``eth0`` configured by DHCP in a file of
+ours (:func:`networkd_eth0`), so its network comes up on the target as on the cloud.
+
 :func:`facts` reads what the guest will do (sshd enabled, interfaces configured for DHCP), which
 50-verify then requires of the boot.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import configparser
+import fnmatch
 import hashlib
 import posixpath
 import re
@@ -51,6 +57,20 @@ _PREDICTABLE_NAMES = (
     "/usr/lib/udev/rules.d/80-net-setup-link.rules",
 )
 STABLE_NAMES_ARGS = ["net.ifnames=0", "biosdevname=0"]
+# Where systemd-networkd reads .network files on the disk (/run is empty there), in its order: a
+# name in /etc masks the same name in /usr/lib.
+NETWORKD_DIRS = ("/etc/systemd/network", "/usr/lib/systemd/network", "/lib/systemd/network")
+NETWORKD_ETH0 = "/etc/systemd/network/80-imaging-eth0.network"
+NETWORKD_ETH0_TEXT = """\
+# Written by imaging (20-migrate): this guest's systemd-networkd configures NICs by their driver
+# ({drivers}), and the target's NIC is {nic}'s: eth0 (net.ifnames=0) gets its address by DHCP.
+[Match]
+Name=eth0
+
+[Network]
+DHCP=yes
+"""
+_DHCP_ON = ("yes", "true", "ipv4", "both")
 _CONFIG_CAP = 1 << 20  # a network configuration file larger than this is not one
 
 
@@ -87,6 +107,7 @@ class Facts:
     eth_names: list[str]  # eth* interfaces named in network configurations
     predictable_names: bool  # udev would rename eth0 after the slot
     why: dict[str, str] = field(default_factory=dict)
+    networkd_eth0: str = ""  # the text of NETWORKD_ETH0, when the guest needs it (counted in dhcp)
 
 
 def _text(g: Guest, path: str) -> str:
@@ -154,7 +175,7 @@ def _networkd_nm(g: Guest) -> tuple[set[str], set[str]]:
         name = ini.get("Match", "Name", fallback="")
         if name:
             named.add(name)
-            if ini.get("Network", "DHCP", fallback="no").lower() in ("yes", "true", "ipv4", "both"):
+            if ini.get("Network", "DHCP", fallback="no").lower() in _DHCP_ON:
                 dhcp.add(name)
     for path in g.glob("/etc/NetworkManager/system-connections/*"):
         ini = _ini(_text(g, path))
@@ -164,6 +185,26 @@ def _networkd_nm(g: Guest) -> tuple[set[str], set[str]]:
             if ini.get("ipv4", "method", fallback="auto") == "auto":
                 dhcp.add(name)
     return dhcp, named
+
+
+def networkd_eth0(g: Guest, nic_module: str) -> str:
+    """Our .network for eth0 (:data:`NETWORKD_ETH0_TEXT`), or "" when not needed: the guest has
+    systemd-networkd enabled, and its configurations by DHCP match NICs by driver, none of them
+    ``nic_module`` (the target's). Called only when no configuration names an interface."""
+    if not nic_module or not g.glob("/etc/systemd/system/*.wants/systemd-networkd.service"):
+        return ""
+    files: dict[str, str] = {}
+    for directory in NETWORKD_DIRS:
+        for path in g.glob(f"{directory}/*.network"):
+            files.setdefault(posixpath.basename(path), path)
+    drivers: list[str] = []
+    for path in files.values():
+        ini = _ini(_text(g, path))
+        if ini.get("Network", "DHCP", fallback="no").lower() in _DHCP_ON:
+            drivers += ini.get("Match", "Driver", fallback="").split()
+    if not drivers or any(fnmatch.fnmatchcase(nic_module, d) for d in drivers):
+        return ""
+    return NETWORKD_ETH0_TEXT.format(drivers=" ".join(drivers), nic=nic_module)
 
 
 def _sshd(g: Guest, systemd: bool) -> bool:
@@ -176,7 +217,8 @@ def _sshd(g: Guest, systemd: bool) -> bool:
     return bool(g.glob("/etc/rc[2345].d/S*ssh*") or g.glob("/etc/rc.d/rc[345].d/S*sshd"))
 
 
-def facts(g: Guest) -> Facts:
+def facts(g: Guest, nic_module: str = "") -> Facts:
+    """What the guest will do on its first boot on a target whose NIC's driver is ``nic_module``."""
     systemd = runs_systemd(g)
     dhcp: set[str] = set()
     named: set[str] = set()
@@ -184,6 +226,10 @@ def facts(g: Guest) -> Facts:
         dhcp |= found[0]
         named |= found[1]
     dhcp.discard("lo")
+    ours = networkd_eth0(g, nic_module) if systemd and not named - {"lo"} else ""
+    if ours:
+        dhcp.add("eth0")
+        named.add("eth0")
     eth = sorted(n for n in named if re.fullmatch(r"eth\d+", n))
     predictable = any(g.exists(p) for p in _PREDICTABLE_NAMES)
     sshd = _sshd(g, systemd)
@@ -192,10 +238,12 @@ def facts(g: Guest) -> Facts:
         "sshd": "enabled at boot" if sshd else "no sshd that starts at boot",
         "dhcp": ", ".join(sorted(dhcp)) or "no interface configured for DHCP",
     }
+    if ours:
+        why["networkd"] = f"its .network files match other NICs than {nic_module}'s: eth0 in {NETWORKD_ETH0}"
     if eth and predictable:
         why["names"] = (f"{', '.join(eth)} configured, but udev names NICs by slot: "
                         f"{' '.join(STABLE_NAMES_ARGS)} keeps eth0")  # fmt: skip
-    return Facts(systemd, sshd, sorted(dhcp), eth, predictable, why)
+    return Facts(systemd, sshd, sorted(dhcp), eth, predictable, why, ours)
 
 
 def kernel_args(found: Facts) -> list[str]:

@@ -165,13 +165,17 @@ def _password(profile: Profile, options: MigrateOptions, g: Guest) -> list[Chang
 
 def _first_boot(g: Guest, profile: Profile, found: firstboot.Facts) -> list[Change]:
     """What the first boot on the target needs and the guest does not do itself."""
+    changes: list[Change] = []
+    if network := found.networkd_eth0:
+        changes.append(Change(firstboot.NETWORKD_ETH0, "eth0 by DHCP (networkd's own files match only other NICs)",
+                              unified_diff(firstboot.NETWORKD_ETH0, "", network),
+                              lambda guest: guest.write_text(firstboot.NETWORKD_ETH0, network)))  # fmt: skip
     unit = firstboot.ssh_keygen_unit(g, found, profile.ssh_host_keys)
     if unit is None:
-        return []
+        return changes
     path = firstboot.SSH_KEYGEN_UNIT
     link = f"/etc/systemd/system/multi-user.target.wants/{posixpath.basename(path)}"
     old = g.read_text(path) if g.is_file(path) else ""
-    changes = []
     if old != unit:
         changes.append(Change(path, "SSH host keys made on the first boot (the source's were removed)",
                               unified_diff(path, old or "", unit), lambda guest: guest.write_text(path, unit)))  # fmt: skip
@@ -240,7 +244,7 @@ def _plan(g: Guest, ws: Workspace, target_name: str, options: MigrateOptions) ->
     detected = resolve(g, options.profile)
     profile = detected.profile
     kernel = initrd.choose_kernel(g, options.kernel, [*target.initrd_modules, target.nic_module])
-    found = firstboot.facts(g)
+    found = firstboot.facts(g, target.nic_module)
     changes, args = _changes(g, profile, target, options, ws.result("00-acquire"), kernel, found)
     follow, followed = _follow(g, profile, kernel)
     packages = [f"remove {' '.join(options.packages_remove)}"] * bool(options.packages_remove)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from imaging import config, tools
 from imaging.errors import ParameterError
-from imaging.samples import debian, kvm, layouts, packages, rhel, suse, ubuntu, xen
+from imaging.samples import amazon, debian, kvm, layouts, packages, rhel, suse, ubuntu, xen
 from imaging.sparse import atomic_path
 
 MARKER = kvm.MARKER
@@ -24,10 +24,13 @@ MARKER = kvm.MARKER
 # ubuntu24-like is Debian 13's with Ubuntu 24.04's cloud image's (ubuntu.py: netplan for
 # networkd, Ubuntu's /boot links, a separate /boot and an ESP on GPT); opensuse-like is Debian
 # 12's with openSUSE Leap 16's (suse.py: btrfs subvolumes with the system in snapper's first
-# snapshot, dracut at SUSE's names, NetworkManager, /boot/grub2, ESP on GPT).
-# The other families' samples, each with the modules all of it is code and text in (packages,
-# files, checks, the disk); the SUSE-like one takes cloud-init's NetworkManager keyfile from rhel.
-FAMILIES = {rhel.NAME: (rhel, rhel), ubuntu.NAME: (ubuntu, ubuntu), suse.NAME: (suse, rhel, suse)}
+# snapshot, dracut at SUSE's names, NetworkManager, /boot/grub2, ESP on GPT); amazon2023-like
+# is Debian 12's with Amazon Linux 2023's (amazon.py: systemd-networkd configured for EC2's NICs
+# only, the AMIs' GPT with an ESP, one kernel).
+# The other families' samples: the module that builds each, then the modules all of it is code
+# and text in (packages, files, checks, the disk), besides debian and layouts.
+FAMILIES = {rhel.NAME: (rhel, rhel), ubuntu.NAME: (ubuntu, ubuntu), suse.NAME: (suse, rhel, suse),
+            amazon.NAME: (amazon, rhel, amazon)}  # fmt: skip
 SAMPLES = ("kvm", "xen", "xen-nogrub", "debian12", "debian13", *layouts.LAYOUTS, *FAMILIES)
 _BUILDER_VERSION = "1"
 
@@ -86,8 +89,6 @@ def _build(name: str, dest: Path, size_mib: int) -> Path:
         return _build_debian(name, dest)
     if name in layouts.LAYOUTS:
         return layouts.build(name, dest)
-    if name == rhel.NAME:
-        return rhel.build(dest)
     if name in FAMILIES:
         return FAMILIES[name][0].build(dest)
     tools.require_tools(

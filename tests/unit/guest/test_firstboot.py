@@ -76,6 +76,40 @@ def _ctx(g: Guest) -> Context:
     return Context(g, load_profile("debian"), [], [])
 
 
+AL2023 = {
+    "/usr/lib/systemd/systemd": "",
+    "/usr/lib/udev/rules.d/80-net-setup-link.rules": "",
+    "/usr/lib/systemd/network/80-ec2.network": "[Match]\nDriver=ena ixgbevf vif\n\n[Link]\nMTUBytes=9001\n\n"
+    "[Network]\nDHCP=yes\n",
+    "/usr/lib/systemd/network/80-container-host0.network": "[Match]\nVirtualization=container\nName=host0\n\n"
+    "[Network]\nDHCP=yes\n",
+}
+AL2023_LINKS = {
+    "/sbin/init": "../usr/lib/systemd/systemd",
+    "/etc/systemd/system/multi-user.target.wants/systemd-networkd.service": "/usr/lib/systemd/system/systemd-networkd.service",
+}
+
+
+def test_networkd_configured_for_the_clouds_nics_only_gets_eth0_for_the_targets(tmp_path: Path) -> None:
+    # Amazon Linux 2023: amazon-ec2-net-utils' 80-ec2.network is all; no NIC of KVM's matches it.
+    with Guest(_tree(tmp_path, AL2023, AL2023_LINKS)) as g:
+        found = firstboot.facts(g, "virtio_net")
+        assert (found.dhcp, found.eth_names) == (["eth0"], ["eth0"])
+        assert "Name=eth0" in found.networkd_eth0 and "DHCP=yes" in found.networkd_eth0
+        assert "ena ixgbevf vif" in found.networkd_eth0 and "virtio_net" in found.networkd_eth0
+        assert firstboot.kernel_args(found) == ["net.ifnames=0", "biosdevname=0"]
+        # On EC2 its own file matches the NIC; with no target named nothing is assumed.
+        for nic in ("ena", ""):
+            assert firstboot.facts(g, nic).networkd_eth0 == "" and firstboot.facts(g, nic).dhcp == []
+    # A configuration of ours (or the user's) naming eth0 masks the need; so does networkd disabled.
+    with Guest(_tree(tmp_path / "b", {**AL2023, firstboot.NETWORKD_ETH0: "[Match]\nName=eth0\n[Network]\nDHCP=yes\n"},
+                     AL2023_LINKS)) as g:  # fmt: skip
+        found = firstboot.facts(g, "e1000")
+        assert (found.networkd_eth0, found.dhcp) == ("", ["eth0"])
+    with Guest(_tree(tmp_path / "c", AL2023, {"/sbin/init": "../usr/lib/systemd/systemd"})) as g:
+        assert firstboot.facts(g, "e1000").networkd_eth0 == ""
+
+
 def test_machine_id_becomes_uninitialized_for_systemd_and_empty_otherwise(tmp_path: Path) -> None:
     with Guest(_tree(tmp_path / "debian", DEBIAN, DEBIAN_LINKS)) as g:
         actions = clean_ops.machine_id(_ctx(g))
