@@ -198,7 +198,7 @@ check "the cloud's other disks out of fstab" sh -c '! grep -q "^/dev/xvd" /etc/f
 check "grub.conf with root by UUID" grep -q "root=UUID=" /boot/grub/grub.conf
 check "menu.lst links to grub.conf" link_to /boot/grub/menu.lst grub.conf
 check "grub.cfg links to grub.conf" link_to /boot/grub/grub.cfg grub.conf
-check "GRUB 2 booted from /boot/grub2" test -s /boot/grub2/grub.cfg
+check "GRUB 2 booted from /boot/imaging-grub" test -s /boot/imaging-grub/grub.cfg
 check "SELinux disabled" grep -q "^SELINUX=disabled" /etc/selinux/config
 check "/etc/sysconfig/selinux still a symlink" link_to /etc/sysconfig/selinux ../selinux/config
 check "/etc/rc.local still a symlink" link_to /etc/rc.local rc.d/rc.local

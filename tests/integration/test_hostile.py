@@ -247,7 +247,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, host_service: tuple[str, in
             "initrd-bomb", lambda r: _gzip_bomb(r / "boot" / f"initrd.img-{version}", 18 << 26)
         ),
         "initrd-1tib": variant("initrd-1tib", lambda r: _sparse(r / "boot" / f"initrd.img-{version}")),
-        "grub-cfg-1tib": variant("grub-cfg-1tib", lambda r: _sparse(r / "boot" / "grub" / "grub.cfg")),
+        # Where imaging's GRUB writes its menu, whose old text 30-bootable reads for the diff.
+        "grub-cfg-1tib": variant(
+            "grub-cfg-1tib", lambda r: _sparse(r / "boot" / "imaging-grub" / "grub.cfg")
+        ),
     }
     xen = catalog.ensure_sample("xen")
     host, port = host_service
@@ -362,7 +365,7 @@ CASES = {
         r"^20-migrate: the initrd /boot/initrd\.img-\S+ in the guest is 1\.0 TiB: more than the 1024 MiB an initrd "
         r"may be: refused$"),
     "grub-cfg-1tib": Case("grub-cfg-1tib", GENERIC,
-        r"^30-bootable: /boot/grub/grub\.cfg in the guest is 1\.0 TiB: more than the 8\.0 MiB read from a guest "
+        r"^30-bootable: /boot/imaging-grub/grub\.cfg in the guest is 1\.0 TiB: more than the 8\.0 MiB read from a guest "
         r"file: refused$"),
     "escaping-yum": Case("escaping-yum", ["--install", "anything"],
         r"^20-migrate: the guest's package index could not be fetched \(yum -y makecache: "),
