@@ -90,7 +90,10 @@ CLOUD_INIT = (
     "/var/lib/cloud/data",
     "/var/lib/cloud/sem",
 )
-RANDOM_SEEDS = ("/var/lib/random-seed", "/var/lib/systemd/random-seed", "/var/lib/urandom/random-seed")
+# NetworkManager's secret_key seeds the machine's stable IPv6 addresses and cloned MACs
+# (RHEL 8+, Fedora, SUSE): shared, every instance made from the image would have the same ones.
+RANDOM_SEEDS = ("/var/lib/random-seed", "/var/lib/systemd/random-seed", "/var/lib/urandom/random-seed",
+                "/var/lib/NetworkManager/secret_key")  # fmt: skip
 # Log names that are rotated copies (removed) rather than the live log (emptied).
 ROTATED = re.compile(r"(\.\d+|\.gz|\.bz2|\.xz|\.zst|\.old|-\d{8}(\.gz)?|\.journal~?)$")
 MAIL = ("/var/spool/mail", "/var/mail")
@@ -252,7 +255,10 @@ def cloud_init(ctx: Context) -> list[Action]:
     return [a for p in CLOUD_INIT for a in _remove("cloud-init", ctx.guest, p)]
 
 
-@operation("random-seed", "Remove the saved random seed, which must not be shared between instances")
+@operation(
+    "random-seed",
+    "Remove the saved random seed and NetworkManager's secret key, which instances must not share",
+)
 def random_seed(ctx: Context) -> list[Action]:
     return [a for p in RANDOM_SEEDS for a in _remove("random-seed", ctx.guest, p)]
 

@@ -127,6 +127,17 @@ def test_machine_id_becomes_uninitialized_for_systemd_and_empty_otherwise(tmp_pa
     ]
 
 
+def test_random_seeds_and_networkmanagers_secret_key_go(tmp_path: Path) -> None:
+    files = {"/var/lib/systemd/random-seed": "x" * 512, "/var/lib/NetworkManager/secret_key": "k" * 32,
+             "/var/lib/NetworkManager/NetworkManager.state": "[main]\nNetworkingEnabled=true\n"}  # fmt: skip
+    with Guest(_tree(tmp_path, files)) as g:
+        actions = clean_ops.random_seed(_ctx(g))
+    assert sorted(a.path for a in actions) == [
+        "/var/lib/NetworkManager/secret_key",
+        "/var/lib/systemd/random-seed",
+    ]
+
+
 def test_network_configurations_lose_their_mac_addresses(tmp_path: Path) -> None:
     netplan = (
         "network:\n  version: 2\n  ethernets:\n    eth0:\n      dhcp4: true\n      match:\n"
