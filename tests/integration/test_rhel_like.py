@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import stat
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,34 +19,13 @@ from imaging.disk.files import Guest
 from imaging.guest import profiles
 from imaging.guest.initrd import initrd_modules, list_initrd
 from imaging.samples import catalog, debian, layouts, packages, rhel
-from imaging.workspace import Workspace
 
-from .conftest import Cli, last_json, leftovers
+from . import families
+from .conftest import Cli, leftovers
 from .kernel_update import update_kernel
 
 # Building the sample is several minutes of mmdebstrap and dracut (cached afterwards).
 pytestmark = pytest.mark.timeout(2400)
-
-
-def _out(*argv: str | Path) -> str:
-    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(map(str, argv))}: {proc.stderr}"
-    return proc.stdout
-
-
-def _blkid(disk: Path, offset: int) -> dict[str, str]:
-    out = _out("blkid", "--probe", "--output", "export", "--offset", str(offset), disk)
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-def _installed(root: Path) -> set[str]:
-    """The packages dpkg says are installed."""
-    installed = set()
-    for block in (root / "var" / "lib" / "dpkg" / "status").read_text().split("\n\n"):
-        fields = dict(re.findall(r"^([A-Za-z-]+): (.*)$", block, re.M))
-        if fields.get("Status") == "install ok installed":
-            installed.add(fields["Package"])
-    return installed
 
 
 def _rhel_files(root: Path) -> None:
@@ -99,20 +77,20 @@ def _boot(root: Path) -> list[str]:
 
 def test_rocky9_like_sample_is_laid_out_as_rocky_9_generic_cloud() -> None:
     disk = catalog.ensure_sample(rhel.NAME)
-    table: dict[str, Any] = json.loads(_out("sfdisk", "--json", disk))["partitiontable"]
+    table: dict[str, Any] = json.loads(families.out("sfdisk", "--json", disk))["partitiontable"]
     assert table["label"] == "gpt"
     bios, root = table["partitions"]
     assert (bios["start"], bios["size"], bios["type"]) == (2048, 2048, layouts.BIOS_BOOT)
     assert (root["start"], root["type"]) == (4096, layouts.LINUX_FS)
     start, size = root["start"] * 512, root["size"] * 512
-    probe = _blkid(disk, start)
+    probe = families.blkid(disk, start)
     assert (probe["TYPE"], probe["LABEL"], probe["UUID"]) == ("xfs", "root", rhel.ROOT_UUID)
     with layouts.loop(disk, start, size, read_only=True) as dev:
-        assert "= V5," in _out("xfs_db", "-r", "-c", "sb 0", "-c", "version", dev)
+        assert "= V5," in families.out("xfs_db", "-r", "-c", "sb 0", "-c", "version", dev)
         with layouts.mounted(dev, "ro,nouuid") as mnt:
             _rhel_files(mnt)
             versions = _boot(mnt)
-            installed = _installed(mnt)
+            installed = families.installed(mnt)
             assert {
                 "dracut",
                 "network-manager",
@@ -142,36 +120,21 @@ def test_rocky9_like_sample_is_laid_out_as_rocky_9_generic_cloud() -> None:
                 detected.profile.initrd.image.format(version=versions[0])
                 == f"/boot/initramfs-{versions[0]}.img"
             )
-    assert str(disk) not in _out("losetup", "--list", "--noheadings", "--output", "BACK-FILE")
+    families.not_attached(disk)
 
 
-BOOTS = [("qcow2", "openstack"), ("ova", "virtualbox")]
-
-
-@pytest.mark.parametrize(("fmt", "target"), BOOTS, ids=[b[0] for b in BOOTS])
+@pytest.mark.parametrize(("fmt", "target"), families.BOOTS, ids=[b[0] for b in families.BOOTS])
 def test_a_rhel_like_instance_boots_as_a_working_server(
     cli: Cli, tmp_path: Path, fmt: str, target: str
 ) -> None:
     # Detected as rhel from its os-release; its initrd rebuilt by its own dracut in the sandbox;
     # the guest's own check (secrets gone, data intact, eth0 by NetworkManager, sshd, no failed
     # unit, dracut's initrd, XFS) passing inside. Nothing installed: the generic kernel is there.
-    proc = cli("export", "sample:rocky9-like", "--name", f"rocky-{fmt}", "--format", fmt, "--target", target,
-               "--out", str(tmp_path / "out"), timeout=1500)  # fmt: skip
-    result = last_json(proc)
-    boot = result["boot"]
-    assert result["verified"] is True and boot["verdict"] == "booted", boot
-    assert boot["matched"].startswith(catalog.MARKER) and boot["dhcp"].startswith("10.0.2.")
-    ws = Workspace.open(cli.runs / result["run"])
+    ws = families.export_and_boot(cli, tmp_path, rhel.NAME, fmt, target, "rhel")
     migrated = ws.result("20-migrate")
-    assert migrated["profile"] == "rhel" and "(rebuilt)" in migrated["initrd"]
     assert migrated["initrd"].startswith("/boot/initramfs-")
-    serial = (ws.root / "verify" / "serial.log").read_text(errors="replace")
-    assert "imaging-check FAILED" not in serial and "dracut" in serial
-    source_keys = set(ws.result("10-clean")["ssh_host_keys"])
-    assert not {k.split()[-1] for k in boot["ssh_host_keys"]} & source_keys
-    if target == "virtualbox":
-        assert (boot["controller"], boot["nic"]) == ("ahci", "e1000") and "cloud" not in migrated["kernel"]
-    else:
+    assert "dracut" in (ws.root / "verify" / "serial.log").read_text(errors="replace")
+    if target == "openstack":
         # Its next kernel update boots. RHEL's kernel tools keep no link, so 20-migrate installed
         # the hook that keeps /boot/vmlinuz; here the guest's dpkg runs it from postinst.d after
         # the guest's dracut made the new initrd (on RHEL, kernel-install runs it as a plugin).

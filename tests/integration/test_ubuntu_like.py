@@ -7,13 +7,10 @@ exported for OpenStack and VirtualBox through that profile and booted as a worki
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -22,39 +19,12 @@ from imaging.disk.files import Guest
 from imaging.guest import profiles
 from imaging.guest.initrd import list_initrd
 from imaging.samples import catalog, layouts, ubuntu
-from imaging.workspace import Workspace
 
-from .conftest import Cli, last_json, leftovers
+from . import families
+from .conftest import Cli, leftovers
 
 # Building the sample is a few minutes of mmdebstrap and update-initramfs (cached afterwards).
 pytestmark = pytest.mark.timeout(2400)
-
-
-def _out(*argv: str | Path) -> str:
-    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(map(str, argv))}: {proc.stderr}"
-    return proc.stdout
-
-
-def _blkid(disk: Path, offset: int) -> dict[str, str]:
-    out = _out("blkid", "--probe", "--output", "export", "--offset", str(offset), disk)
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-def _installed(root: Path) -> set[str]:
-    """The packages dpkg says are installed."""
-    installed = set()
-    for block in (root / "var" / "lib" / "dpkg" / "status").read_text().split("\n\n"):
-        fields = dict(re.findall(r"^([A-Za-z-]+): (.*)$", block, re.M))
-        if fields.get("Status") == "install ok installed":
-            installed.add(fields["Package"])
-    return installed
-
-
-def _partitions(disk: Path) -> dict[int, dict[str, Any]]:
-    table: dict[str, Any] = json.loads(_out("sfdisk", "--json", disk))["partitiontable"]
-    assert table["label"] == "gpt"
-    return {int(re.findall(r"\d+$", p["node"])[0]): p for p in table["partitions"]}
 
 
 def _ubuntu_files(root: Path) -> None:
@@ -122,7 +92,7 @@ def _boot(boot: Path) -> list[str]:
 
 def test_ubuntu24_like_sample_is_laid_out_as_the_noble_cloud_image() -> None:
     disk = catalog.ensure_sample(ubuntu.NAME)
-    parts = _partitions(disk)
+    parts = families.gpt(disk)
     assert sorted(parts) == [1, 14, 15, 16]
     assert (parts[14]["start"], parts[14]["size"], parts[14]["type"]) == (2048, 8192, layouts.BIOS_BOOT)
     assert (parts[15]["start"], parts[15]["type"]) == (10240, ubuntu.ESP_TYPE)
@@ -131,16 +101,16 @@ def test_ubuntu24_like_sample_is_laid_out_as_the_noble_cloud_image() -> None:
         2099200, layouts.LINUX_FS, ubuntu.ROOT_PARTUUID,
     )  # fmt: skip
     assert parts[1]["start"] > max(p["start"] for n, p in parts.items() if n != 1)  # the root last
-    esp = _blkid(disk, parts[15]["start"] * 512)
+    esp = families.blkid(disk, parts[15]["start"] * 512)
     assert (esp["TYPE"], esp["LABEL"], esp["VERSION"]) == ("vfat", "UEFI", "FAT32")
-    boot_probe = _blkid(disk, parts[16]["start"] * 512)
+    boot_probe = families.blkid(disk, parts[16]["start"] * 512)
     assert (boot_probe["TYPE"], boot_probe["LABEL"], boot_probe["UUID"]) == (
         "ext4",
         "BOOT",
         ubuntu.BOOT_UUID,
     )
     start, size = parts[1]["start"] * 512, parts[1]["size"] * 512
-    probe = _blkid(disk, start)
+    probe = families.blkid(disk, start)
     assert (probe["TYPE"], probe["LABEL"], probe["UUID"]) == ("ext4", "cloudimg-rootfs", ubuntu.ROOT_UUID)
     boot_start, boot_size = parts[16]["start"] * 512, parts[16]["size"] * 512
     with layouts.loop(disk, boot_start, boot_size, read_only=True) as dev, layouts.mounted(dev, "ro") as mnt:
@@ -150,7 +120,7 @@ def test_ubuntu24_like_sample_is_laid_out_as_the_noble_cloud_image() -> None:
         assert not list((mnt / "boot").iterdir()) and not (mnt / "vmlinuz").exists()
         _ubuntu_files(mnt)
         _netplan(mnt)
-        installed = _installed(mnt)
+        installed = families.installed(mnt)
         assert {"initramfs-tools", "netplan.io", "systemd-resolved", "linux-image-amd64",
                 "linux-image-cloud-amd64"} <= installed  # fmt: skip
         assert not {"dracut", "ifupdown", "isc-dhcp-client", "network-manager"} & installed
@@ -162,13 +132,10 @@ def test_ubuntu24_like_sample_is_laid_out_as_the_noble_cloud_image() -> None:
         assert detected.profile.name == "ubuntu" and not detected.assumed, detected
         assert detected.profile.initrd is not None
         assert detected.profile.initrd.image.format(version=versions[0]) == f"/boot/initrd.img-{versions[0]}"
-    assert str(disk) not in _out("losetup", "--list", "--noheadings", "--output", "BACK-FILE")
+    families.not_attached(disk)
 
 
-BOOTS = [("qcow2", "openstack"), ("ova", "virtualbox")]
-
-
-@pytest.mark.parametrize(("fmt", "target"), BOOTS, ids=[b[0] for b in BOOTS])
+@pytest.mark.parametrize(("fmt", "target"), families.BOOTS, ids=[b[0] for b in families.BOOTS])
 def test_an_ubuntu_like_instance_boots_as_a_working_server(
     cli: Cli, tmp_path: Path, fmt: str, target: str
 ) -> None:
@@ -176,21 +143,14 @@ def test_an_ubuntu_like_instance_boots_as_a_working_server(
     # detected as ubuntu; the netplan file un-pinned; the initrd rebuilt by its own
     # update-initramfs; the guest's own check (secrets gone, data intact, eth0 by networkd from
     # netplan, /boot on the root, Ubuntu's links, sshd, no failed unit) passing inside.
-    proc = cli("export", "sample:ubuntu24-like", "--name", f"ubuntu-{fmt}", "--format", fmt, "--target", target,
-               "--out", str(tmp_path / "out"), timeout=1500)  # fmt: skip
-    result = last_json(proc)
-    boot = result["boot"]
-    assert result["verified"] is True and boot["verdict"] == "booted", boot
-    assert boot["matched"].startswith(catalog.MARKER) and boot["dhcp"].startswith("10.0.2.")
-    ws = Workspace.open(cli.runs / result["run"])
+    ws = families.export_and_boot(cli, tmp_path, ubuntu.NAME, fmt, target, "ubuntu")
     acquired = ws.result("00-acquire")
     assert (acquired["partition"], acquired["label"]) == (1, "cloudimg-rootfs")
     assert [m.split(":")[0] for m in acquired["merged"]] == ["/boot"] and "partition 16" in acquired[
         "merged"
     ][0]
     migrated = ws.result("20-migrate")
-    assert migrated["profile"] == "ubuntu" and not migrated["profile_assumed"]
-    assert migrated["initrd"].startswith("/boot/initrd.img-") and "(rebuilt)" in migrated["initrd"]
+    assert migrated["initrd"].startswith("/boot/initrd.img-")
     changes = {c["path"]: c["diff"] for c in migrated["changes"]}
     assert "+# merged into the root filesystem (imaging, 00-acquire): LABEL=BOOT" in changes["/etc/fstab"]
     assert re.search(
@@ -199,10 +159,4 @@ def test_an_ubuntu_like_instance_boots_as_a_working_server(
     assert "\n LABEL=cloudimg-rootfs\t/" in changes["/etc/fstab"]  # the root's line kept as it was
     cleaned = ws.result("10-clean")
     assert any(a["path"] == ubuntu.NETPLAN_PATH and a["op"] == "net-hwaddr" for a in cleaned["actions"])
-    serial = (ws.root / "verify" / "serial.log").read_text(errors="replace")
-    assert "imaging-check FAILED" not in serial
-    source_keys = set(cleaned["ssh_host_keys"])
-    assert not {k.split()[-1] for k in boot["ssh_host_keys"]} & source_keys
-    if target == "virtualbox":
-        assert (boot["controller"], boot["nic"]) == ("ahci", "e1000") and "cloud" not in migrated["kernel"]
     assert leftovers(tmp_path) == []
