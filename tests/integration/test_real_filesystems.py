@@ -50,6 +50,7 @@ def test_a_root_on_xfs_btrfs_or_lvm_boots_as_a_working_server(
         assert acquired["snapshots_dropped"] == ["snapshots/root-1"]
         # GRUB reads from the top level; the kernel mounts the root subvolume, not the default one.
         assert "linux /root/boot/vmlinuz-" in grub and "rootflags=subvol=root" in grub
+        assert "linux /root/vmlinuz " in grub  # the default entry, through linux-base's link
         assert acquired["write_options"] == ["compress=zstd:1"]
         if "--keep-work" in extra:
             # GRUB's modules were written as the guest writes (zstd), and GRUB read them to boot.
@@ -58,7 +59,7 @@ def test_a_root_on_xfs_btrfs_or_lvm_boots_as_a_working_server(
             mnt.mkdir()
             subprocess.run(["mount", "-o", f"loop,ro,offset={offset},subvolid=5", ws.disk, mnt], check=True)
             try:
-                extents = subprocess.run(["filefrag", "-v", mnt / "root/boot/grub/i386-pc/normal.mod"],
+                extents = subprocess.run(["filefrag", "-v", mnt / "root/boot/imaging-grub/i386-pc/normal.mod"],
                                          capture_output=True, text=True, check=True).stdout  # fmt: skip
             finally:
                 subprocess.run(["umount", mnt], check=True)
