@@ -18,7 +18,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdisk util-linux \
 	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap pigz \
 	postgresql chromium fonts-dejavu-core tesseract-ocr tesseract-ocr-eng virt-v2v \
-	openssh-server openssh-client glance-api mmdebstrap xfsprogs btrfs-progs lvm2 acl
+	openssh-server openssh-client glance-api mmdebstrap xfsprogs btrfs-progs lvm2 acl dosfstools mtools
 
 .PHONY: setup apt venv demo lab test test-fast lint bench clean
 

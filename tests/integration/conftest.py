@@ -20,7 +20,7 @@ from imaging.samples import catalog
 
 REQUIRED = ["qemu-img", "qemu-system-x86_64", "grub-mkimage", "mke2fs", "e2fsck", "resize2fs", "debugfs", "sfdisk",
             "blkid", "rsync", "mount", "cpio", "depmod", "tar", "pigz", "losetup", "mkfs.xfs", "xfs_repair",
-            "xfs_growfs", "mkfs.btrfs", "btrfs", "fstrim", "pvcreate", "setfacl"]  # fmt: skip
+            "xfs_growfs", "mkfs.btrfs", "btrfs", "fstrim", "pvcreate", "setfacl", "mkfs.vfat", "mcopy"]  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -26,7 +26,6 @@ pytestmark = pytest.mark.timeout(1800)
 CASES = [
     # sample, format, target ("" = the format's default), extra arguments
     ("debian12", "qcow2", "openstack", []),
-    ("debian12", "ova", "", ["--install", "linux-image-amd64"]),
     ("debian13", "qcow2", "openstack", []),
     ("debian13", "ova", "", ["--install", "linux-image-amd64"]),
 ]
