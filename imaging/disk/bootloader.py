@@ -36,8 +36,8 @@ GRUB_PC = Path("/usr/lib/grub/i386-pc")
 # GRUB reads must not be there. The guest's kernel updates reach it through kernel_links.py.
 GRUB_DIR = "/boot/imaging-grub"
 # Built into the core image: enough to read the partition and find the root filesystem (with
-# the filesystem's own module, filesystems.py); the rest (normal, linux, ...) loads from the
-# guest's /boot/grub/i386-pc.
+# the filesystem's own module, filesystems.py); the rest (normal, linux, ...) loads from
+# GRUB_DIR/i386-pc.
 CORE_MODULES = ["biosdisk", "part_msdos", "search_fs_uuid"]
 # What read_back reads of a kernel or an initrd: real ones are tens of MiB, a few hundred at most.
 BOOT_FILE_LIMIT = 1 << 30

@@ -204,7 +204,7 @@ def grub_legacy(
     """GRUB legacy's grub.conf for ``(version, vmlinuz path, initrd path)``, as the original
     procedure wrote it, with root by UUID and the serial console."""
     lines = [
-        "# Written by imaging (20-migrate). GRUB 2 boots this disk (see /boot/grub2/grub.cfg) and offers",
+        "# Written by imaging (20-migrate). GRUB 2 boots this disk (see /boot/imaging-grub/grub.cfg) and offers",
         "# this menu too; the guest's own tools (grubby, new-kernel-pkg) keep editing this file.",
         "default=0",
         f"timeout={timeout}",

@@ -196,8 +196,8 @@ def _initrd_of(g: Guest, profile: Profile, kernel: initrd.GuestKernel) -> str | 
 
 
 def _follow(g: Guest, profile: Profile, kernel: initrd.GuestKernel) -> tuple[list[Change], dict[str, str]]:
-    edits, followed = kernel_links.plan(g, profile, kernel.vmlinuz, _initrd_of(g, profile, kernel))
-    return [Change(e.path, e.what, e.diff, e.apply) for e in edits], dataclasses.asdict(followed)
+    planned, followed = kernel_links.plan(g, profile, kernel.vmlinuz, _initrd_of(g, profile, kernel))
+    return [Change(e.path, e.what, e.diff, e.apply) for e in planned], dataclasses.asdict(followed)
 
 
 def _kernel_args(options: MigrateOptions, found: firstboot.Facts) -> list[str]:

@@ -117,7 +117,7 @@ class Profile(_Strict):
     rc_local: GuestPath | None = None
     shadow: GuestPath = "/etc/shadow"
     grub_legacy_conf: GuestPath | None = None  # write a GRUB legacy grub.conf (+ menu.lst, grub.cfg links)
-    grub_dir: GuestPath = "/boot/grub"  # where 30-bootable installs GRUB 2 and its grub.cfg
+    grub_dir: GuestPath = "/boot/grub"  # where the guest's own GRUB 2 is (imaging's: /boot/imaging-grub)
     initrd: InitrdTool | None = None
     packages: Packages | None = None
     # The package whose kernel has every target's drivers (named when the guest's kernel lacks one).
