@@ -83,6 +83,49 @@ class Layout(StrEnum):
     legacy = "legacy"  # partition 1 at sector 63, ending on a cylinder, as in the original procedure
 
 
+class Firmware(StrEnum):
+    bios = "bios"  # MBR, GRUB for i386-pc: the original procedure's disk
+    uefi = "uefi"  # GPT with an EFI system partition; Secure Boot where the guest has the signed chain
+    hybrid = "hybrid"  # GPT with a BIOS boot partition and an ESP: boots under either firmware
+
+
+# What firmware a disk made for each choice boots under.
+FIRMWARE_PLATFORMS: dict[Firmware, tuple[str, ...]] = {
+    Firmware.bios: ("bios",),
+    Firmware.uefi: ("uefi",),
+    Firmware.hybrid: ("bios", "uefi"),
+}
+
+
+def choose_firmware(asked: str, target: Target, layout: Layout | str = Layout.aligned) -> Firmware:
+    """The firmware a disk for ``target`` gets: ``auto`` is hybrid where the target boots both (and
+    the layout is GPT's), else the one it boots; an explicit choice the target or layout cannot
+    boot is refused in one line."""
+    layout = Layout(layout)
+    boots = set(target.firmware)
+    if asked in ("", "auto"):
+        if layout is Layout.legacy or boots == {"bios"}:
+            if "bios" not in boots:
+                raise ParameterError(f"target {target.name} boots UEFI only; layout legacy is MBR for BIOS")
+            return Firmware.bios
+        return Firmware.hybrid if boots == {"bios", "uefi"} else Firmware.uefi
+    try:
+        chosen = Firmware(asked)
+    except ValueError:
+        raise ParameterError(f"firmware {asked!r} is not one of bios, uefi, hybrid") from None
+    missing = [p for p in FIRMWARE_PLATFORMS[chosen] if p not in boots]
+    if missing:
+        raise ParameterError(
+            f"firmware {chosen.value}: target {target.name} does not boot {' or '.join(missing).upper()} "
+            f"(it boots {', '.join(sorted(boots)).upper()})"
+        )
+    if layout is Layout.legacy and chosen is not Firmware.bios:
+        raise ParameterError(
+            f"firmware {chosen.value} needs a GPT disk; layout legacy is the original MBR layout (use --firmware bios)"
+        )
+    return chosen
+
+
 class Placement(StrEnum):
     copy = "copy"  # the instance's own filesystem, block-copied, checked and grown
     mkfs = "mkfs"  # a new filesystem, files copied across (the original procedure)
@@ -169,6 +212,8 @@ class Target(_Strict):
     # The variant of a format this machine takes, where it takes only one (Azure: a fixed VHD).
     subformats: dict[ImageFormat, str] = {}
     boot: BootCheck | None = None  # the boot check's machine, when QEMU has not got the target's
+    # The firmware the target's machines boot disks with (see choose_firmware).
+    firmware: list[Literal["bios", "uefi"]] = Field(default=["bios", "uefi"], min_length=1)
 
     @field_validator("subformats")
     @classmethod
@@ -242,6 +287,7 @@ class Defaults(_Strict):
     target_by_format: dict[ImageFormat, str] = {}
     snapshots: Literal["drop", "keep"] = "drop"
     layout: Layout = Layout.aligned
+    firmware: Literal["auto", "bios", "uefi", "hybrid"] = "auto"
     placement: Placement = Placement.copy
     disk_size: str = "auto"
     fs_type: Literal["keep", "ext2", "ext3", "ext4"] = "keep"

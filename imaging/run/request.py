@@ -29,6 +29,7 @@ class Request(BaseModel):
     out: str = ""
     snapshots: str
     layout: Layout
+    firmware: str
     placement: Placement
     disk_size: str
     fs_type: str
@@ -222,6 +223,7 @@ class Request(BaseModel):
         config.check_target_format(
             self.target, self.format, self.vmdk_subformat.value if self.format == "vmdk" else ""
         )
+        config.choose_firmware(self.firmware, config.load_target(self.target), self.layout)
         if self.compress and self.format != "qcow2":
             raise ParameterError(f"compress applies to qcow2 only, not {self.format}")
         if self.format == "ova" and self.vmdk_subformat is not VmdkSubformat.stream_optimized:
