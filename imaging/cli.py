@@ -46,6 +46,7 @@ def _export(args: argparse.Namespace) -> int:
         out=str(Path(args.out).resolve()) if args.out else "",
         snapshots=args.snapshots,
         layout=args.layout,
+        firmware=args.firmware,
         placement=args.placement,
         disk_size=args.disk_size,
         fs_type=args.fs_type,
@@ -420,6 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a btrfs guest's snapshots (default drop: they predate cleaning)",
     )
     e.add_argument("--layout", choices=["aligned", "legacy"], help="partition 1 at 1 MiB, or at sector 63")
+    e.add_argument(
+        "--firmware",
+        choices=["bios", "uefi", "hybrid"],
+        help="what the disk boots under (default: hybrid where the target and the guest boot both; "
+        "uefi uses the guest's signed shim and GRUB for Secure Boot where it has them)",
+    )
     e.add_argument(
         "--placement", choices=["copy", "mkfs"], help="block-copy the filesystem, or mkfs + copy files"
     )

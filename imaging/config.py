@@ -167,11 +167,21 @@ class QemuDevice(_Strict):
     modules: list[Module]  # the guest's drivers for it: one of them must be there
 
 
+class Ovmf(_Strict):
+    """A UEFI firmware for QEMU: its code (read-only) and the template of its variable store."""
+
+    code: str = Field(pattern=r"^/[A-Za-z0-9._/-]+$")
+    vars: str = Field(pattern=r"^/[A-Za-z0-9._/-]+$")
+
+
 class QemuDevices(_Strict):
-    """parameters/qemu.yaml: the disk controllers and NICs the boot check can attach, by name."""
+    """parameters/qemu.yaml: the disk controllers and NICs the boot check can attach, by name, and
+    the UEFI firmware it boots with (plain, and with Secure Boot)."""
 
     controllers: dict[Annotated[str, Field(pattern=_DEVICE)], QemuDevice]
     nics: dict[Annotated[str, Field(pattern=_DEVICE)], QemuDevice]
+    uefi: Ovmf | None = None
+    secure_boot: Ovmf | None = None
 
 
 class BootCheck(_Strict):

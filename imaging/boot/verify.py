@@ -19,6 +19,12 @@ descriptor declares. A GCE image (``disk.raw`` in a gzipped tar) is extracted by
 same way. Where QEMU has not got the target's own devices (ENA, VMBus, gVNIC), the target names
 the machine the boot check uses instead (``boot:`` in its YAML); the verdict says so.
 
+A disk that boots under more than one firmware is booted under each (``firmware``: bios with
+SeaBIOS on QEMU's pc machine, uefi with OVMF on q35, with Secure Boot on and Microsoft's keys
+enrolled where the disk claims it), one after the other on a host of few cores, side by side on
+one with cores to spare; the verdict is the worst of them, and each is a row of ``boots``. Under
+Secure Boot the kernel must say so on the console ("Secure boot enabled").
+
 The VM's screen is saved as ``screen.png`` beside the serial log (QEMU's QMP ``screendump`` in
 PNG, on a socket in a private directory): every second during the boot and once more when it has
 a verdict, so a pass, a panic, the time limit and a machine that powered off all leave the last
@@ -38,6 +44,8 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,16 +71,24 @@ def qemu_argv(
     *,
     ssh_port: int | None = None,
     pcap: Path | None = None,
+    firmware: Firmware | None = None,
 ) -> list[str]:
     """The QEMU command line for booting ``image`` like the target would, headless; with ``qmp``,
     a QMP socket there (for the screenshot). The disk controller and NIC are the target's boot
-    check machine, attached as parameters/qemu.yaml says."""
+    check machine, attached as parameters/qemu.yaml says; ``firmware`` (None: SeaBIOS)."""
     drive = f"file={option_value(image.resolve())},format={fmt},if=none,id=disk0,snapshot=on"
+    # SeaBIOS on the pc machine; OVMF on q35 (with SMM, which its Secure Boot variables need).
+    board = "pc" if firmware is None else ("q35,smm=on" if firmware.secure_boot else "q35")
     argv = [
-        "qemu-system-x86_64", "-accel", accel, "-M", "pc", "-m", str(target.memory_mib),
+        "qemu-system-x86_64", "-accel", accel, "-M", board, "-m", str(target.memory_mib),
         "-smp", str(target.cpus), "-display", "none", "-vga", "std", "-no-reboot",
         "-serial", f"file:{serial_log}", "-monitor", "none", "-drive", drive,
     ]  # fmt: skip
+    if firmware is not None:
+        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={option_value(Path(firmware.code))}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={option_value(firmware.vars)}"]  # fmt: skip
+        if firmware.secure_boot:
+            argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
     if qmp is not None:
         argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
     machine, devices = target.boot_check, config.load_qemu_devices()
@@ -89,6 +105,25 @@ def qemu_argv(
     if pcap is not None:  # the NIC's traffic, to see the DHCP exchange from outside the guest
         argv += ["-object", f"filter-dump,id=dump0,netdev=net0,file={option_value(pcap)}"]
     return argv
+
+
+@dataclass(frozen=True)
+class Firmware:
+    """A UEFI firmware for one boot: OVMF's code and this boot's own copy of its variables."""
+
+    code: str
+    vars: Path
+    secure_boot: bool
+
+
+def _ovmf(secure_boot: bool, log_dir: Path) -> Firmware:
+    devices = config.load_qemu_devices()
+    found = devices.secure_boot if secure_boot else devices.uefi
+    if found is None or not Path(found.code).is_file() or not Path(found.vars).is_file():
+        raise ParameterError("booting UEFI needs OVMF (apt install ovmf; see uefi: in parameters/qemu.yaml)")
+    copy = log_dir / "efivars.fd"
+    shutil.copyfile(found.vars, copy)
+    return Firmware(found.code, copy, secure_boot)
 
 
 @dataclass(frozen=True)
@@ -112,6 +147,11 @@ class Boot(Record):
     ssh_host_keys: list[str] = field(default_factory=list)  # "type SHA256:..." the guest's sshd offered
     failed_units: list[str] = field(default_factory=list)
     expected: dict[str, object] = field(default_factory=dict)
+    firmware: str = "bios"  # what this boot's machine started with: bios (SeaBIOS) or uefi (OVMF)
+    secure_boot: str = ""  # under Secure Boot: what the kernel said of it
+    boots: list[dict[str, object]] = field(
+        default_factory=list
+    )  # a disk booted under several firmware: each
 
     def checks(self) -> Table:
         """One row per thing a user would look at, and how it went."""
@@ -127,7 +167,15 @@ class Boot(Record):
             ("host keys not the source's", ", ".join(k.split()[-1] for k in self.ssh_host_keys) or "-",
              f"{compared} source keys compared"),
         ]  # fmt: skip
+        if self.secure_boot:
+            rows.append(("Secure Boot on", self.secure_boot, "the kernel's own line on the console"))
         return Table(rows, ["check", "result", "detail"], index="check")
+
+    def firmware_table(self) -> Table:
+        """One row per firmware the disk was booted under."""
+        rows = [(str(b["firmware"]), str(b["verdict"]), str(b.get("secure_boot") or "-"), f"{b['seconds']} s",
+                 str(b["reason"])) for b in self.boots or [self.to_dict()]]  # fmt: skip
+        return Table(rows, ["firmware", "verdict", "Secure Boot", "seconds", "reason"])
 
 
 def _wanted(value: object) -> str:
@@ -151,6 +199,16 @@ def expectations(ws: Workspace | None) -> evidence.Expect:
     )
 
 
+def firmware_of(ws: Workspace) -> dict[str, Any]:
+    """What the run's disk boots under (30-bootable's record), as :func:`boot` takes it; BIOS for
+    a disk 30-bootable did not make (``convert --verify``: the user's own disk)."""
+    disk = ws.result("30-bootable").get("disk") or {} if ws.has_result("30-bootable") else {}
+    return {
+        "firmware": tuple(disk.get("platforms") or ("bios",)),
+        "secure_boot": bool(disk.get("secure_boot")),
+    }
+
+
 def boot(
     image: str | Path,
     target: str,
@@ -161,6 +219,8 @@ def boot(
     prefer_accel: str = "auto",
     expect: evidence.Expect | None = None,
     fmt: str = "",
+    firmware: Sequence[str] = ("bios",),
+    secure_boot: bool = False,
 ) -> Boot:
     """Boot ``image`` on ``target``'s hardware and judge it as a user would: it must reach the
     marker or a login prompt, no unit or init script may fail, and (where the guest is set up
@@ -171,8 +231,16 @@ def boot(
     ``fmt`` (raw, qcow2, vmdk, vdi, vhd, vhdx, ova) is the artifact's format; when not given,
     qemu-img's guess is taken only after the checks every source gets (no backing file, data
     file or other extents: an image naming /dev/sda would hand the host's disk to the guest).
-    Either way QEMU is told the format and never guesses."""
+    Either way QEMU is told the format and never guesses.
+
+    ``firmware``: what the disk boots under (bios, uefi), each booted; ``secure_boot``: the UEFI
+    boot with Secure Boot on."""
     expect = expect or evidence.Expect()
+    unknown = sorted(set(firmware) - {"bios", "uefi"})
+    if unknown or not firmware:
+        raise ParameterError(
+            f"firmware {', '.join(unknown) or '(none)'}: the boot check boots bios and uefi"
+        )
     tools.require_tools(
         "qemu-system-x86_64",
         "qemu-img",
@@ -199,7 +267,8 @@ def boot(
                 controller="ahci", nic="e1000", note="the machine the OVA's descriptor declares"
             )
             appliance = tgt.model_copy(update={"boot": machine})
-            result = _boot(extracted, "vmdk", appliance, marker_re, timeout, log_dir, accel, expect)
+            result = _boot_each(extracted, "vmdk", appliance, marker_re, timeout, log_dir, accel, expect,
+                                firmware, secure_boot)  # fmt: skip
         finally:
             extracted.unlink(missing_ok=True)
         return dataclasses.replace(result, image=str(path), format=f"ova ({result.format} inside)")
@@ -209,14 +278,56 @@ def boot(
         except gce.GceError as e:
             raise ParameterError(str(e)) from None
         try:
-            result = _boot(extracted, "raw", tgt, marker_re, timeout, log_dir, accel, expect)
+            result = _boot_each(extracted, "raw", tgt, marker_re, timeout, log_dir, accel, expect, firmware,
+                                secure_boot)  # fmt: skip
         finally:
             extracted.unlink(missing_ok=True)
         return dataclasses.replace(
             result, image=str(path), format=f"gce ({gce.MEMBER} extracted by GNU tar)"
         )
     qemu_format = image_format.qemu_format if image_format else None
-    return _boot(path, qemu_format, tgt, marker_re, timeout, log_dir, accel, expect)
+    return _boot_each(
+        path, qemu_format, tgt, marker_re, timeout, log_dir, accel, expect, firmware, secure_boot
+    )
+
+
+_RANK = {"booted": 0, "degraded": 1, "failed": 2}
+
+
+def _boot_each(path: Path, qemu_format: str | None, tgt: config.Target, marker_re: re.Pattern[str] | None,
+               timeout: float, log_dir: Path, accel: Accel, expect: evidence.Expect, firmware: Sequence[str],
+               secure_boot: bool) -> Boot:  # fmt: skip
+    """Boot under each firmware (the first's logs in ``log_dir``, the others' in a directory
+    named after it); the result is the first boot's record with the worst verdict of all."""
+    dirs = [log_dir if i == 0 else log_dir / name for i, name in enumerate(firmware)]
+
+    def one(name: str, where: Path) -> Boot:
+        where.mkdir(parents=True, exist_ok=True)
+        ovmf = _ovmf(secure_boot, where) if name == "uefi" else None
+        try:
+            return _boot(path, qemu_format, tgt, marker_re, timeout, where, accel, expect, ovmf)
+        finally:
+            if ovmf is not None:
+                ovmf.vars.unlink(missing_ok=True)
+
+    # Each TCG boot keeps a host core busy: side by side only where there are cores to spare.
+    parallel = len(firmware) > 1 and (os.cpu_count() or 1) >= 2 * len(firmware) * tgt.cpus
+    if parallel:
+        with ThreadPoolExecutor(len(firmware), thread_name_prefix="boot") as pool:
+            boots = list(pool.map(one, firmware, dirs))
+    else:
+        boots = [one(name, where) for name, where in zip(firmware, dirs, strict=True)]
+    if len(boots) == 1:
+        return boots[0]
+    worst = max(boots, key=lambda b: _RANK[b.verdict])
+    rows = [{"firmware": b.firmware, "verdict": b.verdict, "reason": b.reason, "seconds": b.seconds,
+             "secure_boot": b.secure_boot, "serial_log": b.serial_log, "screen": b.screen} for b in boots]  # fmt: skip
+    first = boots[0]
+    if worst is first:
+        return dataclasses.replace(first, boots=rows)
+    reasons = [*first.reasons, *(f"{worst.firmware}: {r}" for r in worst.reasons or [worst.reason])]
+    return dataclasses.replace(first, verdict=worst.verdict, reason=f"{worst.firmware}: {worst.reason}",
+                               reasons=reasons, boots=rows)  # fmt: skip
 
 
 def disk_format(path: Path, fmt: str | None = None) -> str:
@@ -281,7 +392,8 @@ class _Watch:
 
 
 def _boot(path: Path, qemu_format: str | None, tgt: config.Target, marker_re: re.Pattern[str] | None,
-          timeout: float, log_dir: Path, accel: Accel, expect: evidence.Expect) -> Boot:  # fmt: skip
+          timeout: float, log_dir: Path, accel: Accel, expect: evidence.Expect,
+          ovmf: Firmware | None = None) -> Boot:  # fmt: skip
     fmt = disk_format(path, qemu_format)
     serial, pcap = log_dir / "serial.log", log_dir / "net.pcap"
     for stale in (serial, pcap, log_dir / "screen.png"):
@@ -290,7 +402,7 @@ def _boot(path: Path, qemu_format: str | None, tgt: config.Target, marker_re: re
     qmp_dir = Path(tempfile.mkdtemp(prefix="imaging-qmp-"))
     qmp = qmp_dir / "qmp.sock"
     port = evidence.free_port()
-    argv = qemu_argv(path, fmt, tgt, accel.accel, serial, qmp, ssh_port=port, pcap=pcap)
+    argv = qemu_argv(path, fmt, tgt, accel.accel, serial, qmp, ssh_port=port, pcap=pcap, firmware=ovmf)
     watch = _Watch(serial, pcap, port, marker_re)
     screen = Screen(qmp, log_dir / "screen.png")
     t0 = time.monotonic()
@@ -326,6 +438,16 @@ def _boot(path: Path, qemu_format: str | None, tgt: config.Target, marker_re: re
         if qemu.alive():
             screen.save()
     verdict, reason, reasons = _judge(watch, expect, keys, timeout, powered_off)
+    secure = ""
+    if ovmf is not None and ovmf.secure_boot:
+        said = _SECURE_BOOT.search(evidence.plain(watch.text))
+        secure = said.group(0).strip() if said else "not reported by the kernel"
+        if verdict != "failed" and not (said and "enabled" in said.group(0).lower()):
+            verdict, reasons = (
+                "degraded",
+                [*reasons, f"Secure Boot: the kernel did not say it was on ({secure})"],
+            )
+            reason = "; ".join(reasons)[:300]
     return Boot(
         verdict=verdict,
         reason=reason,
@@ -351,7 +473,13 @@ def _boot(path: Path, qemu_format: str | None, tgt: config.Target, marker_re: re
             "source_host_keys": list(expect.source_host_keys),
             **({"why": expect.why} if expect.why else {}),
         },  # fmt: skip
+        firmware="uefi" if ovmf is not None else "bios",
+        secure_boot=secure,
     )
+
+
+# What a kernel says of Secure Boot when it starts ("secureboot: Secure boot enabled" since 5.x).
+_SECURE_BOOT = re.compile(r"[Ss]ecure ?boot (?:enabled|disabled|could not be determined)[^\n]*")
 
 
 def _judge(watch: _Watch, expect: evidence.Expect, keys: list[str], timeout: float,

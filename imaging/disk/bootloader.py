@@ -8,19 +8,27 @@ boot.img looks for it by default), and GRUB's modules and a grub.cfg go into a d
 their own in the guest's /boot (through debugfs, or a mount for XFS and btrfs). The menu's
 default entry follows the guest's kernel updates (kernel_links.py); then one entry per kernel
 found in the guest's /boot, with root=UUID and consoles on tty0 and ttyS0.
+
+On a GPT disk (``--firmware`` uefi or hybrid) there is no gap before partition 1: the BIOS core
+image goes into the BIOS boot partition, whose first sector boot.img is told (as grub-install's
+grub-setup does), and what boots under UEFI goes into the EFI system partition (uefi.py, esp.py).
+Both read the one grub.cfg.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+import struct
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from imaging import tools
 from imaging.config import check_kernel_args
-from imaging.disk import filesystems
+from imaging.disk import esp as esp_partition
+from imaging.disk import filesystems, uefi
+from imaging.disk.bootable import DiskLayout
 from imaging.disk.debugfs import READ_LIMIT, ExtGuest, safe_name
 from imaging.disk.filesystems import MountedFiles
 from imaging.errors import GuestError
@@ -38,7 +46,11 @@ GRUB_DIR = "/boot/imaging-grub"
 # Built into the core image: enough to read the partition and find the root filesystem (with
 # the filesystem's own module, filesystems.py); the rest (normal, linux, ...) loads from
 # GRUB_DIR/i386-pc.
-CORE_MODULES = ["biosdisk", "part_msdos", "search_fs_uuid"]
+CORE_MODULES = ["biosdisk", "part_msdos", "part_gpt", "search_fs_uuid"]
+# Where boot.img keeps the sector of the core image's first sector, and where that first sector
+# (diskboot.img) keeps the blocklist of the rest (GRUB's boot.S and diskboot.S).
+_BOOT_KERNEL_SECTOR = 0x5C
+_DISKBOOT_BLOCKLIST = 0x200 - 12
 # What read_back reads of a kernel or an initrd: real ones are tens of MiB, a few hundred at most.
 BOOT_FILE_LIMIT = 1 << 30
 _SAFE_PREFIX = re.compile(r"(/[A-Za-z0-9._+@-]+)+")
@@ -190,11 +202,15 @@ class GrubInstall(Record):
     default_kernel: str
     config_diff: str
     read_back: str = ""  # what GRUB's own filesystem driver read of the placed disk (read_back)
+    firmware: str = "bios"
+    uefi: str = ""  # what boots the disk under UEFI: the guest's signed chain, or this host's GRUB
+    secure_boot: bool = False
+    esp: dict[str, object] = field(default_factory=dict)  # the EFI system partition made (esp.py)
 
 
-def _crc(disk: Path, path: str) -> str:
+def _crc(disk: Path, path: str, part: str = "msdos1") -> str:
     result = tools.run(
-        ["grub-fstest", disk, "crc", f"(loop0,msdos1){path}"], ok_codes=range(256), timeout=300
+        ["grub-fstest", disk, "crc", f"(loop0,{part}){path}"], ok_codes=range(256), timeout=300
     )
     crc = result.stdout.strip()
     if result.exit_code != 0 or not re.fullmatch(r"[0-9a-f]{8}", crc):
@@ -204,20 +220,25 @@ def _crc(disk: Path, path: str) -> str:
 
 
 def read_back(
-    disk: Path, paths: list[str], config_path: str, config: str, follow: list[str] | None = None
+    disk: Path,
+    paths: list[str],
+    config_path: str,
+    config: str,
+    follow: list[str] | None = None,
+    part: str = "msdos1",
 ) -> str:
     """Read the boot files of partition 1 through GRUB's own filesystem drivers (grub-fstest, in
     user space): a filesystem feature this host's GRUB cannot read (an XFS or btrfs newer than
     it) is one line here, not a disk that stops at GRUB's prompt in the boot check. ``follow``:
     links GRUB must resolve, each to the same bytes as the path of ``paths`` at its place."""
     tools.require_tools("grub-fstest", reason="read the disk as GRUB does", hint="apt install grub-common")
-    crcs = [_crc(disk, path) for path in paths]
+    crcs = [_crc(disk, path, part) for path in paths]
     found = [f"{path} (crc {crc})" for path, crc in zip(paths, crcs, strict=True)]
     for link, path, crc in zip(follow or [], paths, crcs, strict=False):
-        if _crc(disk, link) != crc:
+        if _crc(disk, link, part) != crc:
             raise GuestError(f"GRUB does not read {link} as {path}: the link leads elsewhere")
         found.append(f"{link} = {path}")
-    written = tools.run(["grub-fstest", disk, "cat", f"(loop0,msdos1){config_path}"], ok_codes=range(256),
+    written = tools.run(["grub-fstest", disk, "cat", f"(loop0,{part}){config_path}"], ok_codes=range(256),
                         timeout=60, max_output=READ_LIMIT)  # fmt: skip
     if written.exit_code != 0 or written.stdout != config:
         raise GuestError(f"GRUB does not read back {config_path} as it was written")
@@ -230,13 +251,19 @@ def _grub_version() -> str:
 
 def install_grub(
     ws: Workspace,
-    start_sector: int,
+    layout: DiskLayout | int,
     uuid: str,
     *,
     timeout: int = 1,
     kernel_args: str = "",
 ) -> GrubInstall:
-    """Install GRUB 2 on the disk being built (``work/.disk.raw.part``), partition 1 at ``start_sector``."""
+    """Install GRUB 2 on the disk being built (``work/.disk.raw.part``) for the firmware its
+    layout boots under (an int: an MBR disk whose partition 1 starts at that sector)."""
+    platforms: tuple[str, ...]
+    if isinstance(layout, int):
+        start_sector, scheme, platforms = layout, "dos", ("bios",)
+    else:
+        start_sector, scheme, platforms = layout.start_sector, layout.scheme, layout.platforms
     tools.require_tools(
         "grub-mkimage",
         "debugfs",
@@ -264,40 +291,40 @@ def install_grub(
     links = migration.get("kernel_links") or {}
     assert isinstance(links, dict)
     follow = (str(links["kernel"]), str(links["initrd"])) if links.get("kernel") else None
+    fw = migration.get("firmware") or {}
+    assert isinstance(fw, dict)
+    secure = bool(fw.get("secure_boot")) and "uefi" in platforms
     cfg_path = f"{grub_dir}/grub.cfg"
-    with tempfile.TemporaryDirectory(prefix="grub-") as tmp:
-        early = Path(tmp) / "early.cfg"
-        early.write_text(f"search.fs_uuid {uuid} root\nset prefix=($root){prefix}{grub_dir}\n")
-        core = Path(tmp) / "core.img"
-        modules_in_core = [*CORE_MODULES, filesystems.of(fs_type).GRUB_MODULE]
-        tools.run(
-            [
-                "grub-mkimage",
-                "-O",
-                "i386-pc",
-                "-o",
-                core,
-                "-c",
-                early,
-                "-p",
-                f"{prefix}{grub_dir}",
-                *modules_in_core,
-            ],
-            timeout=120,
-        )
-        core_bytes = core.read_bytes()
-    room = (start_sector - 1) * 512
+    fs_module = filesystems.of(fs_type).GRUB_MODULE
+    core_bytes = b""
+    if "bios" in platforms:
+        with tempfile.TemporaryDirectory(prefix="grub-") as tmp:
+            early = Path(tmp) / "early.cfg"
+            early.write_text(f"search.fs_uuid {uuid} root\nset prefix=($root){prefix}{grub_dir}\n")
+            core = Path(tmp) / "core.img"
+            tools.run(["grub-mkimage", "-O", "i386-pc", "-o", core, "-c", early, "-p", f"{prefix}{grub_dir}",
+                       *CORE_MODULES, fs_module], timeout=120)  # fmt: skip
+            core_bytes = core.read_bytes()
+    if isinstance(layout, DiskLayout) and layout.bios_boot_sectors:
+        core_at, room = layout.bios_boot_start, layout.bios_boot_sectors * 512
+        where = "the BIOS boot partition"
+    else:
+        core_at, room = 1, (start_sector - 1) * 512
+        where = "the gap before partition 1 (the aligned layout has room for it)"
     if len(core_bytes) > room:
         raise GuestError(
-            f"GRUB's core image for {fs_type} ({len(core_bytes)} bytes) does not fit in the {room} bytes "
-            "before partition 1 (the aligned layout has room for it)"
+            f"GRUB's core image for {fs_type} ({len(core_bytes)} bytes) does not fit in the {room} bytes of {where}"
         )
-    modules = {
-        f"{grub_dir}/i386-pc/{p.name}": p.read_bytes()
-        for p in sorted(GRUB_PC.iterdir())
-        if p.suffix in (".mod", ".lst") and safe_name(p.name)
-    }
+    modules = {}
+    if "bios" in platforms:
+        modules.update({f"{grub_dir}/i386-pc/{p.name}": p.read_bytes() for p in sorted(GRUB_PC.iterdir())
+                        if p.suffix in (".mod", ".lst") and safe_name(p.name)})  # fmt: skip
+    if "uefi" in platforms and not secure:
+        modules.update({f"{grub_dir}/x86_64-efi/{name}": data for name, data in uefi.modules().items()
+                        if safe_name(name)})  # fmt: skip
+    directories = [grub_dir, *sorted({p.rsplit("/", 1)[0] for p in modules})]
     written = [str(o) for o in instance.get("write_options") or []]
+    esp_files: dict[str, bytes] = {}
     with filesystems.files(disk, fs_type, offset=start_sector * 512, subvolume=subvolume, options=written,
                            writable=True) as guest:  # fmt: skip
         kernels = find_kernels(guest)
@@ -306,15 +333,17 @@ def install_grub(
         config = grub_config(kernels, uuid, title=_title(guest), timeout=timeout, kernel_args=args,
                              legacy_menu=legacy, prefix=prefix, follow=follow)  # fmt: skip
         old = guest.read_text(cfg_path)
-        guest.install_files(
-            {**modules, cfg_path: config.encode()},
-            directories=[grub_dir, f"{grub_dir}/i386-pc"],
-        )
-    boot = (GRUB_PC / "boot.img").read_bytes()
-    with open(disk, "r+b") as f:
-        f.write(boot[:440])  # code only: disk signature and partition table follow at 440
-        f.seek(512)
-        f.write(core_bytes)
+        guest.install_files({**modules, cfg_path: config.encode()}, directories=directories)
+        if "uefi" in platforms:
+            esp_files, how = _uefi_files(guest, ws, fw, secure, uuid, f"{prefix}{grub_dir}", fs_module)
+    if core_bytes:
+        _write_bios_boot(disk, core_bytes, core_at)
+    esp_made: dict[str, object] = {}
+    if esp_files and isinstance(layout, DiskLayout):
+        source = ws.work / "esp.raw" if instance.get("esp") else None
+        made = esp_partition.build(disk, layout.esp_start * 512, layout.esp_sectors * 512,
+                                   str(fw.get("esp_uuid") or ""), esp_files, source)  # fmt: skip
+        esp_made = made.to_dict()
     diff = "".join(
         difflib.unified_diff(
             (old or "").splitlines(keepends=True),
@@ -331,7 +360,7 @@ def install_grub(
                 f"{path} in the guest is {sizes[path]:,} bytes: more than a kernel or initrd can be"
             )
     read = read_back(disk, [f"{prefix}{p}" for p in boot_files], f"{prefix}{cfg_path}", config,
-                     [f"{prefix}{p}" for p in follow or ()])  # fmt: skip
+                     [f"{prefix}{p}" for p in follow or ()], part="gpt1" if scheme == "gpt" else "msdos1")  # fmt: skip
     return GrubInstall(
         grub=_grub_version(),
         core_image_bytes=len(core_bytes),
@@ -342,4 +371,53 @@ def install_grub(
         default_kernel=f"{follow[0]} (now {kernels[0].vmlinuz})" if follow else kernels[0].vmlinuz,
         config_diff=diff,
         read_back=read,
+        firmware=layout.firmware if isinstance(layout, DiskLayout) else "bios",
+        uefi=how if esp_files else "",
+        secure_boot=secure,
+        esp=esp_made,
     )
+
+
+def _write_bios_boot(disk: Path, core: bytes, core_at: int) -> None:
+    """boot.img's code into sector 0 (the partition table and disk signature after it stay), told
+    where the core image starts; the core image at ``core_at``, its blocklist told where the rest
+    of it follows (grub-setup's two patches)."""
+    boot = bytearray((GRUB_PC / "boot.img").read_bytes()[:440])
+    struct.pack_into("<Q", boot, _BOOT_KERNEL_SECTOR, core_at)
+    patched = bytearray(core)
+    start, length = struct.unpack_from("<QH", patched, _DISKBOOT_BLOCKLIST)
+    if start != 2 or length * 512 + 512 < len(core) - 511:
+        raise GuestError(f"grub-mkimage's core image has an unexpected blocklist ({start}, {length})")
+    struct.pack_into("<Q", patched, _DISKBOOT_BLOCKLIST, core_at + 1)
+    with open(disk, "r+b") as f:
+        f.write(boot)
+        f.seek(core_at * 512)
+        f.write(patched)
+
+
+def _uefi_files(guest: ExtGuest | MountedFiles, ws: Workspace, fw: dict[str, object], secure: bool, uuid: str,
+                grub_dir: str, fs_module: str) -> tuple[dict[str, bytes], str]:  # fmt: skip
+    """The ESP's boot files, and a line saying what boots under UEFI."""
+    if secure:
+        found = {}
+        for role in ("shim", "grub", "mok"):
+            path = str(fw.get(role) or "")
+            data = guest.read_bytes(path, limit=64 << 20) if path else None
+            if data is None and role != "mok":
+                raise GuestError(
+                    f"the guest's signed {role} {path or '(none)'} cannot be read from the placed disk"
+                )
+            found[role] = data
+        files = uefi.signed_chain_files(found["shim"], found["grub"], found["mok"], uuid, grub_dir)  # type: ignore[arg-type]
+        return files, f"the guest's shim ({fw.get('shim')}) and signed GRUB ({fw.get('grub')}): Secure Boot"
+    vendor = re.sub(r"[^a-z0-9._-]", "", _os_id(guest))[:20] or "linux"
+    image = uefi.host_grub_image(uuid, grub_dir, fs_module)
+    return uefi.host_grub_files(
+        image, vendor
+    ), f"this host's GRUB for x86_64-efi ({_grub_version()}): no Secure Boot"
+
+
+def _os_id(guest: ExtGuest | MountedFiles) -> str:
+    text = guest.read_text("/etc/os-release") or ""
+    m = re.search(r'^ID="?([A-Za-z0-9._-]+)"?', text, re.MULTILINE)
+    return m.group(1).lower() if m else ""

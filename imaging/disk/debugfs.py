@@ -115,6 +115,23 @@ class ExtGuest:
             )
         return self._request(f"cat {path}", max_output=READ_LIMIT).stdout
 
+    def read_bytes(self, path: str, limit: int) -> bytes | None:
+        """The bytes of a regular file (None if there is none: a symlink is not followed), dumped
+        by debugfs into a private scratch file; one over ``limit`` is refused by name."""
+        found = self._request(f"stat {_check(path)}").stdout
+        kind = re.search(r"\bType: (\S+)", found)
+        size = re.search(r"\bSize: (\d+)", found)
+        if kind is None or kind.group(1) != "regular" or size is None:
+            return None
+        if int(size.group(1)) > limit:
+            raise GuestError(
+                f"{path} in the guest is {human_bytes(int(size.group(1)))}: more than {human_bytes(limit)}"
+            )
+        with tempfile.TemporaryDirectory(prefix="debugfs-") as tmp:
+            out = Path(tmp) / "file"
+            self._request(f"dump {path} {out}")
+            return out.read_bytes() if out.is_file() else None
+
     def install_files(self, files: dict[str, bytes], directories: list[str]) -> None:
         """Create ``directories`` (if missing) and write ``files`` (replacing any old ones), all
         owned by root, in one debugfs session; then read each file back to prove it landed."""

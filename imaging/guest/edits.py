@@ -93,12 +93,19 @@ def modprobe_conf(text: str, storage: list[str], nic: str, extra: list[str], tar
     return new
 
 
-def fstab(text: str, root_uuid: str, root_label: str, target: str, merged: tuple[str, ...] = ()) -> str:
+ESP_MOUNT = "/boot/efi"
+
+
+def fstab(text: str, root_uuid: str, root_label: str, target: str, merged: tuple[str, ...] = (),
+          esp_uuid: str = "") -> str:  # fmt: skip
     """The root entry by UUID; entries for devices the target does not have (the Xen disks, the
     cloud's ephemeral and swap disks, LVM volumes other than the root) commented out, so the boot
     does not wait for them. Other entries on the root's own filesystem (btrfs subvolumes) stay;
-    those ``merged`` into the root (a separate /boot, flatten.py) are commented out as such."""
+    those ``merged`` into the root (a separate /boot, flatten.py) are commented out as such.
+    ``esp_uuid``: the new disk's EFI system partition, mounted on /boot/efi by its volume id
+    (where the guest's shim and GRUB packages put their updates)."""
     out = []
+    esp_line = f"UUID={esp_uuid} {ESP_MOUNT} vfat umask=0077 0 1\n" if esp_uuid else ""
     ours_too = {f"UUID={root_uuid}", f"UUID={root_uuid.upper()}"} | (
         {f"LABEL={root_label}"} if root_label else set()
     )
@@ -108,6 +115,11 @@ def fstab(text: str, root_uuid: str, root_label: str, target: str, merged: tuple
             out.append(line)
             continue
         device, mountpoint, fstype = fields[0], fields[1], fields[2]
+        if esp_line and posixpath.normpath(mountpoint) == ESP_MOUNT:
+            out.append(esp_line if device == f"UUID={esp_uuid}" else
+                       f"# the ESP is a new partition (imaging, 20-migrate): {line}" + esp_line)  # fmt: skip
+            esp_line = ""
+            continue
         if mountpoint == "/":
             ours = {f"UUID={root_uuid}"} | ({f"LABEL={root_label}"} if root_label else set())
             if device not in ours:
@@ -124,7 +136,7 @@ def fstab(text: str, root_uuid: str, root_label: str, target: str, merged: tuple
         else:
             line = f"# not on the {target} target (imaging, 20-migrate): {line}"
         out.append(line)
-    return _with_newline("".join(out))
+    return _with_newline("".join(out)) + esp_line
 
 
 def selinux(text: str, mode: str) -> str:

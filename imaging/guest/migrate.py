@@ -27,7 +27,7 @@ from imaging.disk import ext, filesystems
 from imaging.disk.bootloader import INITRD_PATTERNS, version_key
 from imaging.disk.files import Guest, unified_diff
 from imaging.errors import GuestError, ParameterError
-from imaging.guest import access, edits, firstboot, initrd, kernel_links
+from imaging.guest import access, edits, firmware, firstboot, initrd, kernel_links
 from imaging.guest.profiles import Profile, load_platform, resolve
 from imaging.records import Record
 from imaging.tables import Table
@@ -48,6 +48,8 @@ class MigrateOptions(BaseModel):
     packages_remove: list[str] = []
     packages_room: str = "2G"  # the filesystem grows by this before packages are installed
     kernel: str = ""  # a kernel version; "" = the newest that is not Xen-only
+    firmware: str = "auto"  # bios, uefi, hybrid; auto: hybrid where the target and guest allow
+    layout: str = "aligned"  # 30-bootable's: legacy is MBR, BIOS only
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class MigrationPlan(Record):
     kernel_links: dict[str, str] = field(default_factory=dict)
     # What detection took for granted (a version or distro the profile was not written for).
     profile_assumed: str = ""
+    # The firmware the disk will boot under, and the guest's signed chain (guest/firmware.py).
+    firmware: dict[str, object] = field(default_factory=dict)
 
     def table(self) -> Table:
         rows = [(c.path, c.what, _count(c.diff, "-"), _count(c.diff, "+")) for c in self.changes]
@@ -205,9 +209,15 @@ def _kernel_args(options: MigrateOptions, found: firstboot.Facts) -> list[str]:
     return (["enforcing=0"] if options.enforcing_arg else []) + firstboot.kernel_args(found)
 
 
+def _esp_mount(g: Guest, esp_uuid: str) -> list[Change]:
+    if not esp_uuid or g.is_dir(edits.ESP_MOUNT):
+        return []
+    return [Change(edits.ESP_MOUNT, "the ESP's mount point", "", lambda g: g.makedirs(edits.ESP_MOUNT))]
+
+
 def _changes(g: Guest, profile: Profile, target: config.Target, options: MigrateOptions,
              instance: dict[str, object], kernel: initrd.GuestKernel,
-             found: firstboot.Facts) -> tuple[list[Change], str]:  # fmt: skip
+             found: firstboot.Facts, esp_uuid: str) -> tuple[list[Change], str]:  # fmt: skip
     uuid, label = str(instance["uuid"]), str(instance.get("label", ""))
     merged = tuple(str(m).split(":", 1)[0] for m in instance.get("merged") or [])  # type: ignore[attr-defined]
     args = " ".join(["ro", "console=tty0", "console=ttyS0,115200n8", *_kernel_args(options, found)])
@@ -219,8 +229,10 @@ def _changes(g: Guest, profile: Profile, target: config.Target, options: Migrate
         *_edit(g, profile.securetty, "root may log in on ttyS0", edits.securetty),
         *_edit(g, profile.modprobe_conf, f"Xen aliases replaced by {target.name}'s drivers",
                lambda t: edits.modprobe_conf(t, target.storage_modules, target.nic_module, target.modprobe_extra, target.name)),
-        *_edit(g, profile.fstab, "root by UUID; the cloud's other disks commented out",
-               lambda t: edits.fstab(t, uuid, label, target.name, merged)),
+        *_edit(g, profile.fstab, "root by UUID; the cloud's other disks commented out"
+               + ("; the new ESP on /boot/efi" if esp_uuid else ""),
+               lambda t: edits.fstab(t, uuid, label, target.name, merged, esp_uuid)),
+        *_esp_mount(g, esp_uuid),
         *_edit(g, profile.selinux_config, f"SELinux {options.selinux}", lambda t: edits.selinux(t, options.selinux)),
         *_edit(g, profile.rc_local, "the cloud's boot hooks removed", lambda t: edits.without_hooks(t, hooks)),
         *_grub_legacy(g, profile, kernel, uuid, args),
@@ -239,13 +251,18 @@ def _with_root_module(target: config.Target, ws: Workspace) -> config.Target:
     return target.model_copy(update={"initrd_modules": [*target.initrd_modules, fs.KERNEL_MODULE]})
 
 
-def _plan(g: Guest, ws: Workspace, target_name: str, options: MigrateOptions) -> MigrationPlan:
+def _plan(g: Guest, ws: Workspace, target_name: str, options: MigrateOptions,
+          fw: firmware.FirmwarePlan | None = None) -> MigrationPlan:  # fmt: skip
     target = _with_root_module(config.load_target(target_name), ws)
     detected = resolve(g, options.profile)
     profile = detected.profile
     kernel = initrd.choose_kernel(g, options.kernel, [*target.initrd_modules, target.nic_module])
     found = firstboot.facts(g, target.nic_module)
-    changes, args = _changes(g, profile, target, options, ws.result("00-acquire"), kernel, found)
+    instance = ws.result("00-acquire")
+    fw = fw or firmware.plan(g, profile, kernel.vmlinuz, target, options.firmware, options.layout)
+    esp = instance.get("esp") or {}
+    esp_uuid = firmware.esp_volume_id(str(instance["uuid"]), esp) if "uefi" in fw.platforms else ""
+    changes, args = _changes(g, profile, target, options, instance, kernel, found, esp_uuid)
     follow, followed = _follow(g, profile, kernel)
     packages = [f"remove {' '.join(options.packages_remove)}"] * bool(options.packages_remove)
     packages += [f"install {' '.join(options.packages_install)}"] * bool(options.packages_install)
@@ -262,6 +279,7 @@ def _plan(g: Guest, ws: Workspace, target_name: str, options: MigrateOptions) ->
         changes=[*changes, *follow],
         kernel_links=followed,
         profile_assumed=detected.assumed,
+        firmware={**fw.to_dict(), "esp_uuid": esp_uuid},
     )
 
 
@@ -290,6 +308,7 @@ class Migrated(Record):
     skipped: list[str] = field(default_factory=list)  # paths a symlink loop made unreachable
     profile_assumed: str = ""  # as the plan's: what detection took for granted
     kernel_links: dict[str, str] = field(default_factory=dict)  # as the plan's
+    firmware: dict[str, object] = field(default_factory=dict)  # as the plan's, once the chain is installed
 
 
 def apply(
@@ -299,11 +318,17 @@ def apply(
     options = options or MigrateOptions()
     tgt = _with_root_module(config.load_target(target), ws)
     room = config.parse_disk_size(options.packages_room)[1] if options.packages_install else 0
+    if not room and plan(ws, target, options).firmware.get("packages"):
+        room = _CHAIN_ROOM
     with access.editing(ws, grow=room) as g:
         profile = resolve(g, options.profile).profile
         # Packages first: what they install (a kernel, mkinitrd) is what the edits then see.
         packages = initrd.run_packages(g, profile, options.packages_install, options.packages_remove)
-        done = _plan(g, ws, target, options)
+        ran, installed, failed = _secure_boot_chain(g, tgt, profile, options)
+        packages += ran
+        now = _firmware_now(g, tgt, profile, options)
+        fw = dataclasses.replace(now, packages=installed, why=[*failed, *now.why])
+        done = _plan(g, ws, target, options, fw)
         for change in done.changes:
             change.apply(g)
         kernel = initrd.choose_kernel(g, options.kernel, [*tgt.initrd_modules, tgt.nic_module])
@@ -329,6 +354,39 @@ def apply(
         skipped=skipped,
         profile_assumed=done.profile_assumed,
         kernel_links=done.kernel_links,
+        firmware=done.firmware,
+    )
+
+
+# What the signed chain's packages take (shim, GRUB's EFI build and its modules): tens of MiB.
+_CHAIN_ROOM = 512 << 20
+
+
+def _firmware_now(g: Guest, target: config.Target, profile: Profile,
+                  options: MigrateOptions) -> firmware.FirmwarePlan:  # fmt: skip
+    kernel = initrd.choose_kernel(g, options.kernel, [*target.initrd_modules, target.nic_module])
+    return firmware.plan(
+        g, profile, kernel.vmlinuz, target, options.firmware, options.layout, chain_packages=False
+    )
+
+
+def _secure_boot_chain(g: Guest, target: config.Target, profile: Profile,
+                       options: MigrateOptions) -> tuple[list[str], list[str], list[str]]:  # fmt: skip
+    """Install the guest's signed shim and GRUB where the disk boots UEFI and the guest lacks them.
+    A failed install costs Secure Boot, not the run: the disk still boots UEFI, and the record
+    says why not with Secure Boot."""
+    kernel = initrd.choose_kernel(g, options.kernel, [*target.initrd_modules, target.nic_module])
+    wanted = firmware.plan(g, profile, kernel.vmlinuz, target, options.firmware, options.layout).packages
+    if not wanted:
+        return [], [], []
+    try:
+        done = initrd.run_packages(g, profile, wanted, [])
+    except (GuestError, ParameterError) as e:
+        return [], [], [f"no Secure Boot: installing {' '.join(wanted)} failed: {e}"]
+    return (
+        [f"{line} (for Secure Boot)" if line.startswith("install ") else line for line in done],
+        wanted,
+        [],
     )
 
 

@@ -100,6 +100,18 @@ class KernelLinks(_Strict):
     kept: list[tuple[GuestPath, GuestPath]] = []
 
 
+class Efi(_Strict):
+    """How the guest boots under UEFI (guest/firmware.py). Paths are the guest's, glob patterns
+    allowed; the first found of each is taken."""
+
+    boots: bool = True  # false: the distribution's kernels do not boot under UEFI
+    why: str = ""  # said when UEFI is refused
+    shim: list[GuestPath] = []  # shim signed by Microsoft's UEFI CA
+    grub: list[GuestPath] = []  # GRUB signed by the distribution's key, which shim carries
+    mok: list[GuestPath] = []  # MokManager
+    packages: list[str] = []  # what installs them, when missing (in the sandbox, as --install)
+
+
 class Profile(_Strict):
     name: str
     description: str
@@ -127,6 +139,7 @@ class Profile(_Strict):
     ssh_host_keys: Literal["systemd", "distro", "auto"] = "auto"
     # null: the menu does not follow kernel updates (the guest's own grub.conf does, GRUB legacy).
     kernel_links: KernelLinks | None = KernelLinks()
+    efi: Efi = Efi()
     clean: list[str] = ["defaults"]
 
 

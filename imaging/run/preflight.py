@@ -6,7 +6,7 @@ of the run; 30-bootable and 40-export check again on the disk they have."""
 from __future__ import annotations
 
 from imaging.clouds.acquire import Source
-from imaging.config import parse_disk_size
+from imaging.config import choose_firmware, load_target, parse_disk_size
 from imaging.disk import bootable
 from imaging.formats import limits
 from imaging.run.request import Request
@@ -23,7 +23,11 @@ def bootable_disk_bytes(request: Request, src: Source) -> int | None:
         fs_bytes, block_size = 0, 4096  # the size asked for, whatever the filesystem
     else:
         return None
-    layout = bootable.plan_layout(fs_bytes, block_size, layout=request.layout, disk_size=request.disk_size)
+    # The firmware the target and request allow; a guest that cannot boot UEFI gets a smaller MBR disk.
+    firmware = choose_firmware(request.firmware, load_target(request.target), request.layout)
+    layout = bootable.plan_layout(
+        fs_bytes, block_size, layout=request.layout, disk_size=request.disk_size, firmware=firmware
+    )
     return layout.disk_bytes
 
 

@@ -142,6 +142,7 @@ def options(req: ImageRequest) -> list[tuple[str, str]]:
             ("install", ", ".join(given.get("packages_install") or []) or "-"),
             ("remove", ", ".join(given.get("packages_remove") or []) or "-"),
             ("layout", given.get("layout") or "aligned (default)"),
+            ("firmware", given.get("firmware") or "hybrid where the target and guest boot both (default)"),
             ("boot marker", given.get("boot_marker") or "a login prompt")]  # fmt: skip
     if req.kind == "image":
         rows += [("publish to", given.get("destination") or "s3")]

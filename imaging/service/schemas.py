@@ -68,6 +68,10 @@ class CreateRequest(BaseModel):
     layout: Literal["aligned", "legacy"] | None = Field(
         default=None, description="partition 1 at 1 MiB (aligned) or at sector 63 (legacy)"
     )
+    firmware: Literal["bios", "uefi", "hybrid"] | None = Field(
+        default=None,
+        description="what the disk boots under (default: hybrid where the target and guest boot both)",
+    )
     boot_marker: str | None = Field(
         default=None,
         max_length=200,
@@ -215,7 +219,7 @@ class UserOut(BaseModel):
     email: str | None
 
 
-OPTIONS = ("profile", "clean", "packages_install", "packages_remove", "layout", "boot_marker")
+OPTIONS = ("profile", "clean", "packages_install", "packages_remove", "layout", "firmware", "boot_marker")
 
 
 def validated(body: CreateRequest, settings: Settings, store: Store) -> dict[str, Any]:

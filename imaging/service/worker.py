@@ -81,7 +81,8 @@ def command(settings: Settings, req: ImageRequest) -> list[str]:
     argv = [*base, "export", source, f"--name={req.name}", f"--format={req.disk_format}",
             f"--target={req.target}", f"--run={req.id}"]  # fmt: skip
     options = dict(req.options or {})
-    for key, flag in (("profile", "--profile"), ("layout", "--layout"), ("destination", "--destination"),
+    for key, flag in (("profile", "--profile"), ("layout", "--layout"), ("firmware", "--firmware"),
+                      ("destination", "--destination"),
                       ("boot_marker", "--boot-marker")):  # fmt: skip
         if options.get(key):
             argv.append(f"{flag}={options[key]}")

@@ -31,9 +31,12 @@ def test_the_disk_size_comes_from_the_superblock(tmp_path: Path) -> None:
     image = big_instance(tmp_path / "big.img")
     src = acquire.inspect(str(image))
     assert (src.fs_bytes, src.fs_block_size) == (2045 * GiB, 4096)
-    # The defaults: the filesystem, 1 MiB before it, 1 GiB of room (--disk-size +1G).
-    assert preflight.bootable_disk_bytes(request(image), src) == 2046 * GiB + (1 << 20)
-    assert preflight.bootable_disk_bytes(request(image, disk_size="auto"), src) == 2045 * GiB + (1 << 20)
+    # The defaults: hybrid GPT (1 MiB before the BIOS boot partition, its 1 MiB, the ESP's 128,
+    # the filesystem, 1 MiB for the backup GPT), 1 GiB of room (--disk-size +1G).
+    assert preflight.bootable_disk_bytes(request(image), src) == 2046 * GiB + (131 << 20)
+    assert preflight.bootable_disk_bytes(request(image, disk_size="auto"), src) == 2045 * GiB + (131 << 20)
+    # BIOS: the original's MBR, the filesystem 1 MiB in.
+    assert preflight.bootable_disk_bytes(request(image, firmware="bios"), src) == 2046 * GiB + (1 << 20)
 
 
 @pytest.mark.parametrize(
@@ -50,7 +53,9 @@ def test_the_disk_size_comes_from_the_superblock(tmp_path: Path) -> None:
 def test_refused_before_the_run(tmp_path: Path, fmt: str, options: dict[str, str], message: str) -> None:
     image = big_instance(tmp_path / "big.img")
     with pytest.raises(ParameterError) as e:
-        preflight.check_export(request(image, format=fmt, **options), acquire.inspect(str(image)))
+        preflight.check_export(
+            request(image, format=fmt, firmware="bios", **options), acquire.inspect(str(image))
+        )
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -60,6 +65,9 @@ def test_what_fits(tmp_path: Path) -> None:
     for fmt in ("qcow2", "raw", "vdi", "vhdx"):
         preflight.check_export(request(image, format=fmt), src)
     preflight.check_export(request(image, format="vmdk", vmdk_subformat="monolithicSparse"), src)
+    # A GPT disk is not bound by the MBR's 2 TiB.
+    preflight.check_export(request(image, format="qcow2", disk_size="3T"), src)
+    preflight.check_export(request(image, format="qcow2", disk_size="3T", firmware="uefi"), src)
 
 
 def test_a_qcow2_source_is_told_only_by_an_absolute_size(tmp_path: Path) -> None:
