@@ -8,8 +8,8 @@ list were never written and stay holes. The snapshot made for the copy is delete
 Publishing: the verified disk's non-zero blocks go into a new snapshot (StartSnapshot,
 PutSnapshotBlock with each block's SHA256, CompleteSnapshot), the snapshot becomes an image
 (RegisterImage), and the image's launch permissions say who may use it: ``all`` for public,
-the users' account ids for selected, nobody else for private. An upload that fails leaves no
-snapshot or image behind.
+the users' account ids for selected, nobody else for private. The image's boot mode is the disk's
+firmware (:data:`BOOT_MODES`). An upload that fails leaves no snapshot or image behind.
 
 Throttling and server errors are retried by botocore with exponential backoff (its ``standard``
 mode, ``max_attempts`` per call); a block whose body is cut or whose checksum does not match is
@@ -45,6 +45,10 @@ _AUTH = {"AuthFailure", "UnrecognizedClientException", "InvalidClientTokenId", "
          "InvalidAccessKeyId", "AccessDeniedException", "UnauthorizedOperation", "AccessDenied"}  # fmt: skip
 _NOT_FOUND = {"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed", "InvalidVolume.NotFound",
               "InvalidSnapshot.NotFound", "ResourceNotFoundException"}  # fmt: skip
+# RegisterImage's BootMode for the disk's firmware: a hybrid disk is uefi-preferred (UEFI on the
+# instance types that have it, BIOS on the others). Said for a BIOS disk too, so that the image,
+# not the instance type's default boot mode, decides.
+BOOT_MODES = {"bios": "legacy-bios", "uefi": "uefi", "hybrid": "uefi-preferred"}
 
 
 class CloudError(ImagingError):
@@ -276,6 +280,7 @@ class Registered(Record):
     blocks: int
     size_bytes: int
     seconds: float
+    boot_mode: str  # what RegisterImage was told (BOOT_MODES)
 
 
 _AMI_NAME = re.compile(r"[^A-Za-z0-9()\[\] ./'@_-]+")
@@ -302,12 +307,13 @@ def permissions(cloud: EC2, cloud_name: str, vis: str, shared_with: list[str]) -
     return [{"UserId": cloud.accounts[u]} for u in shared_with]
 
 
-def publish(
-    cloud: EC2, cloud_name: str, disk: Path, name: str, run: str, vis: str, shared_with: list[str]
-) -> Registered:
-    """The raw disk as a new snapshot and image, with its launch permissions."""
+def publish(cloud: EC2, cloud_name: str, disk: Path, name: str, run: str, vis: str, shared_with: list[str],
+            firmware: str = "bios") -> Registered:  # fmt: skip
+    """The raw disk as a new snapshot and image, with its launch permissions and the boot mode of
+    its ``firmware`` (bios, uefi, hybrid)."""
     t0 = time.monotonic()
     grants = permissions(cloud, cloud_name, vis, shared_with)
+    boot_mode = BOOT_MODES[firmware]
     ec2, ebs = client(cloud, "ec2"), client(cloud, "ebs")
     size = disk.stat().st_size
     volume_gib = max(1, math.ceil(size / GIB))
@@ -347,7 +353,7 @@ def publish(
         image = _call(
             cloud_name, f"register an image from {snapshot_id}", ec2.register_image,
             Name=ami_name(name, run), Description=name[:255], Architecture=cloud.architecture,
-            RootDeviceName=cloud.root_device, VirtualizationType="hvm", EnaSupport=True,
+            RootDeviceName=cloud.root_device, VirtualizationType="hvm", EnaSupport=True, BootMode=boot_mode,
             BlockDeviceMappings=[{"DeviceName": cloud.root_device,
                                   "Ebs": {"SnapshotId": snapshot_id, "DeleteOnTermination": True}}],
         )  # fmt: skip
@@ -363,7 +369,7 @@ def publish(
     return Registered(
         cloud=cloud_name, image_id=image_id, snapshot_id=snapshot_id, name=name, vis=vis,
         launch_permissions=[g.get("Group") or g["UserId"] for g in grants], blocks=len(written),
-        size_bytes=volume_gib * GIB, seconds=round(time.monotonic() - t0, 3),
+        size_bytes=volume_gib * GIB, seconds=round(time.monotonic() - t0, 3), boot_mode=boot_mode,
     )  # fmt: skip
 
 

@@ -9,7 +9,9 @@ the copy, is deleted afterwards (``keep_snapshot`` keeps it).
 
 Publishing: a new image named as the request, qcow2 in a bare container, uploaded and waited for;
 ``visibility`` public, private or shared, and for shared one member per user (the users' project
-ids come from the cloud's settings). An upload that fails leaves no image behind.
+ids come from the cloud's settings). An upload that fails leaves no image behind. A disk that boots
+UEFI only gets the image properties that make Nova boot it with UEFI on a q35 machine
+(:func:`firmware_properties`); a hybrid disk needs none, Nova's BIOS boots it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from imaging.records import Record
 
 _CHUNK = 1 << 20
 FORMATS = ("raw", "qcow2")
+# Nova's image properties for a guest that boots UEFI only: UEFI (OVMF) firmware, on the q35
+# machine type rather than the i440fx one BIOS guests get.
+UEFI_PROPERTIES = {"hw_firmware_type": "uefi", "hw_machine_type": "q35"}
 
 
 class CloudError(ImagingError):
@@ -193,6 +198,12 @@ class Uploaded(Record):
     size_bytes: int
     checksum: str
     seconds: float
+    properties: dict[str, str]  # what was set besides imaging_run (the firmware's)
+
+
+def firmware_properties(firmware: str) -> dict[str, str]:
+    """The Glance properties a disk that boots with ``firmware`` needs (bios, uefi, hybrid)."""
+    return dict(UEFI_PROPERTIES) if firmware == "uefi" else {}
 
 
 def members_for(cloud: OpenStack, cloud_name: str, vis: str, shared_with: list[str]) -> list[str]:
@@ -207,10 +218,12 @@ def members_for(cloud: OpenStack, cloud_name: str, vis: str, shared_with: list[s
 
 
 def publish(cloud: OpenStack, cloud_name: str, artifact: Path, disk_format: str, name: str, run: str,
-            vis: str, shared_with: list[str]) -> Uploaded:  # fmt: skip
-    """The artifact as a new Glance image with its visibility and members."""
+            vis: str, shared_with: list[str], firmware: str = "bios") -> Uploaded:  # fmt: skip
+    """The artifact as a new Glance image with its visibility and members, and the properties
+    its ``firmware`` needs."""
     t0 = time.monotonic()
     members = members_for(cloud, cloud_name, vis, shared_with)
+    properties = firmware_properties(firmware)
     visibility = {"public": "public", "private": "private", "selected": "shared"}[vis]
     conn = connect(cloud)
     image_id = ""
@@ -218,7 +231,7 @@ def publish(cloud: OpenStack, cloud_name: str, artifact: Path, disk_format: str,
         image = _call(
             cloud_name, "create an image", conn.image.create_image, name=name, filename=str(artifact),
             disk_format=disk_format, container_format="bare", visibility=visibility, allow_duplicates=True,
-            wait=False, timeout=cloud.image_timeout, meta={"imaging_run": run},
+            wait=False, timeout=cloud.image_timeout, meta={"imaging_run": run, **properties},
         )  # fmt: skip
         image_id = str(image.id)
         image = wait_image(conn, cloud, cloud_name, image_id, name)
@@ -241,5 +254,5 @@ def publish(cloud: OpenStack, cloud_name: str, artifact: Path, disk_format: str,
     return Uploaded(
         cloud=cloud_name, image_id=image_id, name=name, disk_format=disk_format, visibility=visibility,
         members=members, size_bytes=int(image.size or 0), checksum=str(image.checksum or ""),
-        seconds=round(time.monotonic() - t0, 3),
+        seconds=round(time.monotonic() - t0, 3), properties=properties,
     )  # fmt: skip

@@ -13,6 +13,11 @@ is shared with are recorded in the object's metadata and in a manifest beside it
 (``<prefix><name>/<run>.json``), which is what a cloud's image registry reads: an S3 ACL can only
 name the store's own accounts, not this service's users.
 
+The disk's firmware (40-export's record: bios, uefi or hybrid; bios in a run from before UEFI)
+goes with the image: a Glance image of a UEFI-only disk gets ``hw_firmware_type=uefi`` and
+``hw_machine_type=q35``, an EC2 image its ``BootMode``; the manifest names it, and for a GCE
+image the guest OS features its import needs (``UEFI_COMPATIBLE``).
+
 Where to publish comes from the environment the request service gives the run
 (``IMAGING_S3_BUCKET``, ``IMAGING_S3_ENDPOINT``, ``IMAGING_S3_REGION``, ``IMAGING_S3_PREFIX``), and
 the credentials from boto3's own (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``): none of them
@@ -121,17 +126,20 @@ def publish_to(ws: Workspace, destination: str, name: str, vis: str, shared_with
             f"no cloud {destination!r} to publish to (configured: {', '.join(sorted(clouds)) or 'none'})"
         )
     path = Path(artifact["path"])
+    firmware = artifact_firmware(artifact)
     if isinstance(cloud, cloud_settings.OpenStack):
         from imaging.clouds import openstack
 
         if artifact["format"] not in openstack.FORMATS:
             raise ParameterError(f"Glance images are published as qcow2 or raw, not {artifact['format']}")
-        up = openstack.publish(cloud, destination, path, artifact["format"], name, ws.id, vis, shared_with)
+        up = openstack.publish(cloud, destination, path, artifact["format"], name, ws.id, vis, shared_with,
+                               firmware)  # fmt: skip
         return CloudImage(
             destination=destination, kind="openstack", image_id=up.image_id, name=name, vis=vis,
             shared_with=list(shared_with), grantees=up.members, location=cloud.image_endpoint or cloud.region,
             sha256=artifact["sha256"], size_bytes=up.size_bytes, seconds=up.seconds,
-            details={"visibility": up.visibility, "disk_format": up.disk_format, "checksum": up.checksum},
+            details={"visibility": up.visibility, "disk_format": up.disk_format, "checksum": up.checksum,
+                     "firmware": firmware, "properties": up.properties},
         )  # fmt: skip
     if isinstance(cloud, cloud_settings.EC2):
         from imaging.clouds import ec2
@@ -145,7 +153,7 @@ def publish_to(ws: Workspace, destination: str, name: str, vis: str, shared_with
                 raw.unlink(missing_ok=True)
                 tools.run(["qemu-img", "convert", "-f", config.check_format(artifact["format"]).qemu_format,
                            "-O", "raw", path, raw], timeout=3600)  # fmt: skip
-            reg = ec2.publish(cloud, destination, raw, name, ws.id, vis, shared_with)
+            reg = ec2.publish(cloud, destination, raw, name, ws.id, vis, shared_with, firmware)
         finally:
             if raw != path:
                 raw.unlink(missing_ok=True)
@@ -154,11 +162,18 @@ def publish_to(ws: Workspace, destination: str, name: str, vis: str, shared_with
             shared_with=list(shared_with), grantees=reg.launch_permissions,
             location=cloud.endpoint_url or cloud.region, sha256=artifact["sha256"], size_bytes=reg.size_bytes,
             seconds=round(time.monotonic() - t0, 3),
-            details={"snapshot_id": reg.snapshot_id, "blocks": reg.blocks, "ami_name": ec2.ami_name(name, ws.id)},
+            details={"snapshot_id": reg.snapshot_id, "blocks": reg.blocks, "ami_name": ec2.ami_name(name, ws.id),
+                     "firmware": firmware, "boot_mode": reg.boot_mode},
         )  # fmt: skip
     raise ParameterError(
         f"cloud {destination!r} is a {cloud.kind} cloud: images are published to ec2 or openstack clouds"
     )
+
+
+def artifact_firmware(artifact: dict[str, Any]) -> str:
+    """The firmware the artifact's disk boots with, from 40-export's record (bios, uefi, hybrid);
+    a record from before UEFI has none: its disk is a BIOS disk."""
+    return config.Firmware(artifact.get("firmware") or "bios").value
 
 
 def check_visibility(vis: str, shared_with: list[str]) -> None:
@@ -201,8 +216,13 @@ def publish(
         "shared_with": shared_with,
         "run": ws.id,
         "boot": boot.get("verdict"),
+        "firmware": artifact_firmware(artifact),
+        "secure_boot": bool(artifact.get("secure_boot", False)),
         "published": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    # What importing the image into its cloud must be told (GCE: UEFI_COMPATIBLE), from 40-export.
+    if "guest_os_features" in artifact.get("details", {}):
+        manifest["guest_os_features"] = artifact["details"]["guest_os_features"]
     s3 = client(dest)
     t0 = time.monotonic()
     try:

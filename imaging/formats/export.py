@@ -21,6 +21,15 @@ disk's content (:mod:`imaging.formats.identity`): the same disk always gives byt
 The artifact is written under a hidden ``.part`` name inside ``--out`` and renamed when
 complete and checked, with ``<file>.sha256`` beside it (``sha256sum -c`` reads it). A disk over
 its format's size limit (:mod:`imaging.formats.limits`) is refused before anything is written.
+
+The firmware 30-bootable made the disk boot with (``firmware``: bios, uefi or hybrid, in its
+record; none in a run from before UEFI: bios) goes with the artifact: a UEFI-only disk's OVA
+names EFI for VirtualBox and VMware, a GCE image of a UEFI or hybrid disk is recorded as needing
+the guest OS feature ``UEFI_COMPATIBLE`` at import, a fixed VHD the Hyper-V generation its Azure
+image must have; the record carries it on to 60-publish. A disk ``convert`` is given is taken for
+a BIOS disk. Every format keeps the disk's last sector, where a GPT keeps its backup header, at
+the end: the fixed VHD and GCE's ``disk.raw``, which pad the disk, are planned for by
+:func:`imaging.formats.limits.size_multiple`.
 """
 
 from __future__ import annotations
@@ -36,7 +45,15 @@ from pathlib import Path
 from typing import Any
 
 from imaging import sparse, tools
-from imaging.config import ImageFormat, OvfVersion, VmdkSubformat, check_format, check_name, load_target
+from imaging.config import (
+    Firmware,
+    ImageFormat,
+    OvfVersion,
+    VmdkSubformat,
+    check_format,
+    check_name,
+    load_target,
+)
 from imaging.disk import images
 from imaging.errors import ParameterError, SourceError
 from imaging.formats import gce, identity, limits, ova, qcow2, vhd, vmdk
@@ -84,6 +101,15 @@ class InputDisk(Record):
     virtual_size: int
     data_bytes: int
     origin: str  # "30-bootable" (the run's disk) or "convert" (a disk the user gave)
+    firmware: str = "bios"  # what the disk boots with: bios, uefi or hybrid (see bootable_firmware)
+    secure_boot: bool = False  # a UEFI disk whose boot chain is signed
+
+
+def bootable_firmware(ws: Workspace) -> tuple[Firmware, bool]:
+    """The firmware 30-bootable made the run's disk boot with, and whether with Secure Boot; a
+    record without them (a run from before UEFI) is a BIOS disk's."""
+    made = ws.result("30-bootable").get("disk", {}) if ws.has_result("30-bootable") else {}
+    return Firmware(made.get("firmware", "bios")), bool(made.get("secure_boot", False))
 
 
 def input_disk(ws: Workspace | None, kind: str = "export", source: str = "") -> InputDisk:
@@ -94,7 +120,9 @@ def input_disk(ws: Workspace | None, kind: str = "export", source: str = "") -> 
             where = ws.disk if ws else "work/disk.raw"
             raise ParameterError(f"{where} does not exist: stage 30-bootable has not completed")
         size = ws.disk.stat().st_size
-        return InputDisk(str(ws.disk), "raw", size, sparse.data_bytes(ws.disk), "30-bootable")
+        firmware, secure_boot = bootable_firmware(ws)
+        return InputDisk(str(ws.disk), "raw", size, sparse.data_bytes(ws.disk), "30-bootable", firmware.value,
+                         secure_boot)  # fmt: skip
     tools.require_tools("qemu-img", reason="read the disk", hint="apt install qemu-utils")
     path = images.check_source(catalog.resolve(source))  # the same checks as any source
     info = images.image_info(path)
@@ -119,6 +147,8 @@ class Artifact(Record):
     input: str
     input_format: str
     details: dict[str, Any] = field(default_factory=dict)
+    firmware: str = "bios"  # the disk's (bios, uefi, hybrid): what 60-publish tells the cloud
+    secure_boot: bool = False
 
     @property
     def pair(self) -> tuple[str, str]:
@@ -170,13 +200,16 @@ def export(ws: Workspace, name: str, fmt: str, out: str | Path, *, disk: InputDi
             tool = "qemu-img convert -O vpc -n into a fixed VHD (imaging.formats.vhd)"
             details = vhd.write_fixed(src, disk.format, disk.virtual_size, part, identity.fingerprint(src, disk.format),
                                       desc=f"convert to fixed {image_format.value}")  # fmt: skip
+            # Azure's image of a fixed VHD says which Hyper-V generation boots it (its firmware).
+            details["hyper_v_generation"] = HYPER_V_GENERATION[Firmware(disk.firmware)]
         elif image_format is ImageFormat.gce:
             tool = f"GNU tar --format=oldgnu --sparse | pigz -{gce.LEVEL} ({os.cpu_count()} threads)"
-            details = _write_gce(ws, src, disk, part, path)
+            details = _write_gce(ws, src, disk, part, path, name)
         elif ours_to_write(image_format, subformat, compress):
             module = "imaging.formats.qcow2" if image_format is ImageFormat.qcow2 else "imaging.formats.vmdk"
             tool = f"{module} ({vmdk.DEFLATE}, {os.cpu_count()} threads)"
-            details = _write_ours(ws, src, disk.format, part, path, name, image_format, target, version)
+            details = _write_ours(ws, src, disk.format, part, path, name, image_format, target, version,
+                                  Firmware(disk.firmware))  # fmt: skip
         else:
             tool = f"qemu-img convert -O {image_format.qemu_format}"
             options = qemu_options(image_format, vmdk_subformat=subformat)
@@ -214,6 +247,7 @@ def export(ws: Workspace, name: str, fmt: str, out: str | Path, *, disk: InputDi
         sha256=digest, path=str(path), format=image_format.value, size_bytes=path.stat().st_size,
         virtual_size=int(virtual), seconds=round(seconds, 3), convert_seconds=round(convert_seconds, 3),
         check=check, tool=tool, input=disk.path, input_format=disk.format, details=details,
+        firmware=disk.firmware, secure_boot=disk.secure_boot,
     )  # fmt: skip
 
 
@@ -232,7 +266,16 @@ def ours_to_write(fmt: ImageFormat, subformat: VmdkSubformat, compress: bool) ->
     return fmt is ImageFormat.ova or (fmt is ImageFormat.qcow2 and compress)
 
 
-def _write_gce(ws: Workspace, src: Path, disk: InputDisk, part: Path, final: Path) -> dict[str, Any]:
+# The Hyper-V generation of the Azure image made from a fixed VHD, by the disk's firmware:
+# generation 1 boots BIOS, generation 2 UEFI (``az image create --hyper-v-generation``).
+HYPER_V_GENERATION = {Firmware.bios: "V1", Firmware.uefi: "V2", Firmware.hybrid: "V1 or V2"}
+# What GCE must be told at import to boot an image with UEFI (and so as a Shielded VM).
+GCE_UEFI_FEATURE = "UEFI_COMPATIBLE"
+
+
+def _write_gce(
+    ws: Workspace, src: Path, disk: InputDisk, part: Path, final: Path, name: str
+) -> dict[str, Any]:
     """disk.raw in GCE's tar.gz; a disk that is not raw is unpacked first (qemu-img, fast)."""
     raw = src
     converted = ws.work / ".input.raw.part"
@@ -244,12 +287,19 @@ def _write_gce(ws: Workspace, src: Path, disk: InputDisk, part: Path, final: Pat
         packed = gce.write(raw, disk.virtual_size, part, ws.work, desc=f"tar.gz {final.name}")
     finally:
         converted.unlink(missing_ok=True)
-    return {"capacity": packed.capacity, "padded_bytes": packed.padded_bytes, "tar_bytes": packed.tar_bytes,
-            "members": [gce.MEMBER], "gce_seconds": packed.seconds}  # fmt: skip
+    details: dict[str, Any] = {"capacity": packed.capacity, "padded_bytes": packed.padded_bytes,
+                               "tar_bytes": packed.tar_bytes, "members": [gce.MEMBER], "gce_seconds": packed.seconds}  # fmt: skip
+    # GCE boots an image with UEFI only if its import says the guest can: a BIOS-only disk needs
+    # nothing, a hybrid one boots either way but a Shielded VM wants UEFI.
+    features = [GCE_UEFI_FEATURE] if Firmware(disk.firmware) is not Firmware.bios else []
+    details["guest_os_features"] = features
+    details["import"] = " ".join(["gcloud compute images create", name, f"--source-uri=gs://BUCKET/{final.name}",
+                                  *(f"--guest-os-features={f}" for f in features)])  # fmt: skip
+    return details
 
 
 def _write_ours(ws: Workspace, src: Path, src_format: str, part: Path, final: Path, name: str,
-                fmt: ImageFormat, target: str, version: OvfVersion) -> dict[str, Any]:  # fmt: skip
+                fmt: ImageFormat, target: str, version: OvfVersion, firmware: Firmware) -> dict[str, Any]:  # fmt: skip
     """A compressed qcow2, a streamOptimized VMDK, or one packed into an OVA, from any disk."""
     raw = src
     converted = ws.work / ".input.raw.part"
@@ -271,15 +321,18 @@ def _write_ours(ws: Workspace, src: Path, src_format: str, part: Path, final: Pa
                     "sha256": written.digests["sha256"]}  # fmt: skip
         algorithm = ova.DIGEST[version].lower()
         appliance = load_target(target)
-        at = ova.layout(name, appliance, raw.stat().st_size, version)
+        at = ova.layout(name, appliance, raw.stat().st_size, version, firmware)
         disk_name = ova.member_names(name)[1]
-        written = vmdk.write_stream_optimized(raw, part, extent_name=disk_name, digests=(algorithm,),
-                                              desc=f"vmdk {final.name}", at=at.disk_at)  # fmt: skip
+        seed = identity.fingerprint(raw)  # the VMDK's CID and VirtualBox's ids in the descriptor
+        written = vmdk.write_stream_optimized(raw, part, extent_name=disk_name, cid=identity.derived_cid(seed),
+                                              digests=(algorithm,), desc=f"vmdk {final.name}", at=at.disk_at)  # fmt: skip
         packed = ova.seal_ova(part, at, name, appliance, written.size_bytes, written.grains * vmdk.GRAIN,
-                              written.capacity_bytes, version, written.digests[algorithm])  # fmt: skip
+                              written.capacity_bytes, version, written.digests[algorithm], firmware=firmware,
+                              seed=seed)  # fmt: skip
         return {"cid": written.cid, "grains": written.grains, "vmdk_seconds": written.seconds,
                 "capacity": written.capacity_bytes, "members": list(packed.members), "disk_at": at.disk_at,
-                "ovf_version": packed.ovf_version, "disk_digest": packed.disk_digest}  # fmt: skip
+                "ovf_version": packed.ovf_version, "disk_digest": packed.disk_digest,
+                "ovf_firmware": packed.firmware}  # fmt: skip
     finally:
         converted.unlink(missing_ok=True)
 

@@ -22,15 +22,22 @@ The VMDK limits hold whatever the data: a disk at the limit full of data that do
 still fits. qemu-img itself creates monolithicSparse VMDKs of any size and fails (or writes a
 broken header: 256 TiB gave a 64 KiB file) only later; the other qemu-img limits are its own
 errors, here before the run instead of at its end.
+
+What each writer makes of the disk's size (:func:`size_multiple`): raw, qcow2, vmdk (both
+subformats), vdi, the dynamic vhd (``force_size``), vhdx and the OVA's disk keep it to the
+sector (qemu-img and our own writers round a size that is not a whole number of sectors up to
+one); the fixed VHD rounds it up to a whole MiB (Azure's rule) and the GCE image's ``disk.raw``
+to a whole GiB (GCE's disks), both with a hole. A disk those two pad no longer ends where its
+GPT's backup header lies (its last sector): a GPT disk for them is planned to the multiple.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from imaging.config import ImageFormat, VmdkSubformat
+from imaging.config import ImageFormat, VmdkSubformat, load_target
 from imaging.errors import ParameterError
-from imaging.formats import vmdk
+from imaging.formats import gce, vhd, vmdk
 
 GiB, TiB, PiB = 1 << 30, 1 << 40, 1 << 50
 
@@ -111,3 +118,16 @@ def check_fits(disk_bytes: int, fmt: ImageFormat | str, vmdk_subformat: VmdkSubf
         f"{what} is {size_text(disk_bytes)} ({disk_bytes:,} bytes), over what {limit.label} holds: "
         f"{size_text(limit.max_bytes)} ({limit.max_bytes:,} bytes; {limit.why}); {instead}"
     )
+
+
+def size_multiple(fmt: ImageFormat | str, target: str = "") -> int:
+    """What the size of a disk for ``fmt`` (for ``target``, which says whether a VHD is fixed)
+    must be a whole multiple of for its writer to keep it as it is: 512 (a sector) for every
+    format but two, a MiB for the fixed VHD, a GiB for GCE's ``disk.raw``. A GPT disk whose size
+    is not one has its backup header, in its last sector, end up before the padding."""
+    image_format = ImageFormat(fmt)
+    if image_format is ImageFormat.gce:
+        return gce.GIB
+    if image_format is ImageFormat.vhd and target and load_target(target).subformat(image_format) == "fixed":
+        return vhd.MIB
+    return vmdk.SECTOR

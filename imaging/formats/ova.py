@@ -6,6 +6,16 @@ manifest by default, OVF 2.0 with SHA256 on request. Its virtual hardware is the
 original procedure made: the target's CPUs, memory and guest OS type, a SATA AHCI controller
 with the disk on port 0, an Intel PRO/1000 (e1000) NIC on NAT.
 
+A disk that boots UEFI only (30-bootable's ``firmware: uefi``) gets a descriptor that says so to
+both importers, as each writes it in its own exports: VMware's ``<vmw:Config vmw:key="firmware"
+vmw:value="efi"/>`` at the end of the VirtualHardwareSection (virt-v2v reads the same), and
+VirtualBox's machine settings (``vbox:Machine``, the last element of the VirtualSystem) with
+``<Firmware type="EFI"/>``. VirtualBox, finding a ``vbox:Machine``, builds the VM from it rather
+than from the hardware items, and attaches each disk its storage controllers name by the
+``vbox:uuid`` of the DiskSection's Disk: so the settings carry the whole machine (CPUs, memory,
+the NIC, the SATA controller with the disk). A hybrid or BIOS disk keeps the descriptor without
+either: BIOS, both importers' default, boots it.
+
 The DMTF's OVF and CIM schemas carry a "may reproduce with attribution" notice and an
 indemnification clause, not a licence we can ship them under (and they cannot be fetched on
 these machines), so :func:`check_ovf` checks the structure the schemas require instead: element
@@ -24,14 +34,15 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from imaging.config import OvfVersion, Target
+from imaging.config import Firmware, OvfVersion, Target
 from imaging.errors import ImagingError
-from imaging.formats.identity import FIXED_TIME
+from imaging.formats.identity import FIXED_TIME, derived_uuid
 from imaging.records import Record
 from imaging.sparse import atomic_path
 
@@ -45,6 +56,9 @@ VMW = "http://www.vmware.com/schema/ovf"
 STREAM_OPTIMIZED = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"
 DIGEST = {OvfVersion.v1: "SHA1", OvfVersion.v2: "SHA256"}
 NETWORK = "NAT"
+# The settings version of the vbox:Machine: 1.16 (VirtualBox 5.2) already had everything written
+# here, and every VirtualBox since reads it (one that finds none assumes 1.15).
+VBOX_SETTINGS = "1.16-linux"
 
 # CIM resource types of the hardware items.
 CPU, MEMORY, ETHERNET, DISK, OTHER_STORAGE = 3, 4, 10, 17, 20
@@ -84,8 +98,11 @@ def _item(parent: ET.Element, **fields: str) -> ET.Element:
     return item
 
 
-def build_ovf(name: str, target: Target, disk: OvfDisk, version: OvfVersion = OvfVersion.v1) -> bytes:
-    """The OVF descriptor of a one-disk appliance called ``name`` for ``target``.
+def build_ovf(name: str, target: Target, disk: OvfDisk, version: OvfVersion = OvfVersion.v1, *,
+              firmware: Firmware | str = Firmware.bios, seed: str = "") -> bytes:  # fmt: skip
+    """The OVF descriptor of a one-disk appliance called ``name`` for ``target``; a ``firmware``
+    of uefi adds what VMware and VirtualBox need to boot it with EFI (VirtualBox's machine and
+    disk ids derived from ``seed``, the disk's fingerprint).
 
     Written the way VirtualBox and VMware write theirs: elements in the default (envelope)
     namespace, attributes with the ``ovf:`` prefix. ElementTree cannot emit that from
@@ -100,11 +117,16 @@ def build_ovf(name: str, target: Target, disk: OvfDisk, version: OvfVersion = Ov
     })  # fmt: skip
     refs = _sub(envelope, "References")
     _sub(refs, "File", **{"ovf:href": disk.file, "ovf:id": "file1", "ovf:size": str(disk.file_size)})
+    efi = Firmware(firmware) is Firmware.uefi
+    machine_id, disk_id = derived_uuid(seed, "ova machine"), derived_uuid(seed, "ova disk")
     disks = _sub(envelope, "DiskSection")
     _sub(disks, "Info", "List of the virtual disks used in the package")
     _sub(disks, "Disk", **{
         "ovf:capacity": str(disk.capacity), "ovf:diskId": "vmdisk1", "ovf:fileRef": "file1",
         "ovf:format": STREAM_OPTIMIZED, "ovf:populatedSize": str(disk.populated),
+        # VirtualBox's id of the disk, which its vbox:Machine attaches (as VirtualBox writes it:
+        # no braces, where the machine's Image has them).
+        **({"vbox:uuid": str(disk_id)} if efi else {}),
     })  # fmt: skip
     networks = _sub(envelope, "NetworkSection")
     _sub(networks, "Info", "Logical networks used in the package")
@@ -141,8 +163,40 @@ def build_ovf(name: str, target: Target, disk: OvfDisk, version: OvfVersion = Ov
           ResourceType=str(ETHERNET))  # fmt: skip
     _item(hardware, AddressOnParent="0", Caption="disk1", Description="Disk Image", ElementName="disk1",
           HostResource="ovf:/disk/vmdisk1", InstanceID="5", Parent="3", ResourceType=str(DISK))  # fmt: skip
+    if efi:
+        # Another namespace's elements come after the items (xs:any ##other in the schema).
+        _sub(hardware, "vmw:Config", **{"ovf:required": "false", "vmw:key": "firmware", "vmw:value": "efi"})
+        _vbox_machine(system, name, target, machine_id, disk_id)
     ET.indent(envelope, "  ")
     return ET.tostring(envelope, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+def _vbox_machine(
+    system: ET.Element, name: str, target: Target, machine_id: uuid.UUID, disk_id: uuid.UUID
+) -> None:
+    """VirtualBox's settings of the appliance's machine, EFI firmware included, in the form its
+    exports carry them (``ovf:required="false"``: other importers skip it; the ``ovf:Info`` first,
+    or VMware's importer refuses the element). The machine is the hardware items' own: VirtualBox
+    imports this machine instead of reading them."""
+    machine = _sub(system, "vbox:Machine", **{
+        "ovf:required": "false", "version": VBOX_SETTINGS, "uuid": f"{{{machine_id}}}", "name": name,
+        "OSType": target.ovf.vbox_os_type, "snapshotFolder": "Snapshots",
+    })  # fmt: skip
+    _sub(machine, "ovf:Info", "Complete VirtualBox machine configuration in VirtualBox format")
+    hardware = _sub(machine, "Hardware")
+    cpu = _sub(hardware, "CPU", count=str(target.cpus))
+    _sub(cpu, "PAE", enabled="true")
+    _sub(cpu, "LongMode", enabled="true")
+    _sub(hardware, "Memory", RAMSize=str(target.memory_mib))
+    _sub(hardware, "Firmware", type="EFI")
+    # The e1000 of the hardware items (VirtualBox's Intel PRO/1000 MT Desktop) on NAT.
+    adapter = _sub(_sub(hardware, "Network"), "Adapter", slot="0", enabled="true", type="82540EM")
+    _sub(adapter, "NAT")
+    controllers = _sub(machine, "StorageControllers")
+    sata = _sub(controllers, "StorageController", name="SATA", type="AHCI", PortCount="1",
+                useHostIOCache="false", Bootable="true")  # fmt: skip
+    attached = _sub(sata, "AttachedDevice", type="HardDisk", hotpluggable="false", port="0", device="0")
+    _sub(attached, "Image", uuid=f"{{{disk_id}}}")
 
 
 def _local(tag: str) -> str:
@@ -170,7 +224,7 @@ def check_ovf(xml: bytes, files: dict[str, int], name: str | None = None) -> ET.
     if order[:1] != ["References"] or order[-1:] != ["VirtualSystem"] or order.count("VirtualSystem") != 1:
         raise OvaError(f"envelope children {order}: References first, one VirtualSystem last")
     file_ids: dict[str, str] = {}
-    for f in root.iter(o("File")):
+    for f in root.findall(f"{o('References')}/{o('File')}"):
         fid, href, size = f.get(o("id")), f.get(o("href")), f.get(o("size"))
         if not fid or not href or fid in file_ids:
             raise OvaError(f"File element without a unique id and href: {f.attrib}")
@@ -179,13 +233,15 @@ def check_ovf(xml: bytes, files: dict[str, int], name: str | None = None) -> ET.
         if size is not None and int(size) != files[href]:
             raise OvaError(f"File {href} is {files[href]} bytes, the descriptor says {size}")
         file_ids[fid] = href
-    disk_ids = set()
-    for d in root.iter(o("Disk")):
+    disk_ids, vbox_disks = set(), set()
+    for d in root.findall(f"{o('DiskSection')}/{o('Disk')}"):
         did, ref, capacity = d.get(o("diskId")), d.get(o("fileRef")), d.get(o("capacity"))
         if not did or ref not in file_ids or not capacity or int(capacity) <= 0:
             raise OvaError(f"Disk element incomplete or referring to an unknown file: {d.attrib}")
         disk_ids.add(did)
-    networks = {n.get(o("name")) for n in root.iter(o("Network"))}
+        if d.get(f"{{{VBOX}}}uuid"):
+            vbox_disks.add(d.get(f"{{{VBOX}}}uuid"))
+    networks = {n.get(o("name")) for n in root.findall(f"{o('NetworkSection')}/{o('Network')}")}
     (system,) = root.iter(o("VirtualSystem"))
     if name is not None and system.get(o("id")) != name:
         raise OvaError(f"VirtualSystem id is {system.get(o('id'))!r}, not {name!r}")
@@ -196,7 +252,9 @@ def check_ovf(xml: bytes, files: dict[str, int], name: str | None = None) -> ET.
             not len(section) or _local(section[0].tag) != "Info"
         ):
             raise OvaError(f"{_local(section.tag)} must start with Info")
+    _check_others_last(system, ovf, "VirtualSystem")
     (hardware,) = system.iter(o("VirtualHardwareSection"))
+    _check_others_last(hardware, ovf, "VirtualHardwareSection")
     for system_el in hardware.iter(o("System")):
         _check_sorted(system_el, "System")
     items = {}
@@ -217,7 +275,25 @@ def check_ovf(xml: bytes, files: dict[str, int], name: str | None = None) -> ET.
             raise OvaError(
                 f"NIC item {fields['InstanceID']} is on unknown network {fields.get('Connection')!r}"
             )
+    for machine in system.findall(f"{{{VBOX}}}Machine"):
+        if not len(machine) or machine[0].tag != o("Info"):
+            raise OvaError("vbox:Machine must start with ovf:Info")
+        for image in (e for e in machine.iter() if _local(e.tag) == "Image"):
+            if image.get("uuid", "").strip("{}") not in vbox_disks:
+                raise OvaError(
+                    f"vbox:Machine attaches disk {image.get('uuid')}, which no Disk's vbox:uuid names"
+                )
     return root
+
+
+def _check_others_last(element: ET.Element, ovf: str, what: str) -> None:
+    # The OVF schema takes other namespaces' elements (vmw:Config, vbox:Machine) after its own.
+    other = ""
+    for child in element:
+        if not child.tag.startswith(f"{{{ovf}}}"):
+            other = other or _local(child.tag)
+        elif other:
+            raise OvaError(f"{what}: {_local(child.tag)} after {other}, another namespace's element")
 
 
 def _check_sorted(element: ET.Element, what: str) -> None:
@@ -263,6 +339,7 @@ class Ova(Record):
     manifest_digest: str
     disk_digest: str
     ovf_version: str
+    firmware: str  # what the descriptor tells importers to boot it with: efi, or bios (their default)
 
 
 @dataclass(frozen=True)
@@ -278,22 +355,27 @@ class Layout:
 _MOST_DIGITS = 10**20 - 1  # no byte count has more digits (2**64 has 20)
 
 
-def layout(name: str, target: Target, capacity: int, version: OvfVersion = OvfVersion.v1) -> Layout:
+def layout(name: str, target: Target, capacity: int, version: OvfVersion = OvfVersion.v1,
+           firmware: Firmware | str = Firmware.bios) -> Layout:  # fmt: skip
     """The OVA's layout for a disk of ``capacity`` bytes: the descriptor's longest length (with
-    both sizes at 20 digits), so the disk's bytes can go straight to their place in the tar
-    instead of being copied there afterwards (900 MB written once, not twice)."""
+    both sizes at 20 digits; the ids derived from the disk are as long whatever it holds), so the
+    disk's bytes can go straight to their place in the tar instead of being copied there
+    afterwards (900 MB written once, not twice)."""
     disk_name = member_names(name)[1]
-    longest = len(build_ovf(name, target, OvfDisk(disk_name, _MOST_DIGITS, capacity, _MOST_DIGITS), version))
+    most = OvfDisk(disk_name, _MOST_DIGITS, capacity, _MOST_DIGITS)
+    longest = len(build_ovf(name, target, most, version, firmware=firmware))
     return Layout(longest, 2 * tarfile.BLOCKSIZE + longest + len(_pad(longest)))
 
 
 def seal_ova(path: Path, at: Layout, name: str, target: Target, disk_size: int, populated: int,
-             capacity: int, version: OvfVersion, disk_digest: str) -> Ova:  # fmt: skip
+             capacity: int, version: OvfVersion, disk_digest: str, *, firmware: Firmware | str = Firmware.bios,
+             seed: str = "") -> Ova:  # fmt: skip
     """Complete the OVA at ``path`` around the disk already written at ``at.disk_at``: the
     descriptor (padded with trailing spaces to the layout's length; XML allows whitespace after
     the root element), the tar headers, then the manifest and the end of the archive."""
     ovf_name, disk_name, mf_name = member_names(name)
-    ovf = build_ovf(name, target, OvfDisk(disk_name, disk_size, capacity, populated), version)
+    ovf = build_ovf(name, target, OvfDisk(disk_name, disk_size, capacity, populated), version, firmware=firmware,
+                    seed=seed)  # fmt: skip
     if len(ovf) > at.descriptor_size:
         raise OvaError(f"descriptor of {len(ovf)} bytes does not fit the {at.descriptor_size} laid out")
     ovf += b" " * (at.descriptor_size - len(ovf))
@@ -311,13 +393,17 @@ def seal_ova(path: Path, at: Layout, name: str, target: Target, disk_size: int, 
         os.pwrite(fd, tail, at.disk_at + disk_size)
     finally:
         os.close(fd)
-    return Ova((ovf_name, disk_name, mf_name), hashlib.sha256(mf).hexdigest(), disk_digest, version.value)
+    booted = "efi" if Firmware(firmware) is Firmware.uefi else "bios"
+    return Ova(
+        (ovf_name, disk_name, mf_name), hashlib.sha256(mf).hexdigest(), disk_digest, version.value, booted
+    )
 
 
 def write_ova(out: Path, name: str, target: Target, disk: Path, populated: int, capacity: int,
-              version: OvfVersion = OvfVersion.v1) -> Ova:  # fmt: skip
+              version: OvfVersion = OvfVersion.v1, *, firmware: Firmware | str = Firmware.bios,
+              seed: str = "") -> Ova:  # fmt: skip
     """Pack a streamOptimized VMDK file a caller already has into the OVA ``out``."""
-    at = layout(name, target, capacity, version)
+    at = layout(name, target, capacity, version, firmware)
     digest = hashlib.new(DIGEST[version].lower())
     with open(disk, "rb") as src, open(out, "wb") as dst:
         dst.seek(at.disk_at)
@@ -325,7 +411,8 @@ def write_ova(out: Path, name: str, target: Target, disk: Path, populated: int, 
             dst.write(block)
             digest.update(block)
         size = src.tell()
-    return seal_ova(out, at, name, target, size, populated, capacity, version, digest.hexdigest())
+    return seal_ova(out, at, name, target, size, populated, capacity, version, digest.hexdigest(),
+                    firmware=firmware, seed=seed)  # fmt: skip
 
 
 @dataclass(frozen=True)

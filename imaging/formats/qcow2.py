@@ -142,13 +142,17 @@ def write_compressed(
                 done = pending.popleft().result()
                 place(done)
                 bar.update(done.read_bytes)
-        _write_metadata(dst, cursor, size, l1_size, l1_clusters, l2, refcounts)
+        # qemu reads the size in whole sectors, rounded down: an unaligned disk's size is rounded
+        # up instead, as qemu-img does, or its last bytes would be cut off (the last cluster
+        # holds them, zero-padded).
+        virtual = -(-size // 512) * 512
+        _write_metadata(dst, cursor, virtual, l1_size, l1_clusters, l2, refcounts)
         out_size = os.fstat(dst).st_size
     finally:
         os.close(src)
         os.close(dst)
     return CompressedQcow2(
-        path=str(out), virtual_size=size, size_bytes=out_size, clusters=stored, uncompressed=raw,
+        path=str(out), virtual_size=virtual, size_bytes=out_size, clusters=stored, uncompressed=raw,
         deflate=DEFLATE, workers=workers, seconds=round(time.monotonic() - t0, 3),
     )  # fmt: skip
 

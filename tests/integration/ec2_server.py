@@ -13,6 +13,8 @@ moto/ec2/models/elastic_block_store.py) and what this adds:
   until CompleteSnapshot, as on AWS.
 - RegisterImage ignores its block device mappings, root device and architecture (moto makes a
   new, empty snapshot for every image): here the image refers to the snapshot it was given.
+  It ignores BootMode too (every image says ``uefi``, moto's default): here the image keeps the
+  boot mode it was registered with, as AWS's DescribeImages shows it.
 - moto checks no block checksum (PutSnapshotBlock) and ignores block tokens; the client checks
   what it reads.
 - Credentials are checked (moto's IAM authentication, off by default): the key printed at start
@@ -103,6 +105,7 @@ def patch_moto() -> None:
                     ami.ebs_snapshot = self.ec2_backend.get_snapshot(snap)
             ami.root_device_name = root or ami.root_device_name
             ami.architecture = self._get_param("Architecture") or ami.architecture
+            ami.boot_mode = self._get_param("BootMode") or ami.boot_mode
         return result
 
     AmisResponse.register_image = register_image  # type: ignore[method-assign]

@@ -236,11 +236,16 @@ def test_ec2_publish_with_launch_permissions_and_back(aws: tuple[EC2Cloud, str],
     client = cloud.client("ec2")
     disk = tmp_path / "disk.raw"
     subprocess.run(["cp", "--sparse=always", str(kvm_sample), str(disk)], check=True)
-    for vis, shared, expected in [("public", [], [{"Group": "all"}]), ("private", [], []),
-                                  ("selected", ["bob", "carol"], [{"UserId": "111122223333"}, {"UserId": "444455556666"}])]:  # fmt: skip
-        reg = ec2.publish(settings, "aws", disk, f"Debian (test) {vis}", "run-1", vis, shared)
+    for vis, shared, expected, firmware in [
+        ("public", [], [{"Group": "all"}], "bios"), ("private", [], [], "uefi"),
+        ("selected", ["bob", "carol"], [{"UserId": "111122223333"}, {"UserId": "444455556666"}], "hybrid"),
+    ]:  # fmt: skip
+        reg = ec2.publish(settings, "aws", disk, f"Debian (test) {vis}", "run-1", vis, shared, firmware)
         image = client.describe_images(ImageIds=[reg.image_id])["Images"][0]
         assert image["Name"] == f"Debian (test) {vis} run-1" and image["State"] == "available"
+        # The disk's firmware as the image's boot mode (a hybrid disk: UEFI where the type has it).
+        boot_mode = {"bios": "legacy-bios", "uefi": "uefi", "hybrid": "uefi-preferred"}[firmware]
+        assert image["BootMode"] == reg.boot_mode == boot_mode
         assert image["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"] == reg.snapshot_id
         perms = client.describe_image_attribute(ImageId=reg.image_id, Attribute="launchPermission")
         assert sorted(perms["LaunchPermissions"], key=str) == sorted(expected, key=str), vis
@@ -329,10 +334,18 @@ def test_glance_publish_visibility_and_members(nova: tuple[NovaStub, str], glanc
     qcow2 = tmp_path / "image.qcow2"
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(kvm_sample), str(qcow2)], check=True)
     digest = hashlib.md5(qcow2.read_bytes(), usedforsecurity=False).hexdigest()
-    for vis, shared, visibility, members in [("public", [], "public", []), ("private", [], "private", []),
-                                             ("selected", ["bob", "carol"], "shared", ["proj-bob", "proj-carol"])]:  # fmt: skip
-        up = openstack.publish(cloud, "os", qcow2, "qcow2", f"Débian image «{vis}»", "run-1", vis, shared)
+    for vis, shared, visibility, members, firmware in [
+        ("public", [], "public", [], "bios"), ("private", [], "private", [], "uefi"),
+        ("selected", ["bob", "carol"], "shared", ["proj-bob", "proj-carol"], "hybrid"),
+    ]:  # fmt: skip
+        up = openstack.publish(
+            cloud, "os", qcow2, "qcow2", f"Débian image «{vis}»", "run-1", vis, shared, firmware
+        )
         image = httpx.get(f"{glance.url}/v2/images/{up.image_id}").json()
+        # Nova boots a UEFI-only disk with UEFI on q35 when the image asks; BIOS boots the others.
+        asked = {k: image[k] for k in ("hw_firmware_type", "hw_machine_type") if k in image}
+        assert asked == up.properties == ({"hw_firmware_type": "uefi", "hw_machine_type": "q35"}
+                                          if firmware == "uefi" else {})  # fmt: skip
         assert (image["name"], image["visibility"], image["status"]) == (
             f"Débian image «{vis}»",
             visibility,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import subprocess
 import tarfile
 from pathlib import Path
@@ -13,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from imaging.formats import ova, vhd, vmdk
+from imaging.formats import export, ova, vhd, vmdk
+from imaging.workspace import Workspace
 
 from .conftest import Cli, last_json, leftovers
 
@@ -172,6 +175,27 @@ def test_ova_layout(cli: Cli, bootable: Path, tmp_path: Path, version: str) -> N
     assert root.tag.endswith("Envelope") and f'ovf:version="{version}"'.encode() in ovf
     assert f'ovf:capacity="{bootable.stat().st_size}"'.encode() in ovf
     assert disk[:4] == b"KDMV"
+
+
+@pytest.mark.parametrize(("firmware", "read"), [("uefi", "uefi"), ("hybrid", "bios")])
+def test_an_ova_tells_virt_v2v_its_firmware(tmp_path: Path, firmware: str, read: str) -> None:
+    """virt-v2v reads an OVA as VMware's tools write it: a UEFI-only disk's descriptor says EFI
+    (vmw:Config firmware), a hybrid disk's says nothing, and BIOS, the default, boots it. (What
+    VirtualBox reads, its vbox:Machine, is checked by structure in tests/unit/formats/test_ova.py.)"""
+    disk = tmp_path / "disk.raw"
+    with open(disk, "wb") as f:
+        f.truncate(8 << 20)
+        f.write(os.urandom(1 << 20))
+    found = export.InputDisk(str(disk), "raw", disk.stat().st_size, 1 << 20, "convert", firmware)
+    artifact = export.export(Workspace.open(tmp_path / "run"), "box", "ova", tmp_path / "out", disk=found,
+                             target="virtualbox")  # fmt: skip
+    v2v = subprocess.run(["virt-v2v", "-i", "ova", artifact.path, "--print-source"], capture_output=True, text=True,
+                         env={**os.environ, "LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"}, timeout=600)  # fmt: skip
+    assert v2v.returncode == 0, v2v.stderr
+    assert re.search(rf"^ *firmware: {read}$", v2v.stdout, re.MULTILINE), v2v.stdout
+    assert artifact.firmware == firmware and artifact.details["ovf_firmware"] == (
+        "efi" if read == "uefi" else "bios"
+    )
 
 
 def test_convert_any_input_format_and_verify(cli: Cli, bootable: Path, tmp_path: Path) -> None:

@@ -68,6 +68,22 @@ def test_visibility(ws: Workspace, s3: tuple[str, Any], vis: str, shared: list[s
     assert (manifest["vis"], manifest["shared_with"], manifest["sha256"]) == (vis, shared, done.sha256)
     assert public_read(client, done.key) is (vis == "public")
     assert public_read(client, done.manifest_key) is (vis == "public")
+    # A 40-export record from before UEFI names no firmware: the disk is a BIOS disk.
+    assert (manifest["firmware"], manifest["secure_boot"]) == (
+        "bios",
+        False,
+    ) and "guest_os_features" not in manifest
+
+
+def test_the_manifest_says_what_the_image_boots_with(ws: Workspace, s3: tuple[str, Any]) -> None:
+    url, client = s3
+    record = ws.result("40-export")
+    ws.save_result("40-export", {**record, "format": "gce", "firmware": "uefi", "secure_boot": True,
+                                 "details": {"guest_os_features": ["UEFI_COMPATIBLE"]}})  # fmt: skip
+    done = publish.publish(ws, "img", "private", [], dest(url))
+    manifest = json.loads(client.get_object(Bucket="images", Key=done.manifest_key)["Body"].read())
+    assert (manifest["format"], manifest["firmware"], manifest["secure_boot"]) == ("gce", "uefi", True)
+    assert manifest["guest_os_features"] == ["UEFI_COMPATIBLE"]  # what GCE's import must be told
 
 
 def test_an_image_that_did_not_boot_is_not_published(ws: Workspace, s3: tuple[str, Any]) -> None:

@@ -133,3 +133,17 @@ def test_the_fingerprint_follows_content_not_the_page_cache(tmp_path: Path) -> N
         f.seek((30 << 20) + 1)
         f.write(b"y")
     assert identity.fingerprint(disk) != cold[1]
+
+
+def test_the_run_disk_comes_with_the_firmware_30_bootable_made_it_boot_with(tmp_path: Path) -> None:
+    from imaging.workspace import Workspace
+
+    ws = Workspace.open(tmp_path / "run")
+    with open(ws.disk, "wb") as f:
+        f.truncate(4 << 20)
+    ws.save_result("30-bootable", {"disk": {"size_bytes": 4 << 20}})  # a run from before UEFI
+    assert (export.input_disk(ws).firmware, export.input_disk(ws).secure_boot) == ("bios", False)
+    ws.save_result("30-bootable", {"disk": {"firmware": "uefi", "secure_boot": True}})
+    found = export.input_disk(ws)
+    assert (found.firmware, found.secure_boot, found.origin) == ("uefi", True, "30-bootable")
+    assert export.bootable_firmware(ws) == (config.Firmware.uefi, True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import tarfile
 import xml.etree.ElementTree as ET
@@ -122,6 +123,66 @@ def test_structure_check_catches(old: bytes, new: bytes, message: str) -> None:
         ova.check_ovf(_edit(descriptor(), old, new), {"demo-disk1.vmdk": 123_456})
 
 
+VBOX = "{http://www.virtualbox.org/ovf/machine}"
+VMW = "{http://www.vmware.com/schema/ovf}"
+
+
+def uefi_descriptor(seed: str = "disk") -> bytes:
+    return ova.build_ovf("demo", config.load_target("virtualbox"), DISK, firmware="uefi", seed=seed)
+
+
+def test_a_uefi_disk_names_efi_to_vmware_and_virtualbox() -> None:
+    xml = uefi_descriptor()
+    root = ova.check_ovf(xml, {"demo-disk1.vmdk": 123_456}, "demo")
+    (system,) = root.iter(f"{OVF1}VirtualSystem")
+    (hardware,) = system.iter(f"{OVF1}VirtualHardwareSection")
+    # VMware's (and virt-v2v's) key, after the items; VirtualBox's machine, last of the system.
+    assert hardware[-1].tag == f"{VMW}Config" and hardware[-2].tag == f"{OVF1}Item"
+    assert {k.removeprefix(VMW).removeprefix(OVF1): v for k, v in hardware[-1].attrib.items()} == {
+        "required": "false", "key": "firmware", "value": "efi"}  # fmt: skip
+    machine = system[-1]
+    assert machine.tag == f"{VBOX}Machine" and machine.get(f"{OVF1}required") == "false"
+    assert (machine.get("version"), machine.get("name"), machine.get("OSType")) == ("1.16-linux", "demo",
+                                                                                   "Linux26_64")  # fmt: skip
+    assert machine.find(f"{OVF1}Hardware/{OVF1}Firmware").get("type") == "EFI"
+    assert machine.find(f"{OVF1}Hardware/{OVF1}Memory").get("RAMSize") == "512"
+    assert machine.find(f"{OVF1}Hardware/{OVF1}CPU").get("count") == "1"
+    adapter = machine.find(f"{OVF1}Hardware/{OVF1}Network/{OVF1}Adapter")
+    assert (adapter.get("type"), adapter[0].tag) == ("82540EM", f"{OVF1}NAT")  # e1000 on NAT
+    sata = machine.find(f"{OVF1}StorageControllers/{OVF1}StorageController")
+    assert (sata.get("type"), sata[0].get("port"), sata[0].get("type")) == ("AHCI", "0", "HardDisk")
+    # The machine's disk is the package's: VirtualBox matches the ids, without and with braces.
+    (disk,) = root.iter(f"{OVF1}Disk")
+    assert sata[0][0].get("uuid") == "{" + disk.get(f"{VBOX}uuid") + "}"
+    assert uefi_descriptor() == xml and uefi_descriptor("other disk") != xml  # ids from the disk
+    assert len(uefi_descriptor("other disk")) == len(xml)  # and always as long (ova.layout)
+
+
+def test_a_hybrid_or_bios_disk_keeps_the_descriptor_bios_boots() -> None:
+    target = config.load_target("virtualbox")
+    plain = ova.build_ovf("demo", target, DISK)
+    assert b"vbox:Machine" not in plain and b"vmw:Config" not in plain and b"vbox:uuid" not in plain
+    for firmware in ("bios", "hybrid"):
+        assert ova.build_ovf("demo", target, DISK, firmware=firmware, seed="disk") == plain
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (b'<Image uuid="{', b'<Image uuid="{0', "vbox:Machine attaches disk {0"),
+        (b"<ovf:Info>Complete VirtualBox machine configuration in VirtualBox format</ovf:Info>", b"",
+         "vbox:Machine must start with ovf:Info"),
+        (b'<vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="efi" />\n',
+         b'<vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="efi" /><Item><rasd:InstanceID>9'
+         b"</rasd:InstanceID><rasd:ResourceType>1</rasd:ResourceType></Item>\n",
+         "VirtualHardwareSection: Item after Config, another namespace's element"),
+    ],
+)  # fmt: skip
+def test_structure_check_catches_in_a_uefi_descriptor(old: bytes, new: bytes, message: str) -> None:
+    with pytest.raises(ova.OvaError, match=re.escape(message)):
+        ova.check_ovf(_edit(uefi_descriptor(), old, new), {"demo-disk1.vmdk": 123_456})
+
+
 def test_manifest_lines() -> None:
     assert (
         ova.manifest(OvfVersion.v1, {"a.ovf": "ab", "a.vmdk": "cd"})
@@ -180,6 +241,17 @@ def test_the_descriptor_laid_out_before_the_disk_holds_any_sizes(tmp_path: Path)
     ova.check_ovf(text, {"demo-disk1.vmdk": 4}, "demo")
     with pytest.raises(ova.OvaError, match="does not fit"):
         ova.seal_ova(path, ova.Layout(100, at.disk_at), "demo", target, 4, 4, 1 << 40, OvfVersion.v1, "ab")
+    # A UEFI disk's descriptor is longer (VirtualBox's machine): laid out for, ids and all.
+    efi = ova.layout("demo", target, 1 << 40, OvfVersion.v1, "uefi")
+    with open(path, "wb") as f:
+        f.seek(efi.disk_at)
+        f.write(b"KDMV")
+    sealed = ova.seal_ova(path, efi, "demo", target, 4, 10**20 - 1, 1 << 40, OvfVersion.v1, "ab", firmware="uefi",
+                          seed="any disk")  # fmt: skip
+    assert efi.descriptor_size > at.descriptor_size and sealed.firmware == "efi"
+    descriptor, disk, _ = ova.members(path)
+    assert (descriptor.size, disk.offset) == (efi.descriptor_size, efi.disk_at)
+    ova.check_ovf(b"".join(ova.iter_member(path, descriptor)), {"demo-disk1.vmdk": 4}, "demo")
 
 
 def test_tampered_disk_fails_the_manifest(tmp_path: Path, fake_vmdk: Path) -> None:
