@@ -168,8 +168,11 @@ def plan_layout(
     disk_size: str = "auto",
     firmware: Firmware | str = Firmware.bios,
     esp_bytes: int = ESP_BYTES,
+    multiple: int = MIB,
 ) -> DiskLayout:
-    """Where partition 1 goes and how big everything is, for a filesystem of ``fs_bytes``."""
+    """Where partition 1 goes and how big everything is, for a filesystem of ``fs_bytes``.
+    ``multiple``: what a GPT disk's size is rounded up to, so that the format's writer, which
+    pads to it (a GiB for GCE), keeps the backup GPT in the disk's last sector."""
     layout, firmware = Layout(layout), Firmware(firmware)
     kind, amount = parse_disk_size(disk_size)
     if firmware is not Firmware.bios:
@@ -177,7 +180,9 @@ def plan_layout(
             raise ParameterError(
                 f"firmware {firmware.value} needs a GPT disk; layout legacy is MBR for BIOS only"
             )
-        return _plan_gpt(fs_bytes, block_size, kind, amount, disk_size, firmware, esp_bytes)
+        return _plan_gpt(
+            fs_bytes, block_size, kind, amount, disk_size, firmware, esp_bytes, math.lcm(MIB, multiple)
+        )
     if layout is Layout.aligned:
         start = MIB // SECTOR
         needed = start * SECTOR + _round_up(fs_bytes, MIB)
@@ -232,7 +237,7 @@ def plan_layout(
 
 
 def _plan_gpt(fs_bytes: int, block_size: int, kind: str, amount: int, disk_size: str, firmware: Firmware,
-              esp_bytes: int) -> DiskLayout:  # fmt: skip
+              esp_bytes: int, multiple: int) -> DiskLayout:  # fmt: skip
     first = MIB // SECTOR
     bios_sectors = BIOS_BOOT_BYTES // SECTOR if firmware is Firmware.hybrid else 0
     esp_start = first + bios_sectors
@@ -240,14 +245,13 @@ def _plan_gpt(fs_bytes: int, block_size: int, kind: str, amount: int, disk_size:
     start = esp_start + esp_sectors
     # The root's whole MiBs, then one more MiB that holds the backup GPT (33 sectors) at the end.
     needed = start * SECTOR + _round_up(fs_bytes, MIB) + MIB
-    want = {"auto": needed, "extra": needed + _round_up(amount, MIB), "absolute": _round_up(amount, MIB)}[
-        kind
-    ]
+    extra = {"auto": needed, "extra": needed + _round_up(amount, MIB), "absolute": _round_up(amount, MIB)}
+    want = extra[kind]
     if want < needed:
         raise ParameterError(
             f"disk size {disk_size} is smaller than the {human_bytes(needed)} the filesystem needs"
         )
-    disk_sectors = want // SECTOR
+    disk_sectors = _round_up(want, multiple) // SECTOR
     end = disk_sectors - GPT_BACKUP_SECTORS - 1
     part_sectors = end - start + 1
     return DiskLayout(

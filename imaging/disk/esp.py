@@ -25,7 +25,7 @@ from imaging.records import Record
 
 # 2010-01-01: any fixed time will do; FAT cannot store one before 1980.
 _EPOCH = "1262304000"
-_FAT_PATH = re.compile(r"(/[A-Za-z0-9._-]{1,64}){1,8}")
+_FAT_PATH = re.compile(r"(/(?!\.\.?(?:/|$))[A-Za-z0-9._-]{1,64}){1,8}")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,47 @@ def test_the_mbr_addresses_at_most_2_tib(tmp_path: Path) -> None:
             bootable.plan_layout(fs_bytes, 4096, disk_size=size)
     with pytest.raises(ParameterError, match="MBR"):
         bootable.plan_layout(2048 * GIB, 4096, layout="legacy", disk_size="auto")
+
+
+def test_a_hybrid_disk_is_gpt_with_a_bios_boot_partition_and_an_esp() -> None:
+    layout = bootable.plan_layout(512 << 20, 4096, firmware="hybrid")
+    assert (layout.scheme, layout.platforms) == ("gpt", ("bios", "uefi"))
+    # 1 MiB, the BIOS boot partition's MiB, the ESP's 128, the root's 512, 1 MiB for the backup GPT.
+    assert layout.bios_boot_start == 2048 and layout.bios_boot_sectors == 2048
+    assert layout.esp_start == 4096 and layout.esp_sectors == 128 * 2048
+    assert layout.start_sector == 4096 + 128 * 2048 and layout.disk_bytes == (1 + 1 + 128 + 512 + 1) << 20
+    # The root ends on the last usable sector: the backup GPT (32 sectors of entries, then the
+    # header) fills the disk's last 33.
+    assert layout.end_sector == layout.disk_sectors - 33 - 1
+    assert layout.block_count * 4096 <= layout.partition_bytes
+    table = layout.arithmetic()
+    assert table.cell("backup GPT", "value") == f"{layout.disk_sectors - 33:,} .. {layout.disk_sectors - 1:,}"
+    assert table.cell("BIOS boot (14)", "value") == "2,048 .. 4,095"
+
+
+def test_a_uefi_disk_has_no_bios_boot_partition_and_no_mbr_limit() -> None:
+    layout = bootable.plan_layout(512 << 20, 4096, firmware="uefi", esp_bytes=300 << 20)
+    assert layout.bios_boot_sectors == 0 and layout.esp_start == 2048
+    assert layout.esp_sectors == 300 * 2048  # a source ESP larger than the default keeps its size
+    assert bootable.plan_layout(3 << 40, 4096, firmware="uefi").disk_bytes > 2**32 * 512
+    # A GCE disk is padded to whole GiB by its writer: the GPT disk is made that size.
+    assert bootable.plan_layout(300 << 20, 4096, firmware="hybrid", multiple=GIB).disk_bytes == GIB
+
+
+def test_legacy_is_mbr_for_bios_only() -> None:
+    with pytest.raises(ParameterError, match="needs a GPT disk; layout legacy is MBR for BIOS only"):
+        bootable.plan_layout(GIB, 4096, layout="legacy", firmware="hybrid")
+
+
+def test_the_gpt_is_written_where_the_layout_says(tmp_path: Path) -> None:
+    layout = bootable.plan_layout(64 << 20, 4096, firmware="hybrid")
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"")
+    os.truncate(disk, layout.disk_bytes)
+    uuid = "0b6b0a36-4a4c-4b0c-8a5a-2f1e0c7e6d5a"
+    bootable.write_partition_table(disk, layout, bootable.disk_id(uuid, "gpt"))
+    rows = {r[0]: r for r in bootable.partition_table(disk).rows}
+    assert list(rows["disk.raw1"][2:4]) == [layout.start_sector, layout.end_sector]
+    assert rows["disk.raw14"][-1] == "BIOS boot" and rows["disk.raw15"][-1] == "EFI System"
+    # The same filesystem gives the same disk, GUIDs included.
+    assert bootable.disk_id(uuid, "gpt") == bootable.disk_id(uuid, "gpt") != bootable.disk_id(uuid)
