@@ -11,7 +11,7 @@ out of the cloud into ``work/`` by the cloud's module, checked there, and then t
 image; the copy goes once the instance is acquired.
 
 A source that boots by UEFI has an EFI system partition: it is copied whole beside the root, to
-``work/esp.raw``, and checked there (``disk/esp.py``). What is wrong with the disk but does not
+``work/esp.raw``, and checked there (``disk/source_esp.py``). What is wrong with the disk but does not
 stop us (a GPT with a missing or damaged header, an ESP not cleanly unmounted) is recorded in
 the instance's ``warnings``.
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 from imaging import sparse, tools
 from imaging.clouds import settings as cloud_settings
 from imaging.clouds.transfer import Fetched
-from imaging.disk import btrfs, esp, ext, filesystems, flatten, images, lvm
+from imaging.disk import btrfs, ext, filesystems, flatten, images, lvm, source_esp
 from imaging.disk.files import Guest
 from imaging.errors import ParameterError, SourceError, SpaceError
 from imaging.records import Record, Text, human_bytes
@@ -233,7 +233,7 @@ class _Root:
     volume: lvm.LogicalVolume | None = None
     groups: tuple[lvm.VolumeGroup, ...] = ()
     others: tuple[flatten.Found, ...] = ()  # the disk's other filesystems (a separate /boot)
-    esp: esp.Esp | None = None
+    esp: source_esp.Esp | None = None
     warnings: tuple[str, ...] = ()
 
 
@@ -246,7 +246,7 @@ def _locate_root(path: Path, scratch: Path | None = None) -> _Root:
     groups: tuple[lvm.VolumeGroup, ...] = ()
     others: list[flatten.Found] = []
     number: int | None = None
-    found_esp: esp.Esp | None = None
+    found_esp: source_esp.Esp | None = None
     warnings: list[str] = []
     if (first.type is None and first.pttype) or first.type == lvm.BLKID_TYPE:
         table = images.read_partition_table(path) if first.pttype else None
@@ -255,7 +255,7 @@ def _locate_root(path: Path, scratch: Path | None = None) -> _Root:
         if table is not None and table.label == "gpt":
             warnings += images.gpt_problems(path, table.sector_size)
         found, others = _find_root(path, table, scratch or Path(tempfile.gettempdir()))
-        found_esp = esp.find_esp(path, table)
+        found_esp = source_esp.find_esp(path, table)
         probe = images.Probe(found.fs_type, None, found.uuid, found.label)
         number, volume = found.partition, found.volume
         layout, offset, length = "lvm" if volume else "partitioned", found.offset, found.length
@@ -473,7 +473,7 @@ def _copy_esp(disk: Path, root: _Root, ws: Workspace) -> tuple[dict[str, object]
     if root.esp is None:
         return {}, []
     with sparse.atomic_path(ws.esp) as part:
-        files, warnings = esp.copy_esp(disk, root.esp, part)
+        files, warnings = source_esp.copy_esp(disk, root.esp, part)
     found = {"partition": root.esp.partition, "bytes": root.esp.length, "uuid": root.esp.uuid,
              "label": root.esp.label, "path": str(ws.esp.relative_to(ws.root)), "files": files}  # fmt: skip
     return found, warnings

@@ -1,4 +1,4 @@
-"""The source's EFI system partition (disk/esp.py) and its GPT's two headers (images.gpt_problems),
+"""The source's EFI system partition (disk/source_esp.py) and its GPT's two headers (images.gpt_problems),
 through 00-acquire: small disks made here by sfdisk, mkfs.vfat and mkfs.ext4 at their partitions'
 offsets, files put into the FAT and read back by mtools. No root, no mounts, no boots."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from imaging.clouds import acquire
-from imaging.disk import esp, images
+from imaging.disk import images, source_esp
 from imaging.errors import SourceError
 from imaging.run import summary
 from imaging.workspace import Workspace
@@ -65,7 +65,7 @@ def uefi_disk(tmp_path: Path, *, fat32: bool = False) -> Path:
     """Partition 1 the ESP (16 MiB, or 34 MiB for FAT32's clusters), 2 the root (ext4)."""
     esp_sectors = 69632 if fat32 else 32768
     disk = gpt_disk(
-        tmp_path / "uefi.img", (2048, esp_sectors, esp.GPT_TYPE), (2048 + esp_sectors, 40960, LINUX)
+        tmp_path / "uefi.img", (2048, esp_sectors, source_esp.GPT_TYPE), (2048 + esp_sectors, 40960, LINUX)
     )
     fat(disk, 2048, esp_sectors, fat32=fat32)
     ext4(disk, 2048 + esp_sectors, 40960)
@@ -112,21 +112,21 @@ def test_an_mbr_partition_of_type_ef_is_an_esp(tmp_path: Path) -> None:
 
 
 def test_an_esp_holding_ext4_is_refused(tmp_path: Path) -> None:
-    disk = gpt_disk(tmp_path / "d.img", (2048, 32768, esp.GPT_TYPE), (34816, 40960, LINUX))
+    disk = gpt_disk(tmp_path / "d.img", (2048, 32768, source_esp.GPT_TYPE), (34816, 40960, LINUX))
     ext4(disk, 2048, 32768, root=False)
     ext4(disk, 34816, 40960)
     assert refused(disk) == f"{disk}: the EFI system partition (partition 1) holds ext4, not FAT"
 
 
 def test_an_empty_esp_is_refused(tmp_path: Path) -> None:
-    disk = gpt_disk(tmp_path / "d.img", (2048, 32768, esp.GPT_TYPE), (34816, 40960, LINUX))
+    disk = gpt_disk(tmp_path / "d.img", (2048, 32768, source_esp.GPT_TYPE), (34816, 40960, LINUX))
     ext4(disk, 34816, 40960)
     assert refused(disk).endswith("(partition 1) holds no filesystem blkid knows, not FAT")
 
 
 def test_two_esps_are_refused_naming_both(tmp_path: Path) -> None:
-    disk = gpt_disk(tmp_path / "d.img", (2048, 16384, esp.GPT_TYPE), (18432, 40960, LINUX),
-                    (59392, 16384, esp.GPT_TYPE))  # fmt: skip
+    disk = gpt_disk(tmp_path / "d.img", (2048, 16384, source_esp.GPT_TYPE), (18432, 40960, LINUX),
+                    (59392, 16384, source_esp.GPT_TYPE))  # fmt: skip
     fat(disk, 2048, 16384)
     fat(disk, 59392, 16384)
     ext4(disk, 18432, 40960)
@@ -273,12 +273,12 @@ def test_a_damaged_fat_is_refused_in_one_line(tmp_path: Path) -> None:
 
 def test_is_esp() -> None:
     part = images.Partition(1, 2048, 2048, "c12a7328-f81f-11d2-ba4b-00a0c93ec93b", False)
-    assert esp.is_esp(part, "gpt") and not esp.is_esp(part, "dos")
-    assert esp.is_esp(images.Partition(1, 2048, 2048, "ef", False), "dos")
-    assert not esp.is_esp(images.Partition(1, 2048, 2048, "83", False), "dos")
+    assert source_esp.is_esp(part, "gpt") and not source_esp.is_esp(part, "dos")
+    assert source_esp.is_esp(images.Partition(1, 2048, 2048, "ef", False), "dos")
+    assert not source_esp.is_esp(images.Partition(1, 2048, 2048, "83", False), "dos")
 
 
 def test_count_files_of_an_empty_fat(tmp_path: Path) -> None:
     image = tmp_path / "empty.img"
     sh("mkfs.vfat", "-C", image, "4096")
-    assert esp.count_files(image) == 0
+    assert source_esp.count_files(image) == 0
