@@ -14,7 +14,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # ssh-keyscan, which the boot check uses too), the real Glance; mmdebstrap builds the real Debian
 # samples. xfsprogs, btrfs-progs: the XFS and btrfs roots are checked and grown with their own
 # tools; lvm2 only builds the tests' volume groups (guests' LVM metadata is read in Python);
-# acl's setfacl plants ACLs for the tests to find.
+# acl's setfacl plants ACLs for the tests to find. dosfstools and mtools check and read a UEFI
+# source's EFI system partition (00-acquire) and build the samples' ones.
 APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdisk util-linux \
 	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap pigz \
 	postgresql chromium fonts-dejavu-core tesseract-ocr tesseract-ocr-eng virt-v2v \

@@ -4,7 +4,7 @@
 
     runs/<id>/request.json     the resolved parameters of the run
               state.json       where the run is (running/failed/completed, stage, error, history)
-              work/            images being built (sparse): instance.raw, disk.raw
+              work/            images being built (sparse): instance.raw, esp.raw, disk.raw
               notebooks/       executed notebooks, one per completed stage (+ failed attempts)
               results/         each stage's result as JSON (what its notebook glued)
               commands.jsonl   every external command: argv, exit code, duration, stderr tail
@@ -65,6 +65,11 @@ class Workspace:
     @property
     def instance(self) -> Path:
         return self.work / "instance.raw"
+
+    @property
+    def esp(self) -> Path:
+        """The source's EFI system partition, copied whole (00-acquire), when it has one."""
+        return self.work / "esp.raw"
 
     @property
     def disk(self) -> Path:

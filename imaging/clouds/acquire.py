@@ -9,6 +9,11 @@ A source is a local image, ``sample:NAME``, or an instance in a cloud (``eucalyp
 ``ec2://``, ``openstack://CLOUD/INSTANCE``, see ``clouds/settings.py``): its disk is first copied
 out of the cloud into ``work/`` by the cloud's module, checked there, and then taken like a local
 image; the copy goes once the instance is acquired.
+
+A source that boots by UEFI has an EFI system partition: it is copied whole beside the root, to
+``work/esp.raw``, and checked there (``disk/source_esp.py``). What is wrong with the disk but does not
+stop us (a GPT with a missing or damaged header, an ESP not cleanly unmounted) is recorded in
+the instance's ``warnings``.
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ from pathlib import Path
 from imaging import sparse, tools
 from imaging.clouds import settings as cloud_settings
 from imaging.clouds.transfer import Fetched
-from imaging.disk import btrfs, ext, filesystems, flatten, images, lvm
+from imaging.disk import btrfs, ext, filesystems, flatten, images, lvm, source_esp
 from imaging.disk.files import Guest
 from imaging.errors import ParameterError, SourceError, SpaceError
-from imaging.records import Record
+from imaging.records import Record, Text, human_bytes
 from imaging.samples import catalog
 from imaging.tables import Table
 from imaging.workspace import Workspace
@@ -87,6 +92,10 @@ class Instance(Record):
     volume: str = ""  # LVM: the root's volume group/logical volume, copied out by its segments
     merged: list[str] = dataclasses.field(default_factory=list)  # other filesystems merged in (flatten.py)
     volumes: list[dict[str, object]] = dataclasses.field(default_factory=list)  # the LVM metadata read
+    # The EFI system partition copied to work/esp.raw ({} when the disk has none): partition,
+    # bytes, uuid (its volume id), label, path (from the run directory), files.
+    esp: dict[str, object] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)  # what is odd but did not stop us
 
 
 def _rows(table: Table) -> list[dict[str, object]]:
@@ -99,6 +108,30 @@ def volume_table(instance: Instance | dict[str, object]) -> Table:
     if not rows:
         return Table([], ["volume group", "volume", "size", "segment", "type"])
     return Table.from_dicts(rows)  # type: ignore[arg-type]
+
+
+def esp_table(instance: Instance | dict[str, object]) -> Table:
+    """The EFI system partition 00-acquire copied to ``work/esp.raw``; empty when there is none."""
+    found = instance.esp if isinstance(instance, Instance) else instance.get("esp") or {}
+    columns = ["partition", "size", "volume id", "label", "files"]
+    if not found:
+        return Table([], columns)
+    assert isinstance(found, dict)
+    row = [
+        found["partition"],
+        human_bytes(int(found["bytes"])),
+        found["uuid"],
+        found["label"],
+        found["files"],
+    ]
+    return Table([row], columns)
+
+
+def warning_list(instance: Instance | dict[str, object]) -> Text:
+    """What 00-acquire found odd in the source but took it anyway, one line each."""
+    found = instance.warnings if isinstance(instance, Instance) else instance.get("warnings") or []
+    assert isinstance(found, list)
+    return Text("\n".join(str(w) for w in found), "(none)")
 
 
 def _check_fs(path: Path, offset: int, length: int, where: str) -> images.Probe:
@@ -200,6 +233,8 @@ class _Root:
     volume: lvm.LogicalVolume | None = None
     groups: tuple[lvm.VolumeGroup, ...] = ()
     others: tuple[flatten.Found, ...] = ()  # the disk's other filesystems (a separate /boot)
+    esp: source_esp.Esp | None = None
+    warnings: tuple[str, ...] = ()
 
 
 def _locate_root(path: Path, scratch: Path | None = None) -> _Root:
@@ -211,11 +246,16 @@ def _locate_root(path: Path, scratch: Path | None = None) -> _Root:
     groups: tuple[lvm.VolumeGroup, ...] = ()
     others: list[flatten.Found] = []
     number: int | None = None
+    found_esp: source_esp.Esp | None = None
+    warnings: list[str] = []
     if (first.type is None and first.pttype) or first.type == lvm.BLKID_TYPE:
         table = images.read_partition_table(path) if first.pttype else None
         if first.pttype and (table is None or not table.partitions):
             raise SourceError(f"{path}: has a {first.pttype} partition table with no partitions")
+        if table is not None and table.label == "gpt":
+            warnings += images.gpt_problems(path, table.sector_size)
         found, others = _find_root(path, table, scratch or Path(tempfile.gettempdir()))
+        found_esp = source_esp.find_esp(path, table)
         probe = images.Probe(found.fs_type, None, found.uuid, found.label)
         number, volume = found.partition, found.volume
         layout, offset, length = "lvm" if volume else "partitioned", found.offset, found.length
@@ -239,7 +279,8 @@ def _locate_root(path: Path, scratch: Path | None = None) -> _Root:
             f"{path} is truncated: its {fs.fs_type} filesystem needs {fs.size_bytes:,} bytes, "
             f"the {where} has {length:,}"
         )
-    return _Root(layout, offset, length, number, probe, fs, volume, groups, tuple(others))
+    return _Root(layout, offset, length, number, probe, fs, volume, groups, tuple(others), found_esp,
+                 tuple(warnings))  # fmt: skip
 
 
 def inspect(source: str) -> Source:
@@ -358,6 +399,7 @@ def _acquire_remote(src: Source, ws: Workspace, snapshots: str) -> Instance:
 
 def _acquire(src: Source, ws: Workspace, snapshots: str = "drop") -> Instance:
     converted = ws.work / ".source.raw.part"
+    ws.esp.unlink(missing_ok=True)  # an earlier attempt's: only the record says there is one
     with sparse.atomic_path(ws.instance) as part:
         try:
             if src.format == "raw":
@@ -390,6 +432,8 @@ def _acquire(src: Source, ws: Workspace, snapshots: str = "drop") -> Instance:
             found = _btrfs_root(part, snapshots) if fsmod is btrfs else ("", False, [], [])
             subvolume, is_default, dropped, options = found
             merged = _flatten(whole, part, root, subvolume, ws.work)
+            # Last, so that a failure above leaves no ESP behind without its instance.
+            found_esp, esp_warnings = _copy_esp(whole, root, ws)
         finally:
             converted.unlink(missing_ok=True)
         fs = fsmod.info(part)
@@ -419,7 +463,20 @@ def _acquire(src: Source, ws: Workspace, snapshots: str = "drop") -> Instance:
         volume=f"{root.volume.vg}/{root.volume.name}" if root.volume else "",
         merged=merged,
         volumes=[row for vg in root.groups for row in _rows(lvm.volume_table(vg))],
+        esp=found_esp,
+        warnings=[*root.warnings, *esp_warnings],
     )
+
+
+def _copy_esp(disk: Path, root: _Root, ws: Workspace) -> tuple[dict[str, object], list[str]]:
+    """The disk's ESP copied to ``work/esp.raw`` and checked, as the record has it; its warnings."""
+    if root.esp is None:
+        return {}, []
+    with sparse.atomic_path(ws.esp) as part:
+        files, warnings = source_esp.copy_esp(disk, root.esp, part)
+    found = {"partition": root.esp.partition, "bytes": root.esp.length, "uuid": root.esp.uuid,
+             "label": root.esp.label, "path": str(ws.esp.relative_to(ws.root)), "files": files}  # fmt: skip
+    return found, warnings
 
 
 def _flatten(disk: Path, image: Path, root: _Root, subvolume: str, scratch: Path) -> list[str]:

@@ -5,8 +5,8 @@ logical volume, or XFS or btrfs beside it), and often /home or /var too. The boo
 one partition: each filesystem the root's fstab mounts from the same source disk (by UUID,
 LABEL, partition device name or /dev/mapper name) is copied, file by file, into the root at its
 mount point. Its fstab entry then names a filesystem the target does not have, which 20-migrate
-comments out like the cloud's other disks. Swap, the EFI system partition and network or
-pseudo filesystems are not merged.
+comments out like the cloud's other disks. Swap, the EFI system partition (copied whole
+beside the root instead: esp.py) and network or pseudo filesystems are not merged.
 
 Each merged filesystem is first copied to a scratch file and made consistent there (its
 journal or log replayed on the copy, never on the source), then read through a read-only mount.

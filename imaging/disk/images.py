@@ -12,7 +12,9 @@ import json
 import os
 import re
 import stat
+import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +150,54 @@ def read_partition_table(path: Path) -> PartitionTable | None:
     if result.exit_code != 0 or not result.stdout.strip():
         return None
     return PartitionTable.from_json(json.loads(result.stdout))
+
+
+# A GPT header's first 92 bytes: signature, revision, header size, header CRC32, reserved, its
+# own LBA, the other header's LBA, first and last usable LBA, disk GUID, the entries' LBA, their
+# count, the size of one, their CRC32.
+_GPT_HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")
+# The spec's minimum array is 16 KiB; a header asking for more than this is not read.
+_GPT_MAX_ENTRIES = 1 << 20
+
+
+def _gpt_header(fd: int, lba: int, sector_size: int, last: int) -> tuple[int, str]:
+    """(the other header's LBA, "") for a sound header at ``lba``; (-1, what is wrong) if not."""
+    raw = os.pread(fd, sector_size, lba * sector_size)
+    if len(raw) < _GPT_HEADER.size or raw[:8] != b"EFI PART":
+        return -1, "is missing"
+    _, _, size, crc, _, own, other, _, _, _, entries_lba, count, entry_size, entries_crc = (
+        _GPT_HEADER.unpack_from(raw)
+    )
+    if not _GPT_HEADER.size <= size <= sector_size or zlib.crc32(raw[:16] + bytes(4) + raw[20:size]) != crc:
+        return -1, "fails its checksum"
+    if own != lba:
+        return -1, f"says it is at LBA {own}"
+    length = count * entry_size
+    if entry_size < 128 or length > _GPT_MAX_ENTRIES or entries_lba > last:
+        return -1, f"has {count} entries of {entry_size} bytes at LBA {entries_lba}: out of bounds"
+    entries = os.pread(fd, length, entries_lba * sector_size)
+    if len(entries) != length or zlib.crc32(entries) != entries_crc:
+        return -1, "has partition entries that fail their checksum"
+    return other, ""
+
+
+def gpt_problems(path: Path, sector_size: int = 512) -> list[str]:
+    """What is wrong with a GPT's two headers, one line each (none when both are sound). Read
+    only: a table firmware or sfdisk would read from one header alone is never repaired here."""
+    with open(path, "rb") as f:
+        last = os.lseek(f.fileno(), 0, os.SEEK_END) // sector_size - 1
+        other, primary = _gpt_header(f.fileno(), 1, sector_size, last)
+        _, backup = _gpt_header(f.fileno(), last, sector_size, last)
+    at_end = f"at the last sector (LBA {last})"
+    if primary:
+        read = f"there is no sound backup {at_end} either" if backup else f"the backup {at_end} was read"
+        return [f"the GPT's primary header {primary}: {read}"]
+    if other != last:
+        why = "the image ends before it: cut short?" if other > last else "the disk grew after partitioning?"
+        return [f"the GPT's backup header is not {at_end} but at LBA {other}: {why}"]
+    if backup:
+        return [f"the GPT's backup header {at_end} {backup}: only the primary is sound"]
+    return []
 
 
 @dataclass(frozen=True)

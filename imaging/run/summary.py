@@ -52,7 +52,19 @@ def _acquire(r: dict[str, Any]) -> str:
         f"{text(r['fs_type'])}, UUID {code(r['uuid'])}, label {code(r.get('label') or '(none)')}, "
         f"{_size(r['size_bytes'])} with {_size(r['used_bytes'])} in use.\n\n"
         f"Filesystem check of the copy: {text(r['fsck'])}. The source was not written to."
+        + _esp(r.get("esp"))
+        + "".join(f"\n\n**Warning**: {text(w)}" for w in r.get("warnings") or [])
         + _fetched(r.get("fetched"))
+    )
+
+
+def _esp(e: dict[str, Any] | None) -> str:
+    """The source's EFI system partition, copied beside the root."""
+    if not e:
+        return ""
+    return (
+        f"\n\nEFI system partition: partition {text(e['partition'])}, FAT {code(e['uuid'])}, "
+        f"{_size(e['bytes'])}, {text(e['files'])} files, copied to {code(e['path'])}."
     )
 
 
