@@ -340,7 +340,7 @@ def install_grub(
         _write_bios_boot(disk, core_bytes, core_at)
     esp_made: dict[str, object] = {}
     if esp_files and isinstance(layout, DiskLayout):
-        source = ws.work / "esp.raw" if instance.get("esp") else None
+        source = ws.esp if instance.get("esp") else None
         made = esp_partition.build(disk, layout.esp_start * 512, layout.esp_sectors * 512,
                                    str(fw.get("esp_uuid") or ""), esp_files, source)  # fmt: skip
         esp_made = made.to_dict()

@@ -633,7 +633,9 @@ def _summary(
                 "ssh",
                 "ssh_host_keys",
                 "seconds",
+                "boots",
             )
+            if k != "boots" or boot.get(k)
         },  # fmt: skip
         "source": request.source,
         "source_digest": source_digest,

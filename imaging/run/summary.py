@@ -138,6 +138,8 @@ def _drivers(drivers: dict[str, str]) -> str:
 
 def _bootable(r: dict[str, Any]) -> str:
     layout, placed, grub, disk = r["layout"], r["placement"], r["grub"], r["disk"]
+    if layout.get("scheme") == "gpt":
+        return _bootable_gpt(r)
     sectors = layout["partition_sectors"]
     return (
         f"**Made bootable**: a {_size(disk['disk_bytes'])} disk with an MBR ({text(disk['label'])}, "
@@ -152,6 +154,28 @@ def _bootable(r: dict[str, Any]) -> str:
         f"{_size(layout['partition_bytes'])} | 83 Linux |\n\n"
         f"Sectors = end - start + 1 = {layout['end_sector']} - {layout['start_sector']} + 1 = {sectors}; "
         f"offset = 512 x start = {layout['offset_bytes']}. Final check: {text(disk['fsck'])}."
+    )
+
+
+def _bootable_gpt(r: dict[str, Any]) -> str:
+    layout, placed, grub, disk = r["layout"], r["placement"], r["grub"], r["disk"]
+    parts = [f"| 1 | {layout['start_sector']} | {layout['end_sector']} | {_size(layout['partition_bytes'])} | "
+             f"root ({text(placed['fs_type'])}) |"]  # fmt: skip
+    if layout.get("bios_boot_sectors"):
+        b, n = layout["bios_boot_start"], layout["bios_boot_sectors"]
+        parts.append(f"| 14 | {b} | {b + n - 1} | {_size(n * 512)} | BIOS boot (GRUB's core image) |")
+    e, n = layout["esp_start"], layout["esp_sectors"]
+    parts.append(f"| 15 | {e} | {e + n - 1} | {_size(n * 512)} | EFI system (FAT) |")
+    return (
+        f"**Made bootable** for {text(', '.join(disk.get('platforms') or []))}: a {_size(disk['disk_bytes'])} "
+        f"GPT disk (id {code(disk['disk_id'])}); the {text(placed['fs_type'])} filesystem (UUID "
+        f"{code(placed['uuid'])}) placed by {text(placed['placement'])} at byte {layout['offset_bytes']:,}; "
+        f"GRUB 2 ({text(grub['grub'])}) with {text(grub['entries'])} menu entries, default "
+        f"{code(grub['default_kernel'])}"
+        + (f"; under UEFI, {text(grub['uefi'])}" if grub.get("uefi") else "")
+        + ".\n\n| Partition | Start | End | Size | Holds |\n|--:|--:|--:|--:|---|\n"
+        + "\n".join(parts)
+        + f"\n\nThe backup GPT is in the disk's last 33 sectors. Final check: {text(disk['fsck'])}."
     )
 
 
@@ -188,6 +212,12 @@ def _verify(r: dict[str, Any]) -> str:
         f"({text(r['controller'])} disk controller, {text(r['accel'])}); {screen}.\n\n"
         f"Image {code(r['image'])} ({text(r['format'])})."
         + (f" {text(r['machine_note'])}." if r.get("machine_note") else "")
+        + "".join(
+            f"\n\nUnder {text(b['firmware'])}: {text(b['verdict'])} ({text(b['reason'])}) in {text(b['seconds'])} s"
+            + (f"; {text(b['secure_boot'])}" if b.get("secure_boot") else "")
+            + "."
+            for b in r.get("boots") or []
+        )
     )
 
 
