@@ -125,7 +125,9 @@ def test_a_hybrid_disk_is_gpt_with_a_bios_boot_partition_and_an_esp() -> None:
     assert layout.end_sector == layout.disk_sectors - 33 - 1
     assert layout.block_count * 4096 <= layout.partition_bytes
     table = layout.arithmetic()
-    assert table.cell("backup GPT", "value") == f"{layout.disk_sectors - 33:,} .. {layout.disk_sectors - 1:,}"
+    assert (
+        table.cell("backup GPT", "value") == f"{layout.disk_sectors - 33:,} .. {layout.disk_sectors - 1:,}"
+    )
     assert table.cell("BIOS boot (14)", "value") == "2,048 .. 4,095"
 
 

@@ -61,7 +61,9 @@ def test_the_esp_is_fat_with_the_files_and_the_sources_kept(tmp_path: Path) -> N
     assert esp.read_file(disk, "/EFI/rocky/shimx64.efi", 1 << 20) == b"the source's own shim"
     assert esp.read_file(disk, "/EFI/BOOT/BOOTX64.EFI", 1 << 20) == b"grub"
     assert esp.read_file(disk, "/EFI/BOOT/none.efi", 1 << 20) is None
-    probe = subprocess.run(["blkid", "-p", "-O", str(1 << 20), "-o", "export", disk], capture_output=True, text=True)
+    probe = subprocess.run(
+        ["blkid", "-p", "-O", str(1 << 20), "-o", "export", disk], capture_output=True, text=True
+    )
     assert "UUID=1A2B-3C4D" in probe.stdout and "TYPE=vfat" in probe.stdout
     # The same files give the same ESP, byte for byte.
     (tmp_path / "again").mkdir()

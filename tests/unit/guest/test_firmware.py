@@ -62,7 +62,9 @@ def guest(root: Path, kernel: bytes, chain: bool) -> Path:
     return root
 
 
-def plan(root: Path, profile: str, target: str = "kvm", asked: str = "auto", **kw: object) -> firmware.FirmwarePlan:
+def plan(
+    root: Path, profile: str, target: str = "kvm", asked: str = "auto", **kw: object
+) -> firmware.FirmwarePlan:
     with Guest(root) as g:
         return firmware.plan(g, load_profile(profile), "/boot/vmlinuz-6.1.0-9-amd64", config.load_target(target),
                              asked, **kw)  # type: ignore[arg-type]  # fmt: skip
