@@ -50,13 +50,15 @@ def not_attached(disk: Path) -> None:
     assert str(disk) not in out("losetup", "--list", "--noheadings", "--output", "BACK-FILE")
 
 
-def export_and_boot(cli: Cli, tmp_path: Path, sample: str, fmt: str, target: str, profile: str) -> Workspace:
+def export_and_boot(
+    cli: Cli, tmp_path: Path, sample: str, fmt: str, target: str, profile: str, firmware: str = "bios"
+) -> Workspace:
     """Export ``sample`` for ``target`` and require a working server through ``profile``: the
     verdict ``booted``, the guest's own check passed inside, DHCP on the wire, host keys none of
     the source's, the initrd rebuilt, and on VirtualBox its controller and NIC with a kernel that
     drives them (not the cloud one)."""
     proc = cli("export", f"sample:{sample}", "--name", f"{sample}-{fmt}", "--format", fmt, "--target", target,
-               "--out", str(tmp_path / "out"), timeout=1500)  # fmt: skip
+               "--firmware", firmware, "--out", str(tmp_path / "out"), timeout=1500)  # fmt: skip
     result = last_json(proc)
     boot = result["boot"]
     assert result["verified"] is True and boot["verdict"] == "booted", boot

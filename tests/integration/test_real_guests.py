@@ -27,7 +27,8 @@ CASES = [
     # sample, format, target ("" = the format's default), extra arguments
     ("debian12", "qcow2", "openstack", []),
     ("debian13", "qcow2", "openstack", []),
-    ("debian13", "ova", "", ["--install", "linux-image-amd64"]),
+    # VirtualBox set to EFI: the OVA's descriptor says so; Secure Boot with Debian's signed chain.
+    ("debian13", "ova", "", ["--install", "linux-image-amd64", "--firmware", "uefi"]),
 ]
 
 
@@ -36,6 +37,21 @@ def test_a_real_debian_instance_boots_as_a_working_server(
     cli: Cli, tmp_path: Path, sample: str, fmt: str, target: str, extra: list[str]
 ) -> None:
     ws = export_and_boot(cli, tmp_path, sample, fmt, target, extra)
+    verified = ws.result("50-verify")
+    if fmt == "qcow2":
+        # hybrid by default: booted under SeaBIOS and under OVMF with Secure Boot on (Microsoft's
+        # keys), through the shim and GRUB apt installed in the sandbox; one GPT disk.
+        assert [(b["firmware"], b["verdict"]) for b in verified["boots"]] == [
+            ("bios", "booted"),
+            ("uefi", "booted"),
+        ]
+        assert verified["boots"][1]["secure_boot"] == "Secure boot enabled"
+        assert ws.result("30-bootable")["disk"]["label"] == "gpt"
+        assert "install shim-signed grub-efi-amd64-signed" in ws.result("20-migrate")["packages"]
+    else:
+        assert (verified["firmware"], verified["secure_boot"]) == ("uefi", "Secure boot enabled")
+        descriptor = ws.result("40-export").get("firmware")
+        assert descriptor == "uefi", ws.result("40-export")
     if (sample, fmt) == ("debian12", "qcow2"):
         # Its next kernel update boots: Debian 13's kernel, installed by dpkg from a local file
         # (no network), is the one running after the reboot; GRUB's default entry followed the

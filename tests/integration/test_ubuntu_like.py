@@ -143,7 +143,10 @@ def test_an_ubuntu_like_instance_boots_as_a_working_server(
     # detected as ubuntu; the netplan file un-pinned; the initrd rebuilt by its own
     # update-initramfs; the guest's own check (secrets gone, data intact, eth0 by networkd from
     # netplan, /boot on the root, Ubuntu's links, sshd, no failed unit) passing inside.
-    ws = families.export_and_boot(cli, tmp_path, ubuntu.NAME, fmt, target, "ubuntu")
+    # The qcow2 boots UEFI with Secure Boot: shim-signed and grub-efi-amd64-signed installed by
+    # apt in the sandbox, the source's ESP kept (its volume id, which fstab now names by UUID).
+    firmware = "uefi" if fmt == "qcow2" else "bios"
+    ws = families.export_and_boot(cli, tmp_path, ubuntu.NAME, fmt, target, "ubuntu", firmware)
     acquired = ws.result("00-acquire")
     assert (acquired["partition"], acquired["label"]) == (1, "cloudimg-rootfs")
     assert [m.split(":")[0] for m in acquired["merged"]] == ["/boot"] and "partition 16" in acquired[
@@ -153,9 +156,16 @@ def test_an_ubuntu_like_instance_boots_as_a_working_server(
     assert migrated["initrd"].startswith("/boot/initrd.img-")
     changes = {c["path"]: c["diff"] for c in migrated["changes"]}
     assert "+# merged into the root filesystem (imaging, 00-acquire): LABEL=BOOT" in changes["/etc/fstab"]
-    assert re.search(
-        r"^\+# not on the \S+ target \(imaging, 20-migrate\): LABEL=UEFI", changes["/etc/fstab"], re.M
-    )
+    if firmware == "uefi":
+        esp = ws.result("00-acquire")["esp"]
+        assert f"\n+UUID={esp['uuid']} /boot/efi vfat umask=0077 0 1" in changes["/etc/fstab"]
+        assert ws.result("30-bootable")["grub"]["esp"]["kept_from_source"] == esp["files"]
+        assert ws.result("50-verify")["secure_boot"] == "Secure boot enabled"
+        assert "install shim-signed grub-efi-amd64-signed" in migrated["packages"]
+    else:
+        assert re.search(
+            r"^\+# not on the \S+ target \(imaging, 20-migrate\): LABEL=UEFI", changes["/etc/fstab"], re.M
+        )
     assert "\n LABEL=cloudimg-rootfs\t/" in changes["/etc/fstab"]  # the root's line kept as it was
     cleaned = ws.result("10-clean")
     assert any(a["path"] == ubuntu.NETPLAN_PATH and a["op"] == "net-hwaddr" for a in cleaned["actions"])

@@ -142,6 +142,10 @@ def test_xen_to_openstack_with_packages_and_password(cli: Cli, tmp_path: Path) -
     assert result["boot"]["dhcp"].startswith("10.0.2.") and result["boot"]["reasons"] == []
     run = cli.runs / result["run"]
     assert re.search(r"xen: all \d+ checks passed", (run / "verify" / "serial.log").read_text())
+    # CentOS 5 boots BIOS only: hybrid, the default, became the original's MBR disk, and says why.
+    firmware = json.loads((run / "results" / "20-migrate.json").read_text())["firmware"]
+    assert firmware["platforms"] == ["bios"] and "CentOS 5's kernels" in firmware["why"][0]
+    assert json.loads((run / "results" / "30-bootable.json").read_text())["disk"]["label"] == "dos"
     offset = json.loads((run / "results" / "30-bootable.json").read_text())["layout"]["offset_bytes"]
     dev = ext.device(run / "work" / "disk.raw", offset)
 
@@ -162,6 +166,19 @@ def test_xen_to_openstack_with_packages_and_password(cli: Cli, tmp_path: Path) -
     clean_nb = (run / "notebooks" / "10-clean.ipynb").read_text()
     for text in ("ssh-hostkeys", "/var/log/secure", "truncate", "-HWADDR=D0:0D:12:34:56:78", "centos5"):
         assert text in clean_nb, text
+
+
+def test_uefi_for_centos5_is_a_clear_error(cli: Cli) -> None:
+    proc = cli("export", "sample:xen-nogrub", "--name", "xen-uefi", "--firmware", "uefi", check=False)
+    assert proc.returncode != 0
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "imaging: error: 20-migrate: firmware uefi cannot boot this guest: profile centos5: CentOS 5's kernels "
+            "(2.6.18) do not boot under UEFI; use --firmware bios"
+        )
+    ), proc.stderr
 
 
 def test_xen_to_virtualbox(cli: Cli, tmp_path: Path) -> None:
