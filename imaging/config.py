@@ -246,7 +246,8 @@ class Target(_Strict):
         return self.subformats.get(fmt, "")
 
 
-StageInput = Literal["work/instance.raw", "work/disk.raw", "artifact"]
+# work/esp.raw: the source's ESP (00-acquire), there only when the source has one.
+StageInput = Literal["work/instance.raw", "work/esp.raw", "work/disk.raw", "artifact"]
 
 
 # A host name, or a pattern of them (*.archive.ubuntu.com): what a package install may reach.

@@ -53,6 +53,7 @@ from typing import Any
 from imaging import config, tools
 from imaging.boot import evidence
 from imaging.boot.qemu import Accel, choose_accel, option_value
+from imaging.disk import images
 from imaging.disk.images import check_self_contained, image_info
 from imaging.errors import BootFailed, ParameterError
 from imaging.formats import gce, ova, vhd
@@ -200,13 +201,26 @@ def expectations(ws: Workspace | None) -> evidence.Expect:
 
 
 def firmware_of(ws: Workspace) -> dict[str, Any]:
-    """What the run's disk boots under (30-bootable's record), as :func:`boot` takes it; BIOS for
-    a disk 30-bootable did not make (``convert --verify``: the user's own disk)."""
-    disk = ws.result("30-bootable").get("disk") or {} if ws.has_result("30-bootable") else {}
-    return {
-        "firmware": tuple(disk.get("platforms") or ("bios",)),
-        "secure_boot": bool(disk.get("secure_boot")),
-    }
+    """What the run's disk boots under, as :func:`boot` takes it: 30-bootable's record, or for a
+    disk it did not make (``convert --verify``: the user's own) what its partition table says
+    (an ESP: UEFI; a BIOS boot partition or an MBR: BIOS), without Secure Boot."""
+    if ws.has_result("30-bootable"):
+        disk = ws.result("30-bootable").get("disk") or {}
+        return {
+            "firmware": tuple(disk.get("platforms") or ("bios",)),
+            "secure_boot": bool(disk.get("secure_boot")),
+        }
+    table = images.read_partition_table(ws.disk) if ws.disk.is_file() else None
+    kinds = {p.type.upper() for p in table.partitions} if table else set()
+    platforms = []
+    if table is None or table.label == "dos" or GPT_BIOS_BOOT in kinds:
+        platforms.append("bios")
+    if kinds & {GPT_ESP, "EF"}:
+        platforms.append("uefi")
+    return {"firmware": tuple(platforms or ["bios"]), "secure_boot": False}
+
+
+GPT_BIOS_BOOT, GPT_ESP = "21686148-6449-6E6F-744E-656564454649", "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 
 
 def boot(

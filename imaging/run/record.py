@@ -369,6 +369,8 @@ class Pusher:
         for an earlier stage go (whichever host kept them), and all of them once the run ends
         (``stage`` None)."""
         wanted = [n for n in config.stage_inputs(stage) if n.startswith("work/")] if stage else []
+        # work/esp.raw is there only for a source that had an ESP.
+        wanted = [n for n in wanted if n != "work/esp.raw" or (self.ws.root / n).is_file()]
         if not self.cfg.keep_inputs:
             wanted = []
         with self.lock:

@@ -61,7 +61,9 @@ def prepare(cfg: StoreConfig, run: str) -> str:
     left = [s for s in stages if not (ws.notebooks / f"{s}.ipynb").exists()]
     if not left or left[0] == stages[0]:
         return "resume"
-    wanted = {need: _stored_name(ws, need) for need in config.stage_inputs(left[0])}
+    had_esp = ws.has_result("00-acquire") and bool(ws.result("00-acquire").get("esp"))
+    needs = [n for n in config.stage_inputs(left[0]) if n != "work/esp.raw" or had_esp]
+    wanted = {need: _stored_name(ws, need) for need in needs}
     missing = [need for need, stored in wanted.items() if stored is None or stored not in remote]
     if not missing:
         for need, stored in wanted.items():

@@ -62,3 +62,47 @@ def test_the_clouds_boot_on_qemus_stand_ins(tmp_path: Path) -> None:
         "scsi-hd,drive=disk0,bus=scsi0.0",
         "virtio-net-pci,netdev=net0",
     ]
+
+
+def test_uefi_boots_ovmf_on_q35_with_secure_boot_where_asked(tmp_path: Path) -> None:
+    from imaging import config
+
+    target, log = config.load_target("openstack"), tmp_path / "serial.log"
+    bios = verify.qemu_argv(Path("/a.qcow2"), "qcow2", target, "tcg", log)
+    assert bios[bios.index("-M") + 1] == "pc" and not any("pflash" in a for a in bios)
+    ovmf = verify._ovmf(True, tmp_path)  # the varstore is this boot's own copy, never the template
+    assert (
+        ovmf.vars == tmp_path / "efivars.fd"
+        and ovmf.vars.read_bytes()
+        == Path(
+            config.load_qemu_devices().secure_boot.vars  # type: ignore[union-attr]
+        ).read_bytes()
+    )
+    uefi = verify.qemu_argv(Path("/a.qcow2"), "qcow2", target, "tcg", log, firmware=ovmf)
+    assert uefi[uefi.index("-M") + 1] == "q35,smm=on"
+    assert f"if=pflash,format=raw,unit=0,readonly=on,file={ovmf.code}" in uefi
+    assert f"if=pflash,format=raw,unit=1,file={ovmf.vars}" in uefi
+    assert "driver=cfi.pflash01,property=secure,value=on" in uefi
+    plain = verify.qemu_argv(
+        Path("/a.qcow2"), "qcow2", target, "tcg", log, firmware=verify._ovmf(False, tmp_path)
+    )
+    assert (
+        plain[plain.index("-M") + 1] == "q35" and "driver=cfi.pflash01,property=secure,value=on" not in plain
+    )
+
+
+def test_the_firmware_of_a_disk_30_bootable_did_not_make(tmp_path: Path) -> None:
+    import subprocess
+
+    from imaging.workspace import Workspace
+
+    ws = Workspace.open(tmp_path / "run")
+    ws.work.mkdir(parents=True, exist_ok=True)
+    assert verify.firmware_of(ws) == {"firmware": ("bios",), "secure_boot": False}
+    with open(ws.disk, "wb") as f:
+        f.truncate(8 << 20)
+    script = "label: gpt\n\nstart=2048, size=2048, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\nstart=4096, size=8192\n"
+    subprocess.run(["sfdisk", "--quiet", ws.disk], input=script, text=True, check=True)
+    assert verify.firmware_of(ws) == {"firmware": ("uefi",), "secure_boot": False}
+    ws.save_result("30-bootable", {"disk": {"platforms": ["bios", "uefi"], "secure_boot": True}})
+    assert verify.firmware_of(ws) == {"firmware": ("bios", "uefi"), "secure_boot": True}

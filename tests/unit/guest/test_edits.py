@@ -62,6 +62,19 @@ def test_fstab() -> None:
     assert edits.fstab(labelled, UUID, "root", "kvm") == labelled
 
 
+def test_fstab_mounts_the_new_esp_by_its_volume_id() -> None:
+    ubuntu = "LABEL=cloudimg-rootfs / ext4 discard 0 1\nLABEL=UEFI /boot/efi vfat umask=0077 0 1\n"
+    new = edits.fstab(ubuntu, UUID, "cloudimg-rootfs", "kvm", esp_uuid="1A2B-3C4D").splitlines()
+    assert new == ["LABEL=cloudimg-rootfs / ext4 discard 0 1",
+                   "# the ESP is a new partition (imaging, 20-migrate): LABEL=UEFI /boot/efi vfat umask=0077 0 1",
+                   "UUID=1A2B-3C4D /boot/efi vfat umask=0077 0 1"]  # fmt: skip
+    # Already by that volume id (the source's ESP, kept): unchanged; none there: added.
+    kept = f"UUID={UUID} / ext4 defaults 0 1\nUUID=1A2B-3C4D /boot/efi vfat umask=0077 0 1\n"
+    assert edits.fstab(kept, UUID, "", "kvm", esp_uuid="1A2B-3C4D") == kept
+    added = edits.fstab(f"UUID={UUID} / ext4 defaults 0 1\n", UUID, "", "kvm", esp_uuid="1A2B-3C4D")
+    assert added.endswith("\nUUID=1A2B-3C4D /boot/efi vfat umask=0077 0 1\n")
+
+
 def test_fstab_keeps_the_roots_subvolumes_and_names_what_was_merged() -> None:
     # Fedora's btrfs (/home a subvolume of the root's filesystem) and a RHEL install whose /boot
     # partition and swap volume were beside an LVM root.
