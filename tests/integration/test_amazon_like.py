@@ -131,7 +131,9 @@ def test_amazon2023_like_sample_is_laid_out_as_an_al2023_ami() -> None:
     families.not_attached(disk)
 
 
-@pytest.mark.parametrize(("fmt", "target"), families.BOOTS, ids=[b[0] for b in families.BOOTS])
+# The qcow2 only: the VirtualBox path (the generic kernel chosen for AHCI and e1000) is booted
+# for the RHEL- and Ubuntu-like guests and four Debian ones; each OVA here is 2-3 minutes of TCG.
+@pytest.mark.parametrize(("fmt", "target"), families.BOOTS[:1], ids=[b[0] for b in families.BOOTS[:1]])
 def test_an_al2023_like_instance_boots_as_a_working_server(
     cli: Cli, tmp_path: Path, fmt: str, target: str
 ) -> None:
