@@ -15,11 +15,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # samples. xfsprogs, btrfs-progs: the XFS and btrfs roots are checked and grown with their own
 # tools; lvm2 only builds the tests' volume groups (guests' LVM metadata is read in Python);
 # acl's setfacl plants ACLs for the tests to find. dosfstools and mtools check and read a UEFI
-# source's EFI system partition (00-acquire) and build the samples' ones.
+# source's EFI system partition (00-acquire) and build the samples' ones. sbsigntool's sbverify and
+# openssl check the guest's Secure Boot signatures before any boot (guest/signatures.py).
 APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdisk util-linux \
 	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap pigz \
 	postgresql chromium fonts-dejavu-core tesseract-ocr tesseract-ocr-eng virt-v2v \
-	openssh-server openssh-client glance-api mmdebstrap xfsprogs btrfs-progs lvm2 acl dosfstools mtools
+	openssh-server openssh-client glance-api mmdebstrap xfsprogs btrfs-progs lvm2 acl dosfstools mtools \
+	sbsigntool openssl
 
 .PHONY: setup apt venv demo lab test test-fast lint bench clean
 
