@@ -21,7 +21,7 @@ APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdi
 	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap pigz \
 	postgresql chromium fonts-dejavu-core tesseract-ocr tesseract-ocr-eng virt-v2v \
 	openssh-server openssh-client glance-api mmdebstrap xfsprogs btrfs-progs lvm2 acl dosfstools mtools \
-	sbsigntool openssl
+	sbsigntool openssl ovmf grub-efi-amd64-bin shim-signed grub-efi-amd64-signed
 
 .PHONY: setup apt venv demo lab test test-fast lint bench clean
 

@@ -7,7 +7,8 @@ the rest, from its own files:
 - its kernel must have an EFI entry point (a PE/COFF stub or the EFI handover protocol in its
   bzImage header) for GRUB's x86_64-efi ``linux`` command, and its profile must not say its
   distribution cannot boot UEFI (CentOS 5);
-- Secure Boot needs the guest's own signed chain: shim (signed by Microsoft's UEFI CA, which
+- Secure Boot needs the guest's own signed chain, checked against Microsoft's keys and the key
+  shim carries before any boot (signatures.py): shim (signed by Microsoft's UEFI CA, which
   firmware enrols by default), the distribution's GRUB signed by the key shim carries, and a
   kernel signed by it. The guest's package manager keeps them current, which a copy of the
   conversion host's binaries would never be; where the profile names the packages and they are
@@ -29,6 +30,7 @@ from imaging import config
 from imaging.config import FIRMWARE_PLATFORMS, Firmware
 from imaging.disk.files import Guest
 from imaging.errors import GuestError
+from imaging.guest import signatures
 from imaging.guest.profiles import Profile
 from imaging.records import Record
 
@@ -153,6 +155,16 @@ def plan(g: Guest, profile: Profile, vmlinuz: str, target: config.Target, asked:
                 "no Secure Boot: the guest has no signed shim and GRUB"
                 + ("" if profile.efi.packages else f" (profile {profile.name} names no packages for them)")
             )
+    if "uefi" in platforms and chain is not None and signed:
+        # Before any boot: would Microsoft's keys start this shim, and its key this GRUB and kernel?
+        shim, grub = (
+            g.read_bytes(chain.shim, limit=_KERNEL_LIMIT),
+            g.read_bytes(chain.grub, limit=_KERNEL_LIMIT),
+        )
+        problems = signatures.chain_problems(shim or b"", grub or b"", data)
+        if problems:
+            why += [f"no Secure Boot: {line}" for line in problems]
+            chain = None
     secure = "uefi" in platforms and bool(chain or packages) and signed
     return FirmwarePlan(
         asked=asked or "auto",

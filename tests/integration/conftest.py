@@ -16,17 +16,21 @@ from typing import Any
 
 import pytest
 
+from imaging import config
 from imaging.samples import catalog
 
 REQUIRED = ["qemu-img", "qemu-system-x86_64", "grub-mkimage", "mke2fs", "e2fsck", "resize2fs", "debugfs", "sfdisk",
             "blkid", "rsync", "mount", "cpio", "depmod", "tar", "pigz", "losetup", "mkfs.xfs", "xfs_repair",
-            "xfs_growfs", "mkfs.btrfs", "btrfs", "fstrim", "pvcreate", "setfacl", "mkfs.vfat", "mcopy"]  # fmt: skip
+            "xfs_growfs", "mkfs.btrfs", "btrfs", "fstrim", "pvcreate", "setfacl", "mkfs.vfat", "mcopy",
+            "sbverify", "openssl"]  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _can_run() -> None:
     missing = [t for t in REQUIRED if shutil.which(t, path=os.environ["PATH"] + ":/usr/sbin:/sbin") is None]
     assert not missing, f"integration tests need {', '.join(missing)}: run 'make setup'"
+    ovmf = config.load_qemu_devices().secure_boot
+    assert ovmf and Path(ovmf.code).is_file(), "integration tests boot UEFI under OVMF: run 'make setup'"
     assert os.geteuid() == 0, "integration tests need root (loop mounts for placement mkfs, boot tests)"
 
 

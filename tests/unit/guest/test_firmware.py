@@ -70,10 +70,29 @@ def plan(
                              asked, **kw)  # type: ignore[arg-type]  # fmt: skip
 
 
+HOST_CHAIN = (
+    Path("/usr/lib/shim/shimx64.efi.signed"),
+    Path("/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"),
+)
+
+
+@pytest.mark.skipif(
+    not SIGNED_KERNEL or not all(p.is_file() for p in HOST_CHAIN), reason="needs make setup's chain"
+)
 def test_a_guest_with_its_signed_chain_boots_hybrid_with_secure_boot(tmp_path: Path) -> None:
-    found = plan(guest(tmp_path, pe(True), chain=True), "debian")
+    root = guest(tmp_path, SIGNED_KERNEL[0].read_bytes(), chain=True)
+    for path in HOST_CHAIN:  # Debian's real shim and GRUB, in the guest's places
+        (root / str(path).lstrip("/")).write_bytes(path.read_bytes())
+    found = plan(root, "debian")
     assert (found.firmware, found.platforms, found.secure_boot) == ("hybrid", ["bios", "uefi"], True)
     assert found.shim == "/usr/lib/shim/shimx64.efi.signed" and not found.packages and not found.why
+
+
+def test_a_chain_microsofts_keys_would_refuse_is_no_secure_boot(tmp_path: Path) -> None:
+    # Signed-looking, but by nobody the firmware trusts: checked before any boot, said in the record.
+    found = plan(guest(tmp_path, pe(True), chain=True), "debian")
+    assert found.platforms == ["bios", "uefi"] and not found.secure_boot and not found.shim
+    assert found.why and all(line.startswith("no Secure Boot: ") for line in found.why)
 
 
 def test_a_missing_chain_is_installed_by_the_guests_packages(tmp_path: Path) -> None:
