@@ -42,7 +42,8 @@ The userland is Debian's (mmdebstrap), laid out and configured as AL2023's AMIs 
 
 The guest's check at every boot (debian.py's) adds: the initrd that booted is dracut's, at
 RHEL's name; the root is XFS; eth0 is managed by systemd-networkd, systemd-resolved is the
-resolver; the ESP is not mounted and its fstab entry is commented out.
+resolver; the ESP mounted on /boot/efi (automounted) exactly when fstab keeps its line (a UEFI
+disk), not at all when 20-migrate commented it out.
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ CHECKS = (
     rhel.CHECKS
     + r"""check "eth0 configured by systemd-networkd" sh -c 'networkctl list --no-legend eth0 | grep -Eq "eth0 +ether +routable +configured"'
 check "systemd-resolved is the resolver" sh -c 'systemctl is-active systemd-resolved && test -s /run/systemd/resolve/stub-resolv.conf && readlink /etc/resolv.conf | grep -q stub-resolv.conf'
-check "no ESP mounted, its fstab entry commented out" sh -c '! findmnt /boot/efi && ! grep -Eq "^[^#].*/boot/efi" /etc/fstab'
+check "the ESP as fstab says: mounted (FAT) where its line is, else not at all" sh -c 'if grep -Eq "^[^#].*/boot/efi" /etc/fstab; then ls /boot/efi/EFI >/dev/null && findmnt -no FSTYPE /boot/efi | grep -q vfat; else ! findmnt /boot/efi; fi'
 """
 )
 

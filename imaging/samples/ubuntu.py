@@ -27,13 +27,14 @@ The userland is Debian's (mmdebstrap), laid out and configured as Canonical's cl
   cloud-init's dhcpcd lease (networkd keeps its own leases in /run only, never on the disk).
 
 What 00-acquire must do: find the root among four partitions (partition 1, last on the disk),
-merge the BOOT filesystem into it (fstab names it by LABEL), leave the ESP; 20-migrate comments
-out the /boot and ESP entries and keeps the root's LABEL.
+merge the BOOT filesystem into it (fstab names it by LABEL), copy the ESP aside; 20-migrate
+comments out the /boot entry, and the ESP's too unless the disk boots UEFI (then the new ESP's
+by its volume id), and keeps the root's LABEL.
 
 The guest's check at every boot (debian.py's) adds: eth0 configured by systemd-networkd from
 netplan's file, with networkd's lease; no ifupdown; /boot's files on the root and nothing
-mounted on /boot or /boot/efi; Ubuntu's /boot links resolving; initramfs-tools' initrd for the
-running kernel; the root ext4.
+mounted on /boot; the ESP mounted on /boot/efi exactly when fstab says; Ubuntu's /boot links
+resolving; initramfs-tools' initrd for the running kernel; the root ext4.
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ SUDOERS = "\n# User rules for ubuntu\nubuntu ALL=(ALL) NOPASSWD:ALL\n"
 CHECKS = r"""check "eth0 configured by systemd-networkd from netplan's file" sh -c 'networkctl status eth0 --no-pager | grep -q "Network File: /run/systemd/network/10-netplan-eth0.network"'
 check "networkd holds eth0's DHCP lease" sh -c 'test -s /run/systemd/netif/leases/$(cat /sys/class/net/eth0/ifindex)'
 check "no ifupdown" sh -c '! test -e /usr/sbin/ifup && ! test -e /etc/network/interfaces'
-check "/boot merged into the root, no ESP mounted" sh -c 'test "$(findmnt -no TARGET -T /boot)" = / && ! findmnt /boot/efi && ls /boot/vmlinuz-*'
+check "/boot merged into the root" sh -c 'test "$(findmnt -no TARGET -T /boot)" = / && ls /boot/vmlinuz-*'
+check "the ESP as fstab says: mounted (FAT) where its line is, else not at all" sh -c 'if grep -Eq "^[^#].*/boot/efi" /etc/fstab; then ls /boot/efi/EFI >/dev/null && findmnt -no FSTYPE /boot/efi | grep -q vfat; else ! findmnt /boot/efi; fi'
 check "Ubuntu's /boot links resolve, none in /" sh -c 'for l in vmlinuz vmlinuz.old initrd.img initrd.img.old; do test -L /boot/$l && test -s /boot/$l || exit 1; done; ! test -e /vmlinuz'
 check "initramfs-tools' initrd for the running kernel" sh -c 'test -s /boot/initrd.img-$(uname -r) && test -x /usr/sbin/update-initramfs'
 """ + layouts._is("/", "ext4")
