@@ -56,10 +56,11 @@ ESP_ID = sample_uuid(f"{NAME}:esp")[:8].upper()
 ROOT_PARTUUID = layouts._uuid(NAME, "p1")
 # debian.PACKAGES without ifupdown and dhclient (netplan renders for networkd, whose DHCP client is
 # its own) and with what the image has besides: netplan, resolved, initramfs-tools, the ESP's
-# mkfs (dosfstools), and the generic kernel beside the cloud one.
+# mkfs (dosfstools), the generic kernel beside the cloud one, and the signed shim and GRUB that
+# Ubuntu's cloud images ship for Secure Boot (Debian's here: signed by Microsoft and Debian).
 BASE = ("systemd-sysv", "linux-image-cloud-amd64", "linux-image-amd64", "initramfs-tools", "netplan.io",
         "systemd-resolved", "cloud-init", "openssh-server", "iproute2", "sudo", "netbase", "e2fsprogs",
-        "dosfstools")  # fmt: skip
+        "dosfstools", "shim-signed", "grub-efi-amd64-signed")  # fmt: skip
 MAC = "fa:16:3e:4c:2b:91"  # the cloud's; cloud-init pins the interface to it (10-clean un-pins it)
 NETPLAN_PATH = "/etc/netplan/50-cloud-init.yaml"
 # As cloud-init 24 writes it on Noble (keys sorted, four spaces).
