@@ -64,7 +64,9 @@ def build(
     with tempfile.TemporaryDirectory(prefix="esp-", dir=disk.parent) as tmp:
         image = Path(tmp) / "esp.raw"
         sparse.create_sparse(image, size)
-        tools.run(["mkfs.vfat", "-F", "32", "-i", volume_id.replace("-", ""), "-n", "EFI", image],
+        # No label: mkfs.vfat writes its directory entry with the time of day (SOURCE_DATE_EPOCH
+        # or not), and the ESP would differ from one run to the next.
+        tools.run(["mkfs.vfat", "-F", "32", "-i", volume_id.replace("-", ""), image],
                   timeout=120, env=_env())  # fmt: skip
         kept = 0
         if source is not None and source.is_file():
