@@ -115,6 +115,7 @@ def _gce(artifact: Path, run: Workspace, serial: str, result: dict[str, object])
     # the record says what GCE's import needs for a UEFI image.
     assert run.result("30-bootable")["disk"]["disk_bytes"] % gce.GIB == 0
     assert run.result("40-export")["details"]["guest_os_features"] == ["UEFI_COMPATIBLE"]
+    assert run.result("40-export")["details"]["padded_bytes"] == 0
     with gzip.open(artifact) as f:
         gce.check_header(f.read(512))  # GNU format, a sparse member
     assert run.result("50-verify")["format"] == "gce (disk.raw extracted by GNU tar)"
