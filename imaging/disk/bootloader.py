@@ -402,7 +402,7 @@ def _uefi_files(guest: ExtGuest | MountedFiles, ws: Workspace, fw: dict[str, obj
         found = {}
         for role in ("shim", "grub", "mok"):
             path = str(fw.get(role) or "")
-            data = guest.read_bytes(path, limit=64 << 20) if path else None
+            data = _chain_file(guest, ws, path) if path else None
             if data is None and role != "mok":
                 raise GuestError(
                     f"the guest's signed {role} {path or '(none)'} cannot be read from the placed disk"
@@ -415,6 +415,15 @@ def _uefi_files(guest: ExtGuest | MountedFiles, ws: Workspace, fw: dict[str, obj
     return uefi.host_grub_files(
         image, vendor
     ), f"this host's GRUB for x86_64-efi ({_grub_version()}): no Secure Boot"
+
+
+def _chain_file(guest: ExtGuest | MountedFiles, ws: Workspace, path: str) -> bytes | None:
+    """A file of the guest's signed chain: in its root, or on the source's ESP (/boot/efi/...)."""
+    data = guest.read_bytes(path, limit=64 << 20)
+    source = ws.esp if ws.has_result("00-acquire") and ws.result("00-acquire").get("esp") else None
+    if data is None and path.startswith("/boot/efi/") and source is not None and source.is_file():
+        data = esp_partition.read_file(source, path.removeprefix("/boot/efi"))
+    return data
 
 
 def _os_id(guest: ExtGuest | MountedFiles) -> str:

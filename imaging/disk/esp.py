@@ -102,6 +102,15 @@ def build(
                fsck="clean (fsck.vfat -n)")  # fmt: skip
 
 
+def files(image: Path) -> list[str]:
+    """Every file of the FAT in ``image``, as ESP paths (``/EFI/rocky/shimx64.efi``)."""
+    listing = tools.run(
+        ["mdir", "-/", "-b", "-i", image, "::/"], ok_codes=range(256), timeout=120, env=_env()
+    )
+    found = [line.removeprefix("::") for line in listing.stdout.splitlines() if line.startswith("::/")]
+    return [path for path in found if not path.endswith("/") and _FAT_PATH.fullmatch(path)]
+
+
 def read_file(image: Path, path: str, offset: int = 0, limit: int = 64 << 20) -> bytes | None:
     """A file of the FAT at ``offset`` in ``image``, as mtools reads it (None if it is not there)."""
     if not _FAT_PATH.fullmatch(path):

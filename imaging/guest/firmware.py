@@ -21,13 +21,16 @@ recorded. A firmware asked for explicitly that the guest cannot boot is a one-li
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import struct
 import uuid as uuidlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from imaging import config
 from imaging.config import FIRMWARE_PLATFORMS, Firmware
+from imaging.disk import esp
 from imaging.disk.files import Guest
 from imaging.errors import GuestError
 from imaging.guest import signatures
@@ -84,12 +87,26 @@ class Chain:
     mok: str = ""  # MokManager, which shim starts when asked to enrol a key
 
 
-def find_chain(g: Guest, profile: Profile) -> Chain | None:
-    """The first shim and signed GRUB the profile names that the guest has."""
+ESP_MOUNT = "/boot/efi"
+
+
+def find_chain(g: Guest, profile: Profile, source_esp: Path | None = None) -> Chain | None:
+    """The first shim and signed GRUB the profile names that the guest has: in its root, or, for
+    paths under /boot/efi (where the RHEL family's packages put them), on the source's ESP that
+    00-acquire copied (``source_esp``)."""
     efi = profile.efi
+    on_esp = (
+        [f"{ESP_MOUNT}{p}" for p in esp.files(source_esp)] if source_esp and source_esp.is_file() else []
+    )
 
     def first(paths: list[str]) -> str:
-        return next((p for pattern in paths for p in sorted(g.glob(pattern)) if g.is_file(p)), "")
+        for pattern in paths:
+            found = [p for p in sorted(g.glob(pattern)) if g.is_file(p)]
+            if pattern.startswith(f"{ESP_MOUNT}/"):  # FAT: names match whatever their case
+                found += [p for p in on_esp if fnmatch.fnmatch(p.lower(), pattern.lower())]
+            if found:
+                return found[0]
+        return ""
 
     shim, grub = first(efi.shim), first(efi.grub)
     return Chain(shim, grub, first(efi.mok)) if shim and grub else None
@@ -112,6 +129,18 @@ class FirmwarePlan(Record):
     why: list[str] = field(default_factory=list)  # what was dropped or refused, and why
 
 
+def read_chain_file(g: Guest, path: str, source_esp: Path | None = None) -> bytes | None:
+    """A file of the chain: from the guest's root, else (under /boot/efi) from the source's ESP."""
+    if (
+        g.is_file(path)
+        or not path.startswith(f"{ESP_MOUNT}/")
+        or source_esp is None
+        or not source_esp.is_file()
+    ):
+        return g.read_bytes(path, limit=_KERNEL_LIMIT)
+    return esp.read_file(source_esp, path.removeprefix(ESP_MOUNT))
+
+
 def _read_kernel(g: Guest, vmlinuz: str) -> bytes:
     data = g.read_bytes(vmlinuz, limit=_KERNEL_LIMIT)
     if data is None:
@@ -119,8 +148,8 @@ def _read_kernel(g: Guest, vmlinuz: str) -> bytes:
     return data
 
 
-def plan(g: Guest, profile: Profile, vmlinuz: str, target: config.Target, asked: str,
-         layout: str = "aligned", *, chain_packages: bool = True) -> FirmwarePlan:  # fmt: skip
+def plan(g: Guest, profile: Profile, vmlinuz: str, target: config.Target, asked: str, layout: str = "aligned",
+         *, chain_packages: bool = True, source_esp: Path | None = None) -> FirmwarePlan:  # fmt: skip
     """Decide the firmware for this guest and kernel (see the module's docstring).
     ``chain_packages``: whether missing chain packages would be installed (the plan before
     migration says so; after, what was installed is what the guest has)."""
@@ -143,7 +172,7 @@ def plan(g: Guest, profile: Profile, vmlinuz: str, target: config.Target, asked:
         why.append(f"UEFI dropped: {cannot}")
         chosen = Firmware.bios
     platforms = list(FIRMWARE_PLATFORMS[chosen])
-    chain = find_chain(g, profile) if "uefi" in platforms else None
+    chain = find_chain(g, profile, source_esp) if "uefi" in platforms else None
     packages: list[str] = []
     if "uefi" in platforms and not signed:
         why.append(f"no Secure Boot: the kernel {vmlinuz} is not signed")
@@ -157,10 +186,7 @@ def plan(g: Guest, profile: Profile, vmlinuz: str, target: config.Target, asked:
             )
     if "uefi" in platforms and chain is not None and signed:
         # Before any boot: would Microsoft's keys start this shim, and its key this GRUB and kernel?
-        shim, grub = (
-            g.read_bytes(chain.shim, limit=_KERNEL_LIMIT),
-            g.read_bytes(chain.grub, limit=_KERNEL_LIMIT),
-        )
+        shim, grub = read_chain_file(g, chain.shim, source_esp), read_chain_file(g, chain.grub, source_esp)
         problems = signatures.chain_problems(shim or b"", grub or b"", data)
         if problems:
             why += [f"no Secure Boot: {line}" for line in problems]

@@ -259,7 +259,8 @@ def _plan(g: Guest, ws: Workspace, target_name: str, options: MigrateOptions,
     kernel = initrd.choose_kernel(g, options.kernel, [*target.initrd_modules, target.nic_module])
     found = firstboot.facts(g, target.nic_module)
     instance = ws.result("00-acquire")
-    fw = fw or firmware.plan(g, profile, kernel.vmlinuz, target, options.firmware, options.layout)
+    fw = fw or firmware.plan(g, profile, kernel.vmlinuz, target, options.firmware, options.layout,
+                             source_esp=_source_esp(ws))  # fmt: skip
     esp = instance.get("esp") or {}
     esp_uuid = firmware.esp_volume_id(str(instance["uuid"]), esp) if "uefi" in fw.platforms else ""
     changes, args = _changes(g, profile, target, options, instance, kernel, found, esp_uuid)
@@ -324,9 +325,9 @@ def apply(
         profile = resolve(g, options.profile).profile
         # Packages first: what they install (a kernel, mkinitrd) is what the edits then see.
         packages = initrd.run_packages(g, profile, options.packages_install, options.packages_remove)
-        ran, installed, failed = _secure_boot_chain(g, tgt, profile, options)
+        ran, installed, failed = _secure_boot_chain(g, ws, tgt, profile, options)
         packages += ran
-        now = _firmware_now(g, tgt, profile, options)
+        now = _firmware_now(g, ws, tgt, profile, options)
         fw = dataclasses.replace(now, packages=installed, why=[*failed, *now.why])
         done = _plan(g, ws, target, options, fw)
         for change in done.changes:
@@ -362,21 +363,26 @@ def apply(
 _CHAIN_ROOM = 512 << 20
 
 
-def _firmware_now(g: Guest, target: config.Target, profile: Profile,
+def _source_esp(ws: Workspace) -> Path | None:
+    """The source's ESP (00-acquire's copy), where the RHEL family keeps its signed chain."""
+    return ws.esp if ws.has_result("00-acquire") and ws.result("00-acquire").get("esp") else None
+
+
+def _firmware_now(g: Guest, ws: Workspace, target: config.Target, profile: Profile,
                   options: MigrateOptions) -> firmware.FirmwarePlan:  # fmt: skip
     kernel = initrd.choose_kernel(g, options.kernel, [*target.initrd_modules, target.nic_module])
-    return firmware.plan(
-        g, profile, kernel.vmlinuz, target, options.firmware, options.layout, chain_packages=False
-    )
+    return firmware.plan(g, profile, kernel.vmlinuz, target, options.firmware, options.layout,
+                         chain_packages=False, source_esp=_source_esp(ws))  # fmt: skip
 
 
-def _secure_boot_chain(g: Guest, target: config.Target, profile: Profile,
+def _secure_boot_chain(g: Guest, ws: Workspace, target: config.Target, profile: Profile,
                        options: MigrateOptions) -> tuple[list[str], list[str], list[str]]:  # fmt: skip
     """Install the guest's signed shim and GRUB where the disk boots UEFI and the guest lacks them.
     A failed install costs Secure Boot, not the run: the disk still boots UEFI, and the record
     says why not with Secure Boot."""
     kernel = initrd.choose_kernel(g, options.kernel, [*target.initrd_modules, target.nic_module])
-    wanted = firmware.plan(g, profile, kernel.vmlinuz, target, options.firmware, options.layout).packages
+    wanted = firmware.plan(g, profile, kernel.vmlinuz, target, options.firmware, options.layout,
+                           source_esp=_source_esp(ws)).packages  # fmt: skip
     if not wanted:
         return [], [], []
     try:

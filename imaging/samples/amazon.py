@@ -10,8 +10,9 @@ The userland is Debian's (mmdebstrap), laid out and configured as AL2023's AMIs 
   ``/etc/debian_version``; SELinux ``permissive`` / ``targeted`` (AL2023's default; Debian's
   kernel loads no policy here);
 - the disk of AL2023's AMIs: GPT, a BIOS boot partition 127 (1 MiB at 1 MiB), an EFI system
-  partition 128 (10 MiB, FAT, made by the guest's mkfs.fat, holding GRUB's stub ``grub.cfg``
-  under ``EFI/amzn``, written by the host's mtools; not shim's or GRUB's EFI binaries), and the
+  partition 128 (10 MiB, FAT, made by the guest's mkfs.fat, holding under ``EFI/amzn`` GRUB's
+  stub ``grub.cfg`` and the signed chain shim-x64 and grub2-efi-x64 put there, Debian's signed
+  shim, MokManager and GRUB standing in for Amazon's, written by the host's mtools), and the
   root, partition 1, after them from 12 MiB: XFS v5 labelled ``/``, made by the guest's
   mkfs.xfs; fstab as the AMIs have it, the root by UUID with ``noatime`` and the ESP on
   ``/boot/efi`` (automounted);
@@ -291,14 +292,29 @@ def ami_disk(tree: Path, disk: Path) -> None:
             layouts._copy(tree, mnt)
 
 
+# What shim-x64 and grub2-efi-x64 install into the ESP: Debian's signed shim and GRUB stand in
+# for Amazon's (the same chain of trust: shim signed by Microsoft, GRUB by the key shim carries).
+SIGNED_CHAIN = {
+    "shimx64.efi": Path("/usr/lib/shim/shimx64.efi.signed"),
+    "mmx64.efi": Path("/usr/lib/shim/mmx64.efi.signed"),
+    "grubx64.efi": Path("/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"),
+}
+
+
 def _fill_esp(disk: Path) -> None:
-    """GRUB's stub in the ESP, written by mtools into the image (a kernel may have no vfat)."""
+    """GRUB's stub and the signed chain in the ESP, written by mtools into the image (a kernel may
+    have no vfat)."""
+    missing = [str(p) for p in SIGNED_CHAIN.values() if not p.is_file()]
+    if missing:
+        raise ImagingError(f"{', '.join(missing)} missing: apt install shim-signed grub-efi-amd64-signed")
     image = f"{disk}@@{ESP_START * 512}"
     env = {"MTOOLS_SKIP_CHECK": "1"}
     tools.run(["mmd", "-i", image, "::/EFI", "::/EFI/BOOT", "::/EFI/amzn"], env=env)
     with tempfile.TemporaryDirectory(prefix="esp-") as tmp:
         write(Path(tmp) / "grub.cfg", ESP_GRUB_CFG)
         tools.run(["mcopy", "-i", image, Path(tmp) / "grub.cfg", "::/EFI/amzn/grub.cfg"], env=env)
+        for name, path in SIGNED_CHAIN.items():
+            tools.run(["mcopy", "-i", image, path, f"::/EFI/amzn/{name}"], env=env)
 
 
 def build(dest: Path) -> Path:

@@ -142,16 +142,18 @@ def test_an_al2023_like_instance_boots_as_a_working_server(
     # left behind, its fstab entry commented out; the guest's own check (secrets gone, data
     # intact, eth0 by networkd, resolved, sshd, no failed unit, dracut's initrd, XFS)
     # passing inside. Nothing installed: the one kernel has every target's drivers.
-    # The qcow2 boots UEFI only, from an ESP that keeps the source's (EFI/amzn/grub.cfg) beside
-    # this host's GRUB: dnf cannot install shim-x64 here (no RPM mirror), so no Secure Boot.
+    # The qcow2 boots UEFI with Secure Boot through the chain shim-x64 and grub2-efi-x64 left on
+    # the source's ESP (EFI/amzn/), found there, checked against Microsoft's keys, kept with the
+    # ESP's other files and its volume id (fstab's automounted /boot/efi line stays as it was).
     firmware = "uefi" if fmt == "qcow2" else "bios"
     ws = families.export_and_boot(cli, tmp_path, amazon.NAME, fmt, target, "amazon", firmware)
     if firmware == "uefi":
         chosen, grub = ws.result("20-migrate")["firmware"], ws.result("30-bootable")["grub"]
-        assert chosen["platforms"] == ["uefi"] and not chosen["secure_boot"]
-        assert chosen["why"][0].startswith("no Secure Boot: installing shim-x64 grub2-efi-x64 failed")
-        assert grub["uefi"].startswith("this host's GRUB") and grub["esp"]["kept_from_source"] == 1
-        assert ws.result("50-verify")["firmware"] == "uefi"
+        assert chosen["platforms"] == ["uefi"] and chosen["secure_boot"] and not chosen["packages"]
+        assert chosen["shim"] == "/boot/efi/EFI/amzn/shimx64.efi" and chosen["esp_uuid"] == amazon.ESP_UUID
+        assert grub["uefi"].startswith("the guest's shim") and grub["esp"]["kept_from_source"] == 4
+        verified = ws.result("50-verify")
+        assert (verified["firmware"], verified["secure_boot"]) == ("uefi", "Secure boot enabled")
     assert ws.result("00-acquire")["fs_type"] == "xfs"
     migrated = ws.result("20-migrate")
     assert migrated["initrd"].startswith("/boot/initramfs-")

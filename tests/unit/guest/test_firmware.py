@@ -144,3 +144,28 @@ def test_the_esp_keeps_the_sources_volume_id_or_gets_one_of_its_own() -> None:
     assert firmware.esp_volume_id(uuid, {"uuid": "1A2B-3C4D"}) == "1A2B-3C4D"
     own = firmware.esp_volume_id(uuid)
     assert own == firmware.esp_volume_id(uuid, {"uuid": "not; a volume id"}) and len(own) == 9
+
+
+@pytest.mark.skipif(
+    not SIGNED_KERNEL or not all(p.is_file() for p in HOST_CHAIN), reason="needs make setup's chain"
+)
+def test_the_rhel_familys_chain_is_found_on_the_sources_esp(tmp_path: Path) -> None:
+    # shim-x64 and grub2-efi-x64 install into /boot/efi/EFI/<vendor>/: on the ESP 00-acquire
+    # copied aside, not in the root filesystem. (Debian's signed binaries stand in for Rocky's.)
+    import subprocess
+
+    root = guest(tmp_path / "root", SIGNED_KERNEL[0].read_bytes(), chain=False)
+    source = tmp_path / "esp.raw"
+    with open(source, "wb") as f:
+        f.truncate(40 << 20)
+    subprocess.run(["mkfs.vfat", "-F", "32", source], check=True, capture_output=True)
+    subprocess.run(["mmd", "-i", source, "::/EFI", "::/EFI/rocky"], check=True)
+    for path, name in zip(HOST_CHAIN, ("SHIMX64.EFI", "grubx64.efi"), strict=True):
+        subprocess.run(["mcopy", "-i", source, path, f"::/EFI/rocky/{name}"], check=True)
+    found = plan(root, "rhel", source_esp=source)
+    assert found.secure_boot and not found.packages and not found.why
+    assert (found.shim, found.grub) == ("/boot/efi/EFI/rocky/SHIMX64.EFI", "/boot/efi/EFI/rocky/grubx64.efi")
+    with Guest(root) as g:
+        assert firmware.read_chain_file(g, found.grub, source) == HOST_CHAIN[1].read_bytes()
+    # Without the ESP the chain is not there, and dnf would be asked for it.
+    assert plan(root, "rhel").packages == ["shim-x64", "grub2-efi-x64"]
