@@ -52,7 +52,11 @@ def test_qcow2_for_kvm_boots_and_leaves_a_record(cli: Cli, kvm_sample: Path, tmp
         scraps["00-acquire"]["fs_type"] == "ext3" and scraps["00-acquire"]["source_layout"] == "filesystem"
     )
     layout = scraps["30-bootable"]["layout"]
-    assert layout["offset_bytes"] == 512 * layout["start_sector"] == 1 << 20
+    # hybrid, the default: GPT, the BIOS boot partition at 1 MiB, the ESP after it, then the root.
+    assert (layout["scheme"], layout["bios_boot_start"], layout["esp_start"]) == ("gpt", 2048, 4096)
+    assert layout["offset_bytes"] == 512 * layout["start_sector"] == (1 + 1 + 128) << 20
+    boots = scraps["50-verify"]["boots"]
+    assert [(b["firmware"], b["verdict"]) for b in boots] == [("bios", "booted"), ("uefi", "booted")]
     assert scraps["30-bootable"]["placement"]["grown"] is True
     assert scraps["50-verify"]["verdict"] == "booted" and scraps["50-verify"]["controller"] == "virtio"
     assert "IMAGING-SAMPLE-OK" in (run / "verify" / "serial.log").read_text()
@@ -89,8 +93,20 @@ def test_qcow2_for_kvm_boots_and_leaves_a_record(cli: Cli, kvm_sample: Path, tmp
 
 
 def test_raw_for_virtualbox_boots_on_ahci(cli: Cli, tmp_path: Path) -> None:
+    # --firmware bios: the original procedure's disk, one bootable Linux partition in an MBR.
     result = last_json(
-        cli("export", "sample:kvm", "--name", "vbox", "--format", "raw", "--target", "virtualbox")
+        cli(
+            "export",
+            "sample:kvm",
+            "--name",
+            "vbox",
+            "--format",
+            "raw",
+            "--target",
+            "virtualbox",
+            "--firmware",
+            "bios",
+        )
     )
     assert result["verified"] and result["boot"]["controller"] == "ahci"
     artifact = Path(result["path"])

@@ -452,7 +452,7 @@ def _check_the_lot(m: Measured, runs: Path, out: Path, host: tuple[str, int]) ->
     ]
     assert any(a["path"] == "/var/log/huge.log" and a["bytes"] == 1 << 40 for a in truncated)
     artifact = Path(result["path"])
-    offset = 2048 * 512  # partition 1 of the aligned layout
+    offset = json.loads((run / "results" / "30-bootable.json").read_text())["layout"]["offset_bytes"]
     guest = debugfs.ExtGuest(artifact, offset)
     # The hard-linked fstab was edited as a file of its own: the user's notes kept their bytes.
     assert (
