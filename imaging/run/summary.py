@@ -159,13 +159,23 @@ def _bootable(r: dict[str, Any]) -> str:
 
 def _bootable_gpt(r: dict[str, Any]) -> str:
     layout, placed, grub, disk = r["layout"], r["placement"], r["grub"], r["disk"]
-    parts = [f"| 1 | {layout['start_sector']} | {layout['end_sector']} | {_size(layout['partition_bytes'])} | "
-             f"root ({text(placed['fs_type'])}) |"]  # fmt: skip
+    rows = [
+        (
+            1,
+            layout["start_sector"],
+            layout["partition_sectors"],
+            f"Linux filesystem ({text(placed['fs_type'])}, the root)",
+        )
+    ]
     if layout.get("bios_boot_sectors"):
-        b, n = layout["bios_boot_start"], layout["bios_boot_sectors"]
-        parts.append(f"| 14 | {b} | {b + n - 1} | {_size(n * 512)} | BIOS boot (GRUB's core image) |")
-    e, n = layout["esp_start"], layout["esp_sectors"]
-    parts.append(f"| 15 | {e} | {e + n - 1} | {_size(n * 512)} | EFI system (FAT) |")
+        rows.append(
+            (14, layout["bios_boot_start"], layout["bios_boot_sectors"], "BIOS boot (GRUB's core image)")
+        )
+    rows.append((15, layout["esp_start"], layout["esp_sectors"], "EFI System (FAT)"))
+    parts = [
+        f"| {n} | {start} | {start + count - 1} | {count} | {_size(count * 512)} | {kind} |"
+        for n, start, count, kind in rows
+    ]
     return (
         f"**Made bootable** for {text(', '.join(disk.get('platforms') or []))}: a {_size(disk['disk_bytes'])} "
         f"GPT disk (id {code(disk['disk_id'])}); the {text(placed['fs_type'])} filesystem (UUID "
@@ -173,9 +183,10 @@ def _bootable_gpt(r: dict[str, Any]) -> str:
         f"GRUB 2 ({text(grub['grub'])}) with {text(grub['entries'])} menu entries, default "
         f"{code(grub['default_kernel'])}"
         + (f"; under UEFI, {text(grub['uefi'])}" if grub.get("uefi") else "")
-        + ".\n\n| Partition | Start | End | Size | Holds |\n|--:|--:|--:|--:|---|\n"
+        + ".\n\n| partition | start | end | sectors | size | type |\n|---|--:|--:|--:|--:|---|\n"
         + "\n".join(parts)
-        + f"\n\nThe backup GPT is in the disk's last 33 sectors. Final check: {text(disk['fsck'])}."
+        + f"\n\nOffset = 512 x start = {layout['offset_bytes']}; the backup GPT is in the disk's last 33 sectors. "
+        f"Final check: {text(disk['fsck'])}."
     )
 
 

@@ -170,14 +170,16 @@ def test_an_assumed_profile_is_a_warning_in_the_summary() -> None:
 
 def test_a_gpt_disk_is_summed_up_with_its_three_partitions_and_each_firmwares_boot() -> None:
     layout = {**BOOTABLE["layout"], "scheme": "gpt", "start_sector": 266240, "end_sector": 3411934,
-              "offset_bytes": 136314880, "bios_boot_start": 2048, "bios_boot_sectors": 2048,
+              "offset_bytes": 136314880, "partition_sectors": 3145695, "bios_boot_start": 2048, "bios_boot_sectors": 2048,
               "esp_start": 4096, "esp_sectors": 262144}  # fmt: skip
     disk = {**BOOTABLE["disk"], "label": "gpt", "platforms": ["bios", "uefi"]}
     grub = {**BOOTABLE["grub"], "uefi": "the guest's shim and signed GRUB: Secure Boot"}
     text = summary.completed("30-bootable", {**BOOTABLE, "layout": layout, "disk": disk, "grub": grub})
     rows = re.findall(r"<tr>(.*?)</tr>", html_of(text), re.S)
     cells = [re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S) for row in rows]
-    assert [c[0] for c in cells[1:]] == ["1", "14", "15"] and "EFI system" in cells[3][4]
+    assert cells[0] == ["partition", "start", "end", "sectors", "size", "type"]
+    assert cells[1][:4] == ["1", "266240", "3411934", "3145695"]
+    assert [c[0] for c in cells[1:]] == ["1", "14", "15"] and "EFI System" in cells[3][5]
     assert "for bios, uefi" in text and "Secure Boot" in text and "last 33 sectors" in text
     boots = [{"firmware": "bios", "verdict": "booted", "reason": "marker", "seconds": 40.1, "secure_boot": ""},
              {"firmware": "uefi", "verdict": "booted", "reason": "marker", "seconds": 39.8,
