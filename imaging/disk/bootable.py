@@ -99,7 +99,7 @@ class DiskLayout(Record):
         """The numbers of the original procedure's step 2, each with how it is worked out."""
         if self.scheme == "gpt":
             return self._gpt_arithmetic()
-        s, e, bs = self.start_sector, self.end_sector, self.block_size
+        s, e = self.start_sector, self.end_sector
         rows = [
             ("disk", "disk size / sector size", f"{self.disk_bytes:,} B / {SECTOR}", f"{self.disk_sectors:,} sectors"),
             ("geometry", "heads x sectors/track, cylinders", f"{HEADS} x {SECTORS_PER_TRACK}",
@@ -108,6 +108,15 @@ class DiskLayout(Record):
              "1 MiB / 512 (aligned)" if self.layout == "aligned" else "track 0 holds the MBR (legacy)", f"{s:,}"),
             ("end", "last sector of partition 1",
              "last sector of the disk" if self.layout == "aligned" else "last whole cylinder x 16065 - 1", f"{e:,}"),
+        ]  # fmt: skip
+        return Table(
+            [*rows, *self._partition_rows()], ["quantity", "meaning", "formula", "value"], index="quantity"
+        )
+
+    def _partition_rows(self) -> list[tuple[str, str, str, str]]:
+        """Partition 1's offset and size and the filesystem's blocks in it: MBR and GPT alike."""
+        s, e, bs = self.start_sector, self.end_sector, self.block_size
+        return [
             ("offset", "sector_size x start", f"{SECTOR} x {s:,}", f"{self.offset_bytes:,} bytes"),
             ("partition size", "(end - start + 1) x sector_size", f"({e:,} - {s:,} + 1) x {SECTOR}",
              f"{self.partition_bytes:,} bytes ({human_bytes(self.partition_bytes)})"),
@@ -119,10 +128,9 @@ class DiskLayout(Record):
              f"{self.block_count - self.fs_block_count:,} blocks "
              f"({human_bytes((self.block_count - self.fs_block_count) * bs)})"),
         ]  # fmt: skip
-        return Table(rows, ["quantity", "meaning", "formula", "value"], index="quantity")
 
     def _gpt_arithmetic(self) -> Table:
-        s, e, bs, n = self.start_sector, self.end_sector, self.block_size, self.disk_sectors
+        s, e, n = self.start_sector, self.end_sector, self.disk_sectors
         rows = [
             ("disk", "disk size / sector size", f"{self.disk_bytes:,} B / {SECTOR}", f"{n:,} sectors"),
             ("protective MBR", "LBA 0: one partition of type ee over the disk; GRUB's boot code for BIOS", "", "0"),
@@ -142,18 +150,10 @@ class DiskLayout(Record):
             ("end", "last usable sector: before the backup GPT", f"{n:,} - {GPT_BACKUP_SECTORS} - 1", f"{e:,}"),
             ("backup GPT", "entries, then the header in the disk's last sector",
              f"{n:,} - {GPT_BACKUP_SECTORS} .. {n:,} - 1", f"{n - GPT_BACKUP_SECTORS:,} .. {n - 1:,}"),
-            ("offset", "sector_size x start", f"{SECTOR} x {s:,}", f"{self.offset_bytes:,} bytes"),
-            ("partition size", "(end - start + 1) x sector_size", f"({e:,} - {s:,} + 1) x {SECTOR}",
-             f"{self.partition_bytes:,} bytes ({human_bytes(self.partition_bytes)})"),
-            ("block size", "the instance's filesystem", "", f"{bs:,} bytes"),
-            ("block_total", "(end - start + 1) x sector_size / block_size", f"({e:,} - {s:,} + 1) x {SECTOR} / {bs}",
-             f"{self.block_count:,} blocks"),
-            ("filesystem now", "blocks in the instance's filesystem", "", f"{self.fs_block_count:,} blocks"),
-            ("growth", "block_total - filesystem now", "",
-             f"{self.block_count - self.fs_block_count:,} blocks "
-             f"({human_bytes((self.block_count - self.fs_block_count) * bs)})"),
         ]  # fmt: skip
-        return Table(rows, ["quantity", "meaning", "formula", "value"], index="quantity")
+        return Table(
+            [*rows, *self._partition_rows()], ["quantity", "meaning", "formula", "value"], index="quantity"
+        )
 
 
 def _round_up(n: int, unit: int) -> int:

@@ -100,33 +100,33 @@ class ExtGuest:
 
     entries = listdir  # what filesystems.MountedFiles calls it
 
-    def read_text(self, path: str) -> str | None:
-        """The file's text, or None if there is no such regular file (a symlink, FIFO or device
-        is not followed or read); a file over READ_LIMIT is refused by name."""
+    def _regular(self, path: str, limit: int) -> bool:
+        """Whether ``path`` is a regular file (a symlink, FIFO or device is not followed or read);
+        one over ``limit`` is refused by name."""
         found = self._request(f"stat {_check(path)}").stdout
         kind = re.search(r"\bType: (\S+)", found)
         size = re.search(r"\bSize: (\d+)", found)
         if kind is None or kind.group(1) != "regular" or size is None:
-            return None
-        if int(size.group(1)) > READ_LIMIT:
+            return False
+        if int(size.group(1)) > limit:
             raise GuestError(
                 f"{path} in the guest is {human_bytes(int(size.group(1)))}: more than the "
-                f"{human_bytes(READ_LIMIT)} read from a guest file: refused"
+                f"{human_bytes(limit)} read from a guest file: refused"
             )
+        return True
+
+    def read_text(self, path: str) -> str | None:
+        """The file's text, or None if there is no such regular file; a file over READ_LIMIT is
+        refused by name."""
+        if not self._regular(path, READ_LIMIT):
+            return None
         return self._request(f"cat {path}", max_output=READ_LIMIT).stdout
 
     def read_bytes(self, path: str, limit: int) -> bytes | None:
-        """The bytes of a regular file (None if there is none: a symlink is not followed), dumped
-        by debugfs into a private scratch file; one over ``limit`` is refused by name."""
-        found = self._request(f"stat {_check(path)}").stdout
-        kind = re.search(r"\bType: (\S+)", found)
-        size = re.search(r"\bSize: (\d+)", found)
-        if kind is None or kind.group(1) != "regular" or size is None:
+        """The bytes of a regular file (None if there is none), dumped by debugfs into a private
+        scratch file; one over ``limit`` is refused by name."""
+        if not self._regular(path, limit):
             return None
-        if int(size.group(1)) > limit:
-            raise GuestError(
-                f"{path} in the guest is {human_bytes(int(size.group(1)))}: more than {human_bytes(limit)}"
-            )
         with tempfile.TemporaryDirectory(prefix="debugfs-") as tmp:
             out = Path(tmp) / "file"
             self._request(f"dump {path} {out}")

@@ -9,7 +9,6 @@ import functools
 import shutil
 import struct
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -57,13 +56,8 @@ def chain() -> tuple[bytes, bytes, bytes]:
 
 @needs_kernel
 def test_debians_real_chain_passes(chain: tuple[bytes, bytes, bytes]) -> None:
-    took = []
     for _ in range(2):  # the first reads the firmware's db (once per process)
-        started = time.monotonic()
         assert signatures.chain_problems(*chain) == []
-        took.append(time.monotonic() - started)
-    print(f"chain_problems on Debian's shim, GRUB and kernel: {took[0]:.3f} s, then {took[1]:.3f} s")
-    assert max(took) < 3
 
 
 def test_the_firmware_db_is_microsofts() -> None:
