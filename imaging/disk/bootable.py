@@ -22,6 +22,7 @@ import os
 import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from imaging import sparse, tools
 from imaging.config import FIRMWARE_PLATFORMS, Firmware, Layout, Placement, parse_disk_size
@@ -216,8 +217,14 @@ def plan_layout(
         raise ParameterError(
             f"the bootable disk would be {human_bytes(size)} ({size:,} bytes), over what its MBR partition "
             f"table addresses: {MBR_MAX_SECTORS * SECTOR:,} bytes (2**32 - 1 sectors); disks are laid out "
-            "with MBR only (BIOS boot, as in the original procedure), not GPT"
+            "for BIOS with an MBR, as in the original procedure (--firmware uefi or hybrid lays out GPT)"
         )
+    return _layout(layout, fs_bytes, block_size, disk_sectors, start, end)
+
+
+def _layout(layout: Layout, fs_bytes: int, block_size: int, disk_sectors: int, start: int, end: int,
+            **gpt: Any) -> DiskLayout:  # fmt: skip
+    """The layout with partition 1 from ``start`` to ``end``: its offset, size and blocks."""
     part_sectors = end - start + 1
     return DiskLayout(
         layout=layout.value,
@@ -233,6 +240,7 @@ def plan_layout(
         block_size=block_size,
         block_count=part_sectors * SECTOR // block_size,
         fs_block_count=fs_bytes // block_size,
+        **gpt,
     )
 
 
@@ -253,28 +261,9 @@ def _plan_gpt(fs_bytes: int, block_size: int, kind: str, amount: int, disk_size:
         )
     disk_sectors = _round_up(want, multiple) // SECTOR
     end = disk_sectors - GPT_BACKUP_SECTORS - 1
-    part_sectors = end - start + 1
-    return DiskLayout(
-        layout=Layout.aligned.value,
-        sector_size=SECTOR,
-        disk_bytes=disk_sectors * SECTOR,
-        disk_sectors=disk_sectors,
-        cylinders=disk_sectors // CYLINDER,
-        start_sector=start,
-        end_sector=end,
-        partition_sectors=part_sectors,
-        offset_bytes=start * SECTOR,
-        partition_bytes=part_sectors * SECTOR,
-        block_size=block_size,
-        block_count=part_sectors * SECTOR // block_size,
-        fs_block_count=fs_bytes // block_size,
-        firmware=firmware.value,
-        scheme="gpt",
-        bios_boot_start=first if bios_sectors else 0,
-        bios_boot_sectors=bios_sectors,
-        esp_start=esp_start,
-        esp_sectors=esp_sectors,
-    )
+    return _layout(Layout.aligned, fs_bytes, block_size, disk_sectors, start, end, firmware=firmware.value,
+                   scheme="gpt", bios_boot_start=first if bios_sectors else 0, bios_boot_sectors=bios_sectors,
+                   esp_start=esp_start, esp_sectors=esp_sectors)  # fmt: skip
 
 
 def firmware_of(ws: Workspace) -> dict[str, object]:
