@@ -69,6 +69,8 @@ def _export(args: argparse.Namespace) -> int:
         packages_remove=_words(args.remove),
         packages_room=args.packages_room,
         kernel=args.kernel,
+        secrets=args.secrets,
+        secrets_allow=args.allow_secret or None,
         **_format_options(args),
         kind=args.kind,
         vis=args.vis,
@@ -177,7 +179,30 @@ def _resume(args: argparse.Namespace) -> int:
     from imaging.run import pipeline
 
     ws, request = pipeline.open_run(args.run, None)
+    if args.secrets or args.allow_secret:  # an admin's answer to the scan's findings
+        request = pipeline.amend(
+            ws,
+            request,
+            secrets=args.secrets or request.secrets,
+            secrets_allow=[*request.secrets_allow, *(args.allow_secret or [])],
+        )
     return _execute(ws, request)
+
+
+def _add_secret_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("secret scan (25-secrets)")
+    g.add_argument(
+        "--secrets",
+        choices=["auto", "fail", "warn", "clean", "off"],
+        help="what a secret found in the guest does: fail, warn, clean (remove its file) or off "
+        "(default auto: fail for a public image, warn otherwise)",
+    )
+    g.add_argument(
+        "--allow-secret",
+        metavar="FINGERPRINT",
+        action="append",
+        help="a finding's fingerprint (from 25-secrets) that is meant to be there; repeat for more",
+    )
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -440,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--boot-marker", help="regular expression in the serial log that proves the boot")
     e.add_argument("--keep-work", action="store_true", help="keep work/ after a completed run")
     e.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="QEMU accelerator for the boot check")
+    _add_secret_options(e)
     g = e.add_argument_group("clean and migrate (10-clean, 20-migrate)")
     g.add_argument("--profile", help=f"distro profile: auto or {', '.join(config.available('profiles'))}")
     g.add_argument(
@@ -506,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("resume", help="run a failed run again, from the stage that failed")
     r.add_argument("run", help="run id (a directory under runs/)")
+    _add_secret_options(r)
     r.set_defaults(func=_resume)
 
     v = sub.add_parser("verify", help="boot any artifact on a target's hardware")

@@ -324,6 +324,10 @@ class Defaults(_Strict):
     vmdk_subformat: VmdkSubformat = VmdkSubformat.stream_optimized
     compress: bool = False
     ovf_version: OvfVersion = OvfVersion.v1
+    # 25-secrets: fail, warn, clean (remove the files) or off; auto: fail for a public image,
+    # warn for everything else. Findings allowed by their fingerprint do neither.
+    secrets: Literal["auto", "fail", "warn", "clean", "off"] = "auto"
+    secrets_allow: list[str] = []
 
     @model_validator(mode="after")
     def _known_stages(self) -> Defaults:

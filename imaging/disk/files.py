@@ -274,6 +274,10 @@ class Guest:
         finally:
             os.close(fd)
 
+    def open_dir(self, path: str) -> int:
+        """A file descriptor of a directory (for walking it); the caller closes it."""
+        return self._open(path, os.O_RDONLY | os.O_DIRECTORY)
+
     def open_file(self, path: str) -> int:
         """A file descriptor of a regular file (for streaming a large one); the caller closes it."""
         return self._open_regular(path, os.O_RDONLY)

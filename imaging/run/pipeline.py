@@ -860,18 +860,23 @@ class Runner:
         return summary
 
     def amend(self, **fields: Any) -> Request:
-        """Change parameters that no completed stage has used yet (explore.ipynb: the clean
-        operations before 10-clean, the target before 20-migrate); request.json follows."""
-        used = {p for s in self.stages if self.done(s) for p in declared_parameters(s)}
-        fixed = [k for k, v in fields.items() if k.upper() in used and v != getattr(self.request, k)]
-        if fixed:
-            raise ParameterError(
-                f"{', '.join(fixed)}: already used by a completed stage of run {self.ws.id}"
-            )
-        request = Request.create(**{**self.request.model_dump(), **fields})
-        write_json(self.ws.request_file, request.model_dump(mode="json"))
-        self.request = request
-        return request
+        """:func:`amend` this run's request."""
+        self.request = amend(self.ws, self.request, **fields)
+        return self.request
+
+
+def amend(ws: Workspace, request: Request, **fields: Any) -> Request:
+    """Change parameters that no completed stage has used yet (explore.ipynb: the clean
+    operations before 10-clean, the target before 20-migrate; resume: an admin's answer to
+    25-secrets); request.json follows."""
+    stages = config.pipeline_stages(request.kind)
+    used = {p for s in stages if (ws.notebooks / f"{s}.ipynb").exists() for p in declared_parameters(s)}
+    fixed = [k for k, v in fields.items() if k.upper() in used and v != getattr(request, k)]
+    if fixed:
+        raise ParameterError(f"{', '.join(fixed)}: already used by a completed stage of run {ws.id}")
+    request = Request.create(**{**request.model_dump(), **fields})
+    write_json(ws.request_file, request.model_dump(mode="json"))
+    return request
 
 
 def restart(ws: Workspace, reason: str) -> int:

@@ -55,6 +55,9 @@ class Request(BaseModel):
     packages_remove: list[str]
     packages_room: str
     kernel: str
+    # Runs made before 25-secrets existed have neither in their request.json.
+    secrets: str = "auto"
+    secrets_allow: list[str] = []
     # Image requests (kind image): who may see the published image; names when "selected".
     vis: str = "private"
     shared_with: list[str] = []
@@ -229,6 +232,21 @@ class Request(BaseModel):
         if self.format == "ova" and self.vmdk_subformat is not VmdkSubformat.stream_optimized:
             raise ParameterError("an OVA holds a streamOptimized VMDK: vmdk_subformat cannot change that")
         return self
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, v: str) -> str:
+        if v not in ("auto", "fail", "warn", "clean", "off"):
+            raise ParameterError(f"secrets must be auto, fail, warn, clean or off, not {v!r}")
+        return v
+
+    @field_validator("secrets_allow")
+    @classmethod
+    def _allow(cls, v: list[str]) -> list[str]:
+        for fingerprint in v:
+            if not re.fullmatch(r"[0-9a-f]{16}", fingerprint):
+                raise ParameterError(f"not a finding's fingerprint (16 hex digits): {fingerprint!r}")
+        return list(dict.fromkeys(v))
 
     @field_validator("accel")
     @classmethod

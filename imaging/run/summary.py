@@ -232,6 +232,23 @@ def _verify(r: dict[str, Any]) -> str:
     )
 
 
+def _secrets(r: dict[str, Any]) -> str:
+    scan = r.get("scan") or {}
+    if r["policy"] == "off":
+        return "**Secret scan off** for this request: nothing was looked for."
+    said = (
+        f"**Scanned** {scan.get('files_read', 0):,} files ({_size(scan.get('bytes_read', 0))}) of "
+        f"{scan.get('files_seen', 0):,} under the directories users and services write, in "
+        f"{scan.get('seconds', 0)} s; {len(r['findings'])} finding(s), {len(r['allowed'])} allowed, "
+        f"policy {text(r['policy'])}."
+    )
+    if r["removed"]:
+        said += f" Removed the files holding the others: {text(', '.join(r['removed']))}."
+    elif r["open"]:
+        said += f" **{r['open']} open finding(s) go into the image** (listed below, by fingerprint)."
+    return said
+
+
 def _publish(r: dict[str, Any]) -> str:
     shared = f", shared with {text(', '.join(r['shared_with']))}" if r.get("shared_with") else ""
     if "image_id" in r:
@@ -256,6 +273,7 @@ SUMMARIES: dict[str, Callable[[dict[str, Any]], str]] = {
     "00-acquire": _acquire,
     "10-clean": _clean,
     "20-migrate": _migrate,
+    "25-secrets": _secrets,
     "30-bootable": _bootable,
     "40-export": _export,
     "50-verify": _verify,

@@ -188,7 +188,10 @@ def create_app(settings: Settings, *, recover: bool = True) -> FastAPI:
     )
     def patch(request_id: RequestId, body: Patch, actor: Auth) -> RequestDetail:
         store.get(request_id, actor)
-        req = store.transition(request_id, body.status, actor, body.reason)
+        if (body.allow or body.secrets) and body.status != "approve":
+            raise fail(422, "allow and secrets go with approve")
+        req = store.transition(request_id, body.status, actor, body.reason, allow=body.allow,
+                               secrets=body.secrets)  # fmt: skip
         log.info("request %s: %s by %s", request_id, body.status, actor.name)
         return RequestDetail.of(req, base)
 

@@ -91,6 +91,14 @@ class Patch(BaseModel):
         description="approve (admins; on a request in error it resumes the run), deny (admins), cancel"
     )
     reason: str = Field(default="", max_length=500)
+    # An admin's answer to the secret scan (25-secrets) when approving: findings that are meant
+    # to be there, by fingerprint, and what the others do now.
+    allow: list[Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]] = Field(
+        default=[], max_length=1000, description="approve: fingerprints of secret-scan findings to allow"
+    )
+    secrets: Literal["fail", "warn", "clean", "off"] | None = Field(
+        default=None, description="approve: the secret scan's policy for this request from now on"
+    )
 
 
 class TransitionOut(BaseModel):

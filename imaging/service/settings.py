@@ -20,7 +20,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -112,6 +112,10 @@ class Settings(_Strict):
     # once in <state dir>/secret.key, for a one-machine service only (no database_url).
     secret_key: SecretStr = SecretStr("")
     approval_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    # What a secret the scan finds in a guest does (25-secrets): auto is fail for a public image
+    # and warn for every other request; fail, warn, clean or off for all. An admin may change it
+    # for one request when approving it.
+    secrets: Literal["auto", "fail", "warn", "clean", "off"] = "auto"
     # Instance ids a request may name, and the image each stands for (a path, sample:<name>, or
     # a cloud's instance, KIND://CLOUD/INSTANCE). A request may also name CLOUD/INSTANCE directly.
     instances: dict[str, str] = {}

@@ -266,6 +266,8 @@ class Store:
         error: str | None = None,
         result: dict[str, Any] | None = None,
         approval: approvals.Approval | None = None,
+        allow: list[str] | None = None,
+        secrets: str | None = None,
     ) -> ImageRequest:
         """Take ``action`` on a request, or refuse (StoreError 403/404/409; 503 when the
         database is away). The only place where a request's state changes. ``worker`` names the
@@ -278,7 +280,7 @@ class Store:
             if req is None or not _may_see(actor, req):
                 raise StoreError(f"no image request {request_id}", 404)
             _transition(s, req, action, actor, reason, worker=worker, job=job, stage=stage, error=error,
-                        result=result, approval=approval)  # fmt: skip
+                        result=result, approval=approval, allow=allow, secrets=secrets)  # fmt: skip
         return self.get(request_id)
 
     # the job engine's side
@@ -375,6 +377,8 @@ def _transition(
     error: str | None = None,
     result: dict[str, Any] | None = None,
     approval: approvals.Approval | None = None,
+    allow: list[str] | None = None,
+    secrets: str | None = None,
 ) -> None:
     sources, target, who = RULES[action]
     if not _may(actor, req, who):
@@ -397,6 +401,16 @@ def _transition(
         values["error"] = error
     if result is not None:
         values["result"] = result
+    if allow or secrets:  # the admin's answer to the secret scan, kept with who gave it
+        options = dict(req.options or {})
+        given = [f for f in allow or [] if f not in options.get("secrets_allow", [])]
+        options["secrets_allow"] = [*options.get("secrets_allow", []), *given]
+        said = [f"allowed secret findings {', '.join(given)}"] if given else []
+        if secrets:
+            options["secrets"] = secrets
+            said.append(f"secrets: {secrets}")
+        values["options"] = options
+        reason = "; ".join([reason or PAST[action], *said])
     if action in _QUEUES:  # its job, in this same transaction (one still queued is stale: it goes)
         s.execute(text("SELECT procrastinate_cancel_job_v1(id, false, false) FROM procrastinate_jobs "
                        "WHERE queueing_lock = :r AND status = 'todo'"), {"r": req.id})  # fmt: skip

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hmac
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ from procrastinate.worker import Worker
 from imaging import config
 from imaging.clouds import settings as cloud_settings
 from imaging.errors import ImagingError, ParameterError, StoreError
+from imaging.guest import secrets
 from imaging.service import jobs, takeover
 from imaging.service.notify import Mailer
 from imaging.service.settings import Settings, secret_env_names
@@ -71,16 +73,19 @@ def _term_with_parent() -> None:
 def command(settings: Settings, req: ImageRequest) -> list[str]:
     """The CLI run of a request: a new run, or the existing one resumed."""
     base = [sys.executable, "-m", "imaging"]
+    options = dict(req.options or {})
+    # The site's secret policy unless an admin set this request's; the fingerprints allowed.
+    scan = [f"--secrets={options.get('secrets') or settings.secrets}",
+            *(f"--allow-secret={f}" for f in options.get("secrets_allow") or [])]  # fmt: skip
     if (config.runs_dir() / req.id / "request.json").exists():
-        return [*base, "resume", req.id]
+        return [*base, "resume", req.id, *scan]
     try:
         source = settings.source_of(req.instance)
     except ParameterError:
         raise StoreError(f"instance {req.instance} is no longer configured", 409) from None
     # --option=value throughout: a value may start with '-' (a name, a clean operation to drop).
     argv = [*base, "export", source, f"--name={req.name}", f"--format={req.disk_format}",
-            f"--target={req.target}", f"--run={req.id}"]  # fmt: skip
-    options = dict(req.options or {})
+            f"--target={req.target}", f"--run={req.id}", *scan]  # fmt: skip
     for key, flag in (("profile", "--profile"), ("layout", "--layout"), ("firmware", "--firmware"),
                       ("destination", "--destination"),
                       ("boot_marker", "--boot-marker")):  # fmt: skip
@@ -107,6 +112,11 @@ def child_env(settings: Settings, req: ImageRequest) -> dict[str, str]:
     hidden = secret_env_names()
     env = {k: v for k, v in os.environ.items() if k not in hidden}
     env.update(IMAGING_RUNS=str(config.runs_dir()), IMAGING_PROGRESS="0")
+    # Fingerprints of secret findings, the same on every host (an allow list holds wherever the
+    # run resumes), and of no use to test a guessed password without the service's key.
+    env[secrets.KEY_ENV] = hmac.new(
+        settings.signing_key().encode(), b"secret fingerprints", "sha256"
+    ).hexdigest()
     env.pop("AWS_ACCESS_KEY_ID", None)
     env.pop("AWS_SECRET_ACCESS_KEY", None)
     if settings.records.bucket:

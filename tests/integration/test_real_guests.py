@@ -38,6 +38,8 @@ def test_a_real_debian_instance_boots_as_a_working_server(
 ) -> None:
     ws = export_and_boot(cli, tmp_path, sample, fmt, target, extra)
     verified = ws.result("50-verify")
+    # A stock Debian, cleaned: the secret scan finds nothing (no false positives).
+    assert ws.result("25-secrets")["findings"] == [] and ws.result("25-secrets")["scan"]["files_read"] > 50
     if fmt == "qcow2":
         # hybrid by default: booted under SeaBIOS and under OVMF with Secure Boot on (Microsoft's
         # keys), through the shim and GRUB apt installed in the sandbox; one GPT disk.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,9 @@ import httpx
 import pytest
 
 from imaging import config
+from imaging.samples import catalog, kvm
 
+from . import planted
 from .conftest import leftovers
 from .servicekit import (
     S3_KEY_ID,
@@ -42,10 +45,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, M
     root = tmp_path_factory.mktemp("service")
     fake_bin = root / "bin"  # empty; a test puts a broken tool here to break a stage
     fake_bin.mkdir()
+    leaky = _leaky_kvm(root)
     with smtp_server() as (mailbox, smtp_port), s3_server() as s3_url:
         s3_client(s3_url).create_bucket(Bucket="images")
         config = {
-            "instances": {"i-sample": "sample:kvm"},
+            "instances": {"i-sample": "sample:kvm", "i-leaky": str(leaky)},
             "smtp": {
                 "host": "127.0.0.1",
                 "port": smtp_port,
@@ -70,6 +74,26 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, M
         finally:
             service.stop()
     assert leftovers(root) == []
+
+
+LEAKED = planted.kinds()
+KEY, AWS = next(i for i in LEAKED if i.path == "/opt/app/deploy_key"), LEAKED[0]
+
+
+def _leaky_kvm(root: Path) -> Path:
+    """The KVM sample with an SSH key a user left for a deploy and AWS CLI credentials."""
+    image = root / "leaky.raw"  # the test's search for leaks passes over disks
+    subprocess.run(["cp", "--sparse=always", str(catalog.ensure_sample("kvm")), str(image)], check=True)
+    image.chmod(0o644)
+    mnt = root / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        planted.plant(mnt, [KEY, AWS], uid=0)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+        mnt.rmdir()
+    return image
 
 
 def sha256(data: bytes) -> str:
@@ -194,3 +218,41 @@ def test_image_request_is_published_with_its_visibility(world: Any) -> None:
     assert not [g for g in grants if "AllUsers" in str(g.get("Grantee", {}))]  # not public
     assert [n["name"] for n in alice.get(URL + rid + "/notebooks").json()][-1] == "60-publish"
     assert_no_secrets(service, mailbox, [S3_SECRET])
+
+
+def test_a_public_image_with_a_secret_stops_until_an_admin_allows_it(world: Any) -> None:
+    service, mailbox, s3_url, _ = world
+    alice, root = service.client("alice"), service.client("root")
+    body = {
+        "instance": "i-leaky",
+        "name": "leaky",
+        "vis": "public",
+        "profile": "generic",
+        "boot_marker": kvm.MARKER,
+    }
+    rid = alice.post(URL, json=body).json()["id"]
+    assert root.patch(URL + rid, json={"status": "approve"}).status_code == 200
+    failed = service.wait_state("alice", rid, {"completed", "error"})
+    assert (failed["state"], failed["stage"]) == ("error", "25-secrets"), failed["error"]
+    assert "60-publish" not in started_stages(service.runs / rid)
+    mail = mailbox.wait(f"{rid} failed at 25-secrets", to="root@example.org").get_content()
+    found = re.findall(r"(/\S+):(\d+) ([^\[;]+) \[([0-9a-f]{16})\]", mail)
+    by_path = {path: fingerprint for path, _, _, fingerprint in found}
+    assert set(by_path) == {KEY.path, AWS.path}, mail
+    # Only an admin answers, and only with an approval.
+    key_only = {"status": "approve", "allow": [by_path[KEY.path]], "secrets": "clean"}
+    assert alice.patch(URL + rid, json=key_only).status_code == 403
+    assert root.patch(URL + rid, json={"status": "deny", "allow": [by_path[KEY.path]]}).status_code == 422
+
+    # The deploy key is meant to be there; the AWS credentials go (clean); the run resumes.
+    assert root.patch(URL + rid, json=key_only).status_code == 200
+    done = service.wait_state("alice", rid, {"completed", "error"})
+    assert done["state"] == "completed", done["error"]
+    assert done["result"]["published"]["vis"] == "public"
+    answer = [h for h in done["history"] if "allowed secret findings" in h["reason"]]
+    assert [(h["actor"], h["reason"]) for h in answer] == [
+        ("root", f"approved; allowed secret findings {by_path[KEY.path]}; secrets: clean")
+    ]
+    scanned = json.loads((service.runs / rid / "results" / "25-secrets.json").read_text())
+    assert scanned["removed"] == [AWS.path] and scanned["allowed"] == [by_path[KEY.path]]
+    assert_no_secrets(service, mailbox, [S3_SECRET, *KEY.values, *AWS.values])

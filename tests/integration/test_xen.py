@@ -146,6 +146,8 @@ def test_xen_to_openstack_with_packages_and_password(cli: Cli, tmp_path: Path) -
     firmware = json.loads((run / "results" / "20-migrate.json").read_text())["firmware"]
     assert firmware["platforms"] == ["bios"] and "CentOS 5's kernels" in firmware["why"][0]
     assert json.loads((run / "results" / "30-bootable.json").read_text())["disk"]["label"] == "dos"
+    # The CentOS-5-like guest, cleaned and with no package database we read: no finding.
+    assert json.loads((run / "results" / "25-secrets.json").read_text())["findings"] == []
     offset = json.loads((run / "results" / "30-bootable.json").read_text())["layout"]["offset_bytes"]
     dev = ext.device(run / "work" / "disk.raw", offset)
 

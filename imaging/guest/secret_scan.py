@@ -1,0 +1,359 @@
+"""The secret scan's mechanism: which files of the guest are read, and what finds secrets in them.
+
+Files: every regular file under the directories a user or a service writes (:data:`SCOPE`),
+walked without following a link, each opened by name in its directory with O_NOFOLLOW (the
+guest's links never lead the scan outside it). Not read: empty files, the package managers' own
+databases, and a file that still holds what its package installed (its digest in the guest's
+package database, :mod:`imaging.guest.package_files`). A file whose first 8 KiB has a NUL byte is
+binary and not scanned, but for the token stores a rule reads whole. At most
+:data:`files.CONFIG_LIMIT` of a file is read (the first 8 MiB of a larger one, said in the record).
+
+Detectors: Yelp's ``detect-secrets`` (keyword, entropy and its provider plugins: AWS, Azure,
+GitHub, GitLab, Slack, Stripe, JWT, private keys, basic auth in URLs, npm, PyPI, OpenAI, ...)
+on each line a cheap first pass says one of its plugins could match, plus the file-shape rules
+of :mod:`imaging.guest.secret_rules`. detect-secrets picks its keyword patterns by file
+extension; a system's files mostly have none, and are scanned as configuration files
+(``name = value`` counts, not only quoted values).
+
+Nothing here keeps a secret's value: a finding holds its keyed fingerprint only.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+import hmac
+import os
+import re
+import stat
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from imaging.disk.files import CONFIG_LIMIT, MAX_DEPTH, Guest
+from imaging.guest import package_files, secret_rules
+
+# Where users and services write. /usr outside /usr/local, /boot and /var/log are the
+# distribution's or cleaned by 10-clean; /var/lib holds services' state (databases' configs,
+# web apps, Jupyter, Docker's).
+SCOPE = ("/root", "/home", "/etc", "/opt", "/srv", "/var/www", "/var/lib", "/var/spool/cron",
+         "/var/opt", "/usr/local", "/tmp", "/var/tmp")  # fmt: skip
+# Package managers' own databases: package metadata, never a user's secret, and large.
+NOT_SCANNED = ("/var/lib/dpkg", "/var/lib/apt", "/var/lib/rpm", "/var/lib/dnf", "/var/lib/yum",
+               "/var/lib/zypp", "/var/lib/PackageKit", "/var/lib/ucf", "/etc/ssl/certs",
+               "/etc/pki/ca-trust", "/etc/ca-certificates")  # fmt: skip
+BINARY_PROBE = 8192
+# Lines longer than this are cut, around each place the first pass matched, into windows this
+# long: detect-secrets' patterns then run on bounded text, whatever a minified file holds.
+WINDOW = 4096
+SKIPPED_KEPT = 100
+# What detect-secrets flags that is not a secret in a system image.
+_PLUGINS_LEFT_OUT = {"IPPublicDetector"}
+# Public material between these markers is not scanned (certificates, public keys).
+_PUBLIC_BLOCK = re.compile(
+    r"^-----BEGIN (CERTIFICATE|PUBLIC KEY|RSA PUBLIC KEY|PGP PUBLIC KEY BLOCK|X509 CRL|CERTIFICATE REQUEST)-----$"
+    r".*?^-----END \1-----$",
+    re.M | re.S,
+)
+# Values a keyword detector finds that are settings, not secrets (passwd: files, lock_passwd:
+# true, PASS_MIN_LEN 5).
+_NOT_SECRETS = re.compile(
+    r"(?i)^(true|false|yes|no|on|off|none|null|nil|all|files|compat|sss|systemd|required|optional|"
+    r"sufficient|\*+|x|!+|[0-9]{1,5}|<[^>]*>|\$\{?[a-z_][a-z0-9_]*\}?|%\(?[a-z_]+\)?s?|\{\{.*\}\})$"
+)
+
+_GENERIC = {"Secret Keyword": 1, "Base64 High Entropy String": 2, "Hex High Entropy String": 2}
+_COMMENT = ("#", ";", "//", "--", "/*", "* ", "!")
+
+
+@dataclass(frozen=True)
+class Finding:
+    path: str
+    line: int  # 0: the whole file
+    detector: str
+    fingerprint: str
+
+
+@dataclass
+class Scanned:
+    """What the scan found and what it read."""
+
+    findings: list[Finding] = field(default_factory=list)
+    files_seen: int = 0
+    files_read: int = 0
+    bytes_read: int = 0
+    bytes_seen: int = 0
+    counts: Counter[str] = field(default_factory=Counter)  # files not scanned, by reason
+    skipped: list[str] = field(default_factory=list)  # the first SKIPPED_KEPT, one line each
+    package_database: str = ""
+    seconds: float = 0.0
+
+    def skip(self, path: str, why: str, *, line: bool = True) -> None:
+        self.counts[why] += 1
+        if line and len(self.skipped) < SKIPPED_KEPT:
+            self.skipped.append(f"{path}: {why}")
+
+
+class Fingerprints:
+    """A keyed digest of (path, detector, value): short enough to read and allow, and of no use
+    to find a weak password by trying candidates without the key."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def of(self, path: str, detector: str, value: str) -> str:
+        message = "\0".join((path, detector, value)).encode("utf-8", "surrogateescape")
+        return hmac.new(self.key, message, hashlib.sha256).hexdigest()[:16]
+
+
+class _Detectors:
+    """detect-secrets' plugins and filters, and the first pass over a file's text."""
+
+    def __init__(self) -> None:
+        from detect_secrets.core import scan as ds_scan
+        from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
+        from detect_secrets.plugins import keyword
+        from detect_secrets.settings import get_plugins, transient_settings
+        from detect_secrets.util.code_snippet import get_code_snippet
+
+        self._scan, self._snippet = ds_scan, get_code_snippet
+        mapping: dict[str, type] = get_mapping_from_secret_type_to_class()
+        names = [c.__name__ for c in mapping.values() if c.__name__ not in _PLUGINS_LEFT_OUT]
+        self._settings = transient_settings({"plugins_used": [{"name": n} for n in names]})
+        self._settings.__enter__()
+        self.plugins = list(get_plugins())
+        gates = [re.compile("|".join(keyword.DENYLIST), re.I)]
+        for plugin in self.plugins:
+            patterns = getattr(type(plugin), "denylist", None)
+            if isinstance(patterns, list | tuple):
+                gates += [re.compile(p.pattern, p.flags | re.M) for p in patterns]
+            elif isinstance(getattr(plugin, "regex", None), re.Pattern):
+                gates.append(plugin.regex)
+        self.gates = gates
+
+    def close(self) -> None:
+        self._settings.__exit__(None, None, None)
+
+    def lines(self, text: str) -> Iterator[tuple[int, str]]:
+        """(line number, text to scan) where a plugin could match: each line the first pass hit,
+        a long one as the window around each hit."""
+        public = [(m.start(), m.end()) for m in _PUBLIC_BLOCK.finditer(text)]
+        starts = [0, *(m.end() for m in re.finditer("\n", text))]
+        seen: set[tuple[int, int]] = set()
+        for gate in self.gates:
+            for m in gate.finditer(text):
+                if any(a <= m.start() < b for a, b in public):
+                    continue
+                n = bisect.bisect_right(starts, m.start()) - 1
+                begin = starts[n]
+                end = starts[n + 1] - 1 if n + 1 < len(starts) else len(text)
+                if end - begin > WINDOW:
+                    begin = max(begin, m.start() - WINDOW // 2)
+                    end = min(end, begin + WINDOW)
+                if (n, begin) not in seen:
+                    seen.add((n, begin))
+                    yield n + 1, text[begin:end]
+
+    def scan(self, name: str, text: str) -> Iterator[tuple[int, str, str]]:
+        """(line, detector, value) for what detect-secrets finds in ``text``; ``name`` chooses
+        its keyword patterns (by extension)."""
+        lines = text.splitlines()
+        s = self._scan
+        for number, line in self.lines(text):
+            line = line.rstrip()
+            context = self._snippet(lines=lines, line_number=number) if len(lines) >= number else None
+            if context is None or s._is_filtered_out(
+                required_filter_parameters=["line"], filename=name, line=line, context=context
+            ):
+                continue
+            comment = line.lstrip().startswith(_COMMENT)
+            for plugin in self.plugins:
+                if comment and type(plugin).__name__ == "KeywordDetector":
+                    continue  # a commented-out example ("# password = secret"); providers' keys still count
+                for secret in s._scan_line(
+                    plugin=plugin, filename=name, line=line, line_number=number, context=context
+                ):
+                    value = secret.secret_value or ""
+                    bare = value.split(" #")[0].strip(" ;,\"'")
+                    if " " in bare and secret.type == "Secret Keyword":
+                        # Shell's NAME=value before a command keeps its first word; other words
+                        # are settings, not secrets ("passwd: files systemd", "= A challenge password").
+                        bare = value = bare.split()[0] if f"={bare.split()[0]}" in line else ""
+                    if not bare or _NOT_SECRETS.match(bare) or s._is_filtered_out(
+                        required_filter_parameters=["context"], filename=name, secret=value,
+                        plugin=plugin, line=line, context=context,
+                    ):  # fmt: skip
+                        continue
+                    yield number, secret.type, value
+
+
+def _as_config(path: str) -> str:
+    """The name detect-secrets sees: the file's own when its extension names a language or
+    format it knows; otherwise the same name as a configuration file."""
+    from detect_secrets.util.filetype import FileType, determine_file_type
+
+    return path if determine_file_type(path) is not FileType.OTHER else path + ".conf"
+
+
+def scan(g: Guest, prints: Fingerprints, *, scope: tuple[str, ...] = SCOPE) -> Scanned:
+    """Every finding under ``scope`` in the guest, and what was read to find them."""
+    began = time.monotonic()
+    out = Scanned()
+    owned = package_files.read(g)
+    out.package_database = owned.source or "none found: every file is scanned"
+    detectors = _Detectors()
+    try:
+        seen_dirs: set[tuple[int, int]] = set()
+        for top in scope:
+            try:
+                fd = g.open_dir(top)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as e:
+                out.skip(top, f"not opened ({e.strerror})")
+                continue
+            with contextlib.closing(_Fd(fd)):
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) in seen_dirs:
+                    continue
+                seen_dirs.add((st.st_dev, st.st_ino))
+                for dir_fd, name, path, st in _walk(fd, top, out):
+                    _file(dir_fd, name, path, st, out, owned, detectors, prints)
+    finally:
+        detectors.close()
+    out.seconds = round(time.monotonic() - began, 2)
+    return out
+
+
+class _Fd:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _walk(top_fd: int, top: str, out: Scanned) -> Iterator[tuple[int, str, str, os.stat_result]]:
+    """(dir fd, name, guest path, lstat) of every regular file under ``top``; directories the
+    scan does not read, and trees deeper than MAX_DEPTH, are left out with a line each."""
+    stack: list[tuple[int, str, Iterator[os.DirEntry[str]]]] = [(top_fd, top, iter(os.scandir(top_fd)))]
+    try:
+        while stack:
+            fd, where, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                if fd != top_fd:
+                    os.close(fd)
+                continue
+            path = f"{where.rstrip('/')}/{entry.name}"
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out.files_seen += 1
+                out.bytes_seen += st.st_size
+                yield fd, entry.name, path, st
+            elif stat.S_ISDIR(st.st_mode):
+                if path in NOT_SCANNED:
+                    out.skip(path, "a package manager's database or public certificates: not scanned")
+                    continue
+                if len(stack) >= MAX_DEPTH:
+                    out.skip(path, f"more than {MAX_DEPTH} directories deep: not scanned")
+                    continue
+                try:
+                    child = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except OSError as e:
+                    out.skip(path, f"directory not opened ({e.strerror})")
+                    continue
+                stack.append((child, path, iter(os.scandir(child))))
+    finally:
+        for fd, _, _ in stack:
+            if fd != top_fd:
+                os.close(fd)
+
+
+def _file(
+    dir_fd: int,
+    name: str,
+    path: str,
+    st: os.stat_result,
+    out: Scanned,
+    owned: package_files.Owned,
+    detectors: _Detectors,
+    prints: Fingerprints,
+) -> None:
+    if st.st_size == 0:
+        out.skip(path, "empty", line=False)
+        return
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        out.skip(path, f"not opened ({e.strerror})")
+        return
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # changed under us
+            return
+        data = _read(fd, CONFIG_LIMIT)
+    finally:
+        os.close(fd)
+    out.files_read += 1
+    out.bytes_read += len(data)
+    if path in owned.digests and len(data) == st.st_size:
+        algorithm = owned.digests[path][0]
+        if owned.matches(path, {algorithm: hashlib.new(algorithm, data).hexdigest()}):
+            out.skip(path, "its package's own content (digest as installed)", line=False)
+            return
+    rules = secret_rules.by_path(path)
+    if b"\0" in data[:BINARY_PROBE] and not secret_rules.reads_binary(path):
+        out.skip(path, "binary (a NUL byte in its first 8 KiB)", line=False)
+        return
+    if st.st_size > len(data):
+        out.skip(path, f"only its first {CONFIG_LIMIT >> 20} MiB scanned (of {st.st_size:,} bytes)")
+    hits: dict[tuple[int, str], str] = {}
+    for rule in rules:
+        for hit in rule(data):
+            hits.setdefault((hit.line, hit.detector), hit.value)
+    keys = {(h.line, h.detector): h.value for h in secret_rules.private_keys(data)}
+    key_lines = {line for line, _ in keys}
+    hits.update(keys)
+    if b"\0" not in data[:BINARY_PROBE]:
+        text = data.decode("utf-8", "replace")
+        for line, detector, value in detectors.scan(_as_config(path), text):
+            if detector == "Private Key" and line in key_lines:
+                continue  # the rule's finding says more (whether it has a passphrase)
+            hits.setdefault((line, detector), value)
+    # One finding a line: the most specific detector's (a provider's token over the keyword
+    # that names it, over the entropy of the same string).
+    best: dict[int, tuple[int, str, str]] = {}
+    for (line, detector), value in hits.items():
+        rank = _GENERIC.get(detector, 0)
+        if line not in best or (rank, detector) < best[line][:2]:
+            best[line] = (rank, detector, value)
+    for line, (_, detector, value) in sorted(best.items()):
+        out.findings.append(Finding(path, line, detector, prints.of(path, detector, value)))
+
+
+def _read(fd: int, limit: int) -> bytes:
+    chunks, size = [], 0
+    while size < limit and (chunk := os.read(fd, min(1 << 20, limit - size))):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def describe(out: Scanned) -> dict[str, Any]:
+    """The scan's figures, for the record."""
+    return {
+        "files_seen": out.files_seen,
+        "files_read": out.files_read,
+        "bytes_seen": out.bytes_seen,
+        "bytes_read": out.bytes_read,
+        "seconds": out.seconds,
+        "package_database": out.package_database,
+        "not_scanned": dict(out.counts),
+    }
