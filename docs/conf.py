@@ -36,5 +36,5 @@ html_static_path: list[str] = []
 html_show_sourcelink = False
 html_last_updated_fmt = None
 pygments_style = "sphinx"
-# A manual for users: every link must resolve.
-nitpicky = False
+# Every reference must resolve: a clean operation or an option without its entry is a warning.
+nitpicky = True

@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
 from sphinx.application import Sphinx
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,7 +112,8 @@ def profiles_md() -> str:
     for name in config.available("profiles"):
         p = profiles.load_profile(name)
         ids = ", ".join(
-            f"{i} {' '.join(v) if v else '(any version)'}" for i, v in (p.os_release.ids if p.os_release else {}).items()
+            f"{i} {' '.join(v) if v else '(any version)'}"
+            for i, v in (p.os_release.ids if p.os_release else {}).items()
         )
         if p.os_release and p.os_release.like:
             ids += f"; like {', '.join(p.os_release.like)}"
@@ -131,10 +133,16 @@ def profiles_md() -> str:
                 cell(uefi),
             ]
         )
-    return table(
-        ["profile", "on", "for", "os-release IDs and versions", "else detected by", "initrd", "packages", "UEFI"],
-        rows,
-    )
+    header = [
+        "profile",
+        "on",
+        "for",
+        "os-release IDs and versions",
+        "else detected by",
+        "initrd",
+        "packages",
+    ]
+    return table([*header, "UEFI"], rows)
 
 
 # The command line ---------------------------------------------------------------------------------
@@ -193,7 +201,7 @@ def openapi_spec() -> dict[str, Any]:
     from imaging.service import api, settings
 
     with tempfile.TemporaryDirectory(prefix="imaging-docs-") as state:
-        loaded = settings.Settings(state_dir=Path(state), database_url=DOCS_DATABASE)
+        loaded = settings.Settings(state_dir=Path(state), database_url=SecretStr(DOCS_DATABASE))
         app = api.create_app(loaded, recover=False)
         try:
             return app.openapi()
