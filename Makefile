@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Host tools the pipeline and its tests run (see README, "What runs each step"); PostgreSQL: the
+# Host tools the pipeline and its tests run (see docs/install.md); PostgreSQL: the
 # request service's database (`serve` alone starts a private cluster of it under state/; the
 # tests start theirs, on a Unix socket or on loopback, with the same code);
 # Chromium, a font and tesseract to look at the audit reports the way a person does; virt-v2v
