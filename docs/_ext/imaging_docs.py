@@ -117,32 +117,34 @@ def profiles_md() -> str:
         )
         if p.os_release and p.os_release.like:
             ids += f"; like {', '.join(p.os_release.like)}"
-        detect = "; ".join(profiles._describe(r) for r in p.detect)
-        initrd = Path(p.initrd.tool).name if p.initrd else "kept as it is"
-        packages = p.packages.install[0] if p.packages else "-"
-        uefi = "yes" if p.efi.boots else f"no: {p.efi.why}" if p.efi.why else "no"
+        detect = "; ".join(
+            f"{code(r.file)} matches {code(r.matches)}" if r.matches else f"{code(r.file)} exists"
+            for r in p.detect
+        )
+        tools = [
+            Path(p.initrd.tool).name if p.initrd else "initrd kept",
+            p.packages.install[0] if p.packages else "",
+        ]
+        uefi = "yes" if p.efi.boots else "no"
         rows.append(
             [
-                code(name),
-                code(p.base) if p.base else "",
+                code(name) + (f" (on {code(p.base)})" if p.base else ""),
                 cell(p.description),
                 cell(ids or "-"),
-                cell(detect or "-"),
-                cell(initrd),
-                cell(packages),
-                cell(uefi),
+                detect or "-",
+                cell(", ".join(x for x in tools if x)),
+                uefi,
             ]
         )
     header = [
         "profile",
-        "on",
         "for",
         "os-release IDs and versions",
         "else detected by",
-        "initrd",
-        "packages",
+        "initrd, packages",
+        "UEFI",
     ]
-    return table([*header, "UEFI"], rows)
+    return table(header, rows)
 
 
 # The command line ---------------------------------------------------------------------------------
