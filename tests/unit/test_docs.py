@@ -194,9 +194,19 @@ def shown() -> list[tuple[str, str, list[str]]]:
     return found
 
 
+SHELL_OPERATORS = {"&", "&&", "|", "||", ";"}
+
+
 def _command(words: list[str]) -> list[str] | None:
     """``imaging export ...`` (also after ``VAR=value`` or as ``.venv/bin/imaging`` or
-    ``python -m imaging``) -> ``["imaging", "export", ...]``; ``make demo`` -> ``["make", "demo"]``."""
+    ``python -m imaging``, or in ``$(...)``) -> ``["imaging", "export", ...]``; ``make demo`` ->
+    ``["make", "demo"]``."""
+    wrapped = any(w.startswith("$(") or "=$(" in w for w in words)
+    words = [re.sub(r"^(?:[A-Za-z_][A-Za-z0-9_]*=)?\$\(", "", w) for w in words]
+    if wrapped and words and words[-1].endswith(")"):
+        words[-1] = words[-1][:-1]
+    ends = [i for i, w in enumerate(words) if w in SHELL_OPERATORS or w.startswith((">", "2>"))]
+    words = words[: ends[0]] if ends else words
     for i, word in enumerate(words):
         if word == "imaging" and i > 0 and words[i - 1] == "-m":
             return ["imaging", *words[i + 1 :]]
