@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Host tools the pipeline and its tests run (see README, "What runs each step"); PostgreSQL: the
+# Host tools the pipeline and its tests run (see docs/install.md); PostgreSQL: the
 # request service's database (`serve` alone starts a private cluster of it under state/; the
 # tests start theirs, on a Unix socket or on loopback, with the same code);
 # Chromium, a font and tesseract to look at the audit reports the way a person does; virt-v2v
@@ -23,7 +23,7 @@ APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdi
 	openssh-server openssh-client glance-api mmdebstrap xfsprogs btrfs-progs lvm2 acl dosfstools mtools \
 	sbsigntool openssl ovmf grub-efi-amd64-bin shim-signed grub-efi-amd64-signed
 
-.PHONY: setup apt venv demo lab test test-fast lint bench clean
+.PHONY: setup apt venv demo lab test test-fast lint bench docs docs-example clean
 
 setup: apt venv
 
@@ -81,12 +81,24 @@ test-fast: setup
 	$(PY) -m pytest -m "not integration"
 
 lint: setup
-	$(PY) -m ruff check imaging tests bench
-	$(PY) -m ruff format --check imaging tests bench
+	$(PY) -m ruff check imaging tests bench docs
+	$(PY) -m ruff format --check imaging tests bench docs
 	$(PY) -m mypy
 
 bench: setup
 	$(PY) bench/run.py
 
+# The manual (docs/, Sphinx + MyST): docs/_build/html/index.html. Warnings are errors: a broken
+# link, or an option or clean operation without its entry, fails the build (tests/unit/test_docs.py
+# builds it the same way).
+docs: setup
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs/_build/html/index.html" >&2
+
+# The audit record's example in the manual (docs/audit-example/): one export of the kvm sample,
+# booted, recorded as its run wrote it. Root, loop devices, one QEMU boot (about a minute).
+docs-example: setup
+	$(PY) docs/record_example.py
+
 clean:
-	rm -rf runs out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf runs out .pytest_cache .mypy_cache .ruff_cache docs/_build docs/_generated

@@ -1,4 +1,4 @@
-"""Run every benchmark and print one markdown table (the README's Performance section)."""
+"""Run every benchmark and print one markdown table (docs/performance.md: the latest run's figures)."""
 
 from __future__ import annotations
 

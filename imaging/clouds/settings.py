@@ -91,7 +91,7 @@ class Eucalyptus(_Strict):
     known_hosts: Path  # the nodes' host keys, as the operator has checked them
     instances_dir: str = "/var/lib/eucalyptus/instances"
     timeout: float = Field(default=30.0, gt=0, le=600)
-    # Through gzip -1 on the node instead of SFTP: for slow links and sparse disks (see README).
+    # Through gzip -1 on the node instead of SFTP: for slow links and sparse disks (see docs/clouds.md).
     compress: bool = False
 
     @field_validator("nodes")

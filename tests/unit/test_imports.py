@@ -1,6 +1,6 @@
 """The package's layout, read from the code's own imports: no module imports another that imports
-it back, however long the way round, and imports only go down the layers the README's "Where
-things are" names. A new subpackage must be given its place here (and there) before it passes."""
+it back, however long the way round, and imports only go down the layers that "Where things are"
+(docs/development.md) names. A new subpackage must be given its place here (and there) before it passes."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def test_every_module_has_a_layer() -> None:
             layer(name)
         except LookupError:
             unplaced.append(name)
-    assert not unplaced, f"modules in no layer (add them to LAYERS and to the README): {unplaced}"
+    assert not unplaced, f"modules in no layer (add them to LAYERS and to docs/development.md): {unplaced}"
 
 
 def test_no_import_cycles() -> None:
@@ -147,8 +147,8 @@ def test_the_checks_catch_what_they_should(tmp_path: Path) -> None:
     assert found == {"imaging.run.pipeline", "imaging.disk.ext"}
 
 
-def test_the_readme_names_every_subpackage() -> None:
-    readme = (PACKAGE.parent / "README.md").read_text()
-    section = readme.split("## Where things are", 1)[1].split("\n## ", 1)[0]
+def test_the_manual_names_every_subpackage() -> None:
+    page = (PACKAGE.parent / "docs" / "development.md").read_text()
+    section = page.split("## Where things are", 1)[1].split("\n## ", 1)[0]
     for sub in sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()):
         assert f"`imaging/{sub}/`" in section, sub

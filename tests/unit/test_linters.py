@@ -1,4 +1,4 @@
-"""ruff (lint and format) and mypy over the package, the tests and the benchmarks."""
+"""ruff (lint and format) and mypy over the package, the tests, the benchmarks and the manual's code."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 from imaging.config import PROJECT
 
-PATHS = ["imaging", "tests", "bench"]
+PATHS = ["imaging", "tests", "bench", "docs"]
 
 
 def run(*argv: str) -> None:
