@@ -357,6 +357,63 @@ class MigratePanel(Panel):
         return self.attempt(plan)
 
 
+class SecretsPanel(Panel):
+    """25-secrets' findings, before it runs: per file a button that removes it from the instance,
+    per finding one that allows it by its fingerprint."""
+
+    def __init__(self, explorer: Explorer) -> None:
+        super().__init__(explorer)
+        scan = w.Button(description="Scan again")
+        scan.on_click(lambda _: self.refresh())
+        self.summary = w.HTML()
+        self.rows = w.VBox()
+        self.widget = w.VBox([scan, self.message, self.summary, self.rows])
+        self.refresh()
+
+    def refresh(self) -> None:
+        def show() -> None:
+            if self.session.runner.done("25-secrets"):
+                done = self.session.ws.result("25-secrets")
+                self.summary.value = "<p>25-secrets has run; what it found:</p>" + _table(
+                    [
+                        {k: f[k] for k in ("path", "line", "detector", "fingerprint")}
+                        for f in done["findings"]
+                    ]
+                )
+                self.rows.children = []
+                return
+            found = self.session.secret_scan()
+            self.summary.value = (f"<p>{len(found.findings)} findings, {len(found.open)} open, policy "
+                                  f"{html.escape(found.policy)}</p>") + found.summary().to_html()  # fmt: skip
+            self.rows.children = [self._row(f, found) for f in found.findings]
+            self.explorer.seen["secrets"] = {"findings": len(found.findings), "open": len(found.open)}
+
+        self.attempt(show)
+
+    def _row(self, f: Any, found: Any) -> w.Widget:
+        remove = w.Button(description="Remove file", button_style="danger", tooltip=f.path)
+        remove.on_click(lambda _: self.remove(f.path))
+        allow = w.Button(description="Allowed" if f.fingerprint in found.allowed else "Allow",
+                         disabled=f.fingerprint in found.allowed, tooltip=f.fingerprint)  # fmt: skip
+        allow.on_click(lambda _: self.allow(f.fingerprint))
+        label = w.HTML(f"<code>{html.escape(f.path)}:{f.line}</code> {html.escape(f.detector)} "
+                       f"<code>{f.fingerprint}</code>")  # fmt: skip
+        return w.HBox([remove, allow, label])
+
+    def remove(self, path: str) -> bool:
+        """Remove ``path`` from the instance, then scan again."""
+        ok = self.attempt(lambda: self.session.remove_secret_file(path))
+        if ok:
+            self.refresh()
+        return ok
+
+    def allow(self, fingerprint: str) -> bool:
+        ok = self.attempt(lambda: self.session.allow_secret(fingerprint))
+        if ok:
+            self.refresh()
+        return ok
+
+
 class StagesPanel(Panel):
     """The run's stages: which are done, and buttons that run the next one or all the rest."""
 

@@ -23,7 +23,7 @@ from imaging import config
 from imaging.disk.files import Guest
 from imaging.errors import ImagingError, ParameterError
 from imaging.explore import proposal
-from imaging.guest import access, clean, migrate
+from imaging.guest import access, clean, migrate, secrets
 from imaging.guest.profiles import Detected, RuleCheck, check_rules, resolve
 from imaging.run import pipeline
 from imaging.run.request import Request
@@ -232,6 +232,22 @@ class Session:
 
     def migration_plan(self) -> migrate.MigrationPlan:
         return migrate.plan(self.ws, self.request.target, self.migration_options())
+
+    def secret_scan(self) -> secrets.Scan:
+        """25-secrets' findings on the instance as it is now (before 10-clean has run, cleaning
+        will still remove some), under the request's policy and allow list."""
+        r = self.request
+        return secrets.scan(self.ws, secrets.policy(r.secrets, r.kind, r.vis), r.secrets_allow)
+
+    def remove_secret_file(self, path: str) -> secrets.Removed:
+        """Remove one file that holds a finding from the instance (before 25-secrets has run)."""
+        if self.runner.done("25-secrets"):
+            raise ImagingError(f"25-secrets has run in {self.ws.id}: the disk is made from what it scanned")
+        return secrets.remove(self.ws, [path])
+
+    def allow_secret(self, fingerprint: str) -> None:
+        """Allow a finding by its fingerprint (the request's allow list)."""
+        self.runner.amend(secrets_allow=[*self.request.secrets_allow, fingerprint])
 
     def status(self) -> list[dict[str, Any]]:
         """Each stage: done, next or waiting, its time, and its executed notebook."""

@@ -78,14 +78,19 @@ def _dpkg(g: Guest) -> Iterator[tuple[str, tuple[str, str]]]:
 
 
 def _rpm(g: Guest, path: str) -> Iterator[tuple[str, tuple[str, str]]]:
-    """Each package's header from the ``Packages`` table, opened read-only from a copy (SQLite
-    is built to read hostile files, and never writes this one)."""
-    data = g.read_bytes(path, _RPMDB_LIMIT) or b""
-    with tempfile.NamedTemporaryFile(suffix=".sqlite") as copy:
-        copy.write(data)
-        copy.flush()
-        db = sqlite3.connect(f"file:{copy.name}?mode=ro&immutable=1", uri=True)
+    """Each package's header from the ``Packages`` table, read from a copy of the database and
+    its write-ahead log (rpm writes in WAL mode: a guest shut down uncleanly keeps recent
+    installs there). SQLite is built to read hostile files; only the copy is ever opened."""
+    with tempfile.TemporaryDirectory() as d:
+        copy = f"{d}/rpmdb.sqlite"
+        for suffix in ("", "-wal"):
+            data = g.read_bytes(path + suffix, _RPMDB_LIMIT)
+            if data is not None:
+                with open(copy + suffix, "wb") as f:
+                    f.write(data)
+        db = sqlite3.connect(copy)
         try:
+            db.execute("PRAGMA trusted_schema = OFF")
             for (blob,) in db.execute("SELECT blob FROM Packages"):
                 if isinstance(blob, bytes):
                     yield from _header_files(blob)

@@ -13,6 +13,7 @@ import pytest
 
 from imaging import config
 from imaging.explore import panels, steps
+from imaging.guest import access
 from imaging.run import pipeline, scraps
 
 from .conftest import Cli
@@ -81,4 +82,20 @@ def test_panels_follow_their_controls(tmp_path: Path, monkeypatch: pytest.Monkey
     assert stages.run_next() and ex.session.runner.done("10-clean")
     assert cleaning.boxes["logfiles"].disabled and "10-clean has run" in cleaning.plan.value
     assert not cleaning.choose(["logfiles"]) and "already used" in cleaning.message.value
+
+    # A user's leftovers: a removal and an allowance, each a click, each followed by a new scan.
+    with access.editing(ex.session.ws) as g:
+        g.makedirs("/srv/app")
+        g.write_text("/srv/app/.env", "DB_PASSWORD=Vq8rPlanted4\n")
+        g.write_text("/srv/app/settings.py", 'SECRET_KEY = "Zt5wKept9Lab"\n')
+    found = panels.SecretsPanel(ex)
+    labels = [row.children[2].value for row in found.rows.children]
+    assert len(labels) == 2 and any("/srv/app/.env:1" in label for label in labels)
+    assert not any("Vq8rPlanted4" in label for label in labels)
+    assert found.remove("/srv/app/.env") and len(found.rows.children) == 1
+    with ex.session.guest() as g:
+        assert not g.exists("/srv/app/.env") and g.exists("/srv/app/settings.py")
+    fingerprint = found.rows.children[0].children[1].tooltip
+    assert found.allow(fingerprint) and ex.session.request.secrets_allow == [fingerprint]
+    assert found.rows.children[0].children[1].description == "Allowed"
     assert isinstance(ex.session, steps.Session)

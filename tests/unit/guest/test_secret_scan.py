@@ -140,3 +140,23 @@ def test_policy_by_visibility_and_allow_list_checked() -> None:
         Request.create(source="sample:kvm", name="x", secrets_allow=["not-hex"])
     with pytest.raises(ParameterError, match="secrets must be"):
         Request.create(source="sample:kvm", name="x", secrets="maybe")
+
+
+RPMDB = Path(__file__).parents[2] / "data" / "rpm" / "rpmdb.sqlite"
+
+
+def test_rpm_package_files_as_installed_are_not_scanned(tmp_path: Path) -> None:
+    """A real rpm database (tests/data/rpm: rpm 4.18's SQLite backend): the packaged config file
+    as installed is the package's; the one changed after is scanned."""
+    root = _tree(tmp_path / "g", {
+        "/etc/lab/lab.conf": "password = example-from-the-package\n",
+        "/etc/lab/other.conf": 'token = "shipped"\npassword = Changed7Later\n',
+        "/var/lib/rpm/rpmdb.sqlite": RPMDB.read_bytes(),
+    })  # fmt: skip
+    out = _scan(root)
+    assert out.package_database == "rpm (sqlite)"
+    assert _found(out) == {("/etc/lab/other.conf", "Secret Keyword")}
+    # A database that is not one is read as none: every file is scanned, nothing fails.
+    (root / "var/lib/rpm/rpmdb.sqlite").write_bytes(b"SQLite format 3\0" + os.urandom(5000))
+    out = _scan(root)
+    assert out.package_database.startswith("none") and len(out.findings) == 2
