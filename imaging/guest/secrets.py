@@ -83,6 +83,12 @@ class Scan(Record):
     def open(self) -> list[Finding]:
         return [f for f in self.findings if f.fingerprint not in self.allowed]
 
+    @property
+    def over(self) -> int:
+        """Findings beyond those the record keeps (secret_scan.FINDINGS_KEPT): open, since
+        nobody could see them to allow them."""
+        return int(self.figures.get("findings_not_kept") or 0)
+
     def summary(self) -> Table:
         fig = self.figures
         rows = [
@@ -141,9 +147,9 @@ def remove(ws: Workspace, paths: list[str]) -> Removed:
 def one_line(found: Scan) -> str:
     """The open findings in one line: what the failure mail and the request's error say."""
     shown = [f"{f.path}:{f.line} {f.detector} [{f.fingerprint}]" for f in found.open[:_SHOWN_IN_ERROR]]
-    more = len(found.open) - len(shown)
+    more = len(found.open) + found.over - len(shown)
     return (
-        f"{len(found.open)} secret(s) found in the guest under policy {found.policy}: {'; '.join(shown)}"
+        f"{len(found.open) + found.over} secret(s) found in the guest under policy {found.policy}: {'; '.join(shown)}"
         + (f"; and {more} more (see 25-secrets)" if more > 0 else "")
         + ". Remove them from the instance, or approve again allowing their fingerprints or with secrets: clean"
     )
@@ -153,8 +159,12 @@ def apply(ws: Workspace, found: Scan) -> dict[str, Any]:
     """The policy's consequence: raise (fail), remove the files (clean), or note (warn); the
     stage's record, which holds fingerprints and never a value."""
     removed: Removed | None = None
-    if found.open and found.policy == "fail":
+    if (found.open or found.over) and found.policy == "fail":
         raise SecretsFound(one_line(found))
+    if found.over and found.policy == "clean":
+        raise SecretsFound(
+            f"{one_line(found)} (more findings than the record keeps: clean the instance first)"
+        )
     if found.open and found.policy == "clean":
         removed = remove(ws, found.files())
     return {
