@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from imaging import detectors
 from imaging.errors import GuestError
 from imaging.records import human_bytes
 
@@ -504,12 +505,15 @@ def _check_size(path: str, size: int, limit: int) -> None:
 
 
 def unified_diff(path: str, old: str, new: str, real: str | None = None) -> str:
+    """The diff of an edit, for the record: with every secret's value in it redacted (a password
+    on an fstab line the edit touched stays in the guest, never in a notebook)."""
     label = path if real in (None, path) else f"{path} (-> {real})"
-    return "".join(
+    diff = "".join(
         difflib.unified_diff(
             old.splitlines(keepends=True), new.splitlines(keepends=True), f"a{label}", f"b{label}"
         )
     )
+    return detectors.redact(diff, path) if diff else diff
 
 
 def is_enoent(e: OSError) -> bool:

@@ -146,4 +146,7 @@ def options(req: ImageRequest) -> list[tuple[str, str]]:
             ("boot marker", given.get("boot_marker") or "a login prompt")]  # fmt: skip
     if req.kind == "image":
         rows += [("publish to", given.get("destination") or "s3")]
+    rows += [("secrets", given.get("secrets") or "the site's policy (a public image stops on a finding)")]
+    if given.get("secrets_allow"):
+        rows += [("allowed", ", ".join(given["secrets_allow"]))]
     return rows

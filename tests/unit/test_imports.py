@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("disk", {"imaging.disk"}),
     ("samples", {"imaging.samples"}),
     ("leaves", {"imaging", "imaging.errors", "imaging.config", "imaging.tools", "imaging.records",
-                "imaging.progress", "imaging.sparse", "imaging.tables", "imaging.workspace"}),
+                "imaging.progress", "imaging.sparse", "imaging.tables", "imaging.workspace",
+                "imaging.detectors"}),
 ]  # fmt: skip
 
 

@@ -160,3 +160,18 @@ def test_rpm_package_files_as_installed_are_not_scanned(tmp_path: Path) -> None:
     (root / "var/lib/rpm/rpmdb.sqlite").write_bytes(b"SQLite format 3\0" + os.urandom(5000))
     out = _scan(root)
     assert out.package_database.startswith("none") and len(out.findings) == 2
+
+
+def test_a_recorded_diff_holds_no_secret(tmp_path: Path) -> None:
+    """An edit of a line beside a credential (20-migrate's fstab): the diff shows the line with
+    the value redacted; the file keeps it."""
+    fstab = (
+        "//nas/share /mnt/nas cifs username=lab,password=Nq4vSecretPw 0 0\n/dev/xvda1 / ext3 defaults 1 1\n"
+    )
+    root = _tree(tmp_path / "g", {"/etc/fstab": fstab})
+    with Guest(root) as g:
+        diff = g.edit(
+            "/etc/fstab", lambda t: t.replace("/dev/xvda1", "UUID=1234").replace("/mnt/nas", "/srv/nas")
+        )
+    assert "Nq4vSecretPw" not in diff and "<secret: " in diff and "+UUID=1234 / ext3" in diff
+    assert "password=Nq4vSecretPw" in (root / "etc/fstab").read_text()
