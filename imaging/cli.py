@@ -179,13 +179,11 @@ def _resume(args: argparse.Namespace) -> int:
     from imaging.run import pipeline
 
     ws, request = pipeline.open_run(args.run, None)
-    if args.secrets or args.allow_secret:  # an admin's answer to the scan's findings
-        request = pipeline.amend(
-            ws,
-            request,
-            secrets=args.secrets or request.secrets,
-            secrets_allow=[*request.secrets_allow, *(args.allow_secret or [])],
-        )
+    # An admin's answer to the scan's findings (the service passes its policy on every resume).
+    secrets = args.secrets or request.secrets
+    allow = list(dict.fromkeys([*request.secrets_allow, *(args.allow_secret or [])]))
+    if (secrets, allow) != (request.secrets, request.secrets_allow):
+        request = pipeline.amend(ws, request, secrets=secrets, secrets_allow=allow)
     return _execute(ws, request)
 
 

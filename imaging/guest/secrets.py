@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets as random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +47,7 @@ def fingerprint_key() -> bytes:
         return path.read_bytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f".fingerprint.key.{os.getpid()}")
-    part.write_bytes(random.token_hex(32).encode())
+    part.write_bytes(os.urandom(32).hex().encode())
     part.chmod(0o600)
     with contextlib.suppress(FileExistsError):
         os.link(part, path)  # the first host process to get here decides the key

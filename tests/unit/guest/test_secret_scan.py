@@ -175,3 +175,16 @@ def test_a_recorded_diff_holds_no_secret(tmp_path: Path) -> None:
         )
     assert "Nq4vSecretPw" not in diff and "<secret: " in diff and "+UUID=1234 / ext3" in diff
     assert "password=Nq4vSecretPw" in (root / "etc/fstab").read_text()
+
+
+def test_many_findings_are_counted_not_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(secret_scan, "FINDINGS_KEPT", 100)
+    many = tmp_path / "g" / "var/lib/app"
+    many.mkdir(parents=True)
+    for i in range(3000):  # a hostile tree of small files: 300 with a finding
+        (many / f"f{i}.env").write_text(f"PASSWORD=Gx7q{i:05d}kW\n" if i % 10 == 0 else "x=1\n")
+    out = _scan(tmp_path / "g")
+    assert (len(out.findings), out.findings_not_kept, out.files_read) == (100, 200, 3000)
+    found = secrets.Scan("fail", out.findings, [], secret_scan.describe(out))
+    with pytest.raises(secrets.SecretsFound, match="^300 secret"):
+        secrets.apply(None, found)  # type: ignore[arg-type]
