@@ -51,6 +51,7 @@ from imaging import config
 from imaging.clouds import settings as cloud_settings
 from imaging.errors import ImagingError, ParameterError, StoreError
 from imaging.guest import secrets
+from imaging.run import lineage
 from imaging.service import jobs, takeover
 from imaging.service.notify import Mailer
 from imaging.service.settings import Settings, secret_env_names
@@ -223,6 +224,7 @@ class RequestRunner:
             if why == "shutdown":
                 stack.enter_context(self._beating(context))
             code = _wait_or_stop(proc)
+            _end_leftovers(req.id, run_dir)
             self._end(context, req, run_dir, log_path, stage, why, code)
 
     def _end(
@@ -414,6 +416,16 @@ def _wait_or_stop(proc: subprocess.Popen[bytes]) -> int:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return int(proc.returncode)
+
+
+def _end_leftovers(request_id: str, run_dir: Path) -> None:
+    """Whatever the run started that still runs now that the run's process has exited, ended:
+    a run killed outright (on a host short of memory the OOM killer's pick is often the run)
+    could not stop it, and it must not wait for a resume that may never come (lineage.py)."""
+    left = lineage.end(run_dir.resolve(), _STOP_GRACE)
+    if left:
+        log.warning("request %s: its run left %d processes running, ended now: %s", request_id, len(left),
+                    "; ".join(left)[:1000])  # fmt: skip
 
 
 def recover(store: Store, mailer: Mailer, settings: Settings) -> None:
