@@ -32,7 +32,9 @@ from pathlib import Path
 MARK = "IMAGING_RUN_DIR"
 OWNER = "IMAGING_RUN_PID"
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
+# Looked up now, not in the child: between fork and exec a lookup (dlsym) could wait for a lock
+# another thread of ours held when we forked.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
 _PR_SET_PDEATHSIG = 1
 
 
@@ -41,7 +43,7 @@ def die_with_parent(signum: int) -> Callable[[], None]:
     parent = os.getpid()
 
     def prepare() -> None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signum)
+        _prctl(_PR_SET_PDEATHSIG, signum)
         # The parent may have died between the fork and the prctl: nobody would send it then.
         # _exit, not a signal to ourselves: until exec we still have the parent's handlers.
         if os.getppid() != parent:
