@@ -296,6 +296,20 @@ class Store:
             ).one_or_none()
         return row is not None and tuple(row[:2]) == (State.running, worker) and job in (None, row[2])
 
+    def leave_for_space(self, request_id: str, job: int, actor: Actor, reason: str, after: float) -> bool:
+        """A worker that cannot hold a request's run puts it back in the queue unclaimed, not
+        to be taken for ``after`` seconds (imaging/service/space.py); the transition says why.
+        False when the request moved on meanwhile (cancelled, or queued again with another job)."""
+        with self.session() as s:
+            req = s.get(ImageRequest, request_id, with_for_update={"of": ImageRequest})
+            if req is None or req.state != State.approved or req.job_id != job:
+                return False
+            # Its new job waits behind the one running now (the same lock), which ends at once.
+            req.job_id = jobs.defer(s.connection().connection.driver_connection, req.id, after=after)
+            s.add(Transition(request_id=req.id, time=now(), actor=actor.name, from_state=req.state,
+                             to_state=req.state, stage=req.stage, reason=reason))  # fmt: skip
+        return True
+
     def heartbeat(self, worker_id: int) -> None:
         """A Procrastinate worker's heartbeat, written for it (see ``RequestRunner._beating``)."""
         with self.session() as s:
