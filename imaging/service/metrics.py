@@ -5,8 +5,9 @@ in this process: every host's API gives the same answer, whichever one is scrape
 often processes restart. Requests by state and stage, stage durations (from the requests'
 transitions), boot verdicts and bytes converted (from completed requests' results), the queue
 (Procrastinate's jobs: how many wait, the oldest's age), the workers (their heartbeats' age),
-requests a worker did not take for want of disk space (their transitions). Failures to reach
-the record store are counted in this process (the API's reads and readiness checks).
+requests a worker did not take for want of disk space (their transitions), runs that failed on
+the record store (their errors). Failures of this process's own record store checks
+(``/readyz``) are counted here.
 
 None of the three routes asks for a token: they say nothing of users, requests or secrets
 (no request id, user name, instance, bucket or URL is a label), and a monitoring system
@@ -63,6 +64,12 @@ SELECT count(*), coalesce(EXTRACT(EPOCH FROM now() - min(e.at)), 0)
 _LATER = "SELECT count(*) FROM procrastinate_jobs WHERE status = 'todo' AND queue_name = :queue AND scheduled_at > now()"
 _WORKERS = "SELECT id, EXTRACT(EPOCH FROM now() - last_heartbeat) FROM procrastinate_workers ORDER BY id"
 _SPACE = "SELECT count(*) FROM transitions WHERE reason LIKE :reason"
+# Runs that failed on the record store: a run's error says "the record store ..." (record.py),
+# a worker's "cannot bring the run's record to this host" (worker.py).
+_STORE_FAILED = """
+SELECT count(*) FROM transitions
+ WHERE to_state = 'error' AND (reason LIKE '%the record store%' OR reason LIKE '%the run''s record%')
+"""
 
 
 class DatabaseCollector(Collector):
@@ -141,19 +148,12 @@ class DatabaseCollector(Collector):
                 "imaging_space_refusals", "times a worker left a request for want of disk space"
             )
             space.add_metric([], refused)
-        return [
-            requests,
-            running,
-            stages,
-            verdicts,
-            converted,
-            queue,
-            delayed,
-            age,
-            workers,
-            heartbeat,
-            space,
-        ]
+            ((store_failed,),) = q(_STORE_FAILED)
+            runs_failed = CounterMetricFamily("imaging_record_store_failed_runs", "runs that failed on the record "
+                                              "store (on any host)")  # fmt: skip
+            runs_failed.add_metric([], store_failed)
+        return [requests, running, stages, verdicts, converted, queue, delayed, age, workers, heartbeat, space,
+                runs_failed]  # fmt: skip
 
 
 def _check_records(reader: Any) -> str | None:

@@ -466,10 +466,11 @@ async def _recovery_loop(store: Store, mailer: Mailer, settings: Settings) -> No
 
 
 async def _retention_loop(store: Store, settings: Settings, runner: RequestRunner) -> None:
-    """Finished runs past their retention removed (retention.py): at start, then every
-    ``retention.every``; nothing to do unless some retention is set."""
+    """Finished runs past their retention removed, and taken-over runs' old directories
+    (retention.py): at start, then every ``retention.every``; nothing to do without a
+    retention or a record store."""
     r = settings.retention
-    if not any(r.store_seconds(state) is not None for state in retention.FINAL):
+    if not settings.records.bucket and all(r.store_seconds(state) is None for state in retention.FINAL):
         return
     said = _Once()
     while True:

@@ -60,6 +60,19 @@ def scrape(data: dict[str, Any]) -> dict[tuple[str, tuple[tuple[str, str], ...]]
     }
 
 
+def finished(store: Store, owner: Actor, admin: Actor, days: float) -> str:
+    """A request completed ``days`` ago by a worker of another host."""
+    worker = Actor("otherhost:1", "worker")
+    rid = store.create(owner, **FIELDS).id
+    store.transition(rid, "approve", admin)
+    store.transition(rid, "claim", worker, worker=worker.name)
+    store.transition(rid, "complete", worker, worker=worker.name, result={"audit_head": "sha256:x"})
+    with store.session() as s:
+        s.execute(text("UPDATE image_requests SET updated = (now() AT TIME ZONE 'UTC') - make_interval(secs => :s) WHERE id = :id"),
+                  {"s": days * 86400, "id": rid})  # fmt: skip
+    return rid
+
+
 @pytest.fixture
 def store(database: str) -> Iterator[Store]:
     s = Store(database)
@@ -126,11 +139,16 @@ def test_a_worker_without_room_leaves_the_request(
     runs.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(runs)], check=True)
     try:
-        data = conf(tmp_path, database)
+        data = conf(tmp_path, database, retention={"completed": "1d"})
         data["worker"]["space_wait_seconds"] = 30
         alice, root = people(store)
+        old = finished(store, alice, root, days=2)  # an old run: the worker's retention removes it
+        (runs / old / "out").mkdir(parents=True)
+        (runs / old / "out" / "demo.qcow2").write_bytes(b"artifact")
         rid = store.create(alice, **FIELDS).id
         worker = Worker(tmp_path, data, runs)
+        wait_for("the old run removed by the worker", lambda: not (runs / old).exists(), 30)
+        assert f"retention: run {old} (completed since" in worker.log.read_text()
         try:
             store.transition(rid, "approve", root)
 
@@ -175,7 +193,7 @@ def test_retention_on_the_host_and_in_the_store(tmp_path: Path, database: str, s
                     rid, "complete", worker, worker=worker.name, result={"audit_head": "sha256:x"}
                 )
             with store.session() as s:
-                s.execute(text("UPDATE image_requests SET updated = now() - make_interval(days => :d) WHERE id = :id"),
+                s.execute(text("UPDATE image_requests SET updated = (now() AT TIME ZONE 'UTC') - make_interval(days => :d) WHERE id = :id"),
                           {"d": days, "id": rid})  # fmt: skip
             rids[key] = rid
             run = config.runs_dir() / rid

@@ -96,6 +96,10 @@ def test_stage_durations_and_space_refusals(tmp_path: Path, database: str, store
     rid = in_state(store, alice, root, State.running)
     for stage in ("00-acquire", "10-clean"):
         store.transition(rid, "stage", WORKER, worker="w1", stage=stage)
+    failed = in_state(store, alice, root, State.running)
+    store.transition(
+        failed, "fail", WORKER, "the record store s3://records/runs/: cannot store ...", worker="w1"
+    )
     waiting = in_state(store, alice, root, State.approved)
     taken(store)
     job = store.get(waiting).job_id
@@ -112,6 +116,7 @@ def test_stage_durations_and_space_refusals(tmp_path: Path, database: str, store
     assert m[("imaging_stage_duration_seconds_count", (("stage", "00-acquire"),))] == 1
     assert ("imaging_stage_duration_seconds_count", (("stage", "10-clean"),)) not in m  # still in it
     assert m[("imaging_space_refusals_total", ())] == 1
+    assert m[("imaging_record_store_failed_runs_total", ())] == 1  # the run failed above
     # Its new job waits 60 s: not ready yet.
     assert m[("imaging_queue_delayed_jobs", ())] == 1 and m[("imaging_queue_jobs", ())] == 0
 
