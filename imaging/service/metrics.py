@@ -32,12 +32,10 @@ from imaging.errors import ImagingError, StoreError
 from imaging.run import record
 from imaging.service import jobs
 from imaging.service.settings import Settings
-from imaging.service.store import State, Store
+from imaging.service.store import SPACE_REASON, State, Store
 
 log = logging.getLogger("imaging.service.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# The reason a worker gives when it leaves a request for want of space (space.py writes it).
-SPACE_REASON = "not enough space"
 
 # One query per figure, each small; all in one transaction (one consistent snapshot).
 _STATES = "SELECT state, count(*) FROM image_requests GROUP BY state"

@@ -23,9 +23,8 @@ from imaging import config
 from imaging.clouds import acquire
 from imaging.clouds import settings as cloud_settings
 from imaging.errors import ImagingError
-from imaging.service.metrics import SPACE_REASON
 from imaging.service.settings import Settings
-from imaging.service.store import ImageRequest
+from imaging.service.store import SPACE_REASON, ImageRequest
 from imaging.sparse import human_bytes
 
 
@@ -51,7 +50,7 @@ def need_bytes(settings: Settings, req: ImageRequest) -> int | None:
         return None
     try:
         src = acquire.inspect(source)
-    except ImagingError:
+    except (ImagingError, OSError):
         return None  # a bad source fails in its run, with the run's own message
     return 2 * src.data_bytes + acquire.MARGIN
 

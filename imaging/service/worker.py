@@ -212,6 +212,9 @@ class RequestRunner:
                                               self.settings.worker.space_wait_seconds)  # fmt: skip
         except StoreError:
             return False
+        except Exception:  # a bug of the check must not leave the request approved with no job
+            log.exception("request %s: the space check failed; claimed without it", request_id)
+            return False
         if left:
             log.warning("request %s: %s (asked again in %g s)", request_id, reason,
                         self.settings.worker.space_wait_seconds)  # fmt: skip

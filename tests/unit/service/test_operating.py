@@ -108,7 +108,17 @@ def test_stage_durations_and_space_refusals(tmp_path: Path, database: str, store
         s.execute(text("UPDATE procrastinate_jobs SET status = 'doing' WHERE id = :id"), {"id": job})
     assert store.leave_for_space(waiting, job, Actor("w2", "worker"), "not enough space on w2: ...", 60)
     assert not store.leave_for_space(waiting, job, Actor("w2", "worker"), "stale job", 60)  # its job changed
+    again = store.get(waiting).job_id
+    assert again is not None
+    with store.session() as s:  # w2 takes it again a minute later: still no room
+        s.execute(text("UPDATE procrastinate_jobs SET status = 'succeeded' WHERE id = :id"), {"id": job})
+        s.execute(text("UPDATE procrastinate_jobs SET status = 'doing' WHERE id = :id"), {"id": again})
+    assert store.leave_for_space(waiting, again, Actor("w2", "worker"), "not enough space on w2: less", 60)
     req = store.get(waiting)
+    assert [t.reason for t in req.transitions][-1:] == [
+        "not enough space on w2: less"
+    ]  # replaced, not added
+    assert len(req.transitions) == 3  # requested, approved, the note
     assert req.state == State.approved and req.job_id != job
     assert req.transitions[-1].reason.startswith("not enough space")
     with TestClient(api.create_app(make_settings(tmp_path, database), recover=False)) as client:
