@@ -165,7 +165,7 @@ def _check_records(reader: Any) -> str | None:
     return None
 
 
-def register(app: FastAPI, store: Store, settings: Settings, reader: Any) -> None:
+def add_monitoring(app: FastAPI, store: Store, settings: Settings, reader: Any) -> None:
     """Add ``/metrics``, ``/healthz`` and ``/readyz`` to the API (no token: see the module)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DatabaseCollector(store))

@@ -4,7 +4,7 @@
 removes aged runs from the host and their records from the store, and a taken-over run's old
 directory from the host that lost it; a worker whose runs directory (a small tmpfs) cannot hold
 a request's source leaves it in the queue, and says so in its log, the request's history and
-``/metrics``.
+``/metrics``; ``/readyz`` says 503 when the record store is away.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from imaging import config
 from imaging.service import api, retention, settings
 from imaging.service.store import Actor, State, Store
 
-from .servicekit import S3_KEY_ID, S3_SECRET, s3_client, s3_server, wait_for
+from .servicekit import S3_KEY_ID, S3_SECRET, free_port, s3_client, s3_server, wait_for
 
 FIELDS = dict(instance="i-1", name="demo", kind="export", vis=None, shared_with=[], disk_format="qcow2",
               target="kvm", options={})  # fmt: skip
@@ -232,3 +232,23 @@ def test_retention_on_the_host_and_in_the_store(tmp_path: Path, database: str, s
         assert season.state == State.completed and (season.result or {}).get("audit_head") == "sha256:x"
         assert season.transitions[-1].reason.startswith(retention.STORE_REMOVED)
         assert retention.sweep(loaded, store) == {"taken_over": [], "host": [], "store": []}  # once
+
+
+def test_readyz_says_when_the_record_store_is_away(tmp_path: Path, database: str) -> None:
+    with s3_server() as s3_url:
+        s3_client(s3_url).create_bucket(Bucket="records")
+        records = {"endpoint_url": s3_url, "bucket": "records", "access_key_id": S3_KEY_ID,
+                   "secret_access_key": S3_SECRET}  # fmt: skip
+        up = settings.Settings(**conf(tmp_path, database, records=records))
+        with TestClient(api.create_app(up, recover=False)) as client:
+            assert client.get("/readyz").status_code == 200
+    gone = settings.Settings(
+        **conf(tmp_path, database, records={**records, "endpoint_url": f"http://127.0.0.1:{free_port()}"})
+    )
+    with TestClient(api.create_app(gone, recover=False)) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.text.startswith(
+            "not ready: the record store s3://records/runs/"
+        ), r.text
+        assert r.text.count("\n") == 1 and S3_SECRET not in r.text
+        assert 'imaging_record_store_failures_total{where="readyz"} 1.0' in client.get("/metrics").text
