@@ -12,7 +12,8 @@ record store, its record there. Each worker looks every ``retention.every``:
   sweeping at once one does each request (``FOR UPDATE SKIP LOCKED``);
 - :func:`sweep_taken_over`: a run directory left here by a run another host took over (this
   worker lost it, or this host was down): it goes once the record store holds a later state of
-  the run than this directory (the new host has the record), whatever the retention.
+  the run than this directory (``state.json``'s ``updated``: the new host has the record),
+  whatever the retention.
 
 Without a record store a run's directory *is* its record (the API reads it): it is kept for the
 longer of the two times. Ages are counted from the request's last change (``updated``), which
@@ -21,12 +22,13 @@ for a finished request is when it finished.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
 import socket
 from collections.abc import Collection
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, text
 
@@ -130,9 +132,8 @@ SELECT r.id FROM image_requests r
 
 def sweep_taken_over(settings: Settings, store: Store, active: Collection[str] = ()) -> list[str]:
     """Remove run directories whose run another host took over and has recorded since: the
-    record store's ``state.json`` is not this directory's (a run of this host pushes its own
-    state as it writes it). A request running on a worker of this host is left alone (two
-    workers may share a runs directory); one finished is not (its record is complete)."""
+    record store's ``state.json`` is later than this directory's. A request running on a worker
+    of this host is left alone (two workers may share a runs directory)."""
     if not settings.records.bucket:
         return []
     objects = ObjectStore(settings.records)
@@ -153,13 +154,24 @@ def sweep_taken_over(settings: Settings, store: Store, active: Collection[str] =
         except ImagingError as e:
             log.warning("retention: run %s: %s", run, e)
             continue
-        if remote is None or not local.is_file() or local.read_bytes() == remote:
+        if remote is None or not local.is_file() or not _later(remote, local.read_bytes()):
             continue
         _remove_local(settings, run)
         log.info("retention: run %s was taken over by another host (%s, worker %s): its old directory "
                  "removed from this host", run, row.state, row.worker)  # fmt: skip
         removed.append(run)
     return removed
+
+
+def _later(remote: bytes, local: bytes) -> bool:
+    """Whether the store's state of a run is later than this directory's (``updated``, which
+    every change of a run's state sets). Not when this directory is the later one: its run
+    ended here and could not put its last state in the store; this is then the fuller record."""
+    try:
+        theirs, ours = (datetime.fromisoformat(json.loads(b)["updated"]) for b in (remote, local))
+    except (ValueError, KeyError, TypeError):
+        return False
+    return bool(theirs > ours)
 
 
 def sweep(settings: Settings, store: Store, active: Collection[str] = ()) -> dict[str, list[str]]:

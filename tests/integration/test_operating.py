@@ -184,7 +184,14 @@ def test_retention_on_the_host_and_in_the_store(tmp_path: Path, database: str, s
         alice, root = people(store)
         worker = Actor("otherhost:1", "worker")
         rids = {}
-        for key, days in (("month", 40), ("season", 100), ("fresh", 1), ("taken", 1), ("mine", 1)):
+        for key, days in (
+            ("month", 40),
+            ("season", 100),
+            ("fresh", 1),
+            ("taken", 1),
+            ("mine", 1),
+            ("ahead", 1),
+        ):
             rid = store.create(alice, **FIELDS).id
             store.transition(rid, "approve", root)
             store.transition(rid, "claim", worker, worker=worker.name)
@@ -199,24 +206,37 @@ def test_retention_on_the_host_and_in_the_store(tmp_path: Path, database: str, s
             run = config.runs_dir() / rid
             (run / "out").mkdir(parents=True)
             (run / "out" / "demo.qcow2").write_bytes(b"artifact")
-            (run / "state.json").write_text(json.dumps({"state": "completed"}))
+            (run / "state.json").write_text(
+                json.dumps({"state": "completed", "updated": "2026-12-02T10:00:00+00:00"})
+            )
             for name, body in (("request.json", b"{}"), ("state.json", (run / "state.json").read_bytes()),
                                ("out/demo.qcow2", b"artifact")):  # fmt: skip
                 s3.put_object(Bucket="records", Key=f"runs/{rid}/{name}", Body=body)
-        # Taken over: this host's directory says the run failed here; the store has the other
-        # host's later state. "mine" is running on a worker of this host: left alone.
+        # Taken over: this host's directory says the run failed here, earlier; the store has the
+        # other host's later state. "mine" is running on a worker of this host: left alone.
+        # "ahead": this directory is later than the store's (its last push failed): kept.
         with store.session() as s:
             s.execute(text("UPDATE image_requests SET worker = :w WHERE id = :id"),
                       {"w": f"{socket.gethostname()}:99", "id": rids["mine"]})  # fmt: skip
-        for key in ("taken", "mine"):
-            (config.runs_dir() / rids[key] / "state.json").write_text(json.dumps({"state": "failed"}))
+        for key, when in (("taken", "2026-12-01T10:00:00+00:00"), ("mine", "2026-12-01T10:00:00+00:00"),
+                          ("ahead", "2026-12-03T10:00:00+00:00")):  # fmt: skip
+            (config.runs_dir() / rids[key] / "state.json").write_text(
+                json.dumps({"state": "failed", "updated": when})
+            )
 
         done = {k: sorted(v) for k, v in retention.sweep(loaded, store).items()}
 
         assert done == {"taken_over": [rids["taken"]], "host": sorted([rids["month"], rids["season"]]),
                         "store": [rids["season"]]}  # fmt: skip
         left = {k: (config.runs_dir() / r).exists() for k, r in rids.items()}
-        assert left == {"month": False, "season": False, "fresh": True, "taken": False, "mine": True}
+        assert left == {
+            "month": False,
+            "season": False,
+            "fresh": True,
+            "taken": False,
+            "mine": True,
+            "ahead": True,
+        }
 
         def stored(rid: str) -> int:
             return int(s3.list_objects_v2(Bucket="records", Prefix=f"runs/{rid}/").get("KeyCount", 0))
@@ -227,6 +247,7 @@ def test_retention_on_the_host_and_in_the_store(tmp_path: Path, database: str, s
             "fresh": 3,
             "taken": 3,
             "mine": 3,
+            "ahead": 3,
         }
         season = store.get(rids["season"])  # the request stays: its result, audit head, history
         assert season.state == State.completed and (season.result or {}).get("audit_head") == "sha256:x"
