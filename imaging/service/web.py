@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from imaging import config
 from imaging.errors import ImagingError, ParameterError, StoreError
 from imaging.run import record
-from imaging.service.notify import Mailer, describe
+from imaging.service.notify import Mailer, facts
 from imaging.service.schemas import REQUEST_ID, CreateRequest, artifact_name, validated
 from imaging.service.settings import Settings
 from imaging.service.store import Actor, ImageRequest, Store, UsedApproval, User, now
@@ -387,7 +387,7 @@ class Pages:
             log.warning("request %s: its record cannot be listed: %s", req.id, e)
         notebooks = sorted(n.removeprefix("notebooks/").removesuffix(".html") for n in names
                            if n.startswith("notebooks/") and n.endswith(".html"))  # fmt: skip
-        return {"req": req, "described": [line.strip().split(None, 1) for line in describe(req)],
+        return {"req": req, "described": facts(req),
                 "p": self.progress(req), "notebooks": notebooks, "report": "report.html" in names,
                 "scan": self.secret_scan(req) if viewer.admin else None}  # fmt: skip
 
