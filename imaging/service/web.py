@@ -1,6 +1,6 @@
 """The web page (``/web/``): users ask for images and watch their runs, admins approve, in the
 same FastAPI app as the API, server-rendered (Jinja2), usable without JavaScript but for the live
-progress (static/progress.js polls a fragment of the request's page).
+progress (static/progress.js polls a fragment every 3 s of the request's page).
 
 Sign-in: a one-time link mailed to the user's address (signed with the service's key, used once:
 its nonce is kept beside the approval links' ones), or, behind a reverse proxy that
@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from pydantic import ValidationError
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
 from imaging import config
@@ -246,9 +246,13 @@ class Pages:
 
         @r.get("/requests/{request_id}/progress")
         def progress(request: Request, request_id: str) -> Response:
+            # Polled by every open page of a live request: one narrow row, no history, no owner.
             viewer = self.signed_in(request)
-            req = self.request_of(request_id, viewer)
-            return self.render(request, "progress.html", viewer, {"req": req, "p": self.progress(req)})
+            with self.store.session() as s:
+                row = s.execute(select(*_LIGHT).where(ImageRequest.id == request_id)).one_or_none()
+            if row is None or not (viewer.admin or row.owner_id == viewer.user.id):
+                raise WebError(f"no image request {request_id}", 404)
+            return self.render(request, "progress.html", viewer, {"req": row, "p": self.progress(row)})
 
         @r.post("/requests/{request_id}")
         async def act(request: Request, request_id: str) -> Response:
@@ -399,7 +403,7 @@ class Pages:
             log.warning("request %s: its secret scan cannot be read: %s", req.id, e)
             return None
 
-    def progress(self, req: ImageRequest) -> dict[str, Any]:
+    def progress(self, req: Any) -> dict[str, Any]:
         """Stage n of m; while it runs here, the bytes of its work disks and the boot's console."""
         stages = config.pipeline_stages(req.kind)
         stage = (req.stage or "").split(".")[0]
@@ -451,6 +455,10 @@ def _field_error(message: str) -> dict[str, str]:
         return {"disk_format": message}
     return {"_": message}
 
+
+# What a request's progress needs (the live part of its page).
+_LIGHT = (ImageRequest.id, ImageRequest.owner_id, ImageRequest.kind, ImageRequest.state, ImageRequest.stage,
+          ImageRequest.error)  # fmt: skip
 
 # Procrastinate's workers with what each runs, and the requests waiting for one.
 _WORKERS = """

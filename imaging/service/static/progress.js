@@ -1,4 +1,4 @@
-// The live part of a request's page: its progress fragment again every 2 s while the request is
+// The live part of a request's page: its progress fragment again every 3 s while the request is
 // pending, approved or running; when it ends, the page again (its download, report, notebooks).
 (function () {
   "use strict";
@@ -17,9 +17,9 @@
           return;
         }
         box.replaceWith(next);
-        setTimeout(poll, 2000);
+        setTimeout(poll, 3000);
       })
       .catch(function () { setTimeout(poll, 5000); });
   }
-  document.addEventListener("DOMContentLoaded", function () { setTimeout(poll, 2000); });
+  document.addEventListener("DOMContentLoaded", function () { setTimeout(poll, 3000); });
 })();
