@@ -73,7 +73,7 @@ class Browser:
         opts = Options()
         opts.binary_location = shutil.which("chromium") or ""
         for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--window-size=1100,900", f"--user-data-dir={profile / 'chromium'}"):  # fmt: skip
+                    "--window-size=1000,800", f"--user-data-dir={profile / 'chromium'}"):  # fmt: skip
             opts.add_argument(arg)
         opts.add_experimental_option("prefs", {"download.default_directory": str(self.downloads),
                                                "download.prompt_for_download": False})  # fmt: skip
@@ -90,7 +90,11 @@ class Browser:
     def shot(self, name: str) -> None:
         SCREENS.mkdir(parents=True, exist_ok=True)
         self.shots += 1
+        # The whole page: the window as tall as the page (to a limit), then back.
+        height = int(self.driver.execute_script("return document.documentElement.scrollHeight"))
+        self.driver.set_window_size(1000, min(max(height + 140, 700), 2400))
         self.driver.save_screenshot(str(SCREENS / f"{self.who}-{self.shots:02d}-{name}.png"))
+        self.driver.set_window_size(1000, 800)
 
     def text(self) -> str:
         # Read in one script: the live progress replaces its part of the page meanwhile.
