@@ -158,7 +158,7 @@ class Pages:
         except StoreError as e:
             raise WebError(str(e), e.status) from None
 
-    def router(self) -> APIRouter:  # noqa: C901 - one route each
+    def router(self) -> APIRouter:
         r = APIRouter(prefix=WEB, include_in_schema=False)
 
         @r.get("/")
