@@ -20,10 +20,10 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
 
-from fastapi import APIRouter, BackgroundTasks, FastAPI, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -61,6 +61,19 @@ class WebError(ImagingError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+async def _posted(request: Request) -> dict[str, list[str]]:
+    """A form's fields (application/x-www-form-urlencoded), read before a (sync) route runs."""
+    body = (await request.body()).decode("utf-8", "replace")
+    try:
+        return parse_qs(body, keep_blank_values=True, max_num_fields=2000)
+    except ValueError:
+        raise WebError("the form has too many fields", 400) from None
+
+
+# Routes are plain functions (run in a thread: the store is synchronous); their forms come read.
+Form = Annotated[dict[str, list[str]], Depends(_posted)]
 
 
 @dataclass(frozen=True)
@@ -128,16 +141,13 @@ class Pages:
             raise WebError("sign in first", 401)
         return viewer
 
-    async def form(self, request: Request, viewer: Viewer | None) -> dict[str, list[str]]:
+    def checked(self, form: dict[str, list[str]], viewer: Viewer) -> dict[str, list[str]]:
         """The posted form, its CSRF token checked (a form from another session is refused)."""
-        body = (await request.body()).decode("utf-8", "replace")
-        form = parse_qs(body, keep_blank_values=True, max_num_fields=2000)
-        if viewer is not None:
-            sent = (form.get("csrf") or [""])[0]
-            if not hmac.compare_digest(sent.encode(), viewer.csrf.encode()):
-                raise WebError(
-                    "this form is out of date (its session ended): reload the page and try again", 403
-                )
+        sent = (form.get("csrf") or [""])[0]
+        if not hmac.compare_digest(sent.encode(), viewer.csrf.encode()):
+            raise WebError(
+                "this form is out of date (its session ended): reload the page and try again", 403
+            )
         return form
 
     def render(self, request: Request, name: str, viewer: Viewer | None, context: dict[str, Any],
@@ -148,6 +158,7 @@ class Pages:
         response.headers["Content-Security-Policy"] = CSP
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"  # the sign-in page's URL holds its token
         return response
 
     def request_of(self, request_id: str, viewer: Viewer) -> ImageRequest:
@@ -170,8 +181,7 @@ class Pages:
             return self.render(request, "signin.html", None, {"sent": False})
 
         @r.post("/signin")
-        async def signin_mail(request: Request, tasks: BackgroundTasks) -> Response:
-            form = await self.form(request, None)
+        def signin_mail(request: Request, form: Form, tasks: BackgroundTasks) -> Response:
             address = (form.get("email") or [""])[0].strip().lower()
             users = [u for u in self.store.users() if u.email and u.email.lower() == address]
             if users:
@@ -185,8 +195,7 @@ class Pages:
             return self.render(request, "signin_link.html", None, {"user": user, "token": token})
 
         @r.post("/signin/link")
-        async def signin(request: Request) -> Response:
-            form = await self.form(request, None)
+        def signin(form: Form) -> Response:
             user = self.signin_user((form.get("token") or [""])[0], consume=True)
             data = {"u": user.id, "n": user.name, "c": secrets.token_urlsafe(24)}
             response = RedirectResponse(f"{WEB}/requests", 303)
@@ -197,9 +206,8 @@ class Pages:
             return response
 
         @r.post("/signout")
-        async def signout(request: Request) -> Response:
-            viewer = self.signed_in(request)
-            await self.form(request, viewer)
+        def signout(request: Request, form: Form) -> Response:
+            self.checked(form, self.signed_in(request))
             response = RedirectResponse(f"{WEB}/signin", 303)
             response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict", secure=self.secure)
             return response
@@ -220,9 +228,9 @@ class Pages:
             return self.render(request, "new.html", viewer, self.form_context({}, {}))
 
         @r.post("/requests")
-        async def create(request: Request, tasks: BackgroundTasks) -> Response:
+        def create(request: Request, form: Form, tasks: BackgroundTasks) -> Response:
             viewer = self.signed_in(request)
-            form = await self.form(request, viewer)
+            self.checked(form, viewer)
             # The name as typed (its own check says what is wrong with its spaces); the rest trimmed.
             values = {
                 k: (form.get(k) or [""])[0] if k == "name" else (form.get(k) or [""])[0].strip()
@@ -257,9 +265,9 @@ class Pages:
             return self.render(request, "progress.html", viewer, {"req": row, "p": self.progress(row)})
 
         @r.post("/requests/{request_id}")
-        async def act(request: Request, request_id: str) -> Response:
+        def act(request: Request, request_id: str, form: Form) -> Response:
             viewer = self.signed_in(request)
-            form = await self.form(request, viewer)
+            self.checked(form, viewer)
             req = self.request_of(request_id, viewer)
             status = (form.get("status") or [""])[0]
             if status not in ("approve", "deny", "cancel"):
