@@ -275,13 +275,10 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _service_logging() -> None:
-    import logging
+def _service_logging(log_format: str = "text") -> None:
+    from imaging.service import logs
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    # Every migration step Alembic looks at: not what an operator reads.
-    for chatty in ("alembic",):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    logs.configure(log_format)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -297,7 +294,7 @@ def _serve(args: argparse.Namespace) -> int:
         changes["worker"] = loaded.worker.model_copy(update={"embedded": False})
     loaded = loaded.model_copy(update=changes)
     loaded.signing_key()  # refused now, not at the first mail, when hosts would not share it
-    _service_logging()
+    _service_logging(loaded.log_format)
     with schema.database(loaded, stop=True):
         app = api.create_app(loaded)
         worker = _embedded_worker(args.config) if loaded.worker.embedded else None
@@ -359,7 +356,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     loaded = settings.load(args.config)
     loaded.signing_key()
-    _service_logging()
+    _service_logging(loaded.log_format)
     with schema.database(loaded, start=False) as url:
         return worker.serve_forever(loaded, store.Store(url), args.concurrency)
 

@@ -39,7 +39,7 @@ from imaging.tables import Table
 from imaging.workspace import Workspace
 
 # Headroom on top of the estimate: metadata, the journal replay of e2fsck, rounding.
-_MARGIN = 64 << 20
+MARGIN = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -358,7 +358,7 @@ def acquire(src: Source, ws: Workspace, *, hash_source: bool = True, snapshots: 
     if cloud_settings.is_cloud_source(src.source):
         return _acquire_remote(src, ws, snapshots)
     # The copy, then the bootable disk: about twice the data, on the work filesystem.
-    sparse.check_space(ws.work, 2 * src.data_bytes + _MARGIN, "hold the instance and the bootable disk")
+    sparse.check_space(ws.work, 2 * src.data_bytes + MARGIN, "hold the instance and the bootable disk")
     digest: dict[str, str | None] = {"digest": None}
     hasher = threading.Thread(target=lambda: digest.update(digest=sparse.content_digest(Path(src.path))))
     if hash_source:
@@ -386,9 +386,7 @@ def _acquire_remote(src: Source, ws: Workspace, snapshots: str) -> Instance:
         ) from None
     try:
         local = dataclasses.replace(inspect(fetched.path), source=src.source)
-        sparse.check_space(
-            ws.work, 2 * local.data_bytes + _MARGIN, "hold the instance and the bootable disk"
-        )
+        sparse.check_space(ws.work, 2 * local.data_bytes + MARGIN, "hold the instance and the bootable disk")
         instance = _acquire(local, ws, snapshots)
     finally:
         Path(fetched.path).unlink(missing_ok=True)

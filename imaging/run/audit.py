@@ -12,6 +12,10 @@ A run started again from its first stage on another host (its first attempt's di
 kept) renames that attempt's notebooks (``00-acquire.ipynb`` -> ``00-acquire.attempt-1.ipynb``)
 with a ``moved`` entry each: ``hash = sha256(prev + "\n" + "old -> new" + "\n" + sha256)``; the
 entries before it that named the old file are then checked against the file under its new name.
+
+A stage attempt whose process was killed outright is chained by the next start of the run
+(``killed.py``): its partial notebook as a failed attempt's, and ``<stage>.killed-K.json``, what
+is known of the attempt, as a ``killed`` entry.
 """
 
 from __future__ import annotations

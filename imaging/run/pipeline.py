@@ -13,6 +13,7 @@ summary of what the stage did (or of how it failed) goes in under its title (``s
 from __future__ import annotations
 
 import ast
+import asyncio
 import contextlib
 import fcntl
 import functools
@@ -36,7 +37,7 @@ from imaging.clouds.settings import is_cloud_source
 from imaging.disk import mounts
 from imaging.errors import ImagingError, ParameterError
 from imaging.guest import limits
-from imaging.run import audit, pages, record, scraps, summary
+from imaging.run import audit, killed, lineage, pages, record, scraps, summary
 from imaging.run.request import Request
 from imaging.samples import catalog
 from imaging.workspace import Workspace, write_json
@@ -258,6 +259,7 @@ class Kernel:
         # up first, then exits. An idle kernel started ahead exits the same way.
         # Nor the record store's keys: a stage has no business with them.
         env = {k: v for k, v in os.environ.items() if k not in ("JPY_PARENT_PID", record.ENV)}
+        env[lineage.OWNER] = str(os.getpid())  # whom it watches (stage.guard)
         ahead = f"import imaging.run.stage as _stage; _stage.guard(); {stage_imports(stage)}"
         # A kernel without a parent handle prints how to connect to it on our stdout; CRITICAL quiets it.
         # No IPython history: a stage's cells are in its notebook, and the SQLite file shared by
@@ -267,7 +269,7 @@ class Kernel:
         # interrupt between its fork and the moment it is in ``live`` would leave it running
         # (holding our stderr, which a scheduler then waits on). Ctrl-C and SIGTERM wait till then.
         with _signals_held() as held:
-            run_sync(self.km.start_kernel)(cwd=str(config.PROJECT), env=env, independent=True,
+            run_sync(self.km.start_kernel)(cwd=str(config.PROJECT), env=env, independent=True, **_tied(),
                                  extra_arguments=["--IPKernelApp.log_level=CRITICAL", "--HistoryManager.enabled=False",
                                                   f"--IPKernelApp.exec_lines={ahead}"])  # fmt: skip
             live.append(self)
@@ -304,6 +306,21 @@ class Kernel:
             self.join()
         else:
             self.kill()
+
+
+def _tied() -> dict[str, Any]:
+    """``preexec_fn`` for a kernel's Popen: SIGTERM (its clean-up path) when we die, however we
+    die (lineage.py). Only where the thread that forks it lives as long as this process: Linux
+    sends the signal when that thread ends. Ours is the main thread, or, where an event loop
+    runs in this thread (a notebook's kernel, explore.ipynb), jupyter_core's runner thread,
+    which runs the start for it and is never stopped. Elsewhere the kernel's own watch of its
+    parent is left to do it (stage.guard)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+    return {"preexec_fn": lineage.die_with_parent(signal.SIGTERM)}
 
 
 @contextlib.contextmanager
@@ -504,11 +521,11 @@ def _one_line(ename: str, evalue: str) -> str:
 
 def _keep_failed(
     ws: Workspace, stage: str, tmp: Path, error: str, pusher: record.Pusher | None = None
-) -> None:
+) -> Path | None:
     """The executed notebook of a failed attempt stays, numbered, for the record, with the error
-    as its summary."""
+    as its summary; returns it (None: the attempt had not written one)."""
     if not tmp.exists():
-        return
+        return None
     try:
         summary.insert(tmp, summary.failed(stage, error))
     except Exception as e:  # a notebook a dying kernel left unreadable is still kept as it is
@@ -518,6 +535,7 @@ def _keep_failed(
     failed = ws.notebooks / f"{stage}.failed-{n}.ipynb"
     os.replace(tmp, failed)
     _record(ws, failed, pusher)
+    return failed
 
 
 def _record(ws: Workspace, notebook: Path, pusher: record.Pusher | None = None) -> None:
@@ -728,10 +746,12 @@ class Runner:
         self._ahead: Kernel | None = None  # the next stage's kernel, started while a stage runs
         self._kernels: list[Kernel] = []  # every kernel of the run not yet gone
         self._held = False
+        self._taken_over = False  # what a killed process of the run left is seen to once
         # The record's copy in the object store, when the run is given one (IMAGING_RECORDS).
         self.pusher = record.pusher(ws)
         os.environ["IMAGING_MOUNT_LEDGER"] = str(ws.root / "mounts.json")
         os.environ["IMAGING_PIPELINE"] = "1"
+        os.environ[lineage.MARK] = str(ws.root)  # on every process the run starts
 
     def done(self, stage: str) -> bool:
         return (self.ws.notebooks / f"{stage}.ipynb").exists()
@@ -748,11 +768,38 @@ class Runner:
         with _run_lock(self.ws), _terminate_as_interrupt():
             self._held = True
             try:
+                if not self._taken_over:
+                    self._take_over()
                 yield
             finally:
                 _wait_records(self.ws)  # nothing of the run goes on once its lock is let go
                 self._reap(keep=self._ahead)
                 self._held = False
+
+    def _take_over(self) -> None:
+        """What the run's last process could not do if it was killed outright (SIGKILL, the OOM
+        killer), done by the next one to hold the run: its processes still running ended,
+        after their own clean-up (lineage.py); the stage it was in recorded as a killed attempt,
+        its partial notebook kept, as a failed one's is (killed.py); what it left swept up."""
+        self._taken_over = True
+        ended = lineage.end(self.ws.root, _CLEANUP_GRACE + 5)
+        self.state = State(self.ws)  # as that process left it, now that it is gone
+        if self.state.state != "running":
+            return
+        found = killed.unended(self.state.data, self.done)
+        if found is None:  # killed between two stages: the one it names is complete
+            sweep(self.ws, self.out, self.request)
+            return
+        stage, started = found
+        error = killed.message(started)
+        # The partial notebook kept before the sweep, which removes partial files.
+        notebook = _keep_failed(self.ws, stage, self.ws.notebooks / f".{stage}.part.ipynb", error)
+        sweep(self.ws, self.out, self.request)
+        killed.record(self.ws, stage, started, notebook, ended)
+        self.state.set("killed", stage, error)
+        print(f"imaging: {stage} {error}", file=self.err, flush=True)
+        if self.pusher is not None:
+            self.pusher.push()
 
     def step(self) -> str:
         """Run the next stage (a completed one is read back, not repeated); return its name."""

@@ -21,13 +21,14 @@ from typing import Any
 from imaging import tools
 from imaging.errors import Interrupted
 from imaging.records import Record, plain
-from imaging.run import scraps
+from imaging.run import lineage, scraps
 from imaging.tables import Table
 from imaging.workspace import Workspace
 
 # Time a stage gets to clean up after SIGTERM before the kernel exits regardless.
 _CLEANUP_GRACE = 30.0
 _stopping = False
+_opened = False  # a stage has begun its work in this kernel: there may be something to undo
 
 
 def _exit_after_cell(*_: Any) -> None:
@@ -44,6 +45,8 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     if _stopping:
         return
     _stopping = True
+    if not _opened:  # a kernel started ahead of its stage, or still starting: nothing to undo
+        os._exit(128 + signum)
     # A daemon: the backstop must not itself keep a kernel alive whose main thread has ended
     # (an idle kernel, the one started ahead of its stage, ends as the exception leaves its loop).
     backstop = threading.Timer(_CLEANUP_GRACE, os._exit, (128 + signum,))
@@ -58,12 +61,11 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 def _watch_parent(parent: int) -> None:
     # The kernel's parent is the pipeline. If it dies (even by SIGKILL) the kernel must not go on
-    # working unobserved: turn that into the same SIGTERM path.
-    while True:
+    # working unobserved: turn that into the same SIGTERM path. Checked first thing: the parent
+    # may have died while this kernel was starting.
+    while os.getppid() == parent:
         time.sleep(0.2)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 _watching = False
@@ -78,7 +80,10 @@ def guard() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     if not _watching and os.environ.get("IMAGING_PIPELINE"):
         _watching = True
-        threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+        # The pid the pipeline gave, not the parent found now: that is init if the pipeline
+        # died before this line ran, and a kernel watching init stayed for ever (issue 29).
+        parent = int(os.environ.get(lineage.OWNER) or os.getppid())
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
 
 
 class StageHeader(Record):
@@ -95,7 +100,9 @@ class StageHeader(Record):
 
 def open(stage: str, run_dir: str) -> Workspace:  # noqa: A001 - reads as stage.open(...)
     """Open (or create) the run directory for ``stage`` and start recording its commands."""
+    global _opened
     ws = Workspace.open(run_dir)
+    _opened = True
     tools.set_command_log(ws.commands_log)
     guard()
     return ws

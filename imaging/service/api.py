@@ -36,6 +36,7 @@ from imaging import __version__
 from imaging.errors import ImagingError, ParameterError, StoreError
 from imaging.run import audit, record
 from imaging.service import approvals, web, worker
+from imaging.service.metrics import add_monitoring
 from imaging.service.notify import Mailer, options
 from imaging.service.schemas import (
     API_PREFIX,
@@ -118,6 +119,7 @@ def create_app(settings: Settings, *, recover: bool = True) -> FastAPI:
     )
     app.state.store, app.state.settings, app.state.mailer = store, settings, mailer
     _handlers(app)
+    add_monitoring(app, store, settings, records)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

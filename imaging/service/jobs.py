@@ -32,12 +32,14 @@ def run_request(context: procrastinate.JobContext, request_id: str) -> None:
     context.additional_context["runner"].run(context, request_id)
 
 
-def defer(connection: Any, request_id: str, *, first: bool = False) -> int:
+def defer(connection: Any, request_id: str, *, first: bool = False, after: float = 0) -> int:
     """Queue the run of a request on ``connection`` (a psycopg connection inside the caller's
     transaction, committed or rolled back with it); return the job's id. ``first``: before the
-    jobs already queued (a request whose worker was lost goes on at the next free worker)."""
+    jobs already queued (a request whose worker was lost goes on at the next free worker).
+    ``after``: not to be taken for that many seconds (a request no host had room for)."""
     job = run_request.configure(lock=request_id, queueing_lock=request_id, connection=connection,
-                                priority=1 if first else 0)  # fmt: skip
+                                priority=1 if first else 0,
+                                schedule_in={"seconds": int(after)} if after else None)  # fmt: skip
     return int(job.defer(request_id=request_id))
 
 

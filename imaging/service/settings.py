@@ -73,6 +73,10 @@ class Worker(_Strict):
     check_seconds: float = Field(default=2.0, ge=0.2, le=60)
     # Lost workers in a row after which a request goes to error rather than run again.
     max_lost: int = Field(default=3, ge=1, le=100)
+    # A worker whose runs directory cannot hold a request's source (and the disk made from it)
+    # does not run it: the request waits this long in the queue, for a host with room (or this
+    # one, once runs are removed), instead of failing here. See imaging/service/space.py.
+    space_wait_seconds: float = Field(default=60.0, ge=1, le=3600)
 
     @model_validator(mode="after")
     def _beats(self) -> Worker:
@@ -81,6 +85,79 @@ class Worker(_Strict):
                 f"stalled_seconds ({self.stalled_seconds:g}) must be at least twice heartbeat_seconds "
                 f"({self.heartbeat_seconds:g}): a live worker would be taken for lost"
             )
+        return self
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> float | None:
+    """Seconds of ``30d``, ``12h``, ``90m``, ``45s`` or a number of seconds; None (or ``never``,
+    or empty) keeps forever."""
+    if value is None or value == "" or value == "never":
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        m = _DURATION.fullmatch(str(value).strip())
+        if m is None:
+            raise ValueError(f"{value!r} is not a duration (like 30d, 12h, 90m, 45s, or never)")
+        seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"{value!r}: a duration must be more than zero (never: keep forever)")
+    return seconds
+
+
+class Kept(_Strict):
+    """How long a finished request's run is kept, per final state (seconds; None: forever),
+    counted from the request's last change (the time it reached that state)."""
+
+    completed: float | None = None
+    error: float | None = None
+    denied: float | None = None
+    cancelled: float | None = None
+
+    @field_validator("completed", "error", "denied", "cancelled", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> float | None:
+        return parse_duration(v)
+
+
+class Retention(Kept):
+    """``retention:``: a finished request's run directory, log and artifacts on the host that
+    ran it go after the time its state says; its record in the record store after ``store``'s
+    (per state; a state not named there: as on the host), which may be longer. The request's
+    row (its result, audit head and history) stays in the database. Nothing is removed unless
+    set. See imaging/service/retention.py."""
+
+    store: Kept = Kept()
+    # How often each worker looks (its own runs directory; the store: any worker, each its turn).
+    every: float = Field(default=3600.0, gt=0)
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _every(cls, v: object) -> float | None:
+        return parse_duration(v)
+
+    def host_seconds(self, state: str) -> float | None:
+        return getattr(self, state, None) if state in Kept.model_fields else None
+
+    def store_seconds(self, state: str) -> float | None:
+        if state not in Kept.model_fields:
+            return None
+        named = state in self.store.model_fields_set
+        return getattr(self.store, state) if named else self.host_seconds(state)
+
+    @model_validator(mode="after")
+    def _store_not_shorter(self) -> Retention:
+        for state in Kept.model_fields:
+            host, store = self.host_seconds(state), self.store_seconds(state)
+            if host is not None and store is not None and store < host:
+                raise ValueError(
+                    f"retention.store.{state} is shorter than retention.{state}: a host would serve a run "
+                    "whose record is gone (make the store's at least as long)"
+                )
         return self
 
 
@@ -139,6 +216,11 @@ class Settings(_Strict):
     # Where run records live (notebooks, audit chains, artifacts...): an S3-compatible store
     # every host reads and writes; no bucket: each run stays in its host's runs directory.
     records: record.StoreConfig = record.StoreConfig()
+    # How long finished runs are kept, on the hosts and in the record store.
+    retention: Retention = Retention()
+    # The service's own log (serve, worker): text lines, or one JSON object a line (json) for a
+    # log collector. The runs' logs are the runs' own.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("clouds")
     @classmethod

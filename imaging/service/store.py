@@ -66,6 +66,8 @@ RULES: dict[str, tuple[frozenset[State], State, frozenset[str]]] = {
 }  # fmt: skip
 PAST = {"approve": "approved", "deny": "denied", "cancel": "cancelled", "claim": "claimed",
         "stage": "moved", "complete": "completed", "fail": "failed", "requeue": "queued again"}  # fmt: skip
+# How a worker's note begins when it leaves a request for want of disk space (space.py).
+SPACE_REASON = "not enough space"
 # Actions after which the request has a job queued for it (a new one each time).
 _QUEUES = frozenset({"approve", "requeue"})
 
@@ -295,6 +297,25 @@ class Store:
                 )
             ).one_or_none()
         return row is not None and tuple(row[:2]) == (State.running, worker) and job in (None, row[2])
+
+    def leave_for_space(self, request_id: str, job: int, actor: Actor, reason: str, after: float) -> bool:
+        """A worker that cannot hold a request's run puts it back in the queue unclaimed, not
+        to be taken for ``after`` seconds (imaging/service/space.py); the transition says why.
+        False when the request moved on meanwhile (cancelled, or queued again with another job)."""
+        with self.session() as s:
+            req = s.get(ImageRequest, request_id, with_for_update={"of": ImageRequest})
+            if req is None or req.state != State.approved or req.job_id != job:
+                return False
+            # Its new job waits behind the one running now (the same lock), which ends at once.
+            req.job_id = jobs.defer(s.connection().connection.driver_connection, req.id, after=after)
+            last = req.transitions[-1] if req.transitions else None
+            if last is not None and last.actor == actor.name and last.reason.startswith(SPACE_REASON):
+                # The same host again, a minute later: its latest figures, not one more line a minute.
+                last.time, last.reason = now(), reason
+            else:
+                s.add(Transition(request_id=req.id, time=now(), actor=actor.name, from_state=req.state,
+                                 to_state=req.state, stage=req.stage, reason=reason))  # fmt: skip
+        return True
 
     def heartbeat(self, worker_id: int) -> None:
         """A Procrastinate worker's heartbeat, written for it (see ``RequestRunner._beating``)."""

@@ -51,7 +51,8 @@ from imaging import config
 from imaging.clouds import settings as cloud_settings
 from imaging.errors import ImagingError, ParameterError, StoreError
 from imaging.guest import secrets
-from imaging.service import jobs, takeover
+from imaging.run import lineage
+from imaging.service import jobs, retention, space, takeover
 from imaging.service.notify import Mailer
 from imaging.service.settings import Settings, secret_env_names
 from imaging.service.store import Actor, ImageRequest, Store
@@ -177,9 +178,12 @@ class RequestRunner:
         self.logs = settings.state_dir / "logs"
         w = settings.worker
         self.lease = w.stalled_seconds - w.heartbeat_seconds
+        self.active: set[str] = set()  # the requests this worker runs now
 
     def run(self, context: procrastinate.JobContext, request_id: str) -> None:
         job = context.job.id
+        if self._no_room(request_id, job):
+            return
         try:
             req = self._recorded(context, request_id, "claim",
                                  lambda: self.store.transition(request_id, "claim", self.actor, worker=self.name, job=job))  # fmt: skip
@@ -195,7 +199,36 @@ class RequestRunner:
             log.exception("request %s: the worker failed", request_id)
             self.finish(context, request_id, "fail", f"the worker failed: {' '.join(str(e).split())[:300]}")
 
+    def _no_room(self, request_id: str, job: int | None) -> bool:
+        """Whether this host cannot hold the request's run: then it goes back to the queue
+        unclaimed, for a host with room (see space.py). Any doubt (the database away, a
+        request moved on) is left to the claim, which says so."""
+        try:
+            req = self.store.get(request_id)
+            short = space.check(self.settings, req) if req.state == "approved" else None
+            if short is None or job is None:
+                return False
+            reason = short.reason(self.name)
+            left = self.store.leave_for_space(request_id, job, self.actor, reason,
+                                              self.settings.worker.space_wait_seconds)  # fmt: skip
+        except StoreError:
+            return False
+        except Exception:  # a bug of the check must not leave the request approved with no job
+            log.exception("request %s: the space check failed; claimed without it", request_id)
+            return False
+        if left:
+            log.warning("request %s: %s (asked again in %g s)", request_id, reason,
+                        self.settings.worker.space_wait_seconds)  # fmt: skip
+        return left
+
     def _run(self, context: procrastinate.JobContext, req: ImageRequest) -> None:
+        self.active.add(req.id)  # retention never touches it meanwhile
+        try:
+            self._run_here(context, req)
+        finally:
+            self.active.discard(req.id)
+
+    def _run_here(self, context: procrastinate.JobContext, req: ImageRequest) -> None:
         run_dir = config.runs_dir() / req.id
         if self.settings.records.bucket:
             try:
@@ -223,6 +256,7 @@ class RequestRunner:
             if why == "shutdown":
                 stack.enter_context(self._beating(context))
             code = _wait_or_stop(proc)
+            _end_leftovers(req.id, run_dir)
             self._end(context, req, run_dir, log_path, stage, why, code)
 
     def _end(
@@ -416,6 +450,16 @@ def _wait_or_stop(proc: subprocess.Popen[bytes]) -> int:
     return int(proc.returncode)
 
 
+def _end_leftovers(request_id: str, run_dir: Path) -> None:
+    """Whatever the run started that still runs now that the run's process has exited, ended:
+    a run killed outright (on a host short of memory the OOM killer's pick is often the run)
+    could not stop it, and it must not wait for a resume that may never come (lineage.py)."""
+    left = lineage.end(run_dir.resolve(), _STOP_GRACE)
+    if left:
+        log.warning("request %s: its run left %d processes running, ended now: %s", request_id, len(left),
+                    "; ".join(left)[:1000])  # fmt: skip
+
+
 def recover(store: Store, mailer: Mailer, settings: Settings) -> None:
     """Queue again the requests of workers whose heartbeats stopped (see Store.recover_stalled);
     the admins hear of those that went to error."""
@@ -434,6 +478,27 @@ async def _recovery_loop(store: Store, mailer: Mailer, settings: Settings) -> No
         except Exception as e:  # the database is away: the next round tries again
             said.warn("recovering stalled requests: %s", _brief(e))
         await asyncio.sleep(settings.worker.heartbeat_seconds)
+
+
+async def _retention_loop(store: Store, settings: Settings, runner: RequestRunner) -> None:
+    """Finished runs past their retention removed, and taken-over runs' old directories
+    (retention.py): at start, then every ``retention.every``; nothing to do without a
+    retention or a record store."""
+    r = settings.retention
+    if not settings.records.bucket and all(r.store_seconds(state) is None for state in retention.FINAL):
+        return
+    said = _Once()
+    while True:
+        try:
+            done = await asyncio.to_thread(retention.sweep, settings, store, set(runner.active))
+            if any(done.values()):
+                log.info(
+                    "retention: %s", ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in done.items())
+                )
+            said.clear()
+        except Exception as e:  # the database away: the next round tries again
+            said.warn("retention: %s", _brief(e))
+        await asyncio.sleep(r.every)
 
 
 class _Once:
@@ -579,6 +644,7 @@ async def _serve(settings: Settings, store: Store, concurrency: int, stopping: a
         )
         run = asyncio.create_task(worker.run())
         recovery = asyncio.create_task(_recovery_loop(store, mailer, settings))
+        sweeping = asyncio.create_task(_retention_loop(store, settings, runner))
         stop = asyncio.create_task(stopping.wait())
         log.info("worker %s started (%d at once)", name, concurrency)
         try:
@@ -588,9 +654,12 @@ async def _serve(settings: Settings, store: Store, concurrency: int, stopping: a
             await run  # raises what stopped it, if not us
         finally:
             recovery.cancel()
+            sweeping.cancel()
             stop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await recovery
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeping
 
 
 def serve_forever(settings: Settings, store: Store, concurrency: int | None = None) -> int:
