@@ -25,7 +25,7 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.expected_conditions import staleness_of
+from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -113,7 +113,7 @@ class Browser:
                     raise
                 time.sleep(0.5)
         if navigates:
-            WebDriverWait(self.driver, 60).until(staleness_of(page))
+            WebDriverWait(self.driver, 60).until(lambda _: _gone(page))
 
     def sign_in(self, email: str, count: int = 1) -> None:
         self.get("/web/")  # signed out: to the sign-in page
@@ -141,6 +141,15 @@ class Browser:
 
     def quit(self) -> None:
         self.driver.quit()
+
+
+def _gone(element: WebElement) -> bool:
+    """Whether a page's element is gone: stale, or (Chromium, mid-navigation) no longer in a document."""
+    try:
+        element.is_enabled()
+    except WebDriverException:  # StaleElementReferenceException among them
+        return True
+    return False
 
 
 def _wait(what: str, check: Any, timeout: float = 30, step: float = 0.3) -> Any:
