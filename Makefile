@@ -8,7 +8,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Host tools the pipeline and its tests run (see docs/install.md); PostgreSQL: the
 # request service's database (`serve` alone starts a private cluster of it under state/; the
 # tests start theirs, on a Unix socket or on loopback, with the same code);
-# Chromium, a font and tesseract to look at the audit reports the way a person does; virt-v2v
+# Chromium, a font and tesseract to look at the audit reports the way a person does (and
+# chromium-driver, through which Selenium drives it over the web page: tests/integration/test_web.py); virt-v2v
 # to read our OVAs the way VMware-exported appliances are read (tests/integration/test_big_ova.py).
 # The test clouds: OpenSSH's server as a Eucalyptus node (and its client's ssh-keygen and
 # ssh-keyscan, which the boot check uses too), the real Glance; mmdebstrap builds the real Debian
@@ -19,7 +20,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # openssl check the guest's Secure Boot signatures before any boot (guest/signatures.py).
 APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdisk util-linux \
 	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap pigz \
-	postgresql chromium fonts-dejavu-core tesseract-ocr tesseract-ocr-eng virt-v2v \
+	postgresql chromium chromium-driver fonts-dejavu-core tesseract-ocr tesseract-ocr-eng virt-v2v \
 	openssh-server openssh-client glance-api mmdebstrap xfsprogs btrfs-progs lvm2 acl dosfstools mtools \
 	sbsigntool openssl ovmf grub-efi-amd64-bin shim-signed grub-efi-amd64-signed
 

@@ -40,7 +40,7 @@ def data() -> Path:
 # then end close together.
 SLOW_FIRST = ("test_real_filesystems.py", "test_real_guests.py", "test_rhel_like.py", "test_ubuntu_like.py", "test_suse_like.py", "test_amazon_like.py", "test_formats.py", "test_public_clouds.py", "test_export.py",
               "test_hosts.py", "test_hostile.py", "test_interrupt.py", "test_service_clouds.py",
-              "test_big_ova.py", "test_service.py", "test_worker.py", "test_xen.py", "test_clouds.py",
+              "test_big_ova.py", "test_service.py", "test_web.py", "test_worker.py", "test_xen.py", "test_clouds.py",
               "test_explore.py", "test_openapi.py", "test_report.py", "test_bad_input.py")  # fmt: skip
 
 

@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException
 from imaging import __version__
 from imaging.errors import ImagingError, ParameterError, StoreError
 from imaging.run import audit, record
-from imaging.service import approvals, worker
+from imaging.service import approvals, web, worker
 from imaging.service.metrics import add_monitoring
 from imaging.service.notify import Mailer, options
 from imaging.service.schemas import (
@@ -51,6 +51,7 @@ from imaging.service.schemas import (
     RequestOut,
     StateName,
     UserOut,
+    artifact_name,
     document,
     validated,
 )
@@ -129,6 +130,7 @@ def create_app(settings: Settings, *, recover: bool = True) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    web.install(app, store, settings, mailer, records)  # the web page, /web/
     base = f"{settings.public_url}{API}/request_image"
 
     def user(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Actor:
@@ -225,7 +227,7 @@ def create_app(settings: Settings, *, recover: bool = True) -> FastAPI:
         if req.state != "completed":
             raise fail(409, f"request {req.id} is {req.state}: no artifact to download")
         result = req.result or {}
-        name = _artifact_name(result)
+        name = artifact_name(result)
         sha = str(result.get("sha256", ""))
         filename = name.rpartition("/")[2] if name else ""
         found = name and stream(req, name, "application/octet-stream", {
@@ -369,15 +371,6 @@ def create_app(settings: Settings, *, recover: bool = True) -> FastAPI:
         return UserOut(name=found.name, role=found.role, email=found.email)  # type: ignore[arg-type]
 
     return app
-
-
-def _artifact_name(result: dict[str, Any]) -> str:
-    """The artifact's name in its run's record: its path inside the run directory it was made in."""
-    path, run_dir = str(result.get("path") or ""), str(result.get("run_dir") or "")
-    if not path or not run_dir or not path.startswith(run_dir.rstrip("/") + "/"):
-        return ""
-    name = path[len(run_dir.rstrip("/")) + 1 :]
-    return "" if ".." in name.split("/") else name
 
 
 def _approval(store: Store, settings: Settings, token: str, *, consume: bool) -> tuple[ImageRequest, Any]:

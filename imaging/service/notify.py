@@ -115,6 +115,11 @@ class Mailer:
 
 
 def describe(req: ImageRequest) -> list[str]:
+    return [f"  {k:<11} {v}" for k, v in facts(req)]
+
+
+def facts(req: ImageRequest) -> list[tuple[str, str]]:
+    """What a request asks for and what its run will do, as the admin approves it (mail, web page)."""
     rows = [("request", req.id), ("name", req.name), ("owner", req.owner.name), ("instance", req.instance),
             ("kind", req.kind), ("format", req.disk_format), ("target", req.target)]  # fmt: skip
     if req.kind == "image":
@@ -131,7 +136,7 @@ def describe(req: ImageRequest) -> list[str]:
         ]
     elif published.get("key"):
         rows += [("published", f"s3://{published.get('bucket')}/{published['key']}")]
-    return [f"  {k:<11} {v}" for k, v in rows]
+    return rows
 
 
 def options(req: ImageRequest) -> list[tuple[str, str]]:

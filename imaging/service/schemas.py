@@ -337,3 +337,12 @@ def document(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
         for op in ("show_request", "patch_request", "download_artifact", "list_notebooks", "audit_record")
     }
     return spec
+
+
+def artifact_name(result: dict[str, Any]) -> str:
+    """The artifact's name in its run's record: its path inside the run directory it was made in."""
+    path, run_dir = str(result.get("path") or ""), str(result.get("run_dir") or "")
+    if not path or not run_dir or not path.startswith(run_dir.rstrip("/") + "/"):
+        return ""
+    name = path[len(run_dir.rstrip("/")) + 1 :]
+    return "" if ".." in name.split("/") else name

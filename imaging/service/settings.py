@@ -174,6 +174,17 @@ class Publish(_Strict):
     secret_access_key: SecretStr = SecretStr("")
 
 
+class Web(_Strict):
+    """The web page's sign-in (imaging/service/web.py)."""
+
+    # A header the site's reverse proxy sets to the signed-in user's name (e.g. REMOTE_USER);
+    # empty: people sign in with a link mailed to them. Set it only behind a proxy that removes
+    # the header from what clients send.
+    trusted_header: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
+    signin_ttl_seconds: int = Field(default=900, ge=60, le=86400)  # how long a mailed link works
+    session_seconds: int = Field(default=12 * 3600, ge=300, le=30 * 86400)  # a browser's session
+
+
 _INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 
 
@@ -201,6 +212,7 @@ class Settings(_Strict):
     smtp: SMTP = SMTP()
     worker: Worker = Worker()
     publish: Publish = Publish()
+    web: Web = Web()
     # Where run records live (notebooks, audit chains, artifacts...): an S3-compatible store
     # every host reads and writes; no bucket: each run stays in its host's runs directory.
     records: record.StoreConfig = record.StoreConfig()

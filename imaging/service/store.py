@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, String, Text, create_engine, select, text, update
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, Text, create_engine, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
@@ -115,6 +115,12 @@ class User(Base):
 
 class ImageRequest(Base):
     __tablename__ = "image_requests"
+    # The lists, newest first: all, a user's own, by state (migration 0003).
+    __table_args__ = (
+        Index("ix_image_requests_created", "created"),
+        Index("ix_image_requests_owner_created", "owner_id", "created"),
+        Index("ix_image_requests_state_created", "state", "created"),
+    )
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     owner: Mapped[User] = relationship(lazy="joined")

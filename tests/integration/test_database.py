@@ -62,7 +62,7 @@ def test_a_store_made_before_migrations_is_upgraded_with_its_requests(
         "was made before schema migrations: upgrade it with: python -m imaging db upgrade"
     ), refused.stderr
     upgraded = imaging("db", "upgrade", env=env, config=conf)
-    assert upgraded.returncode == 0 and "database schema 0001 -> 0002" in upgraded.stderr, upgraded.stderr
+    assert upgraded.returncode == 0 and "database schema 0001 -> 0003" in upgraded.stderr, upgraded.stderr
     assert imaging("db", "status", env=env, config=conf).returncode == 0
     with engine.connect() as conn:
         row = conn.execute(text("SELECT name, state, job_id FROM image_requests")).one()
@@ -75,13 +75,13 @@ def test_a_store_made_before_migrations_is_upgraded_with_its_requests(
         conn.execute(text("UPDATE alembic_version SET version_num = '0001'"))
     behind = imaging("serve", env=env, config=conf)
     assert behind.returncode == 1 and behind.stderr.strip().splitlines()[-1].endswith(
-        "has schema revision 0001, this imaging needs 0002: upgrade it with: python -m imaging db upgrade"
+        "has schema revision 0001, this imaging needs 0003: upgrade it with: python -m imaging db upgrade"
     ), behind.stderr
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
     ahead = imaging("worker", env=env, config=conf)
     assert ahead.returncode == 1 and ahead.stderr.strip().splitlines()[-1].endswith(
-        "has schema revision 0099, which this imaging does not know (it knows up to 0002): upgrade imaging on this host"
+        "has schema revision 0099, which this imaging does not know (it knows up to 0003): upgrade imaging on this host"
     ), ahead.stderr
     # An empty database: created by the same command, not by a worker.
     empty = databases.new(schema=False)

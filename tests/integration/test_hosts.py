@@ -101,7 +101,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             api = Service(root / "api", root / "api" / "runs", settings(cluster.url, s3_url))
             create = subprocess.run([sys.executable, "-m", "imaging", "db", "upgrade", "--config", str(api.config_file)],
                                     capture_output=True, text=True, env=api.env, timeout=120)  # fmt: skip
-            assert create.returncode == 0 and "schema none -> 0002" in create.stderr, create.stderr
+            assert create.returncode == 0 and "schema none -> 0003" in create.stderr, create.stderr
             api.add_user("alice")
             api.add_user("root", admin=True)
             hosts: dict[str, Host] = {}
