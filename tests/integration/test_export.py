@@ -45,7 +45,7 @@ def test_qcow2_for_kvm_boots_and_leaves_a_record(cli: Cli, kvm_sample: Path, tmp
     assert result["source_digest"] == content_digest(kvm_sample)
 
     run = cli.runs / result["run"]
-    stages = ["00-acquire", "10-clean", "20-migrate", "30-bootable", "40-export", "50-verify"]
+    stages = ["00-acquire", "10-clean", "20-migrate", "25-secrets", "30-bootable", "40-export", "50-verify"]
     assert sorted(p.name for p in (run / "notebooks").glob("*.ipynb")) == [f"{s}.ipynb" for s in stages]
     scraps = {s: read_scraps(run / "notebooks" / f"{s}.ipynb")[s] for s in stages}
     assert (
