@@ -39,10 +39,10 @@ class SecretsFound(ImagingError):
 def fingerprint_key() -> bytes:
     """The key findings' fingerprints are made with: the service's (``IMAGING_FINGERPRINT_KEY``,
     the same on every host, so an allow list holds wherever the run resumes), else this host's,
-    made once beside the runs (mode 0600)."""
+    made once in the cache directory (mode 0600; the runs directory holds runs only)."""
     if os.environ.get(KEY_ENV):
         return os.environ[KEY_ENV].encode()
-    path = config.runs_dir() / ".fingerprint.key"
+    path = config.cache_dir() / "fingerprint.key"
     with contextlib.suppress(FileNotFoundError):
         return path.read_bytes()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,13 @@ PAST = {"approve": "approved", "deny": "denied", "cancel": "cancelled", "claim":
         "stage": "moved", "complete": "completed", "fail": "failed", "requeue": "queued again"}  # fmt: skip
 # How a worker's note begins when it leaves a request for want of disk space (space.py).
 SPACE_REASON = "not enough space"
+_PEOPLES = frozenset({"approve", "deny", "cancel"})
+
+
+class _Raced(StoreError):
+    """The request changed between reading it and updating it."""
+
+
 # Actions after which the request has a job queued for it (a new one each time).
 _QUEUES = frozenset({"approve", "requeue"})
 
@@ -283,12 +290,21 @@ class Store:
         Procrastinate job it runs the request for, which must still be the request's (a worker
         restarted under the same name, or a job that was queued again, cannot act on another
         job's run)."""
-        with self.session() as s:
-            req = s.get(ImageRequest, request_id)
-            if req is None or not _may_see(actor, req):
-                raise StoreError(f"no image request {request_id}", 404)
-            _transition(s, req, action, actor, reason, worker=worker, job=job, stage=stage, error=error,
-                        result=result, approval=approval, allow=allow, secrets=secrets)  # fmt: skip
+        # A person's action races the worker's stage moves (each bumps the version): taken again on
+        # the request as it now is, its rules checked anew. The worker's own actions are not.
+        tries = 3 if action in _PEOPLES else 1
+        for attempt in range(tries):
+            try:
+                with self.session() as s:
+                    req = s.get(ImageRequest, request_id)
+                    if req is None or not _may_see(actor, req):
+                        raise StoreError(f"no image request {request_id}", 404)
+                    _transition(s, req, action, actor, reason, worker=worker, job=job, stage=stage, error=error,
+                                result=result, approval=approval, allow=allow, secrets=secrets)  # fmt: skip
+                break
+            except _Raced:
+                if attempt == tries - 1:
+                    raise
         return self.get(request_id)
 
     # the job engine's side
@@ -456,7 +472,7 @@ def _transition(
         condition.append(ImageRequest.job_id == job)
     done = s.execute(update(ImageRequest).where(*condition).values(**values))
     if done.rowcount != 1:  # type: ignore[attr-defined]
-        raise StoreError(f"request {req.id} changed meanwhile; {action} not done", 409)
+        raise _Raced(f"request {req.id} changed meanwhile; {action} not done", 409)
     s.add(Transition(request_id=req.id, time=now(), actor=actor.name, from_state=before, to_state=target,
                      stage=values.get("stage", before_stage), reason=reason or PAST[action]))  # fmt: skip
     s.expire(req)
