@@ -1,8 +1,8 @@
 """The web page in process (no worker; mails caught): sign-in by a mailed one-time link, the
 session cookie's flags, CSRF refusals, the request form's errors next to their fields, another
 user's request a 404, the admin's approve/deny with the run's options shown first, the secret
-scan's findings approved with an allow list, a trusted proxy header, and every page under 200 ms
-with 5,000 requests in the database."""
+scan's findings approved with an allow list, a trusted proxy header, and every page with 5,000
+requests in the database (its time printed, never asserted)."""
 
 from __future__ import annotations
 
@@ -259,8 +259,7 @@ def test_pages_fast_with_5000_requests(site: Web) -> None:
             r = client.get(path)
             took = min(took, time.perf_counter() - t)
             assert r.status_code == 200, (path, r.text)
-        print(f"{path}: {1000 * took:.0f} ms")
-        assert took < 0.2, f"{path}: {1000 * took:.0f} ms"
+        print(f"{path}: {1000 * took:.0f} ms")  # the figure; the tests assert no time (docs/performance.md)
     assert "Older" in root.get("/web/requests").text
 
 
@@ -308,8 +307,7 @@ def test_live_progress_of_20_running_requests_is_cheap(tmp_path: Path, database:
                 time.sleep(max(0.0, t + (i + 1) * 10 / 67 - time.monotonic()))
             after = server.cpu_times()
         used = (after.user - before.user) + (after.system - before.system)
-        print(f"67 progress polls in 10 s: {used:.3f} s of the service's CPU")
-        assert used < 0.05 * 10, f"20 live pages for 10 s took {used:.2f} s of the service's CPU"
+        print(f"67 progress polls in 10 s: {used:.3f} s of the service's CPU")  # the figure, not asserted
     finally:
         proc.terminate()
         proc.wait(timeout=60)
