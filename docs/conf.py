@@ -16,9 +16,12 @@ copyright = "the imaging project"
 version = release = __version__
 
 extensions = ["myst_nb", "imaging_docs"]
-exclude_patterns = ["_build", "_generated", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
-# The recorded run's notebooks are rendered as they are: executing the stages needs root, loop
-# devices and a boot under QEMU (see audit.md).
+exclude_patterns = ["_build", "_generated", "audit-example/html", "**.ipynb_checkpoints", "Thumbs.db",
+                    ".DS_Store"]  # fmt: skip
+# The recorded run's notebooks are its own HTML renders, copied into the build as they are
+# (audit-example/notebooks/<stage>.html): executing the stages needs root, loop devices and a
+# boot under QEMU, and the repository keeps notebooks without outputs (see audit-example/index.md).
+html_extra_path = ["audit-example/html"]
 nb_execution_mode = "off"
 nb_merge_streams = True
 # What scrapbook glued for the pipeline (application/scrapbook.scrap.json+json) is data for the
