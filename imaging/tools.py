@@ -349,6 +349,7 @@ class Spawned:
         self._proc = proc
         self._started = started
         self._t0 = time.monotonic()
+        self._result: CommandResult | None = None
         name = Path(argv[0]).name
         self._stdout = _Collector(out[0], f"{name} stdout", STDERR_KEPT, tail=True)
         self._stderr = _Collector(out[1], f"{name} stderr", STDERR_KEPT, tail=True)
@@ -372,6 +373,9 @@ class Spawned:
             self._proc.wait()
 
     def finish(self) -> CommandResult:
+        # Once: a caller waits for the command inside the block, and the block's end finishes again.
+        if self._result is not None:
+            return self._result
         self._proc.wait()
         self._stdout.thread.join(timeout=10)
         self._stderr.thread.join(timeout=10)
@@ -380,6 +384,7 @@ class Spawned:
             time.monotonic() - self._t0,
         )  # fmt: skip
         _record(result)
+        self._result = result
         return result
 
 

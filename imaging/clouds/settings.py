@@ -91,8 +91,14 @@ class Eucalyptus(_Strict):
     known_hosts: Path  # the nodes' host keys, as the operator has checked them
     instances_dir: str = "/var/lib/eucalyptus/instances"
     timeout: float = Field(default=30.0, gt=0, le=600)
-    # Through gzip -1 on the node instead of SFTP: for slow links and sparse disks (see docs/clouds.md).
-    compress: bool = False
+    # The stream compressed on the node (zstd -1, or gzip -1 where the node has no zstd): "auto"
+    # compresses with zstd where both ends have it (see docs/clouds.md); YAML's on/off are booleans.
+    compress: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("compress", mode="before")
+    @classmethod
+    def _compress(cls, v: object) -> object:
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("nodes")
     @classmethod
