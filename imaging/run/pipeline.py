@@ -358,6 +358,10 @@ def sweep(ws: Workspace, out: Path | None, request: Request | None = None) -> li
             sparse.part_path(artifact.with_name(artifact.name + ".sha256"), ws.id),
         ]
     for part in parts:
+        # A cloud copy cut mid-way (clouds/resume.py: its record beside it) is kept for imaging
+        # resume, which fetches only the rest; the copy itself drops it when it cannot be resumed.
+        if part.with_name(part.name + ".json").exists():
+            continue
         if part.exists():
             part.unlink(missing_ok=True)
             removed.append(str(part))

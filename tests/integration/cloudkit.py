@@ -419,13 +419,16 @@ def openstack_cloud(nova: NovaStub, glance: Glance, **extra: Any) -> dict[str, A
 
 class CuttingProxy:
     """Forwards TCP connections on loopback to ``port``; each connection is cut (both ways closed)
-    once the server has sent ``cut_after`` bytes through it."""
+    once the server has sent ``cut_after`` bytes through it (None: never; read as each connection
+    starts). ``sent`` counts the bytes the server sent through it, all connections together."""
 
-    def __init__(self, port: int, cut_after: int) -> None:
+    def __init__(self, port: int, cut_after: int | None) -> None:
         self.target, self.cut_after = port, cut_after
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.cuts = 0
+        self.sent = 0
+        self._count = threading.Lock()
         self._stop = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -436,10 +439,12 @@ class CuttingProxy:
             except OSError:
                 return
             server = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._pipe, args=(client, server, None), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, self.cut_after), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, server, None, False), daemon=True).start()
+            threading.Thread(
+                target=self._pipe, args=(server, client, self.cut_after, True), daemon=True
+            ).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, limit: int | None, counted: bool) -> None:
         sent = 0
         try:
             while True:
@@ -448,10 +453,12 @@ class CuttingProxy:
                     break
                 if limit is not None and sent + len(data) > limit:
                     dst.sendall(data[: limit - sent])
+                    self._count_sent(limit - sent, counted)
                     self.cuts += 1
                     break
                 dst.sendall(data)
                 sent += len(data)
+                self._count_sent(len(data), counted)
         except OSError:
             pass
         for s in (src, dst):
@@ -460,6 +467,11 @@ class CuttingProxy:
             except OSError:
                 pass
             s.close()
+
+    def _count_sent(self, n: int, counted: bool) -> None:
+        if counted:
+            with self._count:
+                self.sent += n
 
     def close(self) -> None:
         self._stop.set()
