@@ -167,9 +167,13 @@ def test_a_run_sweeps_its_own_partial_files_only(tmp_path: Path) -> None:
               out / ".notes.txt.part", out / ".demo.qcow2.part"]  # fmt: skip
     for p in [*mine, *others, ws.work / ".instance.raw.part"]:
         p.write_bytes(b"partial")
+    # A cloud copy cut mid-way, with its record: kept for imaging resume (clouds/resume.py).
+    resumable = [ws.work / ".source.raw.part", ws.work / ".source.raw.part.json"]
+    for p in resumable:
+        p.write_bytes(b"partial")
     removed = pipeline.sweep(ws, out, request)
     assert sorted(removed) == sorted(str(p) for p in [*mine, ws.work / ".instance.raw.part"])
-    assert all(p.exists() for p in others)
+    assert all(p.exists() for p in [*others, *resumable])
     # A name as users write it: the artifact, and so its partial file, is named after its slug.
     named = Request.create(source="/nonexistent.img", name="My image (v2)", format="qcow2", out=str(out))
     slugged = sparse.part_path(out / f"{named.slug}.qcow2", "demo-1")
