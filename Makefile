@@ -17,9 +17,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # tools; lvm2 only builds the tests' volume groups (guests' LVM metadata is read in Python);
 # acl's setfacl plants ACLs for the tests to find. dosfstools and mtools check and read a UEFI
 # source's EFI system partition (00-acquire) and build the samples' ones. sbsigntool's sbverify and
-# openssl check the guest's Secure Boot signatures before any boot (guest/signatures.py).
+# openssl check the guest's Secure Boot signatures before any boot (guest/signatures.py). zstd unpacks
+# a Eucalyptus node's copy, packed on the node (clouds/eucalyptus.py).
 APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdisk util-linux \
-	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap pigz \
+	busybox-static cpio kmod rsync dpkg binutils procps bubblewrap pigz zstd \
 	postgresql chromium chromium-driver fonts-dejavu-core tesseract-ocr tesseract-ocr-eng virt-v2v \
 	openssh-server openssh-client glance-api mmdebstrap xfsprogs btrfs-progs lvm2 acl dosfstools mtools \
 	sbsigntool openssl ovmf grub-efi-amd64-bin shim-signed grub-efi-amd64-signed
