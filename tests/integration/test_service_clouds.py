@@ -54,7 +54,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, kvm_sample: Path, glance: Gl
             "instances": {"i-euca": f"eucalyptus://euca/{node.instance}", "i-aws": f"ec2://aws/{aws_instance}",
                           "i-sample": "sample:kvm"},
             "clouds": {
-                "euca": node.cloud(),  # compress auto: zstd -1 on both ends, and the sample is mostly holes
+                "euca": node.cloud(compress="on"),  # the sample is mostly holes: zstd -1 packs them
                 # EC2's images are made for Nitro (target aws) by default; the busybox sample has
                 # no NVMe driver, so this cloud takes KVM images, as a Eucalyptus behind its EC2 API does.
                 "aws": aws.cloud(accounts={"bob": "111122223333"}, image_target="kvm"),

@@ -100,3 +100,29 @@ def test_ami_names_fit_ec2s_rules() -> None:
     name = ec2.ami_name("Débian «web» server; $(id) " + "x" * 300, "ir-0123456789ab")
     assert 3 <= len(name) <= 128 and name.endswith(" ir-0123456789ab")
     assert all(c.isalnum() or c in "()[] ./'@_-" for c in name)
+
+
+def test_node_compress_takes_yaml_booleans_and_packs_over_a_network_only() -> None:
+    from imaging.clouds import eucalyptus
+
+    def node(address: str, **extra: object) -> cs.Eucalyptus:
+        settings = {"kind": "eucalyptus", "nodes": [address], "key_file": "/k", "known_hosts": "/h", **extra}
+        cloud = cs.parse_clouds({"n": settings}, "test")["n"]
+        assert isinstance(cloud, cs.Eucalyptus)
+        return cloud
+
+    assert [node("nc1", compress=v).compress for v in (True, False, "auto")] == ["on", "off", "auto"]
+    with pytest.raises(ParameterError):
+        node("nc1", compress="fast")
+
+    def found(address: str, packer: str = "zstd") -> eucalyptus.Found:
+        return eucalyptus.Found(address, "/i/root", 1, 0, packer, "openssl")
+
+    assert eucalyptus.packer_for(node("nc1.example.org"), found("nc1.example.org")) == "zstd"
+    assert (
+        eucalyptus.packer_for(node("127.0.0.1:22"), found("127.0.0.1:22")) is None
+    )  # bound by the CPU there
+    assert eucalyptus.packer_for(node("nc1", compress="on"), found("127.0.0.1")) == "zstd"
+    assert eucalyptus.packer_for(node("nc1"), found("nc1", "gzip")) is None
+    assert eucalyptus.packer_for(node("nc1", compress="on"), found("nc1", "gzip")) == "gzip"
+    assert eucalyptus.packer_for(node("nc1", compress="off"), found("nc1")) is None
