@@ -236,7 +236,8 @@ def check(world: World, ids: list[str], done: dict[str, dict[str, Any]], figures
         history = [h["to"] for h in req["history"]]
         if history.count("completed") != 1:
             problems.append(f"{rid} completed {history.count('completed')} times")
-        listed = s3.list_objects_v2(Bucket="records", Prefix=f"{rid}/").get("Contents", [])
+        # records.prefix is runs/
+        listed = s3.list_objects_v2(Bucket="records", Prefix=f"runs/{rid}/").get("Contents", [])
         artifacts = [o["Key"] for o in listed if o["Key"].endswith(".qcow2")]
         if len(artifacts) != 1:
             problems.append(f"{rid}: artifacts {artifacts}")
