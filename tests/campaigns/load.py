@@ -159,12 +159,9 @@ def queue_order(world: World, count: int) -> QueueFigures:
                  if (n := [h["to"] for h in req["history"]].count("completed")) != 1]  # fmt: skip
     engine = create_engine(world.database)
     with engine.connect() as conn:
-        jobs = dict(
-            conn.execute(
-                text("SELECT id, job_id FROM image_requests WHERE id = ANY(:ids)"), {"ids": ids}
-            ).all()
-        )
-        claims = dict(conn.execute(text("SELECT request_id, min(id) FROM transitions WHERE reason = 'claimed' "
+        query = text("SELECT id, job_id FROM image_requests WHERE id = ANY(:ids)")
+        jobs: dict[str, int] = dict(conn.execute(query, {"ids": ids}).all())
+        claims: dict[str, int] = dict(conn.execute(text("SELECT request_id, min(id) FROM transitions WHERE reason = 'claimed' "
                                         "AND request_id = ANY(:ids) GROUP BY 1"), {"ids": ids}).all())  # fmt: skip
     engine.dispose()
     by_job = sorted(ids, key=lambda rid: jobs[rid])

@@ -7,12 +7,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.campaigns import load, services_away
 
 from .conftest import leftovers
 from .servicekit import hosts_world
 
 
+@pytest.mark.timeout(1200)  # about 3 minutes on a quiet machine, 10 under a load of 12 on 2 cores
 def test_services_going_away_at_random_points(tmp_path: Path) -> None:
     # PostgreSQL stopped, the object store gone, the SMTP server refusing: each once, in a
     # random order, after a gap of 2 to 10 s and for 3 to 20 s (the workers' lease is 14 s).

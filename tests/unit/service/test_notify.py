@@ -15,8 +15,8 @@ from tests.integration.servicekit import SMTP_PASSWORD, SMTP_USER, smtp_server, 
 
 
 def mailer(tmp_path: Path, port: int, **smtp: float) -> Mailer:
-    conf = settings.Settings(state_dir=tmp_path, smtp={"host": "127.0.0.1", "port": port, "username": SMTP_USER,
-                                                       "password": SMTP_PASSWORD, **smtp})  # fmt: skip
+    mail = settings.SMTP(host="127.0.0.1", port=port, username=SMTP_USER, password=SMTP_PASSWORD, **smtp)  # type: ignore[arg-type]
+    conf = settings.Settings(state_dir=tmp_path, smtp=mail)
     return Mailer(conf, store=None)  # type: ignore[arg-type] # send() needs no store
 
 
