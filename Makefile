@@ -80,6 +80,8 @@ test: setup
 
 # The campaigns of issue 29: faults and load nobody chose, each bounded in count and time, on
 # loopback (their short forms are in `make test`). Root, loop devices, QEMU. One line each.
+# Fifty requests of the sample on two workers are about 50 x 40 s / 2 = 17 minutes of runs
+# before any outage: more than services_away's 10-minute share of the hour.
 campaign: setup
 	$(PY) -m tests.campaigns.services_away --count 50
 	$(PY) -m tests.campaigns.load --clients 50 --requests 5000 --approved 20
