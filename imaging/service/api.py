@@ -85,11 +85,18 @@ CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 def _recovering(store: Store, mailer: Mailer, settings: Settings, stop: threading.Event) -> None:
     """The API too queues again the requests of lost workers, so their state tells the truth
     even while no other worker runs."""
+    away = False  # said once while the database is away, not at every heartbeat
     while not stop.wait(settings.worker.heartbeat_seconds):
         try:
             worker.recover(store, mailer, settings)
         except StoreError as e:
-            log.warning("recovering stalled requests: %s", e)
+            if not away:
+                log.warning("recovering stalled requests: %s", e)
+            away = True
+        else:
+            if away:
+                log.info("recovering stalled requests again: the database answers")
+            away = False
 
 
 def create_app(settings: Settings, *, recover: bool = True) -> FastAPI:

@@ -3,13 +3,20 @@
 Every admin user with an address gets their own mail, so their approve link is signed for them
 and the approval is recorded as theirs. The link opens a confirmation page; only its button
 approves (mail scanners follow links: a GET never changes anything). A mail that cannot be sent
-is logged and does not stop the request: it can always be approved through the API.
+does not stop the request (it can always be approved through the API): it is sent again every
+``smtp.retry_seconds`` while the server is down or refusing, for up to ``smtp.retry_for_seconds``,
+and each mail's fate is logged (sent, sent late, or given up). The mails waiting are held in the
+process that made them: a process that stops first logs each of them as not sent.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import smtplib
+import threading
+import time
+from collections.abc import Callable
 from email.message import EmailMessage
 from typing import Any
 
@@ -20,21 +27,96 @@ from imaging.service.store import ImageRequest, Store, User
 log = logging.getLogger("imaging.service.notify")
 
 
+class _Permanent(Exception):
+    """The server refused a mail for good (5xx): sending it again would not help."""
+
+
+def _brief(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+class Outbox:
+    """Mails the server did not take yet, sent again in order on a thread of their own (the
+    request that made them does not wait); a round stops at the first mail still refused, so
+    a server that is away is asked once a round."""
+
+    def __init__(self, deliver: Callable[[EmailMessage], Exception | None], every: float) -> None:
+        self.deliver = deliver
+        self.every = every
+        self.lock = threading.Lock()
+        self.held: list[tuple[EmailMessage, float]] = []
+        self.thread: threading.Thread | None = None
+        atexit.register(self.drop)
+
+    def hold(self, msg: EmailMessage, until: float) -> None:
+        with self.lock:
+            self.held.append((msg, until))
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._resend, name="mail outbox", daemon=True)
+                self.thread.start()
+
+    def _resend(self) -> None:
+        while True:
+            time.sleep(self.every)
+            with self.lock:
+                held = list(self.held)
+            if not held:
+                return
+            for msg, until in held:
+                error = self.deliver(msg)
+                if error is None:
+                    log.info("mail %r sent to %s (sent again)", msg["Subject"], msg["To"])
+                elif isinstance(error, _Permanent) or time.monotonic() > until:
+                    log.error("mail %r to %s given up: %s", msg["Subject"], msg["To"], _brief(error))
+                else:
+                    break
+                with self.lock:
+                    self.held.remove((msg, until))
+            with self.lock:
+                if not self.held:
+                    return
+
+    def drop(self) -> None:
+        """At the process's end: the mails still waiting, logged as not sent."""
+        with self.lock:
+            held, self.held = self.held, []
+        for msg, _ in held:
+            log.error("mail %r to %s not sent: the process stopped before the server took it",
+                      msg["Subject"], msg["To"])  # fmt: skip
+
+
 class Mailer:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
+        self.outbox = Outbox(self._deliver, settings.smtp.retry_seconds)
 
     def admins(self) -> list[User]:
         return [u for u in self.store.users(role="admin") if u.email]
 
     def send(self, to: str, subject: str, body: str) -> bool:
+        """Send a mail now; False if it was not (then it is sent again later if the server may
+        take it later: see the module)."""
         smtp = self.settings.smtp
         if not smtp.host:
             return False
         msg = EmailMessage()
         msg["From"], msg["To"], msg["Subject"] = smtp.sender, to, subject
         msg.set_content(body)
+        error = self._deliver(msg)
+        if error is None:
+            log.info("mail %r sent to %s", subject, to)
+            return True
+        if isinstance(error, _Permanent) or not smtp.retry_for_seconds:
+            log.warning("mail %r to %s not sent: %s", subject, to, _brief(error))
+            return False
+        log.warning("mail %r to %s not sent: %s; trying again every %g s for up to %g s", subject, to,
+                    _brief(error), smtp.retry_seconds, smtp.retry_for_seconds)  # fmt: skip
+        self.outbox.hold(msg, time.monotonic() + smtp.retry_for_seconds)
+        return False
+
+    def _deliver(self, msg: EmailMessage) -> Exception | None:
+        smtp = self.settings.smtp
         try:
             with smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout) as server:
                 if smtp.starttls:
@@ -42,13 +124,13 @@ class Mailer:
                 if smtp.username:
                     server.login(smtp.username, smtp.password.get_secret_value())
                 server.send_message(msg)
+        except smtplib.SMTPResponseException as e:
+            return _Permanent(_brief(e)) if e.smtp_code >= 500 else e
+        except smtplib.SMTPRecipientsRefused as e:
+            return _Permanent(_brief(e))
         except (OSError, smtplib.SMTPException) as e:
-            log.warning(
-                "mail %r to %s not sent: %s", subject, to, " ".join(str(e).split()) or type(e).__name__
-            )
-            return False
-        log.info("mail %r sent to %s", subject, to)
-        return True
+            return e
+        return None
 
     def approve_link(self, req: ImageRequest, admin: User) -> str:
         token = approvals.sign_approval(self.settings.signing_key(), req.id, admin.id, req.version)

@@ -54,6 +54,10 @@ class SMTP(_Strict):
     password: SecretStr = SecretStr("")
     starttls: bool = False
     timeout: float = Field(default=30.0, gt=0)
+    # A mail the server did not take for now (down, refusing, timed out) is sent again every
+    # retry_seconds, for up to retry_for_seconds; 0: tried once.
+    retry_seconds: float = Field(default=60.0, gt=0)
+    retry_for_seconds: float = Field(default=86400.0, ge=0)
 
 
 class Worker(_Strict):

@@ -1,8 +1,11 @@
 """Real servers on loopback for the service's tests: the imaging service itself (a process), an
-SMTP server whose mails the tests read (aiosmtpd), and an S3-compatible server (moto)."""
+SMTP server whose mails the tests read (aiosmtpd), an S3-compatible server (moto), a gate that
+makes a server go away and come back (:class:`Gate`), and the world of many conversion hosts
+(:func:`hosts_world`: PostgreSQL, S3, the API and two worker hosts)."""
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import os
@@ -15,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -50,8 +54,15 @@ class Mailbox:
     def __init__(self) -> None:
         self.messages: list[EmailMessage] = []
         self.lock = threading.Lock()
+        # A server that refuses for now (full, greylisting, restarting): every mail gets a 451.
+        self.refusing = False
+        self.refused = 0
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd's name
+        if self.refusing:
+            with self.lock:
+                self.refused += 1
+            return "451 4.3.0 not now, try again later"
         msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
         with self.lock:
             self.messages.append(msg)  # type: ignore[arg-type]
@@ -103,6 +114,75 @@ def s3_server() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+class Gate:
+    """A TCP forwarder on loopback in front of a server. Shut, the server is gone for its
+    clients (connections refused, open ones cut) while it keeps its data, as a restarted S3
+    service keeps its objects (moto keeps them in memory only: restarting it would lose them);
+    opened again, on the same port, it is back."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.port = free_port()
+        self.lock = threading.Lock()
+        self.conns: set[socket.socket] = set()
+        self.listener: socket.socket | None = None
+        self.open()
+
+    def open(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def shut(self) -> None:
+        with self.lock:
+            listener, self.listener = self.listener, None
+            conns, self.conns = self.conns, set()
+        if listener is not None:
+            listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # shut
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target), timeout=10)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self.lock:
+                if self.listener is not listener:
+                    client.close()
+                    server.close()
+                    return
+                self.conns |= {client, server}
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        # Either side done: both ends closed (HTTP needs no half-open connection).
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        with self.lock:
+            self.conns -= {src, dst}
+        src.close()
+        dst.close()
 
 
 def s3_client(url: str) -> Any:
@@ -244,3 +324,127 @@ def assert_no_secrets(service: Service, mailbox: Mailbox, extra: list[str]) -> N
         text = path.read_text(errors="replace")
         for secret in secrets:
             assert secret not in text, f"a secret is in {path}"
+
+
+# The world of many conversion hosts: two worker processes that share nothing but the database
+# (PostgreSQL on loopback) and the record store (moto's S3 on loopback, behind a Gate), each
+# with its own state and runs directories as separate hosts would have, and the API on a third
+# runs directory (tests/integration/test_hosts.py, tests/campaigns/).
+HEARTBEAT, STALLED = 1.0, 6.0
+
+
+@dataclass
+class Host:
+    """A conversion host: its own settings file, state and runs directories, one worker."""
+
+    name: str
+    root: Path
+    env: dict[str, str]
+    config_file: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log_path = self.root / "worker.log"
+        before = log_path.read_bytes().count(b" started (") if log_path.exists() else 0
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "imaging", "worker", "--config", str(self.config_file)],
+                                         stdout=log, stderr=log, env=self.env)  # fmt: skip
+        wait_for(f"worker {self.name}", lambda: log_path.read_bytes().count(b" started (") > before, 60)
+
+    @property
+    def worker_pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def worker_name(self) -> str:
+        return f"{socket.gethostname()}:{self.worker_pid}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=150)
+
+
+@dataclass
+class World:
+    api: Service
+    hosts: dict[str, Host]
+    database: str
+    s3_url: str
+    cluster: Any  # imaging.service.postgres.Cluster
+    s3: Gate
+    mailbox: Mailbox | None
+
+
+def host_settings(
+    database: str, s3_url: str, *, keep_inputs: bool = False, stalled: float = STALLED
+) -> dict[str, Any]:
+    return {
+        "database_url": database,
+        "secret_key": "one-signing-key-for-every-host-of-this-test",
+        "instances": {"i-sample": "sample:kvm"},
+        "records": {"endpoint_url": s3_url, "bucket": "records", "access_key_id": S3_KEY_ID,
+                    "secret_access_key": S3_SECRET, "keep_inputs": keep_inputs},
+        "worker": {"embedded": False, "concurrency": 1, "heartbeat_seconds": HEARTBEAT,
+                   "stalled_seconds": stalled, "poll_seconds": 1, "check_seconds": 1},
+    }  # fmt: skip
+
+
+@contextmanager
+def hosts_world(
+    root: Path, *, mail: bool = False, smtp_retry: float = 2.0, stalled: float = STALLED
+) -> Iterator[World]:
+    """PostgreSQL, S3 (behind a Gate), the API (users alice and root, an admin) and two worker
+    hosts, not started: host ``a`` keeps no input disks in the store, host ``b`` keeps them.
+    ``mail``: an SMTP server too, every host sending to it, root's address on it. ``stalled``:
+    the workers' stalled_seconds (their lease is a heartbeat less)."""
+    from imaging.service import postgres
+
+    cluster = postgres.Cluster(root / "postgres", durable=False, tcp_port=free_port())
+    cluster.start()
+    try:
+        with contextlib.ExitStack() as stack:
+            s3_direct = stack.enter_context(s3_server())
+            gate = Gate(int(s3_direct.rsplit(":", 1)[1]))
+            stack.callback(gate.shut)
+            s3_url = f"http://127.0.0.1:{gate.port}"
+            s3_client(s3_url).create_bucket(Bucket="records")
+            extra: dict[str, Any] = {}
+            mailbox = None
+            if mail:
+                mailbox, smtp_port = stack.enter_context(smtp_server())
+                extra["smtp"] = {"host": "127.0.0.1", "port": smtp_port, "username": SMTP_USER,
+                                 "password": SMTP_PASSWORD, "retry_seconds": smtp_retry}  # fmt: skip
+
+            def conf(keep: bool = False) -> dict[str, Any]:
+                return {**host_settings(cluster.url, s3_url, keep_inputs=keep, stalled=stalled), **extra}
+
+            # The API on a third host: its own runs directory, no worker.
+            api = Service(root / "api", root / "api" / "runs", conf())
+            create = subprocess.run([sys.executable, "-m", "imaging", "db", "upgrade", "--config", str(api.config_file)],
+                                    capture_output=True, text=True, env=api.env, timeout=120)  # fmt: skip
+            assert create.returncode == 0 and "schema none -> " in create.stderr, create.stderr
+            api.add_user("alice")
+            api.add_user("root", admin=True, email="root@example.org" if mail else None)
+            hosts: dict[str, Host] = {}
+            for name, keep in (("a", False), ("b", True)):
+                home = root / name
+                home.mkdir()
+                config_file = home / "service.yaml"
+                config_file.write_text(yaml.safe_dump(conf(keep)))
+                env = {**os.environ, "IMAGING_STATE": str(home / "state"), "IMAGING_RUNS": str(home / "runs"),
+                       "IMAGING_PROGRESS": "0"}  # fmt: skip
+                hosts[name] = Host(name, home, env, config_file)
+            try:
+                api.start()
+                yield World(api, hosts, cluster.url, s3_url, cluster, gate, mailbox)
+            finally:
+                for host in hosts.values():
+                    host.stop()
+                api.stop()
+    finally:
+        cluster.stop()
