@@ -144,13 +144,14 @@ class Partial(SparseFile):
     def write(self, offset: int, data: bytes | memoryview) -> None:
         if offset + len(data) > self.size:
             raise OSError(f"a block at {offset} of {len(data)} bytes lies beyond the disk's {self.size}")
-        if not is_zero(data):
+        zero = is_zero(data)
+        if not zero:
             view = memoryview(data)
             done = 0
             while done < len(view):
                 done += os.pwrite(self.fd, view[done:], offset + done)
         with self._lock:
-            if not is_zero(data):
+            if not zero:
                 self.data_bytes += len(data)
             self.held.add(offset, offset + len(data))
             due = time.monotonic() - self._recorded >= CHECKPOINT_SECONDS
