@@ -5,7 +5,9 @@ with a Nova stub. Every fault is a one-line error that leaves nothing behind."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -310,21 +312,122 @@ def test_openstack_faults(nova: tuple[NovaStub, str], glance: Glance, dest: Path
             cs.parse_source(f"openstack://os/{stuck}"), os_settings(stub, glance, image_timeout=1), dest
         )
     assert {i["id"] for i in glance.images()} == before  # the stuck snapshot image was deleted
-    # The download cut after 4 MiB: one line, nothing kept.
-    port = int(glance.url.rsplit(":", 1)[1])
-    proxy = CuttingProxy(port, cut_after=4 << 20)
-    try:
-        cut = openstack_cloud(stub, glance)
-        cut["image_endpoint"] = f"http://127.0.0.1:{proxy.port}"
-        cloud = cs.parse_clouds({"os": cut}, "test")["os"]
-        assert isinstance(cloud, cs.OpenStack)
-        with pytest.raises(
-            SourceError, match=r"os: download of image \S+ (failed|ended) after [0-9,]+ of [0-9,]+ bytes"
-        ):
-            openstack.fetch(cs.parse_source(f"openstack://os/{server}"), cloud, dest)
-    finally:
-        proxy.close()
     nothing_left(dest)
+
+
+class CountingProxy(CuttingProxy):
+    """A CuttingProxy that also counts what the server sent through it (``received``)."""
+
+    def __init__(self, port: int, cut_after: int = 1 << 62) -> None:
+        self.received = 0
+        super().__init__(port, cut_after)
+
+    def _pipe(self, src: Any, dst: Any, limit: int | None) -> None:
+        if limit is None:
+            return super()._pipe(src, dst, limit)
+        counted = self
+
+        class Counting:  # the server's socket, its reads counted
+            def recv(self, n: int) -> bytes:
+                data = src.recv(n)
+                counted.received += len(data)
+                return bytes(data)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(src, name)
+
+        super()._pipe(Counting(), dst, limit)  # type: ignore[arg-type]
+
+
+def through(stub: NovaStub, glance: Glance, proxy: CuttingProxy) -> cs.OpenStack:
+    settings = openstack_cloud(stub, glance)
+    settings["image_endpoint"] = f"http://127.0.0.1:{proxy.port}"
+    cloud = cs.parse_clouds({"os": settings}, "test")["os"]
+    assert isinstance(cloud, cs.OpenStack)
+    return cloud
+
+
+def test_openstack_download_cut_and_resumed(nova: tuple[NovaStub, str], glance: Glance, dest: Path) -> None:
+    """Cut at 10 %, 50 % and 99 %: the cut keeps what arrived and the snapshot image; the resume
+    asks Glance for the rest only, and the copy is the server's disk, byte for byte."""
+    stub, server = nova
+    disk = stub.servers[server].disk
+    size = disk.stat().st_size
+    src = cs.parse_source(f"openstack://os/{server}")
+    before = {i["id"] for i in glance.images()}
+    port = int(glance.url.rsplit(":", 1)[1])
+    for fraction in (0.10, 0.50, 0.99):
+        cutting = CuttingProxy(port, cut_after=int(size * fraction))
+        try:
+            with pytest.raises(SourceError) as e:
+                openstack.fetch(src, through(stub, glance, cutting), dest)
+        finally:
+            cutting.close()
+        message = str(e.value)
+        assert re.fullmatch(r"os: download of image (\S+) (cut|ended) after [0-9,]+ of [0-9,]+ bytes.*: what arrived "
+                            r"is kept for the next attempt; its snapshot image \1 is kept for the resume", message), message  # fmt: skip
+        kept = {i["id"] for i in glance.images()} - before
+        assert len(kept) == 1 and (dest / "source.snapshot.json").exists()
+        counting = CountingProxy(port)
+        try:
+            got = openstack.fetch(src, through(stub, glance, counting), dest)
+        finally:
+            counting.close()
+        # Only the rest came again: what the cut copy received, less the piece it was still
+        # reading (up to a 1 MiB chunk) and the headers, was not asked for twice.
+        rest = size - int(size * fraction)
+        assert rest <= counting.received <= rest + (1 << 20) + (64 << 10), (
+            fraction,
+            counting.received,
+            rest,
+        )
+        assert got.snapshot in kept and got.verified == "size, MD5 and sha512 from Glance"
+        assert got.digest == "sha512:" + hashlib.sha512(disk.read_bytes()).hexdigest()
+        assert _sha256_prefix(Path(got.path), size) == _sha256_prefix(disk, size)
+        assert sorted(p.name for p in dest.iterdir()) == ["source.qcow2"]
+        assert {i["id"] for i in glance.images()} == before  # the kept snapshot went after the copy
+        Path(got.path).unlink()
+
+
+def test_openstack_changed_or_corrupt_image_after_a_cut(
+    nova: tuple[NovaStub, str], glance: Glance, dest: Path
+) -> None:
+    stub, server = nova
+    size = stub.servers[server].disk.stat().st_size
+    src = cs.parse_source(f"openstack://os/{server}")
+    port = int(glance.url.rsplit(":", 1)[1])
+
+    def cut_copy() -> str:
+        cutting = CuttingProxy(port, cut_after=size // 2)
+        try:
+            with pytest.raises(SourceError, match="kept for the resume"):
+                openstack.fetch(src, through(stub, glance, cutting), dest)
+        finally:
+            cutting.close()
+        return json.loads((dest / "source.snapshot.json").read_text())["snapshot"]
+
+    # The kept snapshot image is gone from Glance: a new snapshot, copied from byte 0.
+    httpx.delete(f"{glance.url}/v2/images/{cut_copy()}").raise_for_status()
+    counting = CountingProxy(port)
+    try:
+        got = openstack.fetch(src, through(stub, glance, counting), dest)
+    finally:
+        counting.close()
+    assert size <= counting.received <= size + (64 << 10)
+    Path(got.path).unlink()
+    # The kept image's data changed in Glance's store after the cut (beyond what arrived): the
+    # whole file does not match Glance's MD5, and nothing is kept, the snapshot image neither.
+    image_id = cut_copy()
+    stored = glance.root / "images" / image_id
+    with open(stored, "r+b") as f:
+        f.seek(size - 4096)
+        f.write(b"x" * 4096)
+    with pytest.raises(
+        SourceError, match=rf"os: download of image {image_id} does not match its MD5: nothing kept"
+    ):
+        openstack.fetch(src, os_settings(stub, glance), dest)
+    nothing_left(dest)
+    assert image_id not in {i["id"] for i in glance.images()}
 
 
 def test_glance_publish_visibility_and_members(nova: tuple[NovaStub, str], glance: Glance, tmp_path: Path,
