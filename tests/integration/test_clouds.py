@@ -204,14 +204,101 @@ def test_ec2_faults_are_one_line_errors_that_leave_nothing(aws: tuple[EC2Cloud, 
         ImagingError, match=r"aws: describe instance i-.*: the cloud refused the credentials \(AuthFailure"
     ):
         ec2.fetch(src, ec2_settings(cloud, secret_access_key="wrong-secret"), dest / "source.raw")
-    # Every block cut, every time: after its retries the copy fails, and nothing is kept.
-    cloud.faults(cut=1000)
+    nothing_left(dest)
+
+
+def snapshots(cloud: EC2Cloud) -> set[str]:
+    return {s["SnapshotId"] for s in cloud.client("ec2").describe_snapshots()["Snapshots"]}
+
+
+def cut_ec2_copy(cloud: EC2Cloud, src: cs.CloudSource, dest: Path, after: int) -> str:
+    """A copy cut after ``after`` blocks (every read after them cut, every time): the blocks that
+    arrived and the snapshot are kept; returns the snapshot."""
+    cloud.faults(fail_after=after, served=0)
     try:
-        with pytest.raises(ImagingError, match=r"block [0-9]+ of snap-.*: read failed .* after 5 attempts"):
+        with pytest.raises(SourceError) as e:
             ec2.fetch(src, ec2_settings(cloud), dest / "source.raw")
     finally:
-        cloud.faults(cut=0)
+        served = cloud.faults(fail_after=-1)["served"]
+    message = str(e.value)
+    assert re.fullmatch(r"aws: block [0-9]+ of (snap-\S+): read failed .* after 5 attempts; the blocks that arrived "
+                        r"and snapshot \1 are kept for the resume", message), message  # fmt: skip
+    assert served == after
+    return json.loads((dest / "source.snapshot.json").read_text())["snapshot"]
+
+
+@pytest.fixture(scope="module")
+def small(aws: tuple[EC2Cloud, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[EC2Cloud, str, Path]:
+    """An instance whose disk holds 40 blocks of data no two alike, between holes: small enough
+    that cutting and resuming its copy three times takes seconds on moto."""
+    disk = tmp_path_factory.mktemp("small") / "disk.raw"
+    with open(disk, "wb") as f:
+        f.truncate(64 << 20)
+        for i in range(40):
+            f.seek(i * (1 << 20) + (i % 2) * (512 << 10))
+            f.write(os.urandom(512 << 10))
+    return aws[0], aws[0].instance_from_disk(disk), disk
+
+
+def test_ec2_copy_cut_and_resumed(small: tuple[EC2Cloud, str, Path], dest: Path) -> None:
+    """Cut after 10 %, 50 % and 99 % of the blocks: the resume reads the same snapshot's other
+    blocks only, and the copy is the disk, byte for byte; the snapshot goes after it."""
+    cloud, instance, disk = small
+    src = cs.parse_source(f"ec2://aws/{instance}")
+    before = snapshots(cloud)
+    for fraction in (0.10, 0.50, 0.99):
+        total = _blocks_of(cloud, instance)
+        kept = cut_ec2_copy(cloud, src, dest, after=int(fraction * total))
+        assert snapshots(cloud) - before == {kept}
+        cloud.faults(served=0)
+        got = ec2.fetch(src, ec2_settings(cloud), dest / "source.raw")
+        assert cloud.faults()["served"] == total - int(fraction * total)  # only the rest was read
+        assert got.snapshot == kept and same_content(disk, dest / "source.raw")
+        assert snapshots(cloud) == before  # the kept snapshot went after the copy
+        assert sorted(p.name for p in dest.iterdir()) == ["source.raw"]
+        (dest / "source.raw").unlink()
+
+
+def test_ec2_changed_snapshot_or_bad_checksums_after_a_cut(
+    small: tuple[EC2Cloud, str, Path], dest: Path
+) -> None:
+    cloud, instance, disk = small
+    src = cs.parse_source(f"ec2://aws/{instance}")
+    before = snapshots(cloud)
+    total = _blocks_of(cloud, instance)
+    # The kept snapshot was deleted meanwhile: a new one, every block read again.
+    cloud.client("ec2").delete_snapshot(SnapshotId=cut_ec2_copy(cloud, src, dest, after=total // 2))
+    cloud.faults(served=0)
+    ec2.fetch(src, ec2_settings(cloud), dest / "source.raw")
+    assert cloud.faults()["served"] == total and same_content(disk, dest / "source.raw")
+    (dest / "source.raw").unlink()
+    # Blocks whose checksum never matches: nothing is kept, the snapshot neither.
+    cut_ec2_copy(cloud, src, dest, after=total // 2)
+    cloud.faults(corrupt=1000)
+    try:
+        with pytest.raises(
+            ImagingError, match=r"block [0-9]+ of snap-\S+: checksum does not match its data after 5"
+        ):
+            ec2.fetch(src, ec2_settings(cloud), dest / "source.raw")
+    finally:
+        cloud.faults(corrupt=0)
     nothing_left(dest)
+    assert snapshots(cloud) == before
+
+
+def _blocks_of(cloud: EC2Cloud, instance: str) -> int:
+    """How many blocks the instance's volume has in EBS (those a copy reads)."""
+    ec2c, ebs = cloud.client("ec2"), cloud.client("ebs")
+    found = ec2c.describe_instances(InstanceIds=[instance])["Reservations"][0]["Instances"][0]
+    volume = found["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
+    parent = ec2c.describe_volumes(VolumeIds=[volume])["Volumes"][0]["SnapshotId"]
+    blocks, token = 0, {}
+    while True:
+        page = ebs.list_snapshot_blocks(SnapshotId=parent, **token)
+        blocks += len(page["Blocks"])
+        if not page.get("NextToken"):
+            return blocks
+        token = {"NextToken": page["NextToken"]}
 
 
 def test_ec2_snapshot_that_never_completes(aws: tuple[EC2Cloud, str], dest: Path, kvm_sample: Path) -> None:
