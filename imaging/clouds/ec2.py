@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from imaging import sparse
-from imaging.clouds.kept import find_snapshot, forget_snapshot, note_snapshot
+from imaging.clouds.kept import KEEP, find_snapshot, forget_snapshot, note_snapshot
 from imaging.clouds.resume import Cut, resumable_download
 from imaging.clouds.settings import EC2, CloudSource
 from imaging.clouds.transfer import Fetched
@@ -386,6 +386,9 @@ def fetch(src: CloudSource, cloud: EC2, dest: Path) -> Fetched:
         raise Cut(
             f"{e}; the blocks that arrived and snapshot {snapshot_id} are kept for the resume"
         ) from None
+    except KEEP:  # what arrived stays (resume.py): so does the snapshot it is of
+        cut = True
+        raise
     finally:
         if not cut:  # the snapshot was ours, made only for this copy
             forget_snapshot(work)

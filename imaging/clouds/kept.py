@@ -9,9 +9,12 @@ import json
 import re
 from pathlib import Path
 
+from imaging.clouds.resume import Cut
 from imaging.sparse import atomic_path
 
 NOTE = "source.snapshot.json"
+# The failures after which resume.py keeps what arrived: the snapshot it is of stays with it.
+KEEP = (Cut, OSError, TimeoutError, EOFError, KeyboardInterrupt)
 # EC2 snapshot ids and Glance image ids (UUIDs): anything else in the note is not ours.
 _ID = re.compile(r"^(snap-[0-9a-f]{8,17}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from imaging import sparse
-from imaging.clouds.kept import find_snapshot, forget_snapshot, note_snapshot
+from imaging.clouds.kept import KEEP, find_snapshot, forget_snapshot, note_snapshot
 from imaging.clouds.resume import Cut, resumable_download
 from imaging.clouds.settings import CloudSource, OpenStack
 from imaging.clouds.transfer import Fetched
@@ -165,6 +165,9 @@ def fetch(src: CloudSource, cloud: OpenStack, work: Path) -> Fetched:
     except Cut as e:
         cut = True
         raise Cut(f"{e}; its snapshot image {image.id} is kept for the resume") from None
+    except KEEP:  # what arrived stays (resume.py): so does the image it is of
+        cut = True
+        raise
     finally:
         if not cut:
             forget_snapshot(work)

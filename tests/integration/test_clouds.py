@@ -207,8 +207,11 @@ def test_ec2_faults_are_one_line_errors_that_leave_nothing(aws: tuple[EC2Cloud, 
     nothing_left(dest)
 
 
-def snapshots(cloud: EC2Cloud) -> set[str]:
-    return {s["SnapshotId"] for s in cloud.client("ec2").describe_snapshots()["Snapshots"]}
+def snapshots(cloud: EC2Cloud, instance: str) -> set[str]:
+    """The snapshots made to copy ``instance`` (by their tag: moto lists its AMIs' hundreds too,
+    slowly)."""
+    tagged = [{"Name": "tag:imaging:source", "Values": [instance]}]
+    return {s["SnapshotId"] for s in cloud.client("ec2").describe_snapshots(Filters=tagged)["Snapshots"]}
 
 
 def cut_ec2_copy(cloud: EC2Cloud, src: cs.CloudSource, dest: Path, after: int) -> str:
@@ -245,16 +248,16 @@ def test_ec2_copy_cut_and_resumed(small: tuple[EC2Cloud, str, Path], dest: Path)
     blocks only, and the copy is the disk, byte for byte; the snapshot goes after it."""
     cloud, instance, disk = small
     src = cs.parse_source(f"ec2://aws/{instance}")
-    before = snapshots(cloud)
+    before = snapshots(cloud, instance)
     for fraction in (0.10, 0.50, 0.99):
         total = _blocks_of(cloud, instance)
         kept = cut_ec2_copy(cloud, src, dest, after=int(fraction * total))
-        assert snapshots(cloud) - before == {kept}
+        assert snapshots(cloud, instance) - before == {kept}
         cloud.faults(served=0)
         got = ec2.fetch(src, ec2_settings(cloud), dest / "source.raw")
         assert cloud.faults()["served"] == total - int(fraction * total)  # only the rest was read
         assert got.snapshot == kept and same_content(disk, dest / "source.raw")
-        assert snapshots(cloud) == before  # the kept snapshot went after the copy
+        assert snapshots(cloud, instance) == before  # the kept snapshot went after the copy
         assert sorted(p.name for p in dest.iterdir()) == ["source.raw"]
         (dest / "source.raw").unlink()
 
@@ -264,7 +267,7 @@ def test_ec2_changed_snapshot_or_bad_checksums_after_a_cut(
 ) -> None:
     cloud, instance, disk = small
     src = cs.parse_source(f"ec2://aws/{instance}")
-    before = snapshots(cloud)
+    before = snapshots(cloud, instance)
     total = _blocks_of(cloud, instance)
     # The kept snapshot was deleted meanwhile: a new one, every block read again.
     cloud.client("ec2").delete_snapshot(SnapshotId=cut_ec2_copy(cloud, src, dest, after=total // 2))
@@ -283,7 +286,7 @@ def test_ec2_changed_snapshot_or_bad_checksums_after_a_cut(
     finally:
         cloud.faults(corrupt=0)
     nothing_left(dest)
-    assert snapshots(cloud) == before
+    assert snapshots(cloud, instance) == before
 
 
 def _blocks_of(cloud: EC2Cloud, instance: str) -> int:
@@ -292,7 +295,7 @@ def _blocks_of(cloud: EC2Cloud, instance: str) -> int:
     found = ec2c.describe_instances(InstanceIds=[instance])["Reservations"][0]["Instances"][0]
     volume = found["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
     parent = ec2c.describe_volumes(VolumeIds=[volume])["Volumes"][0]["SnapshotId"]
-    blocks, token = 0, {}
+    blocks, token = 0, dict[str, str]()
     while True:
         page = ebs.list_snapshot_blocks(SnapshotId=parent, **token)
         blocks += len(page["Blocks"])
