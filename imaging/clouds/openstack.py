@@ -208,8 +208,7 @@ def download(conn: Any, cloud_name: str, image: Any, dest: Path, desc: str | Non
     what = f"download of image {image.id}"
     with resumable_download(dest, size, identity) as part, bytes_bar(size, desc) as bar:
         got = start = part.prefix()
-        for h in (md5, multi):
-            part.hash_prefix(h, start)
+        part.hash_prefix(_Both(md5, multi), start)  # one read of what a cut copy kept
         bar.update(start)
         if got < size:
             response = _open(conn, cloud_name, image.id, start)
@@ -246,6 +245,15 @@ def download(conn: Any, cloud_name: str, image: Any, dest: Path, desc: str | Non
         "size" + (", MD5" if checksum else "") + (f" and {algo}" if algo and value else "") + " from Glance"
     )
     return Downloaded(size, sparse.data_bytes(dest), f"{multi.name}:{multi.hexdigest()}", checked, resumed)
+
+
+class _Both:
+    def __init__(self, *hashes: Any) -> None:
+        self.hashes = hashes
+
+    def update(self, data: bytes) -> None:
+        for h in self.hashes:
+            h.update(data)
 
 
 def _open(conn: Any, cloud_name: str, image_id: str, start: int) -> Any:
