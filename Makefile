@@ -95,8 +95,16 @@ lint: setup
 	$(PY) -m ruff format --check imaging tests bench docs
 	$(PY) -m mypy
 
-bench: setup
-	$(PY) bench/run.py
+# The reference client of bench/clouds.py's EBS direct row, `aws ebs get-snapshot-block`: awscli
+# pins docutils below what Sphinx needs, so it gets a venv of its own.
+AWSCLI := $(VENV)-awscli
+$(AWSCLI)/.done: requirements-awscli.txt
+	test -x $(AWSCLI)/bin/python || $(PYTHON) -m venv $(AWSCLI)
+	$(AWSCLI)/bin/pip install -q -r requirements-awscli.txt
+	touch $@
+
+bench: setup $(AWSCLI)/.done
+	IMAGING_BENCH_AWS=$(AWSCLI)/bin/aws $(PY) bench/run.py
 
 # The manual (docs/, Sphinx + MyST): docs/_build/html/index.html. Warnings are errors: a broken
 # link, or an option or clean operation without its entry, fails the build (tests/unit/test_docs.py

@@ -7,12 +7,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import big, clouds, convert, limits, mirrors, place, scale, secret_scan, service  # noqa: E402
+from bench import big, clouds, convert, limits, mirrors, node_copy, place, scale, secret_scan, service  # noqa: E402
 
 
 def main() -> None:
     print("| measurement | result | |\n|---|---|---|")
-    for module in (place, scale, convert, limits, big, clouds, mirrors, secret_scan, service):
+    for module in (place, scale, convert, limits, big, node_copy, clouds, mirrors, secret_scan, service):
         for row in module.main():
             print("| " + " | ".join(row) + " |", flush=True)
 

@@ -20,9 +20,11 @@ from a parameter, and are never part of a message.
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import math
 import os
+import random
 import re
 import threading
 import time
@@ -31,8 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imaging import sparse
+from imaging.clouds.kept import KEEP, find_snapshot, forget_snapshot, note_snapshot
+from imaging.clouds.resume import Cut, resumable_download
 from imaging.clouds.settings import EC2, CloudSource
-from imaging.clouds.transfer import Fetched, sparse_download
+from imaging.clouds.transfer import Fetched
 from imaging.errors import ImagingError, ParameterError, SourceError
 from imaging.progress import bytes_bar
 from imaging.records import Record
@@ -55,7 +60,9 @@ class CloudError(ImagingError):
     """A cloud refused or failed a call; the message names the call, never a credential."""
 
 
-def client(cloud: EC2, service: str) -> Any:
+def client(cloud: EC2, service: str, *, retries: bool = True) -> Any:
+    """A boto3 client of the cloud; ``retries=False`` for the block reads, whose throttling
+    :class:`Window` handles itself (botocore's retries would hide it)."""
     import boto3
     from botocore.config import Config
 
@@ -69,7 +76,7 @@ def client(cloud: EC2, service: str) -> Any:
         config=Config(
             connect_timeout=10,
             read_timeout=120,
-            retries={"max_attempts": cloud.max_attempts, "mode": "standard"},
+            retries={"max_attempts": cloud.max_attempts if retries else 1, "mode": "standard"},
             max_pool_connections=max(10, cloud.block_workers + 2),
         ),
     )
@@ -155,43 +162,97 @@ def _checksum(data: bytes | memoryview) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
-def _get_block(ebs: Any, cloud_name: str, snapshot_id: str, index: int, token: str, size: int) -> bytes:
-    """One block, read whole and checked; a cut body or a bad checksum is fetched again."""
-    from botocore.exceptions import BotoCoreError, ClientError
+_THROTTLED = {"ThrottlingException", "RequestThrottledException", "SlowDown", "RequestLimitExceeded",
+              "ConcurrentLimitExceededException"}  # fmt: skip
+_THROTTLED_ATTEMPTS = 30  # a block throttled this often in a row fails the run (AWS asks for retries)
 
-    problem = ""
-    for attempt in range(_BLOCK_ATTEMPTS):
-        if attempt:
-            time.sleep(min(0.1 * 2**attempt, 5.0))
+
+class Window:
+    """How many block reads are in flight: additive increase, multiplicative decrease (AIMD), as
+    TCP does. EBS direct answers too many requests for an account or a snapshot with
+    ThrottlingException or RequestThrottledException, whose limits it does not publish per
+    snapshot: each throttle halves the window (down to 1) and the throttled read waits and goes
+    again; every ``size`` reads that succeed in a row widen it by one, up to ``ceiling``."""
+
+    def __init__(self, ceiling: int, start: int = 8) -> None:
+        self.ceiling = ceiling
+        self.size = min(start, ceiling)
+        self.in_flight = 0
+        self.throttles = 0
+        self.peak = self.size
+        self._run = 0
+        self._cond = threading.Condition()
+
+    def __enter__(self) -> Window:
+        with self._cond:
+            self._cond.wait_for(lambda: self.in_flight < self.size)
+            self.in_flight += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self.in_flight -= 1
+            self._cond.notify_all()
+
+    def succeeded(self) -> None:
+        with self._cond:
+            self._run += 1
+            if self._run >= self.size and self.size < self.ceiling:
+                self.size += 1
+                self.peak = max(self.peak, self.size)
+                self._run = 0
+                self._cond.notify_all()
+
+    def throttled(self) -> None:
+        with self._cond:
+            self.throttles += 1
+            self.size = max(1, self.size // 2)
+            self._run = 0
+
+
+def _get_block(ebs: Any, cloud_name: str, snapshot_id: str, index: int, token: str, size: int,
+               window: Window) -> bytes:  # fmt: skip
+    """One block, read whole and checked. A cut body, a server error or a bad checksum is fetched
+    again, a few times; a throttled read shrinks the window, waits and goes again. Reads that
+    fail every time are a :class:`Cut`; checksums that never match are not (nothing is kept)."""
+    from botocore.exceptions import ClientError
+
+    problem, attempts, throttled = "", 0, 0
+    while attempts < _BLOCK_ATTEMPTS:
         try:
-            got = ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index, BlockToken=token)
-            data = got["BlockData"].read()
+            with window:
+                got = ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index, BlockToken=token)
+                data = got["BlockData"].read()
         except ClientError as e:
-            raise _explain(e, f"block {index} of {snapshot_id}", cloud_name) from None
-        except (
-            BotoCoreError,
-            OSError,
-        ) as e:  # the body was cut: urllib3's errors are OSErrors or botocore's
+            code, status = _code(e), e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in _THROTTLED and throttled < _THROTTLED_ATTEMPTS:
+                window.throttled()
+                throttled += 1
+                time.sleep(min(0.05 * 2**throttled, 2.0) * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
+                continue
+            if int(status) < 500 and code not in _THROTTLED:
+                raise _explain(e, f"block {index} of {snapshot_id}", cloud_name) from None
+            problem = f"{code or status}"
+        except Exception as e:  # a cut body: urllib3's, http.client's and botocore's errors
             problem = f"read failed ({' '.join(str(e).split()) or type(e).__name__})"
-            continue
-        except Exception as e:  # urllib3's ProtocolError is neither
-            problem = f"read failed ({' '.join(str(e).split()) or type(e).__name__})"
-            continue
-        if len(data) != int(got.get("DataLength", -1)) or len(data) != size:
-            problem = f"{len(data)} bytes, expected {size}"
-            continue
-        if got.get("ChecksumAlgorithm") != "SHA256" or got.get("Checksum") != _checksum(data):
-            problem = "checksum does not match its data"
-            continue
-        return bytes(data)
-    raise CloudError(
-        f"{cloud_name}: block {index} of {snapshot_id}: {problem} after {_BLOCK_ATTEMPTS} attempts"
-    )
+        else:
+            window.succeeded()
+            if len(data) != int(got.get("DataLength", -1)) or len(data) != size:
+                problem = f"{len(data)} bytes, expected {size}"
+            elif got.get("ChecksumAlgorithm") != "SHA256" or got.get("Checksum") != _checksum(data):
+                problem = "checksum does not match its data"
+            else:
+                return bytes(data)
+        attempts += 1
+        if attempts < _BLOCK_ATTEMPTS:
+            time.sleep(min(0.05 * 2**attempts, 5.0))
+    error = CloudError if problem == "checksum does not match its data" else Cut
+    raise error(f"{cloud_name}: block {index} of {snapshot_id}: {problem} after {_BLOCK_ATTEMPTS} attempts")
 
 
 def _blocks(ebs: Any, cloud_name: str, snapshot_id: str) -> tuple[list[tuple[int, str]], int, int]:
     blocks: list[tuple[int, str]] = []
-    kwargs: dict[str, Any] = {"SnapshotId": snapshot_id}
+    kwargs: dict[str, Any] = {"SnapshotId": snapshot_id, "MaxResults": 10000}
     while True:
         page = _call(cloud_name, f"list the blocks of {snapshot_id}", ebs.list_snapshot_blocks, **kwargs)
         blocks += [(int(b["BlockIndex"]), str(b["BlockToken"])) for b in page.get("Blocks", [])]
@@ -219,52 +280,123 @@ def _parallel(workers: int, items: list[Any], work: Any) -> None:
             raise failed.exception()  # type: ignore[misc]
 
 
-def fetch(src: CloudSource, cloud: EC2, dest: Path) -> Fetched:
-    """Copy the instance's root volume to ``dest`` (raw, sparse) through a snapshot of it."""
-    t0 = time.monotonic()
-    volume_id, size = root_volume(src, cloud)
-    ec2, ebs = client(cloud, "ec2"), client(cloud, "ebs")
-    snap = _call(
-        src.cloud, f"snapshot volume {volume_id}", ec2.create_snapshot, VolumeId=volume_id,
-        Description=f"imaging: copy of {src.instance}",
-        TagSpecifications=[{"ResourceType": "snapshot", "Tags": [{"Key": "imaging:source", "Value": src.instance}]}],
-    )  # fmt: skip
-    snapshot_id = str(snap["SnapshotId"])
-    try:
-        wait_snapshot(ec2, cloud, src.cloud, snapshot_id, f"volume {volume_id}")
-        blocks, block_size, volume_bytes = _blocks(ebs, src.cloud, snapshot_id)
-        size = volume_bytes or size
-        fetched = [0]
-        with (
-            sparse_download(dest, size) as out,
-            bytes_bar(len(blocks) * block_size, f"copy {src.instance}") as bar,
-        ):
+@dataclass(frozen=True)
+class Copied:
+    blocks: int  # listed in the snapshot
+    fetched: int  # read this time (the others were held from a cut copy)
+    data_bytes: int
+    peak_window: int
+    throttles: int
+
+
+def _wanted(
+    blocks: list[tuple[int, str]], block_size: int, missing: list[tuple[int, int]]
+) -> list[tuple[int, str]]:
+    """The blocks not wholly held: those overlapping a missing byte range."""
+    starts = [start for start, _ in missing]
+    wanted = []
+    for index, token in blocks:
+        lo, hi = index * block_size, (index + 1) * block_size
+        i = bisect.bisect_right(starts, lo) - 1
+        if (i >= 0 and missing[i][1] > lo) or (i + 1 < len(missing) and missing[i + 1][0] < hi):
+            wanted.append((index, token))
+    return wanted
+
+
+def copy_blocks(
+    cloud: EC2, cloud_name: str, snapshot_id: str, dest: Path, desc: str | None = None
+) -> Copied:
+    """The snapshot's blocks into ``dest`` (raw, sparse), as many in flight as EBS allows (up to
+    ``block_workers``, :class:`Window`). Blocks a cut copy of the same snapshot holds are not read
+    again."""
+    ebs, reader = client(cloud, "ebs"), client(cloud, "ebs", retries=False)
+    ceiling = cloud.block_workers
+    blocks, block_size, size = _blocks(ebs, cloud_name, snapshot_id)
+    window = Window(ceiling)
+    with resumable_download(dest, size, {"snapshot": snapshot_id, "block_size": block_size}) as out:
+        todo = _wanted(blocks, block_size, out.missing())
+        with bytes_bar(len(blocks) * block_size, desc) as bar:
+            bar.update((len(blocks) - len(todo)) * block_size)
             lock = threading.Lock()
+            fetched = [0]
 
             def get(block: tuple[int, str]) -> None:
                 index, token = block
-                data = _get_block(ebs, src.cloud, snapshot_id, index, token, block_size)
+                data = _get_block(reader, cloud_name, snapshot_id, index, token, block_size, window)
                 out.write(index * block_size, data)
                 with lock:
                     fetched[0] += 1
                     bar.update(len(data))
 
-            _parallel(cloud.block_workers, blocks, get)
-            if fetched[0] != len(blocks):
-                raise CloudError(f"{src.cloud}: {len(blocks) - fetched[0]} blocks of {snapshot_id} missing")
-            data_bytes = out.data_bytes
-        whole = content_digest(dest)  # the data only: unlisted blocks are holes
-    finally:
-        from botocore.exceptions import BotoCoreError, ClientError
+            _parallel(ceiling, todo, get)
+    return Copied(len(blocks), fetched[0], sparse.data_bytes(dest), window.peak, window.throttles)
 
-        try:  # the snapshot was ours, made only for this copy
-            ec2.delete_snapshot(SnapshotId=snapshot_id)
-        except (ClientError, BotoCoreError):
-            pass
+
+def _kept_snapshot(ec2: Any, src: CloudSource, volume_id: str, work: Path) -> str | None:
+    """The snapshot a cut copy of this instance kept, if EC2 still has it, of the same volume."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    snapshot_id = find_snapshot(work, str(src))
+    if snapshot_id is None:
+        return None
+    try:
+        found = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+    except (ClientError, BotoCoreError):
+        found = []
+    if found and found[0].get("VolumeId") == volume_id and found[0].get("State") in ("pending", "completed"):
+        return snapshot_id
+    _delete_snapshot(ec2, snapshot_id)
+    forget_snapshot(work)
+    return None
+
+
+def _delete_snapshot(ec2: Any, snapshot_id: str) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        ec2.delete_snapshot(SnapshotId=snapshot_id)
+    except (ClientError, BotoCoreError):
+        pass
+
+
+def fetch(src: CloudSource, cloud: EC2, dest: Path) -> Fetched:
+    """Copy the instance's root volume to ``dest`` (raw, sparse) through a snapshot of it. A copy
+    cut mid-way keeps the blocks that arrived and the snapshot (noted beside ``dest``): the next
+    call reads the rest of the same snapshot, the same point in time."""
+    t0 = time.monotonic()
+    volume_id, size = root_volume(src, cloud)
+    ec2 = client(cloud, "ec2")
+    work = dest.parent
+    snapshot_id = _kept_snapshot(ec2, src, volume_id, work)
+    if snapshot_id is None:
+        snap = _call(
+            src.cloud, f"snapshot volume {volume_id}", ec2.create_snapshot, VolumeId=volume_id,
+            Description=f"imaging: copy of {src.instance}",
+            TagSpecifications=[{"ResourceType": "snapshot", "Tags": [{"Key": "imaging:source", "Value": src.instance}]}],
+        )  # fmt: skip
+        snapshot_id = str(snap["SnapshotId"])
+        note_snapshot(work, str(src), snapshot_id)
+    cut = False
+    try:
+        wait_snapshot(ec2, cloud, src.cloud, snapshot_id, f"volume {volume_id}")
+        got = copy_blocks(cloud, src.cloud, snapshot_id, dest, f"copy {src.instance}")
+        whole = content_digest(dest)  # the data only: unlisted blocks are holes
+    except Cut as e:
+        cut = True
+        raise Cut(
+            f"{e}; the blocks that arrived and snapshot {snapshot_id} are kept for the resume"
+        ) from None
+    except KEEP:  # what arrived stays (resume.py): so does the snapshot it is of
+        cut = True
+        raise
+    finally:
+        if not cut:  # the snapshot was ours, made only for this copy
+            forget_snapshot(work)
+            _delete_snapshot(ec2, snapshot_id)
     return Fetched(
-        source=str(src), cloud=src.cloud, kind="ec2", path=str(dest), format="raw", size_bytes=size,
-        data_bytes=data_bytes, digest=whole,
-        verified=f"{len(blocks)} blocks of {block_size} bytes, each against its SHA256 from EBS",
+        source=str(src), cloud=src.cloud, kind="ec2", path=str(dest), format="raw", size_bytes=dest.stat().st_size,
+        data_bytes=got.data_bytes, digest=whole,
+        verified=f"{got.blocks} blocks of {EBS_BLOCK} bytes, each against its SHA256 from EBS",
         seconds=round(time.monotonic() - t0, 3), where=f"{volume_id} via {snapshot_id}", snapshot=snapshot_id,
     )  # fmt: skip
 

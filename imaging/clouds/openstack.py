@@ -22,8 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imaging import sparse
+from imaging.clouds.kept import KEEP, find_snapshot, forget_snapshot, note_snapshot
+from imaging.clouds.resume import Cut, resumable_download
 from imaging.clouds.settings import CloudSource, OpenStack
-from imaging.clouds.transfer import Fetched, sparse_download
+from imaging.clouds.transfer import Fetched
 from imaging.errors import ImagingError, ParameterError, SourceError
 from imaging.progress import bytes_bar
 from imaging.records import Record
@@ -117,14 +120,39 @@ def find_server(src: CloudSource, cloud: OpenStack) -> Any:
     return _call(src.cloud, f"server {src.instance}", connect(cloud).compute.get_server, src.instance)
 
 
+def _kept_image(conn: Any, src: CloudSource, cloud_name: str, work: Path) -> Any:
+    """The snapshot image an earlier, cut copy of this server kept, if Glance still has it active."""
+    from keystoneauth1 import exceptions as ksa
+    from openstack import exceptions as osx
+
+    image_id = find_snapshot(work, str(src))
+    if image_id is None:
+        return None
+    try:
+        image = conn.image.get_image(image_id)
+    except (osx.SDKException, ksa.ClientException):
+        image = None
+    if image is None or image.status != "active":
+        _delete_image(conn, image_id)
+        forget_snapshot(work)
+        return None
+    return image
+
+
 def fetch(src: CloudSource, cloud: OpenStack, work: Path) -> Fetched:
-    """Snapshot the server, wait, download the snapshot into ``work/source.<format>``."""
+    """Snapshot the server, wait, download the snapshot into ``work/source.<format>``. A copy
+    cut mid-way keeps what arrived and the snapshot image: the next call downloads the rest of
+    the same image."""
     t0 = time.monotonic()
     conn = connect(cloud)
     server = _call(src.cloud, f"server {src.instance}", conn.compute.get_server, src.instance)
-    name = f"imaging copy of {src.instance} {time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    image = _call(src.cloud, f"snapshot of server {src.instance}", conn.compute.create_server_image, server, name,
-                  metadata={"imaging:source": src.instance})  # fmt: skip
+    image = _kept_image(conn, src, src.cloud, work)
+    if image is None:
+        name = f"imaging copy of {src.instance} {time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        image = _call(src.cloud, f"snapshot of server {src.instance}", conn.compute.create_server_image, server,
+                      name, metadata={"imaging:source": src.instance})  # fmt: skip
+        note_snapshot(work, str(src), str(image.id))
+    cut = False
     try:
         image = wait_image(conn, cloud, src.cloud, image.id, f"server {src.instance}")
         fmt = str(image.disk_format or "")
@@ -132,59 +160,129 @@ def fetch(src: CloudSource, cloud: OpenStack, work: Path) -> Fetched:
             raise SourceError(
                 f"{src.cloud}: the snapshot of {src.instance} is {fmt or 'of no format'}, not raw or qcow2"
             )
-        size = int(image.size or 0)
         dest = work / f"source.{fmt}"
-        md5, multi = hashlib.md5(usedforsecurity=False), None
-        if image.hash_algo and image.hash_value:
-            multi = hashlib.new(str(image.hash_algo))
-        whole = hashlib.sha256()
-        got = 0
-        response = _call(
-            src.cloud, f"download image {image.id}", conn.image.download_image, image, stream=True
-        )
-        try:
-            with sparse_download(dest, size) as out, bytes_bar(size, f"download {src.instance}") as bar:
+        got = download(conn, src.cloud, image, dest, f"download {src.instance}")
+    except Cut as e:
+        cut = True
+        raise Cut(f"{e}; its snapshot image {image.id} is kept for the resume") from None
+    except KEEP:  # what arrived stays (resume.py): so does the image it is of
+        cut = True
+        raise
+    finally:
+        if not cut:
+            forget_snapshot(work)
+            if not cloud.keep_snapshot:
+                _delete_image(conn, image.id)
+    return Fetched(
+        source=str(src), cloud=src.cloud, kind="openstack", path=str(dest), format=fmt, size_bytes=got.size,
+        data_bytes=got.data_bytes, digest=got.digest, verified=got.checked, seconds=round(time.monotonic() - t0, 3),
+        where=f"server {server.id} via image {image.id}", snapshot=image.id,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    size: int
+    data_bytes: int
+    digest: str  # "<algo>:<hex>" of the whole image: Glance's multihash where it has one
+    checked: str
+    resumed_bytes: int  # held from an earlier, cut download and not fetched again
+
+
+def download(conn: Any, cloud_name: str, image: Any, dest: Path, desc: str | None = None) -> Downloaded:
+    """Glance image ``image``'s data into ``dest`` (sparse), checked against its size, MD5 and
+    multihash. A cut keeps what arrived (:class:`~imaging.clouds.resume.Cut`); the next call for
+    the same image asks Glance only for the rest (HTTP Range, which Glance honours with 206 and a
+    Content-Range), and the checks still cover the whole file: on a mismatch nothing is kept."""
+    size = int(image.size or 0)
+    checksum, algo, value = (
+        str(image.checksum or ""),
+        str(image.hash_algo or ""),
+        str(image.hash_value or ""),
+    )
+    identity: dict[str, object] = {"image": str(image.id), "checksum": checksum, "os_hash_value": value}
+    md5 = hashlib.md5(usedforsecurity=False)
+    # The record's digest is the multihash Glance checks too (sha512 by default): one pass fewer
+    # than a digest of our own. Only a Glance without multihash gets a sha256 of ours.
+    multi = hashlib.new(algo) if algo and value else hashlib.sha256()
+    what = f"download of image {image.id}"
+    with resumable_download(dest, size, identity) as part, bytes_bar(size, desc) as bar:
+        got = start = part.prefix()
+        part.hash_prefix(_Both(md5, multi), start)  # one read of what a cut copy kept
+        bar.update(start)
+        if got < size:
+            response = _open(conn, cloud_name, image.id, start)
+            try:
+                if response.status_code == 200 and start:  # the whole image after all: from byte 0
+                    md5, multi = hashlib.md5(usedforsecurity=False), hashlib.new(multi.name)
+                    got = 0
                 for chunk in response.iter_content(chunk_size=_CHUNK):
                     if got + len(chunk) > size:
                         raise SourceError(
-                            f"{src.cloud}: image {image.id} sends more than its {size:,} bytes"
+                            f"{cloud_name}: image {image.id} sends more than its {size:,} bytes"
                         )
-                    for h in (md5, whole, *([multi] if multi else [])):
-                        h.update(chunk)
-                    out.write(got, chunk)
+                    md5.update(chunk)
+                    multi.update(chunk)
+                    part.write(got, chunk)
                     got += len(chunk)
                     bar.update(len(chunk))
-                if got != size:
-                    raise SourceError(
-                        f"{src.cloud}: download of image {image.id} ended after {got:,} of {size:,} bytes: nothing kept"
-                    )
-                if image.checksum and md5.hexdigest() != image.checksum:
-                    raise SourceError(
-                        f"{src.cloud}: download of image {image.id} does not match its MD5: nothing kept"
-                    )
-                if multi is not None and multi.hexdigest() != image.hash_value:
-                    raise SourceError(
-                        f"{src.cloud}: download of image {image.id} does not match its {image.hash_algo}: nothing kept"
-                    )
-                data = out.data_bytes
-        except SourceError:
-            raise
-        except Exception as e:  # requests' and urllib3's errors for a cut connection
-            raise SourceError(
-                f"{src.cloud}: download of image {image.id} failed after {got:,} of {size:,} bytes: {_line(e)}; "
-                "nothing kept"
-            ) from None
+            except SourceError:
+                raise
+            except Exception as e:  # requests' and urllib3's errors for a cut connection
+                raise Cut(f"{cloud_name}: {what} cut after {got:,} of {size:,} bytes ({_line(e)}): "
+                          "what arrived is kept for the next attempt") from None  # fmt: skip
+            finally:
+                response.close()
+        if got != size:
+            raise Cut(f"{cloud_name}: {what} ended after {got:,} of {size:,} bytes: what arrived is kept "
+                      "for the next attempt")  # fmt: skip
+        if checksum and md5.hexdigest() != checksum:
+            raise SourceError(f"{cloud_name}: {what} does not match its MD5: nothing kept")
+        if algo and value and multi.hexdigest() != value:
+            raise SourceError(f"{cloud_name}: {what} does not match its {algo}: nothing kept")
+        resumed = part.resumed_bytes if start else 0
+    checked = (
+        "size" + (", MD5" if checksum else "") + (f" and {algo}" if algo and value else "") + " from Glance"
+    )
+    return Downloaded(size, sparse.data_bytes(dest), f"{multi.name}:{multi.hexdigest()}", checked, resumed)
+
+
+class _Both:
+    def __init__(self, *hashes: Any) -> None:
+        self.hashes = hashes
+
+    def update(self, data: bytes) -> None:
+        for h in self.hashes:
+            h.update(data)
+
+
+def _open(conn: Any, cloud_name: str, image_id: str, start: int) -> Any:
+    """The image data's response from byte ``start`` on (206), or whole (200) from a Glance that
+    ignores Range; a connection refused or cut before an answer is a :class:`Cut`."""
+    from keystoneauth1 import exceptions as ksa
+    from openstack import exceptions as osx
+
+    headers = {"Range": f"bytes={start}-"} if start else {}
+    try:
+        response = conn.image.get(f"images/{image_id}/file", stream=True, headers=headers)
+    except (ksa.ConnectFailure, ksa.ConnectionError) as e:
+        raise Cut(f"{cloud_name}: download of image {image_id}: {_line(e)}: what arrived is kept") from None
+    expected = 206 if start else 200
+    if response.status_code not in (200, expected):
+        try:
+            osx.raise_from_response(response)
+            raise CloudError(f"{cloud_name}: download of image {image_id}: HTTP {response.status_code}")
+        except osx.SDKException as e:
+            raise _explain(e, f"download of image {image_id}", cloud_name) from None
         finally:
             response.close()
-    finally:
-        if not cloud.keep_snapshot:
-            _delete_image(conn, image.id)
-    checked = "size, MD5" + (f" and {image.hash_algo}" if multi else "") + " from Glance"
-    return Fetched(
-        source=str(src), cloud=src.cloud, kind="openstack", path=str(dest), format=fmt, size_bytes=size,
-        data_bytes=data, digest=f"sha256:{whole.hexdigest()}", verified=checked, seconds=round(time.monotonic() - t0, 3),
-        where=f"server {server.id} via image {image.id}", snapshot=image.id,
-    )  # fmt: skip
+    if response.status_code == 206 and not response.headers.get("Content-Range", "").startswith(
+        f"bytes {start}-"
+    ):
+        response.close()
+        raise CloudError(f"{cloud_name}: download of image {image_id}: Glance answered a range from {start} "
+                         f"with {response.headers.get('Content-Range')!r}")  # fmt: skip
+    return response
 
 
 @dataclass(frozen=True)

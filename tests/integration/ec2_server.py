@@ -24,7 +24,10 @@ moto/ec2/models/elastic_block_store.py) and what this adds:
 
 Faults (POST ``/_faults`` with JSON; GET reads the counters back): ``throttle`` N answers the next
 N GetSnapshotBlock calls with ThrottlingException (HTTP 400); ``cut`` N sends only half of the
-next N block bodies and closes the connection; a volume tagged ``imaging-test=never-completes``
+next N block bodies and closes the connection; ``fail_after`` N answers the next N block reads
+whole and cuts every one after them (a copy cut at that point; -1 ends it); ``corrupt`` N
+changes a byte in each of the next N block bodies (their checksums no longer match); ``served`` counts
+the block reads answered whole (set it to 0 to count afresh); a volume tagged ``imaging-test=never-completes``
 gets snapshots that stay ``pending`` forever.
 """
 
@@ -39,7 +42,15 @@ from typing import Any
 
 ACCOUNT = "123456789012"
 BLOCK = 512 << 10
-_faults = {"throttle": 0, "cut": 0, "throttled": 0, "was_cut": 0}
+_faults = {
+    "throttle": 0,
+    "cut": 0,
+    "throttled": 0,
+    "was_cut": 0,
+    "fail_after": -1,
+    "served": 0,
+    "corrupt": 0,
+}
 _lock = threading.Lock()
 _BLOCK_GET = re.compile(r"^/snapshots/[^/]+/blocks/[0-9]+$")
 
@@ -150,7 +161,13 @@ def faults(
                     environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0)) or b"{}"
                 )
                 with _lock:
-                    _faults.update({k: int(v) for k, v in body.items() if k in ("throttle", "cut")})
+                    _faults.update(
+                        {
+                            k: int(v)
+                            for k, v in body.items()
+                            if k in ("throttle", "cut", "fail_after", "served", "corrupt")
+                        }
+                    )
             with _lock:
                 data = json.dumps(_faults).encode()
             start("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
@@ -158,12 +175,19 @@ def faults(
         if method == "GET" and _BLOCK_GET.match(path):
             with _lock:
                 throttle = _faults["throttle"] > 0
-                cut = not throttle and _faults["cut"] > 0
+                cut = not throttle and (_faults["cut"] > 0 or _faults["fail_after"] == 0)
+                corrupt = not throttle and not cut and _faults["corrupt"] > 0
+                if corrupt:
+                    _faults["corrupt"] -= 1
+                elif not throttle and not cut:
+                    _faults["served"] += 1
+                    if _faults["fail_after"] > 0:
+                        _faults["fail_after"] -= 1
                 if throttle:
                     _faults["throttle"] -= 1
                     _faults["throttled"] += 1
                 if cut:
-                    _faults["cut"] -= 1
+                    _faults["cut"] = max(0, _faults["cut"] - 1)
                     _faults["was_cut"] += 1
             if throttle:
                 data = json.dumps({"Message": "Rate exceeded", "Reason": "REQUEST_LIMIT_EXCEEDED"}).encode()
@@ -171,7 +195,7 @@ def faults(
                                           ("x-amzn-ErrorType", "ThrottlingException"),
                                           ("Content-Length", str(len(data)))])  # fmt: skip
                 return [data]
-            if cut:
+            if cut or corrupt:
                 seen: dict[str, Any] = {}
 
                 def keep(status: str, headers: list[tuple[str, str]], *rest: Any) -> Any:
@@ -182,6 +206,9 @@ def faults(
                 headers = [
                     (k, v) for k, v in seen["headers"] if k.lower() not in ("content-length", "connection")
                 ]
+                if corrupt:
+                    start(seen["status"], [*headers, ("Content-Length", str(len(body)))])
+                    return [body[:7] + bytes([body[7] ^ 1]) + body[8:]]
                 start(
                     seen["status"], [*headers, ("Content-Length", str(len(body))), ("Connection", "close")]
                 )

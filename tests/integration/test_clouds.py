@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -293,14 +294,104 @@ def test_ec2_faults_are_one_line_errors_that_leave_nothing(aws: tuple[EC2Cloud, 
         ImagingError, match=r"aws: describe instance i-.*: the cloud refused the credentials \(AuthFailure"
     ):
         ec2.fetch(src, ec2_settings(cloud, secret_access_key="wrong-secret"), dest / "source.raw")
-    # Every block cut, every time: after its retries the copy fails, and nothing is kept.
-    cloud.faults(cut=1000)
+    nothing_left(dest)
+
+
+def snapshots(cloud: EC2Cloud, instance: str) -> set[str]:
+    """The snapshots made to copy ``instance`` (by their tag: moto lists its AMIs' hundreds too,
+    slowly)."""
+    tagged = [{"Name": "tag:imaging:source", "Values": [instance]}]
+    return {s["SnapshotId"] for s in cloud.client("ec2").describe_snapshots(Filters=tagged)["Snapshots"]}
+
+
+def cut_ec2_copy(cloud: EC2Cloud, src: cs.CloudSource, dest: Path, after: int) -> str:
+    """A copy cut after ``after`` blocks (every read after them cut, every time): the blocks that
+    arrived and the snapshot are kept; returns the snapshot."""
+    cloud.faults(fail_after=after, served=0)
     try:
-        with pytest.raises(ImagingError, match=r"block [0-9]+ of snap-.*: read failed .* after 5 attempts"):
+        with pytest.raises(SourceError) as e:
             ec2.fetch(src, ec2_settings(cloud), dest / "source.raw")
     finally:
-        cloud.faults(cut=0)
+        served = cloud.faults(fail_after=-1)["served"]
+    message = str(e.value)
+    assert re.fullmatch(r"aws: block [0-9]+ of (snap-\S+): read failed .* after 5 attempts; the blocks that arrived "
+                        r"and snapshot \1 are kept for the resume", message), message  # fmt: skip
+    assert served == after
+    return json.loads((dest / "source.snapshot.json").read_text())["snapshot"]
+
+
+@pytest.fixture(scope="module")
+def small(aws: tuple[EC2Cloud, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[EC2Cloud, str, Path]:
+    """An instance whose disk holds 40 blocks of data no two alike, between holes: small enough
+    that cutting and resuming its copy three times takes seconds on moto."""
+    disk = tmp_path_factory.mktemp("small") / "disk.raw"
+    with open(disk, "wb") as f:
+        f.truncate(64 << 20)
+        for i in range(40):
+            f.seek(i * (1 << 20) + (i % 2) * (512 << 10))
+            f.write(os.urandom(512 << 10))
+    return aws[0], aws[0].instance_from_disk(disk), disk
+
+
+def test_ec2_copy_cut_and_resumed(small: tuple[EC2Cloud, str, Path], dest: Path) -> None:
+    """Cut after 10 %, 50 % and 99 % of the blocks: the resume reads the same snapshot's other
+    blocks only, and the copy is the disk, byte for byte; the snapshot goes after it."""
+    cloud, instance, disk = small
+    src = cs.parse_source(f"ec2://aws/{instance}")
+    before = snapshots(cloud, instance)
+    for fraction in (0.10, 0.50, 0.99):
+        total = _blocks_of(cloud, instance)
+        kept = cut_ec2_copy(cloud, src, dest, after=int(fraction * total))
+        assert snapshots(cloud, instance) - before == {kept}
+        cloud.faults(served=0)
+        got = ec2.fetch(src, ec2_settings(cloud), dest / "source.raw")
+        assert cloud.faults()["served"] == total - int(fraction * total)  # only the rest was read
+        assert got.snapshot == kept and same_content(disk, dest / "source.raw")
+        assert snapshots(cloud, instance) == before  # the kept snapshot went after the copy
+        assert sorted(p.name for p in dest.iterdir()) == ["source.raw"]
+        (dest / "source.raw").unlink()
+
+
+def test_ec2_changed_snapshot_or_bad_checksums_after_a_cut(
+    small: tuple[EC2Cloud, str, Path], dest: Path
+) -> None:
+    cloud, instance, disk = small
+    src = cs.parse_source(f"ec2://aws/{instance}")
+    before = snapshots(cloud, instance)
+    total = _blocks_of(cloud, instance)
+    # The kept snapshot was deleted meanwhile: a new one, every block read again.
+    cloud.client("ec2").delete_snapshot(SnapshotId=cut_ec2_copy(cloud, src, dest, after=total // 2))
+    cloud.faults(served=0)
+    ec2.fetch(src, ec2_settings(cloud), dest / "source.raw")
+    assert cloud.faults()["served"] == total and same_content(disk, dest / "source.raw")
+    (dest / "source.raw").unlink()
+    # Blocks whose checksum never matches: nothing is kept, the snapshot neither.
+    cut_ec2_copy(cloud, src, dest, after=total // 2)
+    cloud.faults(corrupt=1000)
+    try:
+        with pytest.raises(
+            ImagingError, match=r"block [0-9]+ of snap-\S+: checksum does not match its data after 5"
+        ):
+            ec2.fetch(src, ec2_settings(cloud), dest / "source.raw")
+    finally:
+        cloud.faults(corrupt=0)
     nothing_left(dest)
+    assert snapshots(cloud, instance) == before
+
+
+def _blocks_of(cloud: EC2Cloud, instance: str) -> int:
+    """How many blocks the instance's volume has in EBS (those a copy reads)."""
+    ec2c, ebs = cloud.client("ec2"), cloud.client("ebs")
+    found = ec2c.describe_instances(InstanceIds=[instance])["Reservations"][0]["Instances"][0]
+    volume = found["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
+    parent = ec2c.describe_volumes(VolumeIds=[volume])["Volumes"][0]["SnapshotId"]
+    blocks, token = 0, dict[str, str]()
+    while True:
+        page = ebs.list_snapshot_blocks(SnapshotId=parent, **token)
+        blocks += len(page["Blocks"])
+        if not page.get("NextToken"):
+            return blocks
+        token = {"NextToken": page["NextToken"]}
 
 
 def test_ec2_snapshot_that_never_completes(aws: tuple[EC2Cloud, str], dest: Path, kvm_sample: Path) -> None:
@@ -401,21 +492,122 @@ def test_openstack_faults(nova: tuple[NovaStub, str], glance: Glance, dest: Path
             cs.parse_source(f"openstack://os/{stuck}"), os_settings(stub, glance, image_timeout=1), dest
         )
     assert {i["id"] for i in glance.images()} == before  # the stuck snapshot image was deleted
-    # The download cut after 4 MiB: one line, nothing kept.
-    port = int(glance.url.rsplit(":", 1)[1])
-    proxy = CuttingProxy(port, cut_after=4 << 20)
-    try:
-        cut = openstack_cloud(stub, glance)
-        cut["image_endpoint"] = f"http://127.0.0.1:{proxy.port}"
-        cloud = cs.parse_clouds({"os": cut}, "test")["os"]
-        assert isinstance(cloud, cs.OpenStack)
-        with pytest.raises(
-            SourceError, match=r"os: download of image \S+ (failed|ended) after [0-9,]+ of [0-9,]+ bytes"
-        ):
-            openstack.fetch(cs.parse_source(f"openstack://os/{server}"), cloud, dest)
-    finally:
-        proxy.close()
     nothing_left(dest)
+
+
+class CountingProxy(CuttingProxy):
+    """A CuttingProxy that also counts what the server sent through it (``received``)."""
+
+    def __init__(self, port: int, cut_after: int = 1 << 62) -> None:
+        self.received = 0
+        super().__init__(port, cut_after)
+
+    def _pipe(self, src: Any, dst: Any, limit: int | None) -> None:
+        if limit is None:
+            return super()._pipe(src, dst, limit)
+        counted = self
+
+        class Counting:  # the server's socket, its reads counted
+            def recv(self, n: int) -> bytes:
+                data = src.recv(n)
+                counted.received += len(data)
+                return bytes(data)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(src, name)
+
+        super()._pipe(Counting(), dst, limit)  # type: ignore[arg-type]
+
+
+def through(stub: NovaStub, glance: Glance, proxy: CuttingProxy) -> cs.OpenStack:
+    settings = openstack_cloud(stub, glance)
+    settings["image_endpoint"] = f"http://127.0.0.1:{proxy.port}"
+    cloud = cs.parse_clouds({"os": settings}, "test")["os"]
+    assert isinstance(cloud, cs.OpenStack)
+    return cloud
+
+
+def test_openstack_download_cut_and_resumed(nova: tuple[NovaStub, str], glance: Glance, dest: Path) -> None:
+    """Cut at 10 %, 50 % and 99 %: the cut keeps what arrived and the snapshot image; the resume
+    asks Glance for the rest only, and the copy is the server's disk, byte for byte."""
+    stub, server = nova
+    disk = stub.servers[server].disk
+    size = disk.stat().st_size
+    src = cs.parse_source(f"openstack://os/{server}")
+    before = {i["id"] for i in glance.images()}
+    port = int(glance.url.rsplit(":", 1)[1])
+    for fraction in (0.10, 0.50, 0.99):
+        cutting = CuttingProxy(port, cut_after=int(size * fraction))
+        try:
+            with pytest.raises(SourceError) as e:
+                openstack.fetch(src, through(stub, glance, cutting), dest)
+        finally:
+            cutting.close()
+        message = str(e.value)
+        assert re.fullmatch(r"os: download of image (\S+) (cut|ended) after [0-9,]+ of [0-9,]+ bytes.*: what arrived "
+                            r"is kept for the next attempt; its snapshot image \1 is kept for the resume", message), message  # fmt: skip
+        kept = {i["id"] for i in glance.images()} - before
+        assert len(kept) == 1 and (dest / "source.snapshot.json").exists()
+        counting = CountingProxy(port)
+        try:
+            got = openstack.fetch(src, through(stub, glance, counting), dest)
+        finally:
+            counting.close()
+        # Only the rest came again: what the cut copy received, less the piece it was still
+        # reading (up to a 1 MiB chunk) and the headers, was not asked for twice.
+        rest = size - int(size * fraction)
+        assert rest <= counting.received <= rest + (1 << 20) + (64 << 10), (
+            fraction,
+            counting.received,
+            rest,
+        )
+        assert got.snapshot in kept and got.verified == "size, MD5 and sha512 from Glance"
+        assert got.digest == "sha512:" + hashlib.sha512(disk.read_bytes()).hexdigest()
+        assert _sha256_prefix(Path(got.path), size) == _sha256_prefix(disk, size)
+        assert sorted(p.name for p in dest.iterdir()) == ["source.qcow2"]
+        assert {i["id"] for i in glance.images()} == before  # the kept snapshot went after the copy
+        Path(got.path).unlink()
+
+
+def test_openstack_changed_or_corrupt_image_after_a_cut(
+    nova: tuple[NovaStub, str], glance: Glance, dest: Path
+) -> None:
+    stub, server = nova
+    size = stub.servers[server].disk.stat().st_size
+    src = cs.parse_source(f"openstack://os/{server}")
+    port = int(glance.url.rsplit(":", 1)[1])
+
+    def cut_copy() -> str:
+        cutting = CuttingProxy(port, cut_after=size // 2)
+        try:
+            with pytest.raises(SourceError, match="kept for the resume"):
+                openstack.fetch(src, through(stub, glance, cutting), dest)
+        finally:
+            cutting.close()
+        return json.loads((dest / "source.snapshot.json").read_text())["snapshot"]
+
+    # The kept snapshot image is gone from Glance: a new snapshot, copied from byte 0.
+    httpx.delete(f"{glance.url}/v2/images/{cut_copy()}").raise_for_status()
+    counting = CountingProxy(port)
+    try:
+        got = openstack.fetch(src, through(stub, glance, counting), dest)
+    finally:
+        counting.close()
+    assert size <= counting.received <= size + (64 << 10)
+    Path(got.path).unlink()
+    # The kept image's data changed in Glance's store after the cut (beyond what arrived): the
+    # whole file does not match Glance's MD5, and nothing is kept, the snapshot image neither.
+    image_id = cut_copy()
+    stored = glance.root / "images" / image_id
+    with open(stored, "r+b") as f:
+        f.seek(size - 4096)
+        f.write(b"x" * 4096)
+    with pytest.raises(
+        SourceError, match=rf"os: download of image {image_id} does not match its MD5: nothing kept"
+    ):
+        openstack.fetch(src, os_settings(stub, glance), dest)
+    nothing_left(dest)
+    assert image_id not in {i["id"] for i in glance.images()}
 
 
 def test_glance_publish_visibility_and_members(nova: tuple[NovaStub, str], glance: Glance, tmp_path: Path,
