@@ -1,0 +1,83 @@
+"""A disk that fills during a stage, told in one line: which directory, and how much room the
+stage needs there.
+
+The stages check what they can before they write (00-acquire the whole run's work files,
+10-clean and 20-migrate the instance's copy, 30-bootable the disk, 40-export the artifact,
+50-verify an OVA's disk). A disk can still fill after a check (another run, another user, a
+record that grew), anywhere: in a cell (its ``OSError``), in a tool (its stderr), or in the
+pipeline itself, saving the executed notebook. Each is turned here into the message a check
+would have given, so the run fails as any stage fails: in one line, its state recorded, its
+partial files swept, and ``resume`` starts the stage again once there is room.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+from pathlib import Path
+
+from imaging import sparse
+from imaging.formats import export
+from imaging.workspace import Workspace
+
+# Room a stage's records take in the run directory: its executed notebook (saved as it runs),
+# its HTML render, the audit chain, state.json: well under 1 MiB for the samples.
+RECORD_ROOM = 8 << 20
+NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", as tools say it too
+
+
+def is_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def said_full(evalue: str) -> bool:
+    """Whether an error's text (a cell's, a tool's stderr tail) is a full disk's."""
+    return NO_SPACE in evalue or "Disk quota exceeded" in evalue
+
+
+def need(ws: Workspace, stage: str, directory: Path, out: Path, data_bytes: int) -> int:
+    """Room ``stage`` needs in ``directory`` for a source holding ``data_bytes``."""
+    artifact = export.space_needed(data_bytes)
+    if _under(directory, out):
+        return artifact
+    if stage == "00-acquire":
+        return 2 * data_bytes + RECORD_ROOM  # the instance, then the bootable disk
+    if stage in ("10-clean", "20-migrate", "30-bootable", "50-verify"):
+        return data_bytes + RECORD_ROOM  # the instance's copy, the disk, an OVA's disk unpacked
+    if stage == "40-export" and _under(out, ws.root):
+        return artifact + RECORD_ROOM
+    return RECORD_ROOM
+
+
+def message(ws: Workspace, stage: str, out: Path, data_bytes: int, path: str | None = None) -> str:
+    """The one-line error of ``stage`` finding its disk full, writing ``path`` when known."""
+    directory = _directory(ws, stage, out, path)
+    free = shutil.disk_usage(directory).free
+    room = need(ws, stage, directory, out, data_bytes)
+    what = f"write {Path(path).name}" if path else f"run {stage}"
+    return f"{sparse.space_message(directory, room, what, free)}; resume once there is room"
+
+
+def path_in(evalue: str) -> str | None:
+    """The file an OSError's text names (the last one: a copy's destination)."""
+    found = re.findall(r"'(/[^']+)'", evalue)
+    return found[-1] if found else None
+
+
+def _directory(ws: Workspace, stage: str, out: Path, path: str | None) -> Path:
+    """The directory the file was written in; else the one the stage writes most into."""
+    if path:
+        parent = Path(path).parent
+        while not parent.is_dir() and parent != parent.parent:
+            parent = parent.parent
+        return parent
+    main = out if stage == "40-export" else ws.verify if stage == "50-verify" else ws.work
+    # A write's error names no file: of the stage's directory and the run's, the fuller one.
+    candidates = [d for d in (main, ws.root) if d.is_dir()]
+    return min(candidates, key=lambda d: shutil.disk_usage(d).free, default=ws.root)
+
+
+def _under(path: Path, directory: Path) -> bool:
+    return path.resolve().is_relative_to(directory.resolve())
