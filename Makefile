@@ -24,7 +24,7 @@ APT_PACKAGES := qemu-utils qemu-system-x86 grub-pc-bin grub-common e2fsprogs fdi
 	openssh-server openssh-client glance-api mmdebstrap xfsprogs btrfs-progs lvm2 acl dosfstools mtools \
 	sbsigntool openssl ovmf grub-efi-amd64-bin shim-signed grub-efi-amd64-signed
 
-.PHONY: setup apt venv demo lab test test-fast lint bench docs docs-example clean
+.PHONY: setup apt venv demo lab test test-fast lint bench docs docs-example clean campaign
 
 setup: apt venv
 
@@ -77,6 +77,12 @@ lab: setup
 TEST_JOBS ?= 2
 test: setup
 	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --durations=25
+
+# The campaigns of issue 29, one a line, each bounded in count and time and printing its figures.
+# Full disks: the runs directory and --out on small loop-mounted ext4s that run out in each stage in
+# turn, for qcow2, ova and vmdk (three boots; about 5 minutes on the quiet machine).
+campaign: setup
+	$(PY) -m tests.campaigns.full_disks
 
 test-fast: setup
 	$(PY) -m pytest -m "not integration"

@@ -8,6 +8,11 @@ record that grew), anywhere: in a cell (its ``OSError``), in a tool (its stderr)
 pipeline itself, saving the executed notebook. Each is turned here into the message a check
 would have given, so the run fails as any stage fails: in one line, its state recorded, its
 partial files swept, and ``resume`` starts the stage again once there is room.
+
+Recording that failure takes room too (``state.json``, the failed attempt's notebook on the
+audit chain): a disk full to its last block would leave the run saying it still runs, and the
+next ``resume`` would take it for killed. So each stage starts with a little room set aside in
+the run directory (``.room``, as databases keep a ballast file), given back when its disk fills.
 """
 
 from __future__ import annotations
@@ -26,6 +31,26 @@ from imaging.workspace import Workspace
 # its HTML render, the audit chain, state.json: well under 1 MiB for the samples.
 RECORD_ROOM = 8 << 20
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", as tools say it too
+ROOM = 1 << 20  # state.json, the chain's entries, a failed notebook's summary: a few KiB each
+
+
+def keep_room(ws: Workspace) -> None:
+    """:data:`ROOM` bytes set aside in the run directory, when there are that many free."""
+    path = ws.root / ".room"
+    if path.exists():
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, ROOM)
+    except OSError:
+        path.unlink(missing_ok=True)  # a disk this full fails the stage at once, in one line
+    finally:
+        os.close(fd)
+
+
+def give_room(ws: Workspace) -> None:
+    """The room set aside, free again: for the records of a failure, or once the run is over."""
+    (ws.root / ".room").unlink(missing_ok=True)
 
 
 def is_full(e: BaseException) -> bool:
@@ -37,25 +62,27 @@ def said_full(evalue: str) -> bool:
     return NO_SPACE in evalue or "Disk quota exceeded" in evalue
 
 
-def need(ws: Workspace, stage: str, directory: Path, out: Path, data_bytes: int) -> int:
+def need(ws: Workspace, stage: str, directory: Path, out: Path, data_bytes: int, fmt: str) -> int:
     """Room ``stage`` needs in ``directory`` for a source holding ``data_bytes``."""
     artifact = export.space_needed(data_bytes)
     if _under(directory, out):
         return artifact
     if stage == "00-acquire":
         return 2 * data_bytes + RECORD_ROOM  # the instance, then the bootable disk
-    if stage in ("10-clean", "20-migrate", "30-bootable", "50-verify"):
-        return data_bytes + RECORD_ROOM  # the instance's copy, the disk, an OVA's disk unpacked
+    if stage in ("10-clean", "20-migrate", "30-bootable"):
+        return data_bytes + RECORD_ROOM  # the instance's copy, the bootable disk
+    if stage == "50-verify" and fmt == "ova":
+        return data_bytes + RECORD_ROOM  # the OVA's disk unpacked
     if stage == "40-export" and _under(out, ws.root):
         return artifact + RECORD_ROOM
     return RECORD_ROOM
 
 
-def message(ws: Workspace, stage: str, out: Path, data_bytes: int, path: str | None = None) -> str:
+def message(ws: Workspace, stage: str, out: Path, data_bytes: int, fmt: str, path: str | None = None) -> str:
     """The one-line error of ``stage`` finding its disk full, writing ``path`` when known."""
     directory = _directory(ws, stage, out, path)
     free = shutil.disk_usage(directory).free
-    room = need(ws, stage, directory, out, data_bytes)
+    room = need(ws, stage, directory, out, data_bytes, fmt)
     what = f"write {Path(path).name}" if path else f"run {stage}"
     return f"{sparse.space_message(directory, room, what, free)}; resume once there is room"
 

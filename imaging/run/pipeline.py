@@ -534,7 +534,9 @@ def _full_disk(ws: Workspace, stage: str, request: Request, e: BaseException) ->
         path = full.path_in(e.evalue)
     else:
         return None
-    return full.message(ws, stage, out_dir(ws, request), _source_bytes(ws, request), path and str(path))
+    full.give_room(ws)  # for the records of this failure
+    out = out_dir(ws, request)
+    return full.message(ws, stage, out, _source_bytes(ws, request), request.format, path and str(path))
 
 
 def _one_line(ename: str, evalue: str) -> str:
@@ -844,7 +846,14 @@ class Runner:
         with self.holding():
             if self._source_digest is None:
                 self._source_digest = SourceDigest(self.ws, self.request.source)
-            self.state.set("running", stage)
+            full.keep_room(self.ws)
+            try:
+                self.state.set("running", stage)
+            except OSError as e:
+                if (error := _full_disk(self.ws, stage, self.request, e)) is None:
+                    raise
+                self._failed(stage, error)
+                raise StageFailed(stage, error, self.ws.id) from None
             try:  # an interrupt while the record goes to its store fails the stage too
                 if self.pusher is not None:
                     self.pusher.push(wait=False)
@@ -934,6 +943,7 @@ class Runner:
             write_json(self.ws.result_file, summary)
             audit.seal(self.ws, summary)
             self.state.set("completed")
+            full.give_room(self.ws)
             if not self.request.keep_work and _own_work(self.ws):
                 shutil.rmtree(self.ws.work, ignore_errors=True)
         if self.pusher is not None:
