@@ -39,11 +39,18 @@ def keep_room(ws: Workspace) -> None:
     path = ws.root / ".room"
     if path.exists():
         return
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    except OSError as e:
+        if not is_full(e):
+            raise
+        return  # a disk this full fails the stage at once, in one line
     try:
         os.posix_fallocate(fd, 0, ROOM)
-    except OSError:
-        path.unlink(missing_ok=True)  # a disk this full fails the stage at once, in one line
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        if not is_full(e):
+            raise
     finally:
         os.close(fd)
 

@@ -579,7 +579,7 @@ def _record(ws: Workspace, notebook: Path, pusher: record.Pusher | None = None) 
         except OSError as e:
             if not full.is_full(e):
                 raise
-            # A full disk: the notebook stays, unchained; `imaging audit` names it.
+            # A full disk: the notebook stays, off the chain (the failure is what matters now).
             print(
                 f"imaging: {notebook.name} not on the audit chain: {e.strerror}", file=sys.stderr, flush=True
             )
