@@ -107,7 +107,8 @@ def _directory(ws: Workspace, stage: str, out: Path, path: str | None) -> Path:
         while not parent.is_dir() and parent != parent.parent:
             parent = parent.parent
         return parent
-    main = out if stage == "40-export" else ws.verify if stage == "50-verify" else ws.work
+    writes = {"40-export": out, "50-verify": ws.verify, "25-secrets": ws.root}  # 25-secrets: records only
+    main = writes.get(stage, ws.work)
     # A write's error names no file: of the stage's directory and the run's, the fuller one.
     candidates = [d for d in (main, ws.root) if d.is_dir()]
     return min(candidates, key=lambda d: shutil.disk_usage(d).free, default=ws.root)
