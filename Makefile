@@ -80,7 +80,7 @@ test: setup
 
 # The campaigns of issue 29, one a line, each bounded in count and time and printing its figures.
 # Full disks: the runs directory and --out on small loop-mounted ext4s that run out in each stage in
-# turn, for qcow2, ova and vmdk (three boots; about 5 minutes on the quiet machine).
+# turn, for qcow2, ova and vmdk: 33 cases, three boots (16 minutes with the 2 cores shared by other work).
 campaign: setup
 	$(PY) -m tests.campaigns.full_disks
 
