@@ -79,11 +79,13 @@ TEST_JOBS ?= 2
 test: setup
 	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --durations=25
 
-# The campaigns of issue 29: faults and load nobody chose, each bounded in count and time, on
-# loopback (their short forms are in `make test`). Root, loop devices, QEMU. One line each.
-# Fifty requests of the sample on two workers are about 50 x 40 s / 2 = 17 minutes of runs
-# before any outage: more than services_away's 10-minute share of the hour.
+# The campaigns: faults, load and inputs nobody chose, each bounded in count and time, on loopback,
+# one a line, each printing its figures (their short forms are in `make test`). Root, loop
+# devices, QEMU. Full disks: the runs directory and --out on small loop-mounted ext4s that run out
+# in each stage in turn, for qcow2, ova and vmdk (33 cases, three boots). Services away: fifty
+# requests of the sample on two workers are about 50 x 40 s / 2 = 17 minutes of runs.
 campaign: setup
+	$(PY) -m tests.campaigns.full_disks
 	$(PY) -m tests.campaigns.services_away --count 50
 	$(PY) -m tests.campaigns.load --clients 50 --requests 5000 --approved 20
 

@@ -334,10 +334,12 @@ def atomic_path(path: Path, *, durable: bool = False, tag: str = "") -> Iterator
         fsync_dir(path.parent)
 
 
+def space_message(directory: Path, need: int, what: str, free: int) -> str:
+    return f"not enough free space in {directory} to {what}: need about {human_bytes(need)}, have {human_bytes(free)}"
+
+
 def check_space(directory: Path, need: int, what: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(directory).free
     if free < need:
-        raise SpaceError(
-            f"not enough free space in {directory} to {what}: need about {human_bytes(need)}, have {human_bytes(free)}"
-        )
+        raise SpaceError(space_message(directory, need, what, free))

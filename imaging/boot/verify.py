@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imaging import config, tools
+from imaging import config, sparse, tools
 from imaging.boot import evidence
 from imaging.boot.qemu import Accel, choose_accel, option_value
 from imaging.disk import images
@@ -275,6 +275,10 @@ def boot(
     log_dir.mkdir(parents=True, exist_ok=True)
     image_format = config.check_format(fmt) if fmt else None
     if image_format is config.ImageFormat.ova or (image_format is None and ova.is_ova(path)):
+        # Its disk unpacked beside the logs: about the OVA's size (UEFI's variables, 4 MiB, besides).
+        sparse.check_space(
+            log_dir, sparse.allocated_bytes(path) + (16 << 20), f"unpack the disk of {path.name}"
+        )
         extracted = ova.extract_disk(path, log_dir)
         try:
             machine = config.BootCheck(

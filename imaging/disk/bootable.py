@@ -399,6 +399,8 @@ def place_filesystem(
     fs = filesystems.of(kind)
     part = sparse.part_path(ws.disk)
     part.unlink(missing_ok=True)
+    # The instance's data placed, and room for the bootloader, the ESP and the filesystem's growth.
+    sparse.check_space(ws.work, sparse.data_bytes(ws.instance) + (32 << 20), "build the bootable disk")
     sparse.create_sparse(part, layout.disk_bytes)
     offset, size = layout.offset_bytes, layout.partition_bytes
     if placement is Placement.copy:

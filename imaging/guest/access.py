@@ -100,6 +100,8 @@ def editing(ws: Workspace, *, grow: int = 0) -> Iterator[Guest]:
     ``grow``, the copy's filesystem has that much more room first (to install packages)."""
     instance = _instance(ws)
     fs = filesystems.of(str(instance.get("fs_type", "ext4")))
+    # The copy takes as much as the instance's data (and ``grow`` nothing until it is used).
+    sparse.check_space(ws.work, sparse.data_bytes(ws.instance) + (16 << 20), "copy the instance to edit it")
     with sparse.atomic_path(ws.instance) as part:
         size = ws.instance.stat().st_size
         sparse.create_sparse(part, size)

@@ -37,7 +37,7 @@ from imaging.clouds.settings import is_cloud_source
 from imaging.disk import mounts
 from imaging.errors import ImagingError, ParameterError
 from imaging.guest import limits
-from imaging.run import audit, killed, lineage, pages, record, scraps, summary
+from imaging.run import audit, full, killed, lineage, pages, record, scraps, summary
 from imaging.run.request import Request
 from imaging.samples import catalog
 from imaging.workspace import Workspace, write_json
@@ -431,6 +431,14 @@ def run_stage(
             kernel.kill()
             _keep_failed(ws, stage, tmp, "interrupted", pusher)
             raise
+        if (error := _full_disk(ws, stage, request, e)) is not None:
+            # Saving the notebook fails as a cell may still run: stopped the way SIGTERM stops it.
+            if full.is_full(e):
+                kernel.kill()
+            else:
+                kernel.shutdown()
+            _keep_failed(ws, stage, tmp, error, pusher)
+            raise StageFailed(stage, error, ws.id) from None
         kernel.shutdown()
         if isinstance(e, pm.PapermillExecutionError):
             _keep_failed(ws, stage, tmp, _one_line(e.ename, e.evalue), pusher)
@@ -517,6 +525,24 @@ class _StageClock:
             timer.cancel()
 
 
+def _full_disk(ws: Workspace, stage: str, request: Request, e: BaseException) -> str | None:
+    """A stage's full disk (papermill saving its notebook here, or a cell or a tool in its
+    kernel) as its one-line error; None for any other failure. A stage's own check
+    (SpaceError) already says it all."""
+    import papermill as pm
+
+    if full.is_full(e):
+        assert isinstance(e, OSError)
+        path = e.filename2 or e.filename
+    elif isinstance(e, pm.PapermillExecutionError) and e.ename != "SpaceError" and full.said_full(e.evalue):
+        path = full.path_in(e.evalue)
+    else:
+        return None
+    full.give_room(ws)  # for the records of this failure
+    out = out_dir(ws, request)
+    return full.message(ws, stage, out, _source_bytes(ws, request), request.format, path and str(path))
+
+
 def _one_line(ename: str, evalue: str) -> str:
     text = " ".join(str(evalue).split())
     known = ("Error", "Failed", "Missing", "Interrupted")
@@ -550,9 +576,17 @@ def _record(ws: Workspace, notebook: Path, pusher: record.Pusher | None = None) 
     try:
         audit.record_notebook(ws, notebook)
     except Exception as e:  # nbconvert raises many kinds; none may mask the stage's result
-        audit.append(ws, notebook, "notebook")
         print(f"imaging: no HTML render of {notebook.name}: {_one_line(type(e).__name__, str(e))}",
               file=sys.stderr, flush=True)  # fmt: skip
+        try:
+            audit.append(ws, notebook, "notebook")
+        except OSError as e:
+            if not full.is_full(e):
+                raise
+            # A full disk: the notebook stays, off the chain (the failure is what matters now).
+            print(
+                f"imaging: {notebook.name} not on the audit chain: {e.strerror}", file=sys.stderr, flush=True
+            )
     if pusher is not None:
         pusher.push()
 
@@ -816,7 +850,14 @@ class Runner:
         with self.holding():
             if self._source_digest is None:
                 self._source_digest = SourceDigest(self.ws, self.request.source)
-            self.state.set("running", stage)
+            full.keep_room(self.ws)
+            try:
+                self.state.set("running", stage)
+            except OSError as e:
+                if (error := _full_disk(self.ws, stage, self.request, e)) is None:
+                    raise
+                self._failed(stage, error)
+                raise StageFailed(stage, error, self.ws.id) from None
             try:  # an interrupt while the record goes to its store fails the stage too
                 if self.pusher is not None:
                     self.pusher.push(wait=False)
@@ -880,7 +921,13 @@ class Runner:
             self._source_digest.stop()
             self._source_digest = None
         sweep(self.ws, self.out, self.request)
-        self.state.set("error", stage, error)
+        try:
+            self.state.set("error", stage, error)
+        except OSError as e:
+            if not full.is_full(e):
+                raise
+            # Still "running" on disk: the next process to hold the run records the attempt.
+            print(f"imaging: {stage}'s failure not in state.json: {e.strerror}", file=self.err, flush=True)
         if self.pusher is not None:
             _wait_records(self.ws)
             self.pusher.push()
@@ -900,6 +947,7 @@ class Runner:
             write_json(self.ws.result_file, summary)
             audit.seal(self.ws, summary)
             self.state.set("completed")
+            full.give_room(self.ws)
             if not self.request.keep_work and _own_work(self.ws):
                 shutil.rmtree(self.ws.work, ignore_errors=True)
         if self.pusher is not None:
