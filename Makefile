@@ -101,5 +101,12 @@ docs: setup
 docs-example: setup
 	$(PY) docs/record_example.py
 
+# Campaigns (issue 29): faults and inputs nobody chose, in bounded counts; root, loopback only.
+# Crash consistency: 40 exports of sample:kvm killed 5 times each (200 SIGKILLs at random
+# moments, each resumed and checked), then 6 kills of the service's worker and 6 of its API.
+.PHONY: campaign
+campaign: setup
+	$(PY) -m tests.campaigns.crash --runs 40 --kills 5 --seed 29 --service 6
+
 clean:
 	rm -rf runs out .pytest_cache .mypy_cache .ruff_cache docs/_build docs/_generated

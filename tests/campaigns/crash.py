@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,14 @@ class Invocation:
 
 def export_args(run: str) -> tuple[str, ...]:
     return ("export", "sample:kvm", "--name", NAME, "--format", "qcow2", "--run", run)
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
 
 
 # --- what of the artifact must be equal ------------------------------------------------------
@@ -288,13 +297,13 @@ class Reference:
         return self.seconds - self.starts[stage] + self.starts[STAGES[0]]
 
 
-def measure(base: Path, jobs: int, count: int = 2) -> Reference:
+def measure(base: Path, jobs: int, count: int = 2, keep: bool = False) -> Reference:
     """``count`` uninterrupted runs, ``jobs`` at once: the duration the kills are drawn over,
     and the artifact every resumed one must match (the runs must match each other first)."""
 
     def one(i: int) -> tuple[float, dict[str, float], dict[str, str]]:
         home = base / f"reference-{i}"
-        with open(base / f"reference-{i}.log", "w") as log:
+        with open(base / f"reference-{i}.log", "w", buffering=1) as log:
             inv = Invocation(home / "runs", log, *export_args("ref"))
             code = inv.finish()
         assert code == 0, f"the reference run failed ({code}): see {base}/reference-{i}.log"
@@ -313,7 +322,8 @@ def measure(base: Path, jobs: int, count: int = 2) -> Reference:
     seconds = sum(m[0] for m in measured) / len(measured)
     starts = {s: sum(m[1][s] for m in measured) / len(measured) for s in STAGES}
     for i in range(len(measured)):
-        shutil.rmtree(base / f"reference-{i}")
+        if not keep:  # kept: base/reference-N/runs/ref
+            shutil.rmtree(base / f"reference-{i}")
     return Reference(seconds, starts, prints[0])
 
 
@@ -326,9 +336,9 @@ class Outcome:
 
 
 def run_case(case: int, base: Path, ref: Reference, rng: random.Random, kills: int,
-             plan: list[tuple[str, float]] | None = None) -> Outcome:  # fmt: skip
-    """One export, killed ``kills`` times (or as ``plan`` says: (stage, fraction of its
-    reference duration) per kill), resumed after each kill, checked."""
+             plan: list[str] | None = None) -> Outcome:  # fmt: skip
+    """One export, killed ``kills`` times (or once in each stage ``plan`` names, as soon as the
+    stage's notebook runs), resumed after each kill, checked."""
     t0 = time.monotonic()
     home = base / f"case-{case:04d}"
     runs = home / "runs"
@@ -336,18 +346,16 @@ def run_case(case: int, base: Path, ref: Reference, rng: random.Random, kills: i
     run = runs / run_id
     out = Outcome(case)
     hit: list[str] = []
-    log = open(base / f"case-{case:04d}.log", "w")  # noqa: SIM115 - closed below, kept on failure
+    log = open(base / f"case-{case:04d}.log", "w", buffering=1)  # noqa: SIM115 - closed below, kept on failure
     try:
         inv = Invocation(runs, log, *export_args(run_id))
         for k in range(len(plan) if plan is not None else kills):
             # In a plan, the kinds of kill take turns.
             group = rng.random() >= PID_ONLY if plan is None else k % 2 == 0
             if plan is not None:
-                stage, fraction = plan[k]
-                at = inv.wait_line(f"] {stage} ...")
-                after = STAGES[STAGES.index(stage) + 1] if stage != STAGES[-1] else None
-                length = (ref.starts[after] if after else ref.seconds) - ref.starts[stage]
-                time.sleep(max(0.0, at + fraction * length - (time.monotonic() - inv.t0)))
+                # In the stage, whatever the machine's load: papermill has saved its notebook.
+                part = run / "notebooks" / f".{plan[k]}.part.ipynb"
+                wait_for(f"{plan[k]} to run", lambda: part.exists() or inv.proc.poll() is not None)  # noqa: B023
             else:
                 span = ref.seconds if k == 0 else ref.remaining(hit[-1])
                 time.sleep(max(0.0, rng.uniform(0, span) - (time.monotonic() - inv.t0)))

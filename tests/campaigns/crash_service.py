@@ -1,8 +1,8 @@
 """Crash consistency of the request service (issue 29), part of ``python -m tests.campaigns.crash``.
 
 The API (``imaging serve``) and one worker (``imaging worker``) on loopback, sharing a PostgreSQL
-cluster the campaign starts (a private cluster, which ``serve`` starts itself, is not the case
-measured here: see the report of issue 29).
+cluster the campaign starts, as hosts share one (``serve``'s private cluster outlives a killed
+``serve``: the next one takes it over, and stops it when it stops).
 
 - Worker kills: a request approved, its worker SIGKILLed (the worker, not the run) at a random
   moment of the run; a few seconds later no process of the run is alive and nothing of it is
