@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.campaigns.crash import STAGES, measure, run_case
+from tests.campaigns.crash import NAME, STAGES, measure, run_case
 
 
 def test_a_kill_in_every_stage_then_resume(tmp_path: Path) -> None:
@@ -48,7 +48,7 @@ def test_a_kill_between_a_rename_and_its_place_on_the_chain(tmp_path: Path) -> N
     run = runs / "ref"
     env = {**os.environ, "IMAGING_RUNS": str(runs)}
     whole = [e["file"] for e in json.loads((run / "audit.json").read_text())["entries"]]
-    for before in (f"notebooks/{STAGES[-1]}.ipynb", "out/ref.qcow2"):
+    for before in (f"notebooks/{STAGES[-1]}.ipynb", f"out/{NAME}.qcow2"):
         cut(run, before)
         if before.endswith(".ipynb"):
             (run / "result.json").unlink()
