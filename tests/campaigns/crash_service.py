@@ -81,15 +81,20 @@ class World:
         self.cluster = postgres.Cluster(root / "postgres", durable=False, tcp_port=free_port())
         self.cluster.start()
         cfg = {"database_url": self.cluster.url, "instances": {"i-sample": "sample:kvm"},
+               "secret_key": "the crash campaign's signing key, one for every process",
                "worker": {"embedded": False, "concurrency": 1, "poll_seconds": 0.5, "heartbeat_seconds": HEARTBEAT,
                           "stalled_seconds": STALLED, "check_seconds": 1}}  # fmt: skip
         self.api = Service(root, root / "runs", cfg)
-        subprocess.run([sys.executable, "-m", "imaging", "db", "upgrade", "--config", str(self.api.config_file)],
-                       check=True, capture_output=True, env=self.api.env, timeout=120)  # fmt: skip
-        self.api.add_user("alice")
-        self.api.add_user("root", admin=True)
-        self.api.start()
         self.worker: subprocess.Popen[bytes] | None = None
+        try:
+            subprocess.run([sys.executable, "-m", "imaging", "db", "upgrade", "--config", str(self.api.config_file)],
+                           check=True, capture_output=True, env=self.api.env, timeout=120)  # fmt: skip
+            self.api.add_user("alice")
+            self.api.add_user("root", admin=True)
+            self.api.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def start_worker(self) -> None:
         log = self.root / "worker.log"
