@@ -349,6 +349,7 @@ def run_case(case: int, base: Path, ref: Reference, rng: random.Random, kills: i
     log = open(base / f"case-{case:04d}.log", "w", buffering=1)  # noqa: SIM115 - closed below, kept on failure
     try:
         inv = Invocation(runs, log, *export_args(run_id))
+        last_state = b""
         for k in range(len(plan) if plan is not None else kills):
             # In a plan, the kinds of kill take turns.
             group = rng.random() >= PID_ONLY if plan is None else k % 2 == 0
@@ -364,7 +365,10 @@ def run_case(case: int, base: Path, ref: Reference, rng: random.Random, kills: i
                 out.kills.append(("none", at, "ended before the kill", 0.0))
                 break
             inv.finish()
-            hit.append(where(run))
+            state = (run / "state.json").read_bytes() if (run / "state.json").exists() else b""
+            # A resume killed before it changed anything found the run as the last kill left it.
+            hit.append("start" if k and state == last_state else where(run))
+            last_state = state
             settled = time.monotonic()
             while (run_processes(run) or mounted(home)) and time.monotonic() - settled < SETTLE:
                 time.sleep(0.1)
