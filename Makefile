@@ -83,8 +83,11 @@ test: setup
 # one a line, each printing its figures (their short forms are in `make test`). Root, loop
 # devices, QEMU. Full disks: the runs directory and --out on small loop-mounted ext4s that run out
 # in each stage in turn, for qcow2, ova and vmdk (33 cases, three boots). Services away: fifty
-# requests of the sample on two workers are about 50 x 40 s / 2 = 17 minutes of runs.
+# requests of the sample on two workers are about 50 x 40 s / 2 = 17 minutes of runs. Crash
+# consistency: 40 exports of sample:kvm killed 5 times each (200 SIGKILLs at random moments, each
+# resumed and checked), then 6 kills of the service's worker and 6 of its API.
 campaign: setup
+	$(PY) -m tests.campaigns.crash --runs 40 --kills 5 --seed 29 --service 6
 	$(PY) -m tests.campaigns.full_disks
 	$(PY) -m tests.campaigns.services_away --count 50
 	$(PY) -m tests.campaigns.load --clients 50 --requests 5000 --approved 20

@@ -126,12 +126,20 @@ def record_notebook(ws: Workspace, notebook: Path) -> None:
     append(ws, html, "html")
 
 
+def chained(ws: Workspace, path: Path) -> bool:
+    """Whether ``path`` is named on the run's chain."""
+    name = _name(ws, path)
+    return any(e["file"] == name for e in load(ws.root)["entries"])
+
+
 def seal(ws: Workspace, summary: dict[str, Any]) -> str:
     """At the end of a run: result.json and the artifact, with the digest stage 40 computed: its
     sha256, or for a raw artifact (sparse) its content digest, which checking costs the data
-    only (a sha256 would cost the disk's virtual size every time the chain is verified)."""
-    append(ws, ws.result_file, "result")
-    if summary.get("path"):
+    only (a sha256 would cost the disk's virtual size every time the chain is verified). What a
+    run killed while sealing chained already is not chained twice."""
+    if not chained(ws, ws.result_file):
+        append(ws, ws.result_file, "result")
+    if summary.get("path") and not chained(ws, Path(summary["path"])):
         exported = ws.result("40-export") if ws.has_result("40-export") else {}
         digest = (exported.get("details") or {}).get("content_digest") or summary.get("sha256")
         return append(ws, Path(summary["path"]), "artifact", digest)

@@ -591,6 +591,25 @@ def _record(ws: Workspace, notebook: Path, pusher: record.Pusher | None = None) 
         pusher.push()
 
 
+def _chain_left(ws: Workspace) -> None:
+    """What a process killed outright wrote into ``notebooks/`` but did not chain, chained now,
+    oldest first: a stage's notebook renamed to its final name (or a failed attempt's to its
+    ``failed-N`` name) is rendered and chained after the rename, on a thread that overlaps the
+    next stage's start; a killed attempt's record is written, then chained."""
+    left = [p for p in ws.notebooks.iterdir() if not p.name.startswith(".") and not audit.chained(ws, p)]
+    for path in sorted(left, key=lambda p: p.stat().st_mtime_ns):
+        if path.suffix == ".ipynb":
+            if path.with_suffix(".html") in left or not path.with_suffix(".html").exists():
+                _record(ws, path)  # renders it again: a render a kill cut short is not kept
+            else:
+                audit.append(ws, path, "notebook")
+        elif path.suffix == ".html":
+            if path.with_suffix(".ipynb") not in left:  # else chained with its notebook above
+                audit.append(ws, path, "html")
+        elif ".killed-" in path.name:
+            audit.append(ws, path, "killed")
+
+
 # Runs whose last stage's HTML render is still running (see _record_later).
 _rendering: dict[Path, threading.Thread] = {}
 
@@ -821,6 +840,7 @@ class Runner:
         its partial notebook kept, as a failed one's is (killed.py); what it left swept up."""
         self._taken_over = True
         ended = lineage.end(self.ws.root, _CLEANUP_GRACE + 5)
+        _chain_left(self.ws)
         self.state = State(self.ws)  # as that process left it, now that it is gone
         if self.state.state != "running":
             return
@@ -878,6 +898,11 @@ class Runner:
                 self._failed(stage, str(e))
                 raise
             _record_later(self.ws, self.ws.notebooks / f"{stage}.ipynb", self.pusher)
+            self.timings[stage] = done["timing"]
+            self.state.data["timings"] = self.timings
+            write_json(
+                self.ws.state_file, self.state.data
+            )  # a run killed before its next transition keeps them
             following = self.next_stage()
             if self.pusher is not None:
                 try:
@@ -886,8 +911,6 @@ class Runner:
                     self._failed(following or stage, "interrupted")
                     raise
         self.results[stage] = done["result"]
-        self.timings[stage] = done["timing"]
-        self.state.data["timings"] = self.timings
         return stage
 
     def _kernel_for(self, stage: str) -> Kernel:
@@ -941,15 +964,18 @@ class Runner:
         for stage in self.stages:
             self.results.setdefault(stage, self.ws.result(stage))
         with self.holding():
-            source_digest = self._source_digest or SourceDigest(self.ws, self.request.source)
-            summary = _summary(self.ws, self.request, self.results, self.timings, source_digest.result())
             _wait_records(self.ws)
-            write_json(self.ws.result_file, summary)
+            if self.ws.result_file.exists() and audit.chained(self.ws, self.ws.result_file):
+                # Chained by a process killed while it sealed the run: that is the result.
+                summary = dict(json.loads(self.ws.result_file.read_text()))
+            else:
+                source_digest = self._source_digest or SourceDigest(self.ws, self.request.source)
+                summary = _summary(self.ws, self.request, self.results, self.timings, source_digest.result())
+                write_json(self.ws.result_file, summary)
             audit.seal(self.ws, summary)
             self.state.set("completed")
             full.give_room(self.ws)
-            if not self.request.keep_work and _own_work(self.ws):
-                shutil.rmtree(self.ws.work, ignore_errors=True)
+            _drop_work(self.ws, self.request)
         if self.pusher is not None:
             self.pusher.keep_inputs(None)  # the kept disks go: nothing is left to resume
             if not self.pusher.push():
@@ -1010,6 +1036,12 @@ def push_record(ws: Workspace) -> str | None:
     return pusher.error
 
 
+def _drop_work(ws: Workspace, request: Request) -> None:
+    """A completed run's work disks go, unless the request keeps them."""
+    if not request.keep_work and _own_work(ws):
+        shutil.rmtree(ws.work, ignore_errors=True)
+
+
 def _own_work(ws: Workspace) -> bool:
     """``work/`` of a run under the runs directory, a directory of its own (what a completed
     run may remove): never a path a request or a link leads elsewhere."""
@@ -1021,6 +1053,7 @@ def execute(ws: Workspace, request: Request, *, err: TextIO = sys.stderr) -> dic
     """Run (or resume) the run's stages; return the run's result (also in result.json)."""
     state = State(ws)
     if state.state == "completed" and ws.result_file.exists():
+        _drop_work(ws, request)  # a process killed as it completed the run left them
         return dict(json.loads(ws.result_file.read_text()))
     runner = Runner(ws, request, err=err)
     try:

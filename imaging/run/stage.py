@@ -9,6 +9,7 @@ kernel goes away.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -29,6 +30,7 @@ from imaging.workspace import Workspace
 _CLEANUP_GRACE = 30.0
 _stopping = False
 _opened = False  # a stage has begun its work in this kernel: there may be something to undo
+_exiting = False  # the kernel's atexit hooks run: its cells are over
 
 
 def _exit_after_cell(*_: Any) -> None:
@@ -45,7 +47,10 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     if _stopping:
         return
     _stopping = True
-    if not _opened:  # a kernel started ahead of its stage, or still starting: nothing to undo
+    # A kernel started ahead of its stage, or still starting, has nothing to undo; nor has one
+    # already exiting (its atexit hooks running: jupyter_client sends SIGTERM to a kernel slow to
+    # exit on a loaded host, and an exception raised in a hook is printed as a traceback).
+    if not _opened or _exiting:
         os._exit(128 + signum)
     # A daemon: the backstop must not itself keep a kernel alive whose main thread has ended
     # (an idle kernel, the one started ahead of its stage, ends as the exception leaves its loop).
@@ -71,6 +76,11 @@ def _watch_parent(parent: int) -> None:
 _watching = False
 
 
+def _note_exit() -> None:
+    global _exiting
+    _exiting = True
+
+
 def guard() -> None:
     """SIGTERM cleans up, and the kernel goes when the pipeline does: run first thing in a stage
     kernel (also when it is started ahead of its stage, before any cell)."""
@@ -78,6 +88,9 @@ def guard() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # Registered after the kernel's own hooks, so run before them (atexit runs the last first).
+    atexit.unregister(_note_exit)  # guard runs again as each stage opens: once is enough
+    atexit.register(_note_exit)
     if not _watching and os.environ.get("IMAGING_PIPELINE"):
         _watching = True
         # The pid the pipeline gave, not the parent found now: that is init if the pipeline
