@@ -519,7 +519,7 @@ class CountingProxy(CuttingProxy):
         super()._pipe(Counting(), dst, limit)  # type: ignore[arg-type]
 
 
-def through(stub: NovaStub, glance: Glance, proxy: CuttingProxy) -> cs.OpenStack:
+def glance_through(stub: NovaStub, glance: Glance, proxy: CuttingProxy) -> cs.OpenStack:
     settings = openstack_cloud(stub, glance)
     settings["image_endpoint"] = f"http://127.0.0.1:{proxy.port}"
     cloud = cs.parse_clouds({"os": settings}, "test")["os"]
@@ -540,7 +540,7 @@ def test_openstack_download_cut_and_resumed(nova: tuple[NovaStub, str], glance: 
         cutting = CuttingProxy(port, cut_after=int(size * fraction))
         try:
             with pytest.raises(SourceError) as e:
-                openstack.fetch(src, through(stub, glance, cutting), dest)
+                openstack.fetch(src, glance_through(stub, glance, cutting), dest)
         finally:
             cutting.close()
         message = str(e.value)
@@ -550,7 +550,7 @@ def test_openstack_download_cut_and_resumed(nova: tuple[NovaStub, str], glance: 
         assert len(kept) == 1 and (dest / "source.snapshot.json").exists()
         counting = CountingProxy(port)
         try:
-            got = openstack.fetch(src, through(stub, glance, counting), dest)
+            got = openstack.fetch(src, glance_through(stub, glance, counting), dest)
         finally:
             counting.close()
         # Only the rest came again: what the cut copy received, less the piece it was still
@@ -581,7 +581,7 @@ def test_openstack_changed_or_corrupt_image_after_a_cut(
         cutting = CuttingProxy(port, cut_after=size // 2)
         try:
             with pytest.raises(SourceError, match="kept for the resume"):
-                openstack.fetch(src, through(stub, glance, cutting), dest)
+                openstack.fetch(src, glance_through(stub, glance, cutting), dest)
         finally:
             cutting.close()
         return json.loads((dest / "source.snapshot.json").read_text())["snapshot"]
@@ -590,7 +590,7 @@ def test_openstack_changed_or_corrupt_image_after_a_cut(
     httpx.delete(f"{glance.url}/v2/images/{cut_copy()}").raise_for_status()
     counting = CountingProxy(port)
     try:
-        got = openstack.fetch(src, through(stub, glance, counting), dest)
+        got = openstack.fetch(src, glance_through(stub, glance, counting), dest)
     finally:
         counting.close()
     assert size <= counting.received <= size + (64 << 10)
