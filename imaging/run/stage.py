@@ -9,6 +9,7 @@ kernel goes away.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -68,16 +69,28 @@ def _watch_parent(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _going() -> None:
+    # The kernel is exiting: its cells are over, nothing is left to undo. A SIGTERM now (jupyter_client
+    # sends one when the exit takes longer than it waits, as on a busy host) only has to end it:
+    # raised, it came out of ipykernel's own atexit close as a traceback on the run's stderr.
+    global _opened
+    _opened = False
+
+
 _watching = False
+_guarded = False
 
 
 def guard() -> None:
     """SIGTERM cleans up, and the kernel goes when the pipeline does: run first thing in a stage
     kernel (also when it is started ahead of its stage, before any cell)."""
-    global _watching
+    global _watching, _guarded
     if threading.current_thread() is not threading.main_thread():
         return
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if not _guarded:
+        _guarded = True
+        atexit.register(_going)  # before the kernel's own atexit close runs (they run last first)
     if not _watching and os.environ.get("IMAGING_PIPELINE"):
         _watching = True
         # The pid the pipeline gave, not the parent found now: that is init if the pipeline
