@@ -85,12 +85,15 @@ test: setup
 # in each stage in turn, for qcow2, ova and vmdk (33 cases, three boots). Services away: fifty
 # requests of the sample on two workers are about 50 x 40 s / 2 = 17 minutes of runs. Crash
 # consistency: 40 exports of sample:kvm killed 5 times each (200 SIGKILLs at random moments, each
-# resumed and checked), then 6 kills of the service's worker and 6 of its API.
+# resumed and checked), then 6 kills of the service's worker and 6 of its API. Fuzzed images:
+# mutated metadata of the kvm sample as raw, qcow2 and VMDK, each exported through the CLI (one in
+# twenty boots); a failed case joins tests/data/fuzz-corpus/.
 campaign: setup
 	$(PY) -m tests.campaigns.crash --runs 40 --kills 5 --seed 29 --service 6
 	$(PY) -m tests.campaigns.full_disks
 	$(PY) -m tests.campaigns.services_away --count 50
 	$(PY) -m tests.campaigns.load --clients 50 --requests 5000 --approved 20
+	$(PY) -m tests.campaigns.fuzz_images --cases 1000 --seed 1 --jobs 2 --boot-share 0.05
 
 test-fast: setup
 	$(PY) -m pytest -m "not integration"

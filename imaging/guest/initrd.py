@@ -15,6 +15,7 @@ import lzma
 import os
 import re
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
@@ -208,9 +209,16 @@ def list_initrd(data: bytes | BinaryIO, cap: int = LIST_CAP) -> list[str]:
             stream = io.BufferedReader(_Capped(rest, cap, "the initrd"), _CHUNK)
         else:
             break
-        head = _cpio_names(stream, names)
-        if head and len(head) < 6:
-            head += _read(stream, 6 - len(head))
+        try:
+            head = _cpio_names(stream, names)
+            if head and len(head) < 6:
+                head += _read(stream, 6 - len(head))
+        # A damaged stream (found by the fuzzed-images campaign): each library says so its own
+        # way, gzip's and bz2's as an OSError, a cut one as EOFError.
+        except (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError) as e:
+            raise GuestError(
+                f"the initrd is corrupt: its {kind or 'cpio'} data cannot be read ({e}): refused"
+            ) from None
     return names
 
 

@@ -31,23 +31,15 @@ from typing import Any
 
 import psutil
 import pytest
-import yaml
 
-from imaging import config
 from imaging.disk import debugfs
-from imaging.guest import limits
 from imaging.samples import catalog, kvm, packages
 
+from .bounded import CASE_SECONDS, TREE_MEMORY, TREE_RSS, Measured, measured_cli, parameters
 from .conftest import leftovers
 
-# The whole process tree of one export, page cache included, may hold this much: a tree that
-# needs more is stopped by the kernel and the case fails.
-TREE_MEMORY = 1536 << 20
-# What the tree's processes may hold at once (the sum of their resident sets, sampled).
-TREE_RSS = 1024 << 20
 # The guest's own tools, in this corpus: small limits, so the attempts to exhaust them are quick.
 SANDBOX = {"memory": "128M", "processes": 64, "seconds": 60}
-CASE_SECONDS = 240  # no case may take longer (the slowest, the full export with a boot, ~1 min)
 KVM_VERSION_FILE = "kernel-version"
 
 pytestmark = pytest.mark.timeout(600)
@@ -269,73 +261,6 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, host_service: tuple[str, in
     return images
 
 
-# -- one export, measured --------------------------------------------------------------------
-
-
-@dataclass
-class Measured:
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float
-    peak_rss: int  # the most the tree's processes held at once (sum of resident sets, sampled)
-    peak_group: int | None  # the control group's own peak, page cache included
-    group: str
-
-
-def _parameters(root: Path, stage_time: dict[str, Any] | None = None) -> Path:
-    """A copy of parameters/ whose defaults.yaml sets the corpus's limits."""
-    target = root / "parameters"
-    shutil.copytree(config.PROJECT / "parameters", target)
-    defaults = yaml.safe_load((target / "defaults.yaml").read_text())
-    defaults["sandbox"] = SANDBOX
-    if stage_time:
-        defaults["stage_time"] = {**defaults["stage_time"], **stage_time}
-    (target / "defaults.yaml").write_text(yaml.safe_dump(defaults))
-    return target
-
-
-def measured_cli(args: list[str], env: dict[str, str], timeout: float) -> Measured:
-    """``python -m imaging ARGS`` in a control group of its own (bounded), its process tree's
-    memory sampled all along."""
-    box = limits.Box(limits.Limits(TREE_MEMORY, 4096, timeout))
-    with box:
-        t0 = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "imaging", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env, preexec_fn=box.join)  # fmt: skip
-        peak = [0]
-        done = threading.Event()
-
-        def sample() -> None:
-            top = psutil.Process(proc.pid)
-            while not done.is_set():
-                total = 0
-                try:
-                    for p in [top, *top.children(recursive=True)]:
-                        try:
-                            total += p.memory_info().rss
-                        except psutil.Error:
-                            pass
-                except psutil.Error:
-                    pass
-                peak[0] = max(peak[0], total)
-                done.wait(0.2)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        finally:
-            done.set()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        sampler.join()
-        return Measured(
-            proc.returncode, out, err, time.monotonic() - t0, peak[0], box.peak_memory(), box.kind
-        )
-
-
 # -- the cases -------------------------------------------------------------------------------
 
 
@@ -403,7 +328,7 @@ def test_hostile_image(
         d.mkdir()
     # TMPDIR private to the case: every temporary directory the run makes must be gone after it.
     env = {**os.environ, "IMAGING_RUNS": str(runs), "IMAGING_PROGRESS": "0", "TMPDIR": str(tmp),
-           "IMAGING_PARAMETERS": str(_parameters(tmp_path, spec.stage_time))}  # fmt: skip
+           "IMAGING_PARAMETERS": str(parameters(tmp_path, SANDBOX, spec.stage_time))}  # fmt: skip
     args = ["export", str(source), "--out", str(out), *spec.args]
     if "--name" not in spec.args:
         args += ["--name", case]
@@ -488,7 +413,10 @@ def test_a_stage_over_its_time_limit_fails_cleanly_and_resumes(kvm_sample: Path,
     behind; with the limits as they ship, `resume` runs it again and the run completes."""
     runs = tmp_path / "runs"
     env = {**os.environ, "IMAGING_RUNS": str(runs), "IMAGING_PROGRESS": "0", "TMPDIR": str(tmp_path)}
-    limited = {**env, "IMAGING_PARAMETERS": str(_parameters(tmp_path, {"10-clean": {"seconds": 0.1}}))}
+    limited = {
+        **env,
+        "IMAGING_PARAMETERS": str(parameters(tmp_path, SANDBOX, {"10-clean": {"seconds": 0.1}})),
+    }
     args = [sys.executable, "-m", "imaging"]
     proc = subprocess.run([*args, "export", "sample:kvm", "--name", "slow", "--format", "raw"], env=limited,
                           capture_output=True, text=True, timeout=300)  # fmt: skip

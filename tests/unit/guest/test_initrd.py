@@ -162,3 +162,18 @@ def test_a_clouds_drivers_must_be_in_the_initrd_or_built_in(tmp_path: Path) -> N
         with pytest.raises(GuestError, match=r"^kernel 6.1 in the guest has no module ena, which target aws needs "
                            r"\(nvme disk, ena NIC\): install a kernel that has them: --install linux-image-amd64$"):  # fmt: skip
             initrd.rebuild(g, load_profile("debian"), initrd.choose_kernel(g), aws)
+
+
+def test_a_damaged_initrd_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A byte changed or the end cut off, in each compression: a GuestError naming it, never the
+    library's own exception (a fuzzed image's initrd ended 20-migrate with zlib's)."""
+    main = _cpio(tmp_path, [f"usr/lib/modules/6.1/kernel/m{i}.ko" for i in range(200)])
+    for compress in (gzip.compress, lzma.compress, bz2.compress):
+        packed = compress(main)
+        damaged = bytearray(packed)
+        damaged[len(packed) // 2] ^= 0xFF
+        for data in (bytes(damaged), packed[: len(packed) // 2]):
+            with pytest.raises(
+                GuestError, match=r"^the initrd is corrupt: its \w+ data cannot be read \(.*\): refused$"
+            ):
+                initrd.list_initrd(data)
