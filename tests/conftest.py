@@ -38,10 +38,10 @@ def data() -> Path:
 # workers (pytest-xdist, a file each, taken in this order with --no-loadscope-reorder; xdist's
 # own order, most tests first, left the 190 s of test_hosts.py to start 21 minutes in, alone)
 # then end close together.
-SLOW_FIRST = ("test_real_filesystems.py", "test_real_guests.py", "test_rhel_like.py", "test_ubuntu_like.py", "test_suse_like.py", "test_amazon_like.py", "test_formats.py", "test_public_clouds.py", "test_export.py",
+SLOW_FIRST = ("test_fuzz.py", "test_crash.py", "test_service_campaigns.py", "test_real_filesystems.py", "test_real_guests.py", "test_rhel_like.py", "test_ubuntu_like.py", "test_suse_like.py", "test_amazon_like.py", "test_formats.py", "test_public_clouds.py", "test_export.py",
               "test_hosts.py", "test_hostile.py", "test_interrupt.py", "test_service_clouds.py",
               "test_big_ova.py", "test_service.py", "test_web.py", "test_worker.py", "test_xen.py", "test_clouds.py",
-              "test_explore.py", "test_openapi.py", "test_report.py", "test_bad_input.py")  # fmt: skip
+              "test_explore.py", "test_openapi.py", "test_report.py", "test_bad_input.py", "test_full_disks.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

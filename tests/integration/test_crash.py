@@ -13,11 +13,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.campaigns.crash import NAME, STAGES, measure, run_case
+import pytest
+
+from tests.campaigns.crash import NAME, STAGES, Reference, measure, run_case
 
 
-def test_a_kill_in_every_stage_then_resume(tmp_path: Path) -> None:
-    ref = measure(tmp_path, jobs=1, count=1)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Reference, Path]:
+    """One uninterrupted run, kept: what the killed one must match, and the run the windows'
+    test cuts (after the first test has taken its fingerprint)."""
+    base = tmp_path_factory.mktemp("reference")
+    return measure(base, jobs=1, count=1, keep=True), base / "reference-0" / "runs"
+
+
+def test_a_kill_in_every_stage_then_resume(tmp_path: Path, reference: tuple[Reference, Path]) -> None:
+    ref = reference[0]
     outcome = run_case(0, tmp_path, ref, random.Random(29), kills=len(STAGES), plan=STAGES)
     print(
         f"\nuninterrupted {ref.seconds:.1f} s; killed and resumed in {outcome.seconds:.1f} s: {outcome.kills}"
@@ -39,12 +49,11 @@ def cut(run: Path, before: str) -> None:
     (run / "state.json").write_text(json.dumps(state))
 
 
-def test_a_kill_between_a_rename_and_its_place_on_the_chain(tmp_path: Path) -> None:
+def test_a_kill_between_a_rename_and_its_place_on_the_chain(reference: tuple[Reference, Path]) -> None:
     # Windows a random kill seldom hits: the last stage's notebook renamed to its final name
     # (the stage complete) but not yet rendered and chained; result.json chained but not the
     # artifact. The resume chains what is missing, once, and the chain verifies.
-    measure(tmp_path, jobs=1, count=1, keep=True)
-    runs = tmp_path / "reference-0" / "runs"
+    runs = reference[1]
     run = runs / "ref"
     env = {**os.environ, "IMAGING_RUNS": str(runs)}
     whole = [e["file"] for e in json.loads((run / "audit.json").read_text())["entries"]]

@@ -27,7 +27,7 @@ def test_services_going_away_at_random_points(tmp_path: Path) -> None:
 
 def test_api_under_load(tmp_path: Path) -> None:
     with hosts_world(tmp_path) as world:
-        figures = load.api_load(world, clients=10, requests=300)
+        figures = load.api_load(world, clients=10, requests=100)
     print("\n" + figures.show(), file=sys.stderr)
     assert figures.errors == []
     assert set(figures.latency) == {"create", "list", "read"}
