@@ -495,30 +495,6 @@ def test_openstack_faults(nova: tuple[NovaStub, str], glance: Glance, dest: Path
     nothing_left(dest)
 
 
-class CountingProxy(CuttingProxy):
-    """A CuttingProxy that also counts what the server sent through it (``received``)."""
-
-    def __init__(self, port: int, cut_after: int = 1 << 62) -> None:
-        self.received = 0
-        super().__init__(port, cut_after)
-
-    def _pipe(self, src: Any, dst: Any, limit: int | None) -> None:
-        if limit is None:
-            return super()._pipe(src, dst, limit)
-        counted = self
-
-        class Counting:  # the server's socket, its reads counted
-            def recv(self, n: int) -> bytes:
-                data = src.recv(n)
-                counted.received += len(data)
-                return bytes(data)
-
-            def __getattr__(self, name: str) -> Any:
-                return getattr(src, name)
-
-        super()._pipe(Counting(), dst, limit)  # type: ignore[arg-type]
-
-
 def glance_through(stub: NovaStub, glance: Glance, proxy: CuttingProxy) -> cs.OpenStack:
     settings = openstack_cloud(stub, glance)
     settings["image_endpoint"] = f"http://127.0.0.1:{proxy.port}"
@@ -548,7 +524,7 @@ def test_openstack_download_cut_and_resumed(nova: tuple[NovaStub, str], glance: 
                             r"is kept for the next attempt; its snapshot image \1 is kept for the resume", message), message  # fmt: skip
         kept = {i["id"] for i in glance.images()} - before
         assert len(kept) == 1 and (dest / "source.snapshot.json").exists()
-        counting = CountingProxy(port)
+        counting = CuttingProxy(port, None)
         try:
             got = openstack.fetch(src, glance_through(stub, glance, counting), dest)
         finally:
@@ -556,9 +532,9 @@ def test_openstack_download_cut_and_resumed(nova: tuple[NovaStub, str], glance: 
         # Only the rest came again: what the cut copy received, less the piece it was still
         # reading (up to a 1 MiB chunk) and the headers, was not asked for twice.
         rest = size - int(size * fraction)
-        assert rest <= counting.received <= rest + (1 << 20) + (64 << 10), (
+        assert rest <= counting.sent <= rest + (1 << 20) + (64 << 10), (
             fraction,
-            counting.received,
+            counting.sent,
             rest,
         )
         assert got.snapshot in kept and got.verified == "size, MD5 and sha512 from Glance"
@@ -588,12 +564,12 @@ def test_openstack_changed_or_corrupt_image_after_a_cut(
 
     # The kept snapshot image is gone from Glance: a new snapshot, copied from byte 0.
     httpx.delete(f"{glance.url}/v2/images/{cut_copy()}").raise_for_status()
-    counting = CountingProxy(port)
+    counting = CuttingProxy(port, None)
     try:
         got = openstack.fetch(src, glance_through(stub, glance, counting), dest)
     finally:
         counting.close()
-    assert size <= counting.received <= size + (64 << 10)
+    assert size <= counting.sent <= size + (64 << 10)
     Path(got.path).unlink()
     # The kept image's data changed in Glance's store after the cut (beyond what arrived): the
     # whole file does not match Glance's MD5, and nothing is kept, the snapshot image neither.
