@@ -79,6 +79,13 @@ _watching = False
 def _note_exit() -> None:
     global _exiting
     _exiting = True
+    # The stage's work is over and recorded. What ipykernel prints from here on is its own
+    # shutdown racing itself on a loaded host (its control thread flushing to the sockets its
+    # atexit close just closed: "ZMQError: Socket operation on non-socket"): not the run's to say
+    # on the run's stderr, which the kernel shares.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 def guard() -> None:
