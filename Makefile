@@ -111,8 +111,9 @@ $(AWSCLI)/.done: requirements-awscli.txt
 	$(AWSCLI)/bin/pip install -q -r requirements-awscli.txt
 	touch $@
 
+# BENCH="node_copy clouds": those benchmarks only (bench/run.py's names).
 bench: setup $(AWSCLI)/.done
-	IMAGING_BENCH_AWS=$(AWSCLI)/bin/aws $(PY) bench/run.py
+	IMAGING_BENCH_AWS=$(AWSCLI)/bin/aws $(PY) bench/run.py $(BENCH)
 
 # The manual (docs/, Sphinx + MyST): docs/_build/html/index.html. Warnings are errors: a broken
 # link, or an option or clean operation without its entry, fails the build (tests/unit/test_docs.py

@@ -9,13 +9,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import big, clouds, convert, limits, mirrors, node_copy, place, scale, secret_scan, service  # noqa: E402
 
+MODULES = {m.__name__.removeprefix("bench."): m
+           for m in (place, scale, convert, limits, big, node_copy, clouds, mirrors, secret_scan, service)}  # fmt: skip
 
-def main() -> None:
+
+def main(names: list[str]) -> None:
+    """Every benchmark, or those ``names`` names (``make bench BENCH="node_copy clouds"``)."""
+    unknown = sorted(set(names) - set(MODULES))
+    if unknown:
+        sys.exit(f"bench/run.py: no benchmark {', '.join(unknown)} (there are: {', '.join(MODULES)})")
     print("| measurement | result | |\n|---|---|---|")
-    for module in (place, scale, convert, limits, big, node_copy, clouds, mirrors, secret_scan, service):
+    for module in [MODULES[n] for n in names] if names else MODULES.values():
         for row in module.main():
             print("| " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -50,6 +50,7 @@ PACKERS = {
     "gzip": ("gzip -1 -c", ["gzip", "-d", "-c"]),
 }
 _SSH_FAILED = 255  # ssh's own failures (connection, host key, login); anything else is the node's command
+_HASH_FAILED = 97  # the node's command: the copy went through, its hasher failed
 # OpenSSH names a key's type in capitals in its warnings; known_hosts and our messages name it so.
 _KEY_TYPES = {"ED25519": "ssh-ed25519", "RSA": "ssh-rsa", "ECDSA": "ecdsa-sha2-nistp256", "DSA": "ssh-dss"}
 
@@ -201,13 +202,33 @@ def _open_pipe() -> tuple[int, int]:
     return r, w
 
 
+def _remote_command(found: Found, start: int, packer: str | None) -> str:
+    """The node's side of a copy, in one session: ``dd`` of the file from ``start`` on (packed),
+    and the whole file's sha256 on stderr, computed at the same time. A cut ends ``dd`` (SIGPIPE):
+    the hasher is stopped with it rather than left reading the rest of a disk of hundreds of GiB.
+    Exit ``_HASH_FAILED``: the copy went through, the hasher did not. The path is absolute (it
+    starts with the instances directory): no option can start it."""
+    path = shlex.quote(found.path)
+    dd = f"dd if={path} bs=1M skip={start} iflag=skip_bytes status=none"
+    if packer:
+        dd = f"{dd} | {PACKERS[packer][0]}"
+    hasher = {"openssl": "openssl dgst -sha256 -r", "sha256sum": "sha256sum --"}[found.hasher]
+    return (f"{hasher} {path} >&2 & h=$!; {dd}; r=$?; "
+            f"if [ $r -ne 0 ]; then kill $h 2>/dev/null; exit $r; fi; wait $h || exit {_HASH_FAILED}")  # fmt: skip
+
+
+def _node_sha256(stderr: str) -> str:
+    """The hasher's line among whatever else the session wrote to stderr."""
+    found = re.findall(r"^([0-9a-f]{64})[ *]", stderr, re.MULTILINE)
+    return found[-1] if found else ""
+
+
 class _Stream:
     """The node's file from ``start`` on: ``ssh`` (and the unpacker) each in a thread, writing into a
     pipe this process reads; closing it ends them (SIGPIPE)."""
 
     def __init__(self, argv: list[str], found: Found, start: int, packer: str | None) -> None:
-        dd = f"dd if={shlex.quote(found.path)} bs=1M skip={start} iflag=skip_bytes status=none"
-        command = f"{dd} | {PACKERS[packer][0]}" if packer else dd
+        command = _remote_command(found, start, packer)
         self.results: dict[str, tools.CommandResult | BaseException] = {}
         self.threads: list[threading.Thread] = []
         r, w = _open_pipe()
@@ -258,8 +279,8 @@ class _Stream:
         return None
 
 
-def _copy(cloud: Eucalyptus, src: CloudSource, found: Found, part: Partial, digest: hashlib._Hash) -> int:
-    """The rest of the file into ``part``; returns the bytes that crossed (unpacked)."""
+def _copy(cloud: Eucalyptus, src: CloudSource, found: Found, part: Partial, digest: hashlib._Hash) -> str:
+    """The rest of the file into ``part``; returns the node's sha256 of the whole file."""
     start = part.prefix()
     part.hash_prefix(digest, start)
     packer = packer_for(cloud, found)
@@ -287,6 +308,10 @@ def _copy(cloud: Eucalyptus, src: CloudSource, found: Found, part: Partial, dige
             f"{what} was cut after {at:,} of {found.size:,} bytes ({failed[1].partition(': ')[2]}): "
             f"the {at:,} bytes that arrived are kept, and imaging resume fetches the rest"
         )
+    if failed and failed[0] == "ssh" and failed[1].startswith(f"{_HASH_FAILED}:"):
+        raise SourceError(
+            f"{found.node}: {found.hasher} on the node failed: {failed[1].partition(': ')[2]}: nothing kept"
+        )
     if failed:
         raise SourceError(
             f"{what} failed after {at:,} of {found.size:,} bytes: {failed[0]} {failed[1]}; nothing kept"
@@ -295,7 +320,12 @@ def _copy(cloud: Eucalyptus, src: CloudSource, found: Found, part: Partial, dige
         raise SourceError(
             f"{what} ended after {at:,} of {found.size:,} bytes (the node's file shrank): nothing kept"
         )
-    return at - start
+    result = stream.results["ssh"]
+    assert isinstance(result, tools.CommandResult)  # failure() saw it end with 0
+    theirs = _node_sha256(result.stderr)
+    if not theirs:
+        raise SourceError(f"{found.node}: {found.hasher} on the node printed no sha256: nothing kept")
+    return theirs
 
 
 def fetch(src: CloudSource, cloud: Eucalyptus, dest: Path) -> Fetched:
@@ -305,25 +335,15 @@ def fetch(src: CloudSource, cloud: Eucalyptus, dest: Path) -> Fetched:
     found = find(src, cloud)
     identity = {"cloud": "eucalyptus", "node": found.node, "path": found.path, "size": found.size,
                 "mtime": found.mtime}  # fmt: skip
-    # The node hashes its whole file while we copy (the rest of) it: both read it at the same time.
-    # The path is absolute (it starts with the instances directory): no option can start it.
-    hash_command = {"openssl": "openssl dgst -sha256 -r", "sha256sum": "sha256sum --"}[found.hasher]
-    with tools.spawn([*ssh_argv(cloud, found.node), f"{hash_command} {shlex.quote(found.path)}"]) as hasher:
-        with resumable_download(dest, found.size, identity) as part:
-            digest = hashlib.sha256()
-            _copy(cloud, src, found, part, digest)
-            remote = hasher.finish()
-            theirs = remote.stdout.split()[0] if remote.exit_code == 0 and remote.stdout.split() else ""
-            if not theirs:
-                raise SourceError(
-                    f"{found.node}: {found.hasher} on the node failed: {_last(remote.stderr)}: nothing kept"
-                )
-            if theirs != digest.hexdigest():
-                raise SourceError(
-                    f"copy of {src.instance} from {found.node} does not match the node's sha256 "
-                    f"({theirs} != {digest.hexdigest()}): nothing kept"
-                )
-            data = part.data_bytes
+    with resumable_download(dest, found.size, identity) as part:
+        digest = hashlib.sha256()
+        theirs = _copy(cloud, src, found, part, digest)
+        if theirs != digest.hexdigest():
+            raise SourceError(
+                f"copy of {src.instance} from {found.node} does not match the node's sha256 "
+                f"({theirs} != {digest.hexdigest()}): nothing kept"
+            )
+        data = part.data_bytes
     return Fetched(
         source=str(src), cloud=src.cloud, kind="eucalyptus", path=str(dest), format="raw", size_bytes=found.size,
         data_bytes=data, digest=f"sha256:{digest.hexdigest()}", verified="size and sha256 computed on the node",
