@@ -31,7 +31,7 @@ from imaging.clouds import settings as cs  # noqa: E402
 from tests.integration.cloudkit import Node, eucalyptus_node  # noqa: E402
 
 GIB = 1 << 30
-NODE_REPEAT = int(os.environ.get("IMAGING_BENCH_NODE_REPEAT", "2"))
+NODE_REPEAT = int(os.environ.get("IMAGING_BENCH_NODE_REPEAT", "3"))
 
 
 class _Ends:

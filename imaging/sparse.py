@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
@@ -26,6 +27,24 @@ from imaging.records import human_bytes
 
 CHUNK = 16 << 20
 _ZEROS = memoryview(bytes(CHUNK))
+_ZERO_STEP = 1 << 20
+
+
+@functools.cache
+def _zeros(length: int) -> bytes:
+    return bytes(length)
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """Whether ``data`` is all zero bytes. Compared as bytes, a MiB at a time: CPython compares a
+    memoryview with anything element by element (0.3-0.5 GB/s here), bytes with memcmp (a copy
+    and the compare: 20 GB/s); the node copy's zero check had cost more than its sha256."""
+    view = memoryview(data)
+    for start in range(0, len(view), _ZERO_STEP):
+        piece = view[start : start + _ZERO_STEP].tobytes()
+        if piece != _zeros(len(piece)):
+            return False
+    return True
 
 
 def data_extents(fd: int, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:

@@ -16,6 +16,7 @@ UEFI only gets the image properties that make Nova boot it with UEFI on a q35 ma
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from imaging import sparse
 from imaging.clouds.kept import KEEP, find_snapshot, forget_snapshot, note_snapshot
 from imaging.clouds.resume import Cut, resumable_download
 from imaging.clouds.settings import CloudSource, OpenStack
-from imaging.clouds.transfer import Fetched
+from imaging.clouds.transfer import Fetched, HashBeside
 from imaging.errors import ImagingError, ParameterError, SourceError
 from imaging.progress import bytes_bar
 from imaging.records import Record
@@ -201,12 +202,15 @@ def download(conn: Any, cloud_name: str, image: Any, dest: Path, desc: str | Non
         str(image.hash_value or ""),
     )
     identity: dict[str, object] = {"image": str(image.id), "checksum": checksum, "os_hash_value": value}
-    md5 = hashlib.md5(usedforsecurity=False)
+    md5 = HashBeside(hashlib.md5(usedforsecurity=False))
     # The record's digest is the multihash Glance checks too (sha512 by default): one pass fewer
     # than a digest of our own. Only a Glance without multihash gets a sha256 of ours.
     multi = hashlib.new(algo) if algo and value else hashlib.sha256()
     what = f"download of image {image.id}"
-    with resumable_download(dest, size, identity) as part, bytes_bar(size, desc) as bar:
+    with contextlib.ExitStack() as stack:
+        part = stack.enter_context(resumable_download(dest, size, identity))
+        bar = stack.enter_context(bytes_bar(size, desc))
+        stack.callback(lambda: md5.close())  # the one in use when the block ends
         got = start = part.prefix()
         part.hash_prefix(_Both(md5, multi), start)  # one read of what a cut copy kept
         bar.update(start)
@@ -214,7 +218,8 @@ def download(conn: Any, cloud_name: str, image: Any, dest: Path, desc: str | Non
             response = _open(conn, cloud_name, image.id, start)
             try:
                 if response.status_code == 200 and start:  # the whole image after all: from byte 0
-                    md5, multi = hashlib.md5(usedforsecurity=False), hashlib.new(multi.name)
+                    md5.close()
+                    md5, multi = HashBeside(hashlib.md5(usedforsecurity=False)), hashlib.new(multi.name)
                     got = 0
                 for chunk in response.iter_content(chunk_size=_CHUNK):
                     if got + len(chunk) > size:

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from imaging.records import Record
-from imaging.sparse import atomic_path
-
-_ZERO = bytes(1 << 20)
+from imaging.sparse import atomic_path, is_zero
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,34 @@ class Fetched(Record):
     snapshot: str = ""  # a snapshot or image made for the copy (and removed after it, unless kept)
 
 
-def is_zero(data: bytes | memoryview) -> bool:
-    view = memoryview(data)
-    for start in range(0, len(view), len(_ZERO)):
-        piece = view[start : start + len(_ZERO)]
-        if piece != _ZERO[: len(piece)]:
-            return False
-    return True
+class HashBeside:
+    """A hash fed in a thread of its own: hashlib lets go of the GIL while it hashes, so a second
+    digest of a download runs on another core rather than after the first (a Glance download's
+    MD5 beside its SHA-512). Fed immutable ``bytes`` only: a chunk is hashed after it is handed
+    over. At most ``depth`` chunks wait."""
+
+    def __init__(self, h: Any, depth: int = 16) -> None:
+        self.h = h
+        self.name = h.name
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(depth)
+        self._thread = threading.Thread(target=self._feed, name=f"hash {h.name}", daemon=True)
+        self._thread.start()
+
+    def _feed(self) -> None:
+        while (chunk := self._chunks.get()) is not None:
+            self.h.update(chunk)
+
+    def update(self, data: bytes) -> None:
+        self._chunks.put(bytes(data))  # a copy only when it is not bytes already
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._chunks.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return str(self.h.hexdigest())
 
 
 class SparseFile:

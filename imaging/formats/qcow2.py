@@ -32,6 +32,7 @@ from imaging.formats import deflate
 from imaging.formats.vmdk import grain_runs
 from imaging.progress import bytes_bar
 from imaging.records import Record
+from imaging.sparse import is_zero
 
 DEFLATE = deflate.DESCRIPTION
 
@@ -49,7 +50,6 @@ _SECTORS_SHIFT = 62 - (CLUSTER_BITS - 8)  # where a compressed descriptor's sect
 # compatible and autoclear features, refcount order, header length.
 _HEADER = struct.Struct(">IIQIIQIIQQIIQQQQII")
 MAGIC = 0x514649FB  # "QFI\xfb"
-_ZERO = bytes(CLUSTER)
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def _compress_chunk(fd: int, size: int, first: int, count: int) -> _Chunk:
     found = []
     for i in range(count):
         cluster = view[i * CLUSTER : (i + 1) * CLUSTER]
-        if cluster == _ZERO:
+        if is_zero(cluster):
             continue
         # Raw deflate, 4 KiB window: what qemu's qcow2 decoder (inflateInit2 with -12) reads.
         packed = deflate.raw_unit(cluster, -12)

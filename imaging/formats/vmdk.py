@@ -39,7 +39,7 @@ from pathlib import Path
 from imaging.formats import deflate, identity
 from imaging.progress import bytes_bar
 from imaging.records import Record
-from imaging.sparse import data_extents
+from imaging.sparse import data_extents, is_zero
 
 DEFLATE = deflate.DESCRIPTION
 
@@ -68,7 +68,6 @@ _GRAIN_MARKER = struct.Struct("<QI")  # lba (sectors), compressed size; the data
 _META_MARKER = struct.Struct("<QII")  # sectors of metadata that follow, 0, type; padded to a sector
 
 CHUNK_GRAINS = 64  # 4 MiB read and compressed by one worker at a time
-_ZERO_GRAIN = bytes(GRAIN)
 
 # Grain tables and the grain directory hold 32-bit sector numbers: every grain and grain table
 # must start in the file's first 2**32 sectors (2 TiB), as qemu's VMDK_EXTENT_MAX_SECTORS says.
@@ -185,7 +184,7 @@ def _compress_chunk(fd: int, size: int, first: int, count: int) -> _Chunk:
     grains: list[tuple[int, int]] = []
     for i in range(count):
         grain = view[i * GRAIN : (i + 1) * GRAIN]
-        if grain == _ZERO_GRAIN:
+        if is_zero(grain):
             continue
         packed = deflate.zlib_unit(grain)
         start = len(blob)

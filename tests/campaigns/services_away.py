@@ -1,5 +1,5 @@
 """Campaign: the services a conversion service leans on go away at random points of many
-requests (issue 29). Requests of sample:kvm (qcow2, boot check included) through the API and two
+requests (issue 29). Requests of sample:kvm (qcow2, BIOS, boot check included) through the API and two
 worker hosts (servicekit.hosts_world); meanwhile, at random moments, PostgreSQL is stopped and
 started again, the object store goes away and comes back (its endpoint refusing connections, its
 objects kept), and the SMTP server refuses every mail for a while (451) and then takes them.
@@ -162,8 +162,10 @@ def run(root: Path, count: int, seed: int, *, gap: tuple[float, float] = (10, 60
         for host in hosts:
             host.start()
         api = Api(world)
-        ids = [api.call(api.alice, "POST", URL, json={"instance": "i-sample", "name": f"away {i}",
-                                                       "disk_format": "qcow2"})["id"] for i in range(count)]  # fmt: skip
+        # BIOS only: one boot a request, not one under each firmware (what is measured is the
+        # service's survival, and a request's run is half as long).
+        ids = [api.call(api.alice, "POST", URL, json={"instance": "i-sample", "name": f"away {i}", "disk_format": "qcow2",
+                                                       "firmware": "bios"})["id"] for i in range(count)]  # fmt: skip
         with ThreadPoolExecutor(8) as pool:  # approved at once
             list(
                 pool.map(lambda rid: api.call(api.root, "PATCH", URL + rid, json={"status": "approve"}), ids)
