@@ -128,6 +128,8 @@ class Partial(SparseFile):
         # The periodic record runs beside the copy: its fdatasync waits for the disk, which the
         # copy need not (a Glance download of 1.26 GB of data stalled 2-3 s in them).
         self._recorder: threading.Thread | None = None
+        self._recording = False
+        self._record_lock = threading.Lock()
         self._record_failed: OSError | None = None
 
     def _kept(self) -> dict[str, Any] | None:
@@ -158,15 +160,17 @@ class Partial(SparseFile):
             if not zero:
                 self.data_bytes += len(data)
             self.held.add(offset, offset + len(data))
-            due = time.monotonic() - self._recorded >= CHECKPOINT_SECONDS
             failed, self._record_failed = self._record_failed, None
+            # One record at a time, whichever of the writing threads finds it due.
+            due = not self._recording and time.monotonic() - self._recorded >= CHECKPOINT_SECONDS
+            if due:
+                self._recording = True
+                self._recorder = threading.Thread(
+                    target=self._record_beside, name="record a partial copy", daemon=True
+                )
+                self._recorder.start()
         if failed is not None:
             raise failed
-        if due and (self._recorder is None or not self._recorder.is_alive()):
-            self._recorder = threading.Thread(
-                target=self._record_beside, name="record a partial copy", daemon=True
-            )
-            self._recorder.start()
 
     def _record_beside(self) -> None:
         try:
@@ -174,6 +178,9 @@ class Partial(SparseFile):
         except OSError as e:  # the next write raises it
             with self._lock:
                 self._record_failed = e
+        finally:
+            with self._lock:
+                self._recording = False
 
     def record(self) -> None:
         """Put the held ranges on record; only bytes already on disk are recorded."""
@@ -181,23 +188,25 @@ class Partial(SparseFile):
         self._record()
 
     def _join_recorder(self) -> None:
-        if self._recorder is not None:
-            self._recorder.join()
-            self._recorder = None
+        with self._lock:
+            recorder = self._recorder
+        if recorder is not None:
+            recorder.join()
 
     def close(self) -> None:
         self._join_recorder()
         super().close()
 
     def _record(self) -> None:
-        with self._lock:
-            held, data_bytes = self.held.copy(), self.data_bytes
-            self._recorded = time.monotonic()
-        os.fdatasync(self.fd)
-        tmp = self.sidecar.with_name(self.sidecar.name + ".tmp")
-        tmp.write_text(json.dumps({"identity": self.identity, "size": self.size, "held": held.ranges,
-                                   "data_bytes": data_bytes}))  # fmt: skip
-        os.replace(tmp, self.sidecar)
+        with self._record_lock:  # the record's one temporary name: one writer at a time
+            with self._lock:
+                held, data_bytes = self.held.copy(), self.data_bytes
+                self._recorded = time.monotonic()
+            os.fdatasync(self.fd)
+            tmp = self.sidecar.with_name(self.sidecar.name + ".tmp")
+            tmp.write_text(json.dumps({"identity": self.identity, "size": self.size, "held": held.ranges,
+                                       "data_bytes": data_bytes}))  # fmt: skip
+            os.replace(tmp, self.sidecar)
 
     def missing(self) -> list[tuple[int, int]]:
         with self._lock:

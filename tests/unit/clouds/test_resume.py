@@ -90,3 +90,24 @@ def test_a_checksum_mismatch_keeps_nothing(tmp_path: Path) -> None:
         out.write(0, os.urandom(MIB))
         raise resume.SourceError("sha256 mismatch")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_many_writers_each_finding_the_record_due(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EBS's block readers write from many threads: the records they set off, beside the copy,
+    never overlap (one temporary name), and a cut's last record holds every block written."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(resume, "CHECKPOINT_SECONDS", 0.0)
+    block = 64 << 10
+    blocks = {i: os.urandom(block) for i in range(400)}
+    with (
+        pytest.raises(Cut),
+        resumable_download(tmp_path / "disk.raw", len(blocks) * block, {"id": 1}) as part,
+    ):
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda i: part.write(i * block, blocks[i]), blocks))
+        raise Cut("cut")
+    record = json.loads((tmp_path / ".disk.raw.part.json").read_text())
+    assert record["held"] == [[0, len(blocks) * block]]
+    assert (tmp_path / ".disk.raw.part").read_bytes() == b"".join(blocks[i] for i in range(len(blocks)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".disk.raw.part", ".disk.raw.part.json"]
