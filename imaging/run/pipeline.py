@@ -935,13 +935,14 @@ class Runner:
         other (the one started ahead, an interrupted stage's) is stopped; then their zygote."""
         self._ahead = None
         self._reap(keep=None)
-        self._zygote.stop()
 
     def _reap(self, keep: Kernel | None) -> None:
         for kernel in self._kernels:
             if kernel is not keep:
                 kernel.stop()
         self._kernels = [keep] if keep is not None and keep in self._kernels else []
+        if keep is None:  # no kernel kept for a stage to come (explore.ipynb's last step): none to fork
+            self._zygote.stop()
 
     def _failed(self, stage: str, error: str) -> None:
         self.stop_kernels()

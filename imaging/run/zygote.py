@@ -39,6 +39,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -118,6 +119,7 @@ class Zygote:
         self._sock: socket.socket | None = None
         self._made: tuple[list[str], dict[str, str], str] | None = None
         self._broken = os.environ.get("IMAGING_KERNEL_FORK", "1") == "0"
+        self._asking = threading.Lock()  # one request and its answer at a time on the socket
 
     def provisioner(self, km: Any) -> Any:
         """A provisioner for ``km`` (a KernelManager not yet started) that forks its kernel."""
@@ -160,8 +162,9 @@ class Zygote:
         if self._made != (interpreter, env, cwd) or self._sock is None:
             return None
         try:
-            self._sock.send(json.dumps({"argv": argv}).encode())
-            data, fds, _flags, _address = socket.recv_fds(self._sock, _MESSAGE, 1)
+            with self._asking:
+                self._sock.send(json.dumps({"argv": argv}).encode())
+                data, fds, _flags, _address = socket.recv_fds(self._sock, _MESSAGE, 1)
         except OSError:  # gone, or not answering
             data, fds = b"", []
         if not data or len(fds) != 1:
@@ -227,7 +230,6 @@ def _warm(imports: str) -> None:
         with contextlib.suppress(Exception):
             exec(statement, {})
     import gc
-    import threading
 
     import zmq
 
