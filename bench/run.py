@@ -7,10 +7,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import big, clouds, convert, limits, mirrors, node_copy, place, scale, secret_scan, service  # noqa: E402
+from bench import (
+    big,
+    clouds,
+    convert,
+    kernels,
+    limits,
+    mirrors,
+    node_copy,
+    place,
+    scale,
+    secret_scan,
+    service,
+)  # noqa: E402
 
 MODULES = {m.__name__.removeprefix("bench."): m
-           for m in (place, scale, convert, limits, big, node_copy, clouds, mirrors, secret_scan, service)}  # fmt: skip
+           for m in (place, scale, convert, limits, big, node_copy, clouds, mirrors, secret_scan, service, kernels)}  # fmt: skip
 
 
 def main(names: list[str]) -> None:

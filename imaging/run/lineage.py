@@ -10,7 +10,8 @@ OOM killer) cannot stop them; three things do:
   *thread* that forked the child ends, not the process: it is only asked for where that thread
   lives as long as the process does.
 - The kernel watches its parent too (``stage.guard``), against the pid the run gave it in
-  OWNER: a kernel whose parent died while it was still starting found init as its parent, and
+  OWNER (a kernel forked by the run's zygote watches the zygote, which watches the run:
+  zygote.py): a kernel whose parent died while it was still starting found init as its parent, and
   watched init for ever (issue 29: 4 of 7 runs killed by ``kill -9`` left one, 50-63 MiB each,
   there an hour later).
 - Every process of the run carries MARK, the run's directory, in its environment (the tools

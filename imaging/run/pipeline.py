@@ -37,7 +37,7 @@ from imaging.clouds.settings import is_cloud_source
 from imaging.disk import mounts
 from imaging.errors import ImagingError, ParameterError
 from imaging.guest import limits
-from imaging.run import audit, full, killed, lineage, pages, record, scraps, summary
+from imaging.run import audit, full, killed, lineage, pages, record, scraps, summary, zygote
 from imaging.run.request import Request
 from imaging.samples import catalog
 from imaging.workspace import Workspace, write_json
@@ -138,12 +138,11 @@ def _stop_kernel(km: Any) -> None:
     if process is None:
         return
     with contextlib.suppress(ProcessLookupError):
-        os.kill(process.pid, signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=_CLEANUP_GRACE + 5)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        zygote.signal_group(process, signal.SIGKILL)
         process.wait()
     # Only the synchronous cleanups: anything async would run the interrupted event loop again.
     with contextlib.suppress(Exception):
@@ -235,8 +234,11 @@ class Kernel:
     (0700) in /tmp instead (not $TMPDIR, which may be as deep).
     """
 
-    def __init__(self, ws: Workspace, stage: str, live: list[Kernel]) -> None:
-        """Start the kernel; it joins ``live`` (the run's kernels, which it stops) as it starts."""
+    def __init__(
+        self, ws: Workspace, stage: str, live: list[Kernel], forks: zygote.Zygote | None = None
+    ) -> None:
+        """Start the kernel, forked by ``forks`` where it can (zygote.py); it joins ``live`` (the
+        run's kernels, which it stops) as it starts."""
         from jupyter_client.manager import AsyncKernelManager
         from jupyter_core.utils import run_sync
 
@@ -254,6 +256,8 @@ class Kernel:
         # nbclient see that the kernel died.
         self.km = AsyncKernelManager(kernel_name=KERNEL_NAME, transport="ipc",
                                 ip=str(self.sockets / f".kernel{next(_KERNELS)}"))  # fmt: skip
+        if forks is not None:
+            self.km.provisioner = forks.provisioner(self.km)
         # independent: no ipykernel parent poller, which would os._exit() the kernel without
         # cleanup when we die; the stage's own watchdog (stage.py, started first thing) cleans
         # up first, then exits. An idle kernel started ahead exits the same way.
@@ -505,20 +509,18 @@ class _StageClock:
             timer.daemon = True
             timer.start()
 
-    def _pid(self) -> int | None:
-        process = getattr(self.km.provisioner, "process", None)
-        return None if process is None or process.poll() is not None else int(process.pid)
+    def _process(self) -> Any:
+        return getattr(self.km.provisioner, "process", None)
 
     def _term(self) -> None:
         self.expired.set()
-        if (pid := self._pid()) is not None:
+        if (process := self._process()) is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+                process.send_signal(signal.SIGTERM)
 
     def _kill(self) -> None:
-        if (pid := self._pid()) is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+        if (process := self._process()) is not None:
+            zygote.signal_group(process, signal.SIGKILL)
 
     def cancel(self) -> None:
         for timer in self._timers:
@@ -802,6 +804,8 @@ class Runner:
         self._source_digest: SourceDigest | None = None
         self._ahead: Kernel | None = None  # the next stage's kernel, started while a stage runs
         self._kernels: list[Kernel] = []  # every kernel of the run not yet gone
+        # What the run's kernels are forked from (zygote.py): whatever any of its stages imports.
+        self._zygote = zygote.Zygote(lambda: "; ".join(dict.fromkeys(stage_imports(s) for s in self.stages)))
         self._held = False
         self._taken_over = False  # what a killed process of the run left is seen to once
         # The record's copy in the object store, when the run is given one (IMAGING_RECORDS).
@@ -919,16 +923,16 @@ class Runner:
             return ahead
         if ahead is not None:
             ahead.kill()
-        return Kernel(self.ws, stage, self._kernels)
+        return Kernel(self.ws, stage, self._kernels, self._zygote)
 
     def _start_ahead(self, index: int) -> None:
         """The kernel of the stage after this one (``index`` counts from 1), started now."""
         if index < len(self.stages) and os.environ.get("IMAGING_KERNEL_AHEAD", "1") != "0":
-            self._ahead = Kernel(self.ws, self.stages[index], self._kernels)
+            self._ahead = Kernel(self.ws, self.stages[index], self._kernels, self._zygote)
 
     def stop_kernels(self) -> None:
         """No kernel of this run outlives it: the finished stages' kernels are waited for, any
-        other (the one started ahead, an interrupted stage's) is stopped."""
+        other (the one started ahead, an interrupted stage's) is stopped; then their zygote."""
         self._ahead = None
         self._reap(keep=None)
 
@@ -937,6 +941,8 @@ class Runner:
             if kernel is not keep:
                 kernel.stop()
         self._kernels = [keep] if keep is not None and keep in self._kernels else []
+        if keep is None:  # no kernel kept for a stage to come (explore.ipynb's last step): none to fork
+            self._zygote.stop()
 
     def _failed(self, stage: str, error: str) -> None:
         self.stop_kernels()

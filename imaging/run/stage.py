@@ -65,9 +65,10 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _watch_parent(parent: int) -> None:
-    # The kernel's parent is the pipeline. If it dies (even by SIGKILL) the kernel must not go on
-    # working unobserved: turn that into the same SIGTERM path. Checked first thing: the parent
-    # may have died while this kernel was starting.
+    # The kernel's parent is the pipeline, or the zygote it was forked from, which goes when the
+    # pipeline goes (zygote.py; OWNER then names the zygote). If it dies (even by SIGKILL) the
+    # kernel must not go on working unobserved: turn that into the same SIGTERM path. Checked
+    # first thing: the parent may have died while this kernel was starting.
     while os.getppid() == parent:
         time.sleep(0.2)
     os.kill(os.getpid(), signal.SIGTERM)

@@ -135,11 +135,13 @@ def test_a_failed_stage_resumes_where_it_failed(cli: Cli, tmp_path: Path) -> Non
 
 
 def kernels_of(runs: Path) -> list[int]:
-    """Stage kernels started for runs under ``runs`` that are still alive."""
+    """Stage kernels started for runs under ``runs`` that are still alive, and the zygotes
+    they are forked from (whose command line a forked kernel shows)."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if b"ipykernel_launcher" not in (proc / "cmdline").read_bytes():
+            command = (proc / "cmdline").read_bytes()
+            if b"ipykernel_launcher" not in command and b"imaging.run.zygote" not in command:
                 continue
             environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:  # gone meanwhile, or not a process

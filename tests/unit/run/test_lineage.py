@@ -18,7 +18,8 @@ from imaging import config
 from imaging.run import lineage
 
 # A run's process as far as its kernels go: the Runner (which marks what the run starts) and
-# the next stage's kernel started ahead, as Runner.step starts it. "working": the kernel has
+# the next stage's kernel started ahead, as Runner.step starts it: forked by the run's zygote
+# (zygote.py), or (argv[3] "plain") started on its own. "working": the kernel has
 # begun its stage and runs a tool, and beside it a process in a session of its own that only
 # the next start of the run ends.
 RUN = """
@@ -27,7 +28,7 @@ from imaging.run import pipeline
 from imaging.run.request import Request
 ws, request = pipeline.open_run("killed", Request.create(source="/x.img", name="killed"))
 runner = pipeline.Runner(ws, request)
-kernel = pipeline.Kernel(ws, "20-migrate", [])
+kernel = pipeline.Kernel(ws, "20-migrate", [], runner._zygote if sys.argv[3] == "forked" else None)
 if sys.argv[1] == "working":
     from jupyter_client.blocking import BlockingKernelClient
     client = BlockingKernelClient()
@@ -74,12 +75,13 @@ def wait_until_gone(runs: Path, seconds: float, but: str = "\0") -> list[str]:
     return left
 
 
+@pytest.mark.parametrize("how", ["forked", "plain"])
 @pytest.mark.parametrize("moment", ["starting", "working"])
-def test_nothing_of_a_killed_run_outlives_it(moment: str) -> None:
+def test_nothing_of_a_killed_run_outlives_it(moment: str, how: str) -> None:
     runs = config.runs_dir()
     run = runs / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-c", RUN, moment, WORK.format(run=str(run))],
+        [sys.executable, "-c", RUN, moment, WORK.format(run=str(run)), how],
         stdout=subprocess.PIPE, text=True, cwd=config.PROJECT, start_new_session=True,
     )  # fmt: skip
     try:
@@ -88,7 +90,9 @@ def test_nothing_of_a_killed_run_outlives_it(moment: str) -> None:
         assert said.strip() == "ready", said
         # "starting": right after the kernel's fork, before it could look at its parent.
         before = run_processes(runs)
-        assert any("ipykernel_launcher" in p for p in before), before
+        # A forked kernel shows its zygote's command line: the zygote and the kernel.
+        seen = "imaging.run.zygote" if how == "forked" else "ipykernel_launcher"
+        assert len([p for p in before if seen in p]) == (2 if how == "forked" else 1), before
         if moment == "working":
             assert any("sleep 600" in p for p in before) and any("sleep 601" in p for p in before), before
     finally:
