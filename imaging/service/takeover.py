@@ -30,7 +30,8 @@ SETTLE = 30.0
 
 def prepare(cfg: StoreConfig, run: str) -> str:
     """Returns ``new`` (no record anywhere: a new run), ``local`` (this host made the latest
-    state: its directory, work disks included, goes on as it is), ``resume`` (the record came
+    state, or a later one than the store holds: its directory, work disks included, goes on as
+    it is), ``resume`` (the record came
     from the store, with the disk the next stage needs), or ``restart`` (that disk was not
     kept: the run starts again from its first stage)."""
     store = ObjectStore(cfg)
@@ -39,7 +40,7 @@ def prepare(cfg: StoreConfig, run: str) -> str:
     if "request.json" not in remote:
         return "new" if not (root / "request.json").exists() else "local"
     state = store.read(run, "state.json") or b"{}"
-    if (root / "state.json").is_file() and (root / "state.json").read_bytes() == state:
+    if (root / "state.json").is_file() and _ahead((root / "state.json").read_bytes(), state):
         return "local"
     state = _settled(store, run, state)
     if root.exists():
@@ -77,6 +78,20 @@ def prepare(cfg: StoreConfig, run: str) -> str:
     with contextlib.suppress(ImagingError):
         Pusher(ws, cfg).push()
     return "restart"
+
+
+def _ahead(local: bytes, remote: bytes) -> bool:
+    """Whether this host's state of the run is the record's or later: the same, or its history
+    goes on from the record's. A store that was away while the run went on holds an older
+    state (and some of the files that came after it, pushed once it was back): taking that
+    record would throw the run's own directory away for a worse one that cannot resume."""
+    if local == remote:
+        return True
+    try:
+        mine, theirs = json.loads(local).get("history"), json.loads(remote).get("history")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(mine, list) and isinstance(theirs, list) and mine[: len(theirs)] == theirs
 
 
 def _settled(store: ObjectStore, run: str, state: bytes) -> bytes:
