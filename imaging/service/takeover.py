@@ -31,9 +31,8 @@ SETTLE = 30.0
 def prepare(cfg: StoreConfig, run: str) -> str:
     """Returns ``new`` (no record anywhere: a new run), ``local`` (this host made the latest
     state, or a later one than the store holds: its directory, work disks included, goes on as
-    it is), ``resume`` (the record came
-    from the store, with the disk the next stage needs), or ``restart`` (that disk was not
-    kept: the run starts again from its first stage)."""
+    it is), ``resume`` (the record came from the store, with the disk the next stage needs), or
+    ``restart`` (that disk was not kept: the run starts again from its first stage)."""
     store = ObjectStore(cfg)
     root = config.runs_dir() / run
     remote = store.names(run)
