@@ -3,7 +3,7 @@
 A run given a store (``IMAGING_RECORDS``: JSON of :class:`StoreConfig`, which the request
 service's worker sets) copies its record there as it is made, under ``<prefix><run id>/`` with
 the same names as in the run directory: ``request.json`` and ``state.json`` at once, and after
-each stage (completed or failed) its executed notebook and HTML render, its result, the command
+each stage (completed or failed) its result, its executed notebook and HTML render, the command
 log, ``verify/``, the artifact once 40-export made it, then ``audit.json`` (after the files it
 names) and ``state.json``; at the end ``result.json`` and ``report.html``. With ``keep_inputs``
 the disk the next stage starts from (``stage_inputs`` in ``parameters/defaults.yaml``) goes
@@ -301,7 +301,13 @@ def _record_files(ws: Workspace) -> list[str]:
         ):
             continue
         names.append(str(rel))
-    return sorted(names, key=lambda n: (n in _LAST, _LAST.index(n) if n in _LAST else 0, n))
+    # A stage's result before its notebook: a push cut by the store going away then leaves a
+    # result without its notebook (the stage runs again), never a notebook without its result,
+    # which a host taking the run over would find done and unable to go on from.
+    return sorted(
+        names,
+        key=lambda n: (n in _LAST, _LAST.index(n) if n in _LAST else 0, not n.startswith("results/"), n),
+    )
 
 
 class Pusher:
