@@ -83,9 +83,10 @@ test: setup
 # one a line, each printing its figures (their short forms are in `make test`). Root, loop
 # devices, QEMU. Full disks: the runs directory and --out on small loop-mounted ext4s that run out
 # in each stage in turn, for qcow2, ova and vmdk (33 cases, three boots). Services away: fifty
-# requests of the sample on two workers are about 50 x 40 s / 2 = 17 minutes of runs. Crash
-# consistency: 40 exports of sample:kvm killed 5 times each (200 SIGKILLs at random moments, each
-# resumed and checked), then 6 kills of the service's worker and 6 of its API. Fuzzed images:
+# requests of the sample (BIOS only: one boot each) on two workers, about 50 x 25 s / 2 = 10
+# minutes of runs. Crash consistency: 40 BIOS-only exports of sample:kvm killed 5 times each (200
+# SIGKILLs at random moments, each resumed and checked), then 6 kills of the service's worker and
+# 6 of its API. Fuzzed images:
 # mutated metadata of the kvm sample as raw, qcow2 and VMDK, each exported through the CLI (one in
 # twenty boots); a failed case joins tests/data/fuzz-corpus/.
 campaign: setup
