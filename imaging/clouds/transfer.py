@@ -42,7 +42,6 @@ class HashBeside:
 
     def __init__(self, h: Any, depth: int = 16) -> None:
         self.h = h
-        self.name = h.name
         self._chunks: queue.Queue[bytes | None] = queue.Queue(depth)
         self._thread = threading.Thread(target=self._feed, name=f"hash {h.name}", daemon=True)
         self._thread.start()
