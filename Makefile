@@ -86,15 +86,15 @@ test: setup
 # requests of the sample (BIOS only: one boot each) on two workers, about 50 x 25 s / 2 = 10
 # minutes of runs. Crash consistency: 40 BIOS-only exports of sample:kvm killed 5 times each (200
 # SIGKILLs at random moments, each resumed and checked), then 6 kills of the service's worker and
-# 6 of its API. Fuzzed images:
-# mutated metadata of the kvm sample as raw, qcow2 and VMDK, each exported through the CLI (one in
-# twenty boots); a failed case joins tests/data/fuzz-corpus/.
+# 6 of its API. Fuzzed images: mutated metadata of the kvm sample as raw, qcow2 and VMDK, each
+# exported to qcow2 through the CLI, four at a time (a case waits on its tools and kernels half
+# its time), one in a hundred with its boot; a failed case joins tests/data/fuzz-corpus/.
 campaign: setup
 	$(PY) -m tests.campaigns.crash --runs 40 --kills 5 --seed 29 --service 6
 	$(PY) -m tests.campaigns.full_disks
 	$(PY) -m tests.campaigns.services_away --count 50
 	$(PY) -m tests.campaigns.load --clients 50 --requests 5000 --approved 20
-	$(PY) -m tests.campaigns.fuzz_images --cases 1000 --seed 1 --jobs 2 --boot-share 0.05
+	$(PY) -m tests.campaigns.fuzz_images --cases 1000 --seed 1 --jobs 4 --boot-share 0.01
 
 test-fast: setup
 	$(PY) -m pytest -m "not integration"
