@@ -86,15 +86,16 @@ test: setup
 # run out in each stage in turn, for qcow2, ova and vmdk (33 cases, three boots). Services away:
 # fifty requests of the sample on two workers, their exports ending at 40-export (--no-boot: the
 # hosts' export pipeline without 50-verify; what is tested is the service's survival). Crash
-# consistency: 40 BIOS-only exports of sample:kvm killed 5 times each (200 SIGKILLs at random
-# moments, each resumed and checked), one in four booted (the kills in 50-verify), the others
-# ending at 40-export, 3 at a time (a case mostly waits for its kill moment); then 6 kills of the
-# service's worker and 6 of its API, on requests that do not boot. Load: 5,000 requests made by
+# consistency: 40 BIOS-only exports of sample:kvm killed 5 times each (up to 200 SIGKILLs at
+# random moments, each resumed and checked; a run that ends before its next kill moment is not
+# killed again), one in four booted (the kills in 50-verify), the others ending at 40-export, 4
+# at a time (a case waits much: kernels starting, kill moments); then 6 kills of the service's
+# worker and 6 of its API, on requests that do not boot. Load: 5,000 requests made by
 # 50 clients, then 20 approved at once on two workers, unbooted. Fuzzed images:
 # mutated metadata of the kvm sample as raw, qcow2 and VMDK, each exported through the CLI (one in
 # twenty boots); a failed case joins tests/data/fuzz-corpus/.
 campaign: setup
-	$(PY) -m tests.campaigns.crash --runs 40 --kills 5 --seed 29 --service 6 --boot-share 0.25 --jobs 3
+	$(PY) -m tests.campaigns.crash --runs 40 --kills 5 --seed 29 --service 6 --boot-share 0.25 --jobs 4
 	$(PY) -m tests.campaigns.full_disks
 	$(PY) -m tests.campaigns.services_away --count 50 --no-boot
 	$(PY) -m tests.campaigns.load --clients 50 --requests 5000 --approved 20 --no-boot
