@@ -13,6 +13,8 @@ cell runs; a process killed while its kernel started left none).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -47,8 +49,16 @@ def message(started: str | None) -> str:
 
 def record(ws: Workspace, stage: str, started: str | None, notebook: Path | None, ended: list[str]) -> Path:
     """``notebooks/<stage>.killed-K.json`` written and chained (kind ``killed``); returns it.
-    ``ended``: the attempt's processes that were still running, ended before this."""
-    n = 1 + len(list(ws.notebooks.glob(f"{stage}.killed-*.json")))
+    ``ended``: the attempt's processes that were still running, ended before this. An attempt
+    recorded already is not recorded again: a takeover killed after its record, before its
+    ``killed`` transition, leaves the attempt running in ``state.json`` for the next one (which
+    chained the record, pipeline._chain_left)."""
+    known = sorted(ws.notebooks.glob(f"{stage}.killed-*.json"))
+    for path in known:
+        with contextlib.suppress(OSError, ValueError):
+            if started is not None and json.loads(path.read_text()).get("started") == started:
+                return path
+    n = 1 + len(known)
     path = ws.notebooks / f"{stage}.killed-{n}.json"
     write_json(path, {
         "stage": stage,

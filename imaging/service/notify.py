@@ -161,7 +161,7 @@ class Mailer:
         """Tell every admin how a run ended: sha256 and boot verdict, or the error, and where the
         audit record is. A failed request's mail carries a link that approves it again (resume)."""
         result: dict[str, Any] = req.result or {}
-        boot = (result.get("boot") or {}).get("verdict", "-")
+        boot = (result.get("boot") or {}).get("verdict") or "not booted"
         if req.state == "completed":
             subject = f"[imaging] {req.id} completed: {req.name} ({boot})"
         else:

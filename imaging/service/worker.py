@@ -281,7 +281,8 @@ class RequestRunner:
         elif code in (0, 3) and (run_dir / "result.json").exists():  # 3: made, but its boot was degraded
             result = _read_json(run_dir / "result.json")
             result["audit_head"] = _read_json(run_dir / "audit.json").get("head")
-            verdict = (result.get("boot") or {}).get("verdict")
+            # A site's pipeline may end without the boot check (parameters' pipelines).
+            verdict = (result.get("boot") or {}).get("verdict") or "not booted"
             self.finish(context, req.id, "complete", f"completed ({verdict})", result=result)
         else:
             error = state.get("error") if code == 1 else ""

@@ -1,26 +1,35 @@
 """Crash consistency (issue 29): exports of sample:kvm killed with SIGKILL at random moments, then
 resumed; the service's worker and API killed at random moments while requests run.
 
-    python -m tests.campaigns.crash --runs 200 --seed 1 [--jobs 2] [--kills 1] [--service 6]
+    python -m tests.campaigns.crash --runs 200 --seed 1 [--jobs 2] [--kills 1] [--service 6] [--boot-share 1]
 
 Each CLI case exports sample:kvm into a directory of its own, SIGKILLs it (the CLI's whole
 process group, ``kill -9 -PGID``, or in a share of cases only its own pid) at a moment drawn
-uniformly over an uninterrupted run's duration (measured first, two runs at a time as the
-campaign runs them), then resumes it (``--kills K``: the resume is killed again, K kills in all,
-each uniform over what is left of the run, before the last resume runs to its end). Checked:
+uniformly over an uninterrupted run's duration (measured first, two runs at a time), then
+resumes it (``--kills K``: the resume is killed again, K kills in all, each uniform over what is
+left of the run, before the last resume runs to its end). Checked:
 
 - a few seconds after each kill, before any resume: no process of the run alive (its
   IMAGING_RUN_DIR in its environment, its cwd or an argument in the run), nothing mounted from
   the run, no loop device on its files;
-- the resume completes, booted, with the reference run's artifact (:func:`fingerprint`: an ext4
-  records when it was mounted, written and checked, and every edited inode its change time,
-  so two runs of the same input differ in those bytes; all else must be equal);
+- the resume completes (booted, in a run that boots) with the reference run's artifact
+  (:func:`fingerprint`: an ext4 records when it was mounted, written and checked, and every
+  edited inode its change time, so two runs of the same input differ in those bytes; all else
+  must be equal);
 - ``imaging audit`` verifies the chain; the chain holds every notebook, render and record file
   the run kept, and a ``killed`` entry (and ``state.json`` a ``killed`` transition) for a kill
   that hit a stage;
 - after the resume nothing of the run left anywhere (``leftovers``), no file beside the run.
 
-Exits 1 if any case failed, or (at 100 runs or more) if a stage was never hit.
+What boots: ``--boot-share F`` of the CLI runs (spread evenly over the cases; default all) run
+the whole export, its boot check (50-verify, a QEMU boot under TCG, most of a run's time)
+included; the others run every stage but the boot (the ``export-unbooted`` pipeline of a
+parameters copy, ``IMAGING_PARAMETERS``), their kills drawn over their own reference run's
+duration, their result's ``verified`` null. Kills inside a boot are the booted runs' to make;
+every other stage is hit in both. Both references must have the same artifact. The service's
+requests boot only at a share of 1 (see crash_service.py).
+
+Exits 1 if any case failed, or (at 100 runs or more) if a stage of the runs made was never hit.
 """
 
 from __future__ import annotations
@@ -48,8 +57,10 @@ from typing import IO, Any
 
 from imaging import config
 from tests.integration.conftest import leftovers
+from tests.integration.servicekit import unbooted_parameters
 
 STAGES = config.pipeline_stages("export")
+UNBOOTED = "export-unbooted"  # the pipeline of a run that does not boot: STAGES less 50-verify
 NAME = "crash"
 # A kill's aftermath: the stage kernels get SIGTERM from the kernel (PDEATHSIG) or see their
 # parent gone, and clean up (a tool stopped, a mount released) before they exit.
@@ -63,8 +74,8 @@ class Invocation:
     """``python -m imaging ARGS`` in a session of its own (its pgid its pid), stderr read by a
     thread that stamps every line with the seconds since the start."""
 
-    def __init__(self, runs: Path, log: IO[str], *args: str) -> None:
-        env = {**os.environ, "IMAGING_RUNS": str(runs), "IMAGING_PROGRESS": "0"}
+    def __init__(self, runs: Path, log: IO[str], *args: str, env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "IMAGING_RUNS": str(runs), "IMAGING_PROGRESS": "0", **(env or {})}
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen([sys.executable, "-m", "imaging", *args], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -122,10 +133,12 @@ class Invocation:
         return dict(json.loads(lines[-1])) if lines else {}
 
 
-def export_args(run: str) -> tuple[str, ...]:
+def export_args(run: str, boot: bool = True) -> tuple[str, ...]:
     # BIOS only: one boot in 50-verify rather than one under each firmware. The stages are all
     # there to be killed in, at half the run's cost (the boot is most of it).
-    return ("export", "sample:kvm", "--name", NAME, "--format", "qcow2", "--firmware", "bios", "--run", run)
+    kind = () if boot else ("--kind", UNBOOTED)
+    return ("export", "sample:kvm", "--name", NAME, "--format", "qcow2", "--firmware", "bios", "--run", run,
+            *kind)  # fmt: skip
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 600) -> None:
@@ -289,30 +302,52 @@ class Reference:
     seconds: float
     starts: dict[str, float]  # each stage's start, seconds after the CLI's
     fingerprint: dict[str, str]
+    # An unbooted run's parameters (IMAGING_PARAMETERS, with the UNBOOTED pipeline); None: the
+    # project's, and the whole export.
+    parameters: Path | None = None
+
+    @property
+    def boot(self) -> bool:
+        return self.parameters is None
+
+    @property
+    def stages(self) -> list[str]:
+        return STAGES if self.boot else [s for s in STAGES if s != "50-verify"]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {} if self.parameters is None else {"IMAGING_PARAMETERS": str(self.parameters)}
 
     def remaining(self, hit: str) -> float:
         """An uninterrupted run's duration from the stage a killed run resumes at (its start-up
         counted once more)."""
+        stages = self.stages
         stage = hit.removeprefix("after ")
-        if hit.startswith("after ") and stage in STAGES[:-1]:
-            stage = STAGES[STAGES.index(stage) + 1]
+        if hit.startswith("after ") and stage in stages[:-1]:
+            stage = stages[stages.index(stage) + 1]
         if stage not in self.starts:
             return self.seconds
-        return self.seconds - self.starts[stage] + self.starts[STAGES[0]]
+        return self.seconds - self.starts[stage] + self.starts[stages[0]]
 
 
-def measure(base: Path, jobs: int, count: int = 2, keep: bool = False) -> Reference:
+def measure(base: Path, jobs: int, count: int = 2, keep: bool = False, boot: bool = True) -> Reference:
     """``count`` uninterrupted runs, ``jobs`` at once: the duration the kills are drawn over,
-    and the artifact every resumed one must match (the runs must match each other first)."""
+    and the artifact every resumed one must match (the runs must match each other first).
+    ``boot=False``: runs of the UNBOOTED pipeline."""
+    # Only the unbooted runs need a parameters copy; the booted ones keep the project's.
+    parameters = None if boot else unbooted_parameters(base / "unbooted", UNBOOTED)
+    variant = Reference(0.0, {}, {}, parameters)  # its stages and environment, nothing measured yet
+    stages = variant.stages
+    prefix = "reference" if boot else "reference-unbooted"
 
     def one(i: int) -> tuple[float, dict[str, float], dict[str, str]]:
-        home = base / f"reference-{i}"
-        with open(base / f"reference-{i}.log", "w", buffering=1) as log:
-            inv = Invocation(home / "runs", log, *export_args("ref"))
+        home = base / f"{prefix}-{i}"
+        with open(base / f"{prefix}-{i}.log", "w", buffering=1) as log:
+            inv = Invocation(home / "runs", log, *export_args("ref", boot), env=variant.env)
             code = inv.finish()
-        assert code == 0, f"the reference run failed ({code}): see {base}/reference-{i}.log"
+        assert code == 0, f"the reference run failed ({code}): see {base}/{prefix}-{i}.log"
         seconds = time.monotonic() - inv.t0
-        starts = {s: at for at, line in inv.lines for s in STAGES if f"] {s} ..." in line}
+        starts = {s: at for at, line in inv.lines for s in stages if f"] {s} ..." in line}
         scratch = Path(tempfile.mkdtemp(dir=base))
         try:
             return seconds, starts, fingerprint(Path(inv.result()["path"]), scratch)
@@ -324,11 +359,11 @@ def measure(base: Path, jobs: int, count: int = 2, keep: bool = False) -> Refere
     prints = [m[2] for m in measured]
     assert all(p == prints[0] for p in prints), f"two uninterrupted runs differ: {prints}"
     seconds = sum(m[0] for m in measured) / len(measured)
-    starts = {s: sum(m[1][s] for m in measured) / len(measured) for s in STAGES}
+    starts = {s: sum(m[1][s] for m in measured) / len(measured) for s in stages}
     for i in range(len(measured)):
         if not keep:  # kept: base/reference-N/runs/ref
-            shutil.rmtree(base / f"reference-{i}")
-    return Reference(seconds, starts, prints[0])
+            shutil.rmtree(base / f"{prefix}-{i}")
+    return Reference(seconds, starts, prints[0], parameters)
 
 
 @dataclass
@@ -337,6 +372,7 @@ class Outcome:
     kills: list[tuple[str, float, str, float]] = field(default_factory=list)  # (how, at, hit, settled in)
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    boot: bool = True  # the whole export, its boot included
 
 
 def run_case(case: int, base: Path, ref: Reference, rng: random.Random, kills: int,
@@ -348,11 +384,11 @@ def run_case(case: int, base: Path, ref: Reference, rng: random.Random, kills: i
     runs = home / "runs"
     run_id = f"crash-{case:04d}"
     run = runs / run_id
-    out = Outcome(case)
+    out = Outcome(case, boot=ref.boot)
     hit: list[str] = []
     log = open(base / f"case-{case:04d}.log", "w", buffering=1)  # noqa: SIM115 - closed below, kept on failure
     try:
-        inv = Invocation(runs, log, *export_args(run_id))
+        inv = Invocation(runs, log, *export_args(run_id, ref.boot), env=ref.env)
         last_state = b""
         for k in range(len(plan) if plan is not None else kills):
             # In a plan, the kinds of kill take turns, the CLI's pid alone first (and last: in
@@ -385,11 +421,13 @@ def run_case(case: int, base: Path, ref: Reference, rng: random.Random, kills: i
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(int(line.split()[0]), signal.SIGKILL)
             # A run killed before it wrote its request is no run yet: the user exports it again.
-            again = ("resume", run_id) if (run / "request.json").exists() else export_args(run_id)
-            inv = Invocation(runs, log, *again)
+            again = ("resume", run_id) if (run / "request.json").exists() else export_args(run_id, ref.boot)
+            inv = Invocation(runs, log, *again, env=ref.env)
         code = inv.finish()
         result = inv.result()
-        if code != 0 or not result.get("verified"):
+        # Booted: the boot check passed. Unbooted: the run was of its pipeline, which has none.
+        expected = (True, "export") if ref.boot else (None, UNBOOTED)
+        if code != 0 or (result.get("verified"), result.get("kind")) != expected:
             out.problems.append(f"the last resume exited {code}: {inv.lines[-1][1] if inv.lines else ''}")
             return out
         scratch = Path(tempfile.mkdtemp(dir=base))
@@ -400,7 +438,7 @@ def run_case(case: int, base: Path, ref: Reference, rng: random.Random, kills: i
         finally:
             shutil.rmtree(scratch)
         audit = subprocess.run([sys.executable, "-m", "imaging", "audit", run_id], capture_output=True,
-                               text=True, env={**os.environ, "IMAGING_RUNS": str(runs)})  # fmt: skip
+                               text=True, env={**os.environ, "IMAGING_RUNS": str(runs), **ref.env})  # fmt: skip
         if audit.returncode != 0:
             out.problems.append(f"imaging audit: {audit.stdout.strip()} {audit.stderr.strip()}")
         out.problems += chain_problems(run, hit)
@@ -419,34 +457,78 @@ def run_case(case: int, base: Path, ref: Reference, rng: random.Random, kills: i
             Path(log.name).unlink()
 
 
-def campaign(runs: int, seed: int, jobs: int, kills: int, base: Path) -> list[Outcome]:
-    t0 = time.monotonic()
-    ref = measure(base, jobs)
-    starts = " ".join(f"{s} {ref.starts[s]:.1f}" for s in STAGES)
-    print(
-        f"uninterrupted run ({jobs} at a time): {ref.seconds:.1f} s; stages start at (s): {starts}",
-        flush=True,
-    )
-    rng = random.Random(seed)
-    seeds = [rng.randrange(1 << 30) for _ in range(runs)]
-    outcomes: list[Outcome] = []
+def booted(case: int, share: float) -> bool:
+    """Whether a case runs the whole export: ``share`` of the cases, spread evenly (the boots,
+    most of the CPU, do not bunch up among the cases run at once)."""
+    return int((case + 1) * share) > int(case * share)
 
-    def one(case: int) -> Outcome:
-        o = run_case(case, base, ref, random.Random(seeds[case]), kills)
+
+def landed(outcomes: list[Outcome]) -> int:
+    """The kills that hit a run (not those planned after the run had ended)."""
+    return sum(1 for o in outcomes for how, *_ in o.kills if how != "none")
+
+
+def campaign(
+    runs: int, seed: int, jobs: int, kills: int, base: Path, boot_share: float = 1.0, min_kills: int = 0
+) -> list[Outcome]:
+    """``runs`` cases, and more after them until ``min_kills`` kills have hit a run: a run that
+    ends before its next kill moment is not killed again, and how many do depends on the load."""
+    t0 = time.monotonic()
+    boots = [booted(case, boot_share) for case in range(max(runs, 1))]
+    refs: dict[bool, Reference] = {}
+    for boot in sorted(set(boots), reverse=True):
+        ref = refs[boot] = measure(base, jobs, boot=boot)
+        starts = " ".join(f"{s} {ref.starts[s]:.1f}" for s in ref.stages)
+        print(f"uninterrupted {'booted' if boot else 'unbooted'} run (2 at a time): {ref.seconds:.1f} s; "
+              f"stages start at (s): {starts}", flush=True)  # fmt: skip
+    # The boot check reads the artifact and changes nothing of it.
+    if len(refs) == 2 and refs[True].fingerprint != refs[False].fingerprint:
+        differ = [
+            k for k in refs[True].fingerprint if refs[True].fingerprint[k] != refs[False].fingerprint.get(k)
+        ]
+        raise AssertionError(f"the booted and unbooted reference runs' artifacts differ: {differ}")
+    rng = random.Random(seed)
+    seeds: list[int] = []
+    outcomes: list[Outcome] = []
+    taking = threading.Lock()
+
+    def take() -> tuple[int, int] | None:
+        """The next case and its seed, in order (the seeds follow from --seed alone)."""
+        with taking:
+            if len(seeds) >= runs and landed(outcomes) >= min_kills:
+                return None
+            seeds.append(rng.randrange(1 << 30))
+            return len(seeds) - 1, seeds[-1]
+
+    def one(case: int, case_seed: int) -> Outcome:
+        boot = booted(case, boot_share)
+        if boot not in refs:  # a share below 1 gave every planned case one variant only
+            boot = not boot
+        o = run_case(case, base, refs[boot], random.Random(case_seed), kills)
         what = "; ".join(
             f"{how} kill at {at:.1f} s in {hit} (settled in {s:.1f} s)" for how, at, hit, s in o.kills
         )
         verdict = "ok" if not o.problems else "FAILED: " + " | ".join(o.problems)
-        print(f"case {case}: {what}; {o.seconds:.0f} s: {verdict}", flush=True)
+        print(
+            f"case {case}{'' if o.boot else ' (unbooted)'}: {what}; {o.seconds:.0f} s: {verdict}", flush=True
+        )
         return o
 
+    def worker() -> None:
+        while (taken := take()) is not None:
+            o = one(*taken)
+            with taking:
+                outcomes.append(o)
+
     with ThreadPoolExecutor(jobs) as pool:
-        outcomes = list(pool.map(one, range(runs)))
+        for f in [pool.submit(worker) for _ in range(jobs)]:
+            f.result()
+    outcomes.sort(key=lambda o: o.case)
     hits = Counter(hit for o in outcomes for _, _, hit, _ in o.kills)
-    killed = sum(1 for o in outcomes for how, *_ in o.kills if how != "none")
+    killed = landed(outcomes)
     failed = [o for o in outcomes if o.problems]
-    print(f"\n{runs} runs, {killed} kills ({sum(1 for o in outcomes for k in o.kills if k[0] == 'pid')} of the "
-          f"CLI's pid alone), {len(failed)} failed, in {time.monotonic() - t0:.0f} s", flush=True)  # fmt: skip
+    print(f"\n{len(outcomes)} runs ({sum(o.boot for o in outcomes)} booted), {killed} kills ({sum(1 for o in outcomes for k in o.kills if k[0] == 'pid')} "
+          f"of the CLI's pid alone), {len(failed)} failed, in {time.monotonic() - t0:.0f} s", flush=True)  # fmt: skip
     for hit, n in sorted(hits.items()):
         print(f"  {n:4d} kills hit {hit}")
     settle = [s for o in outcomes for *_, s in o.kills]
@@ -454,10 +536,15 @@ def campaign(runs: int, seed: int, jobs: int, kills: int, base: Path) -> list[Ou
         print(
             f"  slowest to settle after a kill: {max(settle):.1f} s; slowest case {max(o.seconds for o in outcomes):.0f} s"
         )
-    missed = [s for s in STAGES if s not in hits]
+    missed = [s for s in expected_stages(outcomes) if s not in hits]
     if missed:
         print(f"  stages no kill hit: {', '.join(missed)}")
     return outcomes
+
+
+def expected_stages(outcomes: list[Outcome]) -> list[str]:
+    """The stages the runs made had: 50-verify only if one of them booted."""
+    return [s for s in STAGES if s != "50-verify" or any(o.boot for o in outcomes)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -466,22 +553,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--jobs", type=int, default=2, help="cases at a time")
     p.add_argument("--kills", type=int, default=1, help="kills per export (the resumes killed too)")
+    p.add_argument("--min-kills", type=int, default=0,
+                   help="more runs after --runs until this many kills have hit a run")  # fmt: skip
     p.add_argument("--service", type=int, default=6, help="worker kills, and as many API kills")
+    p.add_argument("--boot-share", type=float, default=1.0,
+                   help="share of the runs that boot (50-verify); the others end at 40-export. Below 1, "
+                        "the service's requests do not boot either")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the campaign's directory")
     args = p.parse_args(argv)
+    assert 0.0 <= args.boot_share <= 1.0, "--boot-share is a share: 0 to 1"
     assert os.geteuid() == 0, "the campaign mounts and boots: run it as root"
     base = Path(tempfile.mkdtemp(prefix="imaging-crash-"))
     ok = True
     try:
-        outcomes = campaign(args.runs, args.seed, args.jobs, args.kills, base) if args.runs else []
+        outcomes = (
+            campaign(args.runs, args.seed, args.jobs, args.kills, base, args.boot_share, args.min_kills)
+            if args.runs
+            else []
+        )
         ok = not any(o.problems for o in outcomes)
         hits = {hit for o in outcomes for _, _, hit, _ in o.kills}
-        if args.runs >= 100 and not set(STAGES) <= hits:
+        if landed(outcomes) >= 100 and not set(expected_stages(outcomes)) <= hits:
             ok = False
         if args.service:
             from tests.campaigns import crash_service
 
-            ok = crash_service.campaign(args.service, args.seed, base / "service") and ok
+            boot = args.boot_share >= 1.0
+            ok = crash_service.campaign(args.service, args.seed, base / "service", boot=boot) and ok
     finally:
         if ok and not args.keep:
             shutil.rmtree(base, ignore_errors=True)

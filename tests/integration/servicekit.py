@@ -28,8 +28,24 @@ import yaml
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+from imaging import config
+
 SMTP_USER, SMTP_PASSWORD = "mailer", "smtp-Pa55word-never-logged"
 S3_KEY_ID, S3_SECRET = "AKIAIMAGINGTEST", "s3-secret-key-never-in-a-notebook"
+
+
+def unbooted_parameters(root: Path, kind: str = "export") -> Path:
+    """A copy of parameters/ under ``root`` (for ``IMAGING_PARAMETERS``) whose pipeline ``kind``
+    is an export without its boot check: every stage to 40-export's artifact, no 50-verify. For
+    the tests of what survives a fault, where the boot is not what is tested and is most of a
+    run's time (a QEMU boot under TCG)."""
+    from tests.integration.bounded import parameters
+
+    target = parameters(root)
+    defaults = yaml.safe_load((target / "defaults.yaml").read_text())
+    defaults["pipelines"][kind] = [s for s in config.pipeline_stages("export") if s != "50-verify"]
+    (target / "defaults.yaml").write_text(yaml.safe_dump(defaults))
+    return target
 
 
 def free_port() -> int:
@@ -396,13 +412,17 @@ def host_settings(
 
 @contextmanager
 def hosts_world(
-    root: Path, *, mail: bool = False, smtp_retry: float = 2.0, stalled: float = STALLED
+    root: Path, *, mail: bool = False, smtp_retry: float = 2.0, stalled: float = STALLED, boot: bool = True
 ) -> Iterator[World]:
     """PostgreSQL, S3 (behind a Gate), the API (users alice and root, an admin) and two worker
     hosts, not started: host ``a`` keeps no input disks in the store, host ``b`` keeps them.
     ``mail``: an SMTP server too, every host sending to it, root's address on it. ``stalled``:
-    the workers' stalled_seconds (their lease is a heartbeat less)."""
+    the workers' stalled_seconds (their lease is a heartbeat less). ``boot=False``: every host's
+    export pipeline ends at 40-export (:func:`unbooted_parameters`; a request's result then has
+    ``verified`` null and no boot verdict)."""
     from imaging.service import postgres
+
+    site = {} if boot else {"IMAGING_PARAMETERS": str(unbooted_parameters(root))}
 
     cluster = postgres.Cluster(root / "postgres", durable=False, tcp_port=free_port())
     cluster.start()
@@ -424,7 +444,7 @@ def hosts_world(
                 return {**host_settings(cluster.url, s3_url, keep_inputs=keep, stalled=stalled), **extra}
 
             # The API on a third host: its own runs directory, no worker.
-            api = Service(root / "api", root / "api" / "runs", conf())
+            api = Service(root / "api", root / "api" / "runs", conf(), site)
             create = subprocess.run([sys.executable, "-m", "imaging", "db", "upgrade", "--config", str(api.config_file)],
                                     capture_output=True, text=True, env=api.env, timeout=120)  # fmt: skip
             assert create.returncode == 0 and "schema none -> " in create.stderr, create.stderr
@@ -437,7 +457,7 @@ def hosts_world(
                 config_file = home / "service.yaml"
                 config_file.write_text(yaml.safe_dump(conf(keep)))
                 env = {**os.environ, "IMAGING_STATE": str(home / "state"), "IMAGING_RUNS": str(home / "runs"),
-                       "IMAGING_PROGRESS": "0"}  # fmt: skip
+                       "IMAGING_PROGRESS": "0", **site}  # fmt: skip
                 hosts[name] = Host(name, home, env, config_file)
             try:
                 api.start()

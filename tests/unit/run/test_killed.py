@@ -87,6 +87,23 @@ def test_an_attempt_killed_before_its_notebook_was_written_is_recorded_too(tmp_p
     assert json.loads(ws.state_file.read_text())["state"] == "killed"
 
 
+def test_a_takeover_killed_before_its_transition_does_not_record_the_attempt_twice(tmp_path: Path) -> None:
+    # The crash campaign's case: a resume killed after the killed record went onto the chain,
+    # before state.json's `killed` transition; the next resume finds 20-migrate running still.
+    ws, request = killed_in_migrate(partial=False)
+    before = ws.state_file.read_bytes()
+    with pipeline.Runner(ws, request).holding():
+        pass
+    ws.state_file.write_bytes(before)
+    with pipeline.Runner(ws, request).holding():
+        pass
+    assert [p.name for p in ws.notebooks.glob("20-migrate.killed-*")] == ["20-migrate.killed-1.json"]
+    assert chain(ws)[4:] == [("killed", "notebooks/20-migrate.killed-1.json")]
+    assert audit.verify(ws.root).ok
+    history = json.loads(ws.state_file.read_text())["history"]
+    assert [h["state"] for h in history].count("killed") == 1
+
+
 def test_a_run_killed_between_two_stages_has_no_killed_attempt(tmp_path: Path) -> None:
     ws, request = killed_in_migrate(partial=False)
     nbformat.write(nbformat.v4.new_notebook(), ws.notebooks / "20-migrate.ipynb")  # it had completed
