@@ -1,7 +1,7 @@
 """Crash consistency (issue 29): exports of sample:kvm killed with SIGKILL at random moments, then
 resumed; the service's worker and API killed at random moments while requests run.
 
-    python -m tests.campaigns.crash --runs 200 --seed 1 [--jobs 2] [--kills 1] [--service 6] [--boot-share 1]
+    python -m tests.campaigns.crash --runs 200 --seed 1 [--jobs 2] [--kills 1] [--service 6] [--boot-share 1] [--min-kills 0]
 
 Each CLI case exports sample:kvm into a directory of its own, SIGKILLs it (the CLI's whole
 process group, ``kill -9 -PGID``, or in a share of cases only its own pid) at a moment drawn
@@ -29,7 +29,10 @@ duration, their result's ``verified`` null. Kills inside a boot are the booted r
 every other stage is hit in both. Both references must have the same artifact. The service's
 requests boot only at a share of 1 (see crash_service.py).
 
-Exits 1 if any case failed, or (at 100 runs or more) if a stage of the runs made was never hit.
+``--min-kills N``: more runs after ``--runs`` until N kills have hit a run (a run that ends
+before its next kill moment is not killed again).
+
+Exits 1 if any case failed, or (at 100 kills or more) if a stage of the runs made was never hit.
 """
 
 from __future__ import annotations
