@@ -9,10 +9,10 @@
 2. The queue: ``--approved`` requests of sample:kvm approved at once on the two workers: all
    complete, and in queue order (booted: each run's boot check, 50-verify, included; with
    ``--no-boot`` the hosts' export pipeline ends at 40-export and nothing boots: what is tested
-   is the queue, which a boot only makes three times as long under TCG). The order is the job engine's: Procrastinate hands out the
-   oldest job of the highest priority first (``ORDER BY priority DESC, id``), and a request's job
-   is made in the transaction that approves it, so requests approved at one priority start in
-   the order of their jobs' ids. Two workers fetch at once and then record their claims, so the
+   is the queue, which a boot only makes three times as long under TCG). The order is the job
+   engine's: Procrastinate hands out the oldest job of the highest priority first
+   (``ORDER BY priority DESC, id``), and a request's job is made in the transaction that
+   approves it, so requests approved at one priority start in the order of their jobs' ids. Two workers fetch at once and then record their claims, so the
    claims may swap neighbours: a request is claimed no more than (workers - 1) places away from
    its job's place, checked.
 
