@@ -48,6 +48,8 @@ class Measured:
     timed_out: bool = False
     # Processes of the tree still alive once the CLI had ended (then killed with the group).
     outlived: tuple[str, ...] = ()
+    # The name of its control groups: a sandbox group the run made is made under them.
+    box: str = ""
 
 
 def parameters(
@@ -238,4 +240,4 @@ def measured_cli(args: list[str], env: dict[str, str], timeout: float, warm: boo
                     break
                 time.sleep(0.1)
         return Measured(proc.returncode, out, err, seconds, peak[0], box.peak_memory(), box.kind, timed_out,
-                        tuple(outlived))  # fmt: skip
+                        tuple(outlived), box.name if box.groups else "")  # fmt: skip
