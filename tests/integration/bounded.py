@@ -129,6 +129,10 @@ class _Forked:
             os.environ.clear()
             os.environ.update(env)
             tempfile.tempdir = None  # the case's TMPDIR, not the one this process had found
+            # The case's IMAGING_PARAMETERS, not what this process (a test's) read and cached.
+            for value in vars(config).values():
+                if callable(getattr(value, "cache_clear", None)):
+                    value.cache_clear()
             atexit._clear()  # the campaign's exit handlers are not the CLI's
             from imaging import cli
 
